@@ -1,0 +1,76 @@
+"""Use case: perplexity of the float model and of a quantized ascendv1 checkpoint on the same text windows."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from msmodelslim.core.dataset import resolve_dataset, read_texts
+from msmodelslim.core.errors import InvalidDatasetError
+from msmodelslim.core.logging import get_logger, progress_disabled
+
+log = get_logger("app.evaluate")
+
+
+@dataclass
+class PerplexityResult:
+    perplexity: float
+    windows: int
+    tokens: int
+    seconds: float
+
+
+def token_windows(tokenizer, texts: list[str], window: int, max_windows: int) -> list[torch.Tensor]:
+    """Concatenate the texts (blank-line separated), tokenize once, cut into non-overlapping windows."""
+    ids = tokenizer("\n\n".join(texts), return_tensors="pt")["input_ids"][0]
+    count = min(max_windows, len(ids) // window)
+    if count == 0:
+        raise InvalidDatasetError(f"the evaluation text has {len(ids)} tokens, fewer than one window of {window}")
+    return [ids[i * window : (i + 1) * window] for i in range(count)]
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, windows: list[torch.Tensor], device: torch.device, label: str) -> PerplexityResult:
+    started = time.perf_counter()
+    model.to(device)
+    total_nll, total_tokens = 0.0, 0
+    for ids in tqdm(windows, desc=f"perplexity ({label})", unit="window", disable=progress_disabled()):
+        ids = ids.unsqueeze(0).to(device)
+        logits = model(input_ids=ids, use_cache=False).logits.float()
+        nll = nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum")
+        total_nll += nll.item()
+        total_tokens += ids.shape[1] - 1
+    return PerplexityResult(math.exp(total_nll / total_tokens), len(windows), total_tokens, time.perf_counter() - started)
+
+
+def load_float_model(model_path: Path, trust_remote_code: bool) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=torch.float32, trust_remote_code=trust_remote_code, local_files_only=True
+    )
+    return model.eval()
+
+
+def load_eval_texts(dataset: str) -> list[str]:
+    return read_texts(resolve_dataset(dataset))
+
+
+def evaluate(model_path: Path, quant_path: Path, dataset: str, device: torch.device, window: int = 512,
+             max_windows: int = 40, trust_remote_code: bool = False) -> dict[str, PerplexityResult]:
+    from transformers import AutoTokenizer
+
+    from msmodelslim.format.ascendv1.reader import load_ascendv1
+
+    texts = load_eval_texts(dataset)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code, local_files_only=True)
+    windows = token_windows(tokenizer, texts, window, max_windows)
+    results = {"float": perplexity(load_float_model(model_path, trust_remote_code), windows, device, "float")}
+    quantized = load_ascendv1(quant_path, trust_remote_code)
+    results["quantized"] = perplexity(quantized, windows, device, "quantized")
+    return results

@@ -1,0 +1,188 @@
+"""Use case: quantize a checkpoint into an ascendv1 directory.
+
+Everything that can be checked cheaply is checked before any weight is read: paths, device, config, model
+type, dataset, the layer plan (which rule matches which linear, group sizes). The output is written into a
+staging directory and moved into place only after it passed the format checklist.
+"""
+from __future__ import annotations
+
+import resource
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import yaml
+from torch import nn
+
+from msmodelslim.app.quant_types import config_for_quant_type
+from msmodelslim.core.config import PracticeConfig, RunnerType, load_config
+from msmodelslim.core.dataset import load_texts
+from msmodelslim.core.device import DeviceSpec
+from msmodelslim.core.errors import ConfigError, FormatCheckError, InvalidModelError, UnsupportedError
+from msmodelslim.core.logging import get_logger
+from msmodelslim.core.runner import run_blocks
+from msmodelslim.format.ascendv1.checker import check_ascendv1
+from msmodelslim.format.ascendv1.writer import AscendV1Writer
+from msmodelslim.format.staging import check_save_path, staged_directory
+from msmodelslim.model.registry import create_adapter
+from msmodelslim.processor.base import Processor, build_processor
+from msmodelslim.processor.linear_quant.config import LinearQuantConfig
+from msmodelslim.processor.matching import unused_patterns
+from msmodelslim.processor.registry import DoubleMatchError, merge_claims
+
+log = get_logger("app.quantize")
+
+
+@dataclass
+class QuantizeRequest:
+    model_path: Path
+    save_path: Path
+    model_type: str
+    device: DeviceSpec
+    quant_type: Optional[str] = None
+    config_path: Optional[Path] = None
+    trust_remote_code: bool = False
+    overwrite: bool = False
+    dry_run: bool = False
+
+
+@dataclass
+class QuantizeReport:
+    save_path: Path
+    plan: dict[str, str]
+    seconds: float = 0.0
+    peak_rss_mib: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+    description: dict = field(default_factory=dict)
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def choose_runner(config: PracticeConfig, device: DeviceSpec) -> RunnerType:
+    runner = config.spec.runner
+    if runner == RunnerType.auto:
+        runner = RunnerType.dp_layer_wise if len(device.indices) > 1 else RunnerType.layer_wise
+    if runner == RunnerType.dp_layer_wise:
+        raise UnsupportedError(
+            "dp_layer_wise (several devices) is not available yet; pass one device (e.g. --device cuda:0) "
+            "or set spec.runner: layer_wise"
+        )
+    return runner
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def _leaf_configs(configs) -> list:
+    out = []
+    for c in configs:
+        out.extend(_leaf_configs(c.configs) if hasattr(c, "configs") else [c])
+    return out
+
+
+def plan_layers(config: PracticeConfig, processors: list[Processor], model: nn.Module) -> dict[str, str]:
+    """{linear name: scheme} for every linear (FLOAT when no rule matches); rejects double matches and group
+    sizes that do not divide a layer, naming the layer."""
+    names = _linear_names(model)
+    try:
+        merge_claims([(f"spec.process[{i}]", p.claims(names)) for i, p in enumerate(processors)])
+    except DoubleMatchError as exc:
+        raise ConfigError(str(exc)) from None
+    plan = {n: "FLOAT" for n in names}
+    group_sizes = set()
+    for leaf in _leaf_configs(config.spec.process):
+        if not isinstance(leaf, LinearQuantConfig):
+            continue
+        proc = build_processor(leaf)
+        for name in proc.claims(names):
+            plan[name] = leaf.qconfig.scheme.value
+            group = leaf.qconfig.weight.group_size
+            if group:
+                group_sizes.add(group)
+                in_features = model.get_submodule(name).in_features
+                if in_features % group:
+                    raise ConfigError(
+                        f"group_size {group} does not divide the input size {in_features} of layer {name}; "
+                        f"choose a divisor of {in_features} or exclude the layer"
+                    )
+        for pattern in unused_patterns(names, leaf.include + leaf.exclude):
+            log.warning("pattern %r of a linear_quant rule matches no linear layer", pattern)
+    if len(group_sizes) > 1:
+        raise ConfigError(f"ascendv1 stores one group_size per model, but the config uses {sorted(group_sizes)}")
+    return plan
+
+
+def summarize_plan(plan: dict[str, str]) -> str:
+    counts = Counter(plan.values())
+    float_layers = [n for n, s in plan.items() if s == "FLOAT"]
+    text = ", ".join(f"{scheme} x{count}" for scheme, count in sorted(counts.items()))
+    shown = ", ".join(float_layers[:6]) + (" ..." if len(float_layers) > 6 else "")
+    return f"{len(plan)} linear layers: {text}" + (f"; kept in float: {shown}" if float_layers else "")
+
+
+def load_practice(request: QuantizeRequest) -> PracticeConfig:
+    if (request.quant_type is None) == (request.config_path is None):
+        raise ConfigError("give exactly one of --quant_type and --config_path")
+    if request.config_path is not None:
+        return load_config(request.config_path)
+    return config_for_quant_type(request.quant_type)
+
+
+def quantize(request: QuantizeRequest) -> QuantizeReport:
+    started = time.perf_counter()
+    if not request.model_path.is_dir():
+        raise InvalidModelError(f"--model_path {request.model_path} is not a directory")
+    config = load_practice(request)  # fail fast: a YAML typo must not cost a model load
+    if not request.dry_run:
+        check_save_path(request.save_path, request.overwrite, request.model_path)
+    runner = choose_runner(config, request.device)
+    if len(config.spec.save) != 1:
+        raise ConfigError("spec.save must hold exactly one ascendv1_saver in this version")
+    processors = [build_processor(c) for c in config.spec.process]
+    needs_data = any(p.needs_calibration for p in processors)
+    texts = load_texts(config.spec.dataset, config.source_dir) if needs_data else []
+    adapter = create_adapter(request.model_type, str(request.model_path), request.trust_remote_code)
+    device = request.device.primary
+    log.info("runner %s on %s; %s", runner.value, device, f"{len(texts)} calibration samples" if needs_data
+             else "no calibration data needed")
+    model = adapter.init_model(device, load_layers=runner == RunnerType.model_wise)
+    plan = plan_layers(config, processors, model)
+    log.info("plan: %s", summarize_plan(plan))
+    report = QuantizeReport(request.save_path, plan)
+    if request.dry_run:
+        return report
+    if runner == RunnerType.model_wise and device.type != "cpu":
+        model.to(device)
+    batches = adapter.handle_dataset(texts, device) if needs_data else []
+    save = config.spec.save[0]
+    with staged_directory(request.save_path, request.overwrite) as staging:
+        writer = AscendV1Writer(
+            staging,
+            save.part_file_size,
+            adapter.global_dtype(),
+            is_row_parallel=lambda name: name.rsplit(".", 1)[-1] in adapter.structure.row_parallel,
+            dtype_for=adapter.original_dtype,
+        )
+        stats = run_blocks(adapter, model, processors, writer, batches, device, runner == RunnerType.layer_wise)
+        report.description = writer.finish(request.model_path)
+        practice_file = staging / f"{request.model_type}_best_practice.yaml"
+        practice_file.write_text(yaml.safe_dump(config.model_dump(mode="json", exclude_none=True), sort_keys=False))
+        findings = check_ascendv1(staging, list(plan), adapter.structure.fused_groups)
+        report.warnings = sorted({f.message.split(": ", 1)[1] for f in findings if f.level == "warning"})
+        errors = [f.message for f in findings if f.level == "error"]
+        if errors:
+            raise FormatCheckError("the written checkpoint fails the ascendv1 checklist:\n  " + "\n  ".join(errors[:20]))
+    for warning in report.warnings:
+        log.warning("format check: %s", warning)
+    report.seconds = time.perf_counter() - started
+    report.peak_rss_mib = peak_rss_mib()
+    log.info("calibration: %d batches, %d tokens", stats.calibration_batches, stats.calibration_tokens)
+    log.info("saved %s (%s) in %.1f s, peak RSS %.0f MiB", request.save_path, report.description["model_quant_type"],
+             report.seconds, report.peak_rss_mib)
+    return report

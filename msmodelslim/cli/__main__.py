@@ -1,0 +1,119 @@
+"""`msmodelslim` command line: arguments only; the work happens in msmodelslim.app."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from msmodelslim.core.errors import ConfigError, MsModelSlimError
+
+log = logging.getLogger("msmodelslim.cli")
+
+
+def str_to_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("true", "false"):
+        return value == "true"
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model_path", required=True, type=Path, help="Hugging Face model directory (safetensors)")
+    parser.add_argument("--trust_remote_code", type=str_to_bool, default=False, metavar="True|False",
+                        help="allow running Python code shipped with the checkpoint (default False)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="msmodelslim", description="Post-training quantization of LLMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    quant = sub.add_parser("quant", help="quantize a model into an ascendv1 checkpoint")
+    _add_model_args(quant)
+    quant.add_argument("--save_path", required=True, type=Path, help="output directory (must be new or empty)")
+    quant.add_argument("--model_type", required=True, help="registered model name, e.g. Qwen2.5-7B-Instruct")
+    quant.add_argument("--device", default=None, help="cpu, cuda, cuda:0, npu, npu:0,1 (default: npu, else cuda, else cpu)")
+    what = quant.add_mutually_exclusive_group(required=True)
+    what.add_argument("--quant_type", help="built-in recipe name, e.g. w8a16")
+    what.add_argument("--config_path", type=Path, help="YAML config (apiversion: modelslim_v1)")
+    quant.add_argument("--overwrite", action="store_true", help="replace a non-empty --save_path once the new output is complete")
+    quant.add_argument("--dry_run", action="store_true", help="validate everything and print the per-layer plan; write nothing")
+
+    ev = sub.add_parser("eval", help="perplexity of the float model vs an ascendv1 checkpoint")
+    _add_model_args(ev)
+    ev.add_argument("--quant_path", required=True, type=Path, help="ascendv1 checkpoint written by 'quant'")
+    ev.add_argument("--dataset", required=True, help="text file (.txt/.jsonl/.json) or a built-in name")
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
+    ev.add_argument("--max_windows", type=int, default=40, help="number of windows (default 40)")
+
+    demo = sub.add_parser("demo", help="quantize and evaluate SmolLM2-135M-Instruct end to end (needs the [demo] extra)")
+    demo.add_argument("--work_dir", type=Path, default=None, help="where the demo writes (default ~/.cache/msmodelslim/demo)")
+    demo.add_argument("--max_windows", type=int, default=40)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    from msmodelslim.core.device import parse_device
+
+    if args.command == "quant":
+        from msmodelslim.app.quantize import QuantizeRequest, quantize
+
+        report = quantize(QuantizeRequest(
+            model_path=args.model_path, save_path=args.save_path, model_type=args.model_type,
+            device=parse_device(args.device), quant_type=args.quant_type, config_path=args.config_path,
+            trust_remote_code=args.trust_remote_code, overwrite=args.overwrite, dry_run=args.dry_run,
+        ))
+        if args.dry_run:
+            for name, scheme in report.plan.items():
+                print(f"{scheme:14s} {name}")
+        return 0
+    if args.command == "eval":
+        from msmodelslim.app.evaluate import evaluate
+
+        if args.window < 2 or args.max_windows < 1:
+            raise ConfigError("--window must be >= 2 and --max_windows >= 1")
+        results = evaluate(args.model_path, args.quant_path, args.dataset, parse_device(args.device).primary,
+                           args.window, args.max_windows, args.trust_remote_code)
+        f, q = results["float"], results["quantized"]
+        print(f"windows: {f.windows} x {args.window} tokens")
+        print(f"float perplexity:     {f.perplexity:.4f}")
+        print(f"quantized perplexity: {q.perplexity:.4f}")
+        print(f"ratio quantized/float: {q.perplexity / f.perplexity:.4f}")
+        return 0
+    if args.command == "demo":
+        from msmodelslim.app.demo import run_demo
+
+        run_demo(args.work_dir, args.max_windows)
+        return 0
+    raise AssertionError(args.command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from msmodelslim.core.logging import setup_logging
+
+    try:
+        level = setup_logging()
+    except MsModelSlimError as exc:
+        print(f"msmodelslim: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except MsModelSlimError as exc:
+        log.debug("details", exc_info=True)
+        print(f"msmodelslim: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("msmodelslim: interrupted; nothing was written to --save_path", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug or an environment problem: short message, traceback under DEBUG
+        if level <= logging.DEBUG:
+            log.exception("unexpected error")
+        print(f"msmodelslim: unexpected error: {type(exc).__name__}: {exc}\n"
+              f"(run with MSMODELSLIM_LOG_LEVEL=debug for the traceback, and report it)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

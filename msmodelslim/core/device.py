@@ -1,0 +1,72 @@
+"""`--device` parsing and availability checks (before anything is loaded)."""
+from __future__ import annotations
+
+import importlib.util
+import re
+from dataclasses import dataclass
+
+import torch
+
+from msmodelslim.core.errors import DeviceError
+from msmodelslim.core.logging import get_logger
+
+log = get_logger("device")
+_PATTERN = re.compile(r"^(cpu|cuda|npu)(?::(\d+(?:,\d+)*))?$")
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    kind: str
+    indices: tuple[int, ...] = ()
+
+    @property
+    def primary(self) -> torch.device:
+        if self.kind == "cpu":
+            return torch.device("cpu")
+        return torch.device(self.kind, self.indices[0] if self.indices else 0)
+
+    def __str__(self) -> str:
+        return self.kind + (":" + ",".join(map(str, self.indices)) if self.indices else "")
+
+
+def _npu_count() -> int:
+    if importlib.util.find_spec("torch_npu") is None:
+        return 0
+    import torch_npu  # noqa: F401 - registers torch.npu
+
+    return torch.npu.device_count()
+
+
+def default_device() -> DeviceSpec:
+    if _npu_count() > 0:
+        chosen = DeviceSpec("npu")
+    elif torch.cuda.is_available():
+        chosen = DeviceSpec("cuda")
+    else:
+        chosen = DeviceSpec("cpu")
+    log.info("no --device given; using %s", chosen)
+    return chosen
+
+
+def parse_device(text: str | None) -> DeviceSpec:
+    if text is None:
+        return default_device()
+    match = _PATTERN.match(text.strip())
+    if not match:
+        raise DeviceError(f"--device {text!r} is not valid; use cpu, cuda, cuda:0,1, npu or npu:0,1,2,3")
+    kind, raw = match.group(1), match.group(2)
+    indices = tuple(int(i) for i in raw.split(",")) if raw else ()
+    if len(set(indices)) != len(indices):
+        raise DeviceError(f"--device {text!r} lists an index twice")
+    if kind == "cpu":
+        if len(indices) > 1:
+            raise DeviceError("--device cpu takes no list of indices")
+        return DeviceSpec("cpu")
+    available = torch.cuda.device_count() if kind == "cuda" else _npu_count()
+    if available == 0:
+        hint = "no CUDA GPU is visible" if kind == "cuda" else "torch_npu is not installed or sees no NPU"
+        raise DeviceError(f"--device {text}: {hint}; use --device cpu")
+    bad = [i for i in indices if i >= available]
+    if bad:
+        raise DeviceError(f"--device {text}: index {bad[0]} does not exist ({available} {kind} device(s) visible)")
+    return DeviceSpec(kind, indices)

@@ -1,0 +1,83 @@
+"""Runners: walk the decoder blocks in order, run the processors on each, hand each finished block to the
+writer.
+
+layer_wise: only the current block's weights are materialised (read from the safetensors shards, processed,
+written, dropped back to the meta device). model_wise: the whole model is loaded first and stays resident.
+Both execute the same per-block schedule, so the same config and data give byte-identical output.
+
+Calibration: every batch's generator (`adapter.generate_model_forward`) yields the current block's inputs; the
+block's float output becomes the next block's input. Pipelines whose processors need no data run no forward.
+"""
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from msmodelslim.core.logging import get_logger, progress_disabled
+from msmodelslim.format.ascendv1.writer import AscendV1Writer
+from msmodelslim.processor.base import Processor
+
+log = get_logger("runner")
+
+
+@dataclass
+class RunStats:
+    blocks: int
+    calibration_batches: int
+    calibration_tokens: int
+
+
+def _is_under(name: str, prefixes: list[str]) -> bool:
+    return any(name.startswith(p + ".") for p in prefixes)
+
+
+def run_blocks(
+    adapter,
+    model: nn.Module,
+    processors: list[Processor],
+    writer: AscendV1Writer,
+    batches: list[dict[str, torch.Tensor]],
+    device: torch.device,
+    layer_wise: bool,
+) -> RunStats:
+    needs_data = any(p.needs_calibration for p in processors)
+    block_names = adapter.block_names(model)
+    forwards, requests = [], []
+    if needs_data:
+        for batch in tqdm(batches, desc="embed calibration batches", unit="batch", disable=progress_disabled()):
+            generator = adapter.generate_model_forward(model, batch)
+            forwards.append(generator)
+            requests.append(next(generator))
+    bar = tqdm(adapter.generate_model_visit(model), total=len(block_names), desc="quantize blocks", unit="block",
+               disable=progress_disabled())
+    for visit in bar:
+        name = visit.name
+        if layer_wise:
+            adapter.load_block(model, name, device)
+        block = model.get_submodule(name)
+        for processor in processors:
+            processor.before_forward(name, block)
+        if needs_data:
+            with torch.no_grad():
+                for i, (generator, request) in enumerate(zip(forwards, requests)):
+                    assert request.name == name, f"forward generator out of step at {name}"
+                    output = request.module(*request.args, **request.kwargs)
+                    try:
+                        requests[i] = generator.send(output)
+                    except StopIteration:
+                        requests[i] = None
+        for processor in processors:
+            processor.after_forward(name, block)
+        writer.add_module_tree(name, block)
+        if layer_wise:
+            adapter.release_block(model, name)
+        gc.collect()
+    for name, tensor in model.state_dict().items():
+        if not _is_under(name, block_names):
+            writer.add_float(name, tensor)
+    tokens = sum(int(b["input_ids"].numel()) for b in batches) if needs_data else 0
+    return RunStats(len(block_names), len(batches) if needs_data else 0, tokens)

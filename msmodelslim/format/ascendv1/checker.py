@@ -1,0 +1,188 @@
+"""Check an ascendv1 checkpoint against the writer checklist (what vLLM-Ascend's loader requires).
+
+Errors mean the engine will fail or compute garbage; warnings mean the checkpoint is valid ascendv1 but the
+named engine version does not load that layer type (the user chose it knowingly, e.g. W4A16 on dense layers).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from msmodelslim.format.ascendv1.reader import GLOBAL_KEYS, quantized_layers, read_description
+from msmodelslim.format.ascendv1.tensors import FLOAT, decode_deq_scale, unpack_int4_int32, unpack_int4_rows
+
+DENSE_LOADABLE = {"W8A8", "W8A8_MIX", "W8A8_DYNAMIC", "W8A16", "W4A4_DYNAMIC", "W8A8FP8_DYNAMIC", "W8A8_MXFP8",
+                  "W4A8_MXFP", "W4A4_MXFP4"}
+ENGINE = "vLLM-Ascend (182b75e)"
+
+
+@dataclass
+class Finding:
+    level: str  # "error" | "warning"
+    message: str
+
+
+def _shape(t: torch.Tensor) -> list[int]:
+    return list(t.shape)
+
+
+def _check_linear(prefix: str, tag: str, t: dict[str, torch.Tensor], model_dtype: str | None) -> list[Finding]:
+    f: list[Finding] = []
+    err = lambda m: f.append(Finding("error", f"{prefix}: {m}"))
+    warn = lambda m: f.append(Finding("warning", f"{prefix}: {m}"))
+
+    def need(suffix: str, dtype: torch.dtype | None, shape: list[int] | None) -> torch.Tensor | None:
+        if suffix not in t:
+            err(f"{tag} needs tensor '{suffix}'")
+            return None
+        if dtype is not None and t[suffix].dtype != dtype:
+            err(f"'{suffix}' is {t[suffix].dtype}, expected {dtype}")
+        if shape is not None and _shape(t[suffix]) != shape:
+            err(f"'{suffix}' has shape {_shape(t[suffix])}, expected {shape}")
+        return t[suffix]
+
+    if tag == "W8A8":
+        w = need("weight", torch.int8, None)
+        if w is None:
+            return f
+        n = w.shape[0]
+        need("quant_bias", torch.int32, [n])
+        need("input_scale", None, [1])
+        need("input_offset", None, [1])
+        expected = torch.float32 if model_dtype == "bfloat16" else torch.int64
+        deq = need("deq_scale", expected, [n])
+        if deq is not None and not bool((decode_deq_scale(deq) > 0).all()):
+            err("deq_scale must be positive")
+        if "bias" in t and t["bias"].dtype != torch.float32:
+            err("bias of a quantized layer must be float32")
+    elif tag in ("W8A8_DYNAMIC", "W8A16"):
+        w = need("weight", torch.int8, None)
+        if w is None:
+            return f
+        scale = need("weight_scale", torch.float32, None)
+        offset = need("weight_offset", torch.float32, None)
+        if scale is not None and (scale.dim() != 2 or scale.shape[0] != w.shape[0]):
+            err(f"weight_scale must be 2-D [N, 1] or [N, K/G], got {_shape(scale)}")
+        elif scale is not None and scale.shape[1] != 1:
+            warn(f"per-group {tag} (weight_scale {_shape(scale)}) is valid ascendv1 but {ENGINE} loads only [N, 1]")
+        if offset is not None and scale is not None and offset.shape != scale.shape:
+            err("weight_offset must have weight_scale's shape")
+        if offset is not None and bool(offset.abs().sum() > 0):
+            if tag == "W8A8_DYNAMIC":
+                err("W8A8_DYNAMIC weights must be symmetric (weight_offset all zero)")
+            else:
+                warn(f"asymmetric W8A16: {ENGINE} applies the offset with the opposite sign; use symmetric weights there")
+    elif tag == "W4A8_DYNAMIC":
+        w = need("weight", torch.int8, None)
+        if w is None:
+            return f
+        n = w.shape[0] * 2
+        need("weight_scale", torch.float32, [n, 1])
+        off = need("weight_offset", torch.float32, [n, 1])
+        if off is not None and bool(off.abs().sum() > 0):
+            err("W4A8_DYNAMIC weights must be symmetric")
+        sb = need("scale_bias", torch.float32, None)
+        if sb is not None and _shape(sb) not in ([n, 1], [n, 16]):
+            err(f"scale_bias must be [N,1] or [N,16], got {_shape(sb)}")
+        if sb is not None and "weight_scale" in t:
+            dequant = unpack_int4_rows(w).float() * t["weight_scale"]
+            chunks = dequant.reshape(n, sb.shape[1], -1).sum(-1) * 8
+            if not torch.allclose(chunks, sb, rtol=1e-4, atol=1e-4):
+                err("scale_bias does not equal 8·Σ W_f")
+        warn(f"W4A8_DYNAMIC on a dense linear: {ENGINE} loads W4A8_DYNAMIC for MoE experts only")
+    elif tag == "W4A16":
+        packed = need("weight_packed", torch.int32, None)
+        shape = need("weight_shape", None, [2])
+        need("weight_scale", None, None)
+        if packed is not None and shape is not None:
+            n, k = (int(v) for v in shape)
+            if _shape(packed) != [n, k // 8]:
+                err(f"weight_packed must be [N, K/8] = {[n, k // 8]}, got {_shape(packed)}")
+            elif not bool((unpack_int4_int32(packed).abs() <= 8).all()):
+                err("weight_packed holds codes outside the int4 range")
+        warn(f"W4A16 on a dense linear: {ENGINE} loads W4A16 for MoE experts only")
+    else:
+        err(f"unknown type {tag!r}")
+        return f
+    if tag not in ("W4A8_DYNAMIC", "W4A16") and tag not in DENSE_LOADABLE:
+        err(f"{tag} is not a type {ENGINE} loads for linear layers")
+    return f
+
+
+def check_ascendv1(
+    path: Path, expected_linears: list[str] | None = None, fused_groups: tuple[tuple[str, ...], ...] = ()
+) -> list[Finding]:
+    findings: list[Finding] = []
+    err = lambda m: findings.append(Finding("error", m))
+    description = read_description(path)
+    config_path = path / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else None
+    if config is None:
+        err("config.json is missing")
+        config = {}
+    if "quantization_config" in config or "quantization_config" in (config.get("text_config") or {}):
+        err("config.json still carries quantization_config (vLLM would ignore the description)")
+    for stale in ("model.safetensors.index.json", "model.safetensors"):
+        if (path / stale).exists():
+            err(f"{stale} from the source model is in the output")
+    if description.get("version") != "1.0.0":
+        err("description 'version' must be \"1.0.0\"")
+    if not isinstance(description.get("group_size"), int):
+        err("description 'group_size' must be an integer")
+    for key in ("metadata", "optional"):
+        if not isinstance(description.get(key), dict):
+            err(f"description '{key}' must be an object")
+    if "model_quant_type" not in description:
+        err("description lacks 'model_quant_type'")
+
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                if key in tensors:
+                    err(f"tensor {key} appears in two files")
+                tensors[key] = f.get_tensor(key)
+    if not tensors:
+        err("no *.safetensors weights")
+    entries = {k for k in description if k not in GLOBAL_KEYS}
+    for key in sorted(set(tensors) - entries)[:20]:
+        err(f"tensor {key} has no entry in the description")
+    for key in sorted(entries - set(tensors))[:20]:
+        err(f"description entry {key} has no tensor")
+
+    model_dtype = config.get("dtype") or config.get("torch_dtype")
+    layers = quantized_layers(description)
+    for prefix, tag in layers.items():
+        own = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".") and "." not in k[len(prefix) + 1 :]}
+        findings.extend(_check_linear(prefix, tag, own, model_dtype))
+    for name, tag in description.items():
+        if name in GLOBAL_KEYS or tag != FLOAT or name not in tensors:
+            continue
+        if name.endswith(".bias") and name[:-5] in layers and tensors[name].dtype != torch.float32:
+            err(f"{name}: bias of a quantized layer must be float32")
+
+    def has_weight_entry(prefix: str) -> bool:
+        return f"{prefix}.weight" in description or f"{prefix}.weight_packed" in description
+
+    for prefix in expected_linears or []:
+        if not has_weight_entry(prefix):
+            err(f"{prefix}.weight has no description entry (the engine raises KeyError)")
+    for prefix in ("model.embed_tokens", "lm_head"):
+        if expected_linears is not None and not has_weight_entry(prefix):
+            err(f"{prefix}.weight must be written and tagged FLOAT")
+    for group in fused_groups:
+        for prefix in {p.rsplit(".", 1)[0] for p in layers} | {p.rsplit(".", 1)[0] for p in expected_linears or []}:
+            members = [f"{prefix}.{m}" for m in group if has_weight_entry(f"{prefix}.{m}")]
+            if len(members) < 2:
+                continue
+            tags = {layers.get(m, FLOAT) for m in members}
+            if len(tags) > 1:
+                err(f"fused layers {members} have different types {sorted(tags)}; the engine needs one")
+            scales = [tensors.get(f"{m}.input_scale") for m in members]
+            if all(s is not None for s in scales) and not all(torch.equal(scales[0], s) for s in scales[1:]):
+                err(f"fused layers {members} have different input_scale; the engine keeps only the last")
+    return findings

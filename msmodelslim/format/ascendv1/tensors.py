@@ -1,0 +1,135 @@
+"""QuantLinear <-> ascendv1 tensors: names, dtypes, shapes and derived tensors (deq_scale, quant_bias, packing).
+
+See the format notes in docs/ascendv1.md. `prefix` is the linear's module name; every returned tensor is
+saved as `prefix.<suffix>`.
+"""
+from __future__ import annotations
+
+import torch
+
+from msmodelslim.ir.quant_linear import QuantLinear
+from msmodelslim.quantizer.scheme import Scheme
+
+FLOAT = "FLOAT"
+
+
+# ---- int4 packing ------------------------------------------------------------------------------------------
+def pack_int4_rows(q: torch.Tensor) -> torch.Tensor:
+    """W4A8_DYNAMIC layout: [N, K] int4 codes -> [N/2, K] int8; row 2j in the low nibble, 2j+1 in the high."""
+    if q.shape[0] % 2:
+        raise ValueError("W4A8_DYNAMIC needs an even number of output rows")
+    lo, hi = q[0::2].to(torch.int16), q[1::2].to(torch.int16)
+    return ((hi << 4) | (lo & 0x0F)).to(torch.int8)
+
+
+def unpack_int4_rows(packed: torch.Tensor) -> torch.Tensor:
+    b = packed.to(torch.int16)
+    lo, hi = b & 0x0F, (b >> 4) & 0x0F
+    lo, hi = torch.where(lo >= 8, lo - 16, lo), torch.where(hi >= 8, hi - 16, hi)
+    return torch.stack([lo, hi], dim=1).reshape(-1, packed.shape[1]).to(torch.int8)
+
+
+def pack_int4_int32(q: torch.Tensor) -> torch.Tensor:
+    """W4A16 (compressed-tensors layout): [N, K] int4 codes -> [N, K/8] int32, stored as q+8, low bits first."""
+    if q.shape[1] % 8:
+        raise ValueError("W4A16 packing needs the input size to be a multiple of 8")
+    u = (q.to(torch.int64) + 8).reshape(q.shape[0], -1, 8)
+    shifts = torch.arange(0, 32, 4, dtype=torch.int64)
+    packed = (u << shifts).sum(dim=-1)
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+
+
+def unpack_int4_int32(packed: torch.Tensor) -> torch.Tensor:
+    u = packed.to(torch.int64) & 0xFFFFFFFF
+    shifts = torch.arange(0, 32, 4, dtype=torch.int64)
+    nibbles = (u.unsqueeze(-1) >> shifts) & 0xF
+    return (nibbles - 8).reshape(packed.shape[0], -1).to(torch.int8)
+
+
+# ---- deq_scale encoding ------------------------------------------------------------------------------------
+def encode_deq_scale(deq_scale: torch.Tensor, model_dtype: torch.dtype) -> torch.Tensor:
+    """float32 for bf16 models; otherwise the float32 bit pattern read as int32 and widened to int64."""
+    deq_scale = deq_scale.float().contiguous()
+    if model_dtype == torch.bfloat16:
+        return deq_scale
+    return deq_scale.view(torch.int32).to(torch.int64)
+
+
+def decode_deq_scale(stored: torch.Tensor) -> torch.Tensor:
+    if stored.dtype == torch.int64:
+        return stored.to(torch.int32).view(torch.float32)
+    return stored.float()
+
+
+def scale_bias(dequantized: torch.Tensor, row_parallel: bool) -> torch.Tensor:
+    """W4A8 kernel constant 8·Σ_k W_f[n,k]: [N,1] for column-parallel, 16 partial sums [N,16] for row-parallel."""
+    if not row_parallel:
+        return 8 * dequantized.sum(dim=1, keepdim=True)
+    if dequantized.shape[1] % 16:
+        raise ValueError("row-parallel W4A8 layers need an input size divisible by 16")
+    return 8 * dequantized.reshape(dequantized.shape[0], 16, -1).sum(dim=-1)
+
+
+# ---- writer side -------------------------------------------------------------------------------------------
+def linear_tensors(ir: QuantLinear, model_dtype: torch.dtype, row_parallel: bool) -> dict[str, tuple[torch.Tensor, str]]:
+    """{suffix: (tensor, type tag)} for one quantized linear."""
+    tag = ir.scheme.value
+    out: dict[str, tuple[torch.Tensor, str]] = {}
+    zeros = torch.zeros_like(ir.weight_scale)
+    if ir.scheme == Scheme.W8A8:
+        w_scale = ir.weight_scale[:, 0]
+        deq = (ir.input_scale * w_scale).float()
+        bias = ir.bias if ir.bias is not None else torch.zeros_like(deq)
+        rowsum = ir.qweight.to(torch.int64).sum(dim=1).float()
+        quant_bias = torch.round(bias / deq - ir.input_offset * rowsum).to(torch.int32)
+        out["weight"] = (ir.qweight, tag)
+        out["quant_bias"] = (quant_bias, tag)
+        out["input_scale"] = (ir.input_scale.reshape(1).float(), tag)
+        out["input_offset"] = (ir.input_offset.reshape(1).float(), tag)
+        out["deq_scale"] = (encode_deq_scale(deq, model_dtype), tag)
+    elif ir.scheme in (Scheme.W8A8_DYNAMIC, Scheme.W8A16):
+        out["weight"] = (ir.qweight, tag)
+        out["weight_scale"] = (ir.weight_scale, tag)
+        out["weight_offset"] = (ir.weight_offset if ir.scheme == Scheme.W8A16 else zeros, tag)
+    elif ir.scheme == Scheme.W4A8_DYNAMIC:
+        out["weight"] = (pack_int4_rows(ir.qweight), tag)
+        out["weight_scale"] = (ir.weight_scale, tag)
+        out["weight_offset"] = (zeros, tag)
+        out["scale_bias"] = (scale_bias(ir.dequantized_weight(), row_parallel), tag)
+    elif ir.scheme == Scheme.W4A16:
+        # The layout vLLM-Ascend reads for W4A16 (compressed-tensors packing, symmetric, scale in model dtype).
+        out["weight_packed"] = (pack_int4_int32(ir.qweight), tag)
+        out["weight_scale"] = (ir.weight_scale.to(model_dtype), tag)
+        out["weight_shape"] = (torch.tensor([ir.out_features, ir.in_features], dtype=torch.int64), tag)
+    else:  # pragma: no cover - Scheme is closed
+        raise ValueError(f"no ascendv1 layout for {ir.scheme}")
+    if ir.bias is not None:
+        out["bias"] = (ir.bias.float(), FLOAT)
+    return out
+
+
+# ---- reader side -------------------------------------------------------------------------------------------
+def linear_from_tensors(tag: str, t: dict[str, torch.Tensor]) -> QuantLinear:
+    """Rebuild the IR from saved tensors alone (suffix -> tensor), inverting `linear_tensors`."""
+    scheme = Scheme(tag)
+    bias = t.get("bias")
+    if scheme == Scheme.W8A8:
+        q = t["weight"]
+        s_in, o_in = t["input_scale"].float(), t["input_offset"].float()
+        deq = decode_deq_scale(t["deq_scale"])
+        w_scale = (deq / s_in).reshape(-1, 1)
+        rowsum = q.to(torch.int64).sum(dim=1).float()
+        bias = (t["quant_bias"].float() + o_in * rowsum) * deq
+        return QuantLinear(scheme, q, w_scale, torch.zeros_like(w_scale), bias, s_in, o_in)
+    if scheme in (Scheme.W8A8_DYNAMIC, Scheme.W8A16):
+        return QuantLinear(scheme, t["weight"], t["weight_scale"].float(), t["weight_offset"].float(), bias)
+    if scheme == Scheme.W4A8_DYNAMIC:
+        q = unpack_int4_rows(t["weight"])
+        scale = t["weight_scale"].float()
+        return QuantLinear(scheme, q, scale, t["weight_offset"].float(), bias)
+    if scheme == Scheme.W4A16:
+        n, k = (int(v) for v in t["weight_shape"])
+        q = unpack_int4_int32(t["weight_packed"])[:, :k]
+        scale = t["weight_scale"].float()
+        return QuantLinear(scheme, q.reshape(n, k), scale, torch.zeros_like(scale), bias)
+    raise ValueError(f"unsupported ascendv1 type {tag!r}")

@@ -1,0 +1,75 @@
+"""`QuantLinear`: a linear layer held as integer weights plus scales, whose forward computes what the serving
+kernel computes (activation quantization included), in float.
+
+This is the one representation between the algorithms (which produce it) and the formats (which write and read
+it). Tensor vocabulary: `qweight` int8 [out, in] holding int8 or int4 codes (unpacked), `weight_scale` and
+`weight_offset` fp32 [out, n_groups], `input_scale`/`input_offset` fp32 [1] for static activations.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from msmodelslim.quantizer.primitives import dequantize_weight, fake_quantize, quantize_per_token_dynamic
+from msmodelslim.quantizer.scheme import Scheme
+
+WEIGHT_BITS = {Scheme.W8A8: 8, Scheme.W8A8_DYNAMIC: 8, Scheme.W8A16: 8, Scheme.W4A16: 4, Scheme.W4A8_DYNAMIC: 4}
+
+
+class QuantLinear(nn.Module):
+    def __init__(
+        self,
+        scheme: Scheme,
+        qweight: torch.Tensor,
+        weight_scale: torch.Tensor,
+        weight_offset: torch.Tensor,
+        bias: Optional[torch.Tensor] = None,
+        input_scale: Optional[torch.Tensor] = None,
+        input_offset: Optional[torch.Tensor] = None,
+    ) -> None:
+        super().__init__()
+        if qweight.dtype != torch.int8 or qweight.dim() != 2:
+            raise ValueError("qweight must be a 2-D int8 tensor of codes")
+        if weight_scale.shape != weight_offset.shape or weight_scale.shape[0] != qweight.shape[0]:
+            raise ValueError("weight_scale/weight_offset must both be [out, n_groups]")
+        if (scheme == Scheme.W8A8) != (input_scale is not None):
+            raise ValueError("static activation parameters are required for W8A8 and only for it")
+        self.scheme = scheme
+        self.in_features, self.out_features = qweight.shape[1], qweight.shape[0]
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("weight_scale", weight_scale.float())
+        self.register_buffer("weight_offset", weight_offset.float())
+        self.register_buffer("bias", None if bias is None else bias.float())
+        self.register_buffer("input_scale", None if input_scale is None else input_scale.float().reshape(1))
+        self.register_buffer("input_offset", None if input_offset is None else input_offset.float().reshape(1))
+
+    @property
+    def weight_bits(self) -> int:
+        return WEIGHT_BITS[self.scheme]
+
+    @property
+    def group_size(self) -> Optional[int]:
+        """None for per-channel parameters."""
+        n_groups = self.weight_scale.shape[1]
+        return None if n_groups == 1 else self.in_features // n_groups
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return dequantize_weight(self.qweight, self.weight_scale, self.weight_offset)
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scheme == Scheme.W8A8:
+            return fake_quantize(x, self.input_scale, self.input_offset, 8)
+        if self.scheme in (Scheme.W8A8_DYNAMIC, Scheme.W4A8_DYNAMIC):
+            return quantize_per_token_dynamic(x, 8)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out_dtype = x.dtype
+        x = self.quantize_input(x.float())
+        return nn.functional.linear(x, self.dequantized_weight(), self.bias).to(out_dtype)
+
+    def extra_repr(self) -> str:
+        group = "per_channel" if self.group_size is None else f"group_size={self.group_size}"
+        return f"{self.scheme.value}, in={self.in_features}, out={self.out_features}, {group}"

@@ -1,0 +1,15 @@
+"""Adapters of the Llama and Qwen families: each is its structure, described once as data."""
+from msmodelslim.model.interface import ModelStructure
+from msmodelslim.model.transformers_model import TransformersModel
+
+
+class LlamaAdapter(TransformersModel):
+    structure = ModelStructure(hf_model_types=("llama",))
+
+
+class Qwen2Adapter(TransformersModel):
+    structure = ModelStructure(hf_model_types=("qwen2",))
+
+
+class Qwen3Adapter(TransformersModel):
+    structure = ModelStructure(hf_model_types=("qwen3",))

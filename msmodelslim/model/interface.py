@@ -1,0 +1,58 @@
+"""The interface hub: what the runners ask of a model adapter (`ModelSlimPipelineInterfaceV1`).
+
+Third parties add a model by implementing this interface (usually by subclassing `TransformersModel`) and
+registering the class under the entry-point group `msmodelslim.model_adapters`.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Generator, Iterator
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ProcessRequest:
+    """One block to process: its full module name, the module, and (for a forward) its inputs."""
+
+    name: str
+    module: nn.Module
+    args: tuple = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelStructure:
+    """A family's structure, described once as data for every algorithm and format to read."""
+
+    decoder_layers: str = "model.layers"
+    # Linears the serving engine fuses into one matmul: they must share a scheme (and static input scales).
+    fused_groups: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+    # Row-parallel linears (input split across tensor-parallel ranks); everything else is column-parallel.
+    row_parallel: tuple[str, ...] = ("o_proj", "down_proj")
+    hf_model_types: tuple[str, ...] = ()
+
+
+class ModelSlimPipelineInterfaceV1(ABC):
+    @abstractmethod
+    def handle_dataset(self, dataset: list[str], device: torch.device) -> list[dict[str, torch.Tensor]]:
+        """Tokenize calibration texts into model input batches."""
+
+    @abstractmethod
+    def init_model(self, device: torch.device, load_layers: bool) -> nn.Module:
+        """Build the model; with load_layers=False only the non-block weights are materialised."""
+
+    @abstractmethod
+    def generate_model_visit(self, model: nn.Module) -> Iterator[ProcessRequest]:
+        """Yield each block without data (data-free processing)."""
+
+    @abstractmethod
+    def generate_model_forward(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor]
+    ) -> Generator[ProcessRequest, Any, None]:
+        """Yield a request per block with that block's inputs; receive the block's output through send()."""
+
+    @abstractmethod
+    def enable_kv_cache(self, model: nn.Module, need_kv_cache: bool) -> None: ...

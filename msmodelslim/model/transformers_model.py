@@ -1,0 +1,194 @@
+"""`TransformersModel`: the default adapter behaviour for Hugging Face decoder-only models.
+
+Loading is local only (`local_files_only=True`) and never runs checkpoint code unless the user passed
+`--trust_remote_code True`. Weights are read from the safetensors shards on demand, so a layer-wise run holds
+one decoder block (plus embeddings and head) in memory at a time.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Generator, Iterator
+
+import torch
+from accelerate import init_empty_weights
+from torch import nn
+
+from msmodelslim.core.errors import InvalidModelError
+from msmodelslim.core.logging import get_logger
+from msmodelslim.model.checkpoint import SafetensorsCheckpoint
+from msmodelslim.model.interface import ModelSlimPipelineInterfaceV1, ModelStructure, ProcessRequest
+
+log = get_logger("model")
+
+MAX_CALIB_TOKENS = 2048  # longer calibration samples are truncated (memory is proportional to length)
+MAX_CALIB_BATCH = 16  # samples of equal length share a forward
+
+
+class _StopBeforeFirstBlock(Exception):
+    """Raised from a hook to end a model forward once the first block's inputs are known."""
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def _float32(t: torch.Tensor) -> torch.Tensor:
+    # Calibration and quantization run in float32: exact for bf16/fp16 weights and more accurate.
+    return t.float() if t.is_floating_point() else t
+
+
+class TransformersModel(ModelSlimPipelineInterfaceV1):
+    structure = ModelStructure()
+
+    def __init__(self, model_type: str, model_path: str | Path, trust_remote_code: bool = False) -> None:
+        from transformers import AutoConfig
+
+        self.model_type = model_type
+        self.model_path = Path(model_path)
+        self.trust_remote_code = trust_remote_code
+        if not (self.model_path / "config.json").is_file():
+            raise InvalidModelError(f"{self.model_path} has no config.json; point --model_path at a Hugging Face model directory")
+        try:
+            self.config = AutoConfig.from_pretrained(
+                self.model_path, trust_remote_code=trust_remote_code, local_files_only=True
+            )
+        except ValueError as exc:
+            if "trust_remote_code" in str(exc):
+                raise InvalidModelError(
+                    f"{self.model_path} needs its own Python code to load; review it, then pass --trust_remote_code True"
+                ) from None
+            raise InvalidModelError(f"cannot read {self.model_path}/config.json: {exc}") from None
+        families = self.structure.hf_model_types
+        if families and self.config.model_type not in families:
+            raise InvalidModelError(
+                f"--model_type {model_type} expects a checkpoint of type {'/'.join(families)}, but "
+                f"{self.model_path}/config.json says {self.config.model_type!r}; pick the matching --model_type"
+            )
+        self.checkpoint = SafetensorsCheckpoint(self.model_path)
+        self._tokenizer = None
+
+    # ---- information -------------------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(
+                    self.model_path, trust_remote_code=self.trust_remote_code, local_files_only=True
+                )
+            except (OSError, ValueError) as exc:
+                raise InvalidModelError(f"cannot load the tokenizer from {self.model_path}: {exc}") from None
+        return self._tokenizer
+
+    def global_dtype(self) -> torch.dtype:
+        """The dtype the serving engine will run in (decides the ascendv1 deq_scale encoding)."""
+        dtype = getattr(self.config, "dtype", None) or getattr(self.config, "torch_dtype", None)
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype, None)
+        return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+    def block_names(self, model: nn.Module) -> list[str]:
+        layers = model.get_submodule(self.structure.decoder_layers)
+        return [f"{self.structure.decoder_layers}.{i}" for i in range(len(layers))]
+
+    def original_dtype(self, tensor_name: str) -> torch.dtype:
+        return self.checkpoint.original_dtype(tensor_name) or self.global_dtype()
+
+    # ---- data --------------------------------------------------------------------------------------------
+    def handle_dataset(self, dataset: list[str], device: torch.device) -> list[dict[str, torch.Tensor]]:
+        """Tokenize each text (truncated to MAX_CALIB_TOKENS); batch samples of equal length without padding."""
+        by_length: dict[int, list[torch.Tensor]] = {}
+        for text in dataset:
+            ids = self.tokenizer(text, return_tensors="pt", truncation=True, max_length=MAX_CALIB_TOKENS)["input_ids"][0]
+            if len(ids):
+                by_length.setdefault(len(ids), []).append(ids)
+        batches = []
+        for length in sorted(by_length):
+            rows = by_length[length]
+            for start in range(0, len(rows), MAX_CALIB_BATCH):
+                batches.append({"input_ids": torch.stack(rows[start : start + MAX_CALIB_BATCH]).to(device)})
+        return batches
+
+    # ---- model -------------------------------------------------------------------------------------------
+    def init_model(self, device: torch.device, load_layers: bool) -> nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(
+                self.config, trust_remote_code=self.trust_remote_code, attn_implementation="sdpa", dtype=torch.float32
+            )
+        model.eval()
+        self.enable_kv_cache(model, False)
+        blocks = self.block_names(model)
+        names = [n for n in model.state_dict() if load_layers or not any(n.startswith(b + ".") for b in blocks)]
+        self._materialise(model, "", names, torch.device("cpu"))
+        return model
+
+    def _materialise(self, root: nn.Module, prefix: str, names: list[str], device: torch.device) -> None:
+        """Load `names` (full tensor names) from the checkpoint into `root` (which lives at `prefix`)."""
+        available = set(self.checkpoint.names())
+        tied = {n for n in names if n not in available}
+        loaded = self.checkpoint.load([n for n in names if n in available])
+        state = {n[len(prefix) :]: _float32(t).to(device) for n, t in loaded.items()}
+        tie = getattr(self.config, "tie_word_embeddings", False)
+        missing_for_real = [n for n in tied if not (tie and n.endswith("lm_head.weight"))]
+        if missing_for_real:
+            raise InvalidModelError(f"the checkpoint in {self.model_path} lacks {sorted(missing_for_real)[:5]}")
+        root.load_state_dict(state, strict=False, assign=True)
+        if tied and tie:
+            root.tie_weights()
+
+    def load_block(self, model: nn.Module, block_name: str, device: torch.device) -> nn.Module:
+        block = model.get_submodule(block_name)
+        names = [f"{block_name}.{n}" for n in block.state_dict()]
+        self._materialise(block, block_name + ".", names, device)
+        return block
+
+    def release_block(self, model: nn.Module, block_name: str) -> None:
+        """Drop a processed block's tensors (back to the meta device) so memory stays bounded by one block."""
+        model.get_submodule(block_name).to("meta")
+
+    def generate_model_visit(self, model: nn.Module) -> Iterator[ProcessRequest]:
+        for name in self.block_names(model):
+            yield ProcessRequest(name, model.get_submodule(name))
+
+    def capture_first_block_inputs(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[tuple, dict]:
+        """Run the model's own forward up to the first block: embeddings, masks and position encodings come
+        out exactly as the model computes them, for any family."""
+        first = model.get_submodule(self.block_names(model)[0])
+        captured: dict[str, Any] = {}
+
+        def hook(_module, args, kwargs):
+            captured["args"], captured["kwargs"] = args, kwargs
+            raise _StopBeforeFirstBlock
+
+        handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                model(**{k: v.to("cpu") for k, v in batch.items()}, use_cache=False)
+        except _StopBeforeFirstBlock:
+            pass
+        finally:
+            handle.remove()
+        return captured["args"], captured["kwargs"]
+
+    def generate_model_forward(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor]
+    ) -> Generator[ProcessRequest, Any, None]:
+        args, kwargs = self.capture_first_block_inputs(model, inputs)
+        device = inputs["input_ids"].device
+        args, kwargs = _to_device(args, device), _to_device(kwargs, device)
+        for name in self.block_names(model):
+            output = yield ProcessRequest(name, model.get_submodule(name), args, kwargs)
+            hidden = output[0] if isinstance(output, tuple) else output
+            args = (hidden,) + tuple(args[1:])
+
+    def enable_kv_cache(self, model: nn.Module, need_kv_cache: bool) -> None:
+        model.config.use_cache = need_kv_cache

@@ -1,0 +1,30 @@
+"""`group`: run child processors side by side so one calibration forward per block serves them all."""
+from __future__ import annotations
+
+from torch import nn
+
+from msmodelslim.processor.base import Processor, build_processor, register_processor
+from msmodelslim.processor.group.config import GroupConfig
+
+
+@register_processor("group")
+class GroupProcessor(Processor):
+    def __init__(self, config: GroupConfig) -> None:
+        self.children = [build_processor(c) for c in config.configs]
+
+    @property
+    def needs_calibration(self) -> bool:
+        return any(c.needs_calibration for c in self.children)
+
+    def claims(self, linear_names: list[str]) -> dict[str, str]:
+        from msmodelslim.processor.registry import merge_claims
+
+        return merge_claims([(f"group.configs[{i}]", c.claims(linear_names)) for i, c in enumerate(self.children)])
+
+    def before_forward(self, block_name: str, block: nn.Module) -> None:
+        for child in self.children:
+            child.before_forward(block_name, block)
+
+    def after_forward(self, block_name: str, block: nn.Module) -> None:
+        for child in self.children:
+            child.after_forward(block_name, block)

@@ -1,0 +1,39 @@
+"""The processor catalogue: YAML `type` -> (config model, processor class)."""
+from __future__ import annotations
+
+from typing import Annotated, Union
+
+from pydantic import Field
+
+from msmodelslim.processor.base import PROCESSORS, build_processor  # noqa: F401 - re-exported
+from msmodelslim.processor.group import processor as _group  # noqa: F401 - registers "group"
+from msmodelslim.processor.group.config import GroupConfig
+from msmodelslim.processor.linear_quant import processor as _linear_quant  # noqa: F401 - registers "linear_quant"
+from msmodelslim.processor.linear_quant.config import LinearQuantConfig
+
+ProcessorConfig = Annotated[Union[LinearQuantConfig, GroupConfig], Field(discriminator="type")]
+GroupConfig.model_rebuild(_types_namespace={"ProcessorConfig": ProcessorConfig})
+
+# Processor types of the established protocol that later work implements; named so the error is precise.
+PLANNED_PROCESSORS = (
+    "smooth_quant", "iter_smooth", "flex_smooth_quant", "flex_awq_ssz", "awq", "kv_smooth", "quarot",
+    "online_quarot", "adapt_rotation", "dynamic_cache", "fa3_quant", "float_sparse", "autoround_quant",
+    "flatquant", "svd_res",
+)
+
+
+class DoubleMatchError(ValueError):
+    pass
+
+
+def merge_claims(named_claims: list[tuple[str, dict[str, str]]]) -> dict[str, str]:
+    """Union of several processors' claims; a layer claimed twice is an error naming both rules."""
+    merged: dict[str, str] = {}
+    for where, claims in named_claims:
+        for layer, rule in claims.items():
+            here = f"{where}: {rule}"
+            if layer in merged:
+                raise DoubleMatchError(f"layer {layer} is matched by two rules: [{merged[layer]}] and [{here}]; "
+                                       f"narrow an include or add an exclude so each layer is configured once")
+            merged[layer] = here
+    return merged

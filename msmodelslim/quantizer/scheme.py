@@ -1,0 +1,143 @@
+"""Quantization settings (`qconfig`) and the deployable schemes they combine into.
+
+A `QConfig` says how one tensor is quantized; a `LinearQConfig` pairs the activation and weight settings of a
+linear layer. Only pairs that a serving kernel implements are accepted (`Scheme`), so a config that validates
+also saves.
+"""
+from __future__ import annotations
+
+import enum
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class QDType(str, enum.Enum):
+    float = "float"
+    int8 = "int8"
+    int4 = "int4"
+
+    @property
+    def bits(self) -> int:
+        return {"float": 16, "int8": 8, "int4": 4}[self.value]
+
+
+class QScope(str, enum.Enum):
+    per_tensor = "per_tensor"
+    per_token = "per_token"
+    per_channel = "per_channel"
+    per_group = "per_group"
+
+
+IMPLEMENTED_METHODS = ("minmax", "none")
+# Methods of the established protocol that later issues implement; named so the error is precise.
+PLANNED_METHODS = ("histogram", "ssz", "gptq", "autoround", "ceil_x", "fouroversix", "dualscale", "mse_round")
+
+
+class QConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dtype: QDType = QDType.int8
+    scope: QScope = QScope.per_tensor
+    symmetric: bool = True
+    method: str = "minmax"
+    ext: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> "QConfig":
+        if self.method in PLANNED_METHODS:
+            raise ValueError(f"method {self.method!r} is not implemented yet; available: {', '.join(IMPLEMENTED_METHODS)}")
+        if self.method not in IMPLEMENTED_METHODS:
+            raise ValueError(f"method {self.method!r} is not one of {', '.join(IMPLEMENTED_METHODS)}")
+        if self.dtype == QDType.float:
+            if self.method != "none":
+                # The protocol's float default is {dtype: float, method: none}; accept minmax as a harmless typo? No:
+                # a float tensor has nothing to observe, so say so.
+                raise ValueError("dtype float (not quantized) takes method 'none'")
+        elif self.method == "none":
+            raise ValueError(f"dtype {self.dtype.value} needs a method (minmax)")
+        unknown = set(self.ext) - {"group_size"}
+        if unknown:
+            raise ValueError(f"unknown ext key(s) {sorted(unknown)}; known: group_size")
+        if self.scope == QScope.per_group:
+            size = self.ext.get("group_size")
+            if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+                raise ValueError("scope per_group needs ext.group_size, a positive integer (e.g. ext: {group_size: 64})")
+        elif "group_size" in self.ext:
+            raise ValueError(f"ext.group_size only applies to scope per_group, not {self.scope.value}")
+        return self
+
+    @property
+    def group_size(self) -> Optional[int]:
+        return self.ext.get("group_size") if self.scope == QScope.per_group else None
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype == QDType.float
+
+
+def _float_act() -> QConfig:
+    return QConfig(dtype=QDType.float, scope=QScope.per_tensor, symmetric=True, method="none")
+
+
+class Scheme(str, enum.Enum):
+    """Deployable (activation, weight) pairs, named by their ascendv1 type tag."""
+
+    W8A8 = "W8A8"  # static per-tensor int8 activations, per-channel symmetric int8 weights
+    W8A8_DYNAMIC = "W8A8_DYNAMIC"  # per-token int8 activations computed at run time
+    W8A16 = "W8A16"  # int8 weights only
+    W4A16 = "W4A16"  # int4 weights only
+    W4A8_DYNAMIC = "W4A8_DYNAMIC"  # int4 weights, per-token int8 activations
+
+
+SUPPORTED_PAIRS = """supported (act -> weight) pairs:
+  float                         -> int8 per_channel|per_group (W8A16)
+  float                         -> int4 per_channel|per_group, symmetric (W4A16)
+  int8 per_tensor minmax        -> int8 per_channel symmetric (W8A8 static)
+  int8 per_token symmetric      -> int8 per_channel|per_group symmetric (W8A8_DYNAMIC)
+  int8 per_token symmetric      -> int4 per_channel symmetric (W4A8_DYNAMIC)"""
+
+
+def resolve_scheme(act: QConfig, weight: QConfig) -> Scheme:
+    """The scheme an (act, weight) pair deploys as; ValueError naming the supported pairs otherwise."""
+    w, a = weight, act
+    if w.is_float:
+        raise ValueError("weight dtype float quantizes nothing; exclude the layer instead")
+    if w.scope not in (QScope.per_channel, QScope.per_group):
+        raise ValueError(f"weight scope {w.scope.value} is not supported; use per_channel or per_group")
+    if a.is_float:
+        if w.dtype == QDType.int8:
+            return Scheme.W8A16
+        if w.symmetric:
+            return Scheme.W4A16
+    elif a.dtype == QDType.int8 and a.scope == QScope.per_tensor:
+        if w.dtype == QDType.int8 and w.scope == QScope.per_channel and w.symmetric:
+            return Scheme.W8A8
+    elif a.dtype == QDType.int8 and a.scope == QScope.per_token and a.symmetric:
+        if w.dtype == QDType.int8 and w.symmetric:
+            return Scheme.W8A8_DYNAMIC
+        if w.dtype == QDType.int4 and w.symmetric and w.scope == QScope.per_channel:
+            return Scheme.W4A8_DYNAMIC
+    describe = lambda q: "float" if q.is_float else f"{q.dtype.value} {q.scope.value} {'sym' if q.symmetric else 'asym'}"
+    raise ValueError(f"act {describe(a)} with weight {describe(w)} has no deployable kernel; {SUPPORTED_PAIRS}")
+
+
+class LinearQConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    act: QConfig = Field(default_factory=_float_act)
+    weight: QConfig
+
+    @model_validator(mode="after")
+    def _check_pair(self) -> "LinearQConfig":
+        resolve_scheme(self.act, self.weight)
+        return self
+
+    @property
+    def scheme(self) -> Scheme:
+        return resolve_scheme(self.act, self.weight)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Static activation ranges come from data; weights and dynamic activations do not."""
+        return not self.act.is_float and self.act.scope == QScope.per_tensor

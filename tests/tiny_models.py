@@ -1,0 +1,64 @@
+"""Tiny randomly initialised checkpoints of real architectures, saved to disk like a hub download."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+TOKENIZER_TEXT = [
+    "The quick brown fox jumps over the lazy dog. Quantization maps floating point values onto integers.",
+    "def main():\n    print('hello world')\n    return 0\n",
+    "Debian packages are managed with apt and dpkg; configuration lives in /etc.",
+    "量化把浮点数映射到整数。校准数据决定激活值的范围。",
+]
+
+
+def make_tokenizer(path: Path, vocab_size: int = 320):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(TOKENIZER_TEXT * 4, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    fast.save_pretrained(path)
+    return fast
+
+
+def tiny_config(family: str, vocab_size: int):
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    if family == "llama":
+        return LlamaConfig(**common, head_dim=16)
+    if family == "qwen2":
+        return Qwen2Config(**common)  # q/k/v carry biases
+    if family == "qwen3":
+        return Qwen3Config(**common, head_dim=16)
+    raise ValueError(family)
+
+
+def make_tiny_model(path: Path, family: str = "llama", dtype: torch.dtype = torch.float32, tie: bool = False,
+                    seed: int = 0, shards: str | None = None) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = make_tokenizer(path)
+    config = tiny_config(family, len(tokenizer))
+    config.tie_word_embeddings = tie
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # HF init is tiny (std 0.02); widen it so activations and outliers are non-trivial
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+            if "bias" in name:
+                p.normal_(0, 0.05)
+    model = model.to(dtype)
+    kwargs = {"max_shard_size": shards} if shards else {}
+    model.save_pretrained(path, **kwargs)
+    return path
