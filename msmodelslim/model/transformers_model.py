@@ -72,6 +72,8 @@ class TransformersModel(ModelSlimPipelineInterfaceV1):
             )
         self.checkpoint = SafetensorsCheckpoint(self.model_path)
         self._tokenizer = None
+        # Read now: building the float32 working model rewrites config.dtype.
+        self._global_dtype = self._dtype_from_config()
 
     # ---- information -------------------------------------------------------------------------------------
     @property
@@ -89,6 +91,9 @@ class TransformersModel(ModelSlimPipelineInterfaceV1):
 
     def global_dtype(self) -> torch.dtype:
         """The dtype the serving engine will run in (decides the ascendv1 deq_scale encoding)."""
+        return self._global_dtype
+
+    def _dtype_from_config(self) -> torch.dtype:
         dtype = getattr(self.config, "dtype", None) or getattr(self.config, "torch_dtype", None)
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype, None)

@@ -97,9 +97,10 @@ def linear_tensors(ir: QuantLinear, model_dtype: torch.dtype, row_parallel: bool
         out["weight_offset"] = (zeros, tag)
         out["scale_bias"] = (scale_bias(ir.dequantized_weight(), row_parallel), tag)
     elif ir.scheme == Scheme.W4A16:
-        # The layout vLLM-Ascend reads for W4A16 (compressed-tensors packing, symmetric, scale in model dtype).
+        # The layout vLLM-Ascend reads for W4A16 (compressed-tensors packing, symmetric). The scale stays float32:
+        # the engine casts it to its parameter dtype on load, and our reader keeps full precision.
         out["weight_packed"] = (pack_int4_int32(ir.qweight), tag)
-        out["weight_scale"] = (ir.weight_scale.to(model_dtype), tag)
+        out["weight_scale"] = (ir.weight_scale, tag)
         out["weight_shape"] = (torch.tensor([ir.out_features, ir.in_features], dtype=torch.int64), tag)
     else:  # pragma: no cover - Scheme is closed
         raise ValueError(f"no ascendv1 layout for {ir.scheme}")

@@ -1,0 +1,121 @@
+"""Accuracy and cost of each scheme on the real SmolLM2-135M-Instruct (run by hand, not in CI).
+
+For every scheme: quantize layer-wise on the CPU through the CLI code path, read the ascendv1 output back,
+and measure perplexity on fixed windows of the Debian reference *evaluation* half. Calibration (static W8A8)
+uses windows of the *calibration* half only. Prints wall time, peak RSS of the quantize step (measured in a
+child process), and ratios against the float model.
+
+    python benchmarks/smollm2_accuracy.py [--schemes w8a16,w8a8_dynamic,...] [--windows 40]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPORA = ROOT.parent / "shared" / "corpora"
+
+WEIGHT_INT8 = {"dtype": "int8", "scope": "per_channel", "symmetric": True, "method": "minmax"}
+SCHEMES = {
+    "w8a16": {"weight": WEIGHT_INT8},
+    "w8a8_dynamic": {"act": {"dtype": "int8", "scope": "per_token", "symmetric": True, "method": "minmax"},
+                     "weight": WEIGHT_INT8},
+    "w8a8_static": {"act": {"dtype": "int8", "scope": "per_tensor", "symmetric": False, "method": "minmax"},
+                    "weight": WEIGHT_INT8},
+    "w4a16_g64": {"weight": {"dtype": "int4", "scope": "per_group", "symmetric": True, "method": "minmax",
+                             "ext": {"group_size": 64}}},
+    "w4a16_channel": {"weight": {"dtype": "int4", "scope": "per_channel", "symmetric": True, "method": "minmax"}},
+}
+
+
+def calibration_windows(tokenizer, count: int, length: int, out: Path) -> Path:
+    """`count` windows of `length` tokens spread evenly over the calibration half (they overlap)."""
+    ids = tokenizer(CORPORA.joinpath("debian-reference.calib.txt").read_text(), return_tensors="pt")["input_ids"][0]
+    starts = torch.linspace(0, len(ids) - length, count).long().tolist()
+    with out.open("w") as f:
+        for s in starts:
+            f.write(json.dumps({"text": tokenizer.decode(ids[s : s + length])}) + "\n")
+    return out
+
+
+def write_config(path: Path, qconfig: dict, dataset: str, runner: str) -> None:
+    import yaml
+
+    config = {"apiversion": "modelslim_v1", "spec": {
+        "runner": runner,
+        "process": [{"type": "linear_quant", "qconfig": qconfig, "include": ["*"], "exclude": ["lm_head"]}],
+        "save": [{"type": "ascendv1_saver", "part_file_size": 4}],
+        "dataset": dataset}}
+    path.write_text(yaml.safe_dump(config))
+
+
+def quantize_in_child(model_dir: Path, config: Path, out: Path) -> tuple[float, float]:
+    """Run the real CLI in a child process: wall seconds and the child's peak RSS (MiB)."""
+    code = (
+        "import resource, sys; from msmodelslim.cli.__main__ import main; rc = main(sys.argv[1:]); "
+        "print('PEAK_RSS_KIB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)"
+    )
+    args = [sys.executable, "-c", code, "quant", "--model_path", str(model_dir), "--save_path", str(out),
+            "--device", "cpu", "--model_type", "SmolLM2-135M-Instruct", "--config_path", str(config), "--overwrite"]
+    started = time.perf_counter()
+    proc = subprocess.run(args, capture_output=True, text=True, env={**__import__("os").environ,
+                                                                      "MSMODELSLIM_LOG_LEVEL": "warning"})
+    seconds = time.perf_counter() - started
+    if proc.returncode:
+        raise SystemExit(f"quantization failed:\n{proc.stderr[-3000:]}")
+    rss = next(int(line.split()[1]) for line in proc.stdout.splitlines() if line.startswith("PEAK_RSS_KIB"))
+    return seconds, rss / 1024
+
+
+def main() -> None:
+    from transformers import AutoTokenizer
+
+    from msmodelslim.app.evaluate import load_float_model, perplexity, token_windows
+    from msmodelslim.core.dataset import read_texts
+    from msmodelslim.format.ascendv1.reader import load_ascendv1
+    from msmodelslim.model.gguf_import import convert_gguf, find_gguf
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--schemes", default=",".join(SCHEMES))
+    parser.add_argument("--windows", type=int, default=40)
+    parser.add_argument("--calib_samples", type=int, default=128)
+    parser.add_argument("--runner", default="layer_wise", choices=["layer_wise", "model_wise"])
+    parser.add_argument("--work_dir", type=Path, default=Path.home() / ".cache" / "msmodelslim" / "bench")
+    args = parser.parse_args()
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(torch.get_num_threads())
+
+    model_dir = convert_gguf(find_gguf(), Path.home() / ".cache" / "msmodelslim" / "demo" / "SmolLM2-135M-Instruct")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    windows = token_windows(tokenizer, read_texts(CORPORA / "debian-reference.eval.txt"), 512, args.windows)
+    float_ppl = perplexity(load_float_model(model_dir, False), windows, torch.device("cpu"), "float")
+    print(f"float: ppl {float_ppl.perplexity:.4f} on {len(windows)} x 512 tokens of the eval half", flush=True)
+    calib = calibration_windows(tokenizer, args.calib_samples, 512, args.work_dir / "calib_windows.jsonl")
+
+    rows = []
+    for name in args.schemes.split(","):
+        config = args.work_dir / f"{name}.yaml"
+        write_config(config, SCHEMES[name], str(calib), args.runner)
+        out = args.work_dir / f"smollm2-{name}"
+        seconds, rss = quantize_in_child(model_dir, config, out)
+        ppl = perplexity(load_ascendv1(out), windows, torch.device("cpu"), name)
+        rows.append((name, ppl.perplexity, seconds, rss))
+        print(f"{name}: ppl {ppl.perplexity:.4f} (x{ppl.perplexity / float_ppl.perplexity:.4f} of float), "
+              f"quantize {seconds:.1f} s, peak RSS {rss:.0f} MiB", flush=True)
+
+    print(f"\n| scheme ({args.runner}) | perplexity | vs float | quantize wall s | quantize peak RSS MiB |")
+    print("|---|---|---|---|---|")
+    print(f"| float (fp32) | {float_ppl.perplexity:.4f} | 1.0000 | - | - |")
+    for name, ppl, seconds, rss in rows:
+        print(f"| {name} | {ppl:.4f} | {ppl / float_ppl.perplexity:.4f} | {seconds:.1f} | {rss:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

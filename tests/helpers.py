@@ -1,0 +1,54 @@
+"""Small helpers shared by the end-to-end tests."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from msmodelslim.app.quantize import QuantizeRequest, quantize
+from msmodelslim.core.device import DeviceSpec
+
+W8 = {"dtype": "int8", "scope": "per_channel", "symmetric": True, "method": "minmax"}
+SCHEMES = {
+    "w8a8_static": {"act": {"dtype": "int8", "scope": "per_tensor", "symmetric": False, "method": "minmax"}, "weight": W8},
+    "w8a8_dynamic": {"act": {"dtype": "int8", "scope": "per_token", "symmetric": True, "method": "minmax"}, "weight": W8},
+    "w8a8_dynamic_g16": {"act": {"dtype": "int8", "scope": "per_token", "symmetric": True, "method": "minmax"},
+                         "weight": {**W8, "scope": "per_group", "ext": {"group_size": 16}}},
+    "w8a16": {"weight": W8},
+    "w8a16_asym_g16": {"weight": {**W8, "symmetric": False, "scope": "per_group", "ext": {"group_size": 16}}},
+    "w4a16_g16": {"weight": {**W8, "dtype": "int4", "scope": "per_group", "ext": {"group_size": 16}}},
+    "w4a16_channel": {"weight": {**W8, "dtype": "int4"}},
+    "w4a8_dynamic": {"act": {"dtype": "int8", "scope": "per_token", "symmetric": True, "method": "minmax"},
+                     "weight": {**W8, "dtype": "int4"}},
+}
+MODEL_TYPE = {"llama": "Llama-2-7B", "qwen2": "Qwen2.5-7B-Instruct", "qwen3": "Qwen3-8B"}
+
+
+def write_config(path: Path, qconfig: dict, runner: str = "layer_wise", exclude=("lm_head",), dataset: str | None = None,
+                 part_file_size: float = 4) -> Path:
+    spec = {"runner": runner,
+            "process": [{"type": "linear_quant", "qconfig": qconfig, "include": ["*"], "exclude": list(exclude)}],
+            "save": [{"type": "ascendv1_saver", "part_file_size": part_file_size}]}
+    if dataset:
+        spec["dataset"] = dataset
+    path.write_text(yaml.safe_dump({"apiversion": "modelslim_v1", "spec": spec}))
+    return path
+
+
+def run_quant(model: Path, out: Path, config: Path, model_type: str = "Llama-2-7B", **kwargs):
+    return quantize(QuantizeRequest(model_path=model, save_path=out, model_type=model_type, device=DeviceSpec("cpu"),
+                                    config_path=config, **kwargs))
+
+
+SMALL_CALIB = None
+
+
+def small_calib(tmp_path: Path) -> str:
+    """A short calibration set keeps the tests fast; the shipped set is exercised by the CLI tests."""
+    path = tmp_path / "calib.jsonl"
+    import json
+
+    lines = [{"text": f"Sample {i}: quantization maps floats to integers; apt installs package {i} on Debian."}
+             for i in range(6)]
+    path.write_text("\n".join(json.dumps(x) for x in lines))
+    return str(path)

@@ -1,0 +1,126 @@
+"""An independent ascendv1 reader for tests, written from the format notes (formats.md §C.3) with plain torch.
+
+It shares no code with msmodelslim: it turns every quantized layer back into a float weight and bias, loads the
+result into the Hugging Face architecture with strict=True, and installs activation fake-quant hooks that mimic
+the serving kernels.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+GLOBAL = {"version", "model_quant_type", "metadata", "group_size", "optional"}
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+def _deq_scale_f32(t: torch.Tensor) -> torch.Tensor:
+    if t.dtype == torch.int64:  # the low 32 bits are the float32 bit pattern
+        bits = (t & 0xFFFFFFFF).numpy().astype("uint32")
+        return torch.from_numpy(bits.view("float32").copy())
+    return t.float()
+
+
+def _unpack_rows(packed: torch.Tensor) -> torch.Tensor:
+    rows = []
+    for j in range(packed.shape[0]):
+        byte = packed[j].to(torch.int32) & 0xFF
+        lo, hi = byte & 0xF, (byte >> 4) & 0xF
+        rows.append(torch.where(lo >= 8, lo - 16, lo))
+        rows.append(torch.where(hi >= 8, hi - 16, hi))
+    return torch.stack(rows).float()
+
+
+def _unpack_int32(packed: torch.Tensor, k: int) -> torch.Tensor:
+    u = packed.to(torch.int64) & 0xFFFFFFFF
+    cols = [((u >> (4 * i)) & 0xF) - 8 for i in range(8)]
+    return torch.stack(cols, dim=-1).reshape(packed.shape[0], -1)[:, :k].float()
+
+
+def _expand(param: torch.Tensor, k: int) -> torch.Tensor:
+    """[N, n_groups] -> [N, K] by repeating each group's value over its columns."""
+    return param.float().repeat_interleave(k // param.shape[1], dim=1)
+
+
+def dequantized_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """(float state dict, {layer prefix: activation info}) from an ascendv1 directory."""
+    desc = json.loads((path / "quant_model_description.json").read_text())
+    t = _tensors(path)
+    state: dict[str, torch.Tensor] = {}
+    acts: dict[str, dict] = {}
+    used = set()
+    for key, tag in desc.items():
+        if key in GLOBAL or tag == "FLOAT":
+            continue
+        if not (key.endswith(".weight") or key.endswith(".weight_packed")):
+            continue
+        p = key.rsplit(".", 1)[0]
+        if tag == "W8A8":
+            q, s_in, o_in = t[f"{p}.weight"].float(), t[f"{p}.input_scale"].float(), t[f"{p}.input_offset"].float()
+            dq = _deq_scale_f32(t[f"{p}.deq_scale"])
+            w = q * (dq / s_in)[:, None]
+            b = (t[f"{p}.quant_bias"].float() + o_in * q.sum(dim=1)) * dq
+            if f"{p}.bias" not in t:  # no float bias: quant_bias only carries the zero-point correction
+                assert bool((b.abs() <= dq / 2 + 1e-7).all()), f"{p}: quant_bias implies a bias the layer lacks"
+                b = None
+            acts[p] = {"kind": "static", "scale": s_in, "offset": o_in}
+            used |= {f"{p}.{s}" for s in ("weight", "input_scale", "input_offset", "deq_scale", "quant_bias")}
+        elif tag in ("W8A8_DYNAMIC", "W8A16"):
+            q = t[f"{p}.weight"].float()
+            w = (q - _expand(t[f"{p}.weight_offset"], q.shape[1])) * _expand(t[f"{p}.weight_scale"], q.shape[1])
+            b = t.get(f"{p}.bias")
+            if tag == "W8A8_DYNAMIC":
+                acts[p] = {"kind": "dynamic"}
+            used |= {f"{p}.{s}" for s in ("weight", "weight_scale", "weight_offset")}
+        elif tag == "W4A8_DYNAMIC":
+            q = _unpack_rows(t[f"{p}.weight"])
+            w = q * t[f"{p}.weight_scale"].float()
+            b = t.get(f"{p}.bias")
+            acts[p] = {"kind": "dynamic"}
+            used |= {f"{p}.{s}" for s in ("weight", "weight_scale", "weight_offset", "scale_bias")}
+        elif tag == "W4A16":
+            n, k = (int(v) for v in t[f"{p}.weight_shape"])
+            q = _unpack_int32(t[f"{p}.weight_packed"], k)
+            w = q * _expand(t[f"{p}.weight_scale"], k)
+            b = t.get(f"{p}.bias")
+            used |= {f"{p}.{s}" for s in ("weight_packed", "weight_scale", "weight_shape")}
+        else:
+            raise ValueError(tag)
+        state[f"{p}.weight"] = w
+        if b is not None:
+            state[f"{p}.bias"] = b.float()
+            used.add(f"{p}.bias")
+    for key, value in t.items():
+        if key not in used:
+            state[key] = value.float() if value.is_floating_point() else value
+    return state, acts
+
+
+def load_reference_model(path: Path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    state, acts = dequantized_state(path)
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model.load_state_dict(state, strict=True)
+    for prefix, info in acts.items():
+        module = model.get_submodule(prefix)
+        if info["kind"] == "static":
+            s, o = info["scale"], info["offset"]
+            hook = lambda m, a, s=s, o=o: ((torch.clamp(torch.round(a[0] / s + o), -128, 127) - o) * s,)
+        else:
+            def hook(m, a):
+                x = a[0]
+                s = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-30) / 127
+                return (torch.clamp(torch.round(x / s), -128, 127) * s,)
+        module.register_forward_pre_hook(hook)
+    return model
