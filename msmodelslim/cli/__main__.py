@@ -80,6 +80,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f"float perplexity:     {f.perplexity:.4f}")
         print(f"quantized perplexity: {q.perplexity:.4f}")
         print(f"ratio quantized/float: {q.perplexity / f.perplexity:.4f}")
+        from msmodelslim.app.quantize import peak_rss_mib
+
+        print(f"time: float {f.seconds:.1f} s, quantized {q.seconds:.1f} s; peak RSS {peak_rss_mib():.0f} MiB")
         return 0
     if args.command == "demo":
         from msmodelslim.app.demo import run_demo
