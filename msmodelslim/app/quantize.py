@@ -17,7 +17,7 @@ import torch
 import yaml
 from torch import nn
 
-from msmodelslim.app.quant_types import config_for_quant_type
+from msmodelslim.app.practice import select_practice
 from msmodelslim.core.config import PracticeConfig, RunnerType, load_config
 from msmodelslim.core.dataset import load_texts
 from msmodelslim.core.device import DeviceSpec
@@ -27,7 +27,7 @@ from msmodelslim.core.runner import run_blocks
 from msmodelslim.format.ascendv1.checker import check_ascendv1
 from msmodelslim.format.ascendv1.writer import AscendV1Writer
 from msmodelslim.format.staging import check_save_path, staged_directory
-from msmodelslim.model.registry import create_adapter
+from msmodelslim.model.registry import create_adapter, lookup
 from msmodelslim.processor.base import Processor, build_processor
 from msmodelslim.processor.linear_quant.config import LinearQuantConfig
 from msmodelslim.processor.matching import unused_patterns
@@ -47,6 +47,7 @@ class QuantizeRequest:
     trust_remote_code: bool = False
     overwrite: bool = False
     dry_run: bool = False
+    allow_default_practice: bool = False
 
 
 @dataclass
@@ -127,17 +128,20 @@ def summarize_plan(plan: dict[str, str]) -> str:
 
 
 def load_practice(request: QuantizeRequest) -> PracticeConfig:
+    """The user's config, or the best practice for --model_type and --quant_type (no model loaded yet)."""
     if (request.quant_type is None) == (request.config_path is None):
         raise ConfigError("give exactly one of --quant_type and --config_path")
     if request.config_path is not None:
         return load_config(request.config_path)
-    return config_for_quant_type(request.quant_type)
+    pedigree = lookup(request.model_type).pedigree
+    return select_practice(request.model_type, pedigree, request.quant_type, request.allow_default_practice).config
 
 
 def quantize(request: QuantizeRequest) -> QuantizeReport:
     started = time.perf_counter()
     if not request.model_path.is_dir():
         raise InvalidModelError(f"--model_path {request.model_path} is not a directory")
+    lookup(request.model_type)  # an unknown model type fails before anything else
     config = load_practice(request)  # fail fast: a YAML typo must not cost a model load
     if not request.dry_run:
         check_save_path(request.save_path, request.overwrite, request.model_path)
@@ -172,7 +176,8 @@ def quantize(request: QuantizeRequest) -> QuantizeReport:
         stats = run_blocks(adapter, model, processors, writer, batches, device, runner == RunnerType.layer_wise)
         report.description = writer.finish(request.model_path)
         practice_file = staging / f"{request.model_type}_best_practice.yaml"
-        practice_file.write_text(yaml.safe_dump(config.model_dump(mode="json", exclude_none=True), sort_keys=False))
+        saved = config.model_dump(mode="json", exclude_none=True, exclude={"source_dir"})
+        practice_file.write_text(yaml.safe_dump(saved, sort_keys=False, allow_unicode=True))
         findings = check_ascendv1(staging, list(plan), adapter.structure.fused_groups)
         report.warnings = sorted({f.message.split(": ", 1)[1] for f in findings if f.level == "warning"})
         errors = [f.message for f in findings if f.level == "error"]

@@ -34,10 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--model_type", required=True, help="registered model name, e.g. Qwen2.5-7B-Instruct")
     quant.add_argument("--device", default=None, help="cpu, cuda, cuda:0, npu, npu:0,1 (default: npu, else cuda, else cpu)")
     what = quant.add_mutually_exclusive_group(required=True)
-    what.add_argument("--quant_type", help="built-in recipe name, e.g. w8a16")
+    what.add_argument("--quant_type", help="use the best practice for --model_type, e.g. w8a8 or w8a16 "
+                      "('msmodelslim practices' lists them)")
     what.add_argument("--config_path", type=Path, help="YAML config (apiversion: modelslim_v1)")
     quant.add_argument("--overwrite", action="store_true", help="replace a non-empty --save_path once the new output is complete")
     quant.add_argument("--dry_run", action="store_true", help="validate everything and print the per-layer plan; write nothing")
+    quant.add_argument("--allow_default_practice", action="store_true",
+                       help="with --quant_type: accept the generic lab_practice/default recipe when the model has no "
+                            "verified practice (otherwise you are asked, or, without a terminal, the run stops)")
+
+    sub.add_parser("practices", help="list registered models and the practice each --quant_type would use")
 
     ev = sub.add_parser("eval", help="perplexity of the float model vs an ascendv1 checkpoint")
     _add_model_args(ev)
@@ -63,10 +69,24 @@ def _run(args: argparse.Namespace) -> int:
             model_path=args.model_path, save_path=args.save_path, model_type=args.model_type,
             device=parse_device(args.device), quant_type=args.quant_type, config_path=args.config_path,
             trust_remote_code=args.trust_remote_code, overwrite=args.overwrite, dry_run=args.dry_run,
+            allow_default_practice=args.allow_default_practice,
         ))
         if args.dry_run:
             for name, scheme in report.plan.items():
                 print(f"{scheme:14s} {name}")
+        return 0
+    if args.command == "practices":
+        from msmodelslim.app.practice import KNOWN_QUANT_TYPES, practice_table
+        from msmodelslim.model.registry import registered_adapters
+
+        rows = practice_table({name: entry.pedigree for name, entry in registered_adapters().items()})
+        available = [q for q in KNOWN_QUANT_TYPES if any(q in cells for _, cells in rows)]
+        width = max(len(name) for name, _ in rows)
+        print(f"{'model_type':{width}s}  " + "  ".join(f"{q:16s}" for q in available))
+        for name, cells in rows:
+            print(f"{name:{width}s}  " + "  ".join(f"{cells.get(q, '-'):16s}" for q in available))
+        missing = [q for q in KNOWN_QUANT_TYPES if q not in available]
+        print(f"\nnot available yet (algorithms missing): {', '.join(missing)}")
         return 0
     if args.command == "eval":
         from msmodelslim.app.evaluate import evaluate

@@ -1,0 +1,112 @@
+"""The best-practice library: every registered model x every available quant_type runs; no match asks."""
+from importlib.metadata import EntryPoint
+
+import pytest
+
+from msmodelslim.app import practice
+from msmodelslim.app.practice import (KNOWN_QUANT_TYPES, LAB_PRACTICE, PracticeNeedsConsent, load_practice_file,
+                                      practice_table, select_practice)
+from msmodelslim.app.quantize import QuantizeRequest, quantize
+from msmodelslim.cli.__main__ import main
+from msmodelslim.core.device import DeviceSpec
+from msmodelslim.core.errors import ConfigError, UnsupportedError
+from msmodelslim.model import registry
+
+FAMILY_OF_PEDIGREE = {"llama": "llama", "qwen2": "qwen2", "qwen2_5": "qwen2", "qwq": "qwen2", "qwen3": "qwen3"}
+TABLE = practice_table({name: entry.pedigree for name, entry in registry.registered_adapters().items()})
+CASES = [(name, qt) for name, cells in TABLE for qt, cell in cells.items() if cell != "default (asks)"]
+
+
+def test_every_registered_family_has_practices():
+    pedigrees = {e.pedigree for e in registry.registered_adapters().values()}
+    assert pedigrees <= {p.name for p in LAB_PRACTICE.iterdir() if p.is_dir()}
+    assert len(CASES) >= 2 * len(TABLE)
+
+
+@pytest.fixture(scope="module")
+def family_models(tiny_llama, tiny_qwen2, tiny_qwen3_bf16_tied):
+    return {"llama": tiny_llama, "qwen2": tiny_qwen2, "qwen3": tiny_qwen3_bf16_tied}
+
+
+@pytest.mark.parametrize("model_type,quant_type", CASES)
+def test_quant_type_alone_quantizes(family_models, tmp_path, model_type, quant_type):
+    pedigree = registry.lookup(model_type).pedigree
+    source = family_models[FAMILY_OF_PEDIGREE[pedigree]]
+    report = quantize(QuantizeRequest(model_path=source, save_path=tmp_path / "out", model_type=model_type,
+                                      device=DeviceSpec("cpu"), quant_type=quant_type))
+    expected = {"w8a8": "W8A8_DYNAMIC", "w8a16": "W8A16"}[quant_type]
+    assert expected in report.plan.values()
+    assert (tmp_path / "out" / f"{model_type}_best_practice.yaml").exists()
+
+
+@pytest.fixture
+def third_party_model(monkeypatch):
+    ep = EntryPoint(name="Acme-7B", value="msmodelslim.model.families:LlamaAdapter", group=registry.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(registry, "entry_points", lambda group: [ep])
+    return "Acme-7B"
+
+
+def test_no_practice_without_terminal_names_the_flag(third_party_model):
+    with pytest.raises(PracticeNeedsConsent, match="--allow_default_practice"):
+        select_practice(third_party_model, "acme-7b", "w8a8", is_interactive=lambda: False)
+
+
+def test_no_practice_asks_on_a_terminal(third_party_model):
+    questions = []
+    chosen = select_practice(third_party_model, "acme-7b", "w8a8", is_interactive=lambda: True,
+                             ask=lambda q: questions.append(q) or True)
+    assert chosen.metadata.config_id == "default-w8a8" and "Use it?" in questions[0]
+    with pytest.raises(PracticeNeedsConsent, match="declined"):
+        select_practice(third_party_model, "acme-7b", "w8a8", is_interactive=lambda: True, ask=lambda q: False)
+    assert select_practice(third_party_model, "acme-7b", "w8a16", allow_default=True).metadata.config_id == "default-w8a16"
+
+
+def test_cli_refusal_exit_code_and_flag(third_party_model, tiny_llama, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin.isatty", lambda: False)
+    argv = ["quant", "--model_path", str(tiny_llama), "--save_path", str(tmp_path / "o"), "--device", "cpu",
+            "--model_type", third_party_model, "--quant_type", "w8a8"]
+    assert main(argv) == 5
+    assert "--allow_default_practice" in capsys.readouterr().err
+    assert main(argv + ["--allow_default_practice"]) == 0
+    assert (tmp_path / "o" / "quant_model_description.json").exists()
+
+
+def test_unavailable_quant_type_is_refused_by_name():
+    with pytest.raises(UnsupportedError, match="w4a16 has no practice yet.*AWQ or GPTQ"):
+        select_practice("Qwen3-8B", "qwen3", "w4a16")
+    with pytest.raises(ConfigError, match="known:"):
+        select_practice("Qwen3-8B", "qwen3", "w9a9")
+
+
+def test_custom_repository_wins_with_a_higher_score(tmp_path, monkeypatch):
+    source = (LAB_PRACTICE / "qwen3" / "qwen3-w8a16.yaml").read_text()
+    custom = tmp_path / "qwen3"
+    custom.mkdir()
+    (custom / "my-w8a16.yaml").write_text(source.replace("config_id: qwen3-w8a16", "config_id: my-w8a16")
+                                          .replace("score: 90", "score: 95"))
+    monkeypatch.setenv(practice.CUSTOM_REPO_ENV, str(tmp_path))
+    assert select_practice("Qwen3-8B", "qwen3", "w8a16").metadata.config_id == "my-w8a16"
+
+
+def test_practice_metadata_is_checked(tmp_path):
+    source = (LAB_PRACTICE / "qwen3" / "qwen3-w8a16.yaml").read_text()
+    renamed = tmp_path / "other.yaml"
+    renamed.write_text(source)
+    with pytest.raises(ConfigError, match="must equal the file name"):
+        load_practice_file(renamed)
+    broken = tmp_path / "qwen3-w8a16.yaml"
+    broken.write_text(source.replace("label: {w_bit: 8, a_bit: 16}", "label: {w_bits: 8}"))
+    with pytest.raises(ConfigError, match="invalid practice metadata"):
+        load_practice_file(broken)
+
+
+def test_every_shipped_practice_is_valid():
+    for path in LAB_PRACTICE.glob("*/*.yaml"):
+        load_practice_file(path)
+
+
+def test_practices_command_lists_the_table(capsys):
+    assert main(["practices"]) == 0
+    out = capsys.readouterr().out
+    assert "SmolLM2-135M-Instruct" in out and "llama-w8a8" in out and "not available yet" in out
+    assert set(KNOWN_QUANT_TYPES) >= {"w8a8", "w8a16"}
