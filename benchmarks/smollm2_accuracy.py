@@ -5,7 +5,7 @@ and measure perplexity on fixed windows of the Debian reference *evaluation* hal
 uses windows of the *calibration* half only. Prints wall time, peak RSS of the quantize step (measured in a
 child process), and ratios against the float model.
 
-    python benchmarks/smollm2_accuracy.py [--schemes w8a16,w8a8_dynamic,...] [--windows 40]
+    python benchmarks/smollm2_accuracy.py [--schemes w8a16,sq0.5+w8a8_static,...] [--windows 40]
 """
 from __future__ import annotations
 
@@ -23,16 +23,34 @@ ROOT = Path(__file__).resolve().parents[1]
 CORPORA = ROOT.parent / "shared" / "corpora"
 
 WEIGHT_INT8 = {"dtype": "int8", "scope": "per_channel", "symmetric": True, "method": "minmax"}
+DYNAMIC = {"dtype": "int8", "scope": "per_token", "symmetric": True, "method": "minmax"}
+STATIC = {"dtype": "int8", "scope": "per_tensor", "symmetric": False, "method": "minmax"}
+
+
+def linear(qconfig: dict, include=("*",), exclude=("lm_head",)) -> dict:
+    return {"type": "linear_quant", "qconfig": qconfig, "include": list(include), "exclude": list(exclude)}
+
+
+def smooth(alpha: float) -> dict:
+    return {"type": "smooth_quant", "alpha": alpha, "enable_subgraph_type": ["norm-linear", "ov", "up-down"]}
+
+
+# Static on attention and MLP inputs, down_proj dynamic (the split the established practices use).
+SPLIT = {"type": "group", "configs": [linear({"act": STATIC, "weight": WEIGHT_INT8}, exclude=("lm_head", "*down_proj")),
+                                      linear({"act": DYNAMIC, "weight": WEIGHT_INT8}, include=("*down_proj",))]}
 SCHEMES = {
-    "w8a16": {"weight": WEIGHT_INT8},
-    "w8a8_dynamic": {"act": {"dtype": "int8", "scope": "per_token", "symmetric": True, "method": "minmax"},
-                     "weight": WEIGHT_INT8},
-    "w8a8_static": {"act": {"dtype": "int8", "scope": "per_tensor", "symmetric": False, "method": "minmax"},
-                    "weight": WEIGHT_INT8},
-    "w4a16_g64": {"weight": {"dtype": "int4", "scope": "per_group", "symmetric": True, "method": "minmax",
-                             "ext": {"group_size": 64}}},
-    "w4a16_channel": {"weight": {"dtype": "int4", "scope": "per_channel", "symmetric": True, "method": "minmax"}},
+    "w8a16": [linear({"weight": WEIGHT_INT8})],
+    "w8a8_dynamic": [linear({"act": DYNAMIC, "weight": WEIGHT_INT8})],
+    "w8a8_static": [linear({"act": STATIC, "weight": WEIGHT_INT8})],
+    "w4a16_g64": [linear({"weight": {**WEIGHT_INT8, "dtype": "int4", "scope": "per_group", "ext": {"group_size": 64}}})],
+    "w4a16_channel": [linear({"weight": {**WEIGHT_INT8, "dtype": "int4"}})],
+    "sq0.5+w8a8_dynamic": [smooth(0.5), linear({"act": DYNAMIC, "weight": WEIGHT_INT8})],
+    "sq0.5+w8a8_static": [smooth(0.5), linear({"act": STATIC, "weight": WEIGHT_INT8})],
+    "sq0.8+w8a8_static": [smooth(0.8), linear({"act": STATIC, "weight": WEIGHT_INT8})],
+    "sq0.5+w8a8_static_down_dynamic": [smooth(0.5), SPLIT],
+    "w8a8_static_down_dynamic": [SPLIT],
 }
+DEFAULT_SCHEMES = "w8a16,w8a8_dynamic,w8a8_static,w4a16_g64,w4a16_channel"
 
 
 def calibration_windows(tokenizer, count: int, length: int, out: Path) -> Path:
@@ -45,12 +63,12 @@ def calibration_windows(tokenizer, count: int, length: int, out: Path) -> Path:
     return out
 
 
-def write_config(path: Path, qconfig: dict, dataset: str, runner: str) -> None:
+def write_config(path: Path, process: list, dataset: str, runner: str) -> None:
     import yaml
 
     config = {"apiversion": "modelslim_v1", "spec": {
         "runner": runner,
-        "process": [{"type": "linear_quant", "qconfig": qconfig, "include": ["*"], "exclude": ["lm_head"]}],
+        "process": process,
         "save": [{"type": "ascendv1_saver", "part_file_size": 4}],
         "dataset": dataset}}
     path.write_text(yaml.safe_dump(config))
@@ -83,7 +101,7 @@ def main() -> None:
     from msmodelslim.model.gguf_import import convert_gguf, find_gguf
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--schemes", default=",".join(SCHEMES))
+    parser.add_argument("--schemes", default=DEFAULT_SCHEMES, help=f"comma-separated, from: {', '.join(SCHEMES)}")
     parser.add_argument("--windows", type=int, default=40)
     parser.add_argument("--calib_samples", type=int, default=128)
     parser.add_argument("--runner", default="layer_wise", choices=["layer_wise", "model_wise"])

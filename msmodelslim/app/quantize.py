@@ -28,7 +28,7 @@ from msmodelslim.format.ascendv1.checker import check_ascendv1
 from msmodelslim.format.ascendv1.writer import AscendV1Writer
 from msmodelslim.format.staging import check_save_path, staged_directory
 from msmodelslim.model.registry import create_adapter, lookup
-from msmodelslim.processor.base import Processor, build_processor
+from msmodelslim.processor.base import Processor, ProcessorContext, build_processor
 from msmodelslim.processor.linear_quant.config import LinearQuantConfig
 from msmodelslim.processor.matching import unused_patterns
 from msmodelslim.processor.registry import DoubleMatchError, merge_claims
@@ -148,10 +148,11 @@ def quantize(request: QuantizeRequest) -> QuantizeReport:
     runner = choose_runner(config, request.device)
     if len(config.spec.save) != 1:
         raise ConfigError("spec.save must hold exactly one ascendv1_saver in this version")
-    processors = [build_processor(c) for c in config.spec.process]
+    adapter = create_adapter(request.model_type, str(request.model_path), request.trust_remote_code)
+    context = ProcessorContext(type(adapter).__name__, adapter.structure, adapter.attention_shape())
+    processors = [build_processor(c, context) for c in config.spec.process]
     needs_data = any(p.needs_calibration for p in processors)
     texts = load_texts(config.spec.dataset, config.source_dir) if needs_data else []
-    adapter = create_adapter(request.model_type, str(request.model_path), request.trust_remote_code)
     device = request.device.primary
     log.info("runner %s on %s; %s", runner.value, device, f"{len(texts)} calibration samples" if needs_data
              else "no calibration data needed")

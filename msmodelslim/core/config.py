@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from msmodelslim.core.errors import ConfigError
 from msmodelslim.processor.registry import PLANNED_PROCESSORS, PROCESSORS, ProcessorConfig
@@ -52,6 +52,19 @@ class Spec(BaseModel):
     process: list[ProcessorConfig] = Field(default_factory=list)
     save: list[AscendV1SaverConfig] = Field(default_factory=_default_save)
     dataset: str = Field("mix_calib.jsonl", max_length=4096)
+
+    @model_validator(mode="after")
+    def _transforms_before_quantization(self) -> "Spec":
+        """Smoothing rewrites float weights, so it must run before the layers are quantized."""
+        quantized_at = None
+        for i, step in enumerate(self.process):
+            kinds = [c.type for c in step.configs] if step.type == "group" else [step.type]
+            if "smooth_quant" in kinds and quantized_at is not None:
+                raise ValueError(f"process[{i}] (smooth_quant) comes after process[{quantized_at}] (linear_quant); "
+                                 f"smoothing must come before quantization")
+            if "linear_quant" in kinds and quantized_at is None:
+                quantized_at = i
+        return self
 
 
 class PracticeConfig(BaseModel):

@@ -37,3 +37,7 @@ class FormatCheckError(MsModelSlimError):
     """A written checkpoint fails the format checklist."""
 
     exit_code = 4
+
+
+class ProcessingError(MsModelSlimError):
+    """A processor cannot do its work on this model or data (e.g. a layer received no calibration data)."""

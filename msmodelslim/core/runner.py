@@ -5,8 +5,10 @@ layer_wise: only the current block's weights are materialised (read from the saf
 written, dropped back to the meta device). model_wise: the whole model is loaded first and stays resident.
 Both execute the same per-block schedule, so the same config and data give byte-identical output.
 
-Calibration: every batch's generator (`adapter.generate_model_forward`) yields the current block's inputs; the
-block's float output becomes the next block's input. Pipelines whose processors need no data run no forward.
+Calibration: every batch's generator (`adapter.generate_model_forward`) yields the current block's inputs.
+Each processor that needs data gets its own forward of the block, after the processors before it changed the
+block (so statistics are taken on the block as it will be quantized); the last forward's output, taken before
+that processor quantizes, becomes the next block's input. Pipelines that need no data run no forward.
 """
 from __future__ import annotations
 
@@ -35,6 +37,15 @@ def _is_under(name: str, prefixes: list[str]) -> bool:
     return any(name.startswith(p + ".") for p in prefixes)
 
 
+@torch.no_grad()
+def _forward_all(block_name: str, requests: list) -> list:
+    outputs = []
+    for request in requests:
+        assert request.name == block_name, f"forward generator out of step at {block_name}"
+        outputs.append(request.module(*request.args, **request.kwargs))
+    return outputs
+
+
 def run_blocks(
     adapter,
     model: nn.Module,
@@ -59,19 +70,18 @@ def run_blocks(
         if layer_wise:
             adapter.load_block(model, name, device)
         block = model.get_submodule(name)
+        outputs = None
         for processor in processors:
             processor.before_forward(name, block)
-        if needs_data:
-            with torch.no_grad():
-                for i, (generator, request) in enumerate(zip(forwards, requests)):
-                    assert request.name == name, f"forward generator out of step at {name}"
-                    output = request.module(*request.args, **request.kwargs)
-                    try:
-                        requests[i] = generator.send(output)
-                    except StopIteration:
-                        requests[i] = None
-        for processor in processors:
+            if processor.needs_calibration:
+                outputs = _forward_all(name, requests)
             processor.after_forward(name, block)
+        if outputs is not None:  # the last forward's outputs feed the next block
+            for i, (generator, output) in enumerate(zip(forwards, outputs)):
+                try:
+                    requests[i] = generator.send(output)
+                except StopIteration:
+                    requests[i] = None
         writer.add_module_tree(name, block)
         if layer_wise:
             adapter.release_block(model, name)

@@ -24,6 +24,35 @@ class ProcessRequest:
 
 
 @dataclass(frozen=True)
+class SmoothSubgraph:
+    """A source whose output feeds only `targets`' inputs, so a per-channel scale can move between them.
+
+    kind: "norm-linear" (a norm's weight feeds several linears), "ov" (v_proj rows feed o_proj's columns
+    through attention, grouped by key/value head), "up-down" (up_proj rows feed down_proj's columns through
+    the gated activation), "linear-linear" (a linear feeds another directly). Names are relative to a block.
+    """
+
+    kind: str
+    source: str
+    targets: tuple[str, ...]
+
+
+LLAMA_SMOOTH_SUBGRAPHS = (
+    SmoothSubgraph("norm-linear", "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    SmoothSubgraph("norm-linear", "post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    SmoothSubgraph("ov", "self_attn.v_proj", ("self_attn.o_proj",)),
+    SmoothSubgraph("up-down", "mlp.up_proj", ("mlp.down_proj",)),
+)
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+@dataclass(frozen=True)
 class ModelStructure:
     """A family's structure, described once as data for every algorithm and format to read."""
 
@@ -33,6 +62,8 @@ class ModelStructure:
     # Row-parallel linears (input split across tensor-parallel ranks); everything else is column-parallel.
     row_parallel: tuple[str, ...] = ("o_proj", "down_proj")
     hf_model_types: tuple[str, ...] = ()
+    # Where smoothing may move scales (SmoothQuant and relatives); empty = the adapter does not support it.
+    smooth_subgraphs: tuple[SmoothSubgraph, ...] = LLAMA_SMOOTH_SUBGRAPHS
 
 
 class ModelSlimPipelineInterfaceV1(ABC):

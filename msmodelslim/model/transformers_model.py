@@ -16,7 +16,7 @@ from torch import nn
 from msmodelslim.core.errors import InvalidModelError
 from msmodelslim.core.logging import get_logger
 from msmodelslim.model.checkpoint import SafetensorsCheckpoint
-from msmodelslim.model.interface import ModelSlimPipelineInterfaceV1, ModelStructure, ProcessRequest
+from msmodelslim.model.interface import AttentionShape, ModelSlimPipelineInterfaceV1, ModelStructure, ProcessRequest
 
 log = get_logger("model")
 
@@ -98,6 +98,12 @@ class TransformersModel(ModelSlimPipelineInterfaceV1):
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype, None)
         return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+    def attention_shape(self) -> AttentionShape:
+        c = self.config
+        heads = c.num_attention_heads
+        return AttentionShape(heads, getattr(c, "num_key_value_heads", None) or heads,
+                              getattr(c, "head_dim", None) or c.hidden_size // heads)
 
     def block_names(self, model: nn.Module) -> list[str]:
         layers = model.get_submodule(self.structure.decoder_layers)

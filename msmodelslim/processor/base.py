@@ -1,15 +1,19 @@
 """What every processor offers the runner, and the registry that maps YAML `type` names to processors.
 
-The runner walks the decoder blocks in order. For each block it calls `before_forward` on every processor
-(attach observers), runs the calibration forward once if any processor `needs_calibration`, then calls
-`after_forward` (quantize, replace modules). Processors never load weights or touch other blocks.
+The runner walks the decoder blocks in order and, on each block, runs the processors in config order: for
+each one `before_forward` (attach observers), the calibration forward over all batches if that processor
+`needs_calibration` (so it sees the block as the processors before it left it), then `after_forward`
+(smooth, quantize, replace modules). Processors never load weights or touch other blocks.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 from torch import nn
+
+from msmodelslim.model.interface import AttentionShape, ModelStructure
 
 PROCESSORS: dict[str, Callable[..., "Processor"]] = {}
 
@@ -39,5 +43,14 @@ class Processor(ABC):
         """Called after the calibration forward; rewrite the block's modules here."""
 
 
-def build_processor(config) -> Processor:
-    return PROCESSORS[config.type](config)
+@dataclass(frozen=True)
+class ProcessorContext:
+    """What a processor may know about the model: its structure as data, never the adapter object."""
+
+    adapter_name: str = "?"
+    structure: ModelStructure = ModelStructure()
+    attention: Optional[AttentionShape] = None
+
+
+def build_processor(config, context: ProcessorContext = ProcessorContext()) -> Processor:
+    return PROCESSORS[config.type](config, context)

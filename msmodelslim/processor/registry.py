@@ -10,13 +10,15 @@ from msmodelslim.processor.group import processor as _group  # noqa: F401 - regi
 from msmodelslim.processor.group.config import GroupConfig
 from msmodelslim.processor.linear_quant import processor as _linear_quant  # noqa: F401 - registers "linear_quant"
 from msmodelslim.processor.linear_quant.config import LinearQuantConfig
+from msmodelslim.processor.smooth_quant import processor as _smooth_quant  # noqa: F401 - registers "smooth_quant"
+from msmodelslim.processor.smooth_quant.config import SmoothQuantConfig
 
-ProcessorConfig = Annotated[Union[LinearQuantConfig, GroupConfig], Field(discriminator="type")]
+ProcessorConfig = Annotated[Union[LinearQuantConfig, GroupConfig, SmoothQuantConfig], Field(discriminator="type")]
 GroupConfig.model_rebuild(_types_namespace={"ProcessorConfig": ProcessorConfig})
 
 # Processor types of the established protocol that later work implements; named so the error is precise.
 PLANNED_PROCESSORS = (
-    "smooth_quant", "iter_smooth", "flex_smooth_quant", "flex_awq_ssz", "awq", "kv_smooth", "quarot",
+    "iter_smooth", "flex_smooth_quant", "flex_awq_ssz", "awq", "kv_smooth", "quarot",
     "online_quarot", "adapt_rotation", "dynamic_cache", "fa3_quant", "float_sparse", "autoround_quant",
     "flatquant", "svd_res",
 )

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 from torch import nn
 
-from msmodelslim.processor.base import Processor, build_processor, register_processor
+from msmodelslim.processor.base import Processor, ProcessorContext, build_processor, register_processor
 from msmodelslim.processor.group.config import GroupConfig
 
 
 @register_processor("group")
 class GroupProcessor(Processor):
-    def __init__(self, config: GroupConfig) -> None:
-        self.children = [build_processor(c) for c in config.configs]
+    def __init__(self, config: GroupConfig, context: ProcessorContext) -> None:
+        self.children = [build_processor(c, context) for c in config.configs]
 
     @property
     def needs_calibration(self) -> bool:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from msmodelslim.core.errors import ProcessingError
 from msmodelslim.ir.quant_linear import QuantLinear
-from msmodelslim.processor.base import Processor, register_processor
+from msmodelslim.processor.base import Processor, ProcessorContext, register_processor
 from msmodelslim.processor.linear_quant.config import LinearQuantConfig
 from msmodelslim.processor.matching import select
 from msmodelslim.quantizer.observer import MinMaxObserver
@@ -38,7 +39,7 @@ def _replace(root: nn.Module, relative_name: str, new: nn.Module) -> None:
 
 @register_processor("linear_quant")
 class LinearQuantProcessor(Processor):
-    def __init__(self, config: LinearQuantConfig) -> None:
+    def __init__(self, config: LinearQuantConfig, context: ProcessorContext | None = None) -> None:
         self.config = config
         self._observers: dict[str, MinMaxObserver] = {}
         self._hooks: list = []
@@ -72,12 +73,12 @@ class LinearQuantProcessor(Processor):
             linear = block.get_submodule(relative)
             group = self.config.qconfig.weight.group_size
             if self.config.qconfig.weight.scope == QScope.per_group and linear.in_features % group:
-                raise ValueError(
+                raise ProcessingError(
                     f"{name}: group_size {group} does not divide its input size {linear.in_features}; "
                     f"pick a group size that divides it or exclude the layer"
                 )
             observer = self._observers.pop(name, None)
             if self.needs_calibration and (observer is None or not observer.seen):
-                raise ValueError(f"{name} received no calibration data, so its static activation range is unknown")
+                raise ProcessingError(f"{name} received no calibration data, so its static activation range is unknown")
             with torch.no_grad():
                 _replace(block, relative, linear_to_ir(linear, self.config, observer))
