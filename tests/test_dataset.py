@@ -14,6 +14,13 @@ def test_builtin_mix_calib_is_varied_and_large_enough():
     assert len(set(texts)) == len(texts)
 
 
+@pytest.mark.parametrize("name", ["mix_calib.jsonl", "code_calib.jsonl", "chat_calib.jsonl"])
+def test_every_shipped_set_has_at_least_64_distinct_samples(name):
+    texts = load_texts(name)
+    assert len(texts) >= 64 and len(set(texts)) == len(texts)
+    assert name.split(".")[0] in (LAB_CALIB / "README.md").read_text()
+
+
 def test_formats(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"text": "one"}\n\n{"inputs_pretokenized": "two", "id": 1}\n')
     (tmp_path / "b.json").write_text(json.dumps(["x", "y"]))

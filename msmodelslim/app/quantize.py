@@ -30,7 +30,7 @@ from msmodelslim.format.staging import check_save_path, staged_directory
 from msmodelslim.model.registry import create_adapter, lookup
 from msmodelslim.processor.base import Processor, ProcessorContext, build_processor
 from msmodelslim.processor.linear_quant.config import LinearQuantConfig
-from msmodelslim.processor.matching import unused_patterns
+from msmodelslim.processor.matching import select, unused_patterns
 from msmodelslim.processor.registry import DoubleMatchError, merge_claims
 
 log = get_logger("app.quantize")
@@ -100,8 +100,7 @@ def plan_layers(config: PracticeConfig, processors: list[Processor], model: nn.M
     for leaf in _leaf_configs(config.spec.process):
         if not isinstance(leaf, LinearQuantConfig):
             continue
-        proc = build_processor(leaf)
-        for name in proc.claims(names):
+        for name in select(names, leaf.include, leaf.exclude):
             plan[name] = leaf.qconfig.scheme.value
             group = leaf.qconfig.weight.group_size
             if group:

@@ -63,7 +63,7 @@ class ModelStructure:
     row_parallel: tuple[str, ...] = ("o_proj", "down_proj")
     hf_model_types: tuple[str, ...] = ()
     # Where smoothing may move scales (SmoothQuant and relatives); empty = the adapter does not support it.
-    smooth_subgraphs: tuple[SmoothSubgraph, ...] = LLAMA_SMOOTH_SUBGRAPHS
+    smooth_subgraphs: tuple[SmoothSubgraph, ...] = ()
 
 
 class ModelSlimPipelineInterfaceV1(ABC):
