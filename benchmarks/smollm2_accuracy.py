@@ -48,6 +48,7 @@ SCHEMES = {
     "sq0.5+w8a8_static": [smooth(0.5), linear({"act": STATIC, "weight": WEIGHT_INT8})],
     "sq0.8+w8a8_static": [smooth(0.8), linear({"act": STATIC, "weight": WEIGHT_INT8})],
     "sq0.5+w8a8_static_down_dynamic": [smooth(0.5), SPLIT],
+    "sq0.8+w8a8_static_down_dynamic": [smooth(0.8), SPLIT],
     "w8a8_static_down_dynamic": [SPLIT],
 }
 DEFAULT_SCHEMES = "w8a16,w8a8_dynamic,w8a8_static,w4a16_g64,w4a16_channel"

@@ -75,3 +75,14 @@ def test_asymmetric_dynamic_weights_are_an_error(tiny_llama, tmp_path):
     run_quant(tiny_llama, out, write_config(tmp_path / "c.yaml", SCHEMES["w8a8_dynamic"]))
     rewrite_shard(out, lambda t: t["model.layers.0.mlp.down_proj.weight_offset"].add_(1))
     assert any("must be symmetric" in e for e in errors(out))
+
+
+def test_check_command(static_out, capsys):
+    from msmodelslim.cli.__main__ import main
+
+    assert main(["check", str(static_out)]) == 0
+    assert "0 error(s)" in capsys.readouterr().out
+    rewrite_shard(static_out, lambda t: t.pop("model.layers.0.mlp.up_proj.deq_scale"))
+    assert main(["check", str(static_out)]) == 4
+    assert "needs tensor 'deq_scale'" in capsys.readouterr().out
+    assert main(["check", str(static_out.parent)]) == 2

@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("practices", help="list registered models and the practice each --quant_type would use")
 
+    check = sub.add_parser("check", help="check an ascendv1 checkpoint against what vLLM-Ascend's loader requires")
+    check.add_argument("path", type=Path, help="directory written by 'quant' (or any ascendv1 checkpoint)")
+
     ev = sub.add_parser("eval", help="perplexity of the float model vs an ascendv1 checkpoint")
     _add_model_args(ev)
     ev.add_argument("--quant_path", required=True, type=Path, help="ascendv1 checkpoint written by 'quant'")
@@ -88,6 +91,18 @@ def _run(args: argparse.Namespace) -> int:
         missing = [q for q in KNOWN_QUANT_TYPES if q not in available]
         print(f"\nnot available yet (algorithms missing): {', '.join(missing)}")
         return 0
+    if args.command == "check":
+        from msmodelslim.format.ascendv1.checker import check_ascendv1
+        from msmodelslim.format.ascendv1.writer import DESCRIPTION
+
+        if not (args.path / DESCRIPTION).is_file():
+            raise ConfigError(f"{args.path} is not an ascendv1 checkpoint ({DESCRIPTION} is missing)")
+        findings = check_ascendv1(args.path)
+        for finding in findings:
+            print(f"{finding.level}: {finding.message}")
+        errors = sum(f.level == "error" for f in findings)
+        print(f"{errors} error(s), {len(findings) - errors} warning(s)")
+        return 4 if errors else 0
     if args.command == "eval":
         from msmodelslim.app.evaluate import evaluate
 
