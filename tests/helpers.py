@@ -1,6 +1,7 @@
 """Small helpers shared by the end-to-end tests."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
@@ -40,14 +41,10 @@ def run_quant(model: Path, out: Path, config: Path, model_type: str = "Llama-2-7
                                     config_path=config, **kwargs))
 
 
-SMALL_CALIB = None
-
 
 def small_calib(tmp_path: Path) -> str:
     """A short calibration set keeps the tests fast; the shipped set is exercised by the CLI tests."""
     path = tmp_path / "calib.jsonl"
-    import json
-
     lines = [{"text": f"Sample {i}: quantization maps floats to integers; apt installs package {i} on Debian."}
              for i in range(6)]
     path.write_text("\n".join(json.dumps(x) for x in lines))
