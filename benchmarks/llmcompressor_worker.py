@@ -1,0 +1,64 @@
+"""Runs inside llm-compressor's own environment (not a project dependency); called by side_by_side.py.
+
+Quantizes the float checkpoint in memory with an llm-compressor recipe on the given calibration texts, then
+measures perplexity on the same evaluation windows as msmodelslim (its window code is imported from the repo,
+which needs only torch and transformers). Prints one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def recipe(name: str):
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+    from llmcompressor.modifiers.transform import SmoothQuantModifier
+
+    if name == "rtn_w8a8_dynamic":
+        return [QuantizationModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"])]
+    if name == "sq0.8_gptq_w8a8_dynamic":
+        return [SmoothQuantModifier(smoothing_strength=0.8),
+                GPTQModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"])]
+    raise SystemExit(f"unknown recipe {name}")
+
+
+def main() -> None:
+    import torch
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from msmodelslim.app.evaluate import perplexity, token_windows
+    from msmodelslim.core.dataset import read_texts
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--calib", type=Path, required=True)
+    parser.add_argument("--eval", type=Path, required=True)
+    parser.add_argument("--recipe", required=True)
+    parser.add_argument("--windows", type=int, default=40)
+    args = parser.parse_args()
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    started = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    texts = read_texts(args.calib)
+    encoded = tokenizer(texts, truncation=True, max_length=512)
+    dataset = Dataset.from_dict({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]})
+    oneshot(model=model, dataset=dataset, recipe=recipe(args.recipe), max_seq_length=512,
+            num_calibration_samples=len(texts))
+    seconds = time.perf_counter() - started
+    windows = token_windows(tokenizer, read_texts(args.eval), 512, args.windows)
+    ppl = perplexity(model, windows, torch.device("cpu"), args.recipe)
+    print(json.dumps({"recipe": args.recipe, "ppl": ppl.perplexity, "seconds": seconds,
+                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""msmodelslim and llm-compressor on the same model, calibration samples, sequence length and evaluation
+windows, measured in one run (run by hand, not in CI).
+
+llm-compressor lives in its own environment, never in the project's dependencies:
+    python3 -m venv /tmp/lcvenv && /tmp/lcvenv/bin/pip install torch==2.13.0 llmcompressor
+    python benchmarks/side_by_side.py --peer_python /tmp/lcvenv/bin/python
+
+Both tools quantize SmolLM2-135M-Instruct (float32) with 128 windows of 512 tokens from the calibration half;
+perplexity is taken on 40 x 512 tokens of the evaluation half. The quantize wall time counts model loading
+and calibration; for msmodelslim also writing the checkpoint (llm-compressor's recipe runs in memory).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from smollm2_accuracy import CORPORA, SCHEMES, calibration_windows, quantize_in_child, write_config  # noqa: E402
+
+PAIRS = [  # (ours, peer): the same scheme family, ours with its best processors
+    ("w8a8_dynamic", "rtn_w8a8_dynamic"),
+    ("sq0.5+w8a8_dynamic", "sq0.8_gptq_w8a8_dynamic"),
+]
+
+
+def main() -> None:
+    from transformers import AutoTokenizer
+
+    from msmodelslim.app.evaluate import load_float_model, perplexity, token_windows
+    from msmodelslim.core.dataset import read_texts
+    from msmodelslim.format.ascendv1.reader import load_ascendv1
+    from msmodelslim.model.gguf_import import convert_gguf, find_gguf
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--peer_python", type=Path, required=True, help="python of llm-compressor's environment")
+    parser.add_argument("--work_dir", type=Path, default=Path.home() / ".cache" / "msmodelslim" / "side_by_side")
+    parser.add_argument("--windows", type=int, default=40)
+    args = parser.parse_args()
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+
+    model_dir = convert_gguf(find_gguf(), Path.home() / ".cache" / "msmodelslim" / "demo" / "SmolLM2-135M-Instruct")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    eval_path = CORPORA / "debian-reference.eval.txt"
+    windows = token_windows(tokenizer, read_texts(eval_path), 512, args.windows)
+    float_ppl = perplexity(load_float_model(model_dir, False), windows, torch.device("cpu"), "float").perplexity
+    calib = calibration_windows(tokenizer, 128, 512, args.work_dir / "calib_windows.jsonl")
+    print(f"float ppl {float_ppl:.4f}", flush=True)
+
+    rows = []
+    for ours, peer in PAIRS:
+        config = args.work_dir / f"{ours}.yaml"
+        write_config(config, SCHEMES[ours], str(calib), "layer_wise")
+        out = args.work_dir / f"smollm2-{ours}"
+        seconds, rss = quantize_in_child(model_dir, config, out)
+        ppl = perplexity(load_ascendv1(out), windows, torch.device("cpu"), ours).perplexity
+        print(f"msmodelslim {ours}: ppl {ppl:.4f}, {seconds:.1f} s, {rss:.0f} MiB", flush=True)
+        proc = subprocess.run([str(args.peer_python), str(Path(__file__).with_name("llmcompressor_worker.py")),
+                               "--model", str(model_dir), "--calib", str(calib), "--eval", str(eval_path),
+                               "--recipe", peer, "--windows", str(args.windows)], capture_output=True, text=True)
+        if proc.returncode:
+            raise SystemExit(f"llm-compressor run failed:\n{proc.stderr[-4000:]}")
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"llm-compressor {peer}: ppl {result['ppl']:.4f}, {result['seconds']:.1f} s, "
+              f"{result['peak_rss_mib']:.0f} MiB", flush=True)
+        rows.append((ours, ppl, seconds, rss, peer, result))
+
+    print("\n| msmodelslim | ppl (vs float) | wall s | RSS MiB | llm-compressor | ppl (vs float) | wall s | RSS MiB "
+          "| ppl ratio ours/peer | time ratio ours/peer |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for ours, ppl, seconds, rss, peer, r in rows:
+        print(f"| {ours} | {ppl:.4f} (x{ppl / float_ppl:.4f}) | {seconds:.1f} | {rss:.0f} | {peer} | "
+              f"{r['ppl']:.4f} (x{r['ppl'] / float_ppl:.4f}) | {r['seconds']:.1f} | {r['peak_rss_mib']:.0f} | "
+              f"{ppl / r['ppl']:.4f} | {seconds / r['seconds']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
