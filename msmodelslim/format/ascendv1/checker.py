@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from msmodelslim.format.ascendv1.reader import GLOBAL_KEYS, quantized_layers, read_description
+from msmodelslim.format.ascendv1.reader import GLOBAL_KEYS, quantized_layers, read_description, tensors_by_layer
 from msmodelslim.format.ascendv1.tensors import FLOAT, decode_deq_scale, unpack_int4_int32, unpack_int4_rows
 
 DENSE_LOADABLE = {"W8A8", "W8A8_MIX", "W8A8_DYNAMIC", "W8A16", "W4A4_DYNAMIC", "W8A8FP8_DYNAMIC", "W8A8_MXFP8",
@@ -156,9 +156,8 @@ def check_ascendv1(
 
     model_dtype = config.get("dtype") or config.get("torch_dtype")
     layers = quantized_layers(description)
-    for prefix, tag in layers.items():
-        own = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".") and "." not in k[len(prefix) + 1 :]}
-        findings.extend(_check_linear(prefix, tag, own, model_dtype))
+    for prefix, own in tensors_by_layer(tensors, layers).items():
+        findings.extend(_check_linear(prefix, layers[prefix], own, model_dtype))
     for name, tag in description.items():
         if name in GLOBAL_KEYS or tag != FLOAT or name not in tensors:
             continue

@@ -49,6 +49,16 @@ def quantized_layers(description: dict) -> dict[str, str]:
     return layers
 
 
+def tensors_by_layer(tensors: dict[str, torch.Tensor], prefixes) -> dict[str, dict[str, torch.Tensor]]:
+    """{layer prefix: {suffix: tensor}} for the given prefixes, in one pass over the tensor names."""
+    grouped: dict[str, dict[str, torch.Tensor]] = {p: {} for p in prefixes}
+    for name, tensor in tensors.items():
+        prefix, _, suffix = name.rpartition(".")
+        if prefix in grouped:
+            grouped[prefix][suffix] = tensor
+    return grouped
+
+
 def load_ascendv1(path: str | Path, trust_remote_code: bool = False) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -60,15 +70,15 @@ def load_ascendv1(path: str | Path, trust_remote_code: bool = False) -> nn.Modul
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=torch.float32)
     model.eval()
     consumed: set[str] = set()
-    for prefix, tag in quantized_layers(description).items():
-        own = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".") and "." not in k[len(prefix) + 1 :]}
+    layers = quantized_layers(description)
+    for prefix, own in tensors_by_layer(tensors, layers).items():
+        tag = layers[prefix]
         consumed.update(f"{prefix}.{k}" for k in own)
         parent_name, _, child = prefix.rpartition(".")
         setattr(model.get_submodule(parent_name), child, linear_from_tensors(tag, own))
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in tensors.items() if k not in consumed}
     result = model.load_state_dict(state, strict=False, assign=True)
-    quant_buffers = {n for n, m in model.named_modules() if n in quantized_layers(description)}
-    missing = [k for k in result.missing_keys if k.rpartition(".")[0] not in quant_buffers]
+    missing = [k for k in result.missing_keys if k.rpartition(".")[0] not in layers]
     if result.unexpected_keys or missing:
         raise InvalidModelError(
             f"{path}: tensors do not match the model architecture "
