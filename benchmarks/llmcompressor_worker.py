@@ -25,6 +25,21 @@ def recipe(name: str):
     if name == "sq0.8_gptq_w8a8_dynamic":
         return [SmoothQuantModifier(smoothing_strength=0.8),
                 GPTQModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"])]
+    if name in ("sq0.8_gptq_w8a8_static", "sq0.8_gptq_w8a8_static_down_dynamic"):
+        from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+        weight = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="channel")
+        static = QuantizationArgs(num_bits=8, type="int", symmetric=False, strategy="tensor", dynamic=False)
+        dynamic = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)
+        if name.endswith("down_dynamic"):
+            groups = {"static": QuantizationScheme(targets=["re:.*(q|k|v|o|gate|up)_proj$"], weights=weight,
+                                                   input_activations=static),
+                      "down": QuantizationScheme(targets=["re:.*down_proj$"], weights=weight,
+                                                 input_activations=dynamic)}
+        else:
+            groups = {"static": QuantizationScheme(targets=["Linear"], weights=weight, input_activations=static)}
+        return [SmoothQuantModifier(smoothing_strength=0.8),
+                GPTQModifier(config_groups=groups, ignore=["lm_head"])]
     raise SystemExit(f"unknown recipe {name}")
 
 

@@ -3,7 +3,7 @@ windows, measured in one run (run by hand, not in CI).
 
 llm-compressor lives in its own environment, never in the project's dependencies:
     python3 -m venv /tmp/lcvenv && /tmp/lcvenv/bin/pip install torch==2.13.0 llmcompressor
-    python benchmarks/side_by_side.py --peer_python /tmp/lcvenv/bin/python
+    python benchmarks/side_by_side.py --peer_python /tmp/lcvenv/bin/python [--pairs rtn_dynamic,dynamic,static,static_split]
 
 Both tools quantize SmolLM2-135M-Instruct (float32) with 128 windows of 512 tokens from the calibration half;
 perplexity is taken on 40 x 512 tokens of the evaluation half. The quantize wall time counts model loading
@@ -23,10 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from smollm2_accuracy import CORPORA, SCHEMES, calibration_windows, quantize_in_child, write_config  # noqa: E402
 
-PAIRS = [  # (ours, peer): the same scheme family, ours with its best processors
-    ("w8a8_dynamic", "rtn_w8a8_dynamic"),
-    ("sq0.5+w8a8_dynamic", "sq0.8_gptq_w8a8_dynamic"),
-]
+PAIRS = {  # name: (ours, peer), the same scheme family, ours with its best processors
+    "rtn_dynamic": ("w8a8_dynamic", "rtn_w8a8_dynamic"),
+    "dynamic": ("sq0.5+w8a8_dynamic", "sq0.8_gptq_w8a8_dynamic"),
+    # static per-tensor asymmetric activations on all linears
+    "static": ("sq0.8+w8a8_static", "sq0.8_gptq_w8a8_static"),
+    # static on attention/MLP inputs, down_proj dynamic per token
+    "static_split": ("sq0.8+w8a8_static_down_dynamic", "sq0.8_gptq_w8a8_static_down_dynamic"),
+}
 
 
 def main() -> None:
@@ -41,6 +45,7 @@ def main() -> None:
     parser.add_argument("--peer_python", type=Path, required=True, help="python of llm-compressor's environment")
     parser.add_argument("--work_dir", type=Path, default=Path.home() / ".cache" / "msmodelslim" / "side_by_side")
     parser.add_argument("--windows", type=int, default=40)
+    parser.add_argument("--pairs", default="rtn_dynamic,dynamic", help=f"comma-separated, from: {', '.join(PAIRS)}")
     args = parser.parse_args()
     args.work_dir.mkdir(parents=True, exist_ok=True)
 
@@ -53,7 +58,8 @@ def main() -> None:
     print(f"float ppl {float_ppl:.4f}", flush=True)
 
     rows = []
-    for ours, peer in PAIRS:
+    for pair in args.pairs.split(","):
+        ours, peer = PAIRS[pair]
         config = args.work_dir / f"{ours}.yaml"
         write_config(config, SCHEMES[ours], str(calib), "layer_wise")
         out = args.work_dir / f"smollm2-{ours}"

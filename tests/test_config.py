@@ -35,11 +35,11 @@ def test_unknown_key_unknown_type_and_planned_processor():
     message = error_of(config_with([
         {"type": "linear_quant", "qconfig": {"weight": W8}, "inclde": ["*"]},
         {"type": "magic"},
-        {"type": "iter_smooth"},
+        {"type": "awq"},
     ]))
     assert "spec.process[0].inclde: unknown key" in message
     assert "spec.process[1].type: unknown processor type 'magic'" in message
-    assert "spec.process[2].type: processor 'iter_smooth' is not implemented yet" in message
+    assert "spec.process[2].type: processor 'awq' is not implemented yet" in message
 
 
 def test_type_error_and_runner_enum():

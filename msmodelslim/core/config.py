@@ -41,6 +41,10 @@ class AscendV1SaverConfig(BaseModel):
     ext: dict[str, Any] = Field(default_factory=dict)
 
 
+# Processors that rewrite float weights (exactly, in float) and so must see them before quantization.
+FLOAT_TRANSFORMS = ("smooth_quant", "iter_smooth", "flex_smooth_quant", "quarot")
+
+
 def _default_save() -> list[AscendV1SaverConfig]:
     return [AscendV1SaverConfig(type="ascendv1_saver")]
 
@@ -59,9 +63,10 @@ class Spec(BaseModel):
         quantized_at = None
         for i, step in enumerate(self.process):
             kinds = [c.type for c in step.configs] if step.type == "group" else [step.type]
-            if "smooth_quant" in kinds and quantized_at is not None:
-                raise ValueError(f"process[{i}] (smooth_quant) comes after process[{quantized_at}] (linear_quant); "
-                                 f"smoothing must come before quantization")
+            transforms = [k for k in kinds if k in FLOAT_TRANSFORMS]
+            if transforms and quantized_at is not None:
+                raise ValueError(f"process[{i}] ({transforms[0]}) comes after process[{quantized_at}] (linear_quant); "
+                                 f"float transforms (smoothing, rotation) must come before quantization")
             if "linear_quant" in kinds and quantized_at is None:
                 quantized_at = i
         return self

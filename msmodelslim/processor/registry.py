@@ -6,19 +6,26 @@ from typing import Annotated, Union
 from pydantic import Field
 
 from msmodelslim.processor.base import PROCESSORS, build_processor  # noqa: F401 - re-exported
+from msmodelslim.processor.flex_smooth_quant import processor as _flex  # noqa: F401 - registers "flex_smooth_quant"
+from msmodelslim.processor.flex_smooth_quant.config import FlexSmoothQuantConfig
 from msmodelslim.processor.group import processor as _group  # noqa: F401 - registers "group"
 from msmodelslim.processor.group.config import GroupConfig
+from msmodelslim.processor.iter_smooth import processor as _iter_smooth  # noqa: F401 - registers "iter_smooth"
+from msmodelslim.processor.iter_smooth.config import IterSmoothConfig
 from msmodelslim.processor.linear_quant import processor as _linear_quant  # noqa: F401 - registers "linear_quant"
 from msmodelslim.processor.linear_quant.config import LinearQuantConfig
 from msmodelslim.processor.smooth_quant import processor as _smooth_quant  # noqa: F401 - registers "smooth_quant"
 from msmodelslim.processor.smooth_quant.config import SmoothQuantConfig
 
-ProcessorConfig = Annotated[Union[LinearQuantConfig, GroupConfig, SmoothQuantConfig], Field(discriminator="type")]
+ProcessorConfig = Annotated[
+    Union[LinearQuantConfig, GroupConfig, SmoothQuantConfig, IterSmoothConfig, FlexSmoothQuantConfig],
+    Field(discriminator="type"),
+]
 GroupConfig.model_rebuild(_types_namespace={"ProcessorConfig": ProcessorConfig})
 
 # Processor types of the established protocol that later work implements; named so the error is precise.
 PLANNED_PROCESSORS = (
-    "iter_smooth", "flex_smooth_quant", "flex_awq_ssz", "awq", "kv_smooth", "quarot",
+    "flex_awq_ssz", "awq", "kv_smooth", "quarot",
     "online_quarot", "adapt_rotation", "dynamic_cache", "fa3_quant", "float_sparse", "autoround_quant",
     "flatquant", "svd_res",
 )

@@ -1,0 +1,80 @@
+"""The alpha/beta search of Flex Smooth Quant as pure tensor functions.
+
+For a candidate (α, β) the scale is s_j = max|X_j|^α / max|W_j|^β, and its cost is the relative error of the
+int8 product after smoothing:
+
+    err = ‖Q_act(X / s) · Q_w(W · s)ᵀ − X · Wᵀ‖ / ‖X · Wᵀ‖
+
+with Q_w symmetric per output channel and Q_act per token (dynamic) or per tensor (static, asymmetric), i.e.
+what the kernels will compute. Stage 1 scans α on a 0.05 grid with β = 1 − α (plain SmoothQuant); stage 2
+keeps the best α and scans β, accepting a β only if it does not increase the error.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from msmodelslim.quantizer.primitives import (
+    dequantize_weight,
+    fake_quantize,
+    quantize_per_token_dynamic,
+    quantize_weight_minmax,
+    scale_offset_from_minmax,
+)
+
+GRID = [round(0.05 * i, 2) for i in range(21)]
+
+
+def flex_scales(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """s = max|X|^α / max|W|^β, at least 1e-5; channels that never fired keep s = 1."""
+    s = act_absmax.float().pow(alpha) / weight_absmax.float().clamp(min=1e-5).pow(beta)
+    return torch.where(act_absmax > 0, s.clamp(min=1e-5), torch.ones_like(s))
+
+
+def fake_quant_act(x: torch.Tensor, act_scope: str) -> torch.Tensor:
+    if act_scope == "per_token":
+        return quantize_per_token_dynamic(x, 8)
+    scale, offset = scale_offset_from_minmax(x.amin(), x.amax(), 8, symmetric=False)
+    return fake_quantize(x, scale, offset, 8)
+
+
+def quantized_error(x: torch.Tensor, weight: torch.Tensor, s: torch.Tensor, act_scope: str,
+                    reference: Optional[torch.Tensor] = None) -> float:
+    """Relative error of the int8 product of X/s and W·s against the float product X·Wᵀ."""
+    reference = x @ weight.T if reference is None else reference
+    w_q = dequantize_weight(*quantize_weight_minmax(weight * s, 8, symmetric=True))
+    out = fake_quant_act(x / s, act_scope) @ w_q.T
+    return float((out - reference).norm() / reference.norm().clamp(min=1e-12))
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    alpha: float
+    beta: float
+    error: float
+
+
+def search_alpha_beta(x: torch.Tensor, weight: torch.Tensor, scales_for: Callable[[float, float], torch.Tensor],
+                      act_scope: str, alpha: Optional[float] = None, beta: Optional[float] = None) -> SearchResult:
+    """Best (α, β) for this input sample and (concatenated) target weight. `scales_for(α, β)` gives s in the
+    target's input-channel space. A given alpha or beta is kept fixed."""
+    reference = x @ weight.T
+
+    def cost(a: float, b: float) -> float:
+        return quantized_error(x, weight, scales_for(a, b), act_scope, reference)
+
+    if alpha is None:  # stage 1: SmoothQuant's one-parameter family (or the fixed beta)
+        scored = [(cost(a, 1 - a if beta is None else beta), a) for a in GRID]
+        best_error, alpha = min(scored, key=lambda t: (t[0], -t[1]))
+    else:
+        best_error = cost(alpha, 1 - alpha if beta is None else beta)
+    if beta is not None:
+        return SearchResult(alpha, beta, best_error)
+    best_beta = 1 - alpha
+    for b in GRID:  # stage 2: free beta, kept only when it helps
+        error = cost(alpha, b)
+        if error < best_error:
+            best_error, best_beta = error, b
+    return SearchResult(alpha, round(best_beta, 2), best_error)
