@@ -28,13 +28,13 @@ def make_tokenizer(path: Path, vocab_size: int = 320):
     return fast
 
 
-def tiny_config(family: str, vocab_size: int):
+def tiny_config(family: str, vocab_size: int, **overrides):
     from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
     if family == "llama":
-        return LlamaConfig(**common, head_dim=16)
+        return LlamaConfig(**{**common, "head_dim": 16, **overrides})
     if family == "qwen2":
         return Qwen2Config(**common)  # q/k/v carry biases
     if family == "qwen3":
@@ -43,12 +43,12 @@ def tiny_config(family: str, vocab_size: int):
 
 
 def make_tiny_model(path: Path, family: str = "llama", dtype: torch.dtype = torch.float32, tie: bool = False,
-                    seed: int = 0, shards: str | None = None) -> Path:
+                    seed: int = 0, shards: str | None = None, **overrides) -> Path:
     from transformers import AutoModelForCausalLM
 
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = make_tokenizer(path)
-    config = tiny_config(family, len(tokenizer))
+    config = tiny_config(family, len(tokenizer), **overrides)
     config.tie_word_embeddings = tie
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -25,6 +25,7 @@ from msmodelslim.core.logging import get_logger
 from msmodelslim.core.runner import run_blocks
 from msmodelslim.format.ascendv1.checker import check_ascendv1
 from msmodelslim.format.ascendv1.writer import AscendV1Writer
+from msmodelslim.format.edits import OutputEdits
 from msmodelslim.format.staging import check_save_path, staged_directory
 from msmodelslim.model.registry import create_adapter, lookup
 from msmodelslim.processor.base import Processor, ProcessorContext, build_processor
@@ -173,7 +174,10 @@ def quantize(request: QuantizeRequest) -> QuantizeReport:
             dtype_for=adapter.original_dtype,
         )
         stats = run_blocks(adapter, model, processors, writer, batches, device, runner == RunnerType.layer_wise)
-        report.description = writer.finish(request.model_path)
+        edits = OutputEdits()
+        for processor in processors:
+            edits = edits.merge(processor.output_edits())
+        report.description = writer.finish(request.model_path, edits)
         practice_file = staging / f"{request.model_type}_best_practice.yaml"
         saved = config.model_dump(mode="json", exclude_none=True, exclude={"source_dir"})
         practice_file.write_text(yaml.safe_dump(saved, sort_keys=False, allow_unicode=True))

@@ -57,6 +57,8 @@ def run_blocks(
 ) -> RunStats:
     needs_data = any(p.needs_calibration for p in processors)
     block_names = adapter.block_names(model)
+    for processor in processors:
+        processor.prepare_model(model)
     forwards, requests = [], []
     if needs_data:
         for batch in tqdm(batches, desc="embed calibration batches", unit="batch", disable=progress_disabled()):

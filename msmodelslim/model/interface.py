@@ -46,6 +46,34 @@ LLAMA_SMOOTH_SUBGRAPHS = (
 
 
 @dataclass(frozen=True)
+class RotationStructure:
+    """Where an offline rotation of the residual stream (QuaRot) applies.
+
+    embedding, final_norm and lm_head are full module names; the others are relative to a decoder block.
+    norm_readers: each RMSNorm inside a block with the linears that read its output (the norm's weight is
+    folded into them); writers: the linears whose output is added to the residual stream; value/output: the
+    v_proj/o_proj pair that also gets a per-head rotation.
+    """
+
+    norm_readers: tuple[tuple[str, tuple[str, ...]], ...]
+    writers: tuple[str, ...]
+    value: str
+    output: str
+    embedding: str = "model.embed_tokens"
+    final_norm: str = "model.norm"
+    lm_head: str = "lm_head"
+
+
+LLAMA_ROTATION = RotationStructure(
+    norm_readers=(("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                  ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"))),
+    writers=("self_attn.o_proj", "mlp.down_proj"),
+    value="self_attn.v_proj",
+    output="self_attn.o_proj",
+)
+
+
+@dataclass(frozen=True)
 class AttentionShape:
     num_heads: int
     num_kv_heads: int
@@ -64,6 +92,8 @@ class ModelStructure:
     hf_model_types: tuple[str, ...] = ()
     # Where smoothing may move scales (SmoothQuant and relatives); empty = the adapter does not support it.
     smooth_subgraphs: tuple[SmoothSubgraph, ...] = ()
+    # Where QuaRot rotates; None = the adapter does not support rotations.
+    rotation: RotationStructure | None = None
 
 
 class ModelSlimPipelineInterfaceV1(ABC):

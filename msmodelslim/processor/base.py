@@ -3,7 +3,8 @@
 The runner walks the decoder blocks in order and, on each block, runs the processors in config order: for
 each one `before_forward` (attach observers), the calibration forward over all batches if that processor
 `needs_calibration` (so it sees the block as the processors before it left it), then `after_forward`
-(smooth, quantize, replace modules). Processors never load weights or touch other blocks.
+(smooth, quantize, replace modules). Processors never load weights or touch other blocks; a whole-model
+transform changes the non-block modules once, in `prepare_model`.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Callable, Optional
 
 from torch import nn
 
+from msmodelslim.format.edits import OutputEdits
 from msmodelslim.model.interface import AttentionShape, ModelStructure
 
 PROCESSORS: dict[str, Callable[..., "Processor"]] = {}
@@ -35,12 +37,20 @@ class Processor(ABC):
     def claims(self, linear_names: list[str]) -> dict[str, str]:
         """Which of these linears this processor will rewrite, each mapped to a description of the rule."""
 
+    def prepare_model(self, model: nn.Module) -> None:
+        """Called once before any block is visited, with only the non-block modules (embeddings, final norm,
+        head) materialised; transforms that span the whole model (rotations) change them here."""
+
     def before_forward(self, block_name: str, block: nn.Module) -> None:
         """Called before the block's calibration forward (or visit, for data-free pipelines)."""
 
     @abstractmethod
     def after_forward(self, block_name: str, block: nn.Module) -> None:
         """Called after the calibration forward; rewrite the block's modules here."""
+
+    def output_edits(self) -> OutputEdits:
+        """Config keys, extra files and description entries the saved checkpoint needs from this processor."""
+        return OutputEdits()
 
 
 @dataclass(frozen=True)

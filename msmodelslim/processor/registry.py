@@ -14,18 +14,20 @@ from msmodelslim.processor.iter_smooth import processor as _iter_smooth  # noqa:
 from msmodelslim.processor.iter_smooth.config import IterSmoothConfig
 from msmodelslim.processor.linear_quant import processor as _linear_quant  # noqa: F401 - registers "linear_quant"
 from msmodelslim.processor.linear_quant.config import LinearQuantConfig
+from msmodelslim.processor.quarot import processor as _quarot  # noqa: F401 - registers "quarot"
+from msmodelslim.processor.quarot.config import QuaRotConfig
 from msmodelslim.processor.smooth_quant import processor as _smooth_quant  # noqa: F401 - registers "smooth_quant"
 from msmodelslim.processor.smooth_quant.config import SmoothQuantConfig
 
 ProcessorConfig = Annotated[
-    Union[LinearQuantConfig, GroupConfig, SmoothQuantConfig, IterSmoothConfig, FlexSmoothQuantConfig],
+    Union[LinearQuantConfig, GroupConfig, SmoothQuantConfig, IterSmoothConfig, FlexSmoothQuantConfig, QuaRotConfig],
     Field(discriminator="type"),
 ]
 GroupConfig.model_rebuild(_types_namespace={"ProcessorConfig": ProcessorConfig})
 
 # Processor types of the established protocol that later work implements; named so the error is precise.
 PLANNED_PROCESSORS = (
-    "flex_awq_ssz", "awq", "kv_smooth", "quarot",
+    "flex_awq_ssz", "awq", "kv_smooth",
     "online_quarot", "adapt_rotation", "dynamic_cache", "fa3_quant", "float_sparse", "autoround_quant",
     "flatquant", "svd_res",
 )

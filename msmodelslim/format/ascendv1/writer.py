@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from msmodelslim.format.ascendv1.tensors import FLOAT, linear_tensors
+from msmodelslim.format.edits import OutputEdits
 from msmodelslim.ir.quant_linear import QuantLinear
 
 DESCRIPTION = "quant_model_description.json"
@@ -96,8 +97,10 @@ class AscendV1Writer:
         self._shards.append((path, list(self._pending)))
         self._pending, self._pending_bytes, self._pending_ptrs = {}, 0, set()
 
-    def finish(self, source_dir: Path, extra_description: dict | None = None) -> dict:
-        """Write the remaining shard, the index and the description; copy the model's config/tokenizer files."""
+    def finish(self, source_dir: Path, edits: OutputEdits | None = None) -> dict:
+        """Write the remaining shard, the index and the description; copy the model's config/tokenizer files;
+        apply the processors' edits (config keys, extra files such as optional/quarot.safetensors)."""
+        edits = edits or OutputEdits()
         self._flush()
         weight_map: dict[str, str] = {}
         if self.limit == 0:
@@ -119,16 +122,18 @@ class AscendV1Writer:
         present = set(self.description.values())
         model_quant_type = max((t for t in TYPE_PRIORITY if t in present), key=TYPE_PRIORITY.index, default="Unknown")
         description = dict(self.description)
-        description.update(extra_description or {})
         description.update({
             "version": "1.0.0",
             "model_quant_type": model_quant_type,
             "metadata": {},
             "group_size": next(iter(self.group_sizes), 0),
-            "optional": {},
+            "optional": edits.optional,
         })
         (self.out_dir / DESCRIPTION).write_text(json.dumps(description, indent=4), encoding="utf-8")
-        copy_model_files(source_dir, self.out_dir)
+        for relative, tensors in edits.files.items():
+            (self.out_dir / relative).parent.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(self.out_dir / relative))
+        copy_model_files(source_dir, self.out_dir, edits.config)
         return description
 
 
@@ -140,8 +145,9 @@ def _ancestors(root: nn.Module, rel: str):
         yield module
 
 
-def copy_model_files(source_dir: Path, out_dir: Path) -> None:
-    """Config, tokenizer and generation files; never weight indices; `quantization_config` removed."""
+def copy_model_files(source_dir: Path, out_dir: Path, config_updates: dict | None = None) -> None:
+    """Config, tokenizer and generation files; never weight indices; `quantization_config` removed and
+    `config_updates` applied (also inside `text_config`, where a multimodal config keeps the LM keys)."""
     for path in sorted(source_dir.iterdir()):
         if not path.is_file() or not path.name.endswith(COPIED_SUFFIXES) or path.name.endswith("index.json"):
             continue
@@ -152,6 +158,8 @@ def copy_model_files(source_dir: Path, out_dir: Path) -> None:
     if config_path.exists():
         config = json.loads(config_path.read_text(encoding="utf-8"))
         config.pop("quantization_config", None)
+        config.update(config_updates or {})
         if isinstance(config.get("text_config"), dict):
             config["text_config"].pop("quantization_config", None)
+            config["text_config"].update(config_updates or {})
         config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")

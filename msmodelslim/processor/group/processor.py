@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from msmodelslim.format.edits import OutputEdits
 from msmodelslim.processor.base import Processor, ProcessorContext, build_processor, register_processor
 from msmodelslim.processor.group.config import GroupConfig
 
@@ -21,6 +22,10 @@ class GroupProcessor(Processor):
 
         return merge_claims([(f"group.configs[{i}]", c.claims(linear_names)) for i, c in enumerate(self.children)])
 
+    def prepare_model(self, model: nn.Module) -> None:
+        for child in self.children:
+            child.prepare_model(model)
+
     def before_forward(self, block_name: str, block: nn.Module) -> None:
         for child in self.children:
             child.before_forward(block_name, block)
@@ -28,3 +33,9 @@ class GroupProcessor(Processor):
     def after_forward(self, block_name: str, block: nn.Module) -> None:
         for child in self.children:
             child.after_forward(block_name, block)
+
+    def output_edits(self) -> OutputEdits:
+        edits = OutputEdits()
+        for child in self.children:
+            edits = edits.merge(child.output_edits())
+        return edits
