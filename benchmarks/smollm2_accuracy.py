@@ -34,6 +34,13 @@ def smooth(alpha: float) -> dict:
     return {"type": "smooth_quant", "alpha": alpha, "enable_subgraph_type": ["norm-linear", "ov", "up-down"]}
 
 
+WEIGHT_INT4 = {**WEIGHT_INT8, "dtype": "int4"}  # per channel, as the W4A8 kernels take it
+ITER = {"type": "iter_smooth"}  # alpha 0.9, all subgraphs the adapter has
+FLEX = {"type": "flex_smooth_quant"}  # alpha/beta searched against dynamic int8 error
+FLEX_STATIC = {"type": "flex_smooth_quant", "act_scope": "per_tensor"}  # ... against static int8 error
+QUAROT = {"type": "quarot"}
+
+
 # Static on attention and MLP inputs, down_proj dynamic (the split the established practices use).
 SPLIT = {"type": "group", "configs": [linear({"act": STATIC, "weight": WEIGHT_INT8}, exclude=("lm_head", "*down_proj")),
                                       linear({"act": DYNAMIC, "weight": WEIGHT_INT8}, include=("*down_proj",))]}
@@ -49,6 +56,19 @@ SCHEMES = {
     "sq0.5+w8a8_static_down_dynamic": [smooth(0.5), SPLIT],
     "sq0.8+w8a8_static_down_dynamic": [smooth(0.8), SPLIT],
     "w8a8_static_down_dynamic": [SPLIT],
+    "iter+w8a8_static": [ITER, linear({"act": STATIC, "weight": WEIGHT_INT8})],
+    "iter+w8a8_static_down_dynamic": [ITER, SPLIT],
+    "iter+w8a8_dynamic": [ITER, linear({"act": DYNAMIC, "weight": WEIGHT_INT8})],
+    "flex+w8a8_dynamic": [FLEX, linear({"act": DYNAMIC, "weight": WEIGHT_INT8})],
+    "flex_static+w8a8_static": [FLEX_STATIC, linear({"act": STATIC, "weight": WEIGHT_INT8})],
+    "flex_static+w8a8_static_down_dynamic": [FLEX_STATIC, SPLIT],
+    "w4a8_dynamic": [linear({"act": DYNAMIC, "weight": WEIGHT_INT4})],
+    "quarot+w8a8_dynamic": [QUAROT, linear({"act": DYNAMIC, "weight": WEIGHT_INT8})],
+    "quarot+w4a8_dynamic": [QUAROT, linear({"act": DYNAMIC, "weight": WEIGHT_INT4})],
+    "quarot+flex+w8a8_dynamic": [QUAROT, FLEX, linear({"act": DYNAMIC, "weight": WEIGHT_INT8})],
+    "quarot+flex+w4a8_dynamic": [QUAROT, FLEX, linear({"act": DYNAMIC, "weight": WEIGHT_INT4})],
+    "quarot+flex_static+w8a8_static": [QUAROT, FLEX_STATIC, linear({"act": STATIC, "weight": WEIGHT_INT8})],
+    "quarot+flex_static+w8a8_static_down_dynamic": [QUAROT, FLEX_STATIC, SPLIT],
 }
 DEFAULT_SCHEMES = "w8a16,w8a8_dynamic,w8a8_static,w4a16_g64,w4a16_channel"
 

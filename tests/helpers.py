@@ -49,3 +49,19 @@ def small_calib(tmp_path: Path) -> str:
              for i in range(6)]
     path.write_text("\n".join(json.dumps(x) for x in lines))
     return str(path)
+
+
+STATIC_W8A8_STEP = {"type": "linear_quant", "qconfig": SCHEMES["w8a8_static"], "exclude": ["lm_head"]}
+
+
+def outputs_of_both_runners(source: Path, tmp_path: Path, process: list[dict], model_type: str) -> list[dict]:
+    """Quantize with layer_wise and with model_wise; the bytes of every safetensors file of each output."""
+    results = []
+    for runner in ("layer_wise", "model_wise"):
+        config = tmp_path / f"{runner}.yaml"
+        spec = {"runner": runner, "process": process, "dataset": small_calib(tmp_path)}
+        config.write_text(yaml.safe_dump({"apiversion": "modelslim_v1", "spec": spec}))
+        out = tmp_path / runner
+        run_quant(source, out, config, model_type)
+        results.append({str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*.safetensors")})
+    return results

@@ -5,7 +5,7 @@ import yaml
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from helpers import SCHEMES, run_quant, small_calib
+from helpers import SCHEMES, STATIC_W8A8_STEP, outputs_of_both_runners, run_quant, small_calib
 from msmodelslim.core.errors import ConfigError
 from msmodelslim.format.ascendv1.reader import load_ascendv1
 from msmodelslim.model.interface import AttentionShape
@@ -84,15 +84,9 @@ def test_smoothing_beats_round_to_nearest_on_planted_outliers():
 
 
 def test_layer_wise_equals_model_wise_with_smoothing(tiny_qwen2, tmp_path):
-    calib = small_calib(tmp_path)
-    quant = {"type": "linear_quant", "qconfig": SCHEMES["w8a8_static"], "exclude": ["lm_head"]}
-    digests = []
-    for runner in ("layer_wise", "model_wise"):
-        out = tmp_path / runner
-        run_quant(tiny_qwen2, out, smooth_config(tmp_path / f"{runner}.yaml", then=quant, runner=runner, dataset=calib),
-                  "Qwen2-7B")
-        digests.append({p.name: p.read_bytes() for p in out.glob("*.safetensors")})
-    assert digests[0] == digests[1]
+    process = [{"type": "smooth_quant", "alpha": 0.5, "enable_subgraph_type": ALL_SUBGRAPHS}, STATIC_W8A8_STEP]
+    layer_wise, model_wise = outputs_of_both_runners(tiny_qwen2, tmp_path, process, "Qwen2-7B")
+    assert layer_wise == model_wise
 
 
 def test_smooth_quant_after_linear_quant_is_an_error(tiny_llama, tmp_path):

@@ -7,7 +7,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from helpers import SCHEMES, run_quant, small_calib
+from helpers import SCHEMES, STATIC_W8A8_STEP, outputs_of_both_runners, run_quant, small_calib
 from msmodelslim.core.errors import ConfigError, UnsupportedError
 from msmodelslim.format.ascendv1.reader import load_ascendv1
 from msmodelslim.processor.flex_smooth_quant.search import GRID, flex_scales, quantized_error, search_alpha_beta
@@ -57,14 +57,8 @@ def test_transform_alone_leaves_the_float_model_unchanged(tmp_path, family, step
 
 @pytest.mark.parametrize("step", ["iter_smooth", "flex_smooth_quant_static"])
 def test_layer_wise_equals_model_wise(tiny_qwen2, tmp_path, step):
-    calib = small_calib(tmp_path)
-    quant = {"type": "linear_quant", "qconfig": SCHEMES["w8a8_static"], "exclude": ["lm_head"]}
-    digests = []
-    for runner in ("layer_wise", "model_wise"):
-        out = tmp_path / runner
-        run_quant(tiny_qwen2, out, write(tmp_path / f"{runner}.yaml", [STEPS[step], quant], calib, runner), "Qwen2-7B")
-        digests.append({p.name: p.read_bytes() for p in out.glob("*.safetensors")})
-    assert digests[0] == digests[1]
+    layer_wise, model_wise = outputs_of_both_runners(tiny_qwen2, tmp_path, [STEPS[step], STATIC_W8A8_STEP], "Qwen2-7B")
+    assert layer_wise == model_wise
 
 
 def test_composes_with_group_and_w4a8(tiny_llama, tmp_path):
