@@ -25,6 +25,8 @@ from msmodelslim.core.logging import get_logger
 from msmodelslim.core.runner import run_blocks
 from msmodelslim.format.ascendv1.checker import check_ascendv1
 from msmodelslim.format.ascendv1.writer import AscendV1Writer
+from msmodelslim.format.compressed_tensors.checker import check_compressed_tensors
+from msmodelslim.format.compressed_tensors.writer import CompressedTensorsWriter
 from msmodelslim.format.edits import OutputEdits
 from msmodelslim.format.staging import check_save_path, staged_directory
 from msmodelslim.model.registry import create_adapter, lookup
@@ -146,7 +148,7 @@ def quantize(request: QuantizeRequest) -> QuantizeReport:
         check_save_path(request.save_path, request.overwrite, request.model_path)
     runner = choose_runner(config, request.device)
     if len(config.spec.save) != 1:
-        raise ConfigError("spec.save must hold exactly one ascendv1_saver in this version")
+        raise ConfigError("spec.save must hold exactly one saver (ascendv1_saver or compressed_tensors) in this version")
     adapter = create_adapter(request.model_type, str(request.model_path), request.trust_remote_code)
     context = ProcessorContext(type(adapter).__name__, adapter.structure, adapter.attention_shape())
     processors = [build_processor(c, context) for c in config.spec.process]
@@ -166,26 +168,34 @@ def quantize(request: QuantizeRequest) -> QuantizeReport:
     batches = adapter.handle_dataset(texts, device) if needs_data else []
     save = config.spec.save[0]
     with staged_directory(request.save_path, request.overwrite) as staging:
-        writer = AscendV1Writer(
-            staging,
-            save.part_file_size,
-            adapter.global_dtype(),
-            is_row_parallel=lambda name: name.rsplit(".", 1)[-1] in adapter.structure.row_parallel,
-            dtype_for=adapter.original_dtype,
-        )
+        if save.type == "compressed_tensors":
+            writer = CompressedTensorsWriter(staging, save.part_file_size, adapter.global_dtype(), adapter.original_dtype)
+        else:
+            writer = AscendV1Writer(
+                staging,
+                save.part_file_size,
+                adapter.global_dtype(),
+                is_row_parallel=lambda name: name.rsplit(".", 1)[-1] in adapter.structure.row_parallel,
+                dtype_for=adapter.original_dtype,
+            )
         stats = run_blocks(adapter, model, processors, writer, batches, device, runner == RunnerType.layer_wise)
         edits = OutputEdits()
         for processor in processors:
             edits = edits.merge(processor.output_edits())
-        report.description = writer.finish(request.model_path, edits)
+        if save.type == "compressed_tensors":
+            written = writer.finish(request.model_path, edits, [n for n, s in plan.items() if s == "FLOAT"])
+            report.description = {"model_quant_type": written.get("format", "dense")}
+            findings = check_compressed_tensors(staging)
+        else:
+            report.description = writer.finish(request.model_path, edits)
+            findings = check_ascendv1(staging, list(plan), adapter.structure.fused_groups)
         practice_file = staging / f"{request.model_type}_best_practice.yaml"
         saved = config.model_dump(mode="json", exclude_none=True, exclude={"source_dir"})
         practice_file.write_text(yaml.safe_dump(saved, sort_keys=False, allow_unicode=True))
-        findings = check_ascendv1(staging, list(plan), adapter.structure.fused_groups)
         report.warnings = sorted({f.message.split(": ", 1)[1] for f in findings if f.level == "warning"})
         errors = [f.message for f in findings if f.level == "error"]
         if errors:
-            raise FormatCheckError("the written checkpoint fails the ascendv1 checklist:\n  " + "\n  ".join(errors[:20]))
+            raise FormatCheckError(f"the written checkpoint fails the {save.type} checklist:\n  " + "\n  ".join(errors[:20]))
     for warning in report.warnings:
         log.warning("format check: %s", warning)
     report.seconds = time.perf_counter() - started

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -41,6 +41,18 @@ class AscendV1SaverConfig(BaseModel):
     ext: dict[str, Any] = Field(default_factory=dict)
 
 
+class CompressedTensorsSaverConfig(BaseModel):
+    """`type: compressed_tensors`: Hugging Face shards + quantization_config (vLLM on GPUs, transformers)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["compressed_tensors"]
+    part_file_size: float = Field(4, ge=0, description="shard size in GB; 0 writes a single file")
+
+
+SaverConfig = Annotated[Union[AscendV1SaverConfig, CompressedTensorsSaverConfig], Field(discriminator="type")]
+
+
 # Processors that rewrite float weights (exactly, in float) and so must see them before quantization.
 FLOAT_TRANSFORMS = ("smooth_quant", "iter_smooth", "flex_smooth_quant", "quarot")
 
@@ -54,7 +66,7 @@ class Spec(BaseModel):
 
     runner: RunnerType = RunnerType.auto
     process: list[ProcessorConfig] = Field(default_factory=list)
-    save: list[AscendV1SaverConfig] = Field(default_factory=_default_save)
+    save: list[SaverConfig] = Field(default_factory=_default_save)
     dataset: str = Field("mix_calib.jsonl", max_length=4096)
 
     @model_validator(mode="after")

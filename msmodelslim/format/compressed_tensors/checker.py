@@ -1,0 +1,58 @@
+"""Checks of a written compressed-tensors directory against formats.md C.2 (errors) and what vLLM's GPU
+kernels accept (B.6, warnings)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from compressed_tensors.quantization import QuantizationConfig
+from pydantic import ValidationError
+from safetensors import safe_open
+
+from msmodelslim.format.compressed_tensors.tensors import INT_QUANTIZED, PACK_QUANTIZED
+
+SUFFIXES = {INT_QUANTIZED: ("weight", "weight_scale"), PACK_QUANTIZED: ("weight_packed", "weight_scale", "weight_shape")}
+
+
+@dataclass(frozen=True)
+class Finding:
+    level: str  # "error" or "warning"
+    message: str
+
+
+def _tensor_names(path: Path) -> set[str]:
+    names: set[str] = set()
+    for shard in path.glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as f:
+            names.update(f.keys())
+    return names
+
+
+def check_compressed_tensors(path: Path) -> list[Finding]:
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    raw = config.get("quantization_config")
+    if raw is None:
+        return [Finding("warning", "C.2.1: nothing was quantized, so config.json has no quantization_config")]
+    findings = []
+    try:
+        parsed = QuantizationConfig.model_validate({k: v for k, v in raw.items()
+                                                     if k not in ("version", "sparsity_config", "transform_config")})
+    except ValidationError as exc:
+        return [Finding("error", f"C.2.1: quantization_config does not validate: {exc.errors()[0]['msg']}")]
+    names = _tensor_names(path)
+    if "lm_head" not in parsed.ignore and "lm_head.weight" in names:
+        findings.append(Finding("error", "C.2.5: lm_head is not in ignore"))
+    for group, scheme in parsed.config_groups.items():
+        for target in scheme.targets:
+            missing = [s for s in SUFFIXES[scheme.format] if f"{target}.{s}" not in names]
+            if missing:
+                findings.append(Finding("error", f"C.2.3: {target} ({group}) lacks {', '.join(missing)}"))
+        w, act = scheme.weights, scheme.input_activations
+        if act is not None and not w.symmetric:
+            findings.append(Finding("warning", f"B.6: {group}: vLLM accepts asymmetric weights only for weight-only "
+                                               f"(pack-quantized) layers"))
+        if act is not None and w.num_bits == 8 and w.strategy == "group":
+            findings.append(Finding("warning", f"B.6: {group}: vLLM's W8A8 int8 kernels take per-channel weights, "
+                                               f"not groups"))
+    return findings

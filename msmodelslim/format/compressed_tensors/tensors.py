@@ -1,0 +1,67 @@
+"""One QuantLinear in the compressed-tensors layout (formats.md B.2-B.5), built with the library's own
+QuantizationArgs and int32 packing.
+
+- Activations quantized (W8A8, W8A8_DYNAMIC, W4A8_DYNAMIC): format `int-quantized`; `weight` int8 codes
+  (int4 codes stay one per int8), `weight_scale` float32 [N, G], `input_scale`/`input_zero_point` [1] for
+  static.
+- Weight-only (W8A16, W4A16): format `pack-quantized`; `weight_packed` int32 [N, K·b/32] (offset-binary,
+  low bits first, along K), `weight_scale` [N, G], `weight_shape` [N, K].
+- Asymmetric: `weight_zero_point` (int8 for int-quantized, int32 packed along N for pack-quantized),
+  `input_zero_point` int8. Symmetric layers carry no zero points.
+Both conventions dequantize as (q − zp)·s, the same as ascendv1's (q − offset)·s.
+"""
+from __future__ import annotations
+
+import torch
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+from compressed_tensors.quantization import QuantizationArgs
+
+from msmodelslim.ir.quant_linear import QuantLinear
+from msmodelslim.quantizer.scheme import Scheme
+
+INT_QUANTIZED = "int-quantized"
+PACK_QUANTIZED = "pack-quantized"
+
+
+def _symmetric(offset: torch.Tensor | None) -> bool:
+    return offset is None or bool((offset == 0).all())
+
+
+def quantization_args(module: QuantLinear) -> tuple[QuantizationArgs, QuantizationArgs | None, str]:
+    """(weights, input_activations, format) of this layer."""
+    group = module.group_size
+    weights = QuantizationArgs(num_bits=module.weight_bits, type="int", symmetric=_symmetric(module.weight_offset),
+                               strategy="group" if group else "channel", group_size=group, observer="minmax",
+                               scale_dtype=torch.float32)
+    if module.scheme == Scheme.W8A8:
+        act = QuantizationArgs(num_bits=8, type="int", symmetric=_symmetric(module.input_offset), strategy="tensor",
+                               dynamic=False, observer="minmax", scale_dtype=torch.float32)
+    elif module.scheme in (Scheme.W8A8_DYNAMIC, Scheme.W4A8_DYNAMIC):
+        act = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True, observer=None)
+    else:
+        act = None
+    return weights, act, INT_QUANTIZED if act is not None else PACK_QUANTIZED
+
+
+def linear_tensors(module: QuantLinear, bias_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """{suffix: tensor} of one layer. Scales stay float32 and say so (`scale_dtype`): rounding them to a bf16
+    model's dtype, as llm-compressor does, would move every dequantized weight."""
+    weights, act, fmt = quantization_args(module)
+    out: dict[str, torch.Tensor] = {"weight_scale": module.weight_scale.float()}
+    zero_point = torch.round(module.weight_offset).to(torch.int8)
+    if fmt == INT_QUANTIZED:
+        out["weight"] = module.qweight
+        if not weights.symmetric:
+            out["weight_zero_point"] = zero_point
+    else:
+        out["weight_packed"] = pack_to_int32(module.qweight, weights.num_bits, packed_dim=1)
+        out["weight_shape"] = torch.tensor(list(module.qweight.shape), dtype=torch.int64)
+        if not weights.symmetric:
+            out["weight_zero_point"] = pack_to_int32(zero_point, weights.num_bits, packed_dim=0)
+    if act is not None and not act.dynamic:
+        out["input_scale"] = module.input_scale.float().reshape(1)
+        if not act.symmetric:
+            out["input_zero_point"] = torch.round(module.input_offset).to(torch.int8).reshape(1)
+    if module.bias is not None:
+        out["bias"] = module.bias.to(bias_dtype)
+    return out

@@ -1,0 +1,82 @@
+"""compressed-tensors writer (formats.md B): standard Hugging Face shards plus a `quantization_config` in
+config.json, which vLLM and transformers read. Layers are grouped by scheme into `config_groups` whose targets
+are the layers' exact names; every linear kept in float (lm_head included) is listed in `ignore`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import compressed_tensors
+import torch
+from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme, QuantizationStatus
+from torch import nn
+
+from msmodelslim.format.compressed_tensors.tensors import linear_tensors, quantization_args
+from msmodelslim.format.edits import OutputEdits
+from msmodelslim.format.hf_files import copy_model_files, own_tensors, quantized_and_float_modules, write_extra_files
+from msmodelslim.format.shards import ShardStream
+from msmodelslim.ir.quant_linear import QuantLinear
+
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+
+
+class CompressedTensorsWriter:
+    def __init__(self, out_dir: Path, part_file_size_gb: float, model_dtype: torch.dtype,
+                 dtype_for: Callable[[str], torch.dtype]) -> None:
+        self.out_dir = out_dir
+        self.shards = ShardStream(out_dir, int(part_file_size_gb * 2**30))
+        self.model_dtype = model_dtype
+        self.dtype_for = dtype_for
+        self.groups: dict[str, tuple[QuantizationScheme, list[str]]] = {}
+        self._float_ptrs: set[int] = set()
+
+    def add_float(self, name: str, tensor: torch.Tensor) -> None:
+        if tensor.data_ptr() in self._float_ptrs:
+            return  # a tied table (lm_head sharing the embedding) is written once; transformers re-ties it
+        self._float_ptrs.add(tensor.data_ptr())
+        dtype = self.dtype_for(name) if tensor.is_floating_point() else tensor.dtype
+        self.shards.add(name, tensor.to(dtype))
+
+    def add_module_tree(self, prefix: str, root: nn.Module) -> None:
+        for name, module in quantized_and_float_modules(prefix, root):
+            if isinstance(module, QuantLinear):
+                weights, act, fmt = quantization_args(module)
+                key = json.dumps([weights.model_dump(mode="json"), act and act.model_dump(mode="json"), fmt])
+                if key not in self.groups:
+                    scheme = QuantizationScheme(targets=[], weights=weights, input_activations=act, format=fmt)
+                    self.groups[key] = (scheme, [])
+                self.groups[key][1].append(name)
+                for suffix, tensor in linear_tensors(module, self.model_dtype).items():
+                    self.shards.add(f"{name}.{suffix}", tensor)
+                continue
+            for tensor_name, tensor in own_tensors(name, module):
+                self.add_float(tensor_name, tensor)
+
+    def quantization_config(self, ignore: list[str]) -> dict:
+        groups = {}
+        for i, (scheme, names) in enumerate(self.groups.values()):
+            groups[f"group_{i}"] = scheme.model_copy(update={"targets": list(names)})
+        formats = {s.format for s in groups.values()}
+        config = QuantizationConfig(
+            config_groups=groups,
+            format=formats.pop() if len(formats) == 1 else "mixed-precision",
+            quantization_status=QuantizationStatus.COMPRESSED,
+            ignore=sorted(ignore),
+        )
+        return {"version": compressed_tensors.__version__, "quant_method": "compressed-tensors",
+                "sparsity_config": {}, "transform_config": {},
+                **config.model_dump(mode="json", exclude={"quant_method"})}
+
+    def finish(self, source_dir: Path, edits: OutputEdits | None = None, float_linears: list[str] = ()) -> dict:
+        """Name the shards, write config.json with its quantization_config, copy the tokenizer files."""
+        edits = edits or OutputEdits()
+        if self.shards.shard_count <= 1:
+            self.shards.finish(lambda i, n: SINGLE, None)
+        else:
+            self.shards.finish(lambda i, n: f"model-{i:05d}-of-{n:05d}.safetensors", INDEX)
+        quantization_config = self.quantization_config(list(float_linears)) if self.groups else None
+        write_extra_files(self.out_dir, edits)
+        copy_model_files(source_dir, self.out_dir, edits.config, quantization_config)
+        return quantization_config or {}
