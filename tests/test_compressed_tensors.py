@@ -118,3 +118,27 @@ def test_quarot_output_is_untied_in_compressed_tensors(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32, local_files_only=True)
     float_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     assert (logits(model) - logits(float_model)).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("scheme", ["w8a8_static", "w4a16_g16"])
+def test_convert_ascendv1_to_compressed_tensors(tiny_qwen2, tmp_path, scheme):
+    from msmodelslim.cli.__main__ import main
+
+    ascend_dir, direct_dir = quantize_both(tiny_qwen2, tmp_path, scheme, "Qwen2-7B")
+    converted = tmp_path / "converted"
+    assert main(["convert", "--model_path", str(ascend_dir), "--save_path", str(converted)]) == 0
+    assert not (converted / "quant_model_description.json").exists()
+    theirs = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32, local_files_only=True)
+    assert torch.allclose(logits(load_ascendv1(ascend_dir)), logits(theirs), atol=1e-4, rtol=1e-4)
+    direct = load_file(direct_dir / "model.safetensors")
+    converted_tensors = load_file(converted / "model.safetensors")
+    assert converted_tensors.keys() == direct.keys()
+    for name, tensor in converted_tensors.items():  # what quantizing straight to this format writes
+        if name.endswith("weight_scale"):  # W8A8 scales pass through ascendv1's deq_scale = s_in * s_w
+            assert torch.allclose(tensor, direct[name], rtol=1e-6, atol=0), name
+        elif name.endswith("bias") and scheme == "w8a8_static":  # ascendv1 folds it into int32 quant_bias
+            assert torch.allclose(tensor, direct[name], atol=1e-3), name
+        else:
+            assert torch.equal(tensor, direct[name]), name
+    assert main(["convert", "--model_path", str(ascend_dir), "--save_path", str(converted)]) == 3  # not empty
+    assert main(["convert", "--model_path", str(tmp_path / "nope"), "--save_path", str(tmp_path / "x")]) == 2

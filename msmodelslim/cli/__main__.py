@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="msmodelslim", description="Post-training quantization of LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    quant = sub.add_parser("quant", help="quantize a model into an ascendv1 checkpoint")
+    quant = sub.add_parser("quant", help="quantize a model (ascendv1 or compressed-tensors output, see spec.save)")
     _add_model_args(quant)
     quant.add_argument("--save_path", required=True, type=Path, help="output directory (must be new or empty)")
     quant.add_argument("--model_type", required=True, help="registered model name, e.g. Qwen2.5-7B-Instruct")
@@ -47,6 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="check an ascendv1 checkpoint against what vLLM-Ascend's loader requires")
     check.add_argument("path", type=Path, help="directory written by 'quant' (or any ascendv1 checkpoint)")
+
+    conv = sub.add_parser("convert", help="convert an ascendv1 checkpoint into compressed-tensors (vLLM on GPUs)")
+    conv.add_argument("--model_path", required=True, type=Path, help="ascendv1 checkpoint directory")
+    conv.add_argument("--save_path", required=True, type=Path, help="output directory (must be new or empty)")
+    conv.add_argument("--format", default="compressed_tensors", choices=["compressed_tensors"])
+    conv.add_argument("--part_file_size", type=float, default=4, help="shard size in GB (default 4)")
+    conv.add_argument("--overwrite", action="store_true", help="replace a non-empty --save_path once the output is complete")
+    conv.add_argument("--trust_remote_code", type=str_to_bool, default=False, metavar="True|False")
 
     ev = sub.add_parser("eval", help="perplexity of the float model vs an ascendv1 checkpoint")
     _add_model_args(ev)
@@ -103,6 +111,15 @@ def _run(args: argparse.Namespace) -> int:
         errors = sum(f.level == "error" for f in findings)
         print(f"{errors} error(s), {len(findings) - errors} warning(s)")
         return 4 if errors else 0
+    if args.command == "convert":
+        from msmodelslim.app.convert import convert_ascendv1_to_compressed_tensors
+
+        if args.part_file_size < 0:
+            raise ConfigError("--part_file_size must be >= 0")
+        convert_ascendv1_to_compressed_tensors(args.model_path, args.save_path, args.overwrite, args.part_file_size,
+                                               args.trust_remote_code)
+        print(f"wrote {args.save_path} (compressed-tensors)")
+        return 0
     if args.command == "eval":
         from msmodelslim.app.evaluate import evaluate
 

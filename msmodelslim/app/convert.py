@@ -1,0 +1,76 @@
+"""Use case: convert an ascendv1 checkpoint into compressed-tensors, so a model quantized for Ascend NPUs can
+be served by vLLM on GPUs (or loaded by transformers).
+
+The ascendv1 directory is read by our reader (formats.md C.3) into QuantLinear modules, which the
+compressed-tensors writer stores as if they had just been quantized; the integer codes and scales are carried
+over unchanged. The whole model is held in memory (a per-layer streaming conversion is future work).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from msmodelslim.core.errors import FormatCheckError, InvalidModelError
+from msmodelslim.core.logging import get_logger
+from msmodelslim.format.ascendv1.reader import load_ascendv1
+from msmodelslim.format.ascendv1.writer import DESCRIPTION
+from msmodelslim.format.compressed_tensors.checker import check_compressed_tensors
+from msmodelslim.format.compressed_tensors.writer import CompressedTensorsWriter
+from msmodelslim.format.staging import check_save_path, staged_directory
+from msmodelslim.ir.quant_linear import QuantLinear
+
+log = get_logger("app.convert")
+
+
+def _model_dtype(config_path: Path) -> torch.dtype:
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    name = config.get("dtype") or config.get("torch_dtype") or (config.get("text_config") or {}).get("dtype")
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def _drop_folded_zero_biases(model: nn.Module, source: Path, trust_remote_code: bool) -> None:
+    """ascendv1 W8A8 always stores a (folded) bias; where the architecture has none it reads back as zeros
+    and must not be written as a tensor the architecture does not expect."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=True)
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear) and module.bias is not None:
+            if getattr(skeleton.get_submodule(name), "bias", None) is None:
+                if module.bias.abs().max() > 0:
+                    raise InvalidModelError(f"{source}: {name} has a non-zero bias but the architecture has none")
+                module.bias = None
+
+
+def convert_ascendv1_to_compressed_tensors(source: Path, save_path: Path, overwrite: bool = False,
+                                           part_file_size_gb: float = 4, trust_remote_code: bool = False) -> list[str]:
+    """Write `save_path` from the ascendv1 checkpoint `source`; returns the checker's warnings."""
+    if not (source / DESCRIPTION).is_file() or not (source / "config.json").is_file():
+        raise InvalidModelError(f"{source} is not an ascendv1 checkpoint (needs {DESCRIPTION} and config.json)")
+    check_save_path(save_path, overwrite, source)
+    dtype = _model_dtype(source / "config.json")
+    model = load_ascendv1(source, trust_remote_code)
+    _drop_folded_zero_biases(model, source, trust_remote_code)
+    float_linears = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+    with staged_directory(save_path, overwrite) as staging:
+        writer = CompressedTensorsWriter(staging, part_file_size_gb, dtype, lambda _name: dtype)
+        for name, child in model.named_children():
+            writer.add_module_tree(name, child)
+        writer.finish(source, float_linears=float_linears)
+        (staging / DESCRIPTION).unlink(missing_ok=True)  # copied with the other *.json files; not part of this format
+        findings = check_compressed_tensors(staging)
+        errors = [f.message for f in findings if f.level == "error"]
+        if errors:
+            raise FormatCheckError("the converted checkpoint fails the compressed-tensors checklist:\n  " + "\n  ".join(errors))
+    warnings = [f.message for f in findings if f.level == "warning"]
+    for warning in warnings:
+        log.warning("format check: %s", warning)
+    log.info("converted %s -> %s (compressed-tensors)", source, save_path)
+    return warnings
