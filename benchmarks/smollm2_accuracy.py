@@ -83,13 +83,13 @@ def calibration_windows(tokenizer, count: int, length: int, out: Path) -> Path:
     return out
 
 
-def write_config(path: Path, process: list, dataset: str, runner: str) -> None:
+def write_config(path: Path, process: list, dataset: str, runner: str, saver: str = "ascendv1_saver") -> None:
     import yaml
 
     config = {"apiversion": "modelslim_v1", "spec": {
         "runner": runner,
         "process": process,
-        "save": [{"type": "ascendv1_saver", "part_file_size": 4}],
+        "save": [{"type": saver, "part_file_size": 4}],
         "dataset": dataset}}
     path.write_text(yaml.safe_dump(config))
 
