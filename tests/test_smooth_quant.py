@@ -10,7 +10,7 @@ from msmodelslim.core.errors import ConfigError
 from msmodelslim.format.ascendv1.reader import load_ascendv1
 from msmodelslim.model.interface import AttentionShape
 from msmodelslim.processor.linear_quant.config import LinearQuantConfig
-from msmodelslim.processor.linear_quant.processor import linear_to_ir
+from msmodelslim.processor.linear_quant.processor import InputRecord, linear_to_ir
 from msmodelslim.processor.smooth_quant import smooth
 from msmodelslim.quantizer.observer import MinMaxObserver
 from tiny_models import make_tiny_model
@@ -70,9 +70,9 @@ def test_smoothing_beats_round_to_nearest_on_planted_outliers():
     config = LinearQuantConfig(type="linear_quant", qconfig=SCHEMES["w8a8_static"])
 
     def quantized_error(lin, inputs):
-        observer = MinMaxObserver()
-        observer.update(inputs)
-        ir = linear_to_ir(lin, config, observer)
+        record = InputRecord(MinMaxObserver())
+        record.update(inputs)
+        ir = linear_to_ir(lin, config, record)
         return (ir(inputs) - linear(x)).pow(2).mean().item()
 
     plain = quantized_error(linear, x)

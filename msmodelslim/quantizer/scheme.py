@@ -29,9 +29,16 @@ class QScope(str, enum.Enum):
     per_group = "per_group"
 
 
-IMPLEMENTED_METHODS = ("minmax", "none")
+IMPLEMENTED_METHODS = ("minmax", "none", "histogram", "ssz", "gptq")
+WEIGHT_METHODS = ("minmax", "ssz", "gptq")
+ACT_METHODS = ("minmax", "histogram", "none")
 # Methods of the established protocol that later issues implement; named so the error is precise.
-PLANNED_METHODS = ("histogram", "ssz", "gptq", "autoround", "ceil_x", "fouroversix", "dualscale", "mse_round")
+PLANNED_METHODS = ("autoround", "ceil_x", "fouroversix", "dualscale", "mse_round")
+# ext keys each method accepts, with their defaults (group_size belongs to scope per_group).
+METHOD_EXT = {
+    "ssz": {"step": 50},
+    "gptq": {"percdamp": 0.01, "block_size": 128, "act_order": False},
+}
 
 
 class QConfig(BaseModel):
@@ -55,10 +62,18 @@ class QConfig(BaseModel):
                 # a float tensor has nothing to observe, so say so.
                 raise ValueError("dtype float (not quantized) takes method 'none'")
         elif self.method == "none":
-            raise ValueError(f"dtype {self.dtype.value} needs a method (minmax)")
-        unknown = set(self.ext) - {"group_size"}
+            raise ValueError(f"dtype {self.dtype.value} needs a method ({', '.join(WEIGHT_METHODS + ACT_METHODS[1:2])})")
+        known = {"group_size", *METHOD_EXT.get(self.method, {})}
+        unknown = set(self.ext) - known
         if unknown:
-            raise ValueError(f"unknown ext key(s) {sorted(unknown)}; known: group_size")
+            raise ValueError(f"unknown ext key(s) {sorted(unknown)} for method {self.method}; known: {', '.join(sorted(known))}")
+        for key, default in METHOD_EXT.get(self.method, {}).items():
+            value = self.ext.get(key, default)
+            if isinstance(default, bool):
+                if not isinstance(value, bool):
+                    raise ValueError(f"ext.{key} must be true or false")
+            elif isinstance(value, bool) or not isinstance(value, type(default)) or value <= 0:
+                raise ValueError(f"ext.{key} must be a positive {type(default).__name__} (default {default})")
         if self.scope == QScope.per_group:
             size = self.ext.get("group_size")
             if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
@@ -70,6 +85,10 @@ class QConfig(BaseModel):
     @property
     def group_size(self) -> Optional[int]:
         return self.ext.get("group_size") if self.scope == QScope.per_group else None
+
+    def option(self, key: str):
+        """A method's ext option, or its default."""
+        return self.ext.get(key, METHOD_EXT[self.method][key])
 
     @property
     def is_float(self) -> bool:
@@ -130,6 +149,13 @@ class LinearQConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_pair(self) -> "LinearQConfig":
+        if not self.weight.is_float and self.weight.method not in WEIGHT_METHODS:
+            raise ValueError(f"weight method {self.weight.method!r} is for activations; weights take "
+                             f"{', '.join(WEIGHT_METHODS)}")
+        if self.act.method not in ACT_METHODS:
+            raise ValueError(f"act method {self.act.method!r} is for weights; activations take minmax or histogram")
+        if self.act.method == "histogram" and not (self.act.dtype == QDType.int8 and self.act.scope == QScope.per_tensor):
+            raise ValueError("act method histogram calibrates static int8 per_tensor activations only")
         resolve_scheme(self.act, self.weight)
         return self
 
@@ -138,6 +164,10 @@ class LinearQConfig(BaseModel):
         return resolve_scheme(self.act, self.weight)
 
     @property
-    def needs_calibration(self) -> bool:
-        """Static activation ranges come from data; weights and dynamic activations do not."""
+    def static_act(self) -> bool:
         return not self.act.is_float and self.act.scope == QScope.per_tensor
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Static activation ranges and GPTQ's Hessian come from data; the other methods do not."""
+        return self.static_act or self.weight.method == "gptq"

@@ -1,10 +1,15 @@
-"""`linear_quant`: round-to-nearest quantization of linear layers.
+"""`linear_quant`: quantization of linear layers with one qconfig.
 
-Weights: min/max per output channel or per group (`quantizer.primitives.quantize_weight_minmax`).
-Static activations (W8A8): min/max of the layer's input over the calibration data, one scale and offset per
-tensor. Dynamic activations (per_token) need no data: the kernel measures each token at run time.
+Weights, by `weight.method`: `minmax` (round to nearest with min/max ranges, per channel or group), `ssz`
+(ranges searched to minimise the reconstruction error, quantizer/ssz.py) or `gptq` (Hessian-based error
+feedback on the calibration inputs, quantizer/gptq.py). Static activations (W8A8), by `act.method`: `minmax`
+(min/max of the layer's input over the calibration data) or `histogram` (the L2-optimal clipping range).
+Dynamic activations (per_token) need no data: the kernel measures each token at run time.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
@@ -14,20 +19,58 @@ from msmodelslim.ir.quant_linear import QuantLinear
 from msmodelslim.processor.base import Processor, ProcessorContext, register_processor
 from msmodelslim.processor.linear_quant.config import LinearQuantConfig
 from msmodelslim.processor.matching import select
-from msmodelslim.quantizer.observer import MinMaxObserver
-from msmodelslim.quantizer.primitives import quantize_weight_minmax, scale_offset_from_minmax
-from msmodelslim.quantizer.scheme import QScope
+from msmodelslim.quantizer.gptq import accumulate_hessian, gptq_quantize
+from msmodelslim.quantizer.observer import HistogramObserver, MinMaxObserver
+from msmodelslim.quantizer.primitives import quantize_weight_minmax
+from msmodelslim.quantizer.scheme import LinearQConfig, QScope
+from msmodelslim.quantizer.ssz import ssz_quantize
 
 
-def linear_to_ir(linear: nn.Linear, config: LinearQuantConfig, observer: MinMaxObserver | None) -> QuantLinear:
+@dataclass
+class InputRecord:
+    """What one linear's calibration inputs left behind: the activation observer and/or GPTQ's Hessian."""
+
+    observer: Optional[MinMaxObserver | HistogramObserver] = None
+    collect_hessian: bool = False
+    hessian: Optional[torch.Tensor] = None
+    tokens: int = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        if self.observer is not None:
+            self.observer.update(x)
+        if self.collect_hessian:
+            self.hessian, self.tokens = accumulate_hessian(self.hessian, self.tokens, x.detach().float())
+
+    @property
+    def complete(self) -> bool:
+        return (self.observer is None or self.observer.seen) and (not self.collect_hessian or self.tokens > 0)
+
+
+def new_record(q: LinearQConfig) -> InputRecord:
+    observer = None
+    if q.static_act:
+        observer = HistogramObserver(q.act.symmetric) if q.act.method == "histogram" else MinMaxObserver()
+    return InputRecord(observer, collect_hessian=q.weight.method == "gptq")
+
+
+def quantize_weight(linear: nn.Linear, q: LinearQConfig, record: Optional[InputRecord]):
+    w, spec = linear.weight.detach(), q.weight
+    bits, group = spec.dtype.bits, spec.group_size
+    if spec.method == "ssz":
+        return ssz_quantize(w, bits, spec.symmetric, group, spec.option("step"))
+    if spec.method == "gptq":
+        return gptq_quantize(w, record.hessian, bits, spec.symmetric, group, spec.option("block_size"),
+                             spec.option("percdamp"), spec.option("act_order"))
+    return quantize_weight_minmax(w, bits, spec.symmetric, group)
+
+
+def linear_to_ir(linear: nn.Linear, config: LinearQuantConfig, record: Optional[InputRecord]) -> QuantLinear:
     """Pure conversion of one float linear into its quantized representation."""
     q = config.qconfig
-    qweight, scale, offset = quantize_weight_minmax(
-        linear.weight.detach(), q.weight.dtype.bits, q.weight.symmetric, q.weight.group_size
-    )
+    qweight, scale, offset = quantize_weight(linear, q, record)
     input_scale = input_offset = None
-    if q.needs_calibration:
-        input_scale, input_offset = scale_offset_from_minmax(observer.min, observer.max, q.act.dtype.bits, q.act.symmetric)
+    if q.static_act:
+        input_scale, input_offset = record.observer.qparams(q.act.dtype.bits, q.act.symmetric)
     bias = None if linear.bias is None else linear.bias.detach()
     return QuantLinear(q.scheme, qweight, scale, offset, bias, input_scale, input_offset)
 
@@ -41,7 +84,7 @@ def _replace(root: nn.Module, relative_name: str, new: nn.Module) -> None:
 class LinearQuantProcessor(Processor):
     def __init__(self, config: LinearQuantConfig, context: ProcessorContext | None = None) -> None:
         self.config = config
-        self._observers: dict[str, MinMaxObserver] = {}
+        self._records: dict[str, InputRecord] = {}
         self._hooks: list = []
 
     @property
@@ -60,9 +103,9 @@ class LinearQuantProcessor(Processor):
         if not self.needs_calibration:
             return
         for name in self._targets(block_name, block):
-            observer = self._observers[name] = MinMaxObserver()
+            record = self._records[name] = new_record(self.config.qconfig)
             module = block.get_submodule(name[len(block_name) + 1 :])
-            self._hooks.append(module.register_forward_pre_hook(lambda _m, args, obs=observer: obs.update(args[0])))
+            self._hooks.append(module.register_forward_pre_hook(lambda _m, args, r=record: r.update(args[0])))
 
     def after_forward(self, block_name: str, block: nn.Module) -> None:
         for hook in self._hooks:
@@ -77,8 +120,9 @@ class LinearQuantProcessor(Processor):
                     f"{name}: group_size {group} does not divide its input size {linear.in_features}; "
                     f"pick a group size that divides it or exclude the layer"
                 )
-            observer = self._observers.pop(name, None)
-            if self.needs_calibration and (observer is None or not observer.seen):
-                raise ProcessingError(f"{name} received no calibration data, so its static activation range is unknown")
+            record = self._records.pop(name, None)
+            if self.needs_calibration and (record is None or not record.complete):
+                raise ProcessingError(f"{name} received no calibration data, so its static activation range "
+                                      f"(or GPTQ Hessian) is unknown")
             with torch.no_grad():
-                _replace(block, relative, linear_to_ir(linear, self.config, observer))
+                _replace(block, relative, linear_to_ir(linear, self.config, record))
