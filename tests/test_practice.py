@@ -72,7 +72,7 @@ def test_cli_refusal_exit_code_and_flag(third_party_model, tiny_llama, tmp_path,
 
 
 def test_unavailable_quant_type_is_refused_by_name():
-    with pytest.raises(UnsupportedError, match="w4a16 has no practice yet.*AWQ or GPTQ"):
+    with pytest.raises(UnsupportedError, match="w4a16 has no practice yet.*method gptq or ssz"):
         select_practice("Qwen3-8B", "qwen3", "w4a16")
     with pytest.raises(ConfigError, match="known:"):
         select_practice("Qwen3-8B", "qwen3", "w9a9")

@@ -40,8 +40,10 @@ KNOWN_QUANT_TYPES = ("w8a8", "w8a16", "w4a8", "w4a16", "w4a4", "w8a8s", "w16a16s
 
 # Why a quant_type has no practice anywhere yet: the algorithms its recipe needs.
 _MISSING = {
-    "w4a8": "a usable W4A8 recipe needs AWQ/SSZ-style weight search, and vLLM-Ascend loads W4A8 only for MoE experts",
-    "w4a16": "a usable 4-bit weight-only recipe needs AWQ or GPTQ (round to nearest costs ~38 % perplexity at group 64)",
+    "w4a8": "no W4A8 recipe has been measured yet (the established one needs flex_awq_ssz), and vLLM-Ascend loads "
+            "W4A8 only for MoE experts; write a config with method ssz or gptq",
+    "w4a16": "no 4-bit weight-only recipe has been measured yet (round to nearest costs ~38 % perplexity at group 64); "
+             "write a config with method gptq or ssz",
     "w4a4": "its recipe needs rotation (adapt_rotation) and AutoRound",
     "w8a8s": "sparse quantization", "w16a16s": "float_sparse",
 }
