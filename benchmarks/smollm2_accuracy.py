@@ -35,6 +35,7 @@ def smooth(alpha: float) -> dict:
 
 
 WEIGHT_INT4 = {**WEIGHT_INT8, "dtype": "int4"}  # per channel, as the W4A8 kernels take it
+W4_G64 = {**WEIGHT_INT4, "scope": "per_group", "ext": {"group_size": 64}}
 ITER = {"type": "iter_smooth"}  # alpha 0.9, all subgraphs the adapter has
 FLEX = {"type": "flex_smooth_quant"}  # alpha/beta searched against dynamic int8 error
 FLEX_STATIC = {"type": "flex_smooth_quant", "act_scope": "per_tensor"}  # ... against static int8 error
@@ -69,6 +70,14 @@ SCHEMES = {
     "quarot+flex+w4a8_dynamic": [QUAROT, FLEX, linear({"act": DYNAMIC, "weight": WEIGHT_INT4})],
     "quarot+flex_static+w8a8_static": [QUAROT, FLEX_STATIC, linear({"act": STATIC, "weight": WEIGHT_INT8})],
     "quarot+flex_static+w8a8_static_down_dynamic": [QUAROT, FLEX_STATIC, SPLIT],
+    "w4a16_g64_gptq": [linear({"weight": {**W4_G64, "method": "gptq", "ext": {"group_size": 64, "act_order": True}}})],
+    "w4a16_g64_ssz": [linear({"weight": {**W4_G64, "method": "ssz"}})],
+    "w4a16_channel_gptq": [linear({"weight": {**WEIGHT_INT4, "method": "gptq", "ext": {"act_order": True}}})],
+    "w4a16_channel_ssz": [linear({"weight": {**WEIGHT_INT4, "method": "ssz"}})],
+    "w4a8_dynamic_gptq": [linear({"act": DYNAMIC, "weight": {**WEIGHT_INT4, "method": "gptq", "ext": {"act_order": True}}})],
+    "quarot+w4a8_dynamic_gptq": [QUAROT, linear({"act": DYNAMIC,
+                                                 "weight": {**WEIGHT_INT4, "method": "gptq", "ext": {"act_order": True}}})],
+    "w8a8_static_histogram": [linear({"act": {**STATIC, "method": "histogram"}, "weight": WEIGHT_INT8})],
 }
 DEFAULT_SCHEMES = "w8a16,w8a8_dynamic,w8a8_static,w4a16_g64,w4a16_channel"
 
