@@ -27,7 +27,7 @@ def accumulate_hessian(h: torch.Tensor | None, count: int, x: torch.Tensor) -> t
     """Running H = 2·X·Xᵀ/n over all tokens seen; x is [..., in]."""
     x = x.reshape(-1, x.shape[-1]).double()
     n = x.shape[0]
-    h = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64) if h is None else h
+    h = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device) if h is None else h
     h = h * (count / (count + n)) + (2.0 / (count + n)) * (x.T @ x)
     return h, count + n
 
@@ -47,30 +47,31 @@ def gptq_quantize(
     `quantize_weight_minmax`."""
     w = weight.detach().float().clone()
     out_features, cols = w.shape
-    h = hessian.double().clone()
+    h = hessian.double().to(w.device).clone()
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     group = group_size or cols
     n_groups = cols // group
     qmin, qmax = int_range(bits)
-    scale = torch.zeros(out_features, n_groups)
-    offset = torch.zeros(out_features, n_groups)
+    scale = torch.zeros(out_features, n_groups, device=w.device)
+    offset = torch.zeros(out_features, n_groups, device=w.device)
     if act_order or group_size is None:  # fixed ranges from the original weights
         for g in range(n_groups):
             scale[:, g], offset[:, g] = _params(w[:, g * group:(g + 1) * group], bits, symmetric)
-    perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(cols)
+    perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(cols, device=w.device)
     w, h = w[:, perm], h[perm][:, perm]
-    h += percdamp * torch.diagonal(h).mean() * torch.eye(cols, dtype=h.dtype)
+    h += percdamp * torch.diagonal(h).mean() * torch.eye(cols, dtype=h.dtype, device=h.device)
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
     if group_size and not act_order:  # a group must not straddle two blocks: its range is taken at its start
         block_size = group * max(1, block_size // group)
-    codes = torch.zeros(out_features, cols, dtype=torch.int8)
+    codes = torch.zeros(out_features, cols, dtype=torch.int8, device=w.device)
+    order = perm.tolist()
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)
-        block, errors = w[:, start:end].clone(), torch.zeros(out_features, end - start)
+        block, errors = w[:, start:end].clone(), torch.zeros(out_features, end - start, device=w.device)
         for i in range(end - start):
-            column = int(perm[start + i])
+            column = order[start + i]
             g = column // group
             if group_size and not act_order and column % group == 0:
                 scale[:, g], offset[:, g] = _params(block[:, i:i + group], bits, symmetric)

@@ -55,7 +55,7 @@ class HistogramObserver:
         return self.lo + width * (torch.arange(self.BINS, dtype=torch.float64) + 0.5)
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.detach().double().reshape(-1)
+        x = x.detach().double().reshape(-1).cpu()  # torch.histogram runs on the CPU only
         lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
         if self.counts is not None and (lo < self.lo or hi > self.hi):
             centres = self._centres()

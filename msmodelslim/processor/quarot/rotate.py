@@ -16,7 +16,8 @@ from torch import nn
 
 def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     # float32 (the working precision): float64 would cost minutes per layer on 7B-sized weights
-    return (a.float() @ b.float()).to(a.dtype)
+    device = a.device if a.device.type != "cpu" else b.device
+    return (a.float().to(device) @ b.float().to(device)).to(a.dtype)
 
 
 @torch.no_grad()
@@ -49,6 +50,7 @@ def rotate_heads(value: nn.Linear, output: nn.Linear, h: torch.Tensor, num_heads
     b_k·H), and each query head's o_proj columns W_o[:, head] → W_o[:, head]·H. Attention mixes tokens, not
     channels, so (A·V·H)·(W_o·H)ᵀ = A·V·W_oᵀ per head, also when several query heads share a value head."""
     d = h.shape[0]
+    h = h.to(value.weight.device)
     w = value.weight.view(num_kv_heads, d, -1)
     w.copy_(torch.einsum("ji,kjc->kic", h.float(), w.float()).to(w.dtype))
     if value.bias is not None:
