@@ -136,3 +136,14 @@ def test_block_rotation_is_exact(tiny_llama, tmp_path):
     run_quant(tiny_llama, out, write(tmp_path / "c.yaml", [{"type": "quarot", "block_size": 16, "export_extra_info": False}]))
     assert torch.allclose(logits(model), logits(load_ascendv1(out)), rtol=1e-4, atol=1e-4)
     assert not (out / "optional").exists()
+
+
+def test_an_adapter_without_the_rotation_interface_is_named():
+    from msmodelslim.model.interface import AttentionShape, ModelStructure
+    from msmodelslim.processor.base import ProcessorContext
+    from msmodelslim.processor.quarot.config import QuaRotConfig
+    from msmodelslim.processor.quarot.processor import QuaRotProcessor
+
+    context = ProcessorContext("MyAdapter", ModelStructure(), AttentionShape(4, 2, 16))
+    with pytest.raises(UnsupportedError, match=r"adapter MyAdapter does not describe where to rotate \(ModelStructure.rotation"):
+        QuaRotProcessor(QuaRotConfig(type="quarot"), context)
