@@ -7,10 +7,8 @@ over unchanged. The whole model is held in memory (a per-layer streaming convers
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from msmodelslim.core.errors import FormatCheckError, InvalidModelError
@@ -21,24 +19,17 @@ from msmodelslim.format.compressed_tensors.checker import check_compressed_tenso
 from msmodelslim.format.compressed_tensors.writer import CompressedTensorsWriter
 from msmodelslim.format.staging import check_save_path, staged_directory
 from msmodelslim.ir.quant_linear import QuantLinear
+from msmodelslim.model.transformers_model import config_dtype
 
 log = get_logger("app.convert")
 
 
-def _model_dtype(config_path: Path) -> torch.dtype:
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    name = config.get("dtype") or config.get("torch_dtype") or (config.get("text_config") or {}).get("dtype")
-    dtype = getattr(torch, name, None) if isinstance(name, str) else None
-    return dtype if isinstance(dtype, torch.dtype) else torch.float32
-
-
-def _drop_folded_zero_biases(model: nn.Module, source: Path, trust_remote_code: bool) -> None:
+def _drop_folded_zero_biases(model: nn.Module, config, source: Path, trust_remote_code: bool) -> None:
     """ascendv1 W8A8 always stores a (folded) bias; where the architecture has none it reads back as zeros
     and must not be written as a tensor the architecture does not expect."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=True)
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     for name, module in model.named_modules():
@@ -55,9 +46,12 @@ def convert_ascendv1_to_compressed_tensors(source: Path, save_path: Path, overwr
     if not (source / DESCRIPTION).is_file() or not (source / "config.json").is_file():
         raise InvalidModelError(f"{source} is not an ascendv1 checkpoint (needs {DESCRIPTION} and config.json)")
     check_save_path(save_path, overwrite, source)
-    dtype = _model_dtype(source / "config.json")
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=True)
+    dtype = config_dtype(config)
     model = load_ascendv1(source, trust_remote_code)
-    _drop_folded_zero_biases(model, source, trust_remote_code)
+    _drop_folded_zero_biases(model, config, source, trust_remote_code)
     float_linears = [n for n, m in model.named_modules() if type(m) is nn.Linear]
     with staged_directory(save_path, overwrite) as staging:
         writer = CompressedTensorsWriter(staging, part_file_size_gb, dtype, lambda _name: dtype)

@@ -43,6 +43,14 @@ def _float32(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.is_floating_point() else t
 
 
+def config_dtype(config) -> torch.dtype:
+    """The dtype a Hugging Face config declares (`dtype`, formerly `torch_dtype`); float32 when it has none."""
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
 class TransformersModel(ModelSlimPipelineInterfaceV1):
     structure = ModelStructure()
 
@@ -73,7 +81,7 @@ class TransformersModel(ModelSlimPipelineInterfaceV1):
         self.checkpoint = SafetensorsCheckpoint(self.model_path)
         self._tokenizer = None
         # Read now: building the float32 working model rewrites config.dtype.
-        self._global_dtype = self._dtype_from_config()
+        self._global_dtype = config_dtype(self.config)
 
     # ---- information -------------------------------------------------------------------------------------
     @property
@@ -92,12 +100,6 @@ class TransformersModel(ModelSlimPipelineInterfaceV1):
     def global_dtype(self) -> torch.dtype:
         """The dtype the serving engine will run in (decides the ascendv1 deq_scale encoding)."""
         return self._global_dtype
-
-    def _dtype_from_config(self) -> torch.dtype:
-        dtype = getattr(self.config, "dtype", None) or getattr(self.config, "torch_dtype", None)
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype, None)
-        return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
     def attention_shape(self) -> AttentionShape:
         c = self.config

@@ -6,7 +6,6 @@ named engine version does not load that layer type (the user chose it knowingly,
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,16 +13,11 @@ from safetensors import safe_open
 
 from msmodelslim.format.ascendv1.reader import GLOBAL_KEYS, quantized_layers, read_description, tensors_by_layer
 from msmodelslim.format.ascendv1.tensors import FLOAT, decode_deq_scale, unpack_int4_int32, unpack_int4_rows
+from msmodelslim.format.findings import Finding
 
 DENSE_LOADABLE = {"W8A8", "W8A8_MIX", "W8A8_DYNAMIC", "W8A16", "W4A4_DYNAMIC", "W8A8FP8_DYNAMIC", "W8A8_MXFP8",
                   "W4A8_MXFP", "W4A4_MXFP4"}
 ENGINE = "vLLM-Ascend (182b75e)"
-
-
-@dataclass
-class Finding:
-    level: str  # "error" | "warning"
-    message: str
 
 
 def _shape(t: torch.Tensor) -> list[int]:

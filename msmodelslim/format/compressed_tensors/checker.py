@@ -3,7 +3,6 @@ kernels accept (B.6, warnings)."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from compressed_tensors.quantization import QuantizationConfig
@@ -11,14 +10,9 @@ from pydantic import ValidationError
 from safetensors import safe_open
 
 from msmodelslim.format.compressed_tensors.tensors import INT_QUANTIZED, PACK_QUANTIZED
+from msmodelslim.format.findings import Finding
 
 SUFFIXES = {INT_QUANTIZED: ("weight", "weight_scale"), PACK_QUANTIZED: ("weight_packed", "weight_scale", "weight_shape")}
-
-
-@dataclass(frozen=True)
-class Finding:
-    level: str  # "error" or "warning"
-    message: str
 
 
 def _tensor_names(path: Path) -> set[str]:
