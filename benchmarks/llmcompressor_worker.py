@@ -40,7 +40,28 @@ def recipe(name: str):
             groups = {"static": QuantizationScheme(targets=["Linear"], weights=weight, input_activations=static)}
         return [SmoothQuantModifier(smoothing_strength=0.8),
                 GPTQModifier(config_groups=groups, ignore=["lm_head"])]
+    if name in ("gptq_w4a16_g64", "awq_w4a16_g64", "gptq_w4a16_channel"):
+        from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+        from llmcompressor.modifiers.awq import AWQModifier
+
+        # Symmetric int4, as the ascendv1 W4A16 layout stores it (no zero points).
+        if name.endswith("g64"):
+            weight = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=64)
+        else:
+            weight = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="channel")
+        groups = {"w4a16": QuantizationScheme(targets=["Linear"], weights=weight)}
+        if name.startswith("awq"):
+            return [AWQModifier(config_groups=groups, ignore=["lm_head"])]
+        return [GPTQModifier(config_groups=groups, ignore=["lm_head"])]
     raise SystemExit(f"unknown recipe {name}")
+
+
+def allow_awq_on_cpu() -> None:
+    """llm-compressor 0.14's AWQ pins its cached intermediates (for faster host-to-device copies); on a machine
+    without an accelerator pin_memory fails. Making it a no-op changes no value, only where tensors live."""
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
 
 
 def main() -> None:
@@ -60,6 +81,8 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=40)
     args = parser.parse_args()
 
+    if args.recipe.startswith("awq"):
+        allow_awq_on_cpu()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)

@@ -33,6 +33,16 @@ PAIRS = {  # name: (ours, peer), the same scheme family, ours with its best proc
 }
 
 
+def run_peer(peer_python: Path, model_dir: Path, calib: Path, eval_path: Path, recipe: str, windows: int) -> dict:
+    """One llm-compressor recipe in its own environment: {ppl, seconds, peak_rss_mib}."""
+    proc = subprocess.run([str(peer_python), str(Path(__file__).with_name("llmcompressor_worker.py")),
+                           "--model", str(model_dir), "--calib", str(calib), "--eval", str(eval_path),
+                           "--recipe", recipe, "--windows", str(windows)], capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"llm-compressor run {recipe} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     from transformers import AutoTokenizer
 
@@ -66,12 +76,7 @@ def main() -> None:
         seconds, rss = quantize_in_child(model_dir, config, out)
         ppl = perplexity(load_ascendv1(out), windows, torch.device("cpu"), ours).perplexity
         print(f"msmodelslim {ours}: ppl {ppl:.4f}, {seconds:.1f} s, {rss:.0f} MiB", flush=True)
-        proc = subprocess.run([str(args.peer_python), str(Path(__file__).with_name("llmcompressor_worker.py")),
-                               "--model", str(model_dir), "--calib", str(calib), "--eval", str(eval_path),
-                               "--recipe", peer, "--windows", str(args.windows)], capture_output=True, text=True)
-        if proc.returncode:
-            raise SystemExit(f"llm-compressor run failed:\n{proc.stderr[-4000:]}")
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        result = run_peer(args.peer_python, model_dir, calib, eval_path, peer, args.windows)
         print(f"llm-compressor {peer}: ppl {result['ppl']:.4f}, {result['seconds']:.1f} s, "
               f"{result['peak_rss_mib']:.0f} MiB", flush=True)
         rows.append((ours, ppl, seconds, rss, peer, result))

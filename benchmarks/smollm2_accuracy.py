@@ -40,6 +40,19 @@ ITER = {"type": "iter_smooth"}  # alpha 0.9, all subgraphs the adapter has
 FLEX = {"type": "flex_smooth_quant"}  # alpha/beta searched against dynamic int8 error
 FLEX_STATIC = {"type": "flex_smooth_quant", "act_scope": "per_tensor"}  # ... against static int8 error
 QUAROT = {"type": "quarot"}
+GPTQ_G64 = {**W4_G64, "method": "gptq", "ext": {"group_size": 64, "act_order": True}}
+AWQ_G64 = {"type": "awq", "weight_qconfig": W4_G64}  # scored with round-to-nearest
+AWQ_G64_SSZ = {"type": "awq", "weight_qconfig": {**W4_G64, "method": "ssz"}}
+AWQ_CHANNEL = {"type": "awq", "weight_qconfig": WEIGHT_INT4}
+AR_CHANNEL = {**WEIGHT_INT4, "method": "autoround", "ext": {"scale_dtype": "float32"}}  # W4 scales are saved in f32
+AR_G64 = {**W4_G64, "method": "autoround", "ext": {"group_size": 64, "scale_dtype": "float32"}}
+
+
+def autoround(qconfig: dict, iters: int = 10) -> dict:
+    return {"type": "autoround_quant", "iters": iters, "strategies": [{"qconfig": qconfig, "exclude": ["lm_head"]}]}
+
+
+FLEX_AWQ_W4A8 = {"type": "flex_awq_ssz", "qconfig": {"act": DYNAMIC, "weight": {**WEIGHT_INT4, "method": "ssz"}}}
 
 
 # Static on attention and MLP inputs, down_proj dynamic (the split the established practices use).
@@ -77,6 +90,20 @@ SCHEMES = {
     "w4a8_dynamic_gptq": [linear({"act": DYNAMIC, "weight": {**WEIGHT_INT4, "method": "gptq", "ext": {"act_order": True}}})],
     "quarot+w4a8_dynamic_gptq": [QUAROT, linear({"act": DYNAMIC,
                                                  "weight": {**WEIGHT_INT4, "method": "gptq", "ext": {"act_order": True}}})],
+    "awq+w4a16_g64": [AWQ_G64, linear({"weight": W4_G64})],
+    "awq+w4a16_g64_gptq": [AWQ_G64, linear({"weight": GPTQ_G64})],
+    "awq+w4a16_g64_ssz": [AWQ_G64_SSZ, linear({"weight": {**W4_G64, "method": "ssz"}})],
+    "awq+w4a16_channel_gptq": [AWQ_CHANNEL, linear({"weight": {**WEIGHT_INT4, "method": "gptq", "ext": {"act_order": True}}})],
+    "w4a8_dynamic_ssz": [linear({"act": DYNAMIC, "weight": {**WEIGHT_INT4, "method": "ssz"}})],
+    "flex_awq+w4a8_dynamic_ssz": [FLEX_AWQ_W4A8, linear({"act": DYNAMIC, "weight": {**WEIGHT_INT4, "method": "ssz"}})],
+    "flex_awq+w4a8_dynamic_gptq": [FLEX_AWQ_W4A8, linear({"act": DYNAMIC, "weight": {
+        **WEIGHT_INT4, "method": "gptq", "ext": {"act_order": True}}})],
+    "autoround_w4a16_g64": [autoround({"weight": AR_G64})],
+    "autoround50_w4a16_g64": [autoround({"weight": AR_G64}, iters=50)],
+    "awq+autoround_w4a16_g64": [AWQ_G64, autoround({"weight": AR_G64})],
+    "autoround_w4a16_channel": [autoround({"weight": AR_CHANNEL})],
+    "autoround_w4a8_dynamic": [autoround({"act": DYNAMIC, "weight": AR_CHANNEL})],
+    "flex_awq+autoround_w4a8_dynamic": [FLEX_AWQ_W4A8, autoround({"act": DYNAMIC, "weight": AR_CHANNEL})],
     "w8a8_static_histogram": [linear({"act": {**STATIC, "method": "histogram"}, "weight": WEIGHT_INT8})],
 }
 DEFAULT_SCHEMES = "w8a16,w8a8_dynamic,w8a8_static,w4a16_g64,w4a16_channel"

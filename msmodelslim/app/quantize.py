@@ -82,10 +82,16 @@ def _linear_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
-def _leaf_configs(configs) -> list:
+def _quant_rules(configs) -> list:
+    """Every {qconfig, include, exclude} rule: linear_quant steps (also inside groups) and autoround strategies."""
     out = []
     for c in configs:
-        out.extend(_leaf_configs(c.configs) if hasattr(c, "configs") else [c])
+        if hasattr(c, "configs"):
+            out.extend(_quant_rules(c.configs))
+        elif hasattr(c, "strategies"):
+            out.extend(c.strategies)
+        elif isinstance(c, LinearQuantConfig):
+            out.append(c)
     return out
 
 
@@ -99,9 +105,7 @@ def plan_layers(config: PracticeConfig, processors: list[Processor], model: nn.M
         raise ConfigError(str(exc)) from None
     plan = {n: "FLOAT" for n in names}
     group_sizes = set()
-    for leaf in _leaf_configs(config.spec.process):
-        if not isinstance(leaf, LinearQuantConfig):
-            continue
+    for leaf in _quant_rules(config.spec.process):
         for name in select(names, leaf.include, leaf.exclude):
             plan[name] = leaf.qconfig.scheme.value
             group = leaf.qconfig.weight.group_size
@@ -114,7 +118,7 @@ def plan_layers(config: PracticeConfig, processors: list[Processor], model: nn.M
                         f"choose a divisor of {in_features} or exclude the layer"
                     )
         for pattern in unused_patterns(names, leaf.include + leaf.exclude):
-            log.warning("pattern %r of a linear_quant rule matches no linear layer", pattern)
+            log.warning("pattern %r of a quantization rule matches no linear layer", pattern)
     if len(group_sizes) > 1:
         raise ConfigError(f"ascendv1 stores one group_size per model, but the config uses {sorted(group_sizes)}")
     return plan

@@ -54,7 +54,10 @@ SaverConfig = Annotated[Union[AscendV1SaverConfig, CompressedTensorsSaverConfig]
 
 
 # Processors that rewrite float weights (exactly, in float) and so must see them before quantization.
-FLOAT_TRANSFORMS = ("smooth_quant", "iter_smooth", "flex_smooth_quant", "quarot")
+FLOAT_TRANSFORMS = ("smooth_quant", "iter_smooth", "flex_smooth_quant", "flex_awq_ssz", "awq", "quarot")
+
+
+QUANTIZERS = ("linear_quant", "autoround_quant")
 
 
 def _default_save() -> list[AscendV1SaverConfig]:
@@ -77,9 +80,9 @@ class Spec(BaseModel):
             kinds = [c.type for c in step.configs] if step.type == "group" else [step.type]
             transforms = [k for k in kinds if k in FLOAT_TRANSFORMS]
             if transforms and quantized_at is not None:
-                raise ValueError(f"process[{i}] ({transforms[0]}) comes after process[{quantized_at}] (linear_quant); "
-                                 f"float transforms (smoothing, rotation) must come before quantization")
-            if "linear_quant" in kinds and quantized_at is None:
+                raise ValueError(f"process[{i}] ({transforms[0]}) comes after process[{quantized_at}] "
+                                 f"({self.process[quantized_at].type}); float transforms (smoothing, rotation) must come before quantization")
+            if any(k in QUANTIZERS for k in kinds) and quantized_at is None:
                 quantized_at = i
         return self
 

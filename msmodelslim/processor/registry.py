@@ -6,6 +6,10 @@ from typing import Annotated, Union
 from pydantic import Field
 
 from msmodelslim.processor.base import PROCESSORS, build_processor  # noqa: F401 - re-exported
+from msmodelslim.processor.autoround import processor as _autoround  # noqa: F401 - registers "autoround_quant"
+from msmodelslim.processor.autoround.config import AutoRoundQuantConfig
+from msmodelslim.processor.flex_awq_ssz import processor as _flex_awq  # noqa: F401 - registers "awq", "flex_awq_ssz"
+from msmodelslim.processor.flex_awq_ssz.config import AwqConfig, FlexAwqSszConfig
 from msmodelslim.processor.flex_smooth_quant import processor as _flex  # noqa: F401 - registers "flex_smooth_quant"
 from msmodelslim.processor.flex_smooth_quant.config import FlexSmoothQuantConfig
 from msmodelslim.processor.group import processor as _group  # noqa: F401 - registers "group"
@@ -20,15 +24,16 @@ from msmodelslim.processor.smooth_quant import processor as _smooth_quant  # noq
 from msmodelslim.processor.smooth_quant.config import SmoothQuantConfig
 
 ProcessorConfig = Annotated[
-    Union[LinearQuantConfig, GroupConfig, SmoothQuantConfig, IterSmoothConfig, FlexSmoothQuantConfig, QuaRotConfig],
+    Union[LinearQuantConfig, GroupConfig, SmoothQuantConfig, IterSmoothConfig, FlexSmoothQuantConfig, QuaRotConfig,
+          FlexAwqSszConfig, AwqConfig, AutoRoundQuantConfig],
     Field(discriminator="type"),
 ]
 GroupConfig.model_rebuild(_types_namespace={"ProcessorConfig": ProcessorConfig})
 
 # Processor types of the established protocol that later work implements; named so the error is precise.
 PLANNED_PROCESSORS = (
-    "flex_awq_ssz", "awq", "kv_smooth",
-    "online_quarot", "adapt_rotation", "dynamic_cache", "fa3_quant", "float_sparse", "autoround_quant",
+    "kv_smooth",
+    "online_quarot", "adapt_rotation", "dynamic_cache", "fa3_quant", "float_sparse",
     "flatquant", "svd_res",
 )
 

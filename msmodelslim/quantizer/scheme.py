@@ -33,7 +33,7 @@ IMPLEMENTED_METHODS = ("minmax", "none", "histogram", "ssz", "gptq")
 WEIGHT_METHODS = ("minmax", "ssz", "gptq")
 ACT_METHODS = ("minmax", "histogram", "none")
 # Methods of the established protocol that later issues implement; named so the error is precise.
-PLANNED_METHODS = ("autoround", "ceil_x", "fouroversix", "dualscale", "mse_round")
+PLANNED_METHODS = ("ceil_x", "fouroversix", "dualscale", "mse_round")
 # ext keys each method accepts, with their defaults (group_size belongs to scope per_group).
 METHOD_EXT = {
     "ssz": {"step": 50},
@@ -52,6 +52,9 @@ class QConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "QConfig":
+        if self.method == "autoround":
+            raise ValueError("method 'autoround' is tuned by the autoround_quant processor: put this qconfig in an "
+                             "autoround_quant strategy (type: autoround_quant, strategies: [{qconfig: ...}])")
         if self.method in PLANNED_METHODS:
             raise ValueError(f"method {self.method!r} is not implemented yet; available: {', '.join(IMPLEMENTED_METHODS)}")
         if self.method not in IMPLEMENTED_METHODS:

@@ -56,25 +56,36 @@ class SearchResult:
     error: float
 
 
-def search_alpha_beta(x: torch.Tensor, weight: torch.Tensor, scales_for: Callable[[float, float], torch.Tensor],
-                      act_scope: str, alpha: Optional[float] = None, beta: Optional[float] = None) -> SearchResult:
-    """Best (α, β) for this input sample and (concatenated) target weight. `scales_for(α, β)` gives s in the
-    target's input-channel space. A given alpha or beta is kept fixed."""
-    reference = x @ weight.T
+def two_stage_search(cost: Callable[[float, float], float], alpha: Optional[float] = None,
+                     beta: Optional[float] = None) -> tuple[SearchResult, dict[tuple[float, float], float]]:
+    """Best (α, β) under `cost`, and every candidate scored on the way. A given alpha or beta is kept fixed."""
+    scored: dict[tuple[float, float], float] = {}
 
-    def cost(a: float, b: float) -> float:
-        return quantized_error(x, weight, scales_for(a, b), act_scope, reference)
+    def score(a: float, b: float) -> float:
+        key = (a, round(b, 2))
+        if key not in scored:
+            scored[key] = cost(a, b)
+        return scored[key]
 
     if alpha is None:  # stage 1: SmoothQuant's one-parameter family (or the fixed beta)
-        scored = [(cost(a, 1 - a if beta is None else beta), a) for a in GRID]
-        best_error, alpha = min(scored, key=lambda t: (t[0], -t[1]))
+        best_error, alpha = min(((score(a, 1 - a if beta is None else beta), a) for a in GRID),
+                                key=lambda t: (t[0], -t[1]))
     else:
-        best_error = cost(alpha, 1 - alpha if beta is None else beta)
+        best_error = score(alpha, 1 - alpha if beta is None else beta)
     if beta is not None:
-        return SearchResult(alpha, beta, best_error)
+        return SearchResult(alpha, beta, best_error), scored
     best_beta = 1 - alpha
     for b in GRID:  # stage 2: free beta, kept only when it helps
-        error = cost(alpha, b)
+        error = score(alpha, b)
         if error < best_error:
             best_error, best_beta = error, b
-    return SearchResult(alpha, round(best_beta, 2), best_error)
+    return SearchResult(alpha, round(best_beta, 2), best_error), scored
+
+
+def search_alpha_beta(x: torch.Tensor, weight: torch.Tensor, scales_for: Callable[[float, float], torch.Tensor],
+                      act_scope: str, alpha: Optional[float] = None, beta: Optional[float] = None) -> SearchResult:
+    """Best (α, β) for this input sample and (concatenated) target weight under the int8 product error.
+    `scales_for(α, β)` gives s in the target's input-channel space."""
+    reference = x @ weight.T
+    return two_stage_search(lambda a, b: quantized_error(x, weight, scales_for(a, b), act_scope, reference),
+                            alpha, beta)[0]

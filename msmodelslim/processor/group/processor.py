@@ -10,6 +10,8 @@ from msmodelslim.processor.group.config import GroupConfig
 
 @register_processor("group")
 class GroupProcessor(Processor):
+    label = "group.configs"  # how claims name a child
+
     def __init__(self, config: GroupConfig, context: ProcessorContext) -> None:
         self.children = [build_processor(c, context) for c in config.configs]
 
@@ -20,7 +22,7 @@ class GroupProcessor(Processor):
     def claims(self, linear_names: list[str]) -> dict[str, str]:
         from msmodelslim.processor.registry import merge_claims
 
-        return merge_claims([(f"group.configs[{i}]", c.claims(linear_names)) for i, c in enumerate(self.children)])
+        return merge_claims([(f"{self.label}[{i}]", c.claims(linear_names)) for i, c in enumerate(self.children)])
 
     def prepare_model(self, model: nn.Module) -> None:
         for child in self.children:

@@ -19,11 +19,11 @@ from msmodelslim.ir.quant_linear import QuantLinear
 from msmodelslim.processor.base import Processor, ProcessorContext, register_processor
 from msmodelslim.processor.linear_quant.config import LinearQuantConfig
 from msmodelslim.processor.matching import select
-from msmodelslim.quantizer.gptq import accumulate_hessian, gptq_quantize
+from msmodelslim.processor.sampling import RowSample
+from msmodelslim.quantizer.gptq import accumulate_hessian
 from msmodelslim.quantizer.observer import HistogramObserver, MinMaxObserver
-from msmodelslim.quantizer.primitives import quantize_weight_minmax
 from msmodelslim.quantizer.scheme import LinearQConfig, QScope
-from msmodelslim.quantizer.ssz import ssz_quantize
+from msmodelslim.quantizer.weight import quantize_weight
 
 
 @dataclass
@@ -34,16 +34,20 @@ class InputRecord:
     collect_hessian: bool = False
     hessian: Optional[torch.Tensor] = None
     tokens: int = 0
+    sample: Optional[RowSample] = None  # input rows, for methods that tune on them (autoround)
 
     def update(self, x: torch.Tensor) -> None:
         if self.observer is not None:
             self.observer.update(x)
         if self.collect_hessian:
             self.hessian, self.tokens = accumulate_hessian(self.hessian, self.tokens, x.detach().float())
+        if self.sample is not None:
+            self.sample.add(x)
 
     @property
     def complete(self) -> bool:
-        return (self.observer is None or self.observer.seen) and (not self.collect_hessian or self.tokens > 0)
+        return ((self.observer is None or self.observer.seen) and (not self.collect_hessian or self.tokens > 0)
+                and (self.sample is None or not self.sample.empty))
 
 
 def new_record(q: LinearQConfig) -> InputRecord:
@@ -53,21 +57,13 @@ def new_record(q: LinearQConfig) -> InputRecord:
     return InputRecord(observer, collect_hessian=q.weight.method == "gptq")
 
 
-def quantize_weight(linear: nn.Linear, q: LinearQConfig, record: Optional[InputRecord]):
-    w, spec = linear.weight.detach(), q.weight
-    bits, group = spec.dtype.bits, spec.group_size
-    if spec.method == "ssz":
-        return ssz_quantize(w, bits, spec.symmetric, group, spec.option("step"))
-    if spec.method == "gptq":
-        return gptq_quantize(w, record.hessian, bits, spec.symmetric, group, spec.option("block_size"),
-                             spec.option("percdamp"), spec.option("act_order"))
-    return quantize_weight_minmax(w, bits, spec.symmetric, group)
-
-
-def linear_to_ir(linear: nn.Linear, config: LinearQuantConfig, record: Optional[InputRecord]) -> QuantLinear:
-    """Pure conversion of one float linear into its quantized representation."""
+def linear_to_ir(linear: nn.Linear, config: LinearQuantConfig, record: Optional[InputRecord],
+                 weight: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None) -> QuantLinear:
+    """Pure conversion of one float linear into its quantized representation; `weight` (codes, scale,
+    offset) when a method has already quantized the weight."""
     q = config.qconfig
-    qweight, scale, offset = quantize_weight(linear, q, record)
+    hessian = record.hessian if record is not None else None
+    qweight, scale, offset = weight or quantize_weight(linear.weight.detach(), q.weight, hessian)
     input_scale = input_offset = None
     if q.static_act:
         input_scale, input_offset = record.observer.qparams(q.act.dtype.bits, q.act.symmetric)
@@ -103,7 +99,7 @@ class LinearQuantProcessor(Processor):
         if not self.needs_calibration:
             return
         for name in self._targets(block_name, block):
-            record = self._records[name] = new_record(self.config.qconfig)
+            record = self._records[name] = self.new_record()
             module = block.get_submodule(name[len(block_name) + 1 :])
             self._hooks.append(module.register_forward_pre_hook(lambda _m, args, r=record: r.update(args[0])))
 
@@ -125,4 +121,10 @@ class LinearQuantProcessor(Processor):
                 raise ProcessingError(f"{name} received no calibration data, so its static activation range "
                                       f"(or GPTQ Hessian) is unknown")
             with torch.no_grad():
-                _replace(block, relative, linear_to_ir(linear, self.config, record))
+                _replace(block, relative, self.to_ir(name, linear, record))
+
+    def new_record(self) -> InputRecord:
+        return new_record(self.config.qconfig)
+
+    def to_ir(self, name: str, linear: nn.Linear, record: Optional[InputRecord]) -> QuantLinear:
+        return linear_to_ir(linear, self.config, record)

@@ -15,9 +15,8 @@ from msmodelslim.core.errors import ProcessingError, UnsupportedError
 from msmodelslim.model.interface import SmoothSubgraph
 from msmodelslim.processor.base import Processor, ProcessorContext
 from msmodelslim.processor.matching import select
+from msmodelslim.processor.sampling import RowSample
 from msmodelslim.processor.smooth_quant import smooth
-
-SAMPLE_STRIDE = 8  # keep every 8th token's activation row when a subclass asks for samples
 
 
 @dataclass
@@ -25,21 +24,27 @@ class InputStats:
     """What one subgraph's input looked like over the calibration forward."""
 
     absmax: Optional[torch.Tensor] = None  # max |X_j| per input channel, float32
-    rows: list[torch.Tensor] = field(default_factory=list)  # sampled token rows (only when keep_samples)
+    abs_sum: Optional[torch.Tensor] = None  # Σ |X_j| over tokens, float64 (AWQ uses the mean)
+    tokens: int = 0
+    sample: RowSample = field(default_factory=RowSample)  # token rows (only when keep_samples)
 
     def update(self, x: torch.Tensor, keep_samples: bool) -> None:
         flat = x.detach().reshape(-1, x.shape[-1]).float()
-        absmax = flat.abs().amax(dim=0)
+        magnitude = flat.abs()
+        absmax, abs_sum = magnitude.amax(dim=0), magnitude.sum(dim=0, dtype=torch.float64)
         self.absmax = absmax if self.absmax is None else torch.maximum(self.absmax, absmax)
+        self.abs_sum = abs_sum if self.abs_sum is None else self.abs_sum + abs_sum
+        self.tokens += len(flat)
         if keep_samples:
-            self.rows.append(flat[::SAMPLE_STRIDE].clone())
+            self.sample.add(flat)
+
+    @property
+    def abs_mean(self) -> torch.Tensor:
+        """mean |X_j| per input channel, float32."""
+        return (self.abs_sum / max(self.tokens, 1)).float()
 
     def samples(self, limit: int) -> torch.Tensor:
-        """At most `limit` rows, evenly spread over everything kept (deterministic)."""
-        rows = torch.cat(self.rows)
-        if len(rows) > limit:
-            rows = rows[torch.linspace(0, len(rows) - 1, limit).round().long()]
-        return rows
+        return self.sample.take(limit)
 
 
 class SubgraphSmoother(Processor):

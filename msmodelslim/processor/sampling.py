@@ -1,0 +1,28 @@
+"""Token rows kept from a calibration forward, for methods that search or tune on real inputs."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class RowSample:
+    """Every `stride`-th token's input row, in float32 (strided so memory stays a fraction of the data)."""
+
+    stride: int = 8
+    rows: list[torch.Tensor] = field(default_factory=list)
+
+    def add(self, x: torch.Tensor) -> None:
+        self.rows.append(x.detach().reshape(-1, x.shape[-1])[:: self.stride].float().clone())
+
+    @property
+    def empty(self) -> bool:
+        return not self.rows
+
+    def take(self, limit: int) -> torch.Tensor:
+        """At most `limit` rows, evenly spread over everything kept (deterministic)."""
+        rows = torch.cat(self.rows)
+        if len(rows) > limit:
+            rows = rows[torch.linspace(0, len(rows) - 1, limit).round().long()]
+        return rows
