@@ -130,14 +130,15 @@ def write_config(path: Path, process: list, dataset: str, runner: str, saver: st
     path.write_text(yaml.safe_dump(config))
 
 
-def quantize_in_child(model_dir: Path, config: Path, out: Path) -> tuple[float, float]:
+def quantize_in_child(model_dir: Path, config: Path, out: Path,
+                      model_type: str = "SmolLM2-135M-Instruct") -> tuple[float, float]:
     """Run the real CLI in a child process: wall seconds and the child's peak RSS (MiB)."""
     code = (
         "import resource, sys; from msmodelslim.cli.__main__ import main; rc = main(sys.argv[1:]); "
         "print('PEAK_RSS_KIB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)"
     )
     args = [sys.executable, "-c", code, "quant", "--model_path", str(model_dir), "--save_path", str(out),
-            "--device", "cpu", "--model_type", "SmolLM2-135M-Instruct", "--config_path", str(config), "--overwrite"]
+            "--device", "cpu", "--model_type", model_type, "--config_path", str(config), "--overwrite"]
     started = time.perf_counter()
     proc = subprocess.run(args, capture_output=True, text=True, env={**__import__("os").environ,
                                                                       "MSMODELSLIM_LOG_LEVEL": "warning"})

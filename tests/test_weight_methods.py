@@ -165,3 +165,51 @@ def test_gptq_without_calibration_data_is_reported(tiny_llama, tmp_path):
         "process": _process(W4_G16_GPTQ), "dataset": small_calib(tmp_path)}}))
     run_quant(tiny_llama, tmp_path / "out", config)  # needs data: the dataset is read because of GPTQ
     assert (tmp_path / "out" / "quant_model_description.json").exists()
+
+
+def _layer_4096_inputs_of_512():
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(4096, 32, generator=g) @ torch.randn(32, 512, generator=g)
+    return x, torch.randn(512, 512, generator=g) * 0.05
+
+
+def _run_gptq(x, w):
+    h, _ = accumulate_hessian(None, 0, x)
+    return gptq_quantize(w, h, 4, True, 64, act_order=True)
+
+
+def _run_autoround(x, w):
+    from msmodelslim.quantizer.autoround import AutoRoundSettings, autoround_quantize
+
+    return autoround_quantize(w, x[:1024], x[:1024], 4, True, 64, AutoRoundSettings(iters=10))
+
+
+def _run_awq_search(x, w):
+    from msmodelslim.processor.flex_awq_ssz.search import awq_scales, output_error, weight_mean
+    from msmodelslim.quantizer.scheme import QConfig
+
+    spec = QConfig(dtype="int4", scope="per_group", method="minmax", ext={"group_size": 64})
+    act = QConfig(dtype="float", scope="per_tensor", method="none")
+    rows, ref = x[:512], x[:512] @ w.T
+    return [output_error(rows, w, awq_scales(rows.abs().mean(0), weight_mean([w], 64), a / 20, 0), spec, act, ref)
+            for a in range(20)]
+
+
+def _run_histogram(x, w):
+    observer = HistogramObserver(False)
+    for part in x.split(512):
+        observer.update(part)
+    return observer.qparams(8, False)
+
+
+@pytest.mark.parametrize("method", [_run_gptq, lambda x, w: ssz_quantize(w, 4, True, 64), _run_autoround,
+                                    _run_awq_search, _run_histogram], ids=["gptq", "ssz", "autoround", "awq", "histogram"])
+def test_each_method_takes_bounded_time_on_a_512_by_512_layer(method):
+    """A regression guard: every method on one 512x512 layer (4096 calibration rows) stays within 15 s on the
+    CI's two cores (each takes well under 2 s on an idle machine)."""
+    import time
+
+    x, w = _layer_4096_inputs_of_512()
+    started = time.perf_counter()
+    method(x, w)
+    assert time.perf_counter() - started < 15
