@@ -25,3 +25,13 @@ def tiny_qwen3_bf16_tied(tmp_path_factory) -> Path:
     import torch
 
     return make_tiny_model(tmp_path_factory.mktemp("qwen3"), "qwen3", dtype=torch.bfloat16, tie=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_moe(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("qwen3_moe"), "qwen3_moe")
+
+
+@pytest.fixture(scope="session")
+def tiny_deepseek_v3(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("deepseek_v3"), "deepseek_v3")

@@ -2,11 +2,14 @@
 
 It shares no code with msmodelslim: it turns every quantized layer back into a float weight and bias, loads the
 result into the Hugging Face architecture with strict=True, and installs activation fake-quant hooks that mimic
-the serving kernels.
+the serving kernels. MoE experts, saved one tensor set per expert (formats.md A.5), are stacked back into the
+fused `gate_up_proj` [E, 2I, H] / `down_proj` [E, H, I] parameters of the Hugging Face module; with dynamic
+activations that module's forward is replaced by one that quantizes each expert's inputs per token.
 """
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -105,10 +108,57 @@ def dequantized_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, di
     return state, acts
 
 
+def _per_token_int8(x: torch.Tensor) -> torch.Tensor:
+    s = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-30) / 127
+    return torch.clamp(torch.round(x / s), -128, 127) * s
+
+
+EXPERT = re.compile(r"^(.+\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)$")
+
+
+def stack_experts(state: dict[str, torch.Tensor], acts: dict[str, dict]) -> dict[str, str]:
+    """Replace per-expert weights in `state` by the stacked parameters, in place; returns {experts module:
+    activation kind} ("dynamic" or "float") and drops the experts' entries from `acts`."""
+    per_layer: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    for key in [k for k in state if k.endswith(".weight")]:
+        m = EXPERT.match(key[: -len(".weight")])
+        if m:
+            per_layer.setdefault(m[1], {}).setdefault(int(m[2]), {})[m[3]] = state.pop(key)
+    kinds = {}
+    for layer, experts in per_layer.items():
+        order = range(len(experts))
+        state[f"{layer}.gate_up_proj"] = torch.stack([torch.cat([experts[e]["gate_proj"], experts[e]["up_proj"]])
+                                                     for e in order])
+        state[f"{layer}.down_proj"] = torch.stack([experts[e]["down_proj"] for e in order])
+        seen = {acts.pop(f"{layer}.{e}.{p}", {"kind": "float"})["kind"] for e in order for p in experts[e]}
+        assert len(seen) == 1 and seen != {"static"}, f"{layer}: experts need one dynamic or float activation"
+        kinds[layer] = seen.pop()
+    return kinds
+
+
+def dynamic_experts_forward(module):
+    """The fused experts' computation with per-token int8 inputs to gate/up and to down, as the kernel does."""
+    def forward(hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        inter = module.down_proj.shape[-1]
+        for e in range(module.gate_up_proj.shape[0]):
+            token, slot = (top_k_index == e).nonzero(as_tuple=True)
+            if len(token) == 0:
+                continue
+            h = _per_token_int8(hidden_states[token]) @ module.gate_up_proj[e].T
+            h = module.act_fn(h[:, :inter]) * h[:, inter:]
+            y = _per_token_int8(h) @ module.down_proj[e].T
+            out.index_add_(0, token, y * top_k_weights[token, slot].unsqueeze(-1))
+        return out
+
+    return forward
+
+
 def load_reference_model(path: Path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     state, acts = dequantized_state(path)
+    expert_kinds = stack_experts(state, acts)
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     model.load_state_dict(state, strict=True)
@@ -118,9 +168,10 @@ def load_reference_model(path: Path):
             s, o = info["scale"], info["offset"]
             hook = lambda m, a, s=s, o=o: ((torch.clamp(torch.round(a[0] / s + o), -128, 127) - o) * s,)
         else:
-            def hook(m, a):
-                x = a[0]
-                s = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-30) / 127
-                return (torch.clamp(torch.round(x / s), -128, 127) * s,)
+            hook = lambda m, a: (_per_token_int8(a[0]),)
         module.register_forward_pre_hook(hook)
+    for layer, kind in expert_kinds.items():
+        if kind == "dynamic":
+            experts = model.get_submodule(layer)
+            experts.forward = dynamic_experts_forward(experts)
     return model

@@ -48,7 +48,7 @@ def test_quant_and_eval_succeed(tiny_llama, tmp_path, capsys, w8a16_config):
     ("unsupported_pair", "no deployable kernel"),
     ("bad_device", "--device 'gpu7' is not valid"),
     ("missing_cuda", "no CUDA GPU is visible"),
-    ("refused_quant_type", "--quant_type w4a16 has no practice yet"),
+    ("refused_quant_type", "--quant_type w4a4 has no practice yet"),
     ("unknown_quant_type", "--quant_type 'w3a9' is not valid"),
     ("group_size_not_dividing", "does not divide the input size 64 of layer model.layers.0.self_attn.q_proj"),
     ("wrong_family", "expects a checkpoint of type qwen3"),
@@ -75,7 +75,7 @@ def test_bad_input_is_a_clear_error(tiny_llama, tmp_path, capsys, monkeypatch, w
         argv = ["quant", "--model_path", str(tiny_llama), "--save_path", str(out), "--device", "cuda:0", *base]
         monkeypatch.setattr("torch.cuda.device_count", lambda: 0)
     elif case == "refused_quant_type":
-        argv = quant_args(tiny_llama, out, "--model_type", "Llama-2-7B", "--quant_type", "w4a16")
+        argv = quant_args(tiny_llama, out, "--model_type", "Llama-2-7B", "--quant_type", "w4a4")
     elif case == "unknown_quant_type":
         argv = quant_args(tiny_llama, out, "--model_type", "Llama-2-7B", "--quant_type", "w3a9")
     elif case == "group_size_not_dividing":

@@ -12,7 +12,8 @@ from msmodelslim.core.device import DeviceSpec
 from msmodelslim.core.errors import ConfigError, UnsupportedError
 from msmodelslim.model import registry
 
-FAMILY_OF_PEDIGREE = {"llama": "llama", "qwen2": "qwen2", "qwen2_5": "qwen2", "qwq": "qwen2", "qwen3": "qwen3"}
+FAMILY_OF_PEDIGREE = {"llama": "llama", "qwen2": "qwen2", "qwen2_5": "qwen2", "qwq": "qwen2", "qwen3": "qwen3",
+                     "qwen3_moe": "qwen3_moe", "deepseek_v3": "deepseek_v3"}
 TABLE = practice_table({name: entry.pedigree for name, entry in registry.registered_adapters().items()})
 CASES = [(name, qt) for name, cells in TABLE for qt, cell in cells.items() if cell != "default (asks)"]
 
@@ -24,8 +25,9 @@ def test_every_registered_family_has_practices():
 
 
 @pytest.fixture(scope="module")
-def family_models(tiny_llama, tiny_qwen2, tiny_qwen3_bf16_tied):
-    return {"llama": tiny_llama, "qwen2": tiny_qwen2, "qwen3": tiny_qwen3_bf16_tied}
+def family_models(tiny_llama, tiny_qwen2, tiny_qwen3_bf16_tied, tiny_qwen3_moe, tiny_deepseek_v3):
+    return {"llama": tiny_llama, "qwen2": tiny_qwen2, "qwen3": tiny_qwen3_bf16_tied, "qwen3_moe": tiny_qwen3_moe,
+            "deepseek_v3": tiny_deepseek_v3}
 
 
 @pytest.mark.parametrize("model_type,quant_type", CASES)
@@ -34,7 +36,7 @@ def test_quant_type_alone_quantizes(family_models, tmp_path, model_type, quant_t
     source = family_models[FAMILY_OF_PEDIGREE[pedigree]]
     report = quantize(QuantizeRequest(model_path=source, save_path=tmp_path / "out", model_type=model_type,
                                       device=DeviceSpec("cpu"), quant_type=quant_type))
-    expected = {"w8a8": "W8A8_DYNAMIC", "w8a16": "W8A16"}[quant_type]
+    expected = {"w8a8": "W8A8_DYNAMIC", "w8a16": "W8A16", "w4a8": "W4A8_DYNAMIC"}[quant_type]
     assert expected in report.plan.values()
     assert (tmp_path / "out" / f"{model_type}_best_practice.yaml").exists()
 
@@ -72,8 +74,8 @@ def test_cli_refusal_exit_code_and_flag(third_party_model, tiny_llama, tmp_path,
 
 
 def test_unavailable_quant_type_is_refused_by_name():
-    with pytest.raises(UnsupportedError, match="w4a16 has no practice yet.*method gptq or ssz"):
-        select_practice("Qwen3-8B", "qwen3", "w4a16")
+    with pytest.raises(UnsupportedError, match="w4a4 has no practice yet.*adapt_rotation"):
+        select_practice("Qwen3-8B", "qwen3", "w4a4")
     with pytest.raises(ConfigError, match="known:"):
         select_practice("Qwen3-8B", "qwen3", "w9a9")
 
@@ -110,3 +112,15 @@ def test_practices_command_lists_the_table(capsys):
     out = capsys.readouterr().out
     assert "SmolLM2-135M-Instruct" in out and "llama-w8a8" in out and "not available yet" in out
     assert set(KNOWN_QUANT_TYPES) >= {"w8a8", "w8a16"}
+
+
+def test_w4a16_default_practice_runs_gptq_end_to_end(tiny_llama, tmp_path):
+    from msmodelslim.cli.__main__ import main
+
+    out = tmp_path / "o"
+    argv = ["quant", "--model_path", str(tiny_llama), "--save_path", str(out), "--device", "cpu",
+            "--model_type", "Llama-2-7B", "--quant_type", "w4a16", "--allow_default_practice"]
+    assert main(argv) == 0
+    description = (out / "quant_model_description.json").read_text()
+    assert '"model.layers.0.mlp.down_proj.weight_packed": "W4A16"' in description
+    assert '"group_size": 64' in description

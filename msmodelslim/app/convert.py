@@ -19,6 +19,7 @@ from msmodelslim.format.compressed_tensors.checker import check_compressed_tenso
 from msmodelslim.format.compressed_tensors.writer import CompressedTensorsWriter
 from msmodelslim.format.staging import check_save_path, staged_directory
 from msmodelslim.ir.quant_linear import QuantLinear
+from msmodelslim.model.moe import unfuse_experts
 from msmodelslim.model.transformers_model import config_dtype
 
 log = get_logger("app.convert")
@@ -32,6 +33,7 @@ def _drop_folded_zero_biases(model: nn.Module, config, source: Path, trust_remot
 
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    unfuse_experts(skeleton)  # same per-expert names as the model the reader built
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear) and module.bias is not None:
             if getattr(skeleton.get_submodule(name), "bias", None) is None:

@@ -40,11 +40,9 @@ KNOWN_QUANT_TYPES = ("w8a8", "w8a16", "w4a8", "w4a16", "w4a4", "w8a8s", "w16a16s
 
 # Why a quant_type has no practice anywhere yet: the algorithms its recipe needs.
 _MISSING = {
-    "w4a8": "no W4A8 recipe has been measured yet (the established one needs flex_awq_ssz), and vLLM-Ascend loads "
+    "w4a8": "no dense W4A8 recipe has been measured yet (MoE families have one), and vLLM-Ascend loads "
             "W4A8 only for MoE experts; write a config with method ssz or gptq",
-    "w4a16": "no 4-bit weight-only recipe has been measured yet (round to nearest costs ~38 % perplexity at group 64); "
-             "write a config with method gptq or ssz",
-    "w4a4": "its recipe needs rotation (adapt_rotation) and AutoRound",
+    "w4a4": "its recipe needs a learned rotation (adapt_rotation) before autoround_quant",
     "w8a8s": "sparse quantization", "w16a16s": "float_sparse",
 }
 

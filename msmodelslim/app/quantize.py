@@ -29,6 +29,7 @@ from msmodelslim.format.compressed_tensors.checker import check_compressed_tenso
 from msmodelslim.format.compressed_tensors.writer import CompressedTensorsWriter
 from msmodelslim.format.edits import OutputEdits
 from msmodelslim.format.staging import check_save_path, staged_directory
+from msmodelslim.model.moe import routed_expert_linears
 from msmodelslim.model.registry import create_adapter, lookup
 from msmodelslim.processor.base import Processor, ProcessorContext, build_processor
 from msmodelslim.processor.linear_quant.config import LinearQuantConfig
@@ -95,9 +96,24 @@ def _quant_rules(configs) -> list:
     return out
 
 
+def _refuse_static_experts(leaf, selected: list[str], experts: dict[str, tuple[str, int]]) -> None:
+    """Static activation ranges (W8A8) on routed experts: no serving kernel exists (formats.md A.5)."""
+    routed = [n for n in selected if n in experts]
+    if not leaf.qconfig.static_act or not routed:
+        return
+    layer = experts[routed[0]][0]
+    raise ConfigError(
+        f"the rule include={leaf.include} exclude={leaf.exclude} gives static activation quantization "
+        f"({leaf.qconfig.scheme.value}) to {len(routed)} routed expert linears such as {routed[0]} "
+        f"(pattern '{layer}.*'); no serving kernel runs static-activation MoE experts. Add '*.mlp.experts.*' to "
+        f"this rule's exclude and quantize the experts in their own rule with dynamic activations "
+        f"(act: {{dtype: int8, scope: per_token, symmetric: true}}: W8A8_DYNAMIC or W4A8_DYNAMIC)"
+    )
+
+
 def plan_layers(config: PracticeConfig, processors: list[Processor], model: nn.Module) -> dict[str, str]:
-    """{linear name: scheme} for every linear (FLOAT when no rule matches); rejects double matches and group
-    sizes that do not divide a layer, naming the layer."""
+    """{linear name: scheme} for every linear (FLOAT when no rule matches); rejects double matches, group
+    sizes that do not divide a layer and static activations on routed experts, naming the layer."""
     names = _linear_names(model)
     try:
         merge_claims([(f"spec.process[{i}]", p.claims(names)) for i, p in enumerate(processors)])
@@ -105,8 +121,11 @@ def plan_layers(config: PracticeConfig, processors: list[Processor], model: nn.M
         raise ConfigError(str(exc)) from None
     plan = {n: "FLOAT" for n in names}
     group_sizes = set()
+    experts = routed_expert_linears(model)
     for leaf in _quant_rules(config.spec.process):
-        for name in select(names, leaf.include, leaf.exclude):
+        selected = select(names, leaf.include, leaf.exclude)
+        _refuse_static_experts(leaf, selected, experts)
+        for name in selected:
             plan[name] = leaf.qconfig.scheme.value
             group = leaf.qconfig.weight.group_size
             if group:

@@ -1,4 +1,9 @@
-"""Read tensors from a Hugging Face safetensors checkpoint on demand (one block at a time, memory-mapped)."""
+"""Read tensors from a Hugging Face safetensors checkpoint on demand (one block at a time, memory-mapped).
+
+Block-FP8 checkpoints (DeepSeek-V3/R1 as published: float8_e4m3fn weights, each with a `<name>_scale_inv`
+tensor holding one scale per [128, 128] block) are dequantized while loading, so the algorithms see the
+weights the model was trained with.
+"""
 from __future__ import annotations
 
 import json
@@ -34,9 +39,23 @@ class SafetensorsCheckpoint:
         return list(self._file_of)
 
     def original_dtype(self, name: str) -> torch.dtype | None:
+        """The stored dtype; None when absent or float8 (dequantized on load, so the model dtype applies)."""
         return _DTYPES.get(self._dtype_of.get(name))
 
-    def load(self, names: list[str]) -> dict[str, torch.Tensor]:
+    def load(self, names: list[str], fp8_block: tuple[int, int] = (128, 128)) -> dict[str, torch.Tensor]:
+        """The named tensors; float8 weights come back dequantized with their `_scale_inv` blocks."""
+        out = self._read(names)
+        fp8 = [n for n, t in out.items() if t.dtype in FP8_DTYPES]
+        missing = [f"{n}_scale_inv" for n in fp8 if f"{n}_scale_inv" not in self._file_of]
+        if missing:
+            raise InvalidModelError(f"{self.path}: float8 tensors without their block scales ({missing[:3]}); "
+                                    f"convert the checkpoint to bfloat16 first")
+        scales = self._read([f"{n}_scale_inv" for n in fp8])
+        for name in fp8:
+            out[name] = dequantize_fp8_blocks(out[name], scales[f"{name}_scale_inv"], fp8_block, name)
+        return out
+
+    def _read(self, names: list[str]) -> dict[str, torch.Tensor]:
         by_file: dict[str, list[str]] = {}
         for name in names:
             if name not in self._file_of:
@@ -48,6 +67,28 @@ class SafetensorsCheckpoint:
                 for key in keys:
                     out[key] = f.get_tensor(key)
         return out
+
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
+                          name: str = "weight") -> torch.Tensor:
+    """W[n, k] = W_fp8[n, k] · scale_inv[n // bn, k // bk] in float32 (bn, bk = block; edge blocks may be short)."""
+    rows, cols = block
+    blocks = (-(-weight.shape[0] // rows), -(-weight.shape[-1] // cols))  # ceiling divisions
+    if weight.dim() != 2 or tuple(scale_inv.shape) != blocks:
+        raise InvalidModelError(f"{name}: float8 weight {list(weight.shape)} and block scales "
+                                f"{list(scale_inv.shape)} do not match blocks of {list(block)}")
+    scale = scale_inv.float().repeat_interleave(rows, 0)[: weight.shape[0]]
+    return weight.float() * scale.repeat_interleave(cols, 1)[:, : weight.shape[1]]
+
+
+def fp8_block_size(config) -> tuple[int, int]:
+    """The `[rows, cols]` block of a block-FP8 checkpoint's `quantization_config` (DeepSeek-V3: 128 x 128)."""
+    quant = getattr(config, "quantization_config", None) or {}
+    block = quant.get("weight_block_size") if isinstance(quant, dict) else getattr(quant, "weight_block_size", None)
+    return (int(block[0]), int(block[1])) if block else (128, 128)
 
 
 _DTYPES = {

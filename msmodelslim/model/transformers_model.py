@@ -15,8 +15,9 @@ from torch import nn
 
 from msmodelslim.core.errors import InvalidModelError
 from msmodelslim.core.logging import get_logger
-from msmodelslim.model.checkpoint import SafetensorsCheckpoint
+from msmodelslim.model.checkpoint import SafetensorsCheckpoint, fp8_block_size
 from msmodelslim.model.interface import AttentionShape, ModelSlimPipelineInterfaceV1, ModelStructure, ProcessRequest
+from msmodelslim.model.moe import StackedSlice, stacked_source
 
 log = get_logger("model")
 
@@ -79,6 +80,7 @@ class TransformersModel(ModelSlimPipelineInterfaceV1):
                 f"{self.model_path}/config.json says {self.config.model_type!r}; pick the matching --model_type"
             )
         self.checkpoint = SafetensorsCheckpoint(self.model_path)
+        self._fp8_block = fp8_block_size(self.config)
         self._tokenizer = None
         # Read now: building the float32 working model rewrites config.dtype.
         self._global_dtype = config_dtype(self.config)
@@ -101,7 +103,9 @@ class TransformersModel(ModelSlimPipelineInterfaceV1):
         """The dtype the serving engine will run in (decides the ascendv1 deq_scale encoding)."""
         return self._global_dtype
 
-    def attention_shape(self) -> AttentionShape:
+    def attention_shape(self) -> AttentionShape | None:
+        """Heads and head size for the attention-aware algorithms ('ov' smoothing, QuaRot); None when the
+        attention is not grouped-query multi-head (e.g. MLA)."""
         c = self.config
         heads = c.num_attention_heads
         return AttentionShape(heads, getattr(c, "num_key_value_heads", None) or heads,
@@ -112,7 +116,9 @@ class TransformersModel(ModelSlimPipelineInterfaceV1):
         return [f"{self.structure.decoder_layers}.{i}" for i in range(len(layers))]
 
     def original_dtype(self, tensor_name: str) -> torch.dtype:
-        return self.checkpoint.original_dtype(tensor_name) or self.global_dtype()
+        source = stacked_source(tensor_name)
+        stacked = self.checkpoint.original_dtype(source.tensor) if source is not None else None
+        return self.checkpoint.original_dtype(tensor_name) or stacked or self.global_dtype()
 
     # ---- data --------------------------------------------------------------------------------------------
     def handle_dataset(self, dataset: list[str], device: torch.device) -> list[dict[str, torch.Tensor]]:
@@ -138,25 +144,54 @@ class TransformersModel(ModelSlimPipelineInterfaceV1):
                 self.config, trust_remote_code=self.trust_remote_code, attn_implementation="sdpa", dtype=torch.float32
             )
         model.eval()
+        self.prepare_skeleton(model)
         self.enable_kv_cache(model, False)
         blocks = self.block_names(model)
         names = [n for n in model.state_dict() if load_layers or not any(n.startswith(b + ".") for b in blocks)]
         self._materialise(model, "", names, torch.device("cpu"))
         return model
 
+    def prepare_skeleton(self, model: nn.Module) -> None:
+        """Reshape the freshly built (meta-device) model before any weight is loaded, so that its state-dict
+        names are the checkpoint's. Nothing by default; MoE adapters split fused experts here."""
+
     def _materialise(self, root: nn.Module, prefix: str, names: list[str], device: torch.device) -> None:
-        """Load `names` (full tensor names) from the checkpoint into `root` (which lives at `prefix`)."""
+        """Load `names` (full tensor names) from the checkpoint into `root` (which lives at `prefix`).
+
+        A per-expert weight the checkpoint lacks is cut from the layer's stacked expert tensor when there is one.
+        """
         available = set(self.checkpoint.names())
-        tied = {n for n in names if n not in available}
-        loaded = self.checkpoint.load([n for n in names if n in available])
-        state = {n[len(prefix) :]: _float32(t).to(device) for n, t in loaded.items()}
+        absent = [n for n in names if n not in available]
+        stacked = {n: s for n in absent if (s := stacked_source(n)) is not None and s.tensor in available}
         tie = getattr(self.config, "tie_word_embeddings", False)
-        missing_for_real = [n for n in tied if not (tie and n.endswith("lm_head.weight"))]
+        missing_for_real = [n for n in absent if n not in stacked and not (tie and n.endswith("lm_head.weight"))]
         if missing_for_real:
             raise InvalidModelError(f"the checkpoint in {self.model_path} lacks {sorted(missing_for_real)[:5]}")
+        loaded = self.checkpoint.load([n for n in names if n in available], self._fp8_block)
+        loaded.update(self._unstack(root, prefix, stacked))
+        state = {n[len(prefix) :]: _float32(t).to(device) for n, t in loaded.items()}
         root.load_state_dict(state, strict=False, assign=True)
-        if tied and tie:
+        if tie and len(absent) > len(stacked):
             root.tie_weights()
+
+    def _unstack(self, root: nn.Module, prefix: str, slices: dict[str, StackedSlice]) -> dict[str, torch.Tensor]:
+        """Per-expert weights cut from stacked expert tensors ([E, 2I, H] gate rows then up rows; [E, H, I])."""
+        if not slices:
+            return {}
+        stacked = self.checkpoint.load(sorted({s.tensor for s in slices.values()}), self._fp8_block)
+        shapes = {k: v.shape for k, v in root.state_dict().items()}
+        out = {}
+        for name, where in slices.items():
+            tensor = where.take(stacked[where.tensor])
+            expected = shapes[name[len(prefix) :]]
+            if tensor.shape != expected:
+                raise InvalidModelError(
+                    f"{self.model_path}: stacked expert tensor {where.tensor} {list(stacked[where.tensor].shape)} "
+                    f"does not give {name} its shape {list(expected)}; expected gate_up_proj [E, 2I, H] (gate rows "
+                    f"then up rows) and down_proj [E, H, I]"
+                )
+            out[name] = tensor
+        return out
 
     def load_block(self, model: nn.Module, block_name: str, device: torch.device) -> nn.Module:
         block = model.get_submodule(block_name)

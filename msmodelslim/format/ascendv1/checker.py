@@ -2,6 +2,10 @@
 
 Errors mean the engine will fail or compute garbage; warnings mean the checkpoint is valid ascendv1 but the
 named engine version does not load that layer type (the user chose it knowingly, e.g. W4A16 on dense layers).
+
+Routed MoE experts (`….experts.<e>.<proj>`, formats.md A.5) are checked against the engine's MoE schemes: all
+experts of a layer share one type (the engine reads expert 0's), no static activations, W4A8_DYNAMIC only with
+`group_size` 0.
 """
 from __future__ import annotations
 
@@ -14,9 +18,13 @@ from safetensors import safe_open
 from msmodelslim.format.ascendv1.reader import GLOBAL_KEYS, quantized_layers, read_description, tensors_by_layer
 from msmodelslim.format.ascendv1.tensors import FLOAT, decode_deq_scale, unpack_int4_int32, unpack_int4_rows
 from msmodelslim.format.findings import Finding
+from msmodelslim.model.moe import expert_of
 
 DENSE_LOADABLE = {"W8A8", "W8A8_MIX", "W8A8_DYNAMIC", "W8A16", "W4A4_DYNAMIC", "W8A8FP8_DYNAMIC", "W8A8_MXFP8",
                   "W4A8_MXFP", "W4A4_MXFP4"}
+# What the engine's fused-MoE layer accepts (formats.md A.3 registry, "moe" column).
+MOE_LOADABLE = {"W8A8_DYNAMIC", "W4A8_DYNAMIC", "W4A16", "W4A4_MXFP4", "W4A8_MXFP", "W8A8_MXFP8", "W4A16_MXFP4",
+                "W8A8FP8_DYNAMIC"}
 ENGINE = "vLLM-Ascend (182b75e)"
 
 
@@ -24,7 +32,8 @@ def _shape(t: torch.Tensor) -> list[int]:
     return list(t.shape)
 
 
-def _check_linear(prefix: str, tag: str, t: dict[str, torch.Tensor], model_dtype: str | None) -> list[Finding]:
+def _check_linear(prefix: str, tag: str, t: dict[str, torch.Tensor], model_dtype: str | None,
+                  is_expert: bool = False) -> list[Finding]:
     f: list[Finding] = []
     err = lambda m: f.append(Finding("error", f"{prefix}: {m}"))
     warn = lambda m: f.append(Finding("warning", f"{prefix}: {m}"))
@@ -87,7 +96,8 @@ def _check_linear(prefix: str, tag: str, t: dict[str, torch.Tensor], model_dtype
             chunks = dequant.reshape(n, sb.shape[1], -1).sum(-1) * 8
             if not torch.allclose(chunks, sb, rtol=1e-4, atol=1e-4):
                 err("scale_bias does not equal 8·Σ W_f")
-        warn(f"W4A8_DYNAMIC on a dense linear: {ENGINE} loads W4A8_DYNAMIC for MoE experts only")
+        if not is_expert:
+            warn(f"W4A8_DYNAMIC on a dense linear: {ENGINE} loads W4A8_DYNAMIC for MoE experts only")
     elif tag == "W4A16":
         packed = need("weight_packed", torch.int32, None)
         shape = need("weight_shape", None, [2])
@@ -98,13 +108,38 @@ def _check_linear(prefix: str, tag: str, t: dict[str, torch.Tensor], model_dtype
                 err(f"weight_packed must be [N, K/8] = {[n, k // 8]}, got {_shape(packed)}")
             elif not bool((unpack_int4_int32(packed).abs() <= 8).all()):
                 err("weight_packed holds codes outside the int4 range")
-        warn(f"W4A16 on a dense linear: {ENGINE} loads W4A16 for MoE experts only")
+        if not is_expert:
+            warn(f"W4A16 on a dense linear: {ENGINE} loads W4A16 for MoE experts only")
     else:
         err(f"unknown type {tag!r}")
         return f
-    if tag not in ("W4A8_DYNAMIC", "W4A16") and tag not in DENSE_LOADABLE:
+    if is_expert and tag in ("W8A8", "W8A8_MIX"):
+        err(f"{tag} on a routed expert: there is no static-activation MoE scheme; use W8A8_DYNAMIC or W4A8_DYNAMIC")
+    elif is_expert and tag not in MOE_LOADABLE:
+        warn(f"{tag} on a routed expert: {ENGINE} does not load {tag} for MoE experts")
+    elif not is_expert and tag not in ("W4A8_DYNAMIC", "W4A16") and tag not in DENSE_LOADABLE:
         err(f"{tag} is not a type {ENGINE} loads for linear layers")
     return f
+
+
+def check_moe_experts(description: dict) -> list[Finding]:
+    """Per MoE layer: one type for all expert linears (FLOAT included), W4A8_DYNAMIC only with group_size 0."""
+    findings: list[Finding] = []
+    types: dict[str, set[str]] = {}
+    for key, tag in description.items():
+        prefix, _, suffix = key.rpartition(".")
+        where = expert_of(prefix) if suffix in ("weight", "weight_packed") else None
+        if where is not None:
+            types.setdefault(where[0], set()).add(tag)
+    for layer, tags in sorted(types.items()):
+        if len(tags) > 1:
+            findings.append(Finding("error", f"{layer}: experts have different types {sorted(tags)}; the engine "
+                                             f"reads expert 0's type for all experts of a layer"))
+        if "W4A8_DYNAMIC" in tags and description.get("group_size", 0):
+            findings.append(Finding("warning", f"{layer}: W4A8_DYNAMIC experts with group_size "
+                                               f"{description['group_size']}: {ENGINE} refuses per-group W4A8 MoE "
+                                               f"(the description's group_size must be 0)"))
+    return findings
 
 
 def check_ascendv1(
@@ -151,7 +186,8 @@ def check_ascendv1(
     model_dtype = config.get("dtype") or config.get("torch_dtype")
     layers = quantized_layers(description)
     for prefix, own in tensors_by_layer(tensors, layers).items():
-        findings.extend(_check_linear(prefix, layers[prefix], own, model_dtype))
+        findings.extend(_check_linear(prefix, layers[prefix], own, model_dtype, expert_of(prefix) is not None))
+    findings.extend(check_moe_experts(description))
     for name, tag in description.items():
         if name in GLOBAL_KEYS or tag != FLOAT or name not in tensors:
             continue

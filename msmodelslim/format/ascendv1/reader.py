@@ -16,6 +16,7 @@ from torch import nn
 from msmodelslim.core.errors import InvalidModelError
 from msmodelslim.format.ascendv1.tensors import FLOAT, linear_from_tensors
 from msmodelslim.format.ascendv1.writer import DESCRIPTION
+from msmodelslim.model.moe import unfuse_experts
 
 GLOBAL_KEYS = {"version", "model_quant_type", "metadata", "group_size", "optional", "kv_cache_type",
                "kv_quant_type", "fa_quant_type", "reduce_quant_type"}
@@ -69,6 +70,7 @@ def load_ascendv1(path: str | Path, trust_remote_code: bool = False) -> nn.Modul
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=torch.float32)
     model.eval()
+    unfuse_experts(model)  # ascendv1 stores one tensor set per expert (formats.md A.5)
     consumed: set[str] = set()
     layers = quantized_layers(description)
     for prefix, own in tensors_by_layer(tensors, layers).items():

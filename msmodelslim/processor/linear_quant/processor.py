@@ -5,6 +5,11 @@ Weights, by `weight.method`: `minmax` (round to nearest with min/max ranges, per
 feedback on the calibration inputs, quantizer/gptq.py). Static activations (W8A8), by `act.method`: `minmax`
 (min/max of the layer's input over the calibration data) or `histogram` (the L2-optimal clipping range).
 Dynamic activations (per_token) need no data: the kernel measures each token at run time.
+
+Routed MoE experts may receive no calibration tokens at all (the router never picked them). Their weights are
+still quantized: a method that needs the expert's inputs (gptq, autoround) falls back to minmax rounding, with a
+log line per expert and a count per MoE layer. Static activations on experts are refused before any work
+(app/quantize.py), since no serving kernel runs them.
 """
 from __future__ import annotations
 
@@ -15,15 +20,20 @@ import torch
 from torch import nn
 
 from msmodelslim.core.errors import ProcessingError
+from msmodelslim.core.logging import get_logger
 from msmodelslim.ir.quant_linear import QuantLinear
+from msmodelslim.model.moe import routed_expert_linears
 from msmodelslim.processor.base import Processor, ProcessorContext, register_processor
 from msmodelslim.processor.linear_quant.config import LinearQuantConfig
 from msmodelslim.processor.matching import select
 from msmodelslim.processor.sampling import RowSample
 from msmodelslim.quantizer.gptq import accumulate_hessian
 from msmodelslim.quantizer.observer import HistogramObserver, MinMaxObserver
+from msmodelslim.quantizer.primitives import quantize_weight_minmax
 from msmodelslim.quantizer.scheme import LinearQConfig, QScope
 from msmodelslim.quantizer.weight import quantize_weight
+
+log = get_logger("linear_quant")
 
 
 @dataclass
@@ -71,6 +81,24 @@ def linear_to_ir(linear: nn.Linear, config: LinearQuantConfig, record: Optional[
     return QuantLinear(q.scheme, qweight, scale, offset, bias, input_scale, input_offset)
 
 
+def minmax_fallback_ir(linear: nn.Linear, config: LinearQuantConfig) -> QuantLinear:
+    """The linear quantized by round to nearest with min/max ranges, for a layer whose method lacks data."""
+    w = config.qconfig.weight
+    weight = quantize_weight_minmax(linear.weight.detach(), w.dtype.bits, w.symmetric, w.group_size)
+    return linear_to_ir(linear, config, None, weight=weight)
+
+
+def log_starved_experts(block: nn.Module, block_name: str, method: str, starved: dict[str, dict[int, list[str]]],
+                        targeted: set[str]) -> None:
+    """One line per expert that saw no tokens, then per MoE layer how many of its experts saw none."""
+    for layer in sorted(targeted):
+        for e, projections in sorted(starved.get(layer, {}).items()):
+            log.info("%s.%d received no calibration tokens: %s quantized by minmax rounding instead of %s",
+                     layer, e, ", ".join(projections), method)
+        count, total = len(starved.get(layer, {})), len(block.get_submodule(layer[len(block_name) + 1 :]))
+        (log.warning if count else log.info)("%s: %d of %d experts received no calibration tokens", layer, count, total)
+
+
 def _replace(root: nn.Module, relative_name: str, new: nn.Module) -> None:
     parent_name, _, child = relative_name.rpartition(".")
     setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
@@ -107,6 +135,9 @@ class LinearQuantProcessor(Processor):
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        experts = routed_expert_linears(block, block_name)
+        targeted: set[str] = set()  # MoE layers whose experts this rule quantizes
+        starved: dict[str, dict[int, list[str]]] = {}  # MoE layer -> expert -> projections that saw no tokens
         for name in self._targets(block_name, block):
             relative = name[len(block_name) + 1 :]
             linear = block.get_submodule(relative)
@@ -117,11 +148,21 @@ class LinearQuantProcessor(Processor):
                     f"pick a group size that divides it or exclude the layer"
                 )
             record = self._records.pop(name, None)
+            if name in experts:
+                targeted.add(experts[name][0])
             if self.needs_calibration and (record is None or not record.complete):
-                raise ProcessingError(f"{name} received no calibration data, so its static activation range "
-                                      f"(or GPTQ Hessian) is unknown")
+                if name not in experts or self.config.qconfig.static_act:
+                    raise ProcessingError(f"{name} received no calibration data, so its static activation range "
+                                          f"(or GPTQ Hessian) is unknown")
+                layer, e = experts[name]
+                starved.setdefault(layer, {}).setdefault(e, []).append(relative.rsplit(".", 1)[-1])
+                with torch.no_grad():
+                    _replace(block, relative, minmax_fallback_ir(linear, self.config))
+                continue
             with torch.no_grad():
                 _replace(block, relative, self.to_ir(name, linear, record))
+        if self.needs_calibration:
+            log_starved_experts(block, block_name, self.config.qconfig.weight.method, starved, targeted)
 
     def new_record(self) -> InputRecord:
         return new_record(self.config.qconfig)

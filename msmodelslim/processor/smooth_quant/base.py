@@ -58,6 +58,12 @@ class SubgraphSmoother(Processor):
     def __init__(self, config, context: ProcessorContext) -> None:
         self.config = config
         self.context = context
+        if not context.structure.smooth_subgraphs:  # e.g. the MoE adapters: nothing would be smoothed, silently
+            raise UnsupportedError(
+                f"{self.type_name}: adapter {context.adapter_name} describes no smoothing subgraphs "
+                f"(ModelStructure.smooth_subgraphs), so it cannot smooth this model; remove {self.type_name} "
+                f"from spec.process"
+            )
         available = {g.kind for g in context.structure.smooth_subgraphs}
         # A kind left at its default and absent from the adapter is skipped; one the user asked for is an error.
         missing = [k for k in config.enable_subgraph_type if k not in available]
