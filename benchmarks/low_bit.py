@@ -16,17 +16,14 @@ from pathlib import Path
 
 import torch
 
-from side_by_side import run_peer
-from smollm2_accuracy import CORPORA, SCHEMES, calibration_windows, quantize_in_child, write_config
+from side_by_side import run_peer, same_protocol
+from smollm2_accuracy import SCHEMES, quantize_in_child, write_config
 
 
 def main() -> None:
-    from transformers import AutoTokenizer
 
-    from msmodelslim.app.evaluate import load_float_model, perplexity, token_windows
-    from msmodelslim.core.dataset import read_texts
+    from msmodelslim.app.evaluate import perplexity
     from msmodelslim.format.ascendv1.reader import load_ascendv1
-    from msmodelslim.model.gguf_import import convert_gguf, find_gguf
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--peer_python", type=Path, help="python of llm-compressor's environment")
@@ -45,13 +42,7 @@ def main() -> None:
         parser.error(f"unknown scheme(s) {unknown}")
     args.work_dir.mkdir(parents=True, exist_ok=True)
 
-    model_dir = convert_gguf(find_gguf(), Path.home() / ".cache" / "msmodelslim" / "demo" / "SmolLM2-135M-Instruct")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    eval_path = CORPORA / "debian-reference.eval.txt"
-    windows = token_windows(tokenizer, read_texts(eval_path), 512, args.windows)
-    float_ppl = perplexity(load_float_model(model_dir, False), windows, torch.device("cpu"), "float").perplexity
-    calib = calibration_windows(tokenizer, 128, 512, args.work_dir / "calib_windows.jsonl")
-    print(f"float ppl {float_ppl:.4f}", flush=True)
+    model_dir, eval_path, windows, float_ppl, calib = same_protocol(args.work_dir, args.windows)
 
     rows = []  # (tool, name, ppl, seconds, rss MiB)
     for recipe in peers:

@@ -33,6 +33,25 @@ PAIRS = {  # name: (ours, peer), the same scheme family, ours with its best proc
 }
 
 
+def same_protocol(work_dir: Path, windows: int):
+    """The side-by-side protocol's inputs: (float checkpoint, eval text, eval windows, float perplexity,
+    calibration file of 128 x 512 tokens)."""
+    from transformers import AutoTokenizer
+
+    from msmodelslim.app.evaluate import load_float_model, perplexity, token_windows
+    from msmodelslim.core.dataset import read_texts
+    from msmodelslim.model.gguf_import import convert_gguf, find_gguf
+
+    model_dir = convert_gguf(find_gguf(), Path.home() / ".cache" / "msmodelslim" / "demo" / "SmolLM2-135M-Instruct")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    eval_path = CORPORA / "debian-reference.eval.txt"
+    eval_windows = token_windows(tokenizer, read_texts(eval_path), 512, windows)
+    float_ppl = perplexity(load_float_model(model_dir, False), eval_windows, torch.device("cpu"), "float").perplexity
+    calib = calibration_windows(tokenizer, 128, 512, work_dir / "calib_windows.jsonl")
+    print(f"float ppl {float_ppl:.4f}", flush=True)
+    return model_dir, eval_path, eval_windows, float_ppl, calib
+
+
 def run_peer(peer_python: Path, model_dir: Path, calib: Path, eval_path: Path, recipe: str, windows: int) -> dict:
     """One llm-compressor recipe in its own environment: {ppl, seconds, peak_rss_mib}."""
     proc = subprocess.run([str(peer_python), str(Path(__file__).with_name("llmcompressor_worker.py")),
@@ -44,12 +63,9 @@ def run_peer(peer_python: Path, model_dir: Path, calib: Path, eval_path: Path, r
 
 
 def main() -> None:
-    from transformers import AutoTokenizer
 
-    from msmodelslim.app.evaluate import load_float_model, perplexity, token_windows
-    from msmodelslim.core.dataset import read_texts
+    from msmodelslim.app.evaluate import perplexity
     from msmodelslim.format.ascendv1.reader import load_ascendv1
-    from msmodelslim.model.gguf_import import convert_gguf, find_gguf
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--peer_python", type=Path, required=True, help="python of llm-compressor's environment")
@@ -59,13 +75,7 @@ def main() -> None:
     args = parser.parse_args()
     args.work_dir.mkdir(parents=True, exist_ok=True)
 
-    model_dir = convert_gguf(find_gguf(), Path.home() / ".cache" / "msmodelslim" / "demo" / "SmolLM2-135M-Instruct")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    eval_path = CORPORA / "debian-reference.eval.txt"
-    windows = token_windows(tokenizer, read_texts(eval_path), 512, args.windows)
-    float_ppl = perplexity(load_float_model(model_dir, False), windows, torch.device("cpu"), "float").perplexity
-    calib = calibration_windows(tokenizer, 128, 512, args.work_dir / "calib_windows.jsonl")
-    print(f"float ppl {float_ppl:.4f}", flush=True)
+    model_dir, eval_path, windows, float_ppl, calib = same_protocol(args.work_dir, args.windows)
 
     rows = []
     for pair in args.pairs.split(","):
