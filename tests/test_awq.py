@@ -8,7 +8,8 @@ from transformers import AutoModelForCausalLM
 from helpers import SCHEMES, outputs_of_both_runners, run_quant, small_calib
 from msmodelslim.core.errors import ConfigError
 from msmodelslim.format.ascendv1.reader import load_ascendv1
-from msmodelslim.processor.flex_awq_ssz.search import awq_scales, best_candidate, output_error, weight_mean
+from msmodelslim.processor.flex_awq_ssz.search import awq_scales, best_candidate, weight_mean
+from msmodelslim.quantizer.error import scaled_output_error as output_error
 from msmodelslim.quantizer.scheme import QConfig
 from tiny_models import make_tiny_model
 

@@ -185,7 +185,8 @@ def _run_autoround(x, w):
 
 
 def _run_awq_search(x, w):
-    from msmodelslim.processor.flex_awq_ssz.search import awq_scales, output_error, weight_mean
+    from msmodelslim.processor.flex_awq_ssz.search import awq_scales, weight_mean
+    from msmodelslim.quantizer.error import scaled_output_error as output_error
     from msmodelslim.quantizer.scheme import QConfig
 
     spec = QConfig(dtype="int4", scope="per_group", method="minmax", ext={"group_size": 64})

@@ -42,6 +42,10 @@ class AutoRoundLinears(LinearQuantProcessor):
     def needs_calibration(self) -> bool:
         return True
 
+    @property
+    def method_name(self) -> str:
+        return "autoround"  # the strategy's qconfig says minmax, the start of the tuning
+
     def new_record(self) -> InputRecord:
         record = new_record(self.config.qconfig)
         record.sample = RowSample()

@@ -24,10 +24,11 @@ from torch import nn
 from msmodelslim.core.logging import get_logger
 from msmodelslim.model.interface import SmoothSubgraph
 from msmodelslim.processor.base import register_processor
-from msmodelslim.processor.flex_awq_ssz.search import awq_scales, best_candidate, output_error, weight_mean
+from msmodelslim.processor.flex_awq_ssz.search import awq_scales, best_candidate, weight_mean
 from msmodelslim.processor.flex_smooth_quant.search import two_stage_search
 from msmodelslim.processor.smooth_quant import smooth
 from msmodelslim.processor.smooth_quant.base import InputStats, SubgraphSmoother
+from msmodelslim.quantizer.error import scaled_output_error
 from msmodelslim.quantizer.scheme import QConfig
 
 SEARCH_TOKENS = 512
@@ -37,8 +38,13 @@ log = get_logger("flex_awq_ssz")
 
 class _ActivationAwareSmoother(SubgraphSmoother):
     keep_samples = True
-    act_spec: QConfig
-    weight_spec: QConfig
+
+    def __init__(self, config, context, act_spec: QConfig, weight_spec: QConfig) -> None:
+        super().__init__(config, context)
+        self.act_spec, self.weight_spec = act_spec, weight_spec
+        # Round to nearest at the same bits / scope / group size: ranks every candidate cheaply.
+        self.proxy_spec = weight_spec.model_copy(update={"method": "minmax", "ext": {
+            k: v for k, v in weight_spec.ext.items() if k == "group_size"}})
 
     def candidates(self, cost) -> dict[tuple[float, float], float]:
         raise NotImplementedError
@@ -54,14 +60,11 @@ class _ActivationAwareSmoother(SubgraphSmoother):
         x = stats.samples(SEARCH_TOKENS)
         weight = torch.cat([w.detach().float() for w in weights])
         reference = x @ weight.T
-        proxy = self.weight_spec.model_copy(update={"method": "minmax", "ext": {
-            k: v for k, v in self.weight_spec.ext.items() if k == "group_size"}})
-
         def cost_with(spec: QConfig):
-            return lambda a, b: output_error(x, weight, expand(awq_scales(act, w_mean, a, b)), spec,
-                                             self.act_spec, reference)
+            return lambda a, b: scaled_output_error(x, weight, expand(awq_scales(act, w_mean, a, b)), spec,
+                                                    self.act_spec, reference)
 
-        scored = self.candidates(cost_with(proxy))
+        scored = self.candidates(cost_with(self.proxy_spec))
         rescore = None if self.weight_spec.method == "minmax" else cost_with(self.weight_spec)
         (alpha, beta), error = best_candidate(scored, rescore, RESCORE)
         log.debug("%s -> %s: alpha %.2f beta %.2f, relative output error %.5f (unscaled %.5f)", graph.source,
@@ -74,8 +77,7 @@ class FlexAwqSszProcessor(_ActivationAwareSmoother):
     type_name = "flex_awq_ssz"
 
     def __init__(self, config, context) -> None:
-        super().__init__(config, context)
-        self.act_spec, self.weight_spec = config.qconfig.act, config.qconfig.weight
+        super().__init__(config, context, config.qconfig.act, config.qconfig.weight)
 
     def candidates(self, cost) -> dict[tuple[float, float], float]:
         return two_stage_search(cost, self.config.alpha, self.config.beta)[1]
@@ -86,9 +88,8 @@ class AwqProcessor(_ActivationAwareSmoother):
     type_name = "awq"
 
     def __init__(self, config, context) -> None:
-        super().__init__(config, context)
-        self.act_spec = QConfig(dtype="float", scope="per_tensor", symmetric=True, method="none")
-        self.weight_spec = config.weight_qconfig
+        weight_only = QConfig(dtype="float", scope="per_tensor", symmetric=True, method="none")
+        super().__init__(config, context, weight_only, config.weight_qconfig)
 
     def candidates(self, cost) -> dict[tuple[float, float], float]:
         return {(a, 0.0): cost(a, 0.0) for a in (i / self.config.n_grid for i in range(self.config.n_grid))}

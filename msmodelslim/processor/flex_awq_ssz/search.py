@@ -12,7 +12,8 @@ rule; β = 1 − α is AWQ's "duo scaling"). A candidate's cost is the relative 
 
     err = ‖Q_a(X / s) · Q_w(W · s)ᵀ − X · Wᵀ‖ / ‖X · Wᵀ‖
 
-with Q_w and Q_a the quantizers that will be deployed (Q_a the identity for weight-only schemes).
+with Q_w and Q_a the quantizers that will be deployed (Q_a the identity for weight-only schemes);
+quantizer/error.py computes it.
 """
 from __future__ import annotations
 
@@ -20,10 +21,7 @@ from typing import Callable
 
 import torch
 
-from msmodelslim.quantizer.activation import fake_quantize_act
 from msmodelslim.quantizer.primitives import to_groups
-from msmodelslim.quantizer.scheme import QConfig
-from msmodelslim.quantizer.weight import fake_quantize_weight
 
 TINY = 1e-8
 
@@ -42,13 +40,6 @@ def awq_scales(act_mean: torch.Tensor, w_mean: torch.Tensor, alpha: float, beta:
     s = act_mean.float().clamp(min=TINY).pow(alpha) / w_mean.float().clamp(min=TINY).pow(beta)
     s = torch.where(act_mean > 0, s, torch.ones_like(s))
     return (s / (s.max() * s.min()).sqrt()).clamp(min=1e-5)
-
-
-def output_error(x: torch.Tensor, weight: torch.Tensor, s: torch.Tensor, weight_spec: QConfig,
-                 act_spec: QConfig, reference: torch.Tensor) -> float:
-    """Relative error of the quantized layer output after scaling by s (see the module docstring)."""
-    out = fake_quantize_act(x / s, act_spec) @ fake_quantize_weight(weight * s, weight_spec).T
-    return float((out - reference).norm() / reference.norm().clamp(min=1e-12))
 
 
 def best_candidate(scored: dict[tuple[float, float], float], rescore: Callable[[float, float], float] | None,

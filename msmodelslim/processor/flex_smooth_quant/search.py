@@ -16,13 +16,8 @@ from typing import Callable, Optional
 
 import torch
 
-from msmodelslim.quantizer.primitives import (
-    dequantize_weight,
-    fake_quantize,
-    quantize_per_token_dynamic,
-    quantize_weight_minmax,
-    scale_offset_from_minmax,
-)
+from msmodelslim.quantizer.error import scaled_output_error
+from msmodelslim.quantizer.scheme import QConfig
 
 GRID = [round(0.05 * i, 2) for i in range(21)]
 
@@ -33,20 +28,18 @@ def flex_scales(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: fl
     return torch.where(act_absmax > 0, s.clamp(min=1e-5), torch.ones_like(s))
 
 
-def fake_quant_act(x: torch.Tensor, act_scope: str) -> torch.Tensor:
-    if act_scope == "per_token":
-        return quantize_per_token_dynamic(x, 8)
-    scale, offset = scale_offset_from_minmax(x.amin(), x.amax(), 8, symmetric=False)
-    return fake_quantize(x, scale, offset, 8)
+# What the kernels compute: symmetric int8 weights per output channel; int8 activations per token (dynamic)
+# or over the whole tensor, asymmetric (static).
+INT8_WEIGHT = QConfig(dtype="int8", scope="per_channel", symmetric=True, method="minmax")
+INT8_ACT = {"per_token": QConfig(dtype="int8", scope="per_token", symmetric=True, method="minmax"),
+            "per_tensor": QConfig(dtype="int8", scope="per_tensor", symmetric=False, method="minmax")}
 
 
 def quantized_error(x: torch.Tensor, weight: torch.Tensor, s: torch.Tensor, act_scope: str,
                     reference: Optional[torch.Tensor] = None) -> float:
     """Relative error of the int8 product of X/s and W·s against the float product X·Wᵀ."""
     reference = x @ weight.T if reference is None else reference
-    w_q = dequantize_weight(*quantize_weight_minmax(weight * s, 8, symmetric=True))
-    out = fake_quant_act(x / s, act_scope) @ w_q.T
-    return float((out - reference).norm() / reference.norm().clamp(min=1e-12))
+    return scaled_output_error(x, weight, s, INT8_WEIGHT, INT8_ACT[act_scope], reference)
 
 
 @dataclass(frozen=True)

@@ -162,7 +162,12 @@ class LinearQuantProcessor(Processor):
             with torch.no_grad():
                 _replace(block, relative, self.to_ir(name, linear, record))
         if self.needs_calibration:
-            log_starved_experts(block, block_name, self.config.qconfig.weight.method, starved, targeted)
+            log_starved_experts(block, block_name, self.method_name, starved, targeted)
+
+    @property
+    def method_name(self) -> str:
+        """The weight method, as log lines name it."""
+        return self.config.qconfig.weight.method
 
     def new_record(self) -> InputRecord:
         return new_record(self.config.qconfig)
