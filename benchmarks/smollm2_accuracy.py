@@ -130,15 +130,17 @@ def write_config(path: Path, process: list, dataset: str, runner: str, saver: st
     path.write_text(yaml.safe_dump(config))
 
 
-def quantize_in_child(model_dir: Path, config: Path, out: Path,
-                      model_type: str = "SmolLM2-135M-Instruct") -> tuple[float, float]:
-    """Run the real CLI in a child process: wall seconds and the child's peak RSS (MiB)."""
+def quantize_in_child(model_dir: Path, config: Path, out: Path, model_type: str = "SmolLM2-135M-Instruct",
+                      device: str = "cpu") -> tuple[float, float]:
+    """Run the real CLI in a child process: wall seconds and the peak RSS (MiB) of the child or, with several
+    CPU ranks (`device` cpu:0,1), of the largest rank it spawned."""
     code = (
         "import resource, sys; from msmodelslim.cli.__main__ import main; rc = main(sys.argv[1:]); "
-        "print('PEAK_RSS_KIB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)"
+        "print('PEAK_RSS_KIB', max(resource.getrusage(w).ru_maxrss for w in "
+        "(resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))); sys.exit(rc)"
     )
     args = [sys.executable, "-c", code, "quant", "--model_path", str(model_dir), "--save_path", str(out),
-            "--device", "cpu", "--model_type", model_type, "--config_path", str(config), "--overwrite"]
+            "--device", device, "--model_type", model_type, "--config_path", str(config), "--overwrite"]
     started = time.perf_counter()
     proc = subprocess.run(args, capture_output=True, text=True, env={**__import__("os").environ,
                                                                       "MSMODELSLIM_LOG_LEVEL": "warning"})

@@ -1,3 +1,4 @@
+import logging
 import sys
 from pathlib import Path
 
@@ -35,3 +36,24 @@ def tiny_qwen3_moe(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_deepseek_v3(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("deepseek_v3"), "deepseek_v3")
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def log_lines():
+    """Messages of the msmodelslim loggers (which do not propagate once the CLI has set logging up)."""
+    logger, handler = logging.getLogger("msmodelslim"), _Lines()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield handler.lines
+    logger.removeHandler(handler)
+    logger.setLevel(level)

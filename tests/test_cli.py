@@ -52,7 +52,7 @@ def test_quant_and_eval_succeed(tiny_llama, tmp_path, capsys, w8a16_config):
     ("unknown_quant_type", "--quant_type 'w3a9' is not valid"),
     ("group_size_not_dividing", "does not divide the input size 64 of layer model.layers.0.self_attn.q_proj"),
     ("wrong_family", "expects a checkpoint of type qwen3"),
-    ("several_devices", "dp_layer_wise"),
+    ("dp_histogram", "spec.process[0] (linear_quant) cannot run under dp_layer_wise: act.method histogram"),
     ("bad_log_level", "MSMODELSLIM_LOG_LEVEL"),
 ])
 def test_bad_input_is_a_clear_error(tiny_llama, tmp_path, capsys, monkeypatch, w8a16_config, case, needle):
@@ -84,10 +84,10 @@ def test_bad_input_is_a_clear_error(tiny_llama, tmp_path, capsys, monkeypatch, w
         argv = quant_args(tiny_llama, out, "--model_type", "Llama-2-7B", "--config_path", str(cfg))
     elif case == "wrong_family":
         argv = quant_args(tiny_llama, out, "--model_type", "Qwen3-8B", "--config_path", str(w8a16_config))
-    elif case == "several_devices":
-        monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
-        cfg = write_config(tmp_path / "auto.yaml", SCHEMES["w8a16"], runner="auto")
-        argv = ["quant", "--model_path", str(tiny_llama), "--save_path", str(out), "--device", "cuda:0,1",
+    elif case == "dp_histogram":  # refused before any rank starts
+        histogram = {**SCHEMES["w8a8_static"], "act": {**SCHEMES["w8a8_static"]["act"], "method": "histogram"}}
+        cfg = write_config(tmp_path / "auto.yaml", histogram, runner="auto")
+        argv = ["quant", "--model_path", str(tiny_llama), "--save_path", str(out), "--device", "cpu:0,1",
                 "--model_type", "Llama-2-7B", "--config_path", str(cfg)]
     else:
         monkeypatch.setenv("MSMODELSLIM_LOG_LEVEL", "loud")

@@ -2,7 +2,6 @@
 (per-expert and stacked), W8A8/W4A8 dynamic round-trip through both readers, both runners write the same bytes,
 experts without tokens still quantize, and static activations on experts are refused."""
 import json
-import logging
 import shutil
 
 import pytest
@@ -34,27 +33,6 @@ NUM_EXPERTS = 4
 @pytest.fixture(scope="module")
 def moe_models(tiny_qwen3_moe, tiny_deepseek_v3):
     return {"qwen3_moe": tiny_qwen3_moe, "deepseek_v3": tiny_deepseek_v3}
-
-
-class _Lines(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-
-@pytest.fixture
-def log_lines():
-    """Messages of the msmodelslim loggers (which do not propagate once the CLI has set logging up)."""
-    logger, handler = logging.getLogger("msmodelslim"), _Lines()
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield handler.lines
-    logger.removeHandler(handler)
-    logger.setLevel(level)
 
 
 def rule(scheme: str, include=("*",), exclude=()) -> dict:

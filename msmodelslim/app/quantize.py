@@ -6,10 +6,15 @@ staging directory and moved into place only after it passed the format checklist
 """
 from __future__ import annotations
 
+import gc
+import logging
+import os
 import resource
+import shutil
+import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -20,9 +25,10 @@ from msmodelslim.app.practice import select_practice
 from msmodelslim.core.config import PracticeConfig, RunnerType, load_config
 from msmodelslim.core.dataset import load_texts
 from msmodelslim.core.device import DeviceSpec
+from msmodelslim.core.distributed import LOCAL, Collective, contiguous_share, spawn_ranks, torchrun_rank, torchrun_world
 from msmodelslim.core.errors import ConfigError, FormatCheckError, InvalidModelError, UnsupportedError
-from msmodelslim.core.logging import get_logger
-from msmodelslim.core.runner import run_blocks
+from msmodelslim.core.logging import get_logger, level_from_env, setup_logging
+from msmodelslim.core.runner import RunStats, run_blocks
 from msmodelslim.format.ascendv1.checker import check_ascendv1
 from msmodelslim.format.ascendv1.writer import AscendV1Writer
 from msmodelslim.format.compressed_tensors.checker import check_compressed_tensors
@@ -67,16 +73,32 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def data_parallel_world(device: DeviceSpec) -> int:
+    """How many dp_layer_wise ranks the request gives: WORLD_SIZE under torchrun, else the listed devices."""
+    return torchrun_world() if torchrun_world() > 1 else max(1, len(device.indices))
+
+
 def choose_runner(config: PracticeConfig, device: DeviceSpec) -> RunnerType:
     runner = config.spec.runner
+    world = data_parallel_world(device)
     if runner == RunnerType.auto:
-        runner = RunnerType.dp_layer_wise if len(device.indices) > 1 else RunnerType.layer_wise
-    if runner == RunnerType.dp_layer_wise:
-        raise UnsupportedError(
-            "dp_layer_wise (several devices) is not available yet; pass one device (e.g. --device cuda:0) "
-            "or set spec.runner: layer_wise"
-        )
+        runner = RunnerType.dp_layer_wise if world > 1 else RunnerType.layer_wise
+    if runner == RunnerType.dp_layer_wise and world == 1:
+        log.warning("spec.runner dp_layer_wise needs several devices (e.g. --device npu:0,1 or cpu:0,1, or torchrun); "
+                    "running layer_wise on %s", device)
+        runner = RunnerType.layer_wise
     return runner
+
+
+def refuse_undistributable(config: PracticeConfig, processors: list[Processor]) -> None:
+    """dp_layer_wise runs only processors that merge their statistics across ranks; say which one does not."""
+    for i, processor in enumerate(processors):
+        reason = processor.data_parallel_refusal()
+        if reason:
+            raise UnsupportedError(
+                f"spec.process[{i}] ({config.spec.process[i].type}) cannot run under dp_layer_wise: {reason}. "
+                f"Use spec.runner: layer_wise (one device), or change that step"
+            )
 
 
 def _linear_names(model: nn.Module) -> list[str]:
@@ -161,8 +183,31 @@ def load_practice(request: QuantizeRequest) -> PracticeConfig:
     return select_practice(request.model_type, pedigree, request.quant_type, request.allow_default_practice).config
 
 
-def quantize(request: QuantizeRequest) -> QuantizeReport:
-    started = time.perf_counter()
+@dataclass
+class _Job:
+    """Everything checked and built before the first weight of a block is read."""
+
+    config: PracticeConfig
+    runner: RunnerType
+    adapter: object
+    processors: list[Processor]
+    texts: list[str]
+    model: nn.Module
+    plan: dict[str, str]
+
+
+@dataclass
+class _Written:
+    """What the rank that wrote the checkpoint hands back."""
+
+    description: dict
+    warnings: list[str]
+    stats: RunStats
+    peak_rss_mib: float
+
+
+def _prepare(request: QuantizeRequest, quiet: bool = False) -> _Job:
+    """Every cheap check, in the order that fails fastest, then the model skeleton and the layer plan."""
     if not request.model_path.is_dir():
         raise InvalidModelError(f"--model_path {request.model_path} is not a directory")
     lookup(request.model_type)  # an unknown model type fails before anything else
@@ -175,55 +220,129 @@ def quantize(request: QuantizeRequest) -> QuantizeReport:
     adapter = create_adapter(request.model_type, str(request.model_path), request.trust_remote_code)
     context = ProcessorContext(type(adapter).__name__, adapter.structure, adapter.attention_shape())
     processors = [build_processor(c, context) for c in config.spec.process]
+    if runner == RunnerType.dp_layer_wise:
+        refuse_undistributable(config, processors)
     needs_data = any(p.needs_calibration for p in processors)
     texts = load_texts(config.spec.dataset, config.source_dir) if needs_data else []
     device = request.device.primary
-    log.info("runner %s on %s; %s", runner.value, device, f"{len(texts)} calibration samples" if needs_data
-             else "no calibration data needed")
+    ranks = f" x {data_parallel_world(request.device)} ranks" if runner == RunnerType.dp_layer_wise else ""
     model = adapter.init_model(device, load_layers=runner == RunnerType.model_wise)
     plan = plan_layers(config, processors, model)
-    log.info("plan: %s", summarize_plan(plan))
-    report = QuantizeReport(request.save_path, plan)
+    if not quiet:
+        log.info("runner %s on %s%s; %s", runner.value, request.device, ranks,
+                 f"{len(texts)} calibration samples" if needs_data else "no calibration data needed")
+        log.info("plan: %s", summarize_plan(plan))
+    return _Job(config, runner, adapter, processors, texts, model, plan)
+
+
+def _make_writer(job: _Job, staging: Path):
+    save, adapter = job.config.spec.save[0], job.adapter
+    if save.type == "compressed_tensors":
+        return CompressedTensorsWriter(staging, save.part_file_size, adapter.global_dtype(), adapter.original_dtype)
+    return AscendV1Writer(
+        staging,
+        save.part_file_size,
+        adapter.global_dtype(),
+        is_row_parallel=lambda name: name.rsplit(".", 1)[-1] in adapter.structure.row_parallel,
+        dtype_for=adapter.original_dtype,
+    )
+
+
+def _finish(job: _Job, request: QuantizeRequest, writer, staging: Path) -> tuple[dict, list[str]]:
+    """Complete the output in `staging`: config/description files, the practice used, the format checklist."""
+    edits = OutputEdits()
+    for processor in job.processors:
+        edits = edits.merge(processor.output_edits())
+    save = job.config.spec.save[0]
+    if save.type == "compressed_tensors":
+        written = writer.finish(request.model_path, edits, [n for n, s in job.plan.items() if s == "FLOAT"])
+        description = {"model_quant_type": written.get("format", "dense")}
+        findings = check_compressed_tensors(staging)
+    else:
+        description = writer.finish(request.model_path, edits)
+        findings = check_ascendv1(staging, list(job.plan), job.adapter.structure.fused_groups)
+    practice_file = staging / f"{request.model_type}_best_practice.yaml"
+    saved = job.config.model_dump(mode="json", exclude_none=True, exclude={"source_dir"})
+    practice_file.write_text(yaml.safe_dump(saved, sort_keys=False, allow_unicode=True))
+    warnings = sorted({f.message.split(": ", 1)[1] for f in findings if f.level == "warning"})
+    errors = [f.message for f in findings if f.level == "error"]
+    if errors:
+        raise FormatCheckError(f"the written checkpoint fails the {save.type} checklist:\n  " + "\n  ".join(errors[:20]))
+    return description, warnings
+
+
+def _execute(job: _Job, request: QuantizeRequest, collective: Collective, staging_note: Optional[Path] = None) -> _Written:
+    """Calibrate, quantize and (on rank 0) write. Ranks other than 0 only compute and merge statistics."""
+    needs_data = any(p.needs_calibration for p in job.processors)
+    device = collective.device if collective.distributed else request.device.primary
+    if job.runner == RunnerType.model_wise and device.type != "cpu":
+        job.model.to(device)
+    batches = job.adapter.handle_dataset(job.texts, device) if needs_data else []
+    batches = contiguous_share(batches, collective.rank, collective.world)
+    layer_wise = job.runner != RunnerType.model_wise
+    if collective.rank != 0:
+        stats = run_blocks(job.adapter, job.model, job.processors, None, batches, device, layer_wise, collective)
+        return _Written({}, [], stats, collective.max_float(peak_rss_mib()))
+    with staged_directory(request.save_path, request.overwrite) as staging:
+        if staging_note is not None:  # lets the launcher remove it if this rank is killed
+            staging_note.write_text(str(staging))
+        writer = _make_writer(job, staging)
+        stats = run_blocks(job.adapter, job.model, job.processors, writer, batches, device, layer_wise, collective)
+        description, warnings = _finish(job, request, writer, staging)
+    return _Written(description, warnings, stats, collective.max_float(peak_rss_mib()))
+
+
+def _quiet_unless_rank0(rank: int) -> None:
+    """One rank speaks for all (and shows the progress bars); the others only report errors, unless debugging."""
+    if rank != 0 and level_from_env() > logging.DEBUG:
+        logging.getLogger("msmodelslim").setLevel(logging.ERROR)
+
+
+def _quantize_rank(collective: Collective, request: QuantizeRequest, rundir: Path) -> _Written:
+    """Body of one spawned dp_layer_wise rank (core/distributed.py calls it)."""
+    setup_logging()
+    _quiet_unless_rank0(collective.rank)
+    return _execute(_prepare(request, quiet=True), request, collective, rundir / "staging")
+
+
+def _run_spawned_ranks(request: QuantizeRequest) -> _Written:
+    with tempfile.TemporaryDirectory(prefix="msmodelslim-dp-") as name:
+        rundir = Path(name)
+        try:
+            # the practice was accepted (or asked for) in this process: the ranks must not ask again
+            rank_request = replace(request, allow_default_practice=True)
+            return spawn_ranks(request.device.kind, request.device.indices, rundir, _quantize_rank, rank_request, rundir)
+        except BaseException:
+            note = rundir / "staging"
+            if note.is_file():  # rank 0 may have been stopped before it could remove its staging directory
+                shutil.rmtree(note.read_text(), ignore_errors=True)
+            raise
+
+
+def quantize(request: QuantizeRequest) -> QuantizeReport:
+    started = time.perf_counter()
+    if torchrun_world() > 1:
+        _quiet_unless_rank0(int(os.environ.get("RANK", "0")))
+    job = _prepare(request)
+    report = QuantizeReport(request.save_path, job.plan)
     if request.dry_run:
         return report
-    if runner == RunnerType.model_wise and device.type != "cpu":
-        model.to(device)
-    batches = adapter.handle_dataset(texts, device) if needs_data else []
-    save = config.spec.save[0]
-    with staged_directory(request.save_path, request.overwrite) as staging:
-        if save.type == "compressed_tensors":
-            writer = CompressedTensorsWriter(staging, save.part_file_size, adapter.global_dtype(), adapter.original_dtype)
-        else:
-            writer = AscendV1Writer(
-                staging,
-                save.part_file_size,
-                adapter.global_dtype(),
-                is_row_parallel=lambda name: name.rsplit(".", 1)[-1] in adapter.structure.row_parallel,
-                dtype_for=adapter.original_dtype,
-            )
-        stats = run_blocks(adapter, model, processors, writer, batches, device, runner == RunnerType.layer_wise)
-        edits = OutputEdits()
-        for processor in processors:
-            edits = edits.merge(processor.output_edits())
-        if save.type == "compressed_tensors":
-            written = writer.finish(request.model_path, edits, [n for n, s in plan.items() if s == "FLOAT"])
-            report.description = {"model_quant_type": written.get("format", "dense")}
-            findings = check_compressed_tensors(staging)
-        else:
-            report.description = writer.finish(request.model_path, edits)
-            findings = check_ascendv1(staging, list(plan), adapter.structure.fused_groups)
-        practice_file = staging / f"{request.model_type}_best_practice.yaml"
-        saved = config.model_dump(mode="json", exclude_none=True, exclude={"source_dir"})
-        practice_file.write_text(yaml.safe_dump(saved, sort_keys=False, allow_unicode=True))
-        report.warnings = sorted({f.message.split(": ", 1)[1] for f in findings if f.level == "warning"})
-        errors = [f.message for f in findings if f.level == "error"]
-        if errors:
-            raise FormatCheckError(f"the written checkpoint fails the {save.type} checklist:\n  " + "\n  ".join(errors[:20]))
+    if job.runner != RunnerType.dp_layer_wise:
+        written = _execute(job, request, LOCAL)
+    elif torchrun_world() > 1:
+        written = _execute(job, request, torchrun_rank(request.device.kind, request.device.indices))
+    else:
+        del job  # the ranks build their own; free this process's copy of the embeddings
+        gc.collect()
+        written = _run_spawned_ranks(request)
+    report.description, report.warnings = written.description, written.warnings
     for warning in report.warnings:
         log.warning("format check: %s", warning)
     report.seconds = time.perf_counter() - started
-    report.peak_rss_mib = peak_rss_mib()
+    report.peak_rss_mib = max(peak_rss_mib(), written.peak_rss_mib)
+    stats = written.stats
     log.info("calibration: %d batches, %d tokens", stats.calibration_batches, stats.calibration_tokens)
-    log.info("saved %s (%s) in %.1f s, peak RSS %.0f MiB", request.save_path, report.description["model_quant_type"],
-             report.seconds, report.peak_rss_mib)
+    if report.description:
+        log.info("saved %s (%s) in %.1f s, peak RSS %.0f MiB (largest rank)", request.save_path,
+                 report.description["model_quant_type"], report.seconds, report.peak_rss_mib)
     return report

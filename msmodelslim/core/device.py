@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 from dataclasses import dataclass
 
@@ -53,15 +54,16 @@ def parse_device(text: str | None) -> DeviceSpec:
         return default_device()
     match = _PATTERN.match(text.strip())
     if not match:
-        raise DeviceError(f"--device {text!r} is not valid; use cpu, cuda, cuda:0,1, npu or npu:0,1,2,3")
+        raise DeviceError(f"--device {text!r} is not valid; use cpu, cpu:0,1 (two CPU ranks), cuda, cuda:0,1, npu or npu:0,1,2,3")
     kind, raw = match.group(1), match.group(2)
     indices = tuple(int(i) for i in raw.split(",")) if raw else ()
     if len(set(indices)) != len(indices):
         raise DeviceError(f"--device {text!r} lists an index twice")
-    if kind == "cpu":
-        if len(indices) > 1:
-            raise DeviceError("--device cpu takes no list of indices")
-        return DeviceSpec("cpu")
+    if kind == "cpu":  # cpu:0,1 — one process per index, for dp_layer_wise on a machine without accelerators
+        cores = os.cpu_count() or 1
+        if len(indices) > cores:
+            raise DeviceError(f"--device {text}: {len(indices)} CPU ranks but only {cores} cores; list at most {cores}")
+        return DeviceSpec("cpu", indices if len(indices) > 1 else ())
     available = torch.cuda.device_count() if kind == "cuda" else _npu_count()
     if available == 0:
         hint = "no CUDA GPU is visible" if kind == "cuda" else "torch_npu is not installed or sees no NPU"

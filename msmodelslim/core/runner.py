@@ -4,6 +4,9 @@ writer.
 layer_wise: only the current block's weights are materialised (read from the safetensors shards, processed,
 written, dropped back to the meta device). model_wise: the whole model is loaded first and stays resident.
 Both execute the same per-block schedule, so the same config and data give byte-identical output.
+dp_layer_wise is layer_wise on each of several ranks (core/distributed.py): each rank forwards its own share of
+the batches, the processors merge their statistics across ranks after each forward (`synchronize`), and only
+rank 0 (the one given a writer) writes.
 
 Calibration: every batch's generator (`adapter.generate_model_forward`) yields the current block's inputs.
 Each processor that needs data gets its own forward of the block, after the processors before it changed the
@@ -14,11 +17,13 @@ from __future__ import annotations
 
 import gc
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from msmodelslim.core.distributed import LOCAL, Collective
 from msmodelslim.core.logging import get_logger, progress_disabled
 from msmodelslim.format.ascendv1.writer import AscendV1Writer
 from msmodelslim.processor.base import Processor
@@ -50,11 +55,13 @@ def run_blocks(
     adapter,
     model: nn.Module,
     processors: list[Processor],
-    writer: AscendV1Writer,
+    writer: Optional[AscendV1Writer],
     batches: list[dict[str, torch.Tensor]],
     device: torch.device,
     layer_wise: bool,
+    collective: Collective = LOCAL,
 ) -> RunStats:
+    """Quantize every block; `batches` are this rank's share, `writer` is None on ranks that do not write."""
     needs_data = any(p.needs_calibration for p in processors)
     block_names = adapter.block_names(model)
     for processor in processors:
@@ -77,6 +84,8 @@ def run_blocks(
             processor.before_forward(name, block)
             if processor.needs_calibration:
                 outputs = _forward_all(name, requests)
+                if collective.distributed:
+                    processor.synchronize(name, block, collective)
             processor.after_forward(name, block)
         if outputs is not None:  # the last forward's outputs feed the next block
             for i, (generator, output) in enumerate(zip(forwards, outputs)):
@@ -84,12 +93,15 @@ def run_blocks(
                     requests[i] = generator.send(output)
                 except StopIteration:
                     requests[i] = None
-        writer.add_module_tree(name, block)
+        if writer is not None:
+            writer.add_module_tree(name, block)
         if layer_wise:
             adapter.release_block(model, name)
         gc.collect()
     for name, tensor in model.state_dict().items():
-        if not _is_under(name, block_names):
+        if writer is not None and not _is_under(name, block_names):
             writer.add_float(name, tensor)
-    tokens = sum(int(b["input_ids"].numel()) for b in batches) if needs_data else 0
-    return RunStats(len(block_names), len(batches) if needs_data else 0, tokens)
+    if not needs_data:
+        return RunStats(len(block_names), 0, 0)
+    tokens = collective.sum_int(sum(int(b["input_ids"].numel()) for b in batches))
+    return RunStats(len(block_names), collective.sum_int(len(batches)), tokens)

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from torch import nn
 
 from msmodelslim.format.edits import OutputEdits
 from msmodelslim.model.interface import AttentionShape, ModelStructure
+
+if TYPE_CHECKING:
+    from msmodelslim.core.distributed import Collective
 
 PROCESSORS: dict[str, Callable[..., "Processor"]] = {}
 
@@ -43,6 +46,17 @@ class Processor(ABC):
 
     def before_forward(self, block_name: str, block: nn.Module) -> None:
         """Called before the block's calibration forward (or visit, for data-free pipelines)."""
+
+    def data_parallel_refusal(self) -> Optional[str]:
+        """None when `synchronize` merges everything this processor collects, so dp_layer_wise may run it;
+        otherwise why not (the run is refused before any work)."""
+        if self.needs_calibration:
+            return "it cannot merge its calibration statistics across ranks"
+        return None
+
+    def synchronize(self, block_name: str, block: nn.Module, collective: "Collective") -> None:
+        """dp_layer_wise: called between the block's calibration forward and `after_forward`; merge what this
+        rank collected with the other ranks' so that every rank rewrites the block identically."""
 
     @abstractmethod
     def after_forward(self, block_name: str, block: nn.Module) -> None:

@@ -20,6 +20,12 @@ class RowSample:
     def empty(self) -> bool:
         return not self.rows
 
+    def merge(self, collective, features: int) -> None:
+        """Every rank's rows in rank order: with contiguous data shares, the rows a single process keeps."""
+        rows = torch.cat(self.rows) if self.rows else torch.zeros(0, features)
+        merged = collective.gather_rows(rows)
+        self.rows = [merged] if len(merged) else []
+
     def take(self, limit: int) -> torch.Tensor:
         """At most `limit` rows, evenly spread over everything kept (deterministic)."""
         rows = torch.cat(self.rows)

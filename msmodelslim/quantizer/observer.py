@@ -22,6 +22,14 @@ class MinMaxObserver:
     def seen(self) -> bool:
         return self.min is not None
 
+    def merge(self, collective) -> None:
+        """Min and max over every rank's data (exact: the same values a single process would keep)."""
+        lo = self.min if self.seen else torch.tensor(float("inf"))
+        hi = self.max if self.seen else torch.tensor(float("-inf"))
+        lo, hi = collective.min(lo), collective.max(hi)
+        if torch.isfinite(lo):
+            self.min, self.max = lo, hi
+
     def qparams(self, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
         return scale_offset_from_minmax(self.min, self.max, bits, symmetric)
 

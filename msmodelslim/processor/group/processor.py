@@ -1,6 +1,8 @@
 """`group`: run child processors side by side so one calibration forward per block serves them all."""
 from __future__ import annotations
 
+from typing import Optional
+
 from torch import nn
 
 from msmodelslim.format.edits import OutputEdits
@@ -31,6 +33,14 @@ class GroupProcessor(Processor):
     def before_forward(self, block_name: str, block: nn.Module) -> None:
         for child in self.children:
             child.before_forward(block_name, block)
+
+    def data_parallel_refusal(self) -> Optional[str]:
+        reasons = [f"{self.label}[{i}]: {r}" for i, c in enumerate(self.children) if (r := c.data_parallel_refusal())]
+        return "; ".join(reasons) or None
+
+    def synchronize(self, block_name: str, block: nn.Module, collective) -> None:
+        for child in self.children:
+            child.synchronize(block_name, block, collective)
 
     def after_forward(self, block_name: str, block: nn.Module) -> None:
         for child in self.children:

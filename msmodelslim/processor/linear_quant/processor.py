@@ -54,6 +54,19 @@ class InputRecord:
         if self.sample is not None:
             self.sample.add(x)
 
+    def merge(self, collective, features: int) -> None:
+        """dp_layer_wise: combine with the other ranks' records of the same linear (`features` inputs)."""
+        if self.observer is not None:
+            self.observer.merge(collective)
+        if self.collect_hessian:  # H is a mean over tokens: sum n_r·H_r over ranks, divide by Σ n_r
+            local = self.hessian * self.tokens if self.hessian is not None else torch.zeros(
+                features, features, dtype=torch.float64)
+            total = collective.sum_int(self.tokens)
+            summed = collective.sum(local)
+            self.hessian, self.tokens = (summed / total if total else None), total
+        if self.sample is not None:
+            self.sample.merge(collective, features)
+
     @property
     def complete(self) -> bool:
         return ((self.observer is None or self.observer.seen) and (not self.collect_hessian or self.tokens > 0)
@@ -130,6 +143,17 @@ class LinearQuantProcessor(Processor):
             record = self._records[name] = self.new_record()
             module = block.get_submodule(name[len(block_name) + 1 :])
             self._hooks.append(module.register_forward_pre_hook(lambda _m, args, r=record: r.update(args[0])))
+
+    def data_parallel_refusal(self) -> Optional[str]:
+        if self.config.qconfig.static_act and self.config.qconfig.act.method == "histogram":
+            return ("act.method histogram re-bins its histogram batch by batch, so ranks cannot merge it; "
+                    "use act.method minmax")
+        return None
+
+    def synchronize(self, block_name: str, block: nn.Module, collective) -> None:
+        for name in sorted(self._records):  # the same order on every rank
+            features = block.get_submodule(name[len(block_name) + 1 :]).in_features
+            self._records[name].merge(collective, features)
 
     def after_forward(self, block_name: str, block: nn.Module) -> None:
         for hook in self._hooks:

@@ -38,6 +38,16 @@ class InputStats:
         if keep_samples:
             self.sample.add(flat)
 
+    def merge(self, collective, features: int, keep_samples: bool) -> None:
+        """dp_layer_wise: combine with the other ranks' statistics of the same subgraph input."""
+        absmax = self.absmax if self.absmax is not None else torch.zeros(features)
+        abs_sum = self.abs_sum if self.abs_sum is not None else torch.zeros(features, dtype=torch.float64)
+        self.tokens = collective.sum_int(self.tokens)
+        absmax, abs_sum = collective.max(absmax), collective.sum(abs_sum)
+        self.absmax, self.abs_sum = (absmax, abs_sum) if self.tokens else (None, None)
+        if keep_samples:
+            self.sample.merge(collective, features)
+
     @property
     def abs_mean(self) -> torch.Tensor:
         """mean |X_j| per input channel, float32."""
@@ -100,6 +110,15 @@ class SubgraphSmoother(Processor):
             first = block.get_submodule(graph.targets[0])
             self._hooks.append(first.register_forward_pre_hook(
                 lambda _m, args, s=stats: s.update(args[0], self.keep_samples)))
+
+    def data_parallel_refusal(self) -> Optional[str]:
+        return None  # every statistic merges: max, sums, and sampled rows gathered in rank order
+
+    def synchronize(self, block_name: str, block: nn.Module, collective) -> None:
+        for graph in self._subgraphs(block_name):
+            if graph.source in self._stats:
+                features = block.get_submodule(graph.targets[0]).in_features
+                self._stats[graph.source].merge(collective, features, self.keep_samples)
 
     def after_forward(self, block_name: str, block: nn.Module) -> None:
         for hook in self._hooks:
