@@ -3,6 +3,10 @@ single-process one (byte for byte for min/max and smoothing, within a stated tol
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -152,6 +156,21 @@ def test_two_ranks_write_the_single_process_checkpoint_for_minmax_w8a8(tiny_llam
         assert torch.equal(single[name], dp[name]), name
     assert any(n.endswith("input_scale") for n in single)
     assert not list(tmp_path.glob(".dp.partial-*"))
+
+    # the same run started by torchrun (the multi-machine launcher) on two local CPU processes
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    out = tmp_path / "torchrun"
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(port), "-m", "msmodelslim", "quant", "--model_path", str(tiny_llama), "--save_path",
+                           str(out), "--device", "cpu", "--model_type", "Llama-2-7B", "--config_path",
+                           str(tmp_path / "dp.yaml")], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "dp_layer_wise on cpu x 2 ranks" in proc.stderr
+    launched = load_file(next(out.glob("*.safetensors")))
+    assert launched.keys() == single.keys() and all(torch.equal(launched[k], single[k]) for k in single)
 
 
 def test_two_ranks_match_one_for_moe_routing(tiny_qwen3_moe, tmp_path):
