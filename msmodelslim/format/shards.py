@@ -1,53 +1,102 @@
-"""Streaming tensors into size-bounded safetensors shards: each shard is written as soon as it is full, so a
-layer-wise run never holds more than one shard of output. Shards get temporary names until `finish`, which
-names them (the format decides how) and writes the index."""
+"""Streaming tensors into size-bounded safetensors shards. Each tensor's bytes go to disk as soon as it is added,
+so a layer-wise run holds no output beyond the tensor being written, whatever `part_file_size` is. Shards get
+temporary names until `finish`, which names them (the format decides how) and writes the index.
+
+A safetensors file is an 8-byte header length, a JSON header, then the data. The header (names, dtypes, offsets)
+is only known once the shard is complete, so space for it is reserved in front of the data and filled, padded
+with spaces as the format allows, when the shard is closed; a header that outgrows its reserve is put in front
+by rewriting the file once.
+"""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import struct
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from safetensors.torch import save_file
+
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+
+
+class _OpenShard:
+    """One safetensors file being written: data appended as it comes, header written on close."""
+
+    def __init__(self, path: Path, reserve: int) -> None:
+        self.path, self.reserve = path, reserve
+        self.file = open(path, "wb")
+        self.file.write(bytes(8 + reserve))
+        self.entries: dict[str, dict] = {}
+        self.offset = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if size:
+            tensor.reshape(-1).view(torch.uint8).numpy().tofile(self.file)
+        dtype = SAFETENSORS_DTYPES[tensor.dtype]
+        self.entries[name] = {"dtype": dtype, "shape": list(tensor.shape), "data_offsets": [self.offset, self.offset + size]}
+        self.offset += size
+
+    def close(self) -> None:
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")).encode()
+        if len(header) <= self.reserve:
+            self.file.seek(0)
+            self.file.write(struct.pack("<Q", self.reserve) + header.ljust(self.reserve, b" "))
+            self.file.close()
+            return
+        self.file.close()  # rare: more tensors than the reserve holds; put the header in front by copying once
+        header = header.ljust(-(-len(header) // 8) * 8, b" ")
+        moved = self.path.with_suffix(".moving")
+        with open(self.path, "rb") as src, open(moved, "wb") as dst:
+            dst.write(struct.pack("<Q", len(header)) + header)
+            src.seek(8 + self.reserve)
+            shutil.copyfileobj(src, dst, 64 << 20)
+        os.replace(moved, self.path)
 
 
 class ShardStream:
     def __init__(self, out_dir: Path, limit_bytes: int) -> None:
         self.out_dir = out_dir
         self.limit = limit_bytes  # 0 = everything in one file
+        # ~150 bytes of header per tensor: 1 MiB holds ~7000 tensors, enough for a 4 GB shard of MoE experts
+        self.reserve = 4 << 20 if not limit_bytes else min(max(limit_bytes // 4096, 64 << 10), 4 << 20)
         self.names: list[str] = []
+        self._seen: set[str] = set()
         self.total_bytes = 0
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
-        self._pending_ptrs: set[int] = set()
+        self._open: Optional[_OpenShard] = None
         self._shards: list[tuple[Path, list[str]]] = []
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self._pending or name in self.names:
+        if name in self._seen:
             raise ValueError(f"tensor {name} written twice")
+        self._seen.add(name)
         tensor = tensor.detach().to("cpu").contiguous()
         size = tensor.numel() * tensor.element_size()
-        if self.limit and self._pending and self._pending_bytes + size >= self.limit:
+        if self.limit and self._open is not None and self._open.entries and self._open.offset + size >= self.limit:
             self.flush()
-        shares_storage = tensor.untyped_storage().nbytes() != size or tensor.data_ptr() in self._pending_ptrs
-        self._pending[name] = tensor.clone() if shares_storage else tensor  # e.g. tied embeddings
-        self._pending_ptrs.add(self._pending[name].data_ptr())
-        self._pending_bytes += size
+        if self._open is None:
+            self._open = _OpenShard(self.out_dir / f".shard-{len(self._shards):05d}.tmp", self.reserve)
+        self._open.write(name, tensor)
         self.total_bytes += size
         self.names.append(name)
 
     def flush(self) -> None:
-        if not self._pending:
+        if self._open is None:
             return
-        path = self.out_dir / f".shard-{len(self._shards):05d}.tmp"
-        save_file(self._pending, str(path), metadata={"format": "pt"})
-        self._shards.append((path, list(self._pending)))
-        self._pending, self._pending_bytes, self._pending_ptrs = {}, 0, set()
+        self._open.close()
+        self._shards.append((self._open.path, list(self._open.entries)))
+        self._open = None
 
     @property
     def shard_count(self) -> int:
         """Shards written so far plus the one still pending."""
-        return len(self._shards) + bool(self._pending)
+        return len(self._shards) + (self._open is not None)
 
     def finish(self, shard_name: Callable[[int, int], str], index_name: Optional[str]) -> dict[str, str]:
         """Rename shard i of n (1-based) to shard_name(i, n); write {index_name} unless it is None.
