@@ -34,8 +34,9 @@ def scale_offset_from_minmax(
 def quantize(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int) -> torch.Tensor:
     """Integer codes (int8 storage; int4 codes lie in [-8, 7])."""
     qmin, qmax = int_range(bits)
-    q = torch.round(x.float() / scale) + offset
-    return q.clamp(qmin, qmax).to(torch.int8)
+    q = x.to(torch.float32, copy=True)  # one working copy, updated in place: a 7B layer is GBs of float32
+    q.div_(scale).round_().add_(offset).clamp_(qmin, qmax)
+    return q.to(torch.int8)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
