@@ -66,22 +66,30 @@ def test_twice_the_same_name_is_refused(tmp_path):
         stream.add("a", torch.zeros(2))
 
 
-def test_memory_does_not_hold_the_shard(tmp_path):
-    """1600 MiB into one file, in a fresh process: its peak RSS stays near torch's baseline plus one 32 MiB
-    tensor (a stream that buffered the shard would peak above 1.6 GiB)."""
+def _peak_rss_mib_writing(out_dir, tensors: int) -> int:
+    """Peak RSS of a fresh process that streams `tensors` x 32 MiB into one shard."""
     code = (
         "import resource, sys, torch\n"
         "from pathlib import Path\n"
         "from msmodelslim.format.shards import ShardStream\n"
         "stream = ShardStream(Path(sys.argv[1]), 0)\n"
-        "for i in range(50):\n"
+        "for i in range(int(sys.argv[2])):\n"
         "    stream.add(f'w{i}', torch.full((8 << 20,), float(i)))\n"
         "stream.finish(lambda i, n: 'big.safetensors', None)\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    out_dir.mkdir()
+    proc = subprocess.run([sys.executable, "-c", code, str(out_dir), str(tensors)], capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    peak_mib = int(proc.stdout.split()[-1])
-    assert peak_mib < 900, f"peak RSS {peak_mib} MiB while writing a 1600 MiB shard"
-    with safe_open(tmp_path / "big.safetensors", "pt") as f:
-        assert float(f.get_tensor("w49")[0]) == 49.0
+    return int(proc.stdout.split()[-1])
+
+
+def test_memory_does_not_grow_with_the_shard(tmp_path):
+    """Writing 3.2 GiB instead of 0.4 GiB into one shard must not raise the peak RSS by more than a few tensors
+    (a writer that buffered the shard would add 2.8 GiB)."""
+    small = _peak_rss_mib_writing(tmp_path / "small", 12)
+    large = _peak_rss_mib_writing(tmp_path / "large", 100)
+    assert large - small < 300, f"peak RSS {small} MiB for 0.4 GiB written, {large} MiB for 3.2 GiB"
+    with safe_open(tmp_path / "large" / "big.safetensors", "pt") as f:
+        assert float(f.get_tensor("w99")[0]) == 99.0
