@@ -54,14 +54,28 @@ def small_calib(tmp_path: Path) -> str:
 STATIC_W8A8_STEP = {"type": "linear_quant", "qconfig": SCHEMES["w8a8_static"], "exclude": ["lm_head"]}
 
 
+def quantize_variants(source: Path, tmp_path: Path, process: list[dict], model_type: str,
+                      variants: dict[str, tuple[str, DeviceSpec]], dataset: str | None = None) -> dict[str, Path]:
+    """Quantize the same pipeline once per variant (name -> runner, device); each variant's output directory."""
+    dataset = dataset or small_calib(tmp_path)
+    outputs = {}
+    for name, (runner, device) in variants.items():
+        config = tmp_path / f"{name}.yaml"
+        spec = {"runner": runner, "process": process, "dataset": dataset}
+        config.write_text(yaml.safe_dump({"apiversion": "modelslim_v1", "spec": spec}))
+        outputs[name] = tmp_path / name
+        quantize(QuantizeRequest(model_path=source, save_path=outputs[name], model_type=model_type, device=device,
+                                 config_path=config))
+    return outputs
+
+
+def shard_bytes(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*.safetensors")}
+
+
 def outputs_of_both_runners(source: Path, tmp_path: Path, process: list[dict], model_type: str) -> list[dict]:
     """Quantize with layer_wise and with model_wise; the bytes of every safetensors file of each output."""
-    results = []
-    for runner in ("layer_wise", "model_wise"):
-        config = tmp_path / f"{runner}.yaml"
-        spec = {"runner": runner, "process": process, "dataset": small_calib(tmp_path)}
-        config.write_text(yaml.safe_dump({"apiversion": "modelslim_v1", "spec": spec}))
-        out = tmp_path / runner
-        run_quant(source, out, config, model_type)
-        results.append({str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*.safetensors")})
-    return results
+    cpu = DeviceSpec("cpu")
+    outs = quantize_variants(source, tmp_path, process, model_type,
+                             {"layer_wise": ("layer_wise", cpu), "model_wise": ("model_wise", cpu)})
+    return [shard_bytes(out) for out in outs.values()]

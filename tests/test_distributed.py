@@ -13,7 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from helpers import SCHEMES
+from helpers import SCHEMES, quantize_variants
 from msmodelslim.app.quantize import QuantizeRequest, quantize
 from msmodelslim.core.device import DeviceSpec, parse_device
 from msmodelslim.core.distributed import Collective, contiguous_share, spawn_ranks
@@ -39,14 +39,11 @@ def varied_calib(tmp_path) -> str:
 
 def quantize_both(model, tmp_path, process, model_type="Llama-2-7B", calib=None):
     """Run once in this process (layer_wise) and once with two CPU ranks; the tensors of both outputs."""
-    config = tmp_path / "dp.yaml"
-    spec = {"runner": "auto", "process": process, "dataset": calib or varied_calib(tmp_path)}
-    config.write_text(yaml.safe_dump({"apiversion": "modelslim_v1", "spec": spec}))
+    outs = quantize_variants(model, tmp_path, process, model_type,
+                             {"single": ("auto", DeviceSpec("cpu")), "dp": ("auto", TWO_CPU_RANKS)},
+                             calib or varied_calib(tmp_path))
     outputs = []
-    for name, device in (("single", DeviceSpec("cpu")), ("dp", TWO_CPU_RANKS)):
-        out = tmp_path / name
-        quantize(QuantizeRequest(model_path=model, save_path=out, model_type=model_type, device=device,
-                                 config_path=config))
+    for out in outs.values():
         tensors = {}
         for shard in sorted(out.glob("*.safetensors")):
             tensors.update(load_file(shard))

@@ -14,6 +14,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
@@ -22,12 +23,14 @@ import yaml
 from torch import nn
 
 from msmodelslim.app.practice import select_practice
+from msmodelslim.core.activations import ActivationSpill
 from msmodelslim.core.config import PracticeConfig, RunnerType, load_config
 from msmodelslim.core.dataset import load_texts
 from msmodelslim.core.device import DeviceSpec
 from msmodelslim.core.distributed import LOCAL, Collective, contiguous_share, spawn_ranks, torchrun_rank, torchrun_world
 from msmodelslim.core.errors import ConfigError, FormatCheckError, InvalidModelError, UnsupportedError
 from msmodelslim.core.logging import get_logger, level_from_env, setup_logging
+from msmodelslim.core.memory import bound_heap_growth
 from msmodelslim.core.runner import RunStats, run_blocks
 from msmodelslim.format.ascendv1.checker import check_ascendv1
 from msmodelslim.format.ascendv1.writer import AscendV1Writer
@@ -214,6 +217,7 @@ def _prepare(request: QuantizeRequest, quiet: bool = False) -> _Job:
     config = load_practice(request)  # fail fast: a YAML typo must not cost a model load
     if not request.dry_run:
         check_save_path(request.save_path, request.overwrite, request.model_path)
+        ActivationSpill.from_env(request.save_path)  # a bad MSMODELSLIM_ACTIVATION_* setting fails here, early
     runner = choose_runner(config, request.device)
     if len(config.spec.save) != 1:
         raise ConfigError("spec.save must hold exactly one saver (ascendv1_saver or compressed_tensors) in this version")
@@ -273,6 +277,7 @@ def _finish(job: _Job, request: QuantizeRequest, writer, staging: Path) -> tuple
 
 def _execute(job: _Job, request: QuantizeRequest, collective: Collective, staging_note: Optional[Path] = None) -> _Written:
     """Calibrate, quantize and (on rank 0) write. Ranks other than 0 only compute and merge statistics."""
+    bound_heap_growth()
     needs_data = any(p.needs_calibration for p in job.processors)
     device = collective.device if collective.distributed else request.device.primary
     if job.runner == RunnerType.model_wise and device.type != "cpu":
@@ -280,15 +285,17 @@ def _execute(job: _Job, request: QuantizeRequest, collective: Collective, stagin
     batches = job.adapter.handle_dataset(job.texts, device) if needs_data else []
     batches = contiguous_share(batches, collective.rank, collective.world)
     layer_wise = job.runner != RunnerType.model_wise
-    if collective.rank != 0:
-        stats = run_blocks(job.adapter, job.model, job.processors, None, batches, device, layer_wise, collective)
-        return _Written({}, [], stats, collective.max_float(peak_rss_mib()))
-    with staged_directory(request.save_path, request.overwrite) as staging:
-        if staging_note is not None:  # lets the launcher remove it if this rank is killed
+    spill = ActivationSpill.from_env(request.save_path)
+    writes = collective.rank == 0
+    description, warnings = {}, []
+    with staged_directory(request.save_path, request.overwrite) if writes else nullcontext() as staging:
+        if staging_note is not None and writes:  # lets the launcher remove it if this rank is killed
             staging_note.write_text(str(staging))
-        writer = _make_writer(job, staging)
-        stats = run_blocks(job.adapter, job.model, job.processors, writer, batches, device, layer_wise, collective)
-        description, warnings = _finish(job, request, writer, staging)
+        writer = _make_writer(job, staging) if writes else None
+        stats = run_blocks(job.adapter, job.model, job.processors, writer, batches, device, layer_wise, collective,
+                           spill)
+        if writes:
+            description, warnings = _finish(job, request, writer, staging)
     return _Written(description, warnings, stats, collective.max_float(peak_rss_mib()))
 
 

@@ -15,7 +15,6 @@ that processor quantizes, becomes the next block's input. Pipelines that need no
 """
 from __future__ import annotations
 
-import gc
 from dataclasses import dataclass
 from typing import Optional
 
@@ -23,8 +22,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from msmodelslim.core.activations import ActivationSpill
 from msmodelslim.core.distributed import LOCAL, Collective
 from msmodelslim.core.logging import get_logger, progress_disabled
+from msmodelslim.core.memory import release_free_heap
 from msmodelslim.format.ascendv1.writer import AscendV1Writer
 from msmodelslim.processor.base import Processor
 
@@ -42,12 +43,21 @@ def _is_under(name: str, prefixes: list[str]) -> bool:
     return any(name.startswith(p + ".") for p in prefixes)
 
 
+def _hidden(output) -> torch.Tensor:
+    """A block's hidden-state output (decoder layers return it alone or first in a tuple)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
 @torch.no_grad()
-def _forward_all(block_name: str, requests: list) -> list:
+def _forward_all(block_name: str, requests: list, spill: Optional[ActivationSpill]) -> list:
     outputs = []
     for request in requests:
         assert request.name == block_name, f"forward generator out of step at {block_name}"
-        outputs.append(request.module(*request.args, **request.kwargs))
+        output = request.module(*request.args, **request.kwargs)
+        if spill is not None:  # one batch's activations in memory at a time
+            spill.evict(request.args[0])
+            spill.move_to_disk(_hidden(output))
+        outputs.append(output)
     return outputs
 
 
@@ -60,8 +70,10 @@ def run_blocks(
     device: torch.device,
     layer_wise: bool,
     collective: Collective = LOCAL,
+    spill: Optional[ActivationSpill] = None,
 ) -> RunStats:
-    """Quantize every block; `batches` are this rank's share, `writer` is None on ranks that do not write."""
+    """Quantize every block; `batches` are this rank's share, `writer` is None on ranks that do not write.
+    `spill`, when given, moves the activations between blocks to disk if they exceed its budget."""
     needs_data = any(p.needs_calibration for p in processors)
     block_names = adapter.block_names(model)
     for processor in processors:
@@ -72,6 +84,11 @@ def run_blocks(
             generator = adapter.generate_model_forward(model, batch)
             forwards.append(generator)
             requests.append(next(generator))
+        if spill is not None and spill.engage(r.args[0] for r in requests):
+            for request in requests:
+                spill.move_to_disk(request.args[0])
+        else:
+            spill = None
     bar = tqdm(adapter.generate_model_visit(model), total=len(block_names), desc="quantize blocks", unit="block",
                disable=progress_disabled())
     for visit in bar:
@@ -83,7 +100,7 @@ def run_blocks(
         for processor in processors:
             processor.before_forward(name, block)
             if processor.needs_calibration:
-                outputs = _forward_all(name, requests)
+                outputs = _forward_all(name, requests, spill)
                 if collective.distributed:
                     processor.synchronize(name, block, collective)
             processor.after_forward(name, block)
@@ -97,7 +114,7 @@ def run_blocks(
             writer.add_module_tree(name, block)
         if layer_wise:
             adapter.release_block(model, name)
-        gc.collect()
+        release_free_heap()
     for name, tensor in model.state_dict().items():
         if writer is not None and not _is_under(name, block_names):
             writer.add_float(name, tensor)

@@ -169,7 +169,9 @@ class TransformersModel(ModelSlimPipelineInterfaceV1):
             raise InvalidModelError(f"the checkpoint in {self.model_path} lacks {sorted(missing_for_real)[:5]}")
         loaded = self.checkpoint.load([n for n in names if n in available], self._fp8_block)
         loaded.update(self._unstack(root, prefix, stacked))
-        state = {n[len(prefix) :]: _float32(t).to(device) for n, t in loaded.items()}
+        state = {}
+        for name in list(loaded):  # widen one tensor at a time, dropping its checkpoint-dtype copy as we go
+            state[name[len(prefix) :]] = _float32(loaded.pop(name)).to(device)
         root.load_state_dict(state, strict=False, assign=True)
         if tie and len(absent) > len(stacked):
             root.tie_weights()

@@ -1,0 +1,58 @@
+"""Keep the C heap from growing block after block.
+
+Layer-wise calibration allocates and frees the same few-MiB activation tensors for every block. glibc serves a
+freed mmapped chunk's size and below from its heap afterwards (its mmap threshold rises on every such free, up
+to 32 MiB), so those tensors land in the heap between longer-lived small allocations, and the freed space
+there is not returned to the system. Measured on the 1.5B-shaped synthetic checkpoint with static W8A8
+calibration: 182 MiB in use but 1.3 GiB of free heap held after 28 blocks (RSS 1.1 → 2.3 GiB), and 5.2 GiB
+peak on the 7B shape. Fixing the mmap threshold (which also stops it adjusting) sends every allocation above
+it to its own mapping, returned to the system when freed; `release_free_heap` hands back what is still free
+in the heap after each block.
+
+Both are no-ops where the C library is not glibc. A threshold the user set in MALLOC_MMAP_THRESHOLD_ wins.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from functools import lru_cache
+from typing import Optional
+
+from msmodelslim.core.logging import get_logger
+
+log = get_logger("memory")
+
+M_MMAP_THRESHOLD = -3  # mallopt parameter number, from glibc's malloc.h
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+@lru_cache(maxsize=1)
+def _glibc() -> Optional[ctypes.CDLL]:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        libc = ctypes.CDLL(name)
+        libc.mallopt  # noqa: B018  (glibc has both; musl and macOS lack mallopt or malloc_trim)
+        libc.malloc_trim  # noqa: B018
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def bound_heap_growth() -> bool:
+    """Fix glibc's mmap threshold at 1 MiB for this process. True when it took effect."""
+    libc = _glibc()
+    if libc is None or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    done = bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    log.debug("glibc mmap threshold fixed at %d bytes: %s", MMAP_THRESHOLD_BYTES, done)
+    return done
+
+
+def release_free_heap() -> None:
+    """Return the heap's free pages to the system (glibc malloc_trim)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
