@@ -36,8 +36,9 @@ def write_config(path: Path, qconfig: dict, runner: str = "layer_wise", exclude=
     return path
 
 
-def run_quant(model: Path, out: Path, config: Path, model_type: str = "Llama-2-7B", **kwargs):
-    return quantize(QuantizeRequest(model_path=model, save_path=out, model_type=model_type, device=DeviceSpec("cpu"),
+def run_quant(model: Path, out: Path, config: Path, model_type: str = "Llama-2-7B",
+              device: DeviceSpec = DeviceSpec("cpu"), **kwargs):
+    return quantize(QuantizeRequest(model_path=model, save_path=out, model_type=model_type, device=device,
                                     config_path=config, **kwargs))
 
 

@@ -382,16 +382,30 @@ def test_block_fp8_checkpoint_is_dequantized_on_load(tiny_deepseek_v3, tmp_path)
 
 
 # ---- (h) the CLI's --quant_type path ------------------------------------------------------------------------
-def test_cli_quant_type_w8a8_on_qwen3_moe(tiny_qwen3_moe, tmp_path, capsys):
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("quant_type", ["w8a8", "w4a8"])
+def test_cli_quant_type_on_moe_models(moe_models, tmp_path, capsys, family, quant_type):
+    """`--quant_type` alone (the default practice) on both MoE families; both readers see the same model."""
     out = tmp_path / "out"
-    code = main(["quant", "--model_path", str(tiny_qwen3_moe), "--save_path", str(out), "--device", "cpu",
-                 "--model_type", "Qwen3-30B-A3B", "--quant_type", "w8a8", "--allow_default_practice"])
+    code = main(["quant", "--model_path", str(moe_models[family]), "--save_path", str(out), "--device", "cpu",
+                 "--model_type", MODEL_TYPE[family], "--quant_type", quant_type, "--allow_default_practice"])
     assert code == 0, capsys.readouterr().err
     description = json.loads((out / "quant_model_description.json").read_text())
-    assert {description[f"model.layers.1.mlp.experts.{e}.{p}.weight"] for e in range(NUM_EXPERTS)
-            for p in ("gate_proj", "up_proj", "down_proj")} == {"W8A8_DYNAMIC"}
-    assert description["model.layers.1.mlp.gate.weight"] == "FLOAT"
+    tag = {"w8a8": "W8A8_DYNAMIC", "w4a8": "W4A8_DYNAMIC"}[quant_type]
+    assert description["model_quant_type"] == tag
+    for layer in MOE_LAYERS[family]:
+        assert {description[f"model.layers.{layer}.mlp.experts.{e}.{p}.weight"] for e in range(NUM_EXPERTS)
+                for p in ("gate_proj", "up_proj", "down_proj")} == {tag}
+        assert description[f"model.layers.{layer}.mlp.gate.weight"] == "FLOAT"
     assert description["lm_head.weight"] == "FLOAT"
+    ours, reference = load_ascendv1(out), load_reference_model(out)
+    original = AutoModelForCausalLM.from_pretrained(moe_models[family], dtype=torch.float32).eval()
+    ids = random_ids(original.config.vocab_size, seed=1)
+    our_logits = logits(ours, ids)
+    torch.testing.assert_close(our_logits, logits(reference, ids), atol=1e-4, rtol=1e-4)
+    float_logits = logits(original, ids)
+    drift = (our_logits - float_logits).norm() / float_logits.norm()
+    assert drift < (0.15 if quant_type == "w8a8" else 0.3), f"quantized model drifted {drift:.3f} from float"
 
 
 # ---- the format check -----------------------------------------------------------------------------------------

@@ -95,3 +95,23 @@ def test_sharding_and_single_file_hold_the_same_tensors(tiny_llama, tmp_path):
     a, b = read_all(sharded), read_all(single)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in a.values())
+
+
+def test_plans_read_no_weight(tiny_llama, tmp_path, monkeypatch):
+    """A dry run (even of model_wise) and the launcher of spawned ranks plan on the skeleton: no tensor read."""
+    from msmodelslim.core.device import DeviceSpec
+    from msmodelslim.model.checkpoint import SafetensorsCheckpoint
+
+    reads = []
+    original = SafetensorsCheckpoint.load
+    monkeypatch.setattr(SafetensorsCheckpoint, "load", lambda self, names, *a: reads.append(names) or original(self, names, *a))
+    calib = small_calib(tmp_path)
+    model_wise = write_config(tmp_path / "m.yaml", SCHEMES["w8a8_static"], runner="model_wise", dataset=calib)
+    report = run_quant(tiny_llama, tmp_path / "dry", model_wise, dry_run=True)
+    assert report.plan and reads == [] and not (tmp_path / "dry").exists()
+    auto = write_config(tmp_path / "a.yaml", SCHEMES["w8a8_static"], runner="auto", dataset=calib)
+    run_quant(tiny_llama, tmp_path / "dp", auto, device=DeviceSpec("cpu", (0, 1)))
+    assert reads == []  # the ranks, separate processes, read for themselves
+    assert (tmp_path / "dp" / "quant_model_description.json").is_file()
+    run_quant(tiny_llama, tmp_path / "single", auto)
+    assert reads  # the patch does see reads made in this process

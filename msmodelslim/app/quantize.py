@@ -6,7 +6,6 @@ staging directory and moved into place only after it passed the format checklist
 """
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import resource
@@ -209,8 +208,9 @@ class _Written:
     peak_rss_mib: float
 
 
-def _prepare(request: QuantizeRequest, quiet: bool = False) -> _Job:
-    """Every cheap check, in the order that fails fastest, then the model skeleton and the layer plan."""
+def _prepare(request: QuantizeRequest, in_rank: bool = False) -> _Job:
+    """Every cheap check, in the order that fails fastest, then the model and the layer plan. `in_rank`: called
+    by a spawned dp_layer_wise rank, after its launcher has checked and logged all of it."""
     if not request.model_path.is_dir():
         raise InvalidModelError(f"--model_path {request.model_path} is not a directory")
     lookup(request.model_type)  # an unknown model type fails before anything else
@@ -230,9 +230,12 @@ def _prepare(request: QuantizeRequest, quiet: bool = False) -> _Job:
     texts = load_texts(config.spec.dataset, config.source_dir) if needs_data else []
     device = request.device.primary
     ranks = f" x {data_parallel_world(request.device)} ranks" if runner == RunnerType.dp_layer_wise else ""
-    model = adapter.init_model(device, load_layers=runner == RunnerType.model_wise)
+    if request.dry_run or (runner == RunnerType.dp_layer_wise and torchrun_world() <= 1 and not in_rank):
+        model = adapter.init_skeleton()  # only the plan is needed here (the spawned ranks load for themselves)
+    else:
+        model = adapter.init_model(device, load_layers=runner == RunnerType.model_wise)
     plan = plan_layers(config, processors, model)
-    if not quiet:
+    if not in_rank:
         log.info("runner %s on %s%s; %s", runner.value, request.device, ranks,
                  f"{len(texts)} calibration samples" if needs_data else "no calibration data needed")
         log.info("plan: %s", summarize_plan(plan))
@@ -309,7 +312,7 @@ def _quantize_rank(collective: Collective, request: QuantizeRequest, rundir: Pat
     """Body of one spawned dp_layer_wise rank (core/distributed.py calls it)."""
     setup_logging()
     _quiet_unless_rank0(collective.rank)
-    return _execute(_prepare(request, quiet=True), request, collective, rundir / "staging")
+    return _execute(_prepare(request, in_rank=True), request, collective, rundir / "staging")
 
 
 def _run_spawned_ranks(request: QuantizeRequest) -> _Written:
@@ -339,8 +342,6 @@ def quantize(request: QuantizeRequest) -> QuantizeReport:
     elif torchrun_world() > 1:
         written = _execute(job, request, torchrun_rank(request.device.kind, request.device.indices))
     else:
-        del job  # the ranks build their own; free this process's copy of the embeddings
-        gc.collect()
         written = _run_spawned_ranks(request)
     report.description, report.warnings = written.description, written.warnings
     for warning in report.warnings:

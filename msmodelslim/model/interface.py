@@ -105,6 +105,11 @@ class ModelSlimPipelineInterfaceV1(ABC):
     def init_model(self, device: torch.device, load_layers: bool) -> nn.Module:
         """Build the model; with load_layers=False only the non-block weights are materialised."""
 
+    def init_skeleton(self) -> nn.Module:
+        """The model's modules with no weight read, enough to plan (dry runs, the launcher of several ranks).
+        Override to skip the read; by default it builds the model as layer_wise does."""
+        return self.init_model(torch.device("cpu"), load_layers=False)
+
     @abstractmethod
     def generate_model_visit(self, model: nn.Module) -> Iterator[ProcessRequest]:
         """Yield each block without data (data-free processing)."""

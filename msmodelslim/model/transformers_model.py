@@ -136,7 +136,8 @@ class TransformersModel(ModelSlimPipelineInterfaceV1):
         return batches
 
     # ---- model -------------------------------------------------------------------------------------------
-    def init_model(self, device: torch.device, load_layers: bool) -> nn.Module:
+    def init_skeleton(self) -> nn.Module:
+        """The model on the meta device, reshaped as the checkpoint (fused experts split); nothing is read."""
         from transformers import AutoModelForCausalLM
 
         with init_empty_weights():
@@ -146,6 +147,10 @@ class TransformersModel(ModelSlimPipelineInterfaceV1):
         model.eval()
         self.prepare_skeleton(model)
         self.enable_kv_cache(model, False)
+        return model
+
+    def init_model(self, device: torch.device, load_layers: bool) -> nn.Module:
+        model = self.init_skeleton()
         blocks = self.block_names(model)
         names = [n for n in model.state_dict() if load_layers or not any(n.startswith(b + ".") for b in blocks)]
         self._materialise(model, "", names, torch.device("cpu"))
