@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -107,6 +108,14 @@ def calibration_file(path: Path, tokenizer_dir: Path, samples: int, length: int)
     return path
 
 
+def drop_page_cache() -> None:
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+    except OSError as exc:
+        sys.exit(f"--cold_cache yes: cannot drop the page cache ({exc}); run as root or use --cold_cache no")
+
+
 def main() -> None:
     from msmodelslim.model.gguf_import import convert_gguf, find_gguf
 
@@ -116,6 +125,8 @@ def main() -> None:
     parser.add_argument("--calib_samples", type=int, default=8)
     parser.add_argument("--work_dir", type=Path, default=Path.home() / ".cache" / "msmodelslim" / "synthetic")
     parser.add_argument("--keep_checkpoint", choices=["yes", "no"], default="yes")
+    parser.add_argument("--cold_cache", choices=["yes", "no"], default="no",
+                        help="drop the page cache before each scheme (needs root), so the checkpoint is read from disk")
     args = parser.parse_args()
     tokenizer_dir = convert_gguf(find_gguf(), Path.home() / ".cache" / "msmodelslim" / "demo" / "SmolLM2-135M-Instruct")
     source = args.work_dir / f"llama-{args.shape}-bf16"
@@ -134,6 +145,8 @@ def main() -> None:
         config = args.work_dir / f"{name}.yaml"
         write_config(config, SCHEMES[name], str(calib), "layer_wise")
         out = args.work_dir / f"out-{args.shape}-{name}"
+        if args.cold_cache == "yes":
+            drop_page_cache()
         seconds, rss = quantize_in_child(source, config, out, model_type="Llama-2-7B")
         out_bytes = sum(p.stat().st_size for p in out.glob("*.safetensors"))
         shutil.rmtree(out)
@@ -144,7 +157,8 @@ def main() -> None:
         shutil.rmtree(source)
 
     layers, hidden, intermediate, heads, kv_heads = SHAPES[args.shape]
-    print(f"\n{args.shape}-shaped ({layers} layers, hidden {hidden}, intermediate {intermediate}), "
+    cache = "page cache dropped before each scheme" if args.cold_cache == "yes" else "page cache as it was"
+    print(f"\n{cache}; {args.shape}-shaped ({layers} layers, hidden {hidden}, intermediate {intermediate}), "
           f"{total / 1e9:.2f} GB bf16, largest layer {largest / 1e6:.0f} MB, calibration {args.calib_samples} x 512")
     print("| scheme | wall s | peak RSS GiB | MB/s of checkpoint | RSS / largest layer | output GB |")
     print("|---|---|---|---|---|---|")
