@@ -115,3 +115,23 @@ def test_plans_read_no_weight(tiny_llama, tmp_path, monkeypatch):
     assert (tmp_path / "dp" / "quant_model_description.json").is_file()
     run_quant(tiny_llama, tmp_path / "single", auto)
     assert reads  # the patch does see reads made in this process
+
+
+def test_prefetch_hints_cover_exactly_each_tensors_bytes(tiny_llama):
+    """The spans prefetch hands to the kernel are each tensor's bytes in its shard (read back and compared)."""
+    from safetensors.torch import load_file
+
+    from msmodelslim.model.checkpoint import SafetensorsCheckpoint
+
+    checkpoint = SafetensorsCheckpoint(tiny_llama)
+    tensors = {}
+    for shard in tiny_llama.glob("*.safetensors"):
+        tensors.update({(shard.name, k): v for k, v in load_file(shard).items()})
+    assert len(tensors) == len(checkpoint.names())
+    for (file, name), tensor in tensors.items():
+        start, end = checkpoint._span_of[name]
+        with open(tiny_llama / file, "rb") as f:
+            f.seek(start)
+            raw = f.read(end - start)
+        assert raw == tensor.contiguous().view(torch.uint8).numpy().tobytes(), name
+    checkpoint.prefetch(checkpoint.names() + ["not.a.tensor"])  # a hint only: unknown names are skipped

@@ -91,10 +91,12 @@ def run_blocks(
             spill = None
     bar = tqdm(adapter.generate_model_visit(model), total=len(block_names), desc="quantize blocks", unit="block",
                disable=progress_disabled())
-    for visit in bar:
+    for index, visit in enumerate(bar):
         name = visit.name
         if layer_wise:
             adapter.load_block(model, name, device)
+            if index + 1 < len(block_names):
+                adapter.prefetch_block(model, block_names[index + 1])
         block = model.get_submodule(name)
         outputs = None
         for processor in processors:

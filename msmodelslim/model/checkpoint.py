@@ -7,6 +7,8 @@ weights the model was trained with.
 from __future__ import annotations
 
 import json
+import os
+import threading
 from pathlib import Path
 
 import torch
@@ -20,6 +22,7 @@ class SafetensorsCheckpoint:
         self.path = Path(model_path)
         self._file_of: dict[str, str] = {}
         self._dtype_of: dict[str, torch.dtype] = {}
+        self._span_of: dict[str, tuple[int, int]] = {}  # absolute [start, end) of a tensor's bytes in its file
         files = sorted(p.name for p in self.path.glob("*.safetensors"))
         if not files:
             raise InvalidModelError(
@@ -32,6 +35,7 @@ class SafetensorsCheckpoint:
                     for key in f.keys():
                         self._file_of[key] = name
                         self._dtype_of[key] = f.get_slice(key).get_dtype()
+                self._span_of.update(_byte_spans(self.path / name))
             except Exception as exc:  # a truncated or foreign file: say which one
                 raise InvalidModelError(f"{self.path / name} is not a readable safetensors file: {exc}") from None
 
@@ -41,6 +45,16 @@ class SafetensorsCheckpoint:
     def original_dtype(self, name: str) -> torch.dtype | None:
         """The stored dtype; None when absent or float8 (dequantized on load, so the model dtype applies)."""
         return _DTYPES.get(self._dtype_of.get(name))
+
+    def prefetch(self, names: list[str]) -> None:
+        """Start reading these tensors into the page cache and return at once, so that the next block's read
+        overlaps the current block's work (a background thread issues POSIX_FADV_WILLNEED hints)."""
+        spans: dict[str, list[tuple[int, int]]] = {}
+        for name in names:
+            if name in self._span_of:
+                spans.setdefault(self._file_of[name], []).append(self._span_of[name])
+        if spans and hasattr(os, "posix_fadvise"):
+            threading.Thread(target=_advise_will_need, args=(self.path, spans), daemon=True).start()
 
     def load(self, names: list[str], fp8_block: tuple[int, int] = (128, 128)) -> dict[str, torch.Tensor]:
         """The named tensors; float8 weights come back dequantized with their `_scale_inv` blocks."""
@@ -67,6 +81,30 @@ class SafetensorsCheckpoint:
                 for key in keys:
                     out[key] = f.get_tensor(key)
         return out
+
+
+def _byte_spans(path: Path) -> dict[str, tuple[int, int]]:
+    """Every tensor's absolute byte range, from the safetensors header (u64 little-endian length, then JSON
+    whose `data_offsets` count from the end of the header)."""
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(length))
+    base = 8 + length
+    return {k: (base + v["data_offsets"][0], base + v["data_offsets"][1]) for k, v in header.items()
+            if k != "__metadata__"}
+
+
+def _advise_will_need(directory: Path, spans: dict[str, list[tuple[int, int]]]) -> None:
+    for file, ranges in spans.items():
+        try:
+            fd = os.open(directory / file, os.O_RDONLY)
+        except OSError:
+            continue  # only a hint: the real read reports any problem
+        try:
+            for start, end in ranges:
+                os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
 
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)

@@ -105,6 +105,9 @@ class ModelSlimPipelineInterfaceV1(ABC):
     def init_model(self, device: torch.device, load_layers: bool) -> nn.Module:
         """Build the model; with load_layers=False only the non-block weights are materialised."""
 
+    def prefetch_block(self, model: nn.Module, block_name: str) -> None:
+        """Hint that `block_name` is loaded next (layer_wise reads overlap work); nothing by default."""
+
     def init_skeleton(self) -> nn.Module:
         """The model's modules with no weight read, enough to plan (dry runs, the launcher of several ranks).
         Override to skip the read; by default it builds the model as layer_wise does."""

@@ -206,6 +206,10 @@ class TransformersModel(ModelSlimPipelineInterfaceV1):
         self._materialise(block, block_name + ".", names, device)
         return block
 
+    def prefetch_block(self, model: nn.Module, block_name: str) -> None:
+        block = model.get_submodule(block_name)
+        self.checkpoint.prefetch([f"{block_name}.{n}" for n in block.state_dict()])
+
     def release_block(self, model: nn.Module, block_name: str) -> None:
         """Drop a processed block's tensors (back to the meta device) so memory stays bounded by one block."""
         model.get_submodule(block_name).to("meta")
