@@ -196,6 +196,12 @@ class _Job:
     texts: list[str]
     model: nn.Module
     plan: dict[str, str]
+    spill: Optional[ActivationSpill]  # None for a dry run
+
+
+def _launches_ranks(runner: RunnerType) -> bool:
+    """dp_layer_wise outside torchrun: this process plans, then spawns one rank per device and waits."""
+    return runner == RunnerType.dp_layer_wise and torchrun_world() <= 1
 
 
 @dataclass
@@ -217,7 +223,8 @@ def _prepare(request: QuantizeRequest, in_rank: bool = False) -> _Job:
     config = load_practice(request)  # fail fast: a YAML typo must not cost a model load
     if not request.dry_run:
         check_save_path(request.save_path, request.overwrite, request.model_path)
-        ActivationSpill.from_env(request.save_path)  # a bad MSMODELSLIM_ACTIVATION_* setting fails here, early
+    # a bad MSMODELSLIM_ACTIVATION_MEMORY_MIB or MSMODELSLIM_SPILL_DIR fails here, before any weight is read
+    spill = None if request.dry_run else ActivationSpill.from_env(request.save_path)
     runner = choose_runner(config, request.device)
     if len(config.spec.save) != 1:
         raise ConfigError("spec.save must hold exactly one saver (ascendv1_saver or compressed_tensors) in this version")
@@ -230,7 +237,7 @@ def _prepare(request: QuantizeRequest, in_rank: bool = False) -> _Job:
     texts = load_texts(config.spec.dataset, config.source_dir) if needs_data else []
     device = request.device.primary
     ranks = f" x {data_parallel_world(request.device)} ranks" if runner == RunnerType.dp_layer_wise else ""
-    if request.dry_run or (runner == RunnerType.dp_layer_wise and torchrun_world() <= 1 and not in_rank):
+    if request.dry_run or (_launches_ranks(runner) and not in_rank):
         model = adapter.init_skeleton()  # only the plan is needed here (the spawned ranks load for themselves)
     else:
         model = adapter.init_model(device, load_layers=runner == RunnerType.model_wise)
@@ -239,7 +246,7 @@ def _prepare(request: QuantizeRequest, in_rank: bool = False) -> _Job:
         log.info("runner %s on %s%s; %s", runner.value, request.device, ranks,
                  f"{len(texts)} calibration samples" if needs_data else "no calibration data needed")
         log.info("plan: %s", summarize_plan(plan))
-    return _Job(config, runner, adapter, processors, texts, model, plan)
+    return _Job(config, runner, adapter, processors, texts, model, plan, spill)
 
 
 def _make_writer(job: _Job, staging: Path):
@@ -288,7 +295,6 @@ def _execute(job: _Job, request: QuantizeRequest, collective: Collective, stagin
     batches = job.adapter.handle_dataset(job.texts, device) if needs_data else []
     batches = contiguous_share(batches, collective.rank, collective.world)
     layer_wise = job.runner != RunnerType.model_wise
-    spill = ActivationSpill.from_env(request.save_path)
     writes = collective.rank == 0
     description, warnings = {}, []
     with staged_directory(request.save_path, request.overwrite) if writes else nullcontext() as staging:
@@ -296,7 +302,7 @@ def _execute(job: _Job, request: QuantizeRequest, collective: Collective, stagin
             staging_note.write_text(str(staging))
         writer = _make_writer(job, staging) if writes else None
         stats = run_blocks(job.adapter, job.model, job.processors, writer, batches, device, layer_wise, collective,
-                           spill)
+                           job.spill)
         if writes:
             description, warnings = _finish(job, request, writer, staging)
     return _Written(description, warnings, stats, collective.max_float(peak_rss_mib()))
@@ -337,12 +343,12 @@ def quantize(request: QuantizeRequest) -> QuantizeReport:
     report = QuantizeReport(request.save_path, job.plan)
     if request.dry_run:
         return report
-    if job.runner != RunnerType.dp_layer_wise:
-        written = _execute(job, request, LOCAL)
-    elif torchrun_world() > 1:
+    if _launches_ranks(job.runner):
+        written = _run_spawned_ranks(request)
+    elif job.runner == RunnerType.dp_layer_wise:  # one rank of a torchrun job
         written = _execute(job, request, torchrun_rank(request.device.kind, request.device.indices))
     else:
-        written = _run_spawned_ranks(request)
+        written = _execute(job, request, LOCAL)
     report.description, report.warnings = written.description, written.warnings
     for warning in report.warnings:
         log.warning("format check: %s", warning)

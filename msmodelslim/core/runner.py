@@ -27,6 +27,7 @@ from msmodelslim.core.distributed import LOCAL, Collective
 from msmodelslim.core.logging import get_logger, progress_disabled
 from msmodelslim.core.memory import release_free_heap
 from msmodelslim.format.ascendv1.writer import AscendV1Writer
+from msmodelslim.model.interface import block_hidden_state
 from msmodelslim.processor.base import Processor
 
 log = get_logger("runner")
@@ -43,11 +44,6 @@ def _is_under(name: str, prefixes: list[str]) -> bool:
     return any(name.startswith(p + ".") for p in prefixes)
 
 
-def _hidden(output) -> torch.Tensor:
-    """A block's hidden-state output (decoder layers return it alone or first in a tuple)."""
-    return output[0] if isinstance(output, tuple) else output
-
-
 @torch.no_grad()
 def _forward_all(block_name: str, requests: list, spill: Optional[ActivationSpill]) -> list:
     outputs = []
@@ -56,7 +52,7 @@ def _forward_all(block_name: str, requests: list, spill: Optional[ActivationSpil
         output = request.module(*request.args, **request.kwargs)
         if spill is not None:  # one batch's activations in memory at a time
             spill.evict(request.args[0])
-            spill.move_to_disk(_hidden(output))
+            spill.move_to_disk(block_hidden_state(output))
         outputs.append(output)
     return outputs
 

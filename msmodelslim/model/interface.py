@@ -23,6 +23,12 @@ class ProcessRequest:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
+def block_hidden_state(output: Any) -> torch.Tensor:
+    """The hidden states a block's forward returns (decoder layers return them alone or first in a tuple);
+    they become args[0] of the next block's request."""
+    return output[0] if isinstance(output, tuple) else output
+
+
 @dataclass(frozen=True)
 class SmoothSubgraph:
     """A source whose output feeds only `targets`' inputs, so a per-channel scale can move between them.

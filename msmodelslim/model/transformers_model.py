@@ -16,7 +16,13 @@ from torch import nn
 from msmodelslim.core.errors import InvalidModelError
 from msmodelslim.core.logging import get_logger
 from msmodelslim.model.checkpoint import SafetensorsCheckpoint, fp8_block_size
-from msmodelslim.model.interface import AttentionShape, ModelSlimPipelineInterfaceV1, ModelStructure, ProcessRequest
+from msmodelslim.model.interface import (
+    AttentionShape,
+    ModelSlimPipelineInterfaceV1,
+    ModelStructure,
+    ProcessRequest,
+    block_hidden_state,
+)
 from msmodelslim.model.moe import StackedSlice, stacked_source
 
 log = get_logger("model")
@@ -246,8 +252,7 @@ class TransformersModel(ModelSlimPipelineInterfaceV1):
         args, kwargs = _to_device(args, device), _to_device(kwargs, device)
         for name in self.block_names(model):
             output = yield ProcessRequest(name, model.get_submodule(name), args, kwargs)
-            hidden = output[0] if isinstance(output, tuple) else output
-            args = (hidden,) + tuple(args[1:])
+            args = (block_hidden_state(output),) + tuple(args[1:])
 
     def enable_kv_cache(self, model: nn.Module, need_kv_cache: bool) -> None:
         model.config.use_cache = need_kv_cache
