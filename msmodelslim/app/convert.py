@@ -17,6 +17,7 @@ from msmodelslim.format.ascendv1.reader import load_ascendv1
 from msmodelslim.format.ascendv1.writer import DESCRIPTION
 from msmodelslim.format.compressed_tensors.checker import check_compressed_tensors
 from msmodelslim.format.compressed_tensors.writer import CompressedTensorsWriter
+from msmodelslim.format.completeness import required_tensors, verify_complete
 from msmodelslim.format.staging import check_save_path, staged_directory
 from msmodelslim.ir.quant_linear import QuantLinear
 from msmodelslim.model.moe import unfuse_experts
@@ -65,6 +66,7 @@ def convert_ascendv1_to_compressed_tensors(source: Path, save_path: Path, overwr
         errors = [f.message for f in findings if f.level == "error"]
         if errors:
             raise FormatCheckError("the converted checkpoint fails the compressed-tensors checklist:\n  " + "\n  ".join(errors))
+        verify_complete(staging, required_tensors(model, (), CompressedTensorsWriter.TIED_ALIASES))
     warnings = [f.message for f in findings if f.level == "warning"]
     for warning in warnings:
         log.warning("format check: %s", warning)

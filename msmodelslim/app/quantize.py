@@ -35,6 +35,7 @@ from msmodelslim.format.ascendv1.checker import check_ascendv1
 from msmodelslim.format.ascendv1.writer import AscendV1Writer
 from msmodelslim.format.compressed_tensors.checker import check_compressed_tensors
 from msmodelslim.format.compressed_tensors.writer import CompressedTensorsWriter
+from msmodelslim.format.completeness import required_tensors, verify_complete
 from msmodelslim.format.edits import OutputEdits
 from msmodelslim.format.staging import check_save_path, staged_directory
 from msmodelslim.model.moe import routed_expert_linears
@@ -197,6 +198,7 @@ class _Job:
     model: nn.Module
     plan: dict[str, str]
     spill: Optional[ActivationSpill]  # None for a dry run
+    required: list[tuple[str, ...]]  # tensor names the output must hold (alternatives per entry)
 
 
 def _launches_ranks(runner: RunnerType) -> bool:
@@ -242,11 +244,13 @@ def _prepare(request: QuantizeRequest, in_rank: bool = False) -> _Job:
     else:
         model = adapter.init_model(device, load_layers=runner == RunnerType.model_wise)
     plan = plan_layers(config, processors, model)
+    writer_class = CompressedTensorsWriter if config.spec.save[0].type == "compressed_tensors" else AscendV1Writer
+    required = required_tensors(model, [n for n, s in plan.items() if s != "FLOAT"], writer_class.TIED_ALIASES)
     if not in_rank:
         log.info("runner %s on %s%s; %s", runner.value, request.device, ranks,
                  f"{len(texts)} calibration samples" if needs_data else "no calibration data needed")
         log.info("plan: %s", summarize_plan(plan))
-    return _Job(config, runner, adapter, processors, texts, model, plan, spill)
+    return _Job(config, runner, adapter, processors, texts, model, plan, spill, required)
 
 
 def _make_writer(job: _Job, staging: Path):
@@ -282,6 +286,7 @@ def _finish(job: _Job, request: QuantizeRequest, writer, staging: Path) -> tuple
     errors = [f.message for f in findings if f.level == "error"]
     if errors:
         raise FormatCheckError(f"the written checkpoint fails the {save.type} checklist:\n  " + "\n  ".join(errors[:20]))
+    verify_complete(staging, job.required)
     return description, warnings
 
 

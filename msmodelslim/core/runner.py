@@ -44,6 +44,21 @@ def _is_under(name: str, prefixes: list[str]) -> bool:
     return any(name.startswith(p + ".") for p in prefixes)
 
 
+def _write_outside_blocks(model: nn.Module, block_names: list[str], writer) -> None:
+    """Embeddings, final norm, head. A tied table appears under two names; the writer decides how to store the
+    second. Equal addresses mean tying only here, where every tensor compared is alive at once (across
+    released blocks an address is reused by unrelated tensors)."""
+    first_name: dict[int, str] = {}
+    for name, tensor in model.state_dict().items():
+        if _is_under(name, block_names):
+            continue
+        source = first_name.setdefault(tensor.data_ptr(), name) if tensor.numel() else name
+        if source != name:
+            writer.add_tied(name, source, tensor)
+        else:
+            writer.add_float(name, tensor)
+
+
 @torch.no_grad()
 def _forward_all(block_name: str, requests: list, spill: Optional[ActivationSpill]) -> list:
     outputs = []
@@ -113,9 +128,8 @@ def run_blocks(
         if layer_wise:
             adapter.release_block(model, name)
         release_free_heap()
-    for name, tensor in model.state_dict().items():
-        if writer is not None and not _is_under(name, block_names):
-            writer.add_float(name, tensor)
+    if writer is not None:
+        _write_outside_blocks(model, block_names, writer)
     if not needs_data:
         return RunStats(len(block_names), 0, 0)
     tokens = collective.sum_int(sum(int(b["input_ids"].numel()) for b in batches))

@@ -54,6 +54,12 @@ class AscendV1Writer:
         dtype = self.dtype_for(name) if tensor.is_floating_point() else tensor.dtype
         self.add(name, tensor.to(dtype), FLOAT)
 
+    # The engines look up every linear's weight in the description, lm_head included: a tied table goes in twice.
+    TIED_ALIASES = True
+
+    def add_tied(self, name: str, source: str, tensor: torch.Tensor) -> None:
+        self.add_float(name, tensor)
+
     def add_module_tree(self, prefix: str, root: nn.Module) -> None:
         """Every tensor under `root`: quantized linears in their ascendv1 layout, the rest as FLOAT."""
         for name, module in quantized_and_float_modules(prefix, root):

@@ -30,14 +30,16 @@ class CompressedTensorsWriter:
         self.model_dtype = model_dtype
         self.dtype_for = dtype_for
         self.groups: dict[str, tuple[QuantizationScheme, list[str]]] = {}
-        self._float_ptrs: set[int] = set()
+
+    # A tied table (lm_head sharing the embedding) is stored once; transformers and vLLM re-tie it from config.json.
+    TIED_ALIASES = False
 
     def add_float(self, name: str, tensor: torch.Tensor) -> None:
-        if tensor.data_ptr() in self._float_ptrs:
-            return  # a tied table (lm_head sharing the embedding) is written once; transformers re-ties it
-        self._float_ptrs.add(tensor.data_ptr())
         dtype = self.dtype_for(name) if tensor.is_floating_point() else tensor.dtype
         self.shards.add(name, tensor.to(dtype))
+
+    def add_tied(self, name: str, source: str, tensor: torch.Tensor) -> None:
+        """`name` is the same tensor as `source`, already written: nothing to store."""
 
     def add_module_tree(self, prefix: str, root: nn.Module) -> None:
         for name, module in quantized_and_float_modules(prefix, root):

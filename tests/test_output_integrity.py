@@ -1,0 +1,84 @@
+"""Outputs hold every tensor the model needs, the same bytes on every run, and the writers' last check catches a
+writer that drops one (issue: compressed-tensors lost norms whose freed addresses were reused)."""
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+
+from helpers import SCHEMES, run_quant
+from msmodelslim.core.errors import FormatCheckError
+from msmodelslim.format.completeness import required_tensors, verify_complete
+from tiny_models import make_tiny_model
+
+
+def _tensors(out):
+    found = {}
+    for shard in sorted(out.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            for key in f.keys():
+                found[key] = f.get_tensor(key)
+    return found
+
+
+def _config(path, save_type, scheme="w8a8_dynamic"):
+    spec = {"runner": "layer_wise",
+            "process": [{"type": "linear_quant", "qconfig": SCHEMES[scheme], "exclude": ["lm_head"]}],
+            "save": [{"type": save_type, "part_file_size": 0}]}
+    path.write_text(yaml.safe_dump({"apiversion": "modelslim_v1", "spec": spec}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def six_layer_llama(tmp_path_factory):
+    # bf16: widening each tensor allocates, and freed addresses are reused block after block (the old bug)
+    return make_tiny_model(tmp_path_factory.mktemp("llama6"), "llama", dtype=torch.bfloat16, num_hidden_layers=6)
+
+
+@pytest.mark.parametrize("save_type", ["compressed_tensors", "ascendv1_saver"])
+def test_repeated_runs_write_every_tensor_with_the_same_bytes(six_layer_llama, tmp_path, save_type):
+    config = _config(tmp_path / "c.yaml", save_type)
+    with safe_open(next(six_layer_llama.glob("*.safetensors")), "pt") as f:
+        source_names = set(f.keys())
+    runs = []
+    for i in range(4):
+        out = tmp_path / f"out{i}"
+        run_quant(six_layer_llama, out, config)
+        runs.append(_tensors(out))
+    names = set(runs[0])
+    norms = {n for n in source_names if "norm" in n}
+    assert len(norms) == 13 and norms <= names  # 6 layers x 2 + final norm
+    # every source tensor is there, either as itself (float) or as its quantized replacement
+    for name in source_names:
+        prefix = name.rsplit(".", 1)[0]
+        assert name in names or f"{prefix}.weight_packed" in names, name
+    for other in runs[1:]:
+        assert set(other) == names
+        assert all(torch.equal(other[k], runs[0][k]) for k in names)
+
+
+def test_tied_table_is_stored_once_in_compressed_tensors_and_twice_in_ascendv1(tiny_qwen3_bf16_tied, tmp_path):
+    for save_type, expect_head in (("compressed_tensors", False), ("ascendv1_saver", True)):
+        out = tmp_path / save_type
+        run_quant(tiny_qwen3_bf16_tied, out, _config(tmp_path / f"{save_type}.yaml", save_type), model_type="Qwen3-8B")
+        assert ("lm_head.weight" in _tensors(out)) == expect_head
+
+
+def test_verify_complete_names_what_a_writer_dropped(tiny_llama, tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    run_quant(tiny_llama, out, _config(tmp_path / "c.yaml", "compressed_tensors"))
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_llama))
+    quantized = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    required = required_tensors(model, quantized, tied_aliases=False)
+    verify_complete(out, required)  # the real output is complete
+    tensors = _tensors(out)
+    dropped = "model.layers.1.post_attention_layernorm.weight"
+    del tensors[dropped]
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(out / "model.safetensors"))
+    with pytest.raises(FormatCheckError, match=dropped):
+        verify_complete(out, required)
