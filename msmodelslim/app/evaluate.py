@@ -13,6 +13,7 @@ from tqdm import tqdm
 from msmodelslim.core.dataset import resolve_dataset, read_texts
 from msmodelslim.core.errors import InvalidDatasetError
 from msmodelslim.core.logging import get_logger, progress_disabled
+from msmodelslim.model.hf_config import load_hf_config, model_load_errors, require_local_dir
 
 log = get_logger("app.evaluate")
 
@@ -51,9 +52,11 @@ def perplexity(model: nn.Module, windows: list[torch.Tensor], device: torch.devi
 def load_float_model(model_path: Path, trust_remote_code: bool) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=torch.float32, trust_remote_code=trust_remote_code, local_files_only=True
-    )
+    load_hf_config(model_path, trust_remote_code)  # config.json problems and remote code, with clear messages
+    with model_load_errors(model_path, f"cannot load the float model from {model_path}"):
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=torch.float32, trust_remote_code=trust_remote_code, local_files_only=True
+        )
     return model.eval()
 
 
@@ -65,10 +68,18 @@ def evaluate(model_path: Path, quant_path: Path, dataset: str, device: torch.dev
              max_windows: int = 40, trust_remote_code: bool = False) -> dict[str, PerplexityResult]:
     from transformers import AutoTokenizer
 
-    from msmodelslim.format.ascendv1.reader import load_ascendv1
+    from msmodelslim.format.ascendv1.reader import load_ascendv1, read_valid_description
 
+    # Both paths, both configs and the description are checked before any weight is read or evaluated.
+    model_path = require_local_dir(model_path, "--model_path")
+    quant_path = require_local_dir(quant_path, "--quant_path")
+    read_valid_description(quant_path)
+    load_hf_config(model_path, trust_remote_code)
+    load_hf_config(quant_path, trust_remote_code)
     texts = load_eval_texts(dataset)
-    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code, local_files_only=True)
+    with model_load_errors(model_path, f"cannot load the tokenizer from {model_path}"):
+        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code,
+                                                  local_files_only=True)
     windows = token_windows(tokenizer, texts, window, max_windows)
     results = {"float": perplexity(load_float_model(model_path, trust_remote_code), windows, device, "float")}
     quantized = load_ascendv1(quant_path, trust_remote_code)

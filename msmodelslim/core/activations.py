@@ -15,6 +15,7 @@ memory).
 """
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import tempfile
@@ -41,7 +42,7 @@ def budget_from_env() -> int:
         mib = float(raw)
     except ValueError:
         mib = -1.0
-    if mib < 0:
+    if not math.isfinite(mib) or mib < 0:  # nan passes `< 0` and inf overflows int(): both are typos
         raise ConfigError(f"{BUDGET_ENV}={raw!r}: expected a number of MiB >= 0 (0 spills every activation)")
     return int(mib * 2**20)
 

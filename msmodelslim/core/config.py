@@ -13,6 +13,7 @@ Every error names the offending field by its path, e.g.
 from __future__ import annotations
 
 import enum
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -24,6 +25,13 @@ from msmodelslim.processor.registry import PLANNED_PROCESSORS, PROCESSORS, Proce
 
 SUPPORTED_APIVERSIONS = ("modelslim_v1",)
 KNOWN_APIVERSIONS = ("modelslim_v0", "multimodal_vlm_modelslim_v1", "multimodal_sd_modelslim_v1", "modelslim_convert")
+
+# Bounds on what a config document may be. Real configs have a few hundred nodes and ~10 levels; the bounds stop
+# alias bombs ("billion laughs") and deep nesting before they cost memory, time or a RecursionError.
+MAX_EXPANDED_NODES = 100_000
+MAX_DEPTH = 100
+MAX_EXACT_INT = 2**53  # beyond this a number is not exact as a float (YAML/JSON readers differ)
+MAX_PART_FILE_SIZE_GB = 1_000_000  # a petabyte per shard: larger is a typo, and 1e308 would overflow byte counts
 
 
 class RunnerType(str, enum.Enum):
@@ -37,7 +45,8 @@ class AscendV1SaverConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["ascendv1_saver"]
-    part_file_size: float = Field(4, ge=0, description="shard size in GB; 0 writes a single file")
+    part_file_size: float = Field(4, ge=0, le=MAX_PART_FILE_SIZE_GB,
+                                  description="shard size in GB; 0 writes a single file")
     ext: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -47,10 +56,12 @@ class CompressedTensorsSaverConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["compressed_tensors"]
-    part_file_size: float = Field(4, ge=0, description="shard size in GB; 0 writes a single file")
+    part_file_size: float = Field(4, ge=0, le=MAX_PART_FILE_SIZE_GB,
+                                  description="shard size in GB; 0 writes a single file")
 
 
 SaverConfig = Annotated[Union[AscendV1SaverConfig, CompressedTensorsSaverConfig], Field(discriminator="type")]
+SAVER_TYPES = ("ascendv1_saver", "compressed_tensors")
 
 
 # Processors that rewrite float weights (exactly, in float) and so must see them before quantization.
@@ -102,7 +113,7 @@ def _format_loc(loc: tuple) -> str:
     for i, item in enumerate(loc):
         if isinstance(item, int):
             parts.append(f"[{item}]")
-        elif item in PROCESSORS and i > 0 and isinstance(loc[i - 1], int):
+        elif item in (*PROCESSORS, *SAVER_TYPES) and i > 0 and isinstance(loc[i - 1], int):
             continue  # the discriminator tag pydantic inserts after a list index
         else:
             parts.append(("." if parts else "") + str(item))
@@ -132,6 +143,29 @@ def _format_error(err: dict) -> str:
     return f"{where}: {message}"
 
 
+def _bad_numbers(data: Any) -> list[str]:
+    """`path: problem` for every non-finite float and every int beyond ±2**53, anywhere in `data` (iterative: the
+    nesting depth of data handed to parse_config directly is not bounded)."""
+    found: list[str] = []
+    seen: set[int] = set()  # containers shared through YAML aliases are walked once
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            found.append(f"{where or '<top level>'}: {value} is not a finite number")
+        elif isinstance(value, int) and abs(value) > MAX_EXACT_INT:
+            found.append(f"{where or '<top level>'}: {value} is beyond ±2**53; use a smaller number")
+        elif isinstance(value, (dict, list, tuple)) and id(value) not in seen:
+            seen.add(id(value))
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            children = [(f"{where}[{k}]" if isinstance(value, (list, tuple)) else
+                         f"{where}.{k}" if where else str(k), v) for k, v in items]
+            stack.extend(reversed(children))
+    return found
+
+
 def parse_config(data: Any, source: str = "<config>") -> PracticeConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping with 'apiversion' and 'spec'")
@@ -140,12 +174,22 @@ def parse_config(data: Any, source: str = "<config>") -> PracticeConfig:
         if api in KNOWN_APIVERSIONS:
             raise ConfigError(f"{source}: apiversion {api!r} is not supported yet; supported: {', '.join(SUPPORTED_APIVERSIONS)}")
         raise ConfigError(f"{source}: apiversion {api!r} is unknown; supported: {', '.join(SUPPORTED_APIVERSIONS)}")
+    _refuse_bad_numbers(data, source)
     try:
         config = PracticeConfig.model_validate(data)
     except ValidationError as exc:
         lines = "\n  ".join(_format_error(e) for e in exc.errors())
         raise ConfigError(f"{source}: invalid configuration:\n  {lines}") from None
+    # Quoted numbers ("inf", "nan") pass the walk above as strings and become floats only in pydantic.
+    _refuse_bad_numbers(config.model_dump(exclude={"source_dir"}), source)
     return config
+
+
+def _refuse_bad_numbers(data: Any, source: str) -> None:
+    bad = _bad_numbers(data)
+    if bad:
+        lines = "\n  ".join(bad[:20])
+        raise ConfigError(f"{source}: invalid configuration:\n  {lines}")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -168,16 +212,87 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: b
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+def _nesting_depth(text: str) -> int:
+    """The deepest literal nesting of collections, from the parser's events (the parser is iterative; the
+    composer that builds nodes recurses once per level, so this runs first)."""
+    depth = deepest = 0
+    for event in yaml.parse(text, Loader=_UniqueKeyLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > MAX_DEPTH:
+                break
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+    return deepest
+
+
+def _check_node_graph(root: yaml.Node, source: str) -> None:
+    """Refuse a node graph whose alias-expanded size exceeds MAX_EXPANDED_NODES or whose expanded depth exceeds
+    MAX_DEPTH, before any Python object is built. Sizes are memoized by node identity, so a billion-laughs
+    document costs one visit per distinct node; an alias to an enclosing node (a cycle) is refused too."""
+    size: dict[int, int] = {}
+    height: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        key = id(node)
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        if finished:
+            on_path.discard(key)
+            size[key] = 1 + sum(size[id(c)] for c in children)
+            height[key] = 1 + max((height[id(c)] for c in children), default=0)
+            if size[key] > MAX_EXPANDED_NODES:
+                how = "has" if len(size) > MAX_EXPANDED_NODES else "expands through aliases (*name) to"
+                raise ConfigError(f"{source}: the document {how} more than {MAX_EXPANDED_NODES} nodes; a modelslim "
+                                  f"config is far smaller (remove the repeated aliases)")
+            if height[key] > MAX_DEPTH:
+                raise ConfigError(f"{source}: the document is nested more than {MAX_DEPTH} levels (counting aliases); "
+                                  f"a modelslim config is far shallower")
+            continue
+        if key in size:
+            continue
+        if key in on_path:
+            raise ConfigError(f"{source}: an alias (*name) refers to a collection that contains it; the document "
+                              f"would be infinite")
+        on_path.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in reversed(children) if id(c) not in size)
+
+
+def _load_yaml(text: str, source: str) -> Any:
+    """yaml.load with _UniqueKeyLoader, bounded: depth and alias-expanded size are checked before construction."""
+    if _nesting_depth(text) > MAX_DEPTH:
+        raise ConfigError(f"{source}: the document is nested more than {MAX_DEPTH} levels; a modelslim config is "
+                          f"far shallower")
+    loader = _UniqueKeyLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_node_graph(node, source)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def load_config(path: str | Path) -> PracticeConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist or is not a file")
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+        data = _load_yaml(path.read_text(encoding="utf-8"), str(path))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: malformed YAML: {exc}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a UTF-8 text file") from None
+    except RecursionError:  # a backstop: the depth checks above come first
+        raise ConfigError(f"{path}: the document is nested more than {MAX_DEPTH} levels") from None
     config = parse_config(data, str(path))
     config.source_dir = path.resolve().parent
     return config

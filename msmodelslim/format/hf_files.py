@@ -3,6 +3,7 @@ the source model's config/tokenizer files, and writing the processors' extra fil
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Iterator
@@ -11,10 +12,36 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from msmodelslim.core.logging import get_logger
 from msmodelslim.format.edits import OutputEdits
 from msmodelslim.ir.quant_linear import QuantLinear
 
+log = get_logger("format")
+
 COPIED_SUFFIXES = (".json", ".py", ".txt", ".jinja", ".model", ".tiktoken")
+
+
+def _hf_cache_dirs() -> list[Path]:
+    """Where Hugging Face downloads keep their blobs (a snapshot's files are links into them)."""
+    dirs = [Path("~/.cache/huggingface").expanduser()]
+    if os.environ.get("HF_HOME"):
+        dirs.append(Path(os.environ["HF_HOME"]).expanduser() / "hub")
+    if os.environ.get("HF_HUB_CACHE"):
+        dirs.append(Path(os.environ["HF_HUB_CACHE"]).expanduser())
+    return [d.resolve() for d in dirs]
+
+
+def _followable(path: Path, source_dir: Path) -> bool:
+    """A symlinked side file is copied only when it resolves inside the model folder or the Hugging Face cache:
+    a link elsewhere (e.g. to ~/.ssh or /etc) would otherwise put that file's contents into the output."""
+    if not path.is_symlink():
+        return True
+    target = path.resolve()
+    if any(target.is_relative_to(root) for root in (source_dir.resolve(), *_hf_cache_dirs())):
+        return True
+    log.warning("not copying %s: it is a symlink to %s, outside the model folder and the Hugging Face cache",
+                path, target)
+    return False
 
 
 def quantized_and_float_modules(prefix: str, root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -51,7 +78,7 @@ def copy_model_files(source_dir: Path, out_dir: Path, config_updates: dict | Non
     for path in sorted(source_dir.iterdir()):
         if not path.is_file() or not path.name.endswith(COPIED_SUFFIXES) or path.name.endswith("index.json"):
             continue
-        if (out_dir / path.name).exists():
+        if (out_dir / path.name).exists() or not _followable(path, source_dir):
             continue
         shutil.copyfile(path, out_dir / path.name)
     config_path = out_dir / "config.json"

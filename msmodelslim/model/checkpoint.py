@@ -15,15 +15,35 @@ import torch
 from safetensors import safe_open
 
 from msmodelslim.core.errors import InvalidModelError
+from msmodelslim.core.logging import get_logger
+
+log = get_logger("model.checkpoint")
+
+
+INDEX_SUFFIX = ".safetensors.index.json"
 
 
 class SafetensorsCheckpoint:
+    """The tensors of `model_path`. With a `*.safetensors.index.json`, only the files its weight_map names are
+    read (a stray copy next to the shards is ignored, with a warning); without one, every `*.safetensors` is read
+    and a tensor found in two files is refused (which one is right is unknowable)."""
+
     def __init__(self, model_path: str | Path) -> None:
         self.path = Path(model_path)
         self._file_of: dict[str, str] = {}
         self._dtype_of: dict[str, torch.dtype] = {}
         self._span_of: dict[str, tuple[int, int]] = {}  # absolute [start, end) of a tensor's bytes in its file
-        files = sorted(p.name for p in self.path.glob("*.safetensors"))
+        present = sorted(p.name for p in self.path.glob("*.safetensors"))
+        index_file, index = self._read_index()
+        files = sorted(set(index.values())) if index is not None else present
+        if index is not None:
+            missing = [f for f in files if not (self.path / f).is_file()]
+            if missing:
+                raise InvalidModelError(f"{index_file} names {missing[:3]}, missing from {self.path}; the download is "
+                                        f"incomplete (download the checkpoint again)")
+            strays = [f for f in present if f not in files]
+            if strays:
+                log.warning("%s: %s not named by %s, ignored", self.path, ", ".join(strays), index_file.name)
         if not files:
             raise InvalidModelError(
                 f"{self.path} holds no *.safetensors weights; msmodelslim reads safetensors checkpoints only "
@@ -33,11 +53,48 @@ class SafetensorsCheckpoint:
             try:
                 with safe_open(self.path / name, framework="pt") as f:
                     for key in f.keys():
+                        if index is not None and index.get(key, name) != name:
+                            continue  # the index places this tensor in another file
+                        if key in self._file_of:
+                            raise InvalidModelError(
+                                f"tensor {key} is in both {self.path / self._file_of[key]} and {self.path / name}; "
+                                f"remove the stray file (or add the model.safetensors.index.json that names the "
+                                f"right one)")
                         self._file_of[key] = name
                         self._dtype_of[key] = f.get_slice(key).get_dtype()
-                self._span_of.update(_byte_spans(self.path / name))
+                self._span_of.update({k: v for k, v in _byte_spans(self.path / name).items()
+                                      if self._file_of.get(k) == name})
+            except InvalidModelError:
+                raise
             except Exception as exc:  # a truncated or foreign file: say which one
                 raise InvalidModelError(f"{self.path / name} is not a readable safetensors file: {exc}") from None
+        lacking = [k for k, f in (index or {}).items() if self._file_of.get(k) != f]
+        if lacking:
+            raise InvalidModelError(f"{index_file} maps {lacking[0]} to {index[lacking[0]]}, which lacks it "
+                                    f"({len(lacking)} such tensor(s)); the index and the shards do not match "
+                                    f"(download the checkpoint again)")
+
+    def _read_index(self) -> tuple[Path | None, dict[str, str] | None]:
+        """(index file, weight_map) of the checkpoint's safetensors index, or (None, None) without one."""
+        indexes = sorted(self.path.glob("*" + INDEX_SUFFIX))
+        if not indexes:
+            return None, None
+        preferred = [p for p in indexes if p.name == "model" + INDEX_SUFFIX]
+        if not preferred and len(indexes) > 1:
+            names = ", ".join(p.name for p in indexes)
+            raise InvalidModelError(f"{self.path} holds several safetensors indexes ({names}); keep the one that "
+                                    f"belongs to the model")
+        index_file = (preferred or indexes)[0]
+        weight_map = read_json(index_file).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map or not all(
+                isinstance(k, str) and isinstance(v, str) and v and Path(v).name == v for k, v in weight_map.items()):
+            raise InvalidModelError(f"{index_file} is malformed: expected a 'weight_map' object mapping tensor names "
+                                    f"to file names in the same directory")
+        return index_file, weight_map
+
+    def file_of(self, name: str) -> str | None:
+        """The file (in the model directory) a tensor is read from."""
+        return self._file_of.get(name)
 
     def names(self) -> list[str]:
         return list(self._file_of)
@@ -136,9 +193,15 @@ _DTYPES = {
 
 
 def read_json(path: Path) -> dict:
+    """A JSON object from `path`, or an InvalidModelError naming the file."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InvalidModelError(f"{path} is missing") from None
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidModelError(f"{path} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidModelError(f"{path} is not valid JSON: nested too deeply") from None
+    if not isinstance(data, dict):
+        raise InvalidModelError(f"{path} must hold a JSON object, not {type(data).__name__}")
+    return data

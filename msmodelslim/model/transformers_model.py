@@ -16,6 +16,8 @@ from torch import nn
 from msmodelslim.core.errors import InvalidModelError
 from msmodelslim.core.logging import get_logger
 from msmodelslim.model.checkpoint import SafetensorsCheckpoint, fp8_block_size
+from msmodelslim.quantizer.primitives import all_finite
+from msmodelslim.model.hf_config import load_hf_config, model_load_errors, require_local_dir
 from msmodelslim.model.interface import (
     AttentionShape,
     ModelSlimPipelineInterfaceV1,
@@ -62,23 +64,10 @@ class TransformersModel(ModelSlimPipelineInterfaceV1):
     structure = ModelStructure()
 
     def __init__(self, model_type: str, model_path: str | Path, trust_remote_code: bool = False) -> None:
-        from transformers import AutoConfig
-
         self.model_type = model_type
-        self.model_path = Path(model_path)
+        self.model_path = require_local_dir(model_path, "--model_path")
         self.trust_remote_code = trust_remote_code
-        if not (self.model_path / "config.json").is_file():
-            raise InvalidModelError(f"{self.model_path} has no config.json; point --model_path at a Hugging Face model directory")
-        try:
-            self.config = AutoConfig.from_pretrained(
-                self.model_path, trust_remote_code=trust_remote_code, local_files_only=True
-            )
-        except ValueError as exc:
-            if "trust_remote_code" in str(exc):
-                raise InvalidModelError(
-                    f"{self.model_path} needs its own Python code to load; review it, then pass --trust_remote_code True"
-                ) from None
-            raise InvalidModelError(f"cannot read {self.model_path}/config.json: {exc}") from None
+        self.config = load_hf_config(self.model_path, trust_remote_code)
         families = self.structure.hf_model_types
         if families and self.config.model_type not in families:
             raise InvalidModelError(
@@ -146,7 +135,7 @@ class TransformersModel(ModelSlimPipelineInterfaceV1):
         """The model on the meta device, reshaped as the checkpoint (fused experts split); nothing is read."""
         from transformers import AutoModelForCausalLM
 
-        with init_empty_weights():
+        with model_load_errors(self.model_path), init_empty_weights():  # e.g. sizes torch cannot allocate
             model = AutoModelForCausalLM.from_config(
                 self.config, trust_remote_code=self.trust_remote_code, attn_implementation="sdpa", dtype=torch.float32
             )
@@ -180,12 +169,29 @@ class TransformersModel(ModelSlimPipelineInterfaceV1):
             raise InvalidModelError(f"the checkpoint in {self.model_path} lacks {sorted(missing_for_real)[:5]}")
         loaded = self.checkpoint.load([n for n in names if n in available], self._fp8_block)
         loaded.update(self._unstack(root, prefix, stacked))
+        expected = root.state_dict()  # still on the meta device: the shapes and dtypes config.json implies
         state = {}
         for name in list(loaded):  # widen one tensor at a time, dropping its checkpoint-dtype copy as we go
-            state[name[len(prefix) :]] = _float32(loaded.pop(name)).to(device)
+            tensor = loaded.pop(name)
+            self._check_tensor(name, tensor, expected.get(name[len(prefix) :]))
+            state[name[len(prefix) :]] = _float32(tensor).to(device)
         root.load_state_dict(state, strict=False, assign=True)
         if tie and len(absent) > len(stacked):
             root.tie_weights()
+
+    def _check_tensor(self, name: str, tensor: torch.Tensor, expected: torch.Tensor | None) -> None:
+        """Refuse a weight that cannot belong to the model config.json describes, or that holds NaN/Inf (every
+        scale computed from it would be NaN): caught per tensor, before anything of its block is written."""
+        where = f"{self.model_path}: tensor {name} in {self.checkpoint.file_of(name) or 'a stacked expert tensor'}"
+        if expected is not None and expected.is_floating_point() and not tensor.is_floating_point():
+            raise InvalidModelError(f"{where} is {tensor.dtype}, expected a floating-point weight ({expected.dtype}); "
+                                    f"msmodelslim quantizes float checkpoints (is this one already quantized?)")
+        if expected is not None and tensor.shape != expected.shape:
+            raise InvalidModelError(f"{where} has shape {list(tensor.shape)}, expected {list(expected.shape)} from "
+                                    f"config.json; the weights and config.json do not belong to the same model")
+        if tensor.is_floating_point() and not all_finite(tensor):
+            raise InvalidModelError(f"{where} holds NaN/Inf values; the checkpoint is damaged and cannot be "
+                                    f"quantized (nothing was written)")
 
     def _unstack(self, root: nn.Module, prefix: str, slices: dict[str, StackedSlice]) -> dict[str, torch.Tensor]:
         """Per-expert weights cut from stacked expert tensors ([E, 2I, H] gate rows then up rows; [E, H, I])."""

@@ -84,3 +84,14 @@ def quantize_per_token_dynamic(x: torch.Tensor, bits: int) -> torch.Tensor:
     _, qmax = int_range(bits)
     scale = (x.float().abs().amax(dim=-1, keepdim=True) / qmax).clamp(min=torch.finfo(torch.float32).tiny)
     return fake_quantize(x, scale, torch.zeros_like(scale), bits)
+
+
+def all_finite(tensor: torch.Tensor, chunk: int = 2**24) -> bool:
+    """No NaN/Inf (True for integer tensors). Checked in chunks, so a large embedding needs no same-sized
+    temporary; float8 chunks are widened since torch has no isfinite for them."""
+    if not tensor.is_floating_point():
+        return True
+    for part in tensor.reshape(-1).split(chunk):
+        if not bool(torch.isfinite(part.float() if part.element_size() == 1 else part).all()):
+            return False
+    return True

@@ -5,7 +5,6 @@ tensor is loaded as saved. Used by `msmodelslim eval` and by the round-trip test
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -14,27 +13,61 @@ from safetensors import safe_open
 from torch import nn
 
 from msmodelslim.core.errors import InvalidModelError
-from msmodelslim.format.ascendv1.tensors import FLOAT, linear_from_tensors
+from msmodelslim.format.ascendv1.tensors import FLOAT, REQUIRED_SUFFIXES, linear_from_tensors
 from msmodelslim.format.ascendv1.writer import DESCRIPTION
+from msmodelslim.format.staging import incomplete_reason
+from msmodelslim.model.checkpoint import read_json
+from msmodelslim.model.hf_config import load_hf_config, model_load_errors, require_local_dir
 from msmodelslim.model.moe import unfuse_experts
+from msmodelslim.quantizer.scheme import Scheme
 
 GLOBAL_KEYS = {"version", "model_quant_type", "metadata", "group_size", "optional", "kv_cache_type",
                "kv_quant_type", "fa_quant_type", "reduce_quant_type"}
 
 
 def read_description(path: Path) -> dict:
+    """The description as a JSON object (the checker judges its entries; `validate_description` for reading)."""
     file = path / DESCRIPTION
     if not file.is_file():
         raise InvalidModelError(f"{path} is not an ascendv1 checkpoint: {DESCRIPTION} is missing")
-    return json.loads(file.read_text(encoding="utf-8"))
+    return read_json(file)
+
+
+READABLE_TAGS = (FLOAT, *(s.value for s in Scheme))
+
+
+def validate_description(path: Path, description: dict) -> None:
+    """Every tensor entry carries a type this reader rebuilds; a clear error before any tensor is read."""
+    for key, tag in description.items():
+        if key in GLOBAL_KEYS:
+            continue
+        if not isinstance(tag, str):
+            raise InvalidModelError(f"{path / DESCRIPTION}: entry {key!r} has type tag {tag!r}; tags are strings "
+                                    f"such as {', '.join(READABLE_TAGS)}")
+        if tag not in READABLE_TAGS:
+            raise InvalidModelError(f"{path / DESCRIPTION}: entry {key!r} has type {tag!r}, which this reader cannot "
+                                    f"rebuild (known: {', '.join(READABLE_TAGS)})")
+
+
+def read_valid_description(path: Path) -> dict:
+    """Read and validate the description: what eval/convert check before loading any model."""
+    reason = incomplete_reason(path)
+    if reason:  # e.g. the staging directory of a killed run, description and all
+        raise InvalidModelError(f"{path} is not a complete checkpoint: {reason}")
+    description = read_description(path)
+    validate_description(path, description)
+    return description
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for file in sorted(path.glob("*.safetensors")):
-        with safe_open(file, framework="pt") as f:
-            for key in f.keys():
-                tensors[key] = f.get_tensor(key)
+        try:
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    tensors[key] = f.get_tensor(key)
+        except Exception as exc:  # safetensors raises its own SafetensorError (and OSError) for a damaged file
+            raise InvalidModelError(f"{file} is not a readable safetensors file: {exc}") from None
     return tensors
 
 
@@ -60,14 +93,27 @@ def tensors_by_layer(tensors: dict[str, torch.Tensor], prefixes) -> dict[str, di
     return grouped
 
 
-def load_ascendv1(path: str | Path, trust_remote_code: bool = False) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _quant_linear(path: Path, prefix: str, tag: str, own: dict[str, torch.Tensor]) -> nn.Module:
+    """The layer's QuantLinear, or an InvalidModelError naming the layer and what is wrong with its tensors."""
+    missing = sorted(REQUIRED_SUFFIXES[Scheme(tag)] - own.keys())
+    if missing:
+        raise InvalidModelError(f"{path}: quantized layer {prefix} ({tag}) lacks tensor(s) "
+                                f"{', '.join(f'{prefix}.{m}' for m in missing)}; the checkpoint is incomplete")
+    try:
+        return linear_from_tensors(tag, own)
+    except (ValueError, TypeError, IndexError, RuntimeError) as exc:
+        raise InvalidModelError(f"{path}: quantized layer {prefix} ({tag}) has inconsistent tensors: "
+                                f"{type(exc).__name__}: {exc}") from None
 
-    path = Path(path)
-    description = read_description(path)
+
+def load_ascendv1(path: str | Path, trust_remote_code: bool = False) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    path = require_local_dir(path, "the ascendv1 checkpoint")
+    description = read_valid_description(path)
+    config = load_hf_config(path, trust_remote_code)
     tensors = read_tensors(path)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
-    with init_empty_weights():
+    with model_load_errors(path), init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=torch.float32)
     model.eval()
     unfuse_experts(model)  # ascendv1 stores one tensor set per expert (formats.md A.5)
@@ -77,9 +123,23 @@ def load_ascendv1(path: str | Path, trust_remote_code: bool = False) -> nn.Modul
         tag = layers[prefix]
         consumed.update(f"{prefix}.{k}" for k in own)
         parent_name, _, child = prefix.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, linear_from_tensors(tag, own))
+        try:
+            parent = model.get_submodule(parent_name)
+        except AttributeError:
+            raise InvalidModelError(f"{path}: {DESCRIPTION} names layer {prefix}, which the architecture in "
+                                    f"config.json does not have") from None
+        linear, original = _quant_linear(path, prefix, tag, own), getattr(parent, child, None)
+        if isinstance(original, nn.Linear) and (linear.in_features, linear.out_features) != (
+                original.in_features, original.out_features):
+            raise InvalidModelError(f"{path}: quantized layer {prefix} is [{linear.out_features}, {linear.in_features}]"
+                                    f", but config.json gives [{original.out_features}, {original.in_features}]")
+        setattr(parent, child, linear)
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in tensors.items() if k not in consumed}
-    result = model.load_state_dict(state, strict=False, assign=True)
+    try:
+        result = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as exc:  # e.g. a float tensor whose shape is not the architecture's
+        detail = " ".join(str(exc).split())[:400]
+        raise InvalidModelError(f"{path}: tensors do not match the model architecture: {detail}") from None
     missing = [k for k in result.missing_keys if k.rpartition(".")[0] not in layers]
     if result.unexpected_keys or missing:
         raise InvalidModelError(

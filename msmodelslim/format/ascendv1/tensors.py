@@ -110,6 +110,16 @@ def linear_tensors(ir: QuantLinear, model_dtype: torch.dtype, row_parallel: bool
 
 
 # ---- reader side -------------------------------------------------------------------------------------------
+# The tensors `linear_from_tensors` needs for each type (bias is optional everywhere).
+REQUIRED_SUFFIXES: dict[Scheme, frozenset[str]] = {
+    Scheme.W8A8: frozenset({"weight", "quant_bias", "input_scale", "input_offset", "deq_scale"}),
+    Scheme.W8A8_DYNAMIC: frozenset({"weight", "weight_scale", "weight_offset"}),
+    Scheme.W8A16: frozenset({"weight", "weight_scale", "weight_offset"}),
+    Scheme.W4A8_DYNAMIC: frozenset({"weight", "weight_scale", "weight_offset"}),
+    Scheme.W4A16: frozenset({"weight_packed", "weight_scale", "weight_shape"}),
+}
+
+
 def linear_from_tensors(tag: str, t: dict[str, torch.Tensor]) -> QuantLinear:
     """Rebuild the IR from saved tensors alone (suffix -> tensor), inverting `linear_tensors`."""
     scheme = Scheme(tag)

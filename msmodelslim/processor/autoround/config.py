@@ -2,6 +2,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from msmodelslim.processor.matching import Pattern
 from msmodelslim.quantizer.scheme import LinearQConfig
 
 SCALE_DTYPES = ("float16", "float32", "bfloat16")
@@ -14,8 +15,8 @@ class AutoRoundStrategy(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     qconfig: LinearQConfig
-    include: list[str] = Field(default_factory=lambda: ["*"])
-    exclude: list[str] = Field(default_factory=list)
+    include: list[Pattern] = Field(default_factory=lambda: ["*"])
+    exclude: list[Pattern] = Field(default_factory=list)
     scale_dtype: Literal["float16", "float32", "bfloat16"] = "bfloat16"
 
     @model_validator(mode="before")

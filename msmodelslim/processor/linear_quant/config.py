@@ -2,6 +2,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from msmodelslim.processor.matching import Pattern
 from msmodelslim.quantizer.scheme import LinearQConfig
 
 
@@ -12,5 +13,5 @@ class LinearQuantConfig(BaseModel):
 
     type: Literal["linear_quant"]
     qconfig: LinearQConfig
-    include: list[str] = Field(default_factory=lambda: ["*"])
-    exclude: list[str] = Field(default_factory=list)
+    include: list[Pattern] = Field(default_factory=lambda: ["*"])
+    exclude: list[Pattern] = Field(default_factory=list)

@@ -2,6 +2,8 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from msmodelslim.processor.matching import Pattern
+
 SubgraphKind = Literal["norm-linear", "linear-linear", "ov", "up-down"]
 ALL_SUBGRAPH_KINDS: list[SubgraphKind] = ["norm-linear", "linear-linear", "ov", "up-down"]
 
@@ -12,8 +14,8 @@ class SmoothingFields(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     symmetric: bool = True
-    include: Optional[list[str]] = None  # patterns over target linear names; None = all
-    exclude: Optional[list[str]] = None
+    include: Optional[list[Pattern]] = None  # patterns over target linear names; None = all
+    exclude: Optional[list[Pattern]] = None
 
     @field_validator("symmetric")
     @classmethod
