@@ -107,15 +107,24 @@ def test_existing_output_is_never_touched_without_overwrite(tiny_llama, tmp_path
     code, _, err = run_cli(capsys, *argv)
     assert code == 3 and "is not empty" in err and "--overwrite" in err
     assert [p.name for p in out.iterdir()] == ["precious.txt"]
+    # --overwrite replaces only a previous checkpoint of ours, never a folder of other files
+    code, _, err = run_cli(capsys, *argv, "--overwrite")
+    assert code == 2 and "not an msmodelslim checkpoint" in err
+    assert [p.name for p in out.iterdir()] == ["precious.txt"]
+    (out / "precious.txt").unlink()
+    assert run_cli(capsys, *argv)[0] == 0
+    first = (out / "quant_model_description.json").read_bytes()
     code, _, err = run_cli(capsys, *argv, "--overwrite")
     assert code == 0, err
-    assert not (out / "precious.txt").exists() and (out / "quant_model_description.json").exists()
+    assert (out / "quant_model_description.json").read_bytes() == first and (out / ".msmodelslim.json").exists()
 
 
 def test_failure_during_quantization_leaves_previous_output_intact(tiny_llama, tmp_path, capsys, monkeypatch, w8a16_config):
     out = tmp_path / "out"
-    out.mkdir()
+    assert run_cli(capsys, *quant_args(tiny_llama, out, "--model_type", "Llama-2-7B",
+                                       "--config_path", str(w8a16_config)))[0] == 0
     (out / "old.txt").write_text("previous run")
+    before = sorted(p.name for p in out.iterdir())
 
     def crash(*_args, **_kwargs):
         raise RuntimeError("simulated crash while writing")
@@ -124,7 +133,7 @@ def test_failure_during_quantization_leaves_previous_output_intact(tiny_llama, t
     code, _, err = run_cli(capsys, *quant_args(tiny_llama, out, "--model_type", "Llama-2-7B",
                                                "--config_path", str(w8a16_config), "--overwrite"))
     assert code == 1 and "simulated crash" in err and "MSMODELSLIM_LOG_LEVEL=debug" in err
-    assert [p.name for p in out.iterdir()] == ["old.txt"]
+    assert sorted(p.name for p in out.iterdir()) == before
     assert not list(tmp_path.glob(".out.*"))
 
 

@@ -9,7 +9,7 @@ from safetensors import safe_open
 
 from helpers import SCHEMES, run_quant
 from msmodelslim.core.errors import FormatCheckError
-from msmodelslim.format.completeness import required_tensors, verify_complete
+from msmodelslim.format.integrity import required_tensors, verify_complete
 from tiny_models import make_tiny_model
 
 
@@ -82,3 +82,53 @@ def test_verify_complete_names_what_a_writer_dropped(tiny_llama, tmp_path):
     save_file(tensors, str(out / "model.safetensors"))
     with pytest.raises(FormatCheckError, match=dropped):
         verify_complete(out, required)
+
+
+# ---- non-finite values are never written, and `check` reports them ------------------------------------------
+def test_the_shard_writer_refuses_a_non_finite_tensor_by_name(tmp_path):
+    from msmodelslim.core.errors import ProcessingError
+    from msmodelslim.format.shards import ShardStream
+
+    stream = ShardStream(tmp_path, 0)
+    stream.add("ok.weight_scale", torch.ones(4))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(ProcessingError, match="layers.0.q_proj.weight_scale holds NaN or Inf"):
+            stream.add("model.layers.0.q_proj.weight_scale", torch.tensor([1.0, bad]))
+        stream._seen.discard("model.layers.0.q_proj.weight_scale")
+    with pytest.raises(ProcessingError, match="fp8"):
+        stream.add("fp8", torch.tensor([float("nan")]).to(torch.float8_e4m3fn))
+
+
+@pytest.mark.parametrize("damage", ["nan_scale", "inf_deq_scale", "garbage_shard", "truncated_shard"])
+def test_check_reports_non_finite_and_unreadable_tensors(tiny_llama, tmp_path, capsys, damage):
+    from safetensors.torch import save_file
+
+    from helpers import write_config
+    from msmodelslim.cli.__main__ import main
+    from msmodelslim.format.ascendv1.tensors import encode_deq_scale
+
+    scheme = "w8a8_static" if damage == "inf_deq_scale" else "w8a8_dynamic"
+    out = tmp_path / "out"
+    run_quant(tiny_llama, out, write_config(tmp_path / "c.yaml", SCHEMES[scheme], part_file_size=0))
+    shard = out / "quant_model_weights.safetensors"
+    tensors = _tensors(out)
+    target = "model.layers.1.mlp.down_proj"
+    if damage == "nan_scale":
+        tensors[f"{target}.weight_scale"][3, 0] = float("nan")
+        save_file(tensors, str(shard))
+        needle = f"{target}.weight_scale holds NaN or Inf"
+    elif damage == "inf_deq_scale":
+        deq = torch.full_like(tensors[f"{target}.deq_scale"], 0, dtype=torch.float32) + float("inf")
+        tensors[f"{target}.deq_scale"] = encode_deq_scale(deq, torch.float32)
+        save_file(tensors, str(shard))
+        needle = f"{target}.deq_scale holds NaN or Inf"
+    elif damage == "garbage_shard":
+        shard.write_bytes(b"\x00garbage" * 100)
+        needle = "is not a readable safetensors file"
+    else:
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+        needle = "is not a readable safetensors file"
+    capsys.readouterr()  # only what check prints counts
+    assert main(["check", str(out)]) == 4
+    captured = capsys.readouterr()
+    assert needle in captured.out and "Traceback" not in captured.err

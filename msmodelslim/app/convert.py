@@ -7,19 +7,22 @@ over unchanged. The whole model is held in memory (a per-layer streaming convers
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from torch import nn
 
-from msmodelslim.core.errors import FormatCheckError, InvalidModelError
+from msmodelslim.core.config import MAX_PART_FILE_SIZE_GB
+from msmodelslim.core.errors import ConfigError, FormatCheckError, InvalidModelError
 from msmodelslim.core.logging import get_logger
-from msmodelslim.format.ascendv1.reader import load_ascendv1
+from msmodelslim.format.ascendv1.reader import load_ascendv1, read_valid_description
 from msmodelslim.format.ascendv1.writer import DESCRIPTION
 from msmodelslim.format.compressed_tensors.checker import check_compressed_tensors
 from msmodelslim.format.compressed_tensors.writer import CompressedTensorsWriter
-from msmodelslim.format.completeness import required_tensors, verify_complete
+from msmodelslim.format.integrity import required_tensors, verify_complete
 from msmodelslim.format.staging import check_save_path, staged_directory
 from msmodelslim.ir.quant_linear import QuantLinear
+from msmodelslim.model.hf_config import load_hf_config, model_load_errors, require_local_dir
 from msmodelslim.model.moe import unfuse_experts
 from msmodelslim.model.transformers_model import config_dtype
 
@@ -32,7 +35,7 @@ def _drop_folded_zero_biases(model: nn.Module, config, source: Path, trust_remot
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    with init_empty_weights():
+    with model_load_errors(source), init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     unfuse_experts(skeleton)  # same per-expert names as the model the reader built
     for name, module in model.named_modules():
@@ -46,12 +49,15 @@ def _drop_folded_zero_biases(model: nn.Module, config, source: Path, trust_remot
 def convert_ascendv1_to_compressed_tensors(source: Path, save_path: Path, overwrite: bool = False,
                                            part_file_size_gb: float = 4, trust_remote_code: bool = False) -> list[str]:
     """Write `save_path` from the ascendv1 checkpoint `source`; returns the checker's warnings."""
+    if not math.isfinite(part_file_size_gb) or not 0 <= part_file_size_gb <= MAX_PART_FILE_SIZE_GB:
+        raise ConfigError(f"--part_file_size {part_file_size_gb}: expected a number of GB from 0 to "
+                          f"{MAX_PART_FILE_SIZE_GB}")
+    source = require_local_dir(source, "--model_path")
     if not (source / DESCRIPTION).is_file() or not (source / "config.json").is_file():
         raise InvalidModelError(f"{source} is not an ascendv1 checkpoint (needs {DESCRIPTION} and config.json)")
+    read_valid_description(source)  # a malformed description fails before anything is loaded or written
+    config = load_hf_config(source, trust_remote_code)
     check_save_path(save_path, overwrite, source)
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=True)
     dtype = config_dtype(config)
     model = load_ascendv1(source, trust_remote_code)
     _drop_folded_zero_biases(model, config, source, trust_remote_code)

@@ -28,6 +28,7 @@ from msmodelslim.core.dataset import load_texts
 from msmodelslim.core.device import DeviceSpec
 from msmodelslim.core.distributed import LOCAL, Collective, contiguous_share, spawn_ranks, torchrun_rank, torchrun_world
 from msmodelslim.core.errors import ConfigError, FormatCheckError, InvalidModelError, UnsupportedError
+from msmodelslim.core.faults import fault_point
 from msmodelslim.core.logging import get_logger, level_from_env, setup_logging
 from msmodelslim.core.memory import bound_heap_growth
 from msmodelslim.core.runner import RunStats, run_blocks
@@ -35,7 +36,7 @@ from msmodelslim.format.ascendv1.checker import check_ascendv1
 from msmodelslim.format.ascendv1.writer import AscendV1Writer
 from msmodelslim.format.compressed_tensors.checker import check_compressed_tensors
 from msmodelslim.format.compressed_tensors.writer import CompressedTensorsWriter
-from msmodelslim.format.completeness import required_tensors, verify_complete
+from msmodelslim.format.integrity import required_tensors, verify_complete
 from msmodelslim.format.edits import OutputEdits
 from msmodelslim.format.staging import check_save_path, staged_directory
 from msmodelslim.model.moe import routed_expert_linears
@@ -279,6 +280,7 @@ def _finish(job: _Job, request: QuantizeRequest, writer, staging: Path) -> tuple
     else:
         description = writer.finish(request.model_path, edits)
         findings = check_ascendv1(staging, list(job.plan), job.adapter.structure.fused_groups)
+    fault_point("description")
     practice_file = staging / f"{request.model_type}_best_practice.yaml"
     saved = job.config.model_dump(mode="json", exclude_none=True, exclude={"source_dir"})
     practice_file.write_text(yaml.safe_dump(saved, sort_keys=False, allow_unicode=True))
@@ -293,6 +295,7 @@ def _finish(job: _Job, request: QuantizeRequest, writer, staging: Path) -> tuple
 def _execute(job: _Job, request: QuantizeRequest, collective: Collective, staging_note: Optional[Path] = None) -> _Written:
     """Calibrate, quantize and (on rank 0) write. Ranks other than 0 only compute and merge statistics."""
     bound_heap_growth()
+    fault_point("loaded")
     needs_data = any(p.needs_calibration for p in job.processors)
     device = collective.device if collective.distributed else request.device.primary
     if job.runner == RunnerType.model_wise and device.type != "cpu":
@@ -326,9 +329,32 @@ def _quantize_rank(collective: Collective, request: QuantizeRequest, rundir: Pat
     return _execute(_prepare(request, in_rank=True), request, collective, rundir / "staging")
 
 
+RUNDIR_PREFIX = "msmodelslim-dp-"
+
+
+def _remove_stale_rundirs() -> None:
+    """Run directories of launchers that were killed outright (SIGKILL leaves no chance to clean up)."""
+    for rundir in Path(tempfile.gettempdir()).glob(f"{RUNDIR_PREFIX}*"):
+        try:
+            pid = int((rundir / "owner").read_text())
+            os.kill(pid, 0)
+            continue  # its launcher is alive
+        except ProcessLookupError:
+            pass
+        except (OSError, ValueError):
+            continue  # no readable owner (being created, or not ours): leave it
+        note = rundir / "staging"
+        if note.is_file():
+            shutil.rmtree(note.read_text(), ignore_errors=True)
+        shutil.rmtree(rundir, ignore_errors=True)
+        log.info("removed %s left by a killed dp_layer_wise launcher", rundir)
+
+
 def _run_spawned_ranks(request: QuantizeRequest) -> _Written:
-    with tempfile.TemporaryDirectory(prefix="msmodelslim-dp-") as name:
+    _remove_stale_rundirs()
+    with tempfile.TemporaryDirectory(prefix=RUNDIR_PREFIX) as name:
         rundir = Path(name)
+        (rundir / "owner").write_text(str(os.getpid()))
         try:
             # the practice was accepted (or asked for) in this process: the ranks must not ask again
             rank_request = replace(request, allow_default_practice=True)

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
-from msmodelslim.core.errors import ConfigError, MsModelSlimError
+from msmodelslim.core.errors import ConfigError, MsModelSlimError, Terminated
 
 log = logging.getLogger("msmodelslim.cli")
 
@@ -45,8 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("practices", help="list registered models and the practice each --quant_type would use")
 
-    check = sub.add_parser("check", help="check an ascendv1 checkpoint against what vLLM-Ascend's loader requires")
-    check.add_argument("path", type=Path, help="directory written by 'quant' (or any ascendv1 checkpoint)")
+    check = sub.add_parser("check", help="check an ascendv1 or compressed-tensors checkpoint against what its "
+                                         "engine's loader requires (and finish an interrupted replacement of it)")
+    check.add_argument("path", type=Path, help="directory written by 'quant' (or any ascendv1 / compressed-tensors "
+                                               "checkpoint)")
 
     conv = sub.add_parser("convert", help="convert an ascendv1 checkpoint into compressed-tensors (vLLM on GPUs)")
     conv.add_argument("--model_path", required=True, type=Path, help="ascendv1 checkpoint directory")
@@ -102,10 +105,22 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "check":
         from msmodelslim.format.ascendv1.checker import check_ascendv1
         from msmodelslim.format.ascendv1.writer import DESCRIPTION
+        from msmodelslim.format.compressed_tensors.checker import check_compressed_tensors, is_compressed_tensors
+        from msmodelslim.format.findings import Finding
+        from msmodelslim.format.staging import incomplete_reason, recover
 
-        if not (args.path / DESCRIPTION).is_file():
-            raise ConfigError(f"{args.path} is not an ascendv1 checkpoint ({DESCRIPTION} is missing)")
-        findings = check_ascendv1(args.path)
+        for line in recover(args.path):  # a run killed while replacing this checkpoint: finish or undo it first
+            print(f"recovered: {line}")
+        if (args.path / DESCRIPTION).is_file():
+            findings = check_ascendv1(args.path)
+        elif is_compressed_tensors(args.path):
+            findings = check_compressed_tensors(args.path)
+        else:
+            raise ConfigError(f"{args.path} is neither an ascendv1 checkpoint ({DESCRIPTION} is missing) nor a "
+                              f"compressed-tensors one (no quantization_config in config.json)")
+        reason = incomplete_reason(args.path)
+        if reason:  # e.g. a staging directory whose run was killed after writing the description
+            findings.insert(0, Finding("error", f"the checkpoint is not complete: {reason}"))
         for finding in findings:
             print(f"{finding.level}: {finding.message}")
         errors = sum(f.level == "error" for f in findings)
@@ -153,14 +168,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"msmodelslim: error: {exc}", file=sys.stderr)
         return exc.exit_code
     args = build_parser().parse_args(argv)
+    previous = _terminate_like_ctrl_c()
     try:
         return _run(args)
     except MsModelSlimError as exc:
         log.debug("details", exc_info=True)
         print(f"msmodelslim: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Terminated:
+        print("msmodelslim: terminated (SIGTERM); partial output removed, --save_path left as it was", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
-        print("msmodelslim: interrupted; nothing was written to --save_path", file=sys.stderr)
+        print("msmodelslim: interrupted; partial output removed, --save_path left as it was", file=sys.stderr)
         return 130
     except Exception as exc:  # a bug or an environment problem: short message, traceback under DEBUG
         if level <= logging.DEBUG:
@@ -168,6 +187,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"msmodelslim: unexpected error: {type(exc).__name__}: {exc}\n"
               f"(run with MSMODELSLIM_LOG_LEVEL=debug for the traceback, and report it)", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def _terminate_like_ctrl_c():
+    """SIGTERM (schedulers, `docker stop`, `kill`) unwinds like Ctrl-C, so staging directories are removed.
+    Returns the previous handler (None where handlers cannot be set: outside the main thread)."""
+    try:
+        return signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:
+        return None
 
 
 if __name__ == "__main__":

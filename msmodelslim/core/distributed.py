@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import socket
 import time
 from dataclasses import dataclass, field
@@ -141,10 +142,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    """A rank whose launcher was killed (even by SIGKILL) gets SIGTERM instead of computing for nobody."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux/glibc: the launcher's own cleanup still stops the ranks on Ctrl-C/SIGTERM
+
+
 def _rank_main(rank: int, world: int, port: int, kind: str, indices: tuple[int, ...], rundir: str,
                work: Callable[..., Any], args: tuple) -> None:
     """Body of one spawned rank: join the group, do the work, leave the result (rank 0) or the error behind."""
     out = Path(rundir)
+    _die_with_parent()
     try:
         if kind == "cpu":  # share the cores instead of every rank starting one thread per core
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
@@ -171,9 +183,11 @@ def spawn_ranks(kind: str, indices: tuple[int, ...], rundir: Path, work: Callabl
     import torch.multiprocessing as mp
 
     world = len(indices)
+    context = mp.start_processes(_rank_main, args=(world, _free_port(), kind, indices, str(rundir), work, args),
+                                 nprocs=world, join=False, start_method="spawn")
     try:
-        mp.start_processes(_rank_main, args=(world, _free_port(), kind, indices, str(rundir), work, args),
-                           nprocs=world, join=True, start_method="spawn")
+        while not context.join():
+            pass
     except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
         errors = sorted(rundir.glob("error-*.pkl"))
         if errors:
@@ -185,6 +199,16 @@ def spawn_ranks(kind: str, indices: tuple[int, ...], rundir: Path, work: Callabl
         else:
             rank, summary = exc.error_index, str(exc).strip().splitlines()[-1]
         raise ProcessingError(f"dp_layer_wise rank {rank} failed first (its traceback is above): {summary}") from None
+    except BaseException:  # Ctrl-C or SIGTERM in the launcher: stop the ranks before cleaning up after them
+        for process in context.processes:
+            if process.is_alive():
+                process.terminate()
+        for process in context.processes:
+            process.join(10)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        raise
     result_file = rundir / "result.pkl"
     if not result_file.is_file():
         raise ProcessingError("dp_layer_wise: rank 0 ended without a result")

@@ -41,3 +41,13 @@ class FormatCheckError(MsModelSlimError):
 
 class ProcessingError(MsModelSlimError):
     """A processor cannot do its work on this model or data (e.g. a layer received no calibration data)."""
+
+
+class OutputWriteError(MsModelSlimError):
+    """The output could not be written (disk full); the partial output was removed, save_path left as it was."""
+
+    exit_code = 6
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (schedulers, container runtimes): unwinds and cleans up exactly like Ctrl-C."""

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from msmodelslim.core.activations import ActivationSpill
 from msmodelslim.core.distributed import LOCAL, Collective
+from msmodelslim.core.faults import fault_point
 from msmodelslim.core.logging import get_logger, progress_disabled
 from msmodelslim.core.memory import release_free_heap
 from msmodelslim.format.ascendv1.writer import AscendV1Writer
@@ -69,6 +70,7 @@ def _forward_all(block_name: str, requests: list, spill: Optional[ActivationSpil
             spill.evict(request.args[0])
             spill.move_to_disk(block_hidden_state(output))
         outputs.append(output)
+        fault_point("calibration")
     return outputs
 
 
@@ -125,6 +127,7 @@ def run_blocks(
                     requests[i] = None
         if writer is not None:
             writer.add_module_tree(name, block)
+            fault_point(f"block:{index}")
         if layer_wise:
             adapter.release_block(model, name)
         release_free_heap()

@@ -1,4 +1,6 @@
-"""Every writer's last check before its output is moved into place: the files on disk hold every tensor the
+"""Integrity of written checkpoints, any format.
+
+Every writer's last check before its output is moved into place: the files on disk hold every tensor the
 model needs. The expectation comes from the model's structure (the input checkpoint's tensors as the model
 loads them, quantized linears replaced by their quantized tensors), the evidence from the written safetensors
 headers alone, so a writer that silently dropped a tensor cannot pass its own check.
@@ -7,12 +9,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
+import torch
+from safetensors import safe_open
 from torch import nn
 
 from msmodelslim.core.errors import FormatCheckError
+from msmodelslim.format.ascendv1.tensors import decode_deq_scale
 from msmodelslim.ir.quant_linear import QuantLinear
+from msmodelslim.quantizer.primitives import all_finite
 
 # A quantized linear is present when one of these holds its codes (int8 / int4-in-int8 / packed int32).
 QUANTIZED_WEIGHT = ("weight", "weight_packed")
@@ -71,3 +77,27 @@ def verify_complete(out_dir: Path, required: list[tuple[str, ...]]) -> None:
             f"the written checkpoint lacks {len(missing)} tensor(s) the model needs ({shown}); it was not moved "
             f"into place. This is a bug in msmodelslim: please report it with MSMODELSLIM_LOG_LEVEL=debug output"
         )
+
+
+def _non_finite(name: str, tensor: torch.Tensor) -> bool:
+    return not all_finite(decode_deq_scale(tensor) if name.endswith(".deq_scale") else tensor)
+
+
+def read_checked_tensors(path: Path, err: Callable[[str], None], keep: bool = True) -> dict[str, torch.Tensor | None]:
+    """{name: tensor} of the top-level *.safetensors files (values None unless `keep`: only one tensor is held
+    at a time then). Unreadable files, names in two files and NaN/Inf values (in float tensors, and in
+    deq_scale's int64-encoded floats) are reported through `err`."""
+    tensors: dict[str, torch.Tensor | None] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    if key in tensors:
+                        err(f"tensor {key} appears in two files")
+                    tensor = f.get_tensor(key)
+                    if _non_finite(key, tensor):
+                        err(f"{key} holds NaN or Inf values")
+                    tensors[key] = tensor if keep else None
+        except Exception as exc:  # truncated, garbage or foreign: the loader would fail the same way
+            err(f"{file.name} is not a readable safetensors file ({type(exc).__name__}: {exc})")
+    return tensors

@@ -18,6 +18,9 @@ from typing import Callable, Optional
 
 import torch
 
+from msmodelslim.core.errors import ProcessingError
+from msmodelslim.quantizer.primitives import all_finite
+
 SAFETENSORS_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -38,7 +41,8 @@ class _OpenShard:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         size = tensor.numel() * tensor.element_size()
         if size:
-            tensor.reshape(-1).view(torch.uint8).numpy().tofile(self.file)
+            # file.write, not numpy's tofile: on a full disk it raises OSError with errno ENOSPC (tofile's has none)
+            self.file.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
         dtype = SAFETENSORS_DTYPES[tensor.dtype]
         self.entries[name] = {"dtype": dtype, "shape": list(tensor.shape), "data_offsets": [self.offset, self.offset + size]}
         self.offset += size
@@ -77,6 +81,10 @@ class ShardStream:
             raise ValueError(f"tensor {name} written twice")
         self._seen.add(name)
         tensor = tensor.detach().to("cpu").contiguous()
+        if not all_finite(tensor):
+            # a NaN/Inf scale or weight would load and serve garbage: never write one
+            raise ProcessingError(f"{name} holds NaN or Inf values, so no checkpoint was written; the input "
+                                  f"weights or calibration activations feeding it are not finite")
         size = tensor.numel() * tensor.element_size()
         if self.limit and self._open is not None and self._open.entries and self._open.offset + size >= self.limit:
             self.flush()

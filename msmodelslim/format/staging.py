@@ -1,44 +1,273 @@
-"""Atomic output directories: write into a hidden sibling, rename into place only when complete."""
+"""Atomic output directories: write into a staging directory, move into place only when complete, and recover
+from a crash at any moment so that `save_path` is always absent, the previous checkpoint or the complete new one.
+
+Every directory we write carries a marker file, `.msmodelslim.json`: `{"complete": false, "pid", "host"}` while
+it is being written (so a staging directory killed half-way never passes `msmodelslim check`), rewritten with
+`"complete": true` as the last step. `--overwrite` replaces only a previous checkpoint (the marker, or an
+ascendv1 description / saved practice from an older version), never an arbitrary directory.
+
+Two ways into place:
+- sibling (usual): the staging directory `.<name>.partial-<token>` beside `save_path` is renamed over it; an
+  existing checkpoint is first renamed aside to `.<name>.old-<token>` and removed after the swap.
+- in place, when `save_path` is a mount point (an empty container volume cannot be renamed): staging and the
+  set-aside old files live inside it as `.msmodelslim.partial-<token>` / `.msmodelslim.old-<token>`, and the
+  files are moved one by one (each rename atomic), with the phase recorded in `save_path`'s marker first.
+
+`recover(save_path)` finishes or undoes whatever a killed run left: a complete new checkpoint whose swap was
+interrupted is moved into place, otherwise a set-aside previous checkpoint is restored; stale staging
+directories of dead runs are removed. It runs before every `quant`/`convert` and in `msmodelslim check`.
+"""
 from __future__ import annotations
 
+import errno
+import json
 import os
 import shutil
+import socket
+import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
-from msmodelslim.core.errors import ConfigError, OutputExistsError
+from msmodelslim.core.errors import ConfigError, OutputExistsError, OutputWriteError
+from msmodelslim.core.faults import fault_point
+from msmodelslim.core.logging import get_logger
+
+log = get_logger("format.staging")
 
 FILE_MODE, DIR_MODE = 0o640, 0o750  # what a umask of 027 gives: no group/other write
+MARKER = ".msmodelslim.json"
+IN_PLACE_PREFIX = ".msmodelslim"
+LEGACY_SIGNS = ("quant_model_description.json", "*_best_practice.yaml")  # outputs of versions before the marker
+STALE_UNMARKED_S = 60  # a staging directory without its marker after this long was killed at birth
+
+
+# ---- markers -------------------------------------------------------------------------------------------------
+def write_marker(directory: Path, complete: bool, **extra) -> None:
+    """Atomically (write + rename) record the state of an output directory."""
+    data = {"tool": "msmodelslim", "complete": complete, "pid": os.getpid(), "host": socket.gethostname(),
+            "time": time.time(), **extra}
+    tmp = directory / f"{MARKER}.tmp"
+    tmp.write_text(json.dumps(data), encoding="utf-8")
+    os.chmod(tmp, FILE_MODE)
+    os.replace(tmp, directory / MARKER)
+
+
+def read_marker(directory: Path) -> Optional[dict]:
+    try:
+        data = json.loads((directory / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def incomplete_reason(directory: Path) -> Optional[str]:
+    """Why `directory` is not a finished output of ours (None when it is finished or not ours at all)."""
+    marker = read_marker(directory)
+    if marker is None:
+        return "its marker file is unreadable" if (directory / MARKER).exists() else None
+    if marker.get("complete") is not True:
+        return (f"it is marked incomplete ({MARKER}): the run writing it (pid {marker.get('pid')}) was interrupted "
+                f"or is still running")
+    return None
+
+
+def is_previous_output(directory: Path) -> bool:
+    return (directory / MARKER).exists() or any(any(directory.glob(sign)) for sign in LEGACY_SIGNS)
+
+
+def _owner_alive(directory: Path) -> bool:
+    """Whether the run that created a staging directory may still be writing it."""
+    marker = read_marker(directory)
+    if marker is None:
+        try:
+            return time.time() - directory.stat().st_mtime < STALE_UNMARKED_S
+        except FileNotFoundError:
+            return False
+    if marker.get("host") != socket.gethostname() or not isinstance(marker.get("pid"), int):
+        return True  # another machine's run on a shared disk: not ours to judge
+    if marker["pid"] == os.getpid():
+        return False
+    try:
+        os.kill(marker["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ---- checks before any work ----------------------------------------------------------------------------------
+def writes_in_place(save_path: Path) -> bool:
+    """A mount point (e.g. an empty container volume) cannot be renamed: its contents are replaced file by file."""
+    return save_path.is_dir() and os.path.ismount(save_path)
+
+
+def _protected(save_path: Path) -> Optional[str]:
+    cwd, home = Path.cwd().resolve(), Path.home().resolve()
+    if save_path == Path(save_path.anchor):
+        return "the root of the file system"
+    if save_path == home:
+        return "your home directory"
+    if save_path == cwd:
+        return "the working directory"
+    if save_path in cwd.parents:
+        return "a parent of the working directory"
+    return None
 
 
 def check_save_path(save_path: Path, overwrite: bool, model_path: Path | None = None) -> None:
-    """Fail before any work if the output location cannot or must not be used."""
-    save_path = save_path.resolve()
+    """Fail before any work if the output location cannot or must not be used. `save_path` must be given as
+    typed: an empty string is refused (it would mean the working directory)."""
+    if str(save_path).strip() in ("", "."):
+        raise ConfigError(f"--save_path {str(save_path)!r} names the working directory; give the checkpoint a "
+                          f"directory of its own, e.g. ./model-w8a8")
+    save_path = save_path.expanduser().resolve()
+    recover(save_path)  # a killed earlier run: put the previous or the complete new checkpoint back first
+    what = _protected(save_path)
+    if what:
+        raise ConfigError(f"--save_path {save_path} is {what}; it is never replaced, --overwrite or not. Give the "
+                          f"checkpoint a directory of its own, e.g. {save_path / 'model-w8a8'}")
     if model_path is not None:
         model_path = model_path.resolve()
         if save_path == model_path or model_path in save_path.parents or save_path in model_path.parents:
             raise ConfigError(f"--save_path {save_path} overlaps --model_path {model_path}; choose a separate directory")
-    if save_path.exists():
-        if not save_path.is_dir():
-            raise ConfigError(f"--save_path {save_path} exists and is not a directory")
-        if any(save_path.iterdir()) and not overwrite:
+    parent = save_path.parent
+    if not parent.is_dir():
+        raise ConfigError(f"the parent directory of --save_path ({parent}) does not exist; create it first")
+    if save_path.exists() and not save_path.is_dir():
+        raise ConfigError(f"--save_path {save_path} exists and is not a directory")
+    if save_path.exists() and _user_entries(save_path):
+        if not overwrite:
             raise OutputExistsError(
                 f"--save_path {save_path} is not empty; nothing was changed. Choose a new directory, or pass "
                 f"--overwrite to replace its contents once the new checkpoint is complete"
             )
-    parent = save_path.parent
-    if not parent.is_dir():
-        raise ConfigError(f"the parent directory of --save_path ({parent}) does not exist")
-    if not os.access(parent, os.W_OK):
-        raise ConfigError(f"cannot write into {parent} (permission denied)")
+        if not is_previous_output(save_path):
+            raise ConfigError(
+                f"--save_path {save_path} holds files that are not an msmodelslim checkpoint (no {MARKER} or "
+                f"quant_model_description.json); --overwrite only replaces a previous checkpoint. Nothing was "
+                f"changed: choose a new or empty directory"
+            )
+    in_place = writes_in_place(save_path)
+    if not os.access(save_path if in_place else parent, os.W_OK):
+        raise ConfigError(f"cannot write into {save_path if in_place else parent} (permission denied)")
+    if in_place:
+        log.info("--save_path %s is a mount point: the checkpoint is written inside it and its files are moved "
+                 "into place one by one (completion marker %s written last)", save_path, MARKER)
 
 
-def restrict_permissions(root: Path) -> None:
-    os.chmod(root, DIR_MODE)
+def _user_entries(save_path: Path) -> list[Path]:
+    """What is in `save_path` apart from our own in-place staging directories."""
+    return [p for p in save_path.iterdir() if not p.name.startswith(IN_PLACE_PREFIX + ".")]
+
+
+# ---- permissions and moves -----------------------------------------------------------------------------------
+def restrict_permissions(root: Path, include_root: bool = True) -> None:
+    if include_root:
+        os.chmod(root, DIR_MODE)
     for path in root.rglob("*"):
         os.chmod(path, DIR_MODE if path.is_dir() else FILE_MODE)
+
+
+def _move_entries(source: Path, target: Path, keep_marker: bool = False) -> None:
+    """Move every entry of `source` into `target` (idempotent: a rerun continues where a crash stopped)."""
+    target.mkdir(mode=DIR_MODE, exist_ok=True)
+    for entry in sorted(source.iterdir()):
+        if entry.name.startswith(IN_PLACE_PREFIX + ".") and entry.name != MARKER:
+            continue  # our staging/old directories stay where they are
+        if entry.name == MARKER and keep_marker:
+            continue
+        os.replace(entry, target / entry.name)
+
+
+def _sibling(save_path: Path, kind: str, token: str) -> Path:
+    return save_path.parent / f".{save_path.name}.{kind}-{token}"
+
+
+def _in_place_dir(save_path: Path, kind: str, token: str) -> Path:
+    return save_path / f"{IN_PLACE_PREFIX}.{kind}-{token}"
+
+
+# ---- recovery ------------------------------------------------------------------------------------------------
+def _tokens(save_path: Path) -> dict[str, dict[str, Path]]:
+    """{token: {"partial": path, "old": path}} of the staging and set-aside directories of `save_path`."""
+    found: dict[str, dict[str, Path]] = {}
+    candidates = []
+    if save_path.parent.is_dir():
+        candidates += [(p, p.name[len(save_path.name) + 2:]) for p in save_path.parent.glob(f".{save_path.name}.*-*")]
+    if save_path.is_dir():
+        candidates += [(p, p.name[len(IN_PLACE_PREFIX) + 1:]) for p in save_path.glob(f"{IN_PLACE_PREFIX}.*-*")]
+    for path, rest in candidates:
+        kind, _, token = rest.partition("-")
+        if kind in ("partial", "old") and path.is_dir():
+            found.setdefault(token, {})[kind] = path
+    return found
+
+
+def recover(save_path: Path) -> list[str]:
+    """Finish or undo what interrupted runs left around `save_path`; returns what was done (also logged)."""
+    save_path = save_path.expanduser().resolve()
+    done: list[str] = []
+    top = read_marker(save_path) if save_path.is_dir() else None
+    if top and top.get("swapping"):  # an in-place swap was interrupted: roll it forward (the new one is complete)
+        token = top["swapping"]
+        partial, old = _in_place_dir(save_path, "partial", token), _in_place_dir(save_path, "old", token)
+        _finish_in_place_swap(save_path, partial, old, top.get("phase", "aside"))
+        done.append(f"completed the interrupted replacement of {save_path} (new checkpoint now in place)")
+    for token, dirs in _tokens(save_path).items():
+        partial, old = dirs.get("partial"), dirs.get("old")
+        if partial is not None and _owner_alive(partial):
+            continue  # another run is writing it right now
+        new_complete = partial is not None and incomplete_reason(partial) is None and read_marker(partial) is not None
+        if old is not None and old.parent == save_path.parent and not save_path.exists():
+            if new_complete:
+                partial.rename(save_path)
+                done.append(f"completed the interrupted replacement of {save_path} (new checkpoint now in place)")
+                partial = None
+            else:
+                old.rename(save_path)
+                done.append(f"restored the previous checkpoint at {save_path} (the run replacing it was interrupted)")
+                old = None
+        for leftover in (partial, old):
+            if leftover is not None and leftover.exists():
+                shutil.rmtree(leftover, ignore_errors=True)
+                done.append(f"removed {leftover} left by an interrupted run")
+    for line in done:
+        log.warning("%s", line)
+    return done
+
+
+# ---- the staged write ----------------------------------------------------------------------------------------
+def _swap_sibling(save_path: Path, staging: Path, token: str) -> None:
+    if save_path.exists():
+        old = _sibling(save_path, "old", token)
+        save_path.rename(old)
+        fault_point("swap")  # tests: killed between the two renames, recover() must finish the swap
+        staging.rename(save_path)
+        shutil.rmtree(old)
+    else:
+        staging.rename(save_path)
+
+
+def _finish_in_place_swap(save_path: Path, staging: Path, old: Path, phase: str) -> None:
+    if phase == "aside":
+        _move_entries(save_path, old, keep_marker=True)
+        write_marker(save_path, False, swapping=staging.name.rsplit("-", 1)[1], phase="in")
+    fault_point("swap")
+    if staging.exists():
+        _move_entries(staging, save_path, keep_marker=True)
+        marker = staging / MARKER
+        if marker.exists():
+            os.replace(marker, save_path / MARKER)  # the completion marker comes last
+        shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _swap_in_place(save_path: Path, staging: Path, token: str) -> None:
+    write_marker(save_path, False, swapping=token, phase="aside")
+    _finish_in_place_swap(save_path, staging, _in_place_dir(save_path, "old", token), "aside")
 
 
 @contextmanager
@@ -47,24 +276,29 @@ def staged_directory(save_path: Path, overwrite: bool) -> Iterator[Path]:
 
     An existing `save_path` is only touched after the new output is complete, and only when `overwrite`.
     """
-    save_path = save_path.resolve()
+    save_path = save_path.expanduser().resolve()
+    recover(save_path)
     token = uuid.uuid4().hex[:8]
-    staging = save_path.parent / f".{save_path.name}.partial-{token}"
+    in_place = writes_in_place(save_path)
+    staging = _in_place_dir(save_path, "partial", token) if in_place else _sibling(save_path, "partial", token)
     staging.mkdir(mode=DIR_MODE)
     try:
+        write_marker(staging, False)
         yield staging
         restrict_permissions(staging)
-        if save_path.exists():
-            if any(save_path.iterdir()) and not overwrite:  # re-checked: it may have been filled meanwhile
-                raise OutputExistsError(f"--save_path {save_path} was filled while we worked; output left in {staging}")
-            old = save_path.parent / f".{save_path.name}.old-{token}"
-            save_path.rename(old)
-            staging.rename(save_path)
-            shutil.rmtree(old)
-        else:
-            staging.rename(save_path)
-    except OutputExistsError:
-        raise
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if save_path.exists() and _user_entries(save_path) and not overwrite:  # it may have been filled meanwhile
+            raise OutputExistsError(f"--save_path {save_path} was filled while we worked; the new output was "
+                                    f"discarded and nothing there was changed")
+        write_marker(staging, True)
+        os.chmod(staging / MARKER, FILE_MODE)
+        (_swap_in_place if in_place else _swap_sibling)(save_path, staging, token)
+    except BaseException as exc:
+        if staging.exists() and (read_marker(staging) or {}).get("complete") is not True:
+            shutil.rmtree(staging, ignore_errors=True)
+        else:  # stopped inside the swap (Ctrl-C, SIGTERM): put a whole checkpoint back in place now
+            recover(save_path)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OutputWriteError(f"no space left on the disk of {save_path.parent} while writing the checkpoint "
+                                   f"({exc.strerror}); the partial output was removed and {save_path} was not "
+                                   f"changed. Free space and run again") from None
         raise

@@ -18,6 +18,7 @@ from safetensors import safe_open
 from msmodelslim.format.ascendv1.reader import GLOBAL_KEYS, quantized_layers, read_description, tensors_by_layer
 from msmodelslim.format.ascendv1.tensors import FLOAT, decode_deq_scale, unpack_int4_int32, unpack_int4_rows
 from msmodelslim.format.findings import Finding
+from msmodelslim.format.integrity import read_checked_tensors
 from msmodelslim.model.moe import expert_of
 
 DENSE_LOADABLE = {"W8A8", "W8A8_MIX", "W8A8_DYNAMIC", "W8A16", "W4A4_DYNAMIC", "W8A8FP8_DYNAMIC", "W8A8_MXFP8",
@@ -168,13 +169,7 @@ def check_ascendv1(
     if "model_quant_type" not in description:
         err("description lacks 'model_quant_type'")
 
-    tensors: dict[str, torch.Tensor] = {}
-    for file in sorted(path.glob("*.safetensors")):
-        with safe_open(file, framework="pt") as f:
-            for key in f.keys():
-                if key in tensors:
-                    err(f"tensor {key} appears in two files")
-                tensors[key] = f.get_tensor(key)
+    tensors = read_checked_tensors(path, err)
     if not tensors:
         err("no *.safetensors weights")
     entries = {k for k in description if k not in GLOBAL_KEYS}

@@ -7,34 +7,39 @@ from pathlib import Path
 
 from compressed_tensors.quantization import QuantizationConfig
 from pydantic import ValidationError
-from safetensors import safe_open
 
 from msmodelslim.format.compressed_tensors.tensors import INT_QUANTIZED, PACK_QUANTIZED
 from msmodelslim.format.findings import Finding
+from msmodelslim.format.integrity import read_checked_tensors
 
 SUFFIXES = {INT_QUANTIZED: ("weight", "weight_scale"), PACK_QUANTIZED: ("weight_packed", "weight_scale", "weight_shape")}
 
 
-def _tensor_names(path: Path) -> set[str]:
-    names: set[str] = set()
-    for shard in path.glob("*.safetensors"):
-        with safe_open(str(shard), "pt") as f:
-            names.update(f.keys())
-    return names
+def is_compressed_tensors(path: Path) -> bool:
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    quant = config.get("quantization_config") if isinstance(config, dict) else None
+    return isinstance(quant, dict) and quant.get("quant_method") == "compressed-tensors"
 
 
 def check_compressed_tensors(path: Path) -> list[Finding]:
-    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    findings: list[Finding] = []
+    err = lambda m: findings.append(Finding("error", m))
+    names = set(read_checked_tensors(path, err, keep=False))
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return findings + [Finding("error", f"config.json is missing or not JSON: {exc}")]
     raw = config.get("quantization_config")
     if raw is None:
-        return [Finding("warning", "C.2.1: nothing was quantized, so config.json has no quantization_config")]
-    findings = []
+        return findings + [Finding("warning", "C.2.1: nothing was quantized, so config.json has no quantization_config")]
     try:
         parsed = QuantizationConfig.model_validate({k: v for k, v in raw.items()
                                                      if k not in ("version", "sparsity_config", "transform_config")})
     except ValidationError as exc:
-        return [Finding("error", f"C.2.1: quantization_config does not validate: {exc.errors()[0]['msg']}")]
-    names = _tensor_names(path)
+        return findings + [Finding("error", f"C.2.1: quantization_config does not validate: {exc.errors()[0]['msg']}")]
     if "lm_head" not in parsed.ignore and "lm_head.weight" in names:
         findings.append(Finding("error", "C.2.5: lm_head is not in ignore"))
     for group, scheme in parsed.config_groups.items():
