@@ -2,7 +2,13 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
+
+import pytest
 
 import yaml
 
@@ -80,3 +86,17 @@ def outputs_of_both_runners(source: Path, tmp_path: Path, process: list[dict], m
     outs = quantize_variants(source, tmp_path, process, model_type,
                              {"layer_wise": ("layer_wise", cpu), "model_wise": ("model_wise", cpu)})
     return [shard_bytes(out) for out in outs.values()]
+
+
+@contextmanager
+def mounted_tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A real small file system at `path` (a mount point, or a disk that fills up); skips without root."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    path.mkdir(exist_ok=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)]).returncode != 0:
+        pytest.skip("tmpfs mount not permitted here")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)])

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import SCHEMES, small_calib
+from helpers import SCHEMES, mounted_tmpfs, small_calib
 from msmodelslim.cli.__main__ import main
 from msmodelslim.format.staging import MARKER, recover, write_marker
 
@@ -212,6 +212,13 @@ def test_recover_finishes_a_swap_whose_new_checkpoint_is_complete(tmp_path):
     assert "completed the interrupted replacement" in done[0]
 
 
+def test_recover_moves_a_complete_first_checkpoint_into_place(tmp_path):
+    out = tmp_path / "out"  # killed between marking the staging directory complete and renaming it
+    _fake_checkpoint(tmp_path / ".out.partial-abc", "new")
+    assert "completed the interrupted replacement" in recover(out)[0]
+    assert (out / "quant_model_description.json").read_text() == "new" and leftovers(out) == []
+
+
 def test_recover_restores_the_previous_checkpoint_when_the_new_one_is_incomplete(tmp_path):
     out = tmp_path / "out"
     _fake_checkpoint(tmp_path / ".out.old-abc", "old")
@@ -235,13 +242,7 @@ def test_recover_leaves_a_running_writer_alone(tmp_path):
 
 
 def test_a_mount_point_is_written_in_place(tiny_llama, tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    out = tmp_path / "volume"
-    out.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(out)]).returncode != 0:
-        pytest.skip("tmpfs mount not permitted here")
-    try:
+    with mounted_tmpfs(tmp_path / "volume", "64m") as out:
         config = _config(tmp_path)
         first = quant_here(tiny_llama, out, config)
         assert first.returncode == 0, first.stderr
@@ -256,5 +257,3 @@ def test_a_mount_point_is_written_in_place(tiny_llama, tmp_path):
         assert recovered.returncode == 0, recovered.stdout
         assert sorted(snapshot(out)) == sorted(previous) and os.path.ismount(out)
         assert [p.name for p in out.iterdir() if p.name.startswith(".msmodelslim.")] == [MARKER]
-    finally:
-        subprocess.run(["umount", str(out)])

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import SCHEMES, write_config
+from helpers import SCHEMES, mounted_tmpfs, write_config
 from msmodelslim.cli.__main__ import main
 
 
@@ -87,20 +87,10 @@ def test_a_full_disk_keeps_the_previous_checkpoint(tiny_llama, tmp_path, capsys,
 
 def test_a_really_full_disk_keeps_the_previous_checkpoint(tiny_llama, tmp_path, capsys, config):
     """The same on a real 2 MB file system: one checkpoint fits, the old and the new together do not."""
-    import subprocess
-
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)]).returncode != 0:
-        pytest.skip("tmpfs mount not permitted here")
-    try:
+    with mounted_tmpfs(tmp_path / "disk", "2m") as disk:
         out = disk / "out"
         assert quant(capsys, tiny_llama, str(out), config)[0] == 0
         previous = _tree(out)
         code, err = quant(capsys, tiny_llama, str(out), config, "--overwrite")
         assert code == 6 and "no space left" in err, err
         assert _tree(out) == previous and sorted(p.name for p in disk.iterdir()) == ["out"]
-    finally:
-        subprocess.run(["umount", str(disk)])

@@ -103,24 +103,11 @@ def _run(args: argparse.Namespace) -> int:
         print(f"\nnot available yet (algorithms missing): {', '.join(missing)}")
         return 0
     if args.command == "check":
-        from msmodelslim.format.ascendv1.checker import check_ascendv1
-        from msmodelslim.format.ascendv1.writer import DESCRIPTION
-        from msmodelslim.format.compressed_tensors.checker import check_compressed_tensors, is_compressed_tensors
-        from msmodelslim.format.findings import Finding
-        from msmodelslim.format.staging import incomplete_reason, recover
+        from msmodelslim.app.check import check_checkpoint
 
-        for line in recover(args.path):  # a run killed while replacing this checkpoint: finish or undo it first
+        recovered, findings = check_checkpoint(args.path)
+        for line in recovered:
             print(f"recovered: {line}")
-        if (args.path / DESCRIPTION).is_file():
-            findings = check_ascendv1(args.path)
-        elif is_compressed_tensors(args.path):
-            findings = check_compressed_tensors(args.path)
-        else:
-            raise ConfigError(f"{args.path} is neither an ascendv1 checkpoint ({DESCRIPTION} is missing) nor a "
-                              f"compressed-tensors one (no quantization_config in config.json)")
-        reason = incomplete_reason(args.path)
-        if reason:  # e.g. a staging directory whose run was killed after writing the description
-            findings.insert(0, Finding("error", f"the checkpoint is not complete: {reason}"))
         for finding in findings:
             print(f"{finding.level}: {finding.message}")
         errors = sum(f.level == "error" for f in findings)
@@ -129,8 +116,6 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "convert":
         from msmodelslim.app.convert import convert_ascendv1_to_compressed_tensors
 
-        if args.part_file_size < 0:
-            raise ConfigError("--part_file_size must be >= 0")
         convert_ascendv1_to_compressed_tensors(args.model_path, args.save_path, args.overwrite, args.part_file_size,
                                                args.trust_remote_code)
         print(f"wrote {args.save_path} (compressed-tensors)")

@@ -164,9 +164,8 @@ def _user_entries(save_path: Path) -> list[Path]:
 
 
 # ---- permissions and moves -----------------------------------------------------------------------------------
-def restrict_permissions(root: Path, include_root: bool = True) -> None:
-    if include_root:
-        os.chmod(root, DIR_MODE)
+def restrict_permissions(root: Path) -> None:
+    os.chmod(root, DIR_MODE)
     for path in root.rglob("*"):
         os.chmod(path, DIR_MODE if path.is_dir() else FILE_MODE)
 
@@ -194,11 +193,10 @@ def _in_place_dir(save_path: Path, kind: str, token: str) -> Path:
 def _tokens(save_path: Path) -> dict[str, dict[str, Path]]:
     """{token: {"partial": path, "old": path}} of the staging and set-aside directories of `save_path`."""
     found: dict[str, dict[str, Path]] = {}
-    candidates = []
-    if save_path.parent.is_dir():
-        candidates += [(p, p.name[len(save_path.name) + 2:]) for p in save_path.parent.glob(f".{save_path.name}.*-*")]
-    if save_path.is_dir():
-        candidates += [(p, p.name[len(IN_PLACE_PREFIX) + 1:]) for p in save_path.glob(f"{IN_PLACE_PREFIX}.*-*")]
+    candidates = []  # (path, "kind-token"); names are compared as text (a save_path may hold glob characters)
+    for directory, prefix in ((save_path.parent, f".{save_path.name}."), (save_path, f"{IN_PLACE_PREFIX}.")):
+        if directory.is_dir():
+            candidates += [(p, p.name[len(prefix):]) for p in directory.iterdir() if p.name.startswith(prefix)]
     for path, rest in candidates:
         kind, _, token = rest.partition("-")
         if kind in ("partial", "old") and path.is_dir():
@@ -220,13 +218,13 @@ def recover(save_path: Path) -> list[str]:
         partial, old = dirs.get("partial"), dirs.get("old")
         if partial is not None and _owner_alive(partial):
             continue  # another run is writing it right now
-        new_complete = partial is not None and incomplete_reason(partial) is None and read_marker(partial) is not None
-        if old is not None and old.parent == save_path.parent and not save_path.exists():
+        new_complete = partial is not None and (read_marker(partial) or {}).get("complete") is True
+        if not save_path.exists():  # killed inside the swap (only sibling directories exist without save_path)
             if new_complete:
                 partial.rename(save_path)
                 done.append(f"completed the interrupted replacement of {save_path} (new checkpoint now in place)")
                 partial = None
-            else:
+            elif old is not None:
                 old.rename(save_path)
                 done.append(f"restored the previous checkpoint at {save_path} (the run replacing it was interrupted)")
                 old = None
