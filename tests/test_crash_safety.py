@@ -205,8 +205,8 @@ def _dead_pid() -> int:
 
 def test_recover_finishes_a_swap_whose_new_checkpoint_is_complete(tmp_path):
     out = tmp_path / "out"
-    _fake_checkpoint(tmp_path / ".out.old-abc", "old")
-    _fake_checkpoint(tmp_path / ".out.partial-abc", "new")
+    _fake_checkpoint(tmp_path / ".out.old-0123abcd", "old")
+    _fake_checkpoint(tmp_path / ".out.partial-0123abcd", "new")
     done = recover(out)
     assert (out / "quant_model_description.json").read_text() == "new" and leftovers(out) == []
     assert "completed the interrupted replacement" in done[0]
@@ -214,18 +214,18 @@ def test_recover_finishes_a_swap_whose_new_checkpoint_is_complete(tmp_path):
 
 def test_recover_moves_a_complete_first_checkpoint_into_place(tmp_path):
     out = tmp_path / "out"  # killed between marking the staging directory complete and renaming it
-    _fake_checkpoint(tmp_path / ".out.partial-abc", "new")
+    _fake_checkpoint(tmp_path / ".out.partial-0123abcd", "new")
     assert "completed the interrupted replacement" in recover(out)[0]
     assert (out / "quant_model_description.json").read_text() == "new" and leftovers(out) == []
 
 
 def test_recover_restores_the_previous_checkpoint_when_the_new_one_is_incomplete(tmp_path):
     out = tmp_path / "out"
-    _fake_checkpoint(tmp_path / ".out.old-abc", "old")
-    _fake_checkpoint(tmp_path / ".out.partial-abc", "new", complete=False)
-    marker = json.loads((tmp_path / ".out.partial-abc" / MARKER).read_text())
+    _fake_checkpoint(tmp_path / ".out.old-0123abcd", "old")
+    _fake_checkpoint(tmp_path / ".out.partial-0123abcd", "new", complete=False)
+    marker = json.loads((tmp_path / ".out.partial-0123abcd" / MARKER).read_text())
     marker["pid"] = _dead_pid()
-    (tmp_path / ".out.partial-abc" / MARKER).write_text(json.dumps(marker))
+    (tmp_path / ".out.partial-0123abcd" / MARKER).write_text(json.dumps(marker))
     done = recover(out)
     assert (out / "quant_model_description.json").read_text() == "old" and leftovers(out) == []
     assert any("restored the previous checkpoint" in line for line in done)
@@ -234,11 +234,11 @@ def test_recover_restores_the_previous_checkpoint_when_the_new_one_is_incomplete
 def test_recover_leaves_a_running_writer_alone(tmp_path):
     out = tmp_path / "out"
     _fake_checkpoint(out, "current")
-    _fake_checkpoint(tmp_path / ".out.partial-abc", "being written", complete=False)
-    marker = json.loads((tmp_path / ".out.partial-abc" / MARKER).read_text())
+    _fake_checkpoint(tmp_path / ".out.partial-0123abcd", "being written", complete=False)
+    marker = json.loads((tmp_path / ".out.partial-0123abcd" / MARKER).read_text())
     marker["pid"] = os.getppid()  # alive, and not this process
-    (tmp_path / ".out.partial-abc" / MARKER).write_text(json.dumps(marker))
-    assert recover(out) == [] and leftovers(out) == [".out.partial-abc"]
+    (tmp_path / ".out.partial-0123abcd" / MARKER).write_text(json.dumps(marker))
+    assert recover(out) == [] and leftovers(out) == [".out.partial-0123abcd"]
 
 
 def test_a_mount_point_is_written_in_place(tiny_llama, tmp_path):
@@ -257,3 +257,15 @@ def test_a_mount_point_is_written_in_place(tiny_llama, tmp_path):
         assert recovered.returncode == 0, recovered.stdout
         assert sorted(snapshot(out)) == sorted(previous) and os.path.ismount(out)
         assert [p.name for p in out.iterdir() if p.name.startswith(".msmodelslim.")] == [MARKER]
+
+
+def test_recover_touches_nothing_a_crafted_marker_points_at(tmp_path):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "data.txt").write_text("keep")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "x").write_text("x")
+    write_marker(out, False, swapping="../../victim", phase="in")
+    assert recover(out) == []
+    assert (victim / "data.txt").read_text() == "keep" and (out / "x").exists()

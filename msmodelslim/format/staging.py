@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -40,6 +41,7 @@ FILE_MODE, DIR_MODE = 0o640, 0o750  # what a umask of 027 gives: no group/other 
 MARKER = ".msmodelslim.json"
 IN_PLACE_PREFIX = ".msmodelslim"
 LEGACY_SIGNS = ("quant_model_description.json", "*_best_practice.yaml")  # outputs of versions before the marker
+TOKEN = re.compile(r"[0-9a-f]{8}")  # what staged_directory names its directories with: nothing else is touched
 STALE_UNMARKED_S = 60  # a staging directory without its marker after this long was killed at birth
 
 
@@ -199,7 +201,7 @@ def _tokens(save_path: Path) -> dict[str, dict[str, Path]]:
             candidates += [(p, p.name[len(prefix):]) for p in directory.iterdir() if p.name.startswith(prefix)]
     for path, rest in candidates:
         kind, _, token = rest.partition("-")
-        if kind in ("partial", "old") and path.is_dir():
+        if kind in ("partial", "old") and TOKEN.fullmatch(token) and path.is_dir():
             found.setdefault(token, {})[kind] = path
     return found
 
@@ -209,8 +211,8 @@ def recover(save_path: Path) -> list[str]:
     save_path = save_path.expanduser().resolve()
     done: list[str] = []
     top = read_marker(save_path) if save_path.is_dir() else None
-    if top and top.get("swapping"):  # an in-place swap was interrupted: roll it forward (the new one is complete)
-        token = top["swapping"]
+    token = (top or {}).get("swapping")
+    if isinstance(token, str) and TOKEN.fullmatch(token):  # an in-place swap was interrupted: roll it forward
         partial, old = _in_place_dir(save_path, "partial", token), _in_place_dir(save_path, "old", token)
         _finish_in_place_swap(save_path, partial, old, top.get("phase", "aside"))
         done.append(f"completed the interrupted replacement of {save_path} (new checkpoint now in place)")
