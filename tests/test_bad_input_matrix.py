@@ -293,7 +293,7 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], int, str]] = {
         lambda p: (p / "quant_model_description.json").write_text("{ nope"))), "--save_path", str(c.out)], 2,
         "quant_model_description.json"),
     # ---- check
-    "check_missing_path": (lambda c: ["check", str(c.tmp / "nowhere")], 2, "is neither an ascendv1"),
+    "check_missing_path": (lambda c: ["check", str(c.tmp / "nowhere")], 2, "nowhere does not exist"),
     "check_not_a_checkpoint": (lambda c: ["check", str(c.work)], 2, "is neither an ascendv1"),
     "check_garbage_shard": (lambda c: ["check", str(c.damaged_checkpoint(
         lambda p: _weights(p).write_bytes(b"garbage" * 99)))], 4, "not a readable safetensors file"),

@@ -36,3 +36,42 @@ def test_adapter_example_runs(tiny_llama, tmp_path, monkeypatch):
     report = quantize(QuantizeRequest(model_path=tiny_llama, save_path=tmp_path / "o", model_type="Acme-7B",
                                       device=DeviceSpec("cpu"), quant_type="w8a16", allow_default_practice=True))
     assert "W8A16" in report.plan.values()
+
+
+def _readme_commands() -> list[list[str]]:
+    import shlex
+
+    text = (DOCS.parent / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            for part in line.split("#", 1)[0].split("&&"):
+                part = part.strip()
+                if part.startswith("msmodelslim "):
+                    commands.append(shlex.split(part.replace("$M", "/models/SmolLM2"))[1:])
+    return commands
+
+
+def test_readme_commands_are_valid_command_lines():
+    from msmodelslim.cli.__main__ import build_parser
+
+    commands = _readme_commands()
+    assert {c[0] for c in commands} >= {"demo", "quant", "eval", "convert", "check"}
+    for argv in commands:
+        build_parser().parse_args(argv)  # argparse exits on an unknown flag or a missing required one
+    for argv in commands:  # files the examples name ship with the project
+        for flag in ("--config_path",):
+            if flag in argv:
+                assert (DOCS.parent / argv[argv.index(flag) + 1]).is_file()
+
+
+def test_readme_python_api_example_matches_the_api():
+    import inspect
+
+    import msmodelslim
+
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", (DOCS.parent / "README.md").read_text(), re.S)
+                if "msmodelslim.quantize" in b]
+    for name, call in re.findall(r"msmodelslim\.(quantize|evaluate)\((.*?)\)\s*(?:#|\n)", block):
+        args, kwargs = eval(f"(lambda *a, **k: (a, k))({call})")
+        inspect.signature(getattr(msmodelslim, name)).bind(*args, **kwargs)

@@ -15,10 +15,11 @@ from torch import nn
 from msmodelslim.core.config import MAX_PART_FILE_SIZE_GB
 from msmodelslim.core.errors import ConfigError, FormatCheckError, InvalidModelError
 from msmodelslim.core.logging import get_logger
-from msmodelslim.format.ascendv1.reader import load_ascendv1, read_valid_description
+from msmodelslim.format.ascendv1.reader import load_ascendv1, read_valid_description, require_described_tensors
 from msmodelslim.format.ascendv1.writer import DESCRIPTION
 from msmodelslim.format.compressed_tensors.checker import check_compressed_tensors
 from msmodelslim.format.compressed_tensors.writer import CompressedTensorsWriter
+from msmodelslim.format.disk_space import check_free_space, estimate_output_bytes
 from msmodelslim.format.integrity import required_tensors, verify_complete
 from msmodelslim.format.staging import check_save_path, staged_directory
 from msmodelslim.ir.quant_linear import QuantLinear
@@ -55,9 +56,12 @@ def convert_ascendv1_to_compressed_tensors(source: Path, save_path: Path, overwr
     source = require_local_dir(source, "--model_path")
     if not (source / DESCRIPTION).is_file() or not (source / "config.json").is_file():
         raise InvalidModelError(f"{source} is not an ascendv1 checkpoint (needs {DESCRIPTION} and config.json)")
-    read_valid_description(source)  # a malformed description fails before anything is loaded or written
+    # a malformed description, or a shard it names missing, fails before anything is loaded or written
+    require_described_tensors(source, read_valid_description(source), "--model_path")
     config = load_hf_config(source, trust_remote_code)
     check_save_path(save_path, overwrite, source)
+    # the codes and scales are carried over: the output is about the source's size (stat() only, nothing read)
+    check_free_space(save_path, estimate_output_bytes(source), overwrite)
     dtype = config_dtype(config)
     model = load_ascendv1(source, trust_remote_code)
     _drop_folded_zero_biases(model, config, source, trust_remote_code)

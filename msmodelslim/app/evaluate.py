@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from msmodelslim.core.dataset import resolve_dataset, read_texts
-from msmodelslim.core.errors import InvalidDatasetError
+from msmodelslim.core.dataset import read_texts, resolve_eval_dataset
+from msmodelslim.core.errors import ConfigError, InvalidDatasetError, InvalidModelError
 from msmodelslim.core.logging import get_logger, progress_disabled
 from msmodelslim.model.hf_config import load_hf_config, model_load_errors, require_local_dir
 
@@ -61,22 +61,51 @@ def load_float_model(model_path: Path, trust_remote_code: bool) -> nn.Module:
 
 
 def load_eval_texts(dataset: str) -> list[str]:
-    return read_texts(resolve_dataset(dataset))
+    """A path, or a built-in name of lab_eval/ or lab_calib/ (e.g. prose_eval.txt)."""
+    return read_texts(resolve_eval_dataset(dataset))
+
+
+def check_window(window: int, max_windows: int) -> None:
+    if window < 2 or max_windows < 1:
+        raise ConfigError("--window must be >= 2 and --max_windows >= 1")
+
+
+ARCHITECTURE_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers")
+
+
+def _check_same_architecture(model_config, quant_config, model_path: Path, quant_path: Path) -> None:
+    """Both models see the same token windows: a checkpoint quantized from another model would only fail (or
+    give a meaningless ratio) after the float run."""
+    for key in ARCHITECTURE_KEYS:
+        a, b = getattr(model_config, key, None), getattr(quant_config, key, None)
+        if a is not None and b is not None and a != b:
+            raise ConfigError(f"--quant_path {quant_path} was not quantized from --model_path {model_path}: "
+                              f"config.json {key} is {b!r} there and {a!r} here")
+
+
+def check_eval_inputs(model_path: Path, quant_path: Path, dataset: str, window: int, max_windows: int,
+                      trust_remote_code: bool) -> tuple[Path, Path, list[str]]:
+    """Every argument, before any weight is read: (model dir, checkpoint dir, evaluation texts)."""
+    from msmodelslim.format.ascendv1.reader import read_valid_description, require_described_tensors
+
+    check_window(window, max_windows)
+    model_path = require_local_dir(model_path, "--model_path")
+    quant_path = require_local_dir(quant_path, "--quant_path")
+    description = read_valid_description(quant_path)
+    require_described_tensors(quant_path, description, "--quant_path")  # headers only
+    model_config = load_hf_config(model_path, trust_remote_code)
+    _check_same_architecture(model_config, load_hf_config(quant_path, trust_remote_code), model_path, quant_path)
+    return model_path, quant_path, load_eval_texts(dataset)
 
 
 def evaluate(model_path: Path, quant_path: Path, dataset: str, device: torch.device, window: int = 512,
              max_windows: int = 40, trust_remote_code: bool = False) -> dict[str, PerplexityResult]:
     from transformers import AutoTokenizer
 
-    from msmodelslim.format.ascendv1.reader import load_ascendv1, read_valid_description
+    from msmodelslim.format.ascendv1.reader import load_ascendv1
 
-    # Both paths, both configs and the description are checked before any weight is read or evaluated.
-    model_path = require_local_dir(model_path, "--model_path")
-    quant_path = require_local_dir(quant_path, "--quant_path")
-    read_valid_description(quant_path)
-    load_hf_config(model_path, trust_remote_code)
-    load_hf_config(quant_path, trust_remote_code)
-    texts = load_eval_texts(dataset)
+    model_path, quant_path, texts = check_eval_inputs(model_path, quant_path, dataset, window, max_windows,
+                                                      trust_remote_code)
     with model_load_errors(model_path, f"cannot load the tokenizer from {model_path}"):
         tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code,
                                                   local_files_only=True)

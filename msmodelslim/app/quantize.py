@@ -36,11 +36,12 @@ from msmodelslim.format.ascendv1.checker import check_ascendv1
 from msmodelslim.format.ascendv1.writer import AscendV1Writer
 from msmodelslim.format.compressed_tensors.checker import check_compressed_tensors
 from msmodelslim.format.compressed_tensors.writer import CompressedTensorsWriter
+from msmodelslim.format.disk_space import check_free_space, estimate_output_bytes
 from msmodelslim.format.integrity import required_tensors, verify_complete
 from msmodelslim.format.edits import OutputEdits
 from msmodelslim.format.staging import check_save_path, staged_directory
 from msmodelslim.model.moe import routed_expert_linears
-from msmodelslim.model.registry import create_adapter, lookup
+from msmodelslim.model.registry import create_adapter, infer_model_type, lookup
 from msmodelslim.processor.base import Processor, ProcessorContext, build_processor
 from msmodelslim.processor.linear_quant.config import LinearQuantConfig
 from msmodelslim.processor.matching import select, unused_patterns
@@ -53,7 +54,7 @@ log = get_logger("app.quantize")
 class QuantizeRequest:
     model_path: Path
     save_path: Path
-    model_type: str
+    model_type: Optional[str]  # None: inferred from config.json's model_type (see with_model_type)
     device: DeviceSpec
     quant_type: Optional[str] = None
     config_path: Optional[Path] = None
@@ -61,6 +62,7 @@ class QuantizeRequest:
     overwrite: bool = False
     dry_run: bool = False
     allow_default_practice: bool = False
+    pipeline: Optional[PracticeConfig] = None  # a parsed config instead of config_path (the Python API)
 
 
 @dataclass
@@ -179,8 +181,11 @@ def summarize_plan(plan: dict[str, str]) -> str:
 
 def load_practice(request: QuantizeRequest) -> PracticeConfig:
     """The user's config, or the best practice for --model_type and --quant_type (no model loaded yet)."""
-    if (request.quant_type is None) == (request.config_path is None):
+    given = [x for x in (request.quant_type, request.config_path, request.pipeline) if x is not None]
+    if len(given) != 1:
         raise ConfigError("give exactly one of --quant_type and --config_path")
+    if request.pipeline is not None:
+        return request.pipeline
     if request.config_path is not None:
         return load_config(request.config_path)
     pedigree = lookup(request.model_type).pedigree
@@ -217,17 +222,38 @@ class _Written:
     peak_rss_mib: float
 
 
+def _require_model_dir(model_path: Path) -> None:
+    if not model_path.is_dir():
+        raise InvalidModelError(f"--model_path {model_path} is not a directory")
+
+
+def with_model_type(request: QuantizeRequest) -> QuantizeRequest:
+    """The request with --model_type filled in from config.json when it was omitted (logged: name and why)."""
+    if request.model_type is not None:
+        return request
+    _require_model_dir(request.model_path)
+    return replace(request, model_type=infer_model_type(request.model_path))
+
+
+def _check_output(request: QuantizeRequest) -> None:
+    """The output's checks, the same in a dry run and a real run; only a real run recovers a killed run's
+    leftovers first (recovery renames directories)."""
+    check_save_path(request.save_path, request.overwrite, request.model_path, dry_run=request.dry_run)
+    # stat() of the input files only: a disk too small is found before the first weight is read
+    check_free_space(request.save_path, estimate_output_bytes(request.model_path), request.overwrite)
+
+
 def _prepare(request: QuantizeRequest, in_rank: bool = False) -> _Job:
     """Every cheap check, in the order that fails fastest, then the model and the layer plan. `in_rank`: called
     by a spawned dp_layer_wise rank, after its launcher has checked and logged all of it."""
-    if not request.model_path.is_dir():
-        raise InvalidModelError(f"--model_path {request.model_path} is not a directory")
+    _require_model_dir(request.model_path)
+    request = with_model_type(request)
     lookup(request.model_type)  # an unknown model type fails before anything else
     config = load_practice(request)  # fail fast: a YAML typo must not cost a model load
-    if not request.dry_run:
-        check_save_path(request.save_path, request.overwrite, request.model_path)
+    _check_output(request)
     # a bad MSMODELSLIM_ACTIVATION_MEMORY_MIB or MSMODELSLIM_SPILL_DIR fails here, before any weight is read
-    spill = None if request.dry_run else ActivationSpill.from_env(request.save_path)
+    spill = ActivationSpill.from_env(request.save_path)
+    spill = None if request.dry_run else spill  # checked in a dry run too, used only by a real one
     runner = choose_runner(config, request.device)
     if len(config.spec.save) != 1:
         raise ConfigError("spec.save must hold exactly one saver (ascendv1_saver or compressed_tensors) in this version")
@@ -370,6 +396,7 @@ def quantize(request: QuantizeRequest) -> QuantizeReport:
     started = time.perf_counter()
     if torchrun_world() > 1:
         _quiet_unless_rank0(int(os.environ.get("RANK", "0")))
+    request = with_model_type(request)  # _finish and the spawned ranks need the name
     job = _prepare(request)
     report = QuantizeReport(request.save_path, job.plan)
     if request.dry_run:

@@ -5,9 +5,10 @@ import argparse
 import logging
 import signal
 import sys
+import time
 from pathlib import Path
 
-from msmodelslim.core.errors import ConfigError, MsModelSlimError, Terminated
+from msmodelslim.core.errors import MsModelSlimError, Terminated
 
 log = logging.getLogger("msmodelslim.cli")
 
@@ -25,6 +26,12 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="allow running Python code shipped with the checkpoint (default False)")
 
 
+def _builtin_eval_sets() -> list[str]:
+    from msmodelslim.core.dataset import EVAL_DIRS, builtin_datasets
+
+    return builtin_datasets(EVAL_DIRS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="msmodelslim", description="Post-training quantization of LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -32,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     quant = sub.add_parser("quant", help="quantize a model (ascendv1 or compressed-tensors output, see spec.save)")
     _add_model_args(quant)
     quant.add_argument("--save_path", required=True, type=Path, help="output directory (must be new or empty)")
-    quant.add_argument("--model_type", required=True, help="registered model name, e.g. Qwen2.5-7B-Instruct")
+    quant.add_argument("--model_type", default=None,
+                       help="registered model name, e.g. Qwen2.5-7B-Instruct (default: inferred from config.json's "
+                            "model_type, preferring the model's own name; the choice is logged)")
     quant.add_argument("--device", default=None, help="cpu, cuda, cuda:0, npu, npu:0,1 (default: npu, else cuda, else cpu)")
     what = quant.add_mutually_exclusive_group(required=True)
     what.add_argument("--quant_type", help="use the best practice for --model_type, e.g. w8a8 or w8a16 "
@@ -62,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="perplexity of the float model vs an ascendv1 checkpoint")
     _add_model_args(ev)
     ev.add_argument("--quant_path", required=True, type=Path, help="ascendv1 checkpoint written by 'quant'")
-    ev.add_argument("--dataset", required=True, help="text file (.txt/.jsonl/.json) or a built-in name")
+    ev.add_argument("--dataset", required=True,
+                    help="text file (.txt/.jsonl/.json) or a built-in name: " + ", ".join(_builtin_eval_sets()))
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
     ev.add_argument("--max_windows", type=int, default=40, help="number of windows (default 40)")
@@ -73,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, started_at: float) -> int:
     from msmodelslim.core.device import parse_device
 
     if args.command == "quant":
@@ -121,12 +131,12 @@ def _run(args: argparse.Namespace) -> int:
         print(f"wrote {args.save_path} (compressed-tensors)")
         return 0
     if args.command == "eval":
-        from msmodelslim.app.evaluate import evaluate
+        from msmodelslim.app.evaluate import check_window, evaluate
 
-        if args.window < 2 or args.max_windows < 1:
-            raise ConfigError("--window must be >= 2 and --max_windows >= 1")
-        results = evaluate(args.model_path, args.quant_path, args.dataset, parse_device(args.device).primary,
-                           args.window, args.max_windows, args.trust_remote_code)
+        check_window(args.window, args.max_windows)  # arguments first; evaluate checks paths and data before loading
+        device = parse_device(args.device).primary
+        results = evaluate(args.model_path, args.quant_path, args.dataset, device, args.window, args.max_windows,
+                           args.trust_remote_code)
         f, q = results["float"], results["quantized"]
         print(f"windows: {f.windows} x {args.window} tokens")
         print(f"float perplexity:     {f.perplexity:.4f}")
@@ -137,14 +147,16 @@ def _run(args: argparse.Namespace) -> int:
         print(f"time: float {f.seconds:.1f} s, quantized {q.seconds:.1f} s; peak RSS {peak_rss_mib():.0f} MiB")
         return 0
     if args.command == "demo":
+        print("msmodelslim demo: loading torch and transformers ...", file=sys.stderr, flush=True)
         from msmodelslim.app.demo import run_demo
 
-        run_demo(args.work_dir, args.max_windows)
+        run_demo(args.work_dir, args.max_windows, started_at)
         return 0
     raise AssertionError(args.command)
 
 
 def main(argv: list[str] | None = None) -> int:
+    started_at = time.time()
     from msmodelslim.core.logging import setup_logging
 
     try:
@@ -155,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     previous = _terminate_like_ctrl_c()
     try:
-        return _run(args)
+        return _run(args, started_at)
     except MsModelSlimError as exc:
         log.debug("details", exc_info=True)
         print(f"msmodelslim: error: {exc}", file=sys.stderr)

@@ -1,7 +1,8 @@
 """Text datasets for calibration and evaluation.
 
 A dataset is named by a path (absolute, relative to the config file, or relative to the working directory) or
-by a short name of a file shipped in `msmodelslim/lab_calib/`. Accepted files:
+by a short name of a file shipped in `msmodelslim/lab_calib/` (calibration) or, for evaluation only, also in
+`msmodelslim/lab_eval/` (evaluation text is never calibration data). Accepted files:
   .jsonl  one JSON object per line with a `text` or `inputs_pretokenized` string field
   .json   a JSON list of strings
   .txt    plain text; paragraphs (separated by blank lines) become samples
@@ -14,24 +15,35 @@ from pathlib import Path
 from msmodelslim.core.errors import InvalidDatasetError
 
 LAB_CALIB = Path(__file__).resolve().parent.parent / "lab_calib"
+LAB_EVAL = Path(__file__).resolve().parent.parent / "lab_eval"
+CALIB_DIRS = (LAB_CALIB,)
+EVAL_DIRS = (LAB_EVAL, LAB_CALIB)  # evaluating on calibration text is allowed (e.g. to compare); not the reverse
 TEXT_FIELDS = ("inputs_pretokenized", "text")
+SUFFIXES = (".jsonl", ".json", ".txt")
 
 
-def builtin_datasets() -> list[str]:
-    return sorted(p.name for p in LAB_CALIB.iterdir() if p.suffix in (".jsonl", ".json", ".txt"))
+def builtin_datasets(dirs: tuple[Path, ...] = CALIB_DIRS) -> list[str]:
+    """Names of the shipped data files in `dirs`, in that order (each directory sorted)."""
+    return [p.name for d in dirs for p in sorted(d.iterdir()) if p.suffix in SUFFIXES]
 
 
-def resolve_dataset(name: str, config_dir: Path | None = None) -> Path:
+def resolve_dataset(name: str, config_dir: Path | None = None, builtin_dirs: tuple[Path, ...] = CALIB_DIRS) -> Path:
+    """The file a dataset name refers to: a path first, then a shipped file of `builtin_dirs`."""
     candidates = [Path(name)] if Path(name).is_absolute() else (
-        ([config_dir / name] if config_dir else []) + [Path.cwd() / name, LAB_CALIB / name]
+        ([config_dir / name] if config_dir else []) + [Path.cwd() / name] + [d / name for d in builtin_dirs]
     )
     for candidate in candidates:
         if candidate.is_file():
             return candidate
     raise InvalidDatasetError(
         f"dataset {name!r} not found (looked in: {', '.join(str(c) for c in candidates)}); "
-        f"built-in names: {', '.join(builtin_datasets())}"
+        f"built-in names: {', '.join(builtin_datasets(builtin_dirs))}"
     )
+
+
+def resolve_eval_dataset(name: str) -> Path:
+    """An evaluation set: a path, or a shipped name of lab_eval/ (e.g. prose_eval.txt) or lab_calib/."""
+    return resolve_dataset(name, builtin_dirs=EVAL_DIRS)
 
 
 def read_texts(path: Path) -> list[str]:

@@ -49,5 +49,9 @@ class OutputWriteError(MsModelSlimError):
     exit_code = 6
 
 
+class DiskSpaceError(OutputWriteError):
+    """Too little free space for the output, found before any weight was read (nothing written)."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (schedulers, container runtimes): unwinds and cleans up exactly like Ctrl-C."""

@@ -119,14 +119,40 @@ def _protected(save_path: Path) -> Optional[str]:
     return None
 
 
-def check_save_path(save_path: Path, overwrite: bool, model_path: Path | None = None) -> None:
-    """Fail before any work if the output location cannot or must not be used. `save_path` must be given as
-    typed: an empty string is refused (it would mean the working directory)."""
+def _typed_save_path(save_path: Path) -> Path:
+    """`save_path` resolved; as typed, an empty string or '.' is refused (it would mean the working directory)."""
     if str(save_path).strip() in ("", "."):
         raise ConfigError(f"--save_path {str(save_path)!r} names the working directory; give the checkpoint a "
                           f"directory of its own, e.g. ./model-w8a8")
-    save_path = save_path.expanduser().resolve()
-    recover(save_path)  # a killed earlier run: put the previous or the complete new checkpoint back first
+    return Path(save_path).expanduser().resolve()
+
+
+def check_save_path(save_path: Path, overwrite: bool, model_path: Path | None = None, dry_run: bool = False) -> None:
+    """Fail before any work if the output location cannot or must not be used. A real run first finishes or
+    undoes what a killed earlier run left (which can rename directories); a dry run changes nothing, so it only
+    says what the real run will recover, then applies the same checks."""
+    resolved = _typed_save_path(save_path)
+    if dry_run:
+        _note_pending_recovery(resolved)
+    else:
+        recover(resolved)  # a killed earlier run: put the previous or the complete new checkpoint back first
+    validate_save_path(resolved, overwrite, model_path)
+
+
+def _note_pending_recovery(save_path: Path) -> None:
+    """Read-only: tell a dry run what recover() would act on (the real run's checks then see its result)."""
+    top = read_marker(save_path) if save_path.is_dir() else None
+    leftovers = [p for dirs in _tokens(save_path).values()  # what recover() acts on: runs no longer alive
+                 if "partial" not in dirs or not _owner_alive(dirs["partial"]) for p in dirs.values()]
+    if leftovers or (top or {}).get("swapping"):
+        shown = ", ".join(str(p) for p in leftovers) or f"{save_path} (an interrupted in-place replacement)"
+        log.warning("dry run: an interrupted earlier run left %s; the real run (or 'msmodelslim check %s') "
+                    "finishes or undoes that first, which can change what --save_path holds", shown, save_path)
+
+
+def validate_save_path(save_path: Path, overwrite: bool, model_path: Path | None = None) -> None:
+    """The read-only checks of `check_save_path` (what both a dry run and a real run apply)."""
+    save_path = _typed_save_path(save_path)
     what = _protected(save_path)
     if what:
         raise ConfigError(f"--save_path {save_path} is {what}; it is never replaced, --overwrite or not. Give the "

@@ -59,6 +59,38 @@ def read_valid_description(path: Path) -> dict:
     return description
 
 
+def tensor_names(path: Path, flag: str) -> set[str]:
+    """Names of the tensors in `path`'s shards, from their headers only (no tensor data is read)."""
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise InvalidModelError(f"{flag} {path} holds no *.safetensors files; the checkpoint is incomplete")
+    names: set[str] = set()
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as f:
+                names.update(f.keys())
+        except Exception as exc:  # safetensors raises its own SafetensorError (and OSError) for a damaged file
+            raise InvalidModelError(f"{file} is not a readable safetensors file: {exc}") from None
+    return names
+
+
+def require_described_tensors(path: Path, description: dict, flag: str) -> None:
+    """Every tensor the description names is in the shards (headers only): a missing or damaged shard fails
+    before any model is loaded (for eval: before the float model's whole run)."""
+    present = tensor_names(path, flag)
+    missing = sorted(k for k in description if k not in GLOBAL_KEYS and k not in present)
+    if not missing:
+        return
+    prefix = missing[0].rpartition(".")[0]
+    tag = quantized_layers(description).get(prefix)
+    if tag is not None:  # the same words as the reader's, which finds this only after reading every tensor
+        own = [k for k in missing if k.rpartition(".")[0] == prefix]
+        raise InvalidModelError(f"{path}: quantized layer {prefix} ({tag}) lacks tensor(s) {', '.join(own)}; the "
+                                f"checkpoint is incomplete")
+    raise InvalidModelError(f"{flag} {path} lacks {len(missing)} tensor(s) its {DESCRIPTION} names (e.g. "
+                            f"{missing[0]}); the checkpoint is incomplete")
+
+
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for file in sorted(path.glob("*.safetensors")):
