@@ -132,3 +132,33 @@ def test_check_reports_non_finite_and_unreadable_tensors(tiny_llama, tmp_path, c
     assert main(["check", str(out)]) == 4
     captured = capsys.readouterr()
     assert needle in captured.out and "Traceback" not in captured.err
+
+
+def test_the_plan_lists_what_is_written(tiny_llama, tmp_path, log_lines):
+    """include ["*"] without excluding lm_head: the head lies outside the decoder layers, which are all the runner
+    quantizes, so the plan (and --dry_run) must say FLOAT for it, as the description then does, with a warning."""
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"apiversion": "modelslim_v1", "spec": {"process": [
+        {"type": "linear_quant", "qconfig": SCHEMES["w8a16"], "include": ["*"]}]}}))
+    dry = run_quant(tiny_llama, tmp_path / "dry", config, dry_run=True)
+    assert dry.plan["lm_head"] == "FLOAT"
+    assert any("matches lm_head, outside the decoder layers" in line for line in log_lines)
+    report = run_quant(tiny_llama, tmp_path / "out", config)
+    description = json.loads((tmp_path / "out" / "quant_model_description.json").read_text())
+    for name, scheme in report.plan.items():
+        assert description[f"{name}.weight"] == scheme, name
+
+
+def test_checkpoint_tensors_the_model_does_not_read_are_named(tmp_path, log_lines):
+    """A tensor the architecture has no place for (here a fake multi-token-prediction layer) is named in the log
+    instead of vanishing from the output without a word."""
+    from safetensors.torch import load_file, save_file
+
+    model = make_tiny_model(tmp_path / "m", "llama")
+    weights = next(model.glob("*.safetensors"))
+    tensors = load_file(str(weights))
+    tensors["model.layers.2.eh_proj.weight"] = torch.zeros(4, 4)
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    run_quant(model, tmp_path / "out", _config(tmp_path / "c.yaml", "ascendv1_saver"))
+    assert any("1 tensor(s) of the checkpoint are not part of the model" in line and
+               "model.layers.2.eh_proj.weight" in line for line in log_lines)

@@ -139,10 +139,17 @@ def _refuse_static_experts(leaf, selected: list[str], experts: dict[str, tuple[s
     )
 
 
-def plan_layers(config: PracticeConfig, processors: list[Processor], model: nn.Module) -> dict[str, str]:
-    """{linear name: scheme} for every linear (FLOAT when no rule matches); rejects double matches, group
-    sizes that do not divide a layer and static activations on routed experts, naming the layer."""
+def _outside_blocks(names: list[str], blocks: list[str]) -> set[str]:
+    return {n for n in names if not any(n.startswith(b + ".") for b in blocks)}
+
+
+def plan_layers(config: PracticeConfig, processors: list[Processor], model: nn.Module,
+                blocks: list[str]) -> dict[str, str]:
+    """{linear name: scheme} for every linear, as it will be written (FLOAT when no rule matches, and for linears
+    outside the decoder `blocks`, which the runner never visits: lm_head); rejects double matches, group sizes
+    that do not divide a layer and static activations on routed experts, naming the layer."""
     names = _linear_names(model)
+    outside = _outside_blocks(names, blocks)
     try:
         merge_claims([(f"spec.process[{i}]", p.claims(names)) for i, p in enumerate(processors)])
     except DoubleMatchError as exc:
@@ -152,6 +159,12 @@ def plan_layers(config: PracticeConfig, processors: list[Processor], model: nn.M
     experts = routed_expert_linears(model)
     for leaf in _quant_rules(config.spec.process):
         selected = select(names, leaf.include, leaf.exclude)
+        skipped = sorted(outside.intersection(selected))
+        if skipped:
+            log.warning("a rule (include=%s, exclude=%s) matches %s, outside the decoder layers: it stays in float "
+                        "(only decoder-layer linears are quantized); add it to exclude to silence this",
+                        leaf.include, leaf.exclude, ", ".join(skipped))
+            selected = [n for n in selected if n not in outside]
         _refuse_static_experts(leaf, selected, experts)
         for name in selected:
             plan[name] = leaf.qconfig.scheme.value
@@ -270,7 +283,12 @@ def _prepare(request: QuantizeRequest, in_rank: bool = False) -> _Job:
         model = adapter.init_skeleton()  # only the plan is needed here (the spawned ranks load for themselves)
     else:
         model = adapter.init_model(device, load_layers=runner == RunnerType.model_wise)
-    plan = plan_layers(config, processors, model)
+    plan = plan_layers(config, processors, model, adapter.block_names(model))
+    unused = adapter.unused_checkpoint_tensors(model)
+    if unused and not in_rank:  # never silently: the user sees what the output will not hold, and why
+        log.warning("%d tensor(s) of the checkpoint are not part of the model that config.json describes, so they "
+                    "are not written: %s%s (e.g. a multi-token-prediction layer; transformers ignores them too)",
+                    len(unused), ", ".join(unused[:6]), " ..." if len(unused) > 6 else "")
     writer_class = CompressedTensorsWriter if config.spec.save[0].type == "compressed_tensors" else AscendV1Writer
     required = required_tensors(model, [n for n, s in plan.items() if s != "FLOAT"], writer_class.TIED_ALIASES)
     if not in_rank:

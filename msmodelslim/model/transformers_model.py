@@ -144,6 +144,14 @@ class TransformersModel(ModelSlimPipelineInterfaceV1):
         self.enable_kv_cache(model, False)
         return model
 
+    def unused_checkpoint_tensors(self, model: nn.Module) -> list[str]:
+        """Checkpoint tensors that no parameter of the model built from config.json reads (e.g. a
+        multi-token-prediction layer beyond num_hidden_layers): they will not reach the output."""
+        state = list(model.state_dict())
+        used = set(state) | {f"{n}_scale_inv" for n in state}  # block-FP8 scales are read with their weights
+        used |= {source.tensor for n in state if (source := stacked_source(n)) is not None}
+        return sorted(set(self.checkpoint.names()) - used)
+
     def init_model(self, device: torch.device, load_layers: bool) -> nn.Module:
         model = self.init_skeleton()
         blocks = self.block_names(model)
