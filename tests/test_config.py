@@ -70,13 +70,14 @@ def test_per_group_needs_group_size_and_planned_method_is_named():
     assert "spec.process[1].qconfig.weight: method 'ceil_x' is not implemented yet" in message
     assert "spec.process[2].qconfig: weight method 'histogram' is for activations" in message
     assert "spec.process[3].qconfig.weight: ext.percdamp must be a positive float" in message
-    assert "spec.process[4].qconfig.weight: unknown ext key(s) ['blocksize'] for method ssz" in message
+    assert "spec.process[4]" not in message  # an ext key the method does not read: ignored with a warning,
+    # as upstream ignores it (tests/test_upstream_leniency.py)
     assert "spec.process[5].qconfig: act method histogram calibrates static int8 per_tensor activations only" in message
     assert "spec.process[6].qconfig.weight: method 'autoround' is tuned by the autoround_quant processor" in message
 
 
 def test_apiversions():
-    assert "not supported yet" in error_of({"apiversion": "modelslim_v0", "spec": {}})
+    assert "not implemented yet" in error_of({"apiversion": "modelslim_v0", "spec": {}})
     assert "unknown" in error_of({"apiversion": "v9", "spec": {}})
 
 

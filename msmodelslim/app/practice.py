@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from msmodelslim.core.config import PracticeConfig, load_config
 from msmodelslim.core.errors import ConfigError, MsModelSlimError, UnsupportedError
@@ -61,6 +61,14 @@ class PracticeLabel(BaseModel):
     kv_cache: bool = False
     fa_bit: Optional[int] = None
     is_sparse: bool = False
+    fa_quant: bool = Field(False, exclude=True)  # upstream spelling: FA quantization on, at 8 bits unless fa_bit
+
+    @model_validator(mode="after")
+    def _fa_quant_means_fa8(self) -> "PracticeLabel":
+        if self.fa_quant and self.fa_bit is None:
+            self.fa_bit = 8
+        self.fa_quant = False  # folded into fa_bit, so labels compare by what they serve
+        return self
 
 
 class PracticeMetadata(BaseModel):
@@ -72,6 +80,10 @@ class PracticeMetadata(BaseModel):
     model_types: list[str] = Field(default_factory=lambda: ["*"])
     verified: dict[str, str] = Field(default_factory=dict)
     description: str = ""
+    # The established tool's fields (protocol.md 3.2), so its practice files work in the custom repository:
+    # a non-empty verified_model_types lists the models served; otherwise verified_tags {model: [[tag, ...]]}.
+    verified_model_types: list[str] = Field(default_factory=list)
+    verified_tags: dict[str, list[list[str]]] = Field(default_factory=dict)
 
 
 @dataclass
@@ -80,8 +92,16 @@ class Practice:
     metadata: PracticeMetadata
     config: PracticeConfig
 
-    def serves(self, model_type: str) -> bool:
-        return any(fnmatch.fnmatchcase(model_type, p) for p in self.metadata.model_types)
+    def serves(self, model_type: str, tags: tuple[str, ...] = ()) -> bool:
+        """Whether this practice serves the model; with `--tag`s, one verified scenario must hold them all."""
+        meta = self.metadata
+        if meta.verified_model_types:
+            return model_type in meta.verified_model_types
+        if meta.verified_tags:
+            scenarios = meta.verified_tags.get(model_type)
+            wanted = {t.lower() for t in tags}
+            return scenarios is not None and (not wanted or any(wanted <= {t.lower() for t in s} for s in scenarios))
+        return any(fnmatch.fnmatchcase(model_type, p) for p in meta.model_types)
 
 
 def parse_quant_type(quant_type: str) -> PracticeLabel:
@@ -111,14 +131,27 @@ def practice_roots() -> list[Path]:
     return ([Path(custom)] if custom else []) + [LAB_PRACTICE]
 
 
+def _load_custom(path: Path) -> Optional[Practice]:
+    """A practice from the user's repository; a broken one is skipped with a warning (it must not break every
+    lookup), where a broken shipped practice is a bug and fails loudly."""
+    try:
+        return load_practice_file(path)
+    except MsModelSlimError as exc:
+        log.warning("skipping %s from %s: %s", path, CUSTOM_REPO_ENV, str(exc).replace("\n", " "))
+        return None
+
+
 def candidates(pedigree: str, label: PracticeLabel) -> list[Practice]:
-    found = [load_practice_file(p) for root in practice_roots() for p in sorted((root / pedigree).glob("*.yaml"))]
-    matching = [p for p in found if p.metadata.label == label]
+    found = []
+    for root in practice_roots():
+        for path in sorted((root / pedigree).glob("*.yaml")):
+            found.append(load_practice_file(path) if root == LAB_PRACTICE else _load_custom(path))
+    matching = [p for p in found if p is not None and p.metadata.label == label]
     return sorted(matching, key=lambda p: (-p.metadata.score, p.metadata.config_id))
 
 
-def find_practice(model_type: str, pedigree: str, label: PracticeLabel) -> Optional[Practice]:
-    return next((p for p in candidates(pedigree, label) if p.serves(model_type)), None)
+def find_practice(model_type: str, pedigree: str, label: PracticeLabel, tags: tuple[str, ...] = ()) -> Optional[Practice]:
+    return next((p for p in candidates(pedigree, label) if p.serves(model_type, tags)), None)
 
 
 def _ask(question: str) -> bool:
@@ -129,10 +162,11 @@ def _ask(question: str) -> bool:
 def select_practice(
     model_type: str, pedigree: str, quant_type: str, allow_default: bool = False,
     is_interactive: Callable[[], bool] = lambda: sys.stdin.isatty(), ask: Callable[[str], bool] = _ask,
+    tags: tuple[str, ...] = (),
 ) -> Practice:
     label = parse_quant_type(quant_type)
     name = quant_type.strip().lower()
-    chosen = find_practice(model_type, pedigree, label)
+    chosen = find_practice(model_type, pedigree, label, tags)
     if chosen is not None:
         log.info("best practice: %s (score %g; serves %s for %s)", chosen.path, chosen.metadata.score,
                  model_type, name)

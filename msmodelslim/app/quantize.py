@@ -63,6 +63,7 @@ class QuantizeRequest:
     dry_run: bool = False
     allow_default_practice: bool = False
     pipeline: Optional[PracticeConfig] = None  # a parsed config instead of config_path (the Python API)
+    tags: tuple[str, ...] = ()  # --tag: scenarios a practice must be verified for (its verified_tags)
 
 
 @dataclass
@@ -202,7 +203,8 @@ def load_practice(request: QuantizeRequest) -> PracticeConfig:
     if request.config_path is not None:
         return load_config(request.config_path)
     pedigree = lookup(request.model_type).pedigree
-    return select_practice(request.model_type, pedigree, request.quant_type, request.allow_default_practice).config
+    return select_practice(request.model_type, pedigree, request.quant_type, request.allow_default_practice,
+                           tags=request.tags).config
 
 
 @dataclass

@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--config_path", type=Path, help="YAML config (apiversion: modelslim_v1)")
     quant.add_argument("--overwrite", action="store_true", help="replace a non-empty --save_path once the new output is complete")
     quant.add_argument("--dry_run", action="store_true", help="validate everything and print the per-layer plan; write nothing")
+    quant.add_argument("--tag", action="append", default=[], metavar="TAG",
+                       help="with --quant_type: pick a practice verified for this scenario (e.g. MindIE, "
+                            "Atlas_A2); repeatable, all must match one verified scenario")
+    quant.add_argument("--debug", action="store_true", help="log at debug level, tracebacks included "
+                                                            "(the same as MSMODELSLIM_LOG_LEVEL=debug)")
     quant.add_argument("--allow_default_practice", action="store_true",
                        help="with --quant_type: accept the generic lab_practice/default recipe when the model has no "
                             "verified practice (otherwise you are asked, or, without a terminal, the run stops)")
@@ -93,7 +98,7 @@ def _run(args: argparse.Namespace, started_at: float) -> int:
             model_path=args.model_path, save_path=args.save_path, model_type=args.model_type,
             device=parse_device(args.device), quant_type=args.quant_type, config_path=args.config_path,
             trust_remote_code=args.trust_remote_code, overwrite=args.overwrite, dry_run=args.dry_run,
-            allow_default_practice=args.allow_default_practice,
+            allow_default_practice=args.allow_default_practice, tags=tuple(args.tag),
         ))
         if args.dry_run:
             for name, scheme in report.plan.items():
@@ -165,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"msmodelslim: error: {exc}", file=sys.stderr)
         return exc.exit_code
     args = build_parser().parse_args(argv)
+    if getattr(args, "debug", False):
+        logging.getLogger("msmodelslim").setLevel(logging.DEBUG)
+        level = logging.DEBUG
     previous = _terminate_like_ctrl_c()
     try:
         return _run(args, started_at)

@@ -21,10 +21,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from msmodelslim.core.errors import ConfigError
-from msmodelslim.processor.registry import PLANNED_PROCESSORS, PROCESSORS, ProcessorConfig
+from msmodelslim.core.roadmap import not_yet
+from msmodelslim.processor.registry import PROCESSORS, ProcessorConfig
 
 SUPPORTED_APIVERSIONS = ("modelslim_v1",)
-KNOWN_APIVERSIONS = ("modelslim_v0", "multimodal_vlm_modelslim_v1", "multimodal_sd_modelslim_v1", "modelslim_convert")
 
 # Bounds on what a config document may be. Real configs have a few hundred nodes and ~10 levels; the bounds stop
 # alias bombs ("billion laughs") and deep nesting before they cost memory, time or a RecursionError.
@@ -125,7 +125,9 @@ def _format_error(err: dict) -> str:
     kind, value = err["type"], err.get("input")
     if kind == "enum":
         allowed = err["ctx"]["expected"].replace("'", "").replace(" or ", ", ")
-        return f"{where}: {value!r} is not one of {allowed}"
+        field = str(err["loc"][-1])
+        planned = not_yet(field, value)
+        return f"{where}: {planned}; available: {allowed}" if planned else f"{where}: {value!r} is not one of {allowed}"
     if kind == "literal_error":
         return f"{where}: {value!r} is not allowed; expected {err['ctx']['expected']}"
     if kind == "extra_forbidden":
@@ -134,9 +136,11 @@ def _format_error(err: dict) -> str:
         return f"{where}: required field is missing"
     if kind == "union_tag_invalid":
         tag = err["ctx"]["tag"]
-        if tag in PLANNED_PROCESSORS:
-            return f"{where}.type: processor {tag!r} is not implemented yet; available: {', '.join(PROCESSORS)}"
-        return f"{where}.type: unknown processor type {tag!r}; available: {', '.join(PROCESSORS)}"
+        kind, names = ("saver", SAVER_TYPES) if "save" in err["loc"] else ("processor", tuple(PROCESSORS))
+        planned = not_yet(kind, tag)
+        if planned:
+            return f"{where}.type: {planned}; available: {', '.join(names)}"
+        return f"{where}.type: unknown {kind} type {tag!r}; available: {', '.join(names)}"
     if kind == "union_tag_not_found":
         return f"{where}: missing 'type' (one of {', '.join(PROCESSORS)})"
     message = err["msg"].removeprefix("Value error, ")
@@ -171,8 +175,9 @@ def parse_config(data: Any, source: str = "<config>") -> PracticeConfig:
         raise ConfigError(f"{source}: the top level must be a mapping with 'apiversion' and 'spec'")
     api = data.get("apiversion")
     if api not in SUPPORTED_APIVERSIONS:
-        if api in KNOWN_APIVERSIONS:
-            raise ConfigError(f"{source}: apiversion {api!r} is not supported yet; supported: {', '.join(SUPPORTED_APIVERSIONS)}")
+        planned = not_yet("apiversion", api)
+        if planned:
+            raise ConfigError(f"{source}: {planned}; supported: {', '.join(SUPPORTED_APIVERSIONS)}")
         raise ConfigError(f"{source}: apiversion {api!r} is unknown; supported: {', '.join(SUPPORTED_APIVERSIONS)}")
     _refuse_bad_numbers(data, source)
     try:

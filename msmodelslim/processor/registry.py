@@ -30,12 +30,6 @@ ProcessorConfig = Annotated[
 ]
 GroupConfig.model_rebuild(_types_namespace={"ProcessorConfig": ProcessorConfig})
 
-# Processor types of the established protocol that later work implements; named so the error is precise.
-PLANNED_PROCESSORS = (
-    "kv_smooth",
-    "online_quarot", "adapt_rotation", "dynamic_cache", "fa3_quant", "float_sparse",
-    "flatquant", "svd_res",
-)
 
 
 class DoubleMatchError(ValueError):

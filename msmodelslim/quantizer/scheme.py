@@ -11,6 +11,11 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from msmodelslim.core.logging import get_logger
+from msmodelslim.core.roadmap import not_yet
+
+log = get_logger("quantizer.scheme")
+
 
 class QDType(str, enum.Enum):
     float = "float"
@@ -32,8 +37,6 @@ class QScope(str, enum.Enum):
 IMPLEMENTED_METHODS = ("minmax", "none", "histogram", "ssz", "gptq")
 WEIGHT_METHODS = ("minmax", "ssz", "gptq")
 ACT_METHODS = ("minmax", "histogram", "none")
-# Methods of the established protocol that later issues implement; named so the error is precise.
-PLANNED_METHODS = ("ceil_x", "fouroversix", "dualscale", "mse_round")
 # ext keys each method accepts, with their defaults (group_size belongs to scope per_group).
 METHOD_EXT = {
     "ssz": {"step": 50},
@@ -55,8 +58,9 @@ class QConfig(BaseModel):
         if self.method == "autoround":
             raise ValueError("method 'autoround' is tuned by the autoround_quant processor: put this qconfig in an "
                              "autoround_quant strategy (type: autoround_quant, strategies: [{qconfig: ...}])")
-        if self.method in PLANNED_METHODS:
-            raise ValueError(f"method {self.method!r} is not implemented yet; available: {', '.join(IMPLEMENTED_METHODS)}")
+        planned = not_yet("method", self.method)
+        if planned:
+            raise ValueError(f"{planned}; available: {', '.join(IMPLEMENTED_METHODS)}")
         if self.method not in IMPLEMENTED_METHODS:
             raise ValueError(f"method {self.method!r} is not one of {', '.join(IMPLEMENTED_METHODS)}")
         if self.dtype == QDType.float:
@@ -68,8 +72,9 @@ class QConfig(BaseModel):
             raise ValueError(f"dtype {self.dtype.value} needs a method ({', '.join(WEIGHT_METHODS + ACT_METHODS[1:2])})")
         known = {"group_size", *METHOD_EXT.get(self.method, {})}
         unknown = set(self.ext) - known
-        if unknown:
-            raise ValueError(f"unknown ext key(s) {sorted(unknown)} for method {self.method}; known: {', '.join(sorted(known))}")
+        if unknown:  # upstream ignores ext keys its method does not read; so do we, but say so
+            log.warning("qconfig ext key(s) %s are not used by method %s (known: %s) and are ignored",
+                        sorted(unknown), self.method, ", ".join(sorted(known)))
         for key, default in METHOD_EXT.get(self.method, {}).items():
             value = self.ext.get(key, default)
             if isinstance(default, bool):
