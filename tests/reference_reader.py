@@ -77,6 +77,16 @@ def dequantized_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, di
                 b = None
             acts[p] = {"kind": "static", "scale": s_in, "offset": o_in}
             used |= {f"{p}.{s}" for s in ("weight", "input_scale", "input_offset", "deq_scale", "quant_bias")}
+        elif tag == "W8A8_MIX":  # prefill nodes: the dynamic kernel on weight_scale; decode's static half must agree
+            q = t[f"{p}.weight"].float()
+            s_w = t[f"{p}.weight_scale"].float()[:, 0]
+            s_in = t[f"{p}.input_scale"].float()
+            assert torch.allclose(_deq_scale_f32(t[f"{p}.deq_scale"]) / s_in, s_w, rtol=1e-6), f"{p}: two scales"
+            assert not bool(t[f"{p}.weight_offset"].any()), f"{p}: W8A8_MIX weights are symmetric"
+            w, b = q * s_w[:, None], t.get(f"{p}.bias")
+            acts[p] = {"kind": "dynamic"}
+            used |= {f"{p}.{s}" for s in ("weight", "input_scale", "input_offset", "deq_scale", "quant_bias",
+                                          "weight_scale", "weight_offset")}
         elif tag in ("W8A8_DYNAMIC", "W8A16"):
             q = t[f"{p}.weight"].float()
             w = (q - _expand(t[f"{p}.weight_offset"], q.shape[1])) * _expand(t[f"{p}.weight_scale"], q.shape[1])

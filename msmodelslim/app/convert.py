@@ -13,7 +13,7 @@ from pathlib import Path
 from torch import nn
 
 from msmodelslim.core.config import MAX_PART_FILE_SIZE_GB
-from msmodelslim.core.errors import ConfigError, FormatCheckError, InvalidModelError
+from msmodelslim.core.errors import ConfigError, FormatCheckError, InvalidModelError, UnsupportedError
 from msmodelslim.core.logging import get_logger
 from msmodelslim.format.ascendv1.reader import load_ascendv1, read_valid_description, require_described_tensors
 from msmodelslim.format.ascendv1.writer import DESCRIPTION
@@ -57,7 +57,11 @@ def convert_ascendv1_to_compressed_tensors(source: Path, save_path: Path, overwr
     if not (source / DESCRIPTION).is_file() or not (source / "config.json").is_file():
         raise InvalidModelError(f"{source} is not an ascendv1 checkpoint (needs {DESCRIPTION} and config.json)")
     # a malformed description, or a shard it names missing, fails before anything is loaded or written
-    require_described_tensors(source, read_valid_description(source), "--model_path")
+    description = read_valid_description(source)
+    require_described_tensors(source, description, "--model_path")
+    if "W8A8_MIX" in description.values():
+        raise UnsupportedError(f"{source} holds W8A8_MIX (PD-mix) layers, an Ascend serving scheme with no "
+                               f"compressed-tensors equivalent; quantize again with act scope per_tensor or per_token")
     config = load_hf_config(source, trust_remote_code)
     check_save_path(save_path, overwrite, source)
     # the codes and scales are carried over: the output is about the source's size (stat() only, nothing read)

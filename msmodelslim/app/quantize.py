@@ -281,18 +281,25 @@ def _prepare(request: QuantizeRequest, in_rank: bool = False) -> _Job:
     texts = load_texts(config.spec.dataset, config.source_dir) if needs_data else []
     device = request.device.primary
     ranks = f" x {data_parallel_world(request.device)} ranks" if runner == RunnerType.dp_layer_wise else ""
-    if request.dry_run or (_launches_ranks(runner) and not in_rank):
-        model = adapter.init_skeleton()  # only the plan is needed here (the spawned ranks load for themselves)
-    else:
-        model = adapter.init_model(device, load_layers=runner == RunnerType.model_wise)
-    plan = plan_layers(config, processors, model, adapter.block_names(model))
-    unused = adapter.unused_checkpoint_tensors(model)
+    # Planned on the empty (meta-device) model: a rule or scheme problem fails before any weight is read.
+    skeleton = adapter.init_skeleton()
+    plan = plan_layers(config, processors, skeleton, adapter.block_names(skeleton))
+    unused = adapter.unused_checkpoint_tensors(skeleton)
     if unused and not in_rank:  # never silently: the user sees what the output will not hold, and why
         log.warning("%d tensor(s) of the checkpoint are not part of the model that config.json describes, so they "
                     "are not written: %s%s (e.g. a multi-token-prediction layer; transformers ignores them too)",
                     len(unused), ", ".join(unused[:6]), " ..." if len(unused) > 6 else "")
     writer_class = CompressedTensorsWriter if config.spec.save[0].type == "compressed_tensors" else AscendV1Writer
-    required = required_tensors(model, [n for n, s in plan.items() if s != "FLOAT"], writer_class.TIED_ALIASES)
+    mixed = [n for n, s in plan.items() if s == "W8A8_MIX"]
+    if mixed and writer_class is CompressedTensorsWriter:
+        raise UnsupportedError(f"act scope pd_mix (W8A8_MIX, e.g. {mixed[0]}) is an Ascend serving scheme with no "
+                               f"compressed-tensors equivalent; save with ascendv1_saver, or use act scope "
+                               f"per_tensor (static) or per_token (dynamic) for compressed_tensors")
+    required = required_tensors(skeleton, [n for n, s in plan.items() if s != "FLOAT"], writer_class.TIED_ALIASES)
+    if request.dry_run or (_launches_ranks(runner) and not in_rank):
+        model = skeleton  # only the plan is needed here (the spawned ranks load for themselves)
+    else:
+        model = adapter.init_model(device, load_layers=runner == RunnerType.model_wise)
     if not in_rank:
         log.info("runner %s on %s%s; %s", runner.value, request.device, ranks,
                  f"{len(texts)} calibration samples" if needs_data else "no calibration data needed")

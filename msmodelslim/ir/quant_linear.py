@@ -15,7 +15,9 @@ from torch import nn
 from msmodelslim.quantizer.primitives import dequantize_weight, fake_quantize, quantize_per_token_dynamic
 from msmodelslim.quantizer.scheme import Scheme
 
-WEIGHT_BITS = {Scheme.W8A8: 8, Scheme.W8A8_DYNAMIC: 8, Scheme.W8A16: 8, Scheme.W4A16: 4, Scheme.W4A8_DYNAMIC: 4}
+WEIGHT_BITS = {Scheme.W8A8: 8, Scheme.W8A8_DYNAMIC: 8, Scheme.W8A16: 8, Scheme.W4A16: 4, Scheme.W4A8_DYNAMIC: 4,
+               Scheme.W8A8_MIX: 8}
+STATIC_ACT = (Scheme.W8A8, Scheme.W8A8_MIX)  # schemes that carry a calibrated input range
 
 
 class QuantLinear(nn.Module):
@@ -34,8 +36,8 @@ class QuantLinear(nn.Module):
             raise ValueError("qweight must be a 2-D int8 tensor of codes")
         if weight_scale.shape != weight_offset.shape or weight_scale.shape[0] != qweight.shape[0]:
             raise ValueError("weight_scale/weight_offset must both be [out, n_groups]")
-        if (scheme == Scheme.W8A8) != (input_scale is not None):
-            raise ValueError("static activation parameters are required for W8A8 and only for it")
+        if (scheme in STATIC_ACT) != (input_scale is not None):
+            raise ValueError("static activation parameters are required for W8A8 and W8A8_MIX and only for them")
         self.scheme = scheme
         self.in_features, self.out_features = qweight.shape[1], qweight.shape[0]
         self.register_buffer("qweight", qweight)
@@ -44,6 +46,9 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.float())
         self.register_buffer("input_scale", None if input_scale is None else input_scale.float().reshape(1))
         self.register_buffer("input_offset", None if input_offset is None else input_offset.float().reshape(1))
+        # W8A8_MIX runs two kernels: decode nodes quantize inputs with the static range, the others per token.
+        # Prefill (and perplexity, which scores whole sequences at once) is the dynamic path, the default here.
+        self.decode_path = False
 
     @property
     def weight_bits(self) -> int:
@@ -59,8 +64,10 @@ class QuantLinear(nn.Module):
         return dequantize_weight(self.qweight, self.weight_scale, self.weight_offset)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        if self.scheme == Scheme.W8A8:
+        if self.scheme == Scheme.W8A8 or (self.scheme == Scheme.W8A8_MIX and self.decode_path):
             return fake_quantize(x, self.input_scale, self.input_offset, 8)
+        if self.scheme == Scheme.W8A8_MIX:
+            return quantize_per_token_dynamic(x, 8)
         if self.scheme in (Scheme.W8A8_DYNAMIC, Scheme.W4A8_DYNAMIC):
             return quantize_per_token_dynamic(x, 8)
         return x

@@ -140,6 +140,8 @@ class TransformersModel(ModelSlimPipelineInterfaceV1):
                 self.config, trust_remote_code=self.trust_remote_code, attn_implementation="sdpa", dtype=torch.float32
             )
         model.eval()
+        if getattr(self.config, "tie_word_embeddings", False):
+            model.tie_weights()  # one object under two names, as in the loaded model (the plan and writers rely on it)
         self.prepare_skeleton(model)
         self.enable_kv_cache(model, False)
         return model

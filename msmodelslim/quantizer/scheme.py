@@ -32,6 +32,12 @@ class QScope(str, enum.Enum):
     per_token = "per_token"
     per_channel = "per_channel"
     per_group = "per_group"
+    pd_mix = "pd_mix"  # PD-mix: one static range for decode nodes, per-token dynamic on prefill nodes
+
+    @property
+    def static(self) -> bool:
+        """Whether activation ranges come from calibration (per_tensor, and pd_mix's decode half)."""
+        return self in (QScope.per_tensor, QScope.pd_mix)
 
 
 IMPLEMENTED_METHODS = ("minmax", "none", "histogram", "ssz", "gptq")
@@ -115,6 +121,7 @@ class Scheme(str, enum.Enum):
     W8A16 = "W8A16"  # int8 weights only
     W4A16 = "W4A16"  # int4 weights only
     W4A8_DYNAMIC = "W4A8_DYNAMIC"  # int4 weights, per-token int8 activations
+    W8A8_MIX = "W8A8_MIX"  # PD-mix: W8A8 static on decode nodes, W8A8 dynamic on the others (formats.md A.4.2)
 
 
 SUPPORTED_PAIRS = """supported (act -> weight) pairs:
@@ -122,7 +129,8 @@ SUPPORTED_PAIRS = """supported (act -> weight) pairs:
   float                         -> int4 per_channel|per_group, symmetric (W4A16)
   int8 per_tensor minmax        -> int8 per_channel symmetric (W8A8 static)
   int8 per_token symmetric      -> int8 per_channel|per_group symmetric (W8A8_DYNAMIC)
-  int8 per_token symmetric      -> int4 per_channel symmetric (W4A8_DYNAMIC)"""
+  int8 per_token symmetric      -> int4 per_channel symmetric (W4A8_DYNAMIC)
+  int8 pd_mix minmax            -> int8 per_channel symmetric (W8A8_MIX: static on decode, dynamic on prefill)"""
 
 
 def resolve_scheme(act: QConfig, weight: QConfig) -> Scheme:
@@ -140,6 +148,9 @@ def resolve_scheme(act: QConfig, weight: QConfig) -> Scheme:
     elif a.dtype == QDType.int8 and a.scope == QScope.per_tensor:
         if w.dtype == QDType.int8 and w.scope == QScope.per_channel and w.symmetric:
             return Scheme.W8A8
+    elif a.dtype == QDType.int8 and a.scope == QScope.pd_mix:
+        if w.dtype == QDType.int8 and w.scope == QScope.per_channel and w.symmetric:
+            return Scheme.W8A8_MIX
     elif a.dtype == QDType.int8 and a.scope == QScope.per_token and a.symmetric:
         if w.dtype == QDType.int8 and w.symmetric:
             return Scheme.W8A8_DYNAMIC
@@ -173,7 +184,7 @@ class LinearQConfig(BaseModel):
 
     @property
     def static_act(self) -> bool:
-        return not self.act.is_float and self.act.scope == QScope.per_tensor
+        return not self.act.is_float and self.act.scope.static
 
     @property
     def needs_calibration(self) -> bool:

@@ -49,11 +49,16 @@ def _check_linear(prefix: str, tag: str, t: dict[str, torch.Tensor], model_dtype
             err(f"'{suffix}' has shape {_shape(t[suffix])}, expected {shape}")
         return t[suffix]
 
-    if tag == "W8A8":
+    if tag in ("W8A8", "W8A8_MIX"):
         w = need("weight", torch.int8, None)
         if w is None:
             return f
         n = w.shape[0]
+        if tag == "W8A8_MIX":  # the dynamic (prefill) half reads these, as W8A8_DYNAMIC does
+            need("weight_scale", torch.float32, [n, 1])
+            offset = need("weight_offset", torch.float32, [n, 1])
+            if offset is not None and bool(offset.abs().sum() > 0):
+                err("W8A8_MIX weights must be symmetric (weight_offset all zero)")
         need("quant_bias", torch.int32, [n])
         need("input_scale", None, [1])
         need("input_offset", None, [1])

@@ -76,7 +76,7 @@ def linear_tensors(ir: QuantLinear, model_dtype: torch.dtype, row_parallel: bool
     tag = ir.scheme.value
     out: dict[str, tuple[torch.Tensor, str]] = {}
     zeros = torch.zeros_like(ir.weight_scale)
-    if ir.scheme == Scheme.W8A8:
+    if ir.scheme in (Scheme.W8A8, Scheme.W8A8_MIX):
         w_scale = ir.weight_scale[:, 0]
         deq = (ir.input_scale * w_scale).float()
         bias = ir.bias if ir.bias is not None else torch.zeros_like(deq)
@@ -87,6 +87,9 @@ def linear_tensors(ir: QuantLinear, model_dtype: torch.dtype, row_parallel: bool
         out["input_scale"] = (ir.input_scale.reshape(1).float(), tag)
         out["input_offset"] = (ir.input_offset.reshape(1).float(), tag)
         out["deq_scale"] = (encode_deq_scale(deq, model_dtype), tag)
+        if ir.scheme == Scheme.W8A8_MIX:  # the dynamic (prefill) kernel's weight scale, as W8A8_DYNAMIC stores it
+            out["weight_scale"] = (ir.weight_scale, tag)
+            out["weight_offset"] = (zeros, tag)
     elif ir.scheme in (Scheme.W8A8_DYNAMIC, Scheme.W8A16):
         out["weight"] = (ir.qweight, tag)
         out["weight_scale"] = (ir.weight_scale, tag)
@@ -113,6 +116,8 @@ def linear_tensors(ir: QuantLinear, model_dtype: torch.dtype, row_parallel: bool
 # The tensors `linear_from_tensors` needs for each type (bias is optional everywhere).
 REQUIRED_SUFFIXES: dict[Scheme, frozenset[str]] = {
     Scheme.W8A8: frozenset({"weight", "quant_bias", "input_scale", "input_offset", "deq_scale"}),
+    Scheme.W8A8_MIX: frozenset({"weight", "quant_bias", "input_scale", "input_offset", "deq_scale", "weight_scale",
+                                "weight_offset"}),
     Scheme.W8A8_DYNAMIC: frozenset({"weight", "weight_scale", "weight_offset"}),
     Scheme.W8A16: frozenset({"weight", "weight_scale", "weight_offset"}),
     Scheme.W4A8_DYNAMIC: frozenset({"weight", "weight_scale", "weight_offset"}),
@@ -132,6 +137,13 @@ def linear_from_tensors(tag: str, t: dict[str, torch.Tensor]) -> QuantLinear:
         rowsum = q.to(torch.int64).sum(dim=1).float()
         bias = (t["quant_bias"].float() + o_in * rowsum) * deq
         return QuantLinear(scheme, q, w_scale, torch.zeros_like(w_scale), bias, s_in, o_in)
+    if scheme == Scheme.W8A8_MIX:
+        q, s_in, o_in = t["weight"], t["input_scale"].float(), t["input_offset"].float()
+        if bias is None:  # no float bias written: the one folded into quant_bias (zero for bias-free layers)
+            deq = decode_deq_scale(t["deq_scale"])
+            bias = (t["quant_bias"].float() + o_in * q.to(torch.int64).sum(dim=1).float()) * deq
+        scale = t["weight_scale"].float()
+        return QuantLinear(scheme, q, scale, torch.zeros_like(scale), bias, s_in, o_in)
     if scheme in (Scheme.W8A8_DYNAMIC, Scheme.W8A16):
         return QuantLinear(scheme, t["weight"], t["weight_scale"].float(), t["weight_offset"].float(), bias)
     if scheme == Scheme.W4A8_DYNAMIC:

@@ -25,7 +25,7 @@ WEIGHTS = "quant_model_weights"
 INDEX = f"{WEIGHTS}.safetensors.index.json"
 
 # Lowest to highest; `model_quant_type` reports the highest present (informational for the engines).
-TYPE_PRIORITY = ["FLOAT", "W8A16", "W4A16", "W8A8_DYNAMIC", "W4A8_DYNAMIC", "W8A8"]
+TYPE_PRIORITY = ["FLOAT", "W8A16", "W4A16", "W8A8_DYNAMIC", "W4A8_DYNAMIC", "W8A8_MIX", "W8A8"]
 
 
 class AscendV1Writer:

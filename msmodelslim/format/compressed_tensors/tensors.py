@@ -16,6 +16,7 @@ import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 from compressed_tensors.quantization import QuantizationArgs
 
+from msmodelslim.core.errors import UnsupportedError
 from msmodelslim.ir.quant_linear import QuantLinear
 from msmodelslim.quantizer.scheme import Scheme
 
@@ -29,6 +30,9 @@ def _symmetric(offset: torch.Tensor | None) -> bool:
 
 def quantization_args(module: QuantLinear) -> tuple[QuantizationArgs, QuantizationArgs | None, str]:
     """(weights, input_activations, format) of this layer."""
+    if module.scheme == Scheme.W8A8_MIX:  # planning refuses this before any weight is read; a guard for convert
+        raise UnsupportedError(f"{module.scheme.value} (PD-mix) is an Ascend serving scheme with no "
+                               f"compressed-tensors equivalent; quantize with act scope per_tensor or per_token")
     group = module.group_size
     weights = QuantizationArgs(num_bits=module.weight_bits, type="int", symmetric=_symmetric(module.weight_offset),
                                strategy="group" if group else "channel", group_size=group, observer="minmax",
