@@ -3,7 +3,6 @@ yet (with the work they belong to), upstream practice files work in the custom r
 import logging
 
 import pytest
-import yaml
 
 from helpers import SCHEMES, write_config
 from msmodelslim.app.practice import select_practice
@@ -29,8 +28,8 @@ def _refusal(spec: dict, apiversion: str = "modelslim_v1") -> str:
      "dtype 'fp8_e4m3' is not implemented yet"),
     ({"process": [{"type": "linear_quant", "qconfig": {"weight": {**W8, "scope": "per_block"}}}]},
      "scope 'per_block' is not implemented yet"),
-    ({"process": [{"type": "linear_quant", "qconfig": {"weight": W8, "act": {**W8, "scope": "pd_mix"}}}]},
-     "scope 'pd_mix' is not implemented yet (it belongs to the PDMIX"),
+    ({"process": [{"type": "linear_quant", "qconfig": {"weight": W8, "act": {**W8, "scope": "per_head"}}}]},
+     "scope 'per_head' is not implemented yet (it belongs to the attention and KV-cache quantization work)"),
     ({"process": [{"type": "linear_quant", "qconfig": {"weight": {**W8, "method": "mse_round"}}}]},
      "method 'mse_round' is not implemented yet"),
     ({"save": [{"type": "mindie_format_saver"}]}, "saver 'mindie_format_saver' is not implemented yet (it belongs to "

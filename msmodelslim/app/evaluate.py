@@ -11,7 +11,7 @@ from torch import nn
 from tqdm import tqdm
 
 from msmodelslim.core.dataset import read_texts, resolve_eval_dataset
-from msmodelslim.core.errors import ConfigError, InvalidDatasetError, InvalidModelError
+from msmodelslim.core.errors import ConfigError, InvalidDatasetError
 from msmodelslim.core.logging import get_logger, progress_disabled
 from msmodelslim.model.hf_config import load_hf_config, model_load_errors, require_local_dir
 

@@ -12,7 +12,6 @@ import resource
 import shutil
 import tempfile
 import time
-from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,12 +20,13 @@ from typing import Optional
 import yaml
 from torch import nn
 
+from msmodelslim.app.plan import plan_layers, summarize_plan
 from msmodelslim.app.practice import select_practice
 from msmodelslim.core.activations import ActivationSpill
 from msmodelslim.core.config import PracticeConfig, RunnerType, load_config
 from msmodelslim.core.dataset import load_texts
 from msmodelslim.core.device import DeviceSpec
-from msmodelslim.core.distributed import LOCAL, Collective, contiguous_share, spawn_ranks, torchrun_rank, torchrun_world
+from msmodelslim.core.distributed import LOCAL, Collective, contiguous_share, spawn_ranks, torchrun_group, torchrun_world
 from msmodelslim.core.errors import ConfigError, FormatCheckError, InvalidModelError, UnsupportedError
 from msmodelslim.core.faults import fault_point
 from msmodelslim.core.logging import get_logger, level_from_env, setup_logging
@@ -40,12 +40,8 @@ from msmodelslim.format.disk_space import check_free_space, estimate_output_byte
 from msmodelslim.format.integrity import required_tensors, verify_complete
 from msmodelslim.format.edits import OutputEdits
 from msmodelslim.format.staging import check_save_path, staged_directory
-from msmodelslim.model.moe import routed_expert_linears
 from msmodelslim.model.registry import create_adapter, infer_model_type, lookup
 from msmodelslim.processor.base import Processor, ProcessorContext, build_processor
-from msmodelslim.processor.linear_quant.config import LinearQuantConfig
-from msmodelslim.processor.matching import select, unused_patterns
-from msmodelslim.processor.registry import DoubleMatchError, merge_claims
 
 log = get_logger("app.quantize")
 
@@ -106,91 +102,6 @@ def refuse_undistributable(config: PracticeConfig, processors: list[Processor]) 
                 f"spec.process[{i}] ({config.spec.process[i].type}) cannot run under dp_layer_wise: {reason}. "
                 f"Use spec.runner: layer_wise (one device), or change that step"
             )
-
-
-def _linear_names(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-
-
-def _quant_rules(configs) -> list:
-    """Every {qconfig, include, exclude} rule: linear_quant steps (also inside groups) and autoround strategies."""
-    out = []
-    for c in configs:
-        if hasattr(c, "configs"):
-            out.extend(_quant_rules(c.configs))
-        elif hasattr(c, "strategies"):
-            out.extend(c.strategies)
-        elif isinstance(c, LinearQuantConfig):
-            out.append(c)
-    return out
-
-
-def _refuse_static_experts(leaf, selected: list[str], experts: dict[str, tuple[str, int]]) -> None:
-    """Static activation ranges (W8A8) on routed experts: no serving kernel exists (formats.md A.5)."""
-    routed = [n for n in selected if n in experts]
-    if not leaf.qconfig.static_act or not routed:
-        return
-    layer = experts[routed[0]][0]
-    raise ConfigError(
-        f"the rule include={leaf.include} exclude={leaf.exclude} gives static activation quantization "
-        f"({leaf.qconfig.scheme.value}) to {len(routed)} routed expert linears such as {routed[0]} "
-        f"(pattern '{layer}.*'); no serving kernel runs static-activation MoE experts. Add '*.mlp.experts.*' to "
-        f"this rule's exclude and quantize the experts in their own rule with dynamic activations "
-        f"(act: {{dtype: int8, scope: per_token, symmetric: true}}: W8A8_DYNAMIC or W4A8_DYNAMIC)"
-    )
-
-
-def _outside_blocks(names: list[str], blocks: list[str]) -> set[str]:
-    return {n for n in names if not any(n.startswith(b + ".") for b in blocks)}
-
-
-def plan_layers(config: PracticeConfig, processors: list[Processor], model: nn.Module,
-                blocks: list[str]) -> dict[str, str]:
-    """{linear name: scheme} for every linear, as it will be written (FLOAT when no rule matches, and for linears
-    outside the decoder `blocks`, which the runner never visits: lm_head); rejects double matches, group sizes
-    that do not divide a layer and static activations on routed experts, naming the layer."""
-    names = _linear_names(model)
-    outside = _outside_blocks(names, blocks)
-    try:
-        merge_claims([(f"spec.process[{i}]", p.claims(names)) for i, p in enumerate(processors)])
-    except DoubleMatchError as exc:
-        raise ConfigError(str(exc)) from None
-    plan = {n: "FLOAT" for n in names}
-    group_sizes = set()
-    experts = routed_expert_linears(model)
-    for leaf in _quant_rules(config.spec.process):
-        selected = select(names, leaf.include, leaf.exclude)
-        skipped = sorted(outside.intersection(selected))
-        if skipped:
-            log.warning("a rule (include=%s, exclude=%s) matches %s, outside the decoder layers: it stays in float "
-                        "(only decoder-layer linears are quantized); add it to exclude to silence this",
-                        leaf.include, leaf.exclude, ", ".join(skipped))
-            selected = [n for n in selected if n not in outside]
-        _refuse_static_experts(leaf, selected, experts)
-        for name in selected:
-            plan[name] = leaf.qconfig.scheme.value
-            group = leaf.qconfig.weight.group_size
-            if group:
-                group_sizes.add(group)
-                in_features = model.get_submodule(name).in_features
-                if in_features % group:
-                    raise ConfigError(
-                        f"group_size {group} does not divide the input size {in_features} of layer {name}; "
-                        f"choose a divisor of {in_features} or exclude the layer"
-                    )
-        for pattern in unused_patterns(names, leaf.include + leaf.exclude):
-            log.warning("pattern %r of a quantization rule matches no linear layer", pattern)
-    if len(group_sizes) > 1:
-        raise ConfigError(f"ascendv1 stores one group_size per model, but the config uses {sorted(group_sizes)}")
-    return plan
-
-
-def summarize_plan(plan: dict[str, str]) -> str:
-    counts = Counter(plan.values())
-    float_layers = [n for n, s in plan.items() if s == "FLOAT"]
-    text = ", ".join(f"{scheme} x{count}" for scheme, count in sorted(counts.items()))
-    shown = ", ".join(float_layers[:6]) + (" ..." if len(float_layers) > 6 else "")
-    return f"{len(plan)} linear layers: {text}" + (f"; kept in float: {shown}" if float_layers else "")
 
 
 def load_practice(request: QuantizeRequest) -> PracticeConfig:
@@ -431,7 +342,8 @@ def quantize(request: QuantizeRequest) -> QuantizeReport:
     if _launches_ranks(job.runner):
         written = _run_spawned_ranks(request)
     elif job.runner == RunnerType.dp_layer_wise:  # one rank of a torchrun job
-        written = _execute(job, request, torchrun_rank(request.device.kind, request.device.indices))
+        with torchrun_group(request.device.kind, request.device.indices) as collective:
+            written = _execute(job, request, collective)
     else:
         written = _execute(job, request, LOCAL)
     report.description, report.warnings = written.description, written.warnings

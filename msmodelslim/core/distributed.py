@@ -10,7 +10,7 @@ Two ways to start:
 - one machine: `--device cuda:0,1`, `npu:0,1,2,3` or `cpu:0,1` (CPU processes, for testing) — the tool spawns
   one process per listed device (`spawn_ranks`);
 - several machines: run the same command under `torchrun`, which sets WORLD_SIZE, RANK, LOCAL_RANK,
-  MASTER_ADDR and MASTER_PORT (`torchrun_rank`); each process uses the device LOCAL_RANK of `--device`.
+  MASTER_ADDR and MASTER_PORT (`torchrun_group`); each process uses the device LOCAL_RANK of `--device`.
 Backends: gloo on CPU, nccl on CUDA, hccl on NPU.
 """
 from __future__ import annotations
@@ -23,7 +23,8 @@ import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -112,6 +113,19 @@ def rank_device(kind: str, indices: tuple[int, ...], local_rank: int) -> torch.d
 def torchrun_world() -> int:
     """WORLD_SIZE when started by torchrun (or any launcher that sets it), else 1."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@contextmanager
+def torchrun_group(kind: str, indices: tuple[int, ...]) -> Iterator[Collective]:
+    """This process's rank of a torchrun job, for the duration of the block. The group is destroyed on the way
+    out: one left to the interpreter's shutdown can abort the process ("terminate called without an active
+    exception") after the work is done."""
+    collective = torchrun_rank(kind, indices)
+    try:
+        yield collective
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def torchrun_rank(kind: str, indices: tuple[int, ...]) -> Collective:

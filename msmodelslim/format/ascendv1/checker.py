@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from msmodelslim.format.ascendv1.reader import GLOBAL_KEYS, quantized_layers, read_description, tensors_by_layer
 from msmodelslim.format.ascendv1.tensors import FLOAT, decode_deq_scale, unpack_int4_int32, unpack_int4_rows

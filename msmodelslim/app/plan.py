@@ -1,0 +1,105 @@
+"""The layer plan: which scheme every linear will be written with, decided on the empty (meta-device) model
+before any weight is read, with the rule problems that can be seen there (a layer matched twice, a group size
+that does not divide a layer, static activations on routed experts, rules that reach outside the decoder
+layers)."""
+from __future__ import annotations
+
+from collections import Counter
+
+from torch import nn
+
+from msmodelslim.core.config import PracticeConfig
+from msmodelslim.core.errors import ConfigError
+from msmodelslim.core.logging import get_logger
+from msmodelslim.model.moe import routed_expert_linears
+from msmodelslim.processor.base import Processor
+from msmodelslim.processor.linear_quant.config import LinearQuantConfig
+from msmodelslim.processor.matching import select, unused_patterns
+from msmodelslim.processor.registry import DoubleMatchError, merge_claims
+
+log = get_logger("app.plan")
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def _quant_rules(configs) -> list:
+    """Every {qconfig, include, exclude} rule: linear_quant steps (also inside groups) and autoround strategies."""
+    out = []
+    for c in configs:
+        if hasattr(c, "configs"):
+            out.extend(_quant_rules(c.configs))
+        elif hasattr(c, "strategies"):
+            out.extend(c.strategies)
+        elif isinstance(c, LinearQuantConfig):
+            out.append(c)
+    return out
+
+
+def _refuse_static_experts(leaf, selected: list[str], experts: dict[str, tuple[str, int]]) -> None:
+    """Static activation ranges (W8A8) on routed experts: no serving kernel exists (formats.md A.5)."""
+    routed = [n for n in selected if n in experts]
+    if not leaf.qconfig.static_act or not routed:
+        return
+    layer = experts[routed[0]][0]
+    raise ConfigError(
+        f"the rule include={leaf.include} exclude={leaf.exclude} gives static activation quantization "
+        f"({leaf.qconfig.scheme.value}) to {len(routed)} routed expert linears such as {routed[0]} "
+        f"(pattern '{layer}.*'); no serving kernel runs static-activation MoE experts. Add '*.mlp.experts.*' to "
+        f"this rule's exclude and quantize the experts in their own rule with dynamic activations "
+        f"(act: {{dtype: int8, scope: per_token, symmetric: true}}: W8A8_DYNAMIC or W4A8_DYNAMIC)"
+    )
+
+
+def _outside_blocks(names: list[str], blocks: list[str]) -> set[str]:
+    return {n for n in names if not any(n.startswith(b + ".") for b in blocks)}
+
+
+def plan_layers(config: PracticeConfig, processors: list[Processor], model: nn.Module,
+                blocks: list[str]) -> dict[str, str]:
+    """{linear name: scheme} for every linear, as it will be written (FLOAT when no rule matches, and for linears
+    outside the decoder `blocks`, which the runner never visits: lm_head); rejects double matches, group sizes
+    that do not divide a layer and static activations on routed experts, naming the layer."""
+    names = _linear_names(model)
+    outside = _outside_blocks(names, blocks)
+    try:
+        merge_claims([(f"spec.process[{i}]", p.claims(names)) for i, p in enumerate(processors)])
+    except DoubleMatchError as exc:
+        raise ConfigError(str(exc)) from None
+    plan = {n: "FLOAT" for n in names}
+    group_sizes = set()
+    experts = routed_expert_linears(model)
+    for leaf in _quant_rules(config.spec.process):
+        selected = select(names, leaf.include, leaf.exclude)
+        skipped = sorted(outside.intersection(selected))
+        if skipped:
+            log.warning("a rule (include=%s, exclude=%s) matches %s, outside the decoder layers: it stays in float "
+                        "(only decoder-layer linears are quantized); add it to exclude to silence this",
+                        leaf.include, leaf.exclude, ", ".join(skipped))
+            selected = [n for n in selected if n not in outside]
+        _refuse_static_experts(leaf, selected, experts)
+        for name in selected:
+            plan[name] = leaf.qconfig.scheme.value
+            group = leaf.qconfig.weight.group_size
+            if group:
+                group_sizes.add(group)
+                in_features = model.get_submodule(name).in_features
+                if in_features % group:
+                    raise ConfigError(
+                        f"group_size {group} does not divide the input size {in_features} of layer {name}; "
+                        f"choose a divisor of {in_features} or exclude the layer"
+                    )
+        for pattern in unused_patterns(names, leaf.include + leaf.exclude):
+            log.warning("pattern %r of a quantization rule matches no linear layer", pattern)
+    if len(group_sizes) > 1:
+        raise ConfigError(f"ascendv1 stores one group_size per model, but the config uses {sorted(group_sizes)}")
+    return plan
+
+
+def summarize_plan(plan: dict[str, str]) -> str:
+    counts = Counter(plan.values())
+    float_layers = [n for n, s in plan.items() if s == "FLOAT"]
+    text = ", ".join(f"{scheme} x{count}" for scheme, count in sorted(counts.items()))
+    shown = ", ".join(float_layers[:6]) + (" ..." if len(float_layers) > 6 else "")
+    return f"{len(plan)} linear layers: {text}" + (f"; kept in float: {shown}" if float_layers else "")
