@@ -201,16 +201,14 @@ def _prepare(request: QuantizeRequest, in_rank: bool = False) -> _Job:
                     "are not written: %s%s (e.g. a multi-token-prediction layer; transformers ignores them too)",
                     len(unused), ", ".join(unused[:6]), " ..." if len(unused) > 6 else "")
     writer_class = CompressedTensorsWriter if config.spec.save[0].type == "compressed_tensors" else AscendV1Writer
-    mixed = [n for n, s in plan.items() if s == "W8A8_MIX"]
-    if mixed and writer_class is CompressedTensorsWriter:
-        raise UnsupportedError(f"act scope pd_mix (W8A8_MIX, e.g. {mixed[0]}) is an Ascend serving scheme with no "
-                               f"compressed-tensors equivalent; save with ascendv1_saver, or use act scope "
-                               f"per_tensor (static) or per_token (dynamic) for compressed_tensors")
+    for name, scheme in plan.items():
+        if scheme in writer_class.UNSUPPORTED:
+            raise UnsupportedError(f"{name} would be {scheme}: {writer_class.UNSUPPORTED[scheme]}")
     required = required_tensors(skeleton, [n for n, s in plan.items() if s != "FLOAT"], writer_class.TIED_ALIASES)
     if request.dry_run or (_launches_ranks(runner) and not in_rank):
         model = skeleton  # only the plan is needed here (the spawned ranks load for themselves)
     else:
-        model = adapter.init_model(device, load_layers=runner == RunnerType.model_wise)
+        model = adapter.load_weights(skeleton, device, load_layers=runner == RunnerType.model_wise)
     if not in_rank:
         log.info("runner %s on %s%s; %s", runner.value, request.device, ranks,
                  f"{len(texts)} calibration samples" if needs_data else "no calibration data needed")

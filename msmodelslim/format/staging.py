@@ -131,28 +131,10 @@ def check_save_path(save_path: Path, overwrite: bool, model_path: Path | None = 
     """Fail before any work if the output location cannot or must not be used. A real run first finishes or
     undoes what a killed earlier run left (which can rename directories); a dry run changes nothing, so it only
     says what the real run will recover, then applies the same checks."""
-    resolved = _typed_save_path(save_path)
-    if dry_run:
-        _note_pending_recovery(resolved)
-    else:
-        recover(resolved)  # a killed earlier run: put the previous or the complete new checkpoint back first
-    validate_save_path(resolved, overwrite, model_path)
-
-
-def _note_pending_recovery(save_path: Path) -> None:
-    """Read-only: tell a dry run what recover() would act on (the real run's checks then see its result)."""
-    top = read_marker(save_path) if save_path.is_dir() else None
-    leftovers = [p for dirs in _tokens(save_path).values()  # what recover() acts on: runs no longer alive
-                 if "partial" not in dirs or not _owner_alive(dirs["partial"]) for p in dirs.values()]
-    if leftovers or (top or {}).get("swapping"):
-        shown = ", ".join(str(p) for p in leftovers) or f"{save_path} (an interrupted in-place replacement)"
-        log.warning("dry run: an interrupted earlier run left %s; the real run (or 'msmodelslim check %s') "
-                    "finishes or undoes that first, which can change what --save_path holds", shown, save_path)
-
-
-def validate_save_path(save_path: Path, overwrite: bool, model_path: Path | None = None) -> None:
-    """The read-only checks of `check_save_path` (what both a dry run and a real run apply)."""
     save_path = _typed_save_path(save_path)
+    # A killed earlier run: a real run puts the previous or the complete new checkpoint back first; a dry run
+    # changes nothing and only says what the real run (or 'msmodelslim check') will do.
+    recover(save_path, apply=not dry_run)
     what = _protected(save_path)
     if what:
         raise ConfigError(f"--save_path {save_path} is {what}; it is never replaced, --overwrite or not. Give the "
@@ -232,16 +214,23 @@ def _tokens(save_path: Path) -> dict[str, dict[str, Path]]:
     return found
 
 
-def recover(save_path: Path) -> list[str]:
-    """Finish or undo what interrupted runs left around `save_path`; returns what was done (also logged)."""
+def recover(save_path: Path, apply: bool = True) -> list[str]:
+    """Finish or undo what interrupted runs left around `save_path`; returns what was done (also logged).
+    With apply=False nothing is touched and the lines say what a real run would do (dry runs)."""
     save_path = save_path.expanduser().resolve()
     done: list[str] = []
+
+    def act(action, line: str) -> None:
+        if apply:
+            action()
+        done.append(line)
+
     top = read_marker(save_path) if save_path.is_dir() else None
     token = (top or {}).get("swapping")
     if isinstance(token, str) and TOKEN.fullmatch(token):  # an in-place swap was interrupted: roll it forward
         partial, old = _in_place_dir(save_path, "partial", token), _in_place_dir(save_path, "old", token)
-        _finish_in_place_swap(save_path, partial, old, top.get("phase", "aside"))
-        done.append(f"completed the interrupted replacement of {save_path} (new checkpoint now in place)")
+        act(lambda: _finish_in_place_swap(save_path, partial, old, top.get("phase", "aside")),
+            f"completed the interrupted replacement of {save_path} (new checkpoint now in place)")
     for token, dirs in _tokens(save_path).items():
         partial, old = dirs.get("partial"), dirs.get("old")
         if partial is not None and _owner_alive(partial):
@@ -249,19 +238,19 @@ def recover(save_path: Path) -> list[str]:
         new_complete = partial is not None and (read_marker(partial) or {}).get("complete") is True
         if not save_path.exists():  # killed inside the swap (only sibling directories exist without save_path)
             if new_complete:
-                partial.rename(save_path)
-                done.append(f"completed the interrupted replacement of {save_path} (new checkpoint now in place)")
+                act(lambda: partial.rename(save_path), f"completed the interrupted replacement of {save_path} "
+                                                       f"(new checkpoint from {partial} now in place)")
                 partial = None
             elif old is not None:
-                old.rename(save_path)
-                done.append(f"restored the previous checkpoint at {save_path} (the run replacing it was interrupted)")
+                act(lambda: old.rename(save_path), f"restored the previous checkpoint at {save_path} from {old} "
+                                                   f"(the run replacing it was interrupted)")
                 old = None
         for leftover in (partial, old):
             if leftover is not None and leftover.exists():
-                shutil.rmtree(leftover, ignore_errors=True)
-                done.append(f"removed {leftover} left by an interrupted run")
+                act(lambda: shutil.rmtree(leftover, ignore_errors=True), f"removed {leftover} left by an interrupted run")
     for line in done:
-        log.warning("%s", line)
+        log.warning("%s%s", "" if apply else "dry run: an interrupted earlier run left work behind; the real run (or "
+                                             "'msmodelslim check') will first have ", line)
     return done
 
 

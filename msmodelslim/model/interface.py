@@ -119,6 +119,11 @@ class ModelSlimPipelineInterfaceV1(ABC):
         Override to skip the read; by default it builds the model as layer_wise does."""
         return self.init_model(torch.device("cpu"), load_layers=False)
 
+    def load_weights(self, skeleton: nn.Module, device: torch.device, load_layers: bool) -> nn.Module:
+        """The planned skeleton with its weights read (what init_model returns). By default the model is built
+        again; adapters that can fill the skeleton in place override this."""
+        return self.init_model(device, load_layers)
+
     @abstractmethod
     def generate_model_visit(self, model: nn.Module) -> Iterator[ProcessRequest]:
         """Yield each block without data (data-free processing)."""

@@ -155,7 +155,9 @@ class TransformersModel(ModelSlimPipelineInterfaceV1):
         return sorted(set(self.checkpoint.names()) - used)
 
     def init_model(self, device: torch.device, load_layers: bool) -> nn.Module:
-        model = self.init_skeleton()
+        return self.load_weights(self.init_skeleton(), device, load_layers)
+
+    def load_weights(self, model: nn.Module, device: torch.device, load_layers: bool) -> nn.Module:
         blocks = self.block_names(model)
         names = [n for n in model.state_dict() if load_layers or not any(n.startswith(b + ".") for b in blocks)]
         self._materialise(model, "", names, torch.device("cpu"))

@@ -56,6 +56,7 @@ class AscendV1Writer:
 
     # The engines look up every linear's weight in the description, lm_head included: a tied table goes in twice.
     TIED_ALIASES = True
+    UNSUPPORTED: dict[str, str] = {}  # every Scheme has an ascendv1 layout
 
     def add_tied(self, name: str, source: str, tensor: torch.Tensor) -> None:
         self.add_float(name, tensor)

@@ -33,6 +33,10 @@ class CompressedTensorsWriter:
 
     # A tied table (lm_head sharing the embedding) is stored once; transformers and vLLM re-tie it from config.json.
     TIED_ALIASES = False
+    # Schemes this format has no representation for (planning refuses them before any weight is read).
+    UNSUPPORTED = {"W8A8_MIX": "act scope pd_mix (W8A8_MIX) is an Ascend serving scheme with no compressed-tensors "
+                               "equivalent; save with ascendv1_saver, or use act scope per_tensor (static) or "
+                               "per_token (dynamic) for compressed_tensors"}
 
     def add_float(self, name: str, tensor: torch.Tensor) -> None:
         dtype = self.dtype_for(name) if tensor.is_floating_point() else tensor.dtype
