@@ -55,6 +55,15 @@ def autoround(qconfig: dict, iters: int = 10) -> dict:
 FLEX_AWQ_W4A8 = {"type": "flex_awq_ssz", "qconfig": {"act": DYNAMIC, "weight": {**WEIGHT_INT4, "method": "ssz"}}}
 
 
+# W8A8S: static int8 activations, int8 weights whose bulk sits on a 4-bit grid (outliers kept in int8).
+def lowbit_sparse(**ext) -> dict:
+    return {**WEIGHT_INT8, "method": "lowbit_sparse", "ext": {"w_bit": 4, **ext}}
+
+
+def float_sparse(ratio: float, exclude=()) -> dict:
+    return {"type": "float_sparse", "sparse_ratio": ratio, "include": [], "exclude": list(exclude)}
+
+
 # Static on attention and MLP inputs, down_proj dynamic (the split the established practices use).
 SPLIT = {"type": "group", "configs": [linear({"act": STATIC, "weight": WEIGHT_INT8}, exclude=("lm_head", "*down_proj")),
                                       linear({"act": DYNAMIC, "weight": WEIGHT_INT8}, include=("*down_proj",))]}
@@ -105,6 +114,27 @@ SCHEMES = {
     "autoround_w4a8_dynamic": [autoround({"act": DYNAMIC, "weight": AR_CHANNEL})],
     "flex_awq+autoround_w4a8_dynamic": [FLEX_AWQ_W4A8, autoround({"act": DYNAMIC, "weight": AR_CHANNEL})],
     "w8a8_static_histogram": [linear({"act": {**STATIC, "method": "histogram"}, "weight": WEIGHT_INT8})],
+    # C8: the KV cache int8 per channel (dynamic_cache); kvs = kv_smooth (smooth_factor 1) before it
+    "c8": [{"type": "dynamic_cache", "qconfig": {**WEIGHT_INT8}}],
+    "kvs+c8": [{"type": "kv_smooth"}, {"type": "dynamic_cache", "qconfig": {**WEIGHT_INT8}}],
+    "sq0.5+w8a8_dynamic+c8": [smooth(0.5), linear({"act": DYNAMIC, "weight": WEIGHT_INT8}),
+                              {"type": "dynamic_cache", "qconfig": {**WEIGHT_INT8}}],
+    "sq0.5+kvs+w8a8_dynamic+c8": [smooth(0.5), {"type": "kv_smooth"}, linear({"act": DYNAMIC, "weight": WEIGHT_INT8}),
+                                  {"type": "dynamic_cache", "qconfig": {**WEIGHT_INT8}}],
+    "w8a8s_f0.01": [linear({"act": STATIC, "weight": lowbit_sparse(fraction=0.01)})],
+    "sq0.8+w8a8s_f0.01": [smooth(0.8), linear({"act": STATIC, "weight": lowbit_sparse(fraction=0.01)})],
+    "sq0.8+w8a8s_f0.02": [smooth(0.8), linear({"act": STATIC, "weight": lowbit_sparse(fraction=0.02)})],
+    "sq0.8+w8a8s_sigma3": [smooth(0.8), linear({"act": STATIC, "weight": lowbit_sparse(use_sigma=True, sigma_factor=3.0)})],
+    # the established sparse practices keep every down_proj in float
+    "sq0.8+w8a8s_f0.01_down_float": [smooth(0.8), linear({"act": STATIC, "weight": lowbit_sparse(fraction=0.01)},
+                                                         exclude=("lm_head", "*down_proj"))],
+    "sq0.8+w8a8s_sigma3_down_float": [smooth(0.8), linear({"act": STATIC, "weight": lowbit_sparse(
+        use_sigma=True, sigma_factor=3.0)}, exclude=("lm_head", "*down_proj"))],
+    "sq0.8+w8a8_static_down_float": [smooth(0.8), linear({"act": STATIC, "weight": WEIGHT_INT8},
+                                                         exclude=("lm_head", "*down_proj"))],
+    "w16a16s_0.3": [float_sparse(0.3)],
+    "w16a16s_0.4": [float_sparse(0.4)],
+    "w16a16s_0.5": [float_sparse(0.5)],
 }
 DEFAULT_SCHEMES = "w8a16,w8a8_dynamic,w8a8_static,w4a16_g64,w4a16_channel"
 
@@ -117,6 +147,24 @@ def calibration_windows(tokenizer, count: int, length: int, out: Path) -> Path:
         for s in starts:
             f.write(json.dumps({"text": tokenizer.decode(ids[s : s + length])}) + "\n")
     return out
+
+
+def weight_zeros(out: Path) -> str:
+    """Share of zero weights (int8 codes or pruned floats) per type over the quantized linears of `out`."""
+    from safetensors import safe_open
+
+    description = json.loads((out / "quant_model_description.json").read_text())
+    zeros: dict[str, list[int]] = {}
+    for file in sorted(out.glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            for key in f.keys():
+                tag = description.get(key)
+                if key.endswith(".weight") and tag not in (None, "FLOAT"):
+                    w = f.get_tensor(key)
+                    counts = zeros.setdefault(tag, [0, 0])
+                    counts[0] += int((w == 0).sum())
+                    counts[1] += w.numel()
+    return ", ".join(f"{tag} zero weights {z / n:.4f}" for tag, (z, n) in sorted(zeros.items()))
 
 
 def write_config(path: Path, process: list, dataset: str, runner: str, saver: str = "ascendv1_saver") -> None:
@@ -165,6 +213,8 @@ def main() -> None:
     parser.add_argument("--calib_samples", type=int, default=128)
     parser.add_argument("--runner", default="layer_wise", choices=["layer_wise", "model_wise"])
     parser.add_argument("--work_dir", type=Path, default=Path.home() / ".cache" / "msmodelslim" / "bench")
+    parser.add_argument("--float_ppl", type=float, default=None,
+                        help="the float model's perplexity on the same windows, from an earlier run (skips it)")
     args = parser.parse_args()
     args.work_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(torch.get_num_threads())
@@ -172,7 +222,10 @@ def main() -> None:
     model_dir = convert_gguf(find_gguf(), Path.home() / ".cache" / "msmodelslim" / "demo" / "SmolLM2-135M-Instruct")
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     windows = token_windows(tokenizer, read_texts(CORPORA / "debian-reference.eval.txt"), 512, args.windows)
-    float_ppl = perplexity(load_float_model(model_dir, False), windows, torch.device("cpu"), "float")
+    if args.float_ppl is None:
+        float_ppl = perplexity(load_float_model(model_dir, False), windows, torch.device("cpu"), "float")
+    else:
+        float_ppl = argparse.Namespace(perplexity=args.float_ppl)
     print(f"float: ppl {float_ppl.perplexity:.4f} on {len(windows)} x 512 tokens of the eval half", flush=True)
     calib = calibration_windows(tokenizer, args.calib_samples, 512, args.work_dir / "calib_windows.jsonl")
 
@@ -185,7 +238,7 @@ def main() -> None:
         ppl = perplexity(load_ascendv1(out), windows, torch.device("cpu"), name)
         rows.append((name, ppl.perplexity, seconds, rss))
         print(f"{name}: ppl {ppl.perplexity:.4f} (x{ppl.perplexity / float_ppl.perplexity:.4f} of float), "
-              f"quantize {seconds:.1f} s, peak RSS {rss:.0f} MiB", flush=True)
+              f"quantize {seconds:.1f} s, peak RSS {rss:.0f} MiB; {weight_zeros(out)}", flush=True)
 
     print(f"\n| scheme ({args.runner}) | perplexity | vs float | quantize wall s | quantize peak RSS MiB |")
     print("|---|---|---|---|---|")

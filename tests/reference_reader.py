@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-GLOBAL = {"version", "model_quant_type", "metadata", "group_size", "optional"}
+GLOBAL = {"version", "model_quant_type", "metadata", "group_size", "optional", "kv_cache_type", "kv_quant_type"}
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -67,7 +67,7 @@ def dequantized_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, di
         if not (key.endswith(".weight") or key.endswith(".weight_packed")):
             continue
         p = key.rsplit(".", 1)[0]
-        if tag == "W8A8":
+        if tag in ("W8A8", "W8A8S"):  # W8A8S: the W8A8 tensors, the int8 codes merely sparse
             q, s_in, o_in = t[f"{p}.weight"].float(), t[f"{p}.input_scale"].float(), t[f"{p}.input_offset"].float()
             dq = _deq_scale_f32(t[f"{p}.deq_scale"])
             w = q * (dq / s_in)[:, None]
@@ -100,6 +100,9 @@ def dequantized_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, di
             b = t.get(f"{p}.bias")
             acts[p] = {"kind": "dynamic"}
             used |= {f"{p}.{s}" for s in ("weight", "weight_scale", "weight_offset", "scale_bias")}
+        elif tag == "W16A16S":  # a pruned float weight, used as it is
+            w, b = t[f"{p}.weight"].float(), t.get(f"{p}.bias")
+            used.add(f"{p}.weight")
         elif tag == "W4A16":
             n, k = (int(v) for v in t[f"{p}.weight_shape"])
             q = _unpack_int32(t[f"{p}.weight_packed"], k)
@@ -112,10 +115,49 @@ def dequantized_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, di
         if b is not None:
             state[f"{p}.bias"] = b.float()
             used.add(f"{p}.bias")
+    for key, tag in desc.items():  # C8 (formats.md A.6): <attn>.{k,v}_proj.kv_cache_{scale,offset} [kv_heads·head_dim]
+        if key in GLOBAL or tag != "C8":
+            continue
+        attention, projection, name = key.rsplit(".", 2)
+        acts.setdefault(attention, {"kind": "kv_cache"})[f"{projection}.{name}"] = t[key].float()
+        used.add(key)
     for key, value in t.items():
         if key not in used:
             state[key] = value.float() if value.is_floating_point() else value
     return state, acts
+
+
+def _c8_cache_read(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """x [batch, kv_heads, tokens, head_dim], channel h·D + d: int8 on the cache write (with the offset), the
+    scale alone on the read, as vLLM-Ascend's C8."""
+    heads, dim = x.shape[1], x.shape[3]
+    s = scale.reshape(heads, dim)[None, :, None, :]
+    o = offset.reshape(heads, dim)[None, :, None, :]
+    return torch.clamp(torch.round(x / s + o), -128, 127) * s
+
+
+class _C8Cache:
+    """Given to an attention as its cache: K/V go through the int8 cache on their way to the real one (if any)."""
+
+    def __init__(self, info: dict, inner) -> None:
+        self.info, self.inner = info, inner
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        i = self.info
+        key_states = _c8_cache_read(key_states, i["k_proj.kv_cache_scale"], i["k_proj.kv_cache_offset"])
+        value_states = _c8_cache_read(value_states, i["v_proj.kv_cache_scale"], i["v_proj.kv_cache_offset"])
+        if self.inner is None:
+            return key_states, value_states
+        return self.inner.update(key_states, value_states, *args, **kwargs)
+
+
+def _c8_hook(info: dict):
+    def hook(module, args, kwargs):
+        inner = kwargs.pop("cache", None) or kwargs.pop("past_key_values", None)
+        kwargs["cache"] = _C8Cache(info, inner)  # transformers 5 names the attention's cache argument `cache`
+        return args, kwargs
+
+    return hook
 
 
 def _per_token_int8(x: torch.Tensor) -> torch.Tensor:
@@ -168,12 +210,17 @@ def load_reference_model(path: Path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     state, acts = dequantized_state(path)
+    # formats.md A.6: the DeepSeek-V3.2 indexer's Hadamard matrices are engine-side extras the architecture lacks
+    state = {k: v for k, v in state.items() if not k.endswith((".indexer.q_rot", ".indexer.k_rot"))}
     expert_kinds = stack_experts(state, acts)
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     model.load_state_dict(state, strict=True)
     for prefix, info in acts.items():
         module = model.get_submodule(prefix)
+        if info["kind"] == "kv_cache":
+            module.register_forward_pre_hook(_c8_hook(info), with_kwargs=True)
+            continue
         if info["kind"] == "static":
             s, o = info["scale"], info["offset"]
             hook = lambda m, a, s=s, o=o: ((torch.clamp(torch.round(a[0] / s + o), -128, 127) - o) * s,)

@@ -35,11 +35,11 @@ def test_unknown_key_unknown_type_and_planned_processor():
     message = error_of(config_with([
         {"type": "linear_quant", "qconfig": {"weight": W8}, "inclde": ["*"]},
         {"type": "magic"},
-        {"type": "kv_smooth"},
+        {"type": "fa3_quant"},
     ]))
     assert "spec.process[0].inclde: unknown key" in message
     assert "spec.process[1].type: unknown processor type 'magic'" in message
-    assert "spec.process[2].type: processor 'kv_smooth' is not implemented yet" in message
+    assert "spec.process[2].type: processor 'fa3_quant' is not implemented yet" in message
 
 
 def test_type_error_and_runner_enum():
@@ -77,7 +77,7 @@ def test_per_group_needs_group_size_and_planned_method_is_named():
 
 
 def test_apiversions():
-    assert "not implemented yet" in error_of({"apiversion": "modelslim_v0", "spec": {}})
+    assert "not implemented yet" in error_of({"apiversion": "modelslim_convert", "spec": {}})
     assert "unknown" in error_of({"apiversion": "v9", "spec": {}})
 
 

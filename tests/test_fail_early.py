@@ -16,7 +16,12 @@ from msmodelslim.core.dataset import load_texts
 from msmodelslim.core.errors import ConfigError, InvalidDatasetError, InvalidModelError
 
 Usage = namedtuple("Usage", "total used free")
-SUPPORTED = "deepseek_v3, llama, qwen2, qwen3, qwen3_moe"
+
+def _supported() -> str:
+    """config.json model_types the registered adapters serve (grows as families are added)."""
+    from msmodelslim.model.registry import hf_families
+
+    return ", ".join(sorted(hf_families()))
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
@@ -268,7 +273,9 @@ def test_the_model_s_own_name_is_preferred(tmp_path):
 def test_an_unknown_family_is_refused_naming_the_supported_ones(tmp_path, capsys, w8a16):
     model = model_dir(tmp_path / "m", {"model_type": "mistral"})
     code, _, err = run_cli(capsys, *quant_args(model, tmp_path / "out", w8a16))
-    assert code == 2 and "'mistral'" in err and f"supported: {SUPPORTED}" in err and "pass --model_type" in err
+    assert code == 2 and "'mistral'" in err and f"supported: {_supported()}" in err and "pass --model_type" in err
+    assert {"llama", "qwen2", "qwen3", "qwen3_moe", "deepseek_v3"} <= set(_supported().split(", "))
+    assert "or --model_type default for the generic adapter (MistralForCausalLM" in err
     assert not (tmp_path / "out").exists()
 
 

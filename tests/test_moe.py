@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 import msmodelslim.app.quantize as quantize_app
 from helpers import SCHEMES, outputs_of_both_runners, run_quant, small_calib
 from msmodelslim.cli.__main__ import main
-from msmodelslim.core.errors import ConfigError, InvalidModelError, UnsupportedError
+from msmodelslim.core.errors import ConfigError, InvalidModelError
 from msmodelslim.format.ascendv1.checker import check_moe_experts
 from msmodelslim.format.ascendv1.reader import load_ascendv1
 from msmodelslim.model.moe import UnfusedExperts, unfuse_experts
@@ -283,16 +283,7 @@ def test_static_activations_on_experts_are_refused_before_any_work(moe_models, t
     assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
 
 
-@pytest.mark.parametrize("family,step,needle", [
-    ("qwen3_moe", {"type": "smooth_quant"}, "smooth_quant: adapter Qwen3MoeAdapter describes no smoothing subgraphs"),
-    ("qwen3_moe", {"type": "iter_smooth"}, "iter_smooth: adapter Qwen3MoeAdapter describes no smoothing subgraphs"),
-    ("deepseek_v3", {"type": "flex_smooth_quant"}, "flex_smooth_quant: adapter DeepseekV3Adapter describes no"),
-    ("deepseek_v3", {"type": "quarot"}, "quarot: adapter DeepseekV3Adapter does not describe where to rotate"),
-])
-def test_smoothing_and_rotation_are_refused_naming_the_adapter(moe_models, tmp_path, family, step, needle):
-    config = write_process(tmp_path / "c.yaml", [step, rule("w8a8_dynamic", exclude=["lm_head"])])
-    with pytest.raises(UnsupportedError, match=needle):
-        run_quant(moe_models[family], tmp_path / "out", config, MODEL_TYPE[family])
+# Smoothing on these families: tests/test_moe_smoothing.py; rotation: tests/test_quarot_moe.py.
 
 
 # ---- (g) stacked checkpoints -------------------------------------------------------------------------------

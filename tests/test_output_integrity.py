@@ -149,9 +149,9 @@ def test_the_plan_lists_what_is_written(tiny_llama, tmp_path, log_lines):
         assert description[f"{name}.weight"] == scheme, name
 
 
-def test_checkpoint_tensors_the_model_does_not_read_are_named(tmp_path, log_lines):
+def test_checkpoint_tensors_the_model_does_not_read_are_named_and_kept(tmp_path, log_lines):
     """A tensor the architecture has no place for (here a fake multi-token-prediction layer) is named in the log
-    instead of vanishing from the output without a word."""
+    and written unchanged instead of vanishing from the output (tests/test_passthrough.py covers the rest)."""
     from safetensors.torch import load_file, save_file
 
     model = make_tiny_model(tmp_path / "m", "llama")
@@ -160,5 +160,6 @@ def test_checkpoint_tensors_the_model_does_not_read_are_named(tmp_path, log_line
     tensors["model.layers.2.eh_proj.weight"] = torch.zeros(4, 4)
     save_file(tensors, str(weights), metadata={"format": "pt"})
     run_quant(model, tmp_path / "out", _config(tmp_path / "c.yaml", "ascendv1_saver"))
-    assert any("1 tensor(s) of the checkpoint are not part of the model" in line and
+    assert any("model.layers.2 (multi-token-prediction layer, 1 tensor(s)) is written unchanged" in line and
                "model.layers.2.eh_proj.weight" in line for line in log_lines)
+    assert torch.equal(_tensors(tmp_path / "out")["model.layers.2.eh_proj.weight"], torch.zeros(4, 4))

@@ -155,3 +155,17 @@ def test_flex_keeps_given_exponents():
     act, w = x.abs().amax(0), weight.abs().amax(0)
     result = search_alpha_beta(x, weight, lambda a, b: flex_scales(act, w, a, b), "per_token", alpha=0.3, beta=0.6)
     assert (result.alpha, result.beta) == (0.3, 0.6)
+
+
+@pytest.mark.parametrize("first", [{"type": "iter_smooth"}, {"type": "quarot"}])
+def test_a_group_refuses_a_rewrite_before_a_step_that_calibrates_in_the_same_forward(first, tiny_llama, tmp_path):
+    """In one group every child sees the same calibration forward: a static linear_quant after a smoothing or a
+    rotation there would take its ranges from activations the rewrite then changes."""
+    static = {"type": "linear_quant", "qconfig": SCHEMES["w8a8_static"], "exclude": ["lm_head"]}
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"apiversion": "modelslim_v1", "spec": {
+        "process": [{"type": "group", "configs": [first, static]}], "dataset": small_calib(tmp_path)}}))
+    with pytest.raises(ConfigError, match=r"group\.configs\[0\] \(\w+\) changes the activations .* put \w+ before "
+                                          r"the group"):
+        run_quant(tiny_llama, tmp_path / "out", config)
+    assert not (tmp_path / "out").exists()

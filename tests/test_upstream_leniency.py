@@ -20,8 +20,8 @@ def _refusal(spec: dict, apiversion: str = "modelslim_v1") -> str:
 
 
 @pytest.mark.parametrize("spec,needle", [
-    ({"process": [{"type": "dynamic_cache"}]}, "processor 'dynamic_cache' is not implemented yet (it belongs to the "
-                                               "attention and KV-cache quantization work)"),
+    ({"process": [{"type": "fa3_quant"}]}, "processor 'fa3_quant' is not implemented yet (it belongs to the "
+                                           "attention and KV-cache quantization work)"),
     ({"process": [{"type": "linear_quant", "qconfig": {"weight": {**W8, "dtype": "mxfp4", "scope": "per_block"}}}]},
      "dtype 'mxfp4' is not implemented yet (it belongs to the floating-point formats"),
     ({"process": [{"type": "linear_quant", "qconfig": {"weight": {**W8, "dtype": "fp8_e4m3"}}}]},

@@ -3,7 +3,9 @@ be served by vLLM on GPUs (or loaded by transformers).
 
 The ascendv1 directory is read by our reader (formats.md C.3) into QuantLinear modules, which the
 compressed-tensors writer stores as if they had just been quantized; the integer codes and scales are carried
-over unchanged. The whole model is held in memory (a per-layer streaming conversion is future work).
+over unchanged. The whole model is held in memory (a per-layer streaming conversion is future work); FLOAT
+tensors outside the architecture (a multi-token-prediction layer that quant passed through) are copied one at a
+time, unchanged.
 """
 from __future__ import annotations
 
@@ -15,16 +17,23 @@ from torch import nn
 from msmodelslim.core.config import MAX_PART_FILE_SIZE_GB
 from msmodelslim.core.errors import ConfigError, FormatCheckError, InvalidModelError, UnsupportedError
 from msmodelslim.core.logging import get_logger
-from msmodelslim.format.ascendv1.reader import load_ascendv1, read_valid_description, require_described_tensors
+from msmodelslim.format.ascendv1.reader import (
+    load_ascendv1,
+    outside_architecture,
+    read_valid_description,
+    require_described_tensors,
+)
 from msmodelslim.format.ascendv1.writer import DESCRIPTION
 from msmodelslim.format.compressed_tensors.checker import check_compressed_tensors
 from msmodelslim.format.compressed_tensors.writer import CompressedTensorsWriter
 from msmodelslim.format.disk_space import check_free_space, estimate_output_bytes
-from msmodelslim.format.integrity import required_tensors, verify_complete
+from msmodelslim.format.integrity import required_tensors, verify_complete, verify_source_tensors
 from msmodelslim.format.staging import check_save_path, staged_directory
 from msmodelslim.ir.quant_linear import QuantLinear
+from msmodelslim.model.checkpoint import SafetensorsCheckpoint
 from msmodelslim.model.hf_config import load_hf_config, model_load_errors, require_local_dir
 from msmodelslim.model.moe import unfuse_experts
+from msmodelslim.model.rebuild import family_skeleton
 from msmodelslim.model.transformers_model import config_dtype
 
 log = get_logger("app.convert")
@@ -36,9 +45,13 @@ def _drop_folded_zero_biases(model: nn.Module, config, source: Path, trust_remot
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    with model_load_errors(source), init_empty_weights():
-        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    unfuse_experts(skeleton)  # same per-expert names as the model the reader built
+    built = family_skeleton(source, trust_remote_code)  # the model the reader built, by the family's adapter
+    if built is not None:
+        skeleton = built[1]
+    else:
+        with model_load_errors(source), init_empty_weights():
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        unfuse_experts(skeleton)  # same per-expert names as the model the reader built
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear) and module.bias is not None:
             if getattr(skeleton.get_submodule(name), "bias", None) is None:
@@ -59,9 +72,15 @@ def convert_ascendv1_to_compressed_tensors(source: Path, save_path: Path, overwr
     # a malformed description, or a shard it names missing, fails before anything is loaded or written
     description = read_valid_description(source)
     require_described_tensors(source, description, "--model_path")
-    if "W8A8_MIX" in description.values():
-        raise UnsupportedError(f"{source} holds W8A8_MIX (PD-mix) layers, an Ascend serving scheme with no "
-                               f"compressed-tensors equivalent; quantize again with act scope per_tensor or per_token")
+    tags = {tag for tag in description.values() if isinstance(tag, str)}
+    unsupported = sorted(tags & CompressedTensorsWriter.UNSUPPORTED.keys())  # e.g. W8A8_MIX (PD-mix), W8A8S
+    if unsupported:
+        tag = unsupported[0]
+        raise UnsupportedError(f"{source} holds {tag} layers: {CompressedTensorsWriter.UNSUPPORTED[tag]}")
+    if "C8" in description.values():
+        raise UnsupportedError(f"{source} holds an int8 KV cache (C8, kv_cache_type {description.get('kv_cache_type')!r}); "
+                               f"compressed-tensors has no int8 per-channel KV cache (vLLM reads only FP8 "
+                               f"per-tensor k_scale/v_scale); quantize again without dynamic_cache")
     config = load_hf_config(source, trust_remote_code)
     check_save_path(save_path, overwrite, source)
     # the codes and scales are carried over: the output is about the source's size (stat() only, nothing read)
@@ -69,11 +88,16 @@ def convert_ascendv1_to_compressed_tensors(source: Path, save_path: Path, overwr
     dtype = config_dtype(config)
     model = load_ascendv1(source, trust_remote_code)
     _drop_folded_zero_biases(model, config, source, trust_remote_code)
+    checkpoint = SafetensorsCheckpoint(source)
+    # FLOAT tensors the architecture has no module for (e.g. a multi-token-prediction layer): carried over as they are
+    extra = outside_architecture(model, description, checkpoint.names())
     float_linears = [n for n, m in model.named_modules() if type(m) is nn.Linear]
     with staged_directory(save_path, overwrite) as staging:
         writer = CompressedTensorsWriter(staging, part_file_size_gb, dtype, lambda _name: dtype)
         for name, child in model.named_children():
             writer.add_module_tree(name, child)
+        for name in extra:  # one tensor in memory at a time
+            writer.add_passthrough(name, checkpoint.load([name])[name])
         writer.finish(source, float_linears=float_linears)
         (staging / DESCRIPTION).unlink(missing_ok=True)  # copied with the other *.json files; not part of this format
         findings = check_compressed_tensors(staging)
@@ -81,6 +105,7 @@ def convert_ascendv1_to_compressed_tensors(source: Path, save_path: Path, overwr
         if errors:
             raise FormatCheckError("the converted checkpoint fails the compressed-tensors checklist:\n  " + "\n  ".join(errors))
         verify_complete(staging, required_tensors(model, (), CompressedTensorsWriter.TIED_ALIASES))
+        verify_source_tensors(staging, checkpoint.names(), source)
     warnings = [f.message for f in findings if f.level == "warning"]
     for warning in warnings:
         log.warning("format check: %s", warning)

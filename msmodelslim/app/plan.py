@@ -11,9 +11,9 @@ from torch import nn
 from msmodelslim.core.config import PracticeConfig
 from msmodelslim.core.errors import ConfigError
 from msmodelslim.core.logging import get_logger
+from msmodelslim.ir.sparse_linear import W16A16S
 from msmodelslim.model.moe import routed_expert_linears
-from msmodelslim.processor.base import Processor
-from msmodelslim.processor.linear_quant.config import LinearQuantConfig
+from msmodelslim.processor.base import Processor, quant_rules
 from msmodelslim.processor.matching import select, unused_patterns
 from msmodelslim.processor.registry import DoubleMatchError, merge_claims
 
@@ -22,19 +22,6 @@ log = get_logger("app.plan")
 
 def _linear_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-
-
-def _quant_rules(configs) -> list:
-    """Every {qconfig, include, exclude} rule: linear_quant steps (also inside groups) and autoround strategies."""
-    out = []
-    for c in configs:
-        if hasattr(c, "configs"):
-            out.extend(_quant_rules(c.configs))
-        elif hasattr(c, "strategies"):
-            out.extend(c.strategies)
-        elif isinstance(c, LinearQuantConfig):
-            out.append(c)
-    return out
 
 
 def _refuse_static_experts(leaf, selected: list[str], experts: dict[str, tuple[str, int]]) -> None:
@@ -56,6 +43,17 @@ def _outside_blocks(names: list[str], blocks: list[str]) -> set[str]:
     return {n for n in names if not any(n.startswith(b + ".") for b in blocks)}
 
 
+def _sparse_rules(configs) -> list:
+    """Every float_sparse step (also inside groups): they write W16A16S, no qconfig involved."""
+    out = []
+    for c in configs:
+        if c.type == "group":
+            out.extend(_sparse_rules(c.configs))
+        elif c.type == "float_sparse":
+            out.append(c)
+    return out
+
+
 def plan_layers(config: PracticeConfig, processors: list[Processor], model: nn.Module,
                 blocks: list[str]) -> dict[str, str]:
     """{linear name: scheme} for every linear, as it will be written (FLOAT when no rule matches, and for linears
@@ -70,7 +68,7 @@ def plan_layers(config: PracticeConfig, processors: list[Processor], model: nn.M
     plan = {n: "FLOAT" for n in names}
     group_sizes = set()
     experts = routed_expert_linears(model)
-    for leaf in _quant_rules(config.spec.process):
+    for leaf in quant_rules(config.spec.process):
         selected = select(names, leaf.include, leaf.exclude)
         skipped = sorted(outside.intersection(selected))
         if skipped:
@@ -94,6 +92,15 @@ def plan_layers(config: PracticeConfig, processors: list[Processor], model: nn.M
             log.warning("pattern %r of a quantization rule matches no linear layer", pattern)
     if len(group_sizes) > 1:
         raise ConfigError(f"ascendv1 stores one group_size per model, but the config uses {sorted(group_sizes)}")
+    for rule in _sparse_rules(config.spec.process):  # its empty include means every decoder-layer linear
+        include, exclude = rule.selection
+        for name in select(names, include, exclude):
+            if name not in outside:
+                plan[name] = W16A16S
+        for pattern in unused_patterns(names, rule.include + rule.exclude):
+            log.warning("pattern %r of a float_sparse step matches no linear layer", pattern)
+    for processor in processors:  # e.g. smoothing subgraphs that this model's modules do not have
+        processor.check_model(model, blocks)
     return plan
 
 

@@ -12,6 +12,7 @@ Practices live in `lab_practice/<pedigree>/<config_id>.yaml` (and, searched firs
 
 No practice for the model -> `lab_practice/default/` for that quant_type, but only with the user's consent:
 an interactive prompt, or `--allow_default_practice` (without a terminal the run stops and names the flag).
+Models of the `default` pedigree (the generic adapter) have only those practices, so they are always asked.
 """
 from __future__ import annotations
 
@@ -43,7 +44,6 @@ _MISSING = {
     "w4a8": "no dense W4A8 recipe has been measured yet (MoE families have one), and vLLM-Ascend loads "
             "W4A8 only for MoE experts; write a config with method ssz or gptq",
     "w4a4": "its recipe needs a learned rotation (adapt_rotation) before autoround_quant",
-    "w8a8s": "sparse quantization", "w16a16s": "float_sparse",
 }
 
 
@@ -166,7 +166,8 @@ def select_practice(
 ) -> Practice:
     label = parse_quant_type(quant_type)
     name = quant_type.strip().lower()
-    chosen = find_practice(model_type, pedigree, label, tags)
+    # The default pedigree's practices are generic, never verified on the model at hand: always asked for.
+    chosen = find_practice(model_type, pedigree, label, tags) if pedigree != DEFAULT_PEDIGREE else None
     if chosen is not None:
         log.info("best practice: %s (score %g; serves %s for %s)", chosen.path, chosen.metadata.score,
                  model_type, name)
@@ -197,7 +198,7 @@ def practice_table(names: dict[str, str]) -> list[tuple[str, dict[str, str]]]:
         cells = {}
         for quant_type in KNOWN_QUANT_TYPES:
             label = parse_quant_type(quant_type)
-            own = find_practice(model_type, pedigree, label)
+            own = find_practice(model_type, pedigree, label) if pedigree != DEFAULT_PEDIGREE else None
             if own is not None:
                 cells[quant_type] = own.metadata.config_id
             elif find_practice(model_type, DEFAULT_PEDIGREE, label) is not None:

@@ -31,17 +31,19 @@ from msmodelslim.core.errors import ConfigError, FormatCheckError, InvalidModelE
 from msmodelslim.core.faults import fault_point
 from msmodelslim.core.logging import get_logger, level_from_env, setup_logging
 from msmodelslim.core.memory import bound_heap_growth
+from msmodelslim.core.passthrough import log_unread, refuse_inconsistent_passthrough
 from msmodelslim.core.runner import RunStats, run_blocks
 from msmodelslim.format.ascendv1.checker import check_ascendv1
 from msmodelslim.format.ascendv1.writer import AscendV1Writer
 from msmodelslim.format.compressed_tensors.checker import check_compressed_tensors
 from msmodelslim.format.compressed_tensors.writer import CompressedTensorsWriter
 from msmodelslim.format.disk_space import check_free_space, estimate_output_bytes
-from msmodelslim.format.integrity import required_tensors, verify_complete
+from msmodelslim.format.integrity import required_tensors, verify_complete, verify_source_tensors
 from msmodelslim.format.edits import OutputEdits
 from msmodelslim.format.staging import check_save_path, staged_directory
-from msmodelslim.model.registry import create_adapter, infer_model_type, lookup
-from msmodelslim.processor.base import Processor, ProcessorContext, build_processor
+from msmodelslim.model.passthrough import UnreadTensors
+from msmodelslim.model.registry import AdapterEntry, create_adapter, infer_model_type, resolve
+from msmodelslim.processor.base import Processor, ProcessorContext, build_pipeline
 
 log = get_logger("app.quantize")
 
@@ -70,6 +72,7 @@ class QuantizeReport:
     peak_rss_mib: float = 0.0
     warnings: list[str] = field(default_factory=list)
     description: dict = field(default_factory=dict)
+    translated_config: Optional[str] = None  # a modelslim_v0 file's modelslim_v1 translation (YAML), else None
 
 
 def peak_rss_mib() -> float:
@@ -93,6 +96,20 @@ def choose_runner(config: PracticeConfig, device: DeviceSpec) -> RunnerType:
     return runner
 
 
+def _step_types(configs) -> list[str]:
+    return [t for c in configs for t in (_step_types(c.configs) if c.type == "group" else [c.type])]
+
+
+def refuse_steps_the_format_lacks(config: PracticeConfig) -> None:
+    """A step whose output the chosen format cannot hold (e.g. C8 in compressed-tensors), named before any work."""
+    save = config.spec.save[0]
+    writer_class = CompressedTensorsWriter if save.type == "compressed_tensors" else AscendV1Writer
+    for step in _step_types(config.spec.process):
+        reason = getattr(writer_class, "UNSUPPORTED_STEPS", {}).get(step)
+        if reason:
+            raise UnsupportedError(f"spec.process: {step} cannot be saved as {save.type}: {reason}")
+
+
 def refuse_undistributable(config: PracticeConfig, processors: list[Processor]) -> None:
     """dp_layer_wise runs only processors that merge their statistics across ranks; say which one does not."""
     for i, processor in enumerate(processors):
@@ -104,7 +121,7 @@ def refuse_undistributable(config: PracticeConfig, processors: list[Processor]) 
             )
 
 
-def load_practice(request: QuantizeRequest) -> PracticeConfig:
+def load_practice(request: QuantizeRequest, entry: Optional[AdapterEntry] = None) -> PracticeConfig:
     """The user's config, or the best practice for --model_type and --quant_type (no model loaded yet)."""
     given = [x for x in (request.quant_type, request.config_path, request.pipeline) if x is not None]
     if len(given) != 1:
@@ -113,7 +130,7 @@ def load_practice(request: QuantizeRequest) -> PracticeConfig:
         return request.pipeline
     if request.config_path is not None:
         return load_config(request.config_path)
-    pedigree = lookup(request.model_type).pedigree
+    pedigree = (entry or resolve(request.model_type, request.model_path)).pedigree
     return select_practice(request.model_type, pedigree, request.quant_type, request.allow_default_practice,
                            tags=request.tags).config
 
@@ -131,6 +148,8 @@ class _Job:
     plan: dict[str, str]
     spill: Optional[ActivationSpill]  # None for a dry run
     required: list[tuple[str, ...]]  # tensor names the output must hold (alternatives per entry)
+    unread: UnreadTensors  # the checkpoint's tensors the model does not read: written through, or consumed
+    source_tensors: list[str]  # every tensor of the input checkpoint (the output must account for each)
 
 
 def _launches_ranks(runner: RunnerType) -> bool:
@@ -174,8 +193,10 @@ def _prepare(request: QuantizeRequest, in_rank: bool = False) -> _Job:
     by a spawned dp_layer_wise rank, after its launcher has checked and logged all of it."""
     _require_model_dir(request.model_path)
     request = with_model_type(request)
-    lookup(request.model_type)  # an unknown model type fails before anything else
-    config = load_practice(request)  # fail fast: a YAML typo must not cost a model load
+    entry = resolve(request.model_type, request.model_path)  # an unknown model type fails before anything else
+    config = load_practice(request, entry)  # fail fast: a YAML typo must not cost a model load
+    if config.translation is not None and not in_rank:
+        config.translation.log(log)  # what every modelslim_v0 key became
     _check_output(request)
     # a bad MSMODELSLIM_ACTIVATION_MEMORY_MIB or MSMODELSLIM_SPILL_DIR fails here, before any weight is read
     spill = ActivationSpill.from_env(request.save_path)
@@ -183,9 +204,11 @@ def _prepare(request: QuantizeRequest, in_rank: bool = False) -> _Job:
     runner = choose_runner(config, request.device)
     if len(config.spec.save) != 1:
         raise ConfigError("spec.save must hold exactly one saver (ascendv1_saver or compressed_tensors) in this version")
-    adapter = create_adapter(request.model_type, str(request.model_path), request.trust_remote_code)
-    context = ProcessorContext(type(adapter).__name__, adapter.structure, adapter.attention_shape())
-    processors = [build_processor(c, context) for c in config.spec.process]
+    refuse_steps_the_format_lacks(config)
+    adapter = create_adapter(request.model_type, str(request.model_path), request.trust_remote_code, entry)
+    context = ProcessorContext(type(adapter).__name__, adapter.structure, adapter.attention_shape(),
+                               mla=adapter.mla_shape())
+    processors = build_pipeline(config.spec.process, context)
     if runner == RunnerType.dp_layer_wise:
         refuse_undistributable(config, processors)
     needs_data = any(p.needs_calibration for p in processors)
@@ -195,11 +218,10 @@ def _prepare(request: QuantizeRequest, in_rank: bool = False) -> _Job:
     # Planned on the empty (meta-device) model: a rule or scheme problem fails before any weight is read.
     skeleton = adapter.init_skeleton()
     plan = plan_layers(config, processors, skeleton, adapter.block_names(skeleton))
-    unused = adapter.unused_checkpoint_tensors(skeleton)
-    if unused and not in_rank:  # never silently: the user sees what the output will not hold, and why
-        log.warning("%d tensor(s) of the checkpoint are not part of the model that config.json describes, so they "
-                    "are not written: %s%s (e.g. a multi-token-prediction layer; transformers ignores them too)",
-                    len(unused), ", ".join(unused[:6]), " ..." if len(unused) > 6 else "")
+    unread = adapter.unread_tensors(skeleton)  # names and headers only
+    refuse_inconsistent_passthrough(processors, unread, request.model_path)
+    if not in_rank:  # never silently: the user sees what the output holds beyond the model, and what it omits
+        log_unread(unread)
     writer_class = CompressedTensorsWriter if config.spec.save[0].type == "compressed_tensors" else AscendV1Writer
     for name, scheme in plan.items():
         if scheme in writer_class.UNSUPPORTED:
@@ -213,7 +235,8 @@ def _prepare(request: QuantizeRequest, in_rank: bool = False) -> _Job:
         log.info("runner %s on %s%s; %s", runner.value, request.device, ranks,
                  f"{len(texts)} calibration samples" if needs_data else "no calibration data needed")
         log.info("plan: %s", summarize_plan(plan))
-    return _Job(config, runner, adapter, processors, texts, model, plan, spill, required)
+    return _Job(config, runner, adapter, processors, texts, model, plan, spill, required, unread,
+                adapter.checkpoint.names())
 
 
 def _make_writer(job: _Job, staging: Path):
@@ -234,6 +257,9 @@ def _finish(job: _Job, request: QuantizeRequest, writer, staging: Path) -> tuple
     edits = OutputEdits()
     for processor in job.processors:
         edits = edits.merge(processor.output_edits())
+    family_edits = getattr(job.adapter, "output_edits", None)  # third-party adapters need not have it
+    if family_edits is not None:  # the family's own entries (e.g. the DeepSeek-V3.2 indexer's)
+        edits = edits.merge(family_edits())
     save = job.config.spec.save[0]
     if save.type == "compressed_tensors":
         written = writer.finish(request.model_path, edits, [n for n, s in job.plan.items() if s == "FLOAT"])
@@ -251,6 +277,7 @@ def _finish(job: _Job, request: QuantizeRequest, writer, staging: Path) -> tuple
     if errors:
         raise FormatCheckError(f"the written checkpoint fails the {save.type} checklist:\n  " + "\n  ".join(errors[:20]))
     verify_complete(staging, job.required)
+    verify_source_tensors(staging, job.source_tensors, request.model_path)
     return description, warnings
 
 
@@ -272,7 +299,7 @@ def _execute(job: _Job, request: QuantizeRequest, collective: Collective, stagin
             staging_note.write_text(str(staging))
         writer = _make_writer(job, staging) if writes else None
         stats = run_blocks(job.adapter, job.model, job.processors, writer, batches, device, layer_wise, collective,
-                           job.spill)
+                           job.spill, job.unread)
         if writes:
             description, warnings = _finish(job, request, writer, staging)
     return _Written(description, warnings, stats, collective.max_float(peak_rss_mib()))
@@ -335,6 +362,8 @@ def quantize(request: QuantizeRequest) -> QuantizeReport:
     request = with_model_type(request)  # _finish and the spawned ranks need the name
     job = _prepare(request)
     report = QuantizeReport(request.save_path, job.plan)
+    if job.config.translation is not None:
+        report.translated_config = job.config.translation.to_yaml()
     if request.dry_run:
         return report
     if _launches_ranks(job.runner):

@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     what = quant.add_mutually_exclusive_group(required=True)
     what.add_argument("--quant_type", help="use the best practice for --model_type, e.g. w8a8 or w8a16 "
                       "('msmodelslim practices' lists them)")
-    what.add_argument("--config_path", type=Path, help="YAML config (apiversion: modelslim_v1)")
+    what.add_argument("--config_path", type=Path, help="YAML config (apiversion: modelslim_v1, or modelslim_v0, "
+                                                          "translated to v1: --dry_run prints the translation)")
     quant.add_argument("--overwrite", action="store_true", help="replace a non-empty --save_path once the new output is complete")
     quant.add_argument("--dry_run", action="store_true", help="validate everything and print the per-layer plan; write nothing")
     quant.add_argument("--tag", action="append", default=[], metavar="TAG",
@@ -64,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                                          "engine's loader requires (and finish an interrupted replacement of it)")
     check.add_argument("path", type=Path, help="directory written by 'quant' (or any ascendv1 / compressed-tensors "
                                                "checkpoint)")
+    check.add_argument("--model_path", type=Path, default=None,
+                       help="the checkpoint PATH was written from (quant's --model_path, convert's ascendv1 input): "
+                            "every one of its tensors must be in PATH, as itself or as its linear's quantized "
+                            "tensors, or be a documented consumed tensor (e.g. block-FP8 scales)")
 
     conv = sub.add_parser("convert", help="convert an ascendv1 checkpoint into compressed-tensors (vLLM on GPUs)")
     conv.add_argument("--model_path", required=True, type=Path, help="ascendv1 checkpoint directory")
@@ -101,8 +106,15 @@ def _run(args: argparse.Namespace, started_at: float) -> int:
             allow_default_practice=args.allow_default_practice, tags=tuple(args.tag),
         ))
         if args.dry_run:
+            # A modelslim_v0 file: its modelslim_v1 translation, then the plan as comments, so that stdout is a
+            # YAML file --config_path takes.
+            translated = report.translated_config is not None
+            if translated:
+                print("# the modelslim_v1 translation of the modelslim_v0 recipe (valid input for --config_path)")
+                print(report.translated_config, end="")
+                print("# plan:")
             for name, scheme in report.plan.items():
-                print(f"{scheme:14s} {name}")
+                print(f"{'# ' if translated else ''}{scheme:14s} {name}")
         return 0
     if args.command == "practices":
         from msmodelslim.app.practice import KNOWN_QUANT_TYPES, practice_table
@@ -120,7 +132,7 @@ def _run(args: argparse.Namespace, started_at: float) -> int:
     if args.command == "check":
         from msmodelslim.app.check import check_checkpoint
 
-        recovered, findings = check_checkpoint(args.path)
+        recovered, findings = check_checkpoint(args.path, args.model_path)
         for line in recovered:
             print(f"recovered: {line}")
         for finding in findings:

@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from msmodelslim.core.errors import ConfigError
+from msmodelslim.core.errors import ConfigError, MsModelSlimError
 from msmodelslim.core.roadmap import not_yet
+from msmodelslim.core.v0 import Translation, translate_document
 from msmodelslim.processor.registry import PROCESSORS, ProcessorConfig
 
-SUPPORTED_APIVERSIONS = ("modelslim_v1",)
+SUPPORTED_APIVERSIONS = ("modelslim_v1", "modelslim_v0")  # v0 files are translated (core/v0.py)
 
 # Bounds on what a config document may be. Real configs have a few hundred nodes and ~10 levels; the bounds stop
 # alias bombs ("billion laughs") and deep nesting before they cost memory, time or a RecursionError.
@@ -65,10 +66,11 @@ SAVER_TYPES = ("ascendv1_saver", "compressed_tensors")
 
 
 # Processors that rewrite float weights (exactly, in float) and so must see them before quantization.
-FLOAT_TRANSFORMS = ("smooth_quant", "iter_smooth", "flex_smooth_quant", "flex_awq_ssz", "awq", "quarot")
+FLOAT_TRANSFORMS = ("smooth_quant", "iter_smooth", "flex_smooth_quant", "flex_awq_ssz", "awq", "quarot", "kv_smooth")
 
 
-QUANTIZERS = ("linear_quant", "autoround_quant")
+# Steps that replace linears, or fix KV-cache ranges that a later change of V or K would invalidate.
+QUANTIZERS = ("linear_quant", "autoround_quant", "float_sparse", "dynamic_cache")
 
 
 def _default_save() -> list[AscendV1SaverConfig]:
@@ -93,6 +95,10 @@ class Spec(BaseModel):
             if transforms and quantized_at is not None:
                 raise ValueError(f"process[{i}] ({transforms[0]}) comes after process[{quantized_at}] "
                                  f"({self.process[quantized_at].type}); float transforms (smoothing, rotation) must come before quantization")
+            if transforms and "dynamic_cache" in kinds:  # one shared forward: ranges taken before the transform
+                raise ValueError(f"process[{i}] (group) holds {transforms[0]} and dynamic_cache: they share one "
+                                 f"calibration forward, so the KV-cache ranges would be those before {transforms[0]} "
+                                 f"changes K and V; put {transforms[0]} in an earlier step")
             if any(k in QUANTIZERS for k in kinds) and quantized_at is None:
                 quantized_at = i
         return self
@@ -106,6 +112,12 @@ class PracticeConfig(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
     spec: Spec
     source_dir: Optional[Path] = Field(default=None, exclude=True)
+    # Set when the file was `apiversion: modelslim_v0`: the v1 document it became and a note per mapped key.
+    _translation: Optional[Translation] = PrivateAttr(default=None)
+
+    @property
+    def translation(self) -> Optional[Translation]:
+        return self._translation
 
 
 def _format_loc(loc: tuple) -> str:
@@ -180,11 +192,20 @@ def parse_config(data: Any, source: str = "<config>") -> PracticeConfig:
             raise ConfigError(f"{source}: {planned}; supported: {', '.join(SUPPORTED_APIVERSIONS)}")
         raise ConfigError(f"{source}: apiversion {api!r} is unknown; supported: {', '.join(SUPPORTED_APIVERSIONS)}")
     _refuse_bad_numbers(data, source)
+    translation = None
+    if api == "modelslim_v0":
+        try:
+            translation = translate_document(data)
+        except MsModelSlimError as exc:
+            raise type(exc)(f"{source}: {exc}") from None
+        data = translation.document
     try:
         config = PracticeConfig.model_validate(data)
     except ValidationError as exc:
         lines = "\n  ".join(_format_error(e) for e in exc.errors())
-        raise ConfigError(f"{source}: invalid configuration:\n  {lines}") from None
+        what = " (in its modelslim_v1 translation)" if translation else ""
+        raise ConfigError(f"{source}: invalid configuration{what}:\n  {lines}") from None
+    config._translation = translation
     # Quoted numbers ("inf", "nan") pass the walk above as strings and become floats only in pydantic.
     _refuse_bad_numbers(config.model_dump(exclude={"source_dir"}), source)
     return config

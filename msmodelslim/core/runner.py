@@ -6,7 +6,8 @@ written, dropped back to the meta device). model_wise: the whole model is loaded
 Both execute the same per-block schedule, so the same config and data give byte-identical output.
 dp_layer_wise is layer_wise on each of several ranks (core/distributed.py): each rank forwards its own share of
 the batches, the processors merge their statistics across ranks after each forward (`synchronize`), and only
-rank 0 (the one given a writer) writes.
+rank 0 (the one given a writer) writes. After the blocks and the embeddings/head, the checkpoint tensors the
+model does not read (e.g. a multi-token-prediction layer) are written through (core/passthrough.py).
 
 Calibration: every batch's generator (`adapter.generate_model_forward`) yields the current block's inputs.
 Each processor that needs data gets its own forward of the block, after the processors before it changed the
@@ -27,8 +28,10 @@ from msmodelslim.core.distributed import LOCAL, Collective
 from msmodelslim.core.faults import fault_point
 from msmodelslim.core.logging import get_logger, progress_disabled
 from msmodelslim.core.memory import release_free_heap
+from msmodelslim.core.passthrough import write_passthrough
 from msmodelslim.format.ascendv1.writer import AscendV1Writer
 from msmodelslim.model.interface import block_hidden_state
+from msmodelslim.model.passthrough import UnreadTensors
 from msmodelslim.processor.base import Processor
 
 log = get_logger("runner")
@@ -84,9 +87,11 @@ def run_blocks(
     layer_wise: bool,
     collective: Collective = LOCAL,
     spill: Optional[ActivationSpill] = None,
+    unread: Optional[UnreadTensors] = None,
 ) -> RunStats:
     """Quantize every block; `batches` are this rank's share, `writer` is None on ranks that do not write.
-    `spill`, when given, moves the activations between blocks to disk if they exceed its budget."""
+    `spill`, when given, moves the activations between blocks to disk if they exceed its budget. `unread`: the
+    checkpoint tensors the model does not read; its pass-through groups are written after everything else."""
     needs_data = any(p.needs_calibration for p in processors)
     block_names = adapter.block_names(model)
     for processor in processors:
@@ -133,6 +138,7 @@ def run_blocks(
         release_free_heap()
     if writer is not None:
         _write_outside_blocks(model, block_names, writer)
+        write_passthrough(adapter, unread or UnreadTensors(), processors, writer)
     if not needs_data:
         return RunStats(len(block_names), 0, 0)
     tokens = collective.sum_int(sum(int(b["input_ids"].numel()) for b in batches))

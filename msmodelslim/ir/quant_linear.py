@@ -16,8 +16,8 @@ from msmodelslim.quantizer.primitives import dequantize_weight, fake_quantize, q
 from msmodelslim.quantizer.scheme import Scheme
 
 WEIGHT_BITS = {Scheme.W8A8: 8, Scheme.W8A8_DYNAMIC: 8, Scheme.W8A16: 8, Scheme.W4A16: 4, Scheme.W4A8_DYNAMIC: 4,
-               Scheme.W8A8_MIX: 8}
-STATIC_ACT = (Scheme.W8A8, Scheme.W8A8_MIX)  # schemes that carry a calibrated input range
+               Scheme.W8A8_MIX: 8, Scheme.W8A8S: 8}
+STATIC_ACT = (Scheme.W8A8, Scheme.W8A8_MIX, Scheme.W8A8S)  # schemes that carry a calibrated input range
 
 
 class QuantLinear(nn.Module):
@@ -37,7 +37,7 @@ class QuantLinear(nn.Module):
         if weight_scale.shape != weight_offset.shape or weight_scale.shape[0] != qweight.shape[0]:
             raise ValueError("weight_scale/weight_offset must both be [out, n_groups]")
         if (scheme in STATIC_ACT) != (input_scale is not None):
-            raise ValueError("static activation parameters are required for W8A8 and W8A8_MIX and only for them")
+            raise ValueError("static activation parameters are required for W8A8, W8A8_MIX and W8A8S and only for them")
         self.scheme = scheme
         self.in_features, self.out_features = qweight.shape[1], qweight.shape[0]
         self.register_buffer("qweight", qweight)
@@ -64,7 +64,7 @@ class QuantLinear(nn.Module):
         return dequantize_weight(self.qweight, self.weight_scale, self.weight_offset)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        if self.scheme == Scheme.W8A8 or (self.scheme == Scheme.W8A8_MIX and self.decode_path):
+        if self.scheme in (Scheme.W8A8, Scheme.W8A8S) or (self.scheme == Scheme.W8A8_MIX and self.decode_path):
             return fake_quantize(x, self.input_scale, self.input_offset, 8)
         if self.scheme == Scheme.W8A8_MIX:
             return quantize_per_token_dynamic(x, 8)

@@ -99,6 +99,10 @@ class SafetensorsCheckpoint:
     def names(self) -> list[str]:
         return list(self._file_of)
 
+    def stored_dtype(self, name: str) -> str | None:
+        """The dtype as the safetensors header spells it (e.g. "BF16", "F8_E4M3"); None when absent."""
+        return self._dtype_of.get(name)
+
     def original_dtype(self, name: str) -> torch.dtype | None:
         """The stored dtype; None when absent or float8 (dequantized on load, so the model dtype applies)."""
         return _DTYPES.get(self._dtype_of.get(name))

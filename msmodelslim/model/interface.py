@@ -12,6 +12,9 @@ from typing import Any, Generator, Iterator
 import torch
 from torch import nn
 
+from msmodelslim.model.rotation import LLAMA_ROTATION, RotationStructure  # noqa: F401  (re-exported)
+from msmodelslim.model.kv_cache import KvCacheStructure
+
 
 @dataclass
 class ProcessRequest:
@@ -29,54 +32,95 @@ def block_hidden_state(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
+EVERY_EXPERT = "*"  # in a SmoothSubgraph name: every routed expert index of the block
+
+
 @dataclass(frozen=True)
 class SmoothSubgraph:
     """A source whose output feeds only `targets`' inputs, so a per-channel scale can move between them.
 
-    kind: "norm-linear" (a norm's weight feeds several linears), "ov" (v_proj rows feed o_proj's columns
-    through attention, grouped by key/value head), "up-down" (up_proj rows feed down_proj's columns through
-    the gated activation), "linear-linear" (a linear feeds another directly). Names are relative to a block.
+    kind: "norm-linear" (a norm's weight feeds several linears), "ov" (the value rows of v_proj, or of MLA's
+    kv_b_proj, feed o_proj's columns through attention, grouped by key/value head), "up-down" (up_proj rows
+    feed down_proj's columns through the gated activation), "linear-linear" (a linear feeds another
+    directly). Names are relative to a block. Targets are linears, or a router whose forward is
+    F.linear(x, weight) (its columns take the same scale, so routing is unchanged).
+
+    A `*` in a name stands for every routed expert index of the block (`mlp.experts.*.up_proj`): in targets
+    only, the subgraph is ONE subgraph over all experts (a norm feeding every expert); in the source, it is
+    one subgraph per expert (each expert's up -> down). A subgraph whose modules a block lacks is skipped in
+    that block, so one structure can describe dense and MoE layers, or alternatives (q_proj or q_a_proj).
+    layout ("ov" only): "gqa", the source is v_proj ([num_kv_heads, head_dim] rows, AttentionShape); "mla", the
+    source is kv_b_proj ([qk_nope_head_dim key rows; v_head_dim value rows] per head, MlaShape).
     """
 
     kind: str
     source: str
     targets: tuple[str, ...]
+    layout: str = "gqa"
 
 
-LLAMA_SMOOTH_SUBGRAPHS = (
-    SmoothSubgraph("norm-linear", "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    SmoothSubgraph("norm-linear", "post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-    SmoothSubgraph("ov", "self_attn.v_proj", ("self_attn.o_proj",)),
-    SmoothSubgraph("up-down", "mlp.up_proj", ("mlp.down_proj",)),
-)
+def _in(parent: str, name: str) -> str:
+    return f"{parent}.{name}" if parent else name
 
 
-@dataclass(frozen=True)
-class RotationStructure:
-    """Where an offline rotation of the residual stream (QuaRot) applies.
-
-    embedding, final_norm and lm_head are full module names; the others are relative to a decoder block.
-    norm_readers: each RMSNorm inside a block with the linears that read its output (the norm's weight is
-    folded into them); writers: the linears whose output is added to the residual stream; value/output: the
-    v_proj/o_proj pair that also gets a per-head rotation.
-    """
-
-    norm_readers: tuple[tuple[str, tuple[str, ...]], ...]
-    writers: tuple[str, ...]
-    value: str
-    output: str
-    embedding: str = "model.embed_tokens"
-    final_norm: str = "model.norm"
-    lm_head: str = "lm_head"
+def gqa_attention_subgraphs(norm: str = "input_layernorm", attn: str = "self_attn",
+                            readers: tuple[str, ...] = ("q_proj", "k_proj", "v_proj"), value: str | None = "v_proj",
+                            output: str = "o_proj") -> tuple[SmoothSubgraph, ...]:
+    """Multi-head / grouped-query attention: the norm feeds every reader (q/k/v, one scale: the engine fuses
+    them); the value rows feed o_proj (none when `value` is None, e.g. a fused qkv_proj)."""
+    graphs = [SmoothSubgraph("norm-linear", norm, tuple(_in(attn, r) for r in readers))]
+    if value is not None:
+        graphs.append(SmoothSubgraph("ov", _in(attn, value), (_in(attn, output),)))
+    return tuple(graphs)
 
 
-LLAMA_ROTATION = RotationStructure(
-    norm_readers=(("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-                  ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"))),
-    writers=("self_attn.o_proj", "mlp.down_proj"),
-    value="self_attn.v_proj",
-    output="self_attn.o_proj",
-)
+def mla_attention_subgraphs(norm: str = "input_layernorm", attn: str = "self_attn", q_a: str = "q_a_proj",
+                            q_a_norm: str = "q_a_layernorm", q_b: str = "q_b_proj", q: str = "q_proj",
+                            kv_a: str = "kv_a_proj_with_mqa", kv_a_norm: str = "kv_a_layernorm",
+                            kv_b: str = "kv_b_proj", output: str = "o_proj", extra_readers: tuple[str, ...] = (),
+                            extra_q_readers: tuple[str, ...] = ()) -> tuple[SmoothSubgraph, ...]:
+    """Multi-head latent attention (DeepSeek-V2/V3): the norm feeds q_a_proj and kv_a_proj_with_mqa (one scale:
+    vLLM fuses them into fused_qkv_a_proj), or q_proj when there is no query LoRA; q_a_layernorm feeds q_b_proj;
+    kv_a_layernorm (over the first kv_lora_rank outputs of kv_a_proj_with_mqa; the rope part bypasses it) feeds
+    kv_b_proj; kv_b_proj's value rows feed o_proj ("ov", laid out by MlaShape: each head's key rows keep
+    scale 1). extra_readers / extra_q_readers: other modules of the block that read the input norm / q_a_layernorm
+    output (names relative to the block), e.g. a sparse-attention indexer's projections."""
+    extra, extra_q = tuple(extra_readers), tuple(extra_q_readers)
+    return (
+        SmoothSubgraph("norm-linear", norm, (_in(attn, q_a), _in(attn, kv_a)) + extra),
+        SmoothSubgraph("norm-linear", norm, (_in(attn, q), _in(attn, kv_a)) + extra),
+        SmoothSubgraph("norm-linear", _in(attn, q_a_norm), (_in(attn, q_b),) + extra_q),
+        SmoothSubgraph("norm-linear", _in(attn, kv_a_norm), (_in(attn, kv_b),)),
+        SmoothSubgraph("ov", _in(attn, kv_b), (_in(attn, output),), layout="mla"),
+    )
+
+
+def dense_mlp_subgraphs(norm: str = "post_attention_layernorm", mlp: str = "mlp", gate: str = "gate_proj",
+                        up: str = "up_proj", down: str = "down_proj") -> tuple[SmoothSubgraph, ...]:
+    """A gated MLP: the norm feeds gate and up; up's rows feed down's columns."""
+    return (SmoothSubgraph("norm-linear", norm, (_in(mlp, gate), _in(mlp, up))),
+            SmoothSubgraph("up-down", _in(mlp, up), (_in(mlp, down),)))
+
+
+def moe_mlp_subgraphs(norm: str = "post_attention_layernorm", mlp: str = "mlp", router: str = "gate",
+                      experts: str = "experts", gate: str = "gate_proj", up: str = "up_proj", down: str = "down_proj",
+                      shared: str | None = None, shared_gate: str = "gate_proj", shared_up: str = "up_proj",
+                      shared_down: str = "down_proj", extra_readers: tuple[str, ...] = ()) -> tuple[SmoothSubgraph, ...]:
+    """A mixture-of-experts MLP with routed experts unfused (`<mlp>.<experts>.<e>.<gate|up|down>`): the norm
+    feeds the router, every expert's gate/up, the shared expert's gate/up and `extra_readers` (e.g. Qwen3-Next's
+    shared_expert_gate), all with ONE scale, so routing is unchanged; each expert's up -> down, and the shared
+    expert's. Names other than `norm` are relative to `mlp`."""
+    every = _in(_in(mlp, experts), EVERY_EXPERT)
+    readers = [_in(mlp, router), _in(every, gate), _in(every, up)]
+    graphs = [SmoothSubgraph("up-down", _in(every, up), (_in(every, down),))]
+    if shared is not None:
+        readers += [_in(_in(mlp, shared), shared_gate), _in(_in(mlp, shared), shared_up)]
+        graphs.append(SmoothSubgraph("up-down", _in(_in(mlp, shared), shared_up), (_in(_in(mlp, shared), shared_down),)))
+    readers += [_in(mlp, r) for r in extra_readers]
+    return (SmoothSubgraph("norm-linear", norm, tuple(readers)), *graphs)
+
+
+LLAMA_SMOOTH_SUBGRAPHS = gqa_attention_subgraphs() + dense_mlp_subgraphs()
 
 
 @dataclass(frozen=True)
@@ -84,6 +128,16 @@ class AttentionShape:
     num_heads: int
     num_kv_heads: int
     head_dim: int
+
+
+@dataclass(frozen=True)
+class MlaShape:
+    """Multi-head latent attention (DeepSeek-V2/V3 and relatives): kv_b_proj's rows are, per head,
+    qk_nope_head_dim key rows then v_head_dim value rows; o_proj reads num_heads heads of v_head_dim."""
+
+    num_heads: int
+    qk_nope_head_dim: int
+    v_head_dim: int
 
 
 @dataclass(frozen=True)
@@ -98,8 +152,13 @@ class ModelStructure:
     hf_model_types: tuple[str, ...] = ()
     # Where smoothing may move scales (SmoothQuant and relatives); empty = the adapter does not support it.
     smooth_subgraphs: tuple[SmoothSubgraph, ...] = ()
+    # The residual-stream norms scale by (norm_offset + weight): 1.0 for zero-centred norms (Qwen3-Next), so a
+    # smoothing scale divides the effective gain, weight' = (norm_offset + weight) / s - norm_offset.
+    norm_offset: float = 0.0
     # Where QuaRot rotates; None = the adapter does not support rotations.
     rotation: RotationStructure | None = None
+    # Where K/V are written into the KV cache (C8, kv_smooth); None = not supported (refused by name).
+    kv_cache: KvCacheStructure | None = None
 
 
 class ModelSlimPipelineInterfaceV1(ABC):

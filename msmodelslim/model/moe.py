@@ -24,7 +24,23 @@ from torch import nn
 from msmodelslim.core.errors import UnsupportedError
 
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-_EXPERT_WEIGHT = re.compile(r"^(?P<experts>.+\.experts)\.(?P<index>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)"
+
+
+@dataclass(frozen=True)
+class ExpertProjections:
+    """What a family calls an expert's three projections on disk (and so in the model and the output):
+    gate (SiLU-activated), up (multiplied in) and down (back to the hidden size)."""
+
+    gate: str = "gate_proj"
+    up: str = "up_proj"
+    down: str = "down_proj"
+
+
+GATE_UP_DOWN = ExpertProjections()
+W1_W3_W2 = ExpertProjections("w1", "w3", "w2")  # Mixtral / MiniMax naming: w1 gate, w3 up, w2 down
+# A per-expert projection name -> its part of a stacked gate_up_proj tensor (0 gate rows, 1 up rows; None: down_proj)
+_STACKED_PART = {"gate_proj": 0, "up_proj": 1, "down_proj": None, "w1": 0, "w3": 1, "w2": None}
+_EXPERT_WEIGHT = re.compile(r"^(?P<experts>.+\.experts)\.(?P<index>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w3|w2)"
                             r"\.weight$")
 _EXPERT_LINEAR = re.compile(r"^(?P<experts>.+\.experts)\.(?P<index>\d+)\.[A-Za-z0-9_]+$")
 
@@ -37,17 +53,29 @@ def expert_of(linear_name: str) -> Optional[tuple[str, int]]:
 
 
 class ExpertMLP(nn.Module):
-    """One routed expert: down(act(gate(x)) * up(x)), bias-free, as in the fused module."""
+    """One routed expert: down(act(gate(x)) * up(x)), bias-free, as in the fused module; its linears carry the
+    family's on-disk names (`names`). With `limit` (Step-3.5's swiglu limit) the activated gate is clamped
+    to at most `limit` and up to [-limit, limit] before they multiply, as the fused module does."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, act_fn: nn.Module) -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int, act_fn: nn.Module,
+                 names: ExpertProjections = GATE_UP_DOWN, limit: Optional[float] = None) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.names = names
+        self.limit = limit
+        self.add_module(names.gate, nn.Linear(hidden_size, intermediate_size, bias=False))
+        self.add_module(names.up, nn.Linear(hidden_size, intermediate_size, bias=False))
+        self.add_module(names.down, nn.Linear(intermediate_size, hidden_size, bias=False))
         self.act_fn = act_fn
 
+    def projection(self, role: str) -> nn.Linear:
+        """The linear playing `role` ("gate", "up" or "down"), whatever the family calls it."""
+        return getattr(self, getattr(self.names, role))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.act_fn(self.projection("gate")(x)), self.projection("up")(x)
+        if self.limit is not None:
+            gate, up = gate.clamp(max=self.limit), up.clamp(min=-self.limit, max=self.limit)
+        return self.projection("down")(gate * up)
 
 
 class UnfusedExperts(nn.ModuleList):
@@ -74,21 +102,40 @@ class UnfusedExperts(nn.ModuleList):
         return out
 
     @classmethod
-    def from_fused(cls, fused: nn.Module) -> "UnfusedExperts":
-        """Per-expert modules with the fused module's weights (on the meta device when it lives there)."""
+    def from_fused(cls, fused: nn.Module, names: ExpertProjections = GATE_UP_DOWN,
+                   limit: Optional[float] = None, **kwargs) -> "UnfusedExperts":
+        """Per-expert modules with the fused module's weights (on the meta device when it lives there); one per
+        expert of `down_proj` (gate_up_proj may hold more rows, e.g. LongCat's identity experts)."""
         gate_up, down = fused.gate_up_proj, fused.down_proj
-        num_experts, two_i, hidden = gate_up.shape
-        intermediate = two_i // 2
+        num_experts, hidden, intermediate = down.shape
         with torch.device(gate_up.device):
-            experts = cls(ExpertMLP(hidden, intermediate, copy.deepcopy(fused.act_fn)) for _ in range(num_experts))
+            experts = cls((ExpertMLP(hidden, intermediate, copy.deepcopy(fused.act_fn), names, limit)
+                           for _ in range(num_experts)), **kwargs)
         experts.to(gate_up.dtype)
         if gate_up.device.type != "meta":
             with torch.no_grad():
                 for e, expert in enumerate(experts):
-                    expert.gate_proj.weight.copy_(gate_up[e, :intermediate])
-                    expert.up_proj.weight.copy_(gate_up[e, intermediate:])
-                    expert.down_proj.weight.copy_(down[e])
+                    expert.projection("gate").weight.copy_(gate_up[e, :intermediate])
+                    expert.projection("up").weight.copy_(gate_up[e, intermediate:])
+                    expert.projection("down").weight.copy_(down[e])
         return experts
+
+
+class UnfusedExpertsWithIdentity(UnfusedExperts):
+    """Routed experts followed by `num_identity` zero-computation experts (LongCat-Flash): router indices
+    len(self) .. len(self)+num_identity-1 pick an expert that returns its input, weighted like any other."""
+
+    def __init__(self, experts=(), num_identity: int = 0) -> None:
+        super().__init__(experts)
+        self.num_identity = num_identity
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        real = top_k_index < len(self)
+        # identity picks become the "no expert" index for the routed part; their weights multiply the input
+        routed = super().forward(hidden_states, torch.where(real, top_k_index, len(self)), top_k_weights)
+        identity_weight = (top_k_weights * ~real).sum(dim=-1, keepdim=True)
+        return routed + hidden_states * identity_weight.to(hidden_states.dtype)
 
 
 def _fused_layout_problem(module: nn.Module) -> Optional[str]:
@@ -115,8 +162,9 @@ def is_fused_experts(module: nn.Module) -> bool:
     return all(isinstance(p, torch.Tensor) and p.dim() == 3 for p in params)
 
 
-def unfuse_experts(model: nn.Module) -> int:
+def unfuse_experts(model: nn.Module, names: ExpertProjections = GATE_UP_DOWN) -> int:
     """Replace every fused experts module of `model` by an `UnfusedExperts` (in place); returns how many.
+    `names`: what the family's checkpoint calls each expert's projections (MiniMax: w1/w3/w2).
 
     Works on a meta-device skeleton (weights are loaded later by state-dict name) and on a loaded model
     (weights are copied). A fused layout whose forward differs from gate/up-then-down (biases, transposed or
@@ -129,7 +177,8 @@ def unfuse_experts(model: nn.Module) -> int:
             raise UnsupportedError(f"{name} ({type(module).__name__}) stores its experts with {problem}; "
                                    f"only the gate/up/down layout without biases can be split per expert")
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, UnfusedExperts.from_fused(module))
+        setattr(model.get_submodule(parent_name) if parent_name else model, child,
+                UnfusedExperts.from_fused(module, names))
     return len(fused)
 
 
@@ -144,8 +193,9 @@ def routed_expert_linears(root: nn.Module, prefix: str = "") -> dict[str, tuple[
     """{full linear name: (experts module name, expert index)} for every linear inside routed experts."""
     found: dict[str, tuple[str, int]] = {}
     for experts_name, experts in experts_modules(root, prefix):
-        for e in range(len(experts)):
-            for proj in EXPERT_PROJECTIONS:
+        for e, expert in enumerate(experts):
+            names = getattr(expert, "names", GATE_UP_DOWN)  # quantized or not, under the family's names
+            for proj in (names.gate, names.up, names.down):
                 found[f"{experts_name}.{e}.{proj}"] = (experts_name, e)
     return found
 
@@ -169,11 +219,23 @@ class StackedSlice:
 
 
 def stacked_source(name: str) -> Optional[StackedSlice]:
-    """The stacked tensor holding per-expert weight `name` (`…experts.<e>.<proj>.weight`), or None."""
+    """The stacked tensor holding per-expert weight `name` (`…experts.<e>.<proj>.weight`, proj gate_proj/up_proj/
+    down_proj or w1/w3/w2), or None."""
     match = _EXPERT_WEIGHT.match(name)
     if match is None:
         return None
-    experts, index, proj = match["experts"], int(match["index"]), match["proj"]
-    if proj == "down_proj":
+    experts, index, part = match["experts"], int(match["index"]), _STACKED_PART[match["proj"]]
+    if part is None:
         return StackedSlice(f"{experts}.down_proj", index, None)
-    return StackedSlice(f"{experts}.gate_up_proj", index, 0 if proj == "gate_proj" else 1)
+    return StackedSlice(f"{experts}.gate_up_proj", index, part)
+
+
+def stacked_per_projection_source(name: str) -> Optional[StackedSlice]:
+    """For checkpoints that stack each projection separately next to the experts module (Step-3.5:
+    `<block>.gate_proj.weight`, `<block>.up_proj.weight` [E, I, H] and `<block>.down_proj.weight` [E, H, I] for
+    the experts at `<block>.experts`): where per-expert weight `name` lives, or None."""
+    match = _EXPERT_WEIGHT.match(name)
+    if match is None:
+        return None
+    block = match["experts"].rpartition(".")[0]
+    return StackedSlice(f"{block}.{match['proj']}.weight", int(match["index"]), None)

@@ -15,17 +15,21 @@ from torch import nn
 
 from msmodelslim.core.errors import InvalidModelError
 from msmodelslim.core.logging import get_logger
-from msmodelslim.model.checkpoint import SafetensorsCheckpoint, fp8_block_size
+from msmodelslim.format.edits import OutputEdits
+from msmodelslim.model.checkpoint import fp8_block_size
 from msmodelslim.quantizer.primitives import all_finite
 from msmodelslim.model.hf_config import load_hf_config, model_load_errors, require_local_dir
 from msmodelslim.model.interface import (
     AttentionShape,
+    MlaShape,
     ModelSlimPipelineInterfaceV1,
     ModelStructure,
     ProcessRequest,
     block_hidden_state,
 )
 from msmodelslim.model.moe import StackedSlice, stacked_source
+from msmodelslim.model.packed_checkpoint import open_checkpoint
+from msmodelslim.model.passthrough import UnreadTensors, classify_unread
 
 log = get_logger("model")
 
@@ -62,23 +66,39 @@ def config_dtype(config) -> torch.dtype:
 
 class TransformersModel(ModelSlimPipelineInterfaceV1):
     structure = ModelStructure()
+    attn_implementation = "sdpa"  # transformers' attention kernel for calibration forwards
 
     def __init__(self, model_type: str, model_path: str | Path, trust_remote_code: bool = False) -> None:
         self.model_type = model_type
         self.model_path = require_local_dir(model_path, "--model_path")
         self.trust_remote_code = trust_remote_code
-        self.config = load_hf_config(self.model_path, trust_remote_code)
+        self.config = self.read_config()
         families = self.structure.hf_model_types
         if families and self.config.model_type not in families:
             raise InvalidModelError(
                 f"--model_type {model_type} expects a checkpoint of type {'/'.join(families)}, but "
                 f"{self.model_path}/config.json says {self.config.model_type!r}; pick the matching --model_type"
             )
-        self.checkpoint = SafetensorsCheckpoint(self.model_path)
+        self.checkpoint = open_checkpoint(self.model_path, self.config)  # int4 pack-quantized: unpacked on load
         self._fp8_block = fp8_block_size(self.config)
         self._tokenizer = None
         # Read now: building the float32 working model rewrites config.dtype.
         self._global_dtype = config_dtype(self.config)
+
+    def read_config(self) -> Any:
+        """The model's config from config.json (no checkpoint code unless trusted). Families whose config.json
+        names a model_type transformers lacks, but whose architecture it has, override this (Kimi-K2)."""
+        return load_hf_config(self.model_path, self.trust_remote_code)
+
+    def stacked_source(self, name: str) -> StackedSlice | None:
+        """Where per-expert weight `name` lives in a checkpoint that stacks experts: transformers' layout
+        (`experts.gate_up_proj` / `experts.down_proj`) by default; families that stack differently override."""
+        return stacked_source(name)
+
+    def output_edits(self) -> OutputEdits:
+        """What the family adds to the written checkpoint besides its tensors (e.g. description entries the engine
+        reads for the DeepSeek-V3.2 indexer); nothing by default."""
+        return OutputEdits()
 
     # ---- information -------------------------------------------------------------------------------------
     @property
@@ -106,12 +126,20 @@ class TransformersModel(ModelSlimPipelineInterfaceV1):
         return AttentionShape(heads, getattr(c, "num_key_value_heads", None) or heads,
                               getattr(c, "head_dim", None) or c.hidden_size // heads)
 
+    def mla_shape(self) -> MlaShape | None:
+        """Heads and per-head sizes of multi-head latent attention, read from config.json (DeepSeek-V2/V3
+        names: kv_lora_rank, qk_nope_head_dim, v_head_dim); None for other attention."""
+        c = self.config
+        if not all(isinstance(getattr(c, k, None), int) for k in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim")):
+            return None
+        return MlaShape(c.num_attention_heads, c.qk_nope_head_dim, c.v_head_dim)
+
     def block_names(self, model: nn.Module) -> list[str]:
         layers = model.get_submodule(self.structure.decoder_layers)
         return [f"{self.structure.decoder_layers}.{i}" for i in range(len(layers))]
 
     def original_dtype(self, tensor_name: str) -> torch.dtype:
-        source = stacked_source(tensor_name)
+        source = self.stacked_source(tensor_name)
         stacked = self.checkpoint.original_dtype(source.tensor) if source is not None else None
         return self.checkpoint.original_dtype(tensor_name) or stacked or self.global_dtype()
 
@@ -137,7 +165,8 @@ class TransformersModel(ModelSlimPipelineInterfaceV1):
 
         with model_load_errors(self.model_path), init_empty_weights():  # e.g. sizes torch cannot allocate
             model = AutoModelForCausalLM.from_config(
-                self.config, trust_remote_code=self.trust_remote_code, attn_implementation="sdpa", dtype=torch.float32
+                self.config, trust_remote_code=self.trust_remote_code, attn_implementation=self.attn_implementation,
+                dtype=torch.float32
             )
         model.eval()
         if getattr(self.config, "tie_word_embeddings", False):
@@ -147,12 +176,23 @@ class TransformersModel(ModelSlimPipelineInterfaceV1):
         return model
 
     def unused_checkpoint_tensors(self, model: nn.Module) -> list[str]:
-        """Checkpoint tensors that no parameter of the model built from config.json reads (e.g. a
-        multi-token-prediction layer beyond num_hidden_layers): they will not reach the output."""
+        """Checkpoint tensors that no parameter of the model built from config.json reads as such (e.g. a
+        multi-token-prediction layer beyond num_hidden_layers, block-FP8 scales); see `unread_tensors`."""
         state = list(model.state_dict())
-        used = set(state) | {f"{n}_scale_inv" for n in state}  # block-FP8 scales are read with their weights
-        used |= {source.tensor for n in state if (source := stacked_source(n)) is not None}
+        used = set(state) | {source.tensor for n in state if (source := self.stacked_source(n)) is not None}
         return sorted(set(self.checkpoint.names()) - used)
+
+    def unread_tensors(self, model: nn.Module) -> UnreadTensors:
+        """What becomes of the unused checkpoint tensors: written through unchanged (grouped, e.g. one MTP layer)
+        or consumed for a documented reason (model/passthrough.py). Names and headers only, nothing is read."""
+        names = self.checkpoint.names()
+        return classify_unread(self.unused_checkpoint_tensors(model), set(names),
+                               {n: self.checkpoint.stored_dtype(n) for n in names}, self.structure.decoder_layers,
+                               len(self.block_names(model)), str(self.model_path))
+
+    def read_unread(self, name: str) -> torch.Tensor:
+        """One pass-through tensor as stored; a block-FP8 weight comes back dequantized (float32)."""
+        return self.checkpoint.load([name], self._fp8_block)[name]
 
     def init_model(self, device: torch.device, load_layers: bool) -> nn.Module:
         return self.load_weights(self.init_skeleton(), device, load_layers)
@@ -174,7 +214,7 @@ class TransformersModel(ModelSlimPipelineInterfaceV1):
         """
         available = set(self.checkpoint.names())
         absent = [n for n in names if n not in available]
-        stacked = {n: s for n in absent if (s := stacked_source(n)) is not None and s.tensor in available}
+        stacked = {n: s for n in absent if (s := self.stacked_source(n)) is not None and s.tensor in available}
         tie = getattr(self.config, "tie_word_embeddings", False)
         missing_for_real = [n for n in absent if n not in stacked and not (tie and n.endswith("lm_head.weight"))]
         if missing_for_real:

@@ -9,13 +9,17 @@ transform changes the non-block modules once, in `prepare_model`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Callable, Optional, Protocol, Sequence
 
+import torch
 from torch import nn
 
 from msmodelslim.format.edits import OutputEdits
-from msmodelslim.model.interface import AttentionShape, ModelStructure
+from msmodelslim.model.interface import AttentionShape, MlaShape, ModelStructure
+from msmodelslim.model.passthrough import PassThroughGroup
+from msmodelslim.processor.matching import select
+from msmodelslim.quantizer.scheme import LinearQConfig
 
 if TYPE_CHECKING:
     from msmodelslim.core.distributed import Collective
@@ -32,6 +36,10 @@ def register_processor(type_name: str):
 
 
 class Processor(ABC):
+    # True when after_forward changes what the block's linears receive as input (smoothing, rotations): a processor
+    # sharing that block's calibration forward afterwards (inside one `group`) would calibrate on stale activations.
+    rewrites_activations: bool = False
+
     @property
     @abstractmethod
     def needs_calibration(self) -> bool: ...
@@ -43,6 +51,10 @@ class Processor(ABC):
     def prepare_model(self, model: nn.Module) -> None:
         """Called once before any block is visited, with only the non-block modules (embeddings, final norm,
         head) materialised; transforms that span the whole model (rotations) change them here."""
+
+    def check_model(self, model: nn.Module, block_names: list[str]) -> None:
+        """Called once while the run is planned, on the model with no weight read (meta device): refuse here
+        what cannot work on this model's modules, so the user hears it before any weight is read."""
 
     def before_forward(self, block_name: str, block: nn.Module) -> None:
         """Called before the block's calibration forward (or visit, for data-free pipelines)."""
@@ -66,15 +78,68 @@ class Processor(ABC):
         """Config keys, extra files and description entries the saved checkpoint needs from this processor."""
         return OutputEdits()
 
+    def changes_passthrough(self, group: PassThroughGroup) -> bool:
+        """Whether `transform_passthrough` changes this group of checkpoint tensors the model does not read (e.g.
+        one multi-token-prediction layer). Only such a group is read whole, in float32; the others are copied
+        tensor by tensor, unchanged."""
+        return False
+
+    def transform_passthrough(self, group: PassThroughGroup, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The group's tensors ({name: float32 tensor}, the same names back) as they must be written once this
+        processor has changed the model: a processor that changes the residual stream (a rotation) must change
+        an MTP layer too, which reads and writes it. Called after every block was processed. Default: unchanged."""
+        return tensors
+
+
+class QuantRule(Protocol):
+    """One {qconfig, include, exclude} rule: a `linear_quant` step or an `autoround_quant` strategy."""
+
+    qconfig: LinearQConfig
+    include: list[str]
+    exclude: list[str]
+
+
+def quant_rules(configs: Sequence) -> tuple[QuantRule, ...]:
+    """Every quantization rule of these processor configs, in pipeline order (inside groups too)."""
+    out: list[QuantRule] = []
+    for c in configs:
+        if c.type == "group":
+            out.extend(quant_rules(c.configs))
+        elif c.type == "autoround_quant":
+            out.extend(c.strategies)
+        elif c.type == "linear_quant":
+            out.append(c)
+    return tuple(out)
+
 
 @dataclass(frozen=True)
 class ProcessorContext:
-    """What a processor may know about the model: its structure as data, never the adapter object."""
+    """What a processor may know about the model and the pipeline: the model's structure as data (never the
+    adapter object), and the quantization rules of the steps that come after this one."""
 
     adapter_name: str = "?"
     structure: ModelStructure = ModelStructure()
     attention: Optional[AttentionShape] = None
+    mla: Optional[MlaShape] = None  # set for multi-head latent attention (its value heads live in kv_b_proj)
+    # The rules of every later step (later siblings in a group, then the steps after the group): what the
+    # linears this processor sees will be quantized with. Empty: nothing after this step quantizes.
+    following: tuple[QuantRule, ...] = ()
+
+    def scheme_of(self, linear_name: str) -> Optional[LinearQConfig]:
+        """The qconfig a later step gives this linear (full name), None when it stays float in this run. The
+        plan refuses a linear matched by two rules, so the first match is the only one."""
+        for rule in self.following:
+            if select([linear_name], rule.include, rule.exclude):
+                return rule.qconfig
+        return None
 
 
 def build_processor(config, context: ProcessorContext = ProcessorContext()) -> Processor:
     return PROCESSORS[config.type](config, context)
+
+
+def build_pipeline(configs: Sequence, context: ProcessorContext = ProcessorContext()) -> list[Processor]:
+    """One processor per config, each told the quantization rules of the configs after it (and of whatever
+    follows the whole list, `context.following`): how smoothing learns the schemes its targets will get."""
+    return [build_processor(c, replace(context, following=quant_rules(configs[i + 1 :]) + context.following))
+            for i, c in enumerate(configs)]

@@ -8,14 +8,20 @@ from pydantic import Field
 from msmodelslim.processor.base import PROCESSORS, build_processor  # noqa: F401 - re-exported
 from msmodelslim.processor.autoround import processor as _autoround  # noqa: F401 - registers "autoround_quant"
 from msmodelslim.processor.autoround.config import AutoRoundQuantConfig
+from msmodelslim.processor.dynamic_cache import processor as _dynamic_cache  # noqa: F401 - registers "dynamic_cache"
+from msmodelslim.processor.dynamic_cache.config import DynamicCacheConfig
 from msmodelslim.processor.flex_awq_ssz import processor as _flex_awq  # noqa: F401 - registers "awq", "flex_awq_ssz"
 from msmodelslim.processor.flex_awq_ssz.config import AwqConfig, FlexAwqSszConfig
 from msmodelslim.processor.flex_smooth_quant import processor as _flex  # noqa: F401 - registers "flex_smooth_quant"
 from msmodelslim.processor.flex_smooth_quant.config import FlexSmoothQuantConfig
+from msmodelslim.processor.float_sparse import processor as _float_sparse  # noqa: F401 - registers "float_sparse"
+from msmodelslim.processor.float_sparse.config import FloatSparseConfig
 from msmodelslim.processor.group import processor as _group  # noqa: F401 - registers "group"
 from msmodelslim.processor.group.config import GroupConfig
 from msmodelslim.processor.iter_smooth import processor as _iter_smooth  # noqa: F401 - registers "iter_smooth"
 from msmodelslim.processor.iter_smooth.config import IterSmoothConfig
+from msmodelslim.processor.kv_smooth import processor as _kv_smooth  # noqa: F401 - registers "kv_smooth"
+from msmodelslim.processor.kv_smooth.config import KVSmoothConfig
 from msmodelslim.processor.linear_quant import processor as _linear_quant  # noqa: F401 - registers "linear_quant"
 from msmodelslim.processor.linear_quant.config import LinearQuantConfig
 from msmodelslim.processor.quarot import processor as _quarot  # noqa: F401 - registers "quarot"
@@ -25,7 +31,7 @@ from msmodelslim.processor.smooth_quant.config import SmoothQuantConfig
 
 ProcessorConfig = Annotated[
     Union[LinearQuantConfig, GroupConfig, SmoothQuantConfig, IterSmoothConfig, FlexSmoothQuantConfig, QuaRotConfig,
-          FlexAwqSszConfig, AwqConfig, AutoRoundQuantConfig],
+          FlexAwqSszConfig, AwqConfig, AutoRoundQuantConfig, FloatSparseConfig, DynamicCacheConfig, KVSmoothConfig],
     Field(discriminator="type"),
 ]
 GroupConfig.model_rebuild(_types_namespace={"ProcessorConfig": ProcessorConfig})

@@ -40,14 +40,54 @@ class QScope(str, enum.Enum):
         return self in (QScope.per_tensor, QScope.pd_mix)
 
 
-IMPLEMENTED_METHODS = ("minmax", "none", "histogram", "ssz", "gptq")
-WEIGHT_METHODS = ("minmax", "ssz", "gptq")
+IMPLEMENTED_METHODS = ("minmax", "none", "histogram", "ssz", "gptq", "lowbit_sparse")
+WEIGHT_METHODS = ("minmax", "ssz", "gptq", "lowbit_sparse")
 ACT_METHODS = ("minmax", "histogram", "none")
 # ext keys each method accepts, with their defaults (group_size belongs to scope per_group).
 METHOD_EXT = {
     "ssz": {"step": 50},
     "gptq": {"percdamp": 0.01, "block_size": 128, "act_order": False},
+    # W8A8S (quantizer/lowbit_sparse.py): the bulk on a w_bit grid, outliers (fraction, or sigma) kept in int8
+    "lowbit_sparse": {"w_bit": 4, "fraction": 0.01, "use_sigma": False, "sigma_factor": 3.0, "nonuniform": False},
 }
+
+
+def _check_positive_ext(method: str, ext: dict) -> None:
+    """The usual ext options: booleans, or positive numbers of the default's type."""
+    for key, default in METHOD_EXT.get(method, {}).items():
+        value = ext.get(key, default)
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ValueError(f"ext.{key} must be true or false")
+        elif isinstance(value, bool) or not isinstance(value, type(default)) or value <= 0:
+            raise ValueError(f"ext.{key} must be a positive {type(default).__name__} (default {default})")
+
+
+def _number(value, name: str, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ValueError(f"ext.{name} must be a number from {low} to {high}, got {value!r}")
+    return float(value)
+
+
+def _check_lowbit_sparse_ext(method: str, ext: dict) -> None:
+    """lowbit_sparse's own ranges: fraction may be 0, sigma_factor an integer (upstream writes 3), w_bit 2..7."""
+    options = {**METHOD_EXT[method], **ext}
+    w_bit = options["w_bit"]
+    if isinstance(w_bit, bool) or not isinstance(w_bit, int) or not 2 <= w_bit <= 7:
+        raise ValueError(f"ext.w_bit (bits of the bulk grid inside int8) must be an integer from 2 to 7, got {w_bit!r}")
+    _number(options["fraction"], "fraction", 0.0, 0.5)
+    sigma = _number(options["sigma_factor"], "sigma_factor", 0.0, 100.0)
+    if sigma == 0:
+        raise ValueError("ext.sigma_factor must be positive")
+    for flag in ("use_sigma", "nonuniform"):
+        if not isinstance(options[flag], bool):
+            raise ValueError(f"ext.{flag} must be true or false")
+    if options["nonuniform"]:
+        raise ValueError("ext.nonuniform: true (the established tool's non-uniform 'power' grid for sparse "
+                         "quantization) is not implemented yet; use nonuniform: false, the uniform int grid")
+
+
+EXT_CHECKS = {"lowbit_sparse": _check_lowbit_sparse_ext}  # methods whose ext the positive-number rule does not fit
 
 
 class QConfig(BaseModel):
@@ -81,13 +121,7 @@ class QConfig(BaseModel):
         if unknown:  # upstream ignores ext keys its method does not read; so do we, but say so
             log.warning("qconfig ext key(s) %s are not used by method %s (known: %s) and are ignored",
                         sorted(unknown), self.method, ", ".join(sorted(known)))
-        for key, default in METHOD_EXT.get(self.method, {}).items():
-            value = self.ext.get(key, default)
-            if isinstance(default, bool):
-                if not isinstance(value, bool):
-                    raise ValueError(f"ext.{key} must be true or false")
-            elif isinstance(value, bool) or not isinstance(value, type(default)) or value <= 0:
-                raise ValueError(f"ext.{key} must be a positive {type(default).__name__} (default {default})")
+        EXT_CHECKS.get(self.method, _check_positive_ext)(self.method, self.ext)
         if self.scope == QScope.per_group:
             size = self.ext.get("group_size")
             if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
@@ -122,6 +156,7 @@ class Scheme(str, enum.Enum):
     W4A16 = "W4A16"  # int4 weights only
     W4A8_DYNAMIC = "W4A8_DYNAMIC"  # int4 weights, per-token int8 activations
     W8A8_MIX = "W8A8_MIX"  # PD-mix: W8A8 static on decode nodes, W8A8 dynamic on the others (formats.md A.4.2)
+    W8A8S = "W8A8S"  # W8A8 static whose int8 weights are low-bit sparse (method lowbit_sparse; formats.md A.4.11)
 
 
 SUPPORTED_PAIRS = """supported (act -> weight) pairs:
@@ -130,7 +165,8 @@ SUPPORTED_PAIRS = """supported (act -> weight) pairs:
   int8 per_tensor minmax        -> int8 per_channel symmetric (W8A8 static)
   int8 per_token symmetric      -> int8 per_channel|per_group symmetric (W8A8_DYNAMIC)
   int8 per_token symmetric      -> int4 per_channel symmetric (W4A8_DYNAMIC)
-  int8 pd_mix minmax            -> int8 per_channel symmetric (W8A8_MIX: static on decode, dynamic on prefill)"""
+  int8 pd_mix minmax            -> int8 per_channel symmetric (W8A8_MIX: static on decode, dynamic on prefill)
+  int8 per_tensor minmax        -> int8 per_channel symmetric, method lowbit_sparse (W8A8S)"""
 
 
 def resolve_scheme(act: QConfig, weight: QConfig) -> Scheme:
@@ -138,6 +174,13 @@ def resolve_scheme(act: QConfig, weight: QConfig) -> Scheme:
     w, a = weight, act
     if w.is_float:
         raise ValueError("weight dtype float quantizes nothing; exclude the layer instead")
+    if w.method == "lowbit_sparse":
+        if (a.dtype, a.scope, w.dtype, w.scope, w.symmetric) == (QDType.int8, QScope.per_tensor, QDType.int8,
+                                                                  QScope.per_channel, True):
+            return Scheme.W8A8S
+        raise ValueError("weight method lowbit_sparse writes W8A8S, the static W8A8 tensor set: it needs act "
+                         "{dtype: int8, scope: per_tensor} and weight {dtype: int8, scope: per_channel, "
+                         "symmetric: true} (ext.w_bit sets the bulk's bits inside int8)")
     if w.scope not in (QScope.per_channel, QScope.per_group):
         raise ValueError(f"weight scope {w.scope.value} is not supported; use per_channel or per_group")
     if a.is_float:

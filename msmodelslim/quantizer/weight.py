@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 
 from msmodelslim.quantizer.gptq import gptq_quantize
+from msmodelslim.quantizer.lowbit_sparse import lowbit_sparse_quantize
 from msmodelslim.quantizer.primitives import dequantize_weight, quantize_weight_minmax
 from msmodelslim.quantizer.scheme import QConfig
 from msmodelslim.quantizer.ssz import ssz_quantize
@@ -16,6 +17,9 @@ def quantize_weight(w: torch.Tensor, spec: QConfig, hessian: Optional[torch.Tens
     bits, group = spec.dtype.bits, spec.group_size
     if spec.method == "ssz":
         return ssz_quantize(w, bits, spec.symmetric, group, spec.option("step"))
+    if spec.method == "lowbit_sparse":
+        return lowbit_sparse_quantize(w, spec.option("w_bit"), spec.option("fraction"), spec.option("use_sigma"),
+                                      spec.option("sigma_factor"))
     if spec.method == "gptq":
         if hessian is None:
             raise ValueError("gptq needs the Hessian of the layer's calibration inputs")

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import torch
 
-from msmodelslim.format.ascendv1.reader import GLOBAL_KEYS, quantized_layers, read_description, tensors_by_layer
+from msmodelslim.format.ascendv1.reader import (GLOBAL_KEYS, attention_entry, quantized_layers, read_description,
+                                                tensors_by_layer)
+from msmodelslim.format.ascendv1.kv_cache import check_kv_cache
 from msmodelslim.format.ascendv1.tensors import FLOAT, decode_deq_scale, unpack_int4_int32, unpack_int4_rows
 from msmodelslim.format.findings import Finding
 from msmodelslim.format.integrity import read_checked_tensors
@@ -26,6 +28,14 @@ DENSE_LOADABLE = {"W8A8", "W8A8_MIX", "W8A8_DYNAMIC", "W8A16", "W4A4_DYNAMIC", "
 MOE_LOADABLE = {"W8A8_DYNAMIC", "W4A8_DYNAMIC", "W4A16", "W4A4_MXFP4", "W4A8_MXFP", "W8A8_MXFP8", "W4A16_MXFP4",
                 "W8A8FP8_DYNAMIC"}
 ENGINE = "vLLM-Ascend (182b75e)"
+# Valid ascendv1 that no dense registry of the engine loads as written: the user chose it knowingly (a warning).
+NOT_LOADED = {
+    "W8A8S": f"{ENGINE} loads W8A8S only in its Atlas 300I (310P) registry, and the 310P deployment first compresses it "
+             f"to W8A8SC with a separate tool (the engine's 310P sharded-state compression example)",
+    "W16A16S": f"no engine loads W16A16S ({ENGINE} has no scheme for it); the established tool's weight compression "
+               f"turns it into W16A16SC for the Atlas 300I (310P) compression unit",
+}
+FLOAT_WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _shape(t: torch.Tensor) -> list[int]:
@@ -48,7 +58,7 @@ def _check_linear(prefix: str, tag: str, t: dict[str, torch.Tensor], model_dtype
             err(f"'{suffix}' has shape {_shape(t[suffix])}, expected {shape}")
         return t[suffix]
 
-    if tag in ("W8A8", "W8A8_MIX"):
+    if tag in ("W8A8", "W8A8_MIX", "W8A8S"):
         w = need("weight", torch.int8, None)
         if w is None:
             return f
@@ -115,10 +125,23 @@ def _check_linear(prefix: str, tag: str, t: dict[str, torch.Tensor], model_dtype
                 err("weight_packed holds codes outside the int4 range")
         if not is_expert:
             warn(f"W4A16 on a dense linear: {ENGINE} loads W4A16 for MoE experts only")
+    elif tag == "W16A16S":
+        w = need("weight", None, None)
+        if w is None:
+            return f
+        if w.dim() != 2 or w.dtype not in FLOAT_WEIGHT_DTYPES:
+            err(f"W16A16S 'weight' must be a 2-D float16/bfloat16/float32 tensor, got {w.dtype} {_shape(w)}")
+        elif "bias" in t and _shape(t["bias"]) != [w.shape[0]]:
+            err(f"'bias' has shape {_shape(t['bias'])}, expected {[w.shape[0]]}")
     else:
         err(f"unknown type {tag!r}")
         return f
-    if is_expert and tag in ("W8A8", "W8A8_MIX"):
+    if tag in NOT_LOADED:
+        if is_expert and tag == "W8A8S":
+            err("W8A8S on a routed expert: there is no static-activation MoE scheme")
+        else:
+            warn(NOT_LOADED[tag])
+    elif is_expert and tag in ("W8A8", "W8A8_MIX"):
         err(f"{tag} on a routed expert: there is no static-activation MoE scheme; use W8A8_DYNAMIC or W4A8_DYNAMIC")
     elif is_expert and tag not in MOE_LOADABLE:
         warn(f"{tag} on a routed expert: {ENGINE} does not load {tag} for MoE experts")
@@ -176,7 +199,7 @@ def check_ascendv1(
     tensors = read_checked_tensors(path, err)
     if not tensors:
         err("no *.safetensors weights")
-    entries = {k for k in description if k not in GLOBAL_KEYS}
+    entries = {k for k in description if k not in GLOBAL_KEYS and not attention_entry(k)}
     for key in sorted(set(tensors) - entries)[:20]:
         err(f"tensor {key} has no entry in the description")
     for key in sorted(entries - set(tensors))[:20]:
@@ -187,6 +210,7 @@ def check_ascendv1(
     for prefix, own in tensors_by_layer(tensors, layers).items():
         findings.extend(_check_linear(prefix, layers[prefix], own, model_dtype, expert_of(prefix) is not None))
     findings.extend(check_moe_experts(description))
+    findings.extend(check_kv_cache(description, tensors))
     for name, tag in description.items():
         if name in GLOBAL_KEYS or tag != FLOAT or name not in tensors:
             continue

@@ -13,16 +13,30 @@ from safetensors import safe_open
 from torch import nn
 
 from msmodelslim.core.errors import InvalidModelError
+from msmodelslim.core.logging import get_logger
+from msmodelslim.format.ascendv1.kv_cache import C8, kv_cache_by_attention, kv_cache_from_tensors
 from msmodelslim.format.ascendv1.tensors import FLOAT, REQUIRED_SUFFIXES, linear_from_tensors
 from msmodelslim.format.ascendv1.writer import DESCRIPTION
 from msmodelslim.format.staging import incomplete_reason
+from msmodelslim.ir.sparse_linear import W16A16S
 from msmodelslim.model.checkpoint import read_json
+from msmodelslim.ir.kv_cache import KVCacheQuant
 from msmodelslim.model.hf_config import load_hf_config, model_load_errors, require_local_dir
+from msmodelslim.model.kv_cache import cache_argument, install_kv_cache_quant
 from msmodelslim.model.moe import unfuse_experts
+from msmodelslim.model.rebuild import family_skeleton
 from msmodelslim.quantizer.scheme import Scheme
 
+log = get_logger("format.ascendv1.reader")
+
 GLOBAL_KEYS = {"version", "model_quant_type", "metadata", "group_size", "optional", "kv_cache_type",
-               "kv_quant_type", "fa_quant_type", "reduce_quant_type"}
+               "kv_quant_type", "fa_quant_type", "reduce_quant_type", "indexer_quant_type"}
+
+
+def attention_entry(key: str) -> bool:
+    """`<attn>.quant_type` / `<attn>.indexer.quant_type`: an attention layer's quantization type (formats.md A.2,
+    A.6), an entry that names no tensor."""
+    return key.endswith(".quant_type")
 
 
 def read_description(path: Path) -> dict:
@@ -33,13 +47,13 @@ def read_description(path: Path) -> dict:
     return read_json(file)
 
 
-READABLE_TAGS = (FLOAT, *(s.value for s in Scheme))
+READABLE_TAGS = (FLOAT, *(s.value for s in Scheme), W16A16S, C8)
 
 
 def validate_description(path: Path, description: dict) -> None:
     """Every tensor entry carries a type this reader rebuilds; a clear error before any tensor is read."""
     for key, tag in description.items():
-        if key in GLOBAL_KEYS:
+        if key in GLOBAL_KEYS or (attention_entry(key) and isinstance(tag, str)):
             continue
         if not isinstance(tag, str):
             raise InvalidModelError(f"{path / DESCRIPTION}: entry {key!r} has type tag {tag!r}; tags are strings "
@@ -78,7 +92,7 @@ def require_described_tensors(path: Path, description: dict, flag: str) -> None:
     """Every tensor the description names is in the shards (headers only): a missing or damaged shard fails
     before any model is loaded (for eval: before the float model's whole run)."""
     present = tensor_names(path, flag)
-    missing = sorted(k for k in description if k not in GLOBAL_KEYS and k not in present)
+    missing = sorted(k for k in description if k not in GLOBAL_KEYS and not attention_entry(k) and k not in present)
     if not missing:
         return
     prefix = missing[0].rpartition(".")[0]
@@ -127,7 +141,7 @@ def tensors_by_layer(tensors: dict[str, torch.Tensor], prefixes) -> dict[str, di
 
 def _quant_linear(path: Path, prefix: str, tag: str, own: dict[str, torch.Tensor]) -> nn.Module:
     """The layer's QuantLinear, or an InvalidModelError naming the layer and what is wrong with its tensors."""
-    missing = sorted(REQUIRED_SUFFIXES[Scheme(tag)] - own.keys())
+    missing = sorted(REQUIRED_SUFFIXES[tag] - own.keys())
     if missing:
         raise InvalidModelError(f"{path}: quantized layer {prefix} ({tag}) lacks tensor(s) "
                                 f"{', '.join(f'{prefix}.{m}' for m in missing)}; the checkpoint is incomplete")
@@ -138,17 +152,72 @@ def _quant_linear(path: Path, prefix: str, tag: str, own: dict[str, torch.Tensor
                                 f"{type(exc).__name__}: {exc}") from None
 
 
+def outside_architecture(model: nn.Module, description: dict, names) -> list[str]:
+    """The FLOAT tensors among `names` whose module the architecture lacks, such as the multi-token-prediction
+    layer (`model.layers.<num_hidden_layers>.*`) that quant writes through unchanged: not part of the model this
+    reader builds; `convert` carries them over as they are. A misspelled tensor of an existing module is not
+    among them (loading then fails, naming it)."""
+    extra = []
+    for name in names:
+        if description.get(name) != FLOAT:
+            continue
+        try:
+            model.get_submodule(name.rpartition(".")[0])
+        except AttributeError:
+            extra.append(name)
+    return sorted(extra)
+
+
+def take_kv_caches(path: Path, description: dict, tensors: dict[str, torch.Tensor]) -> dict[str, KVCacheQuant]:
+    """{attention: its C8 cache} from the tensors tagged C8, which are removed from `tensors`."""
+    caches = {}
+    for attention, names in kv_cache_by_attention(description).items():
+        try:
+            caches[attention] = kv_cache_from_tensors(attention, tensors)
+        except KeyError as exc:
+            raise InvalidModelError(f"{path}: attention {attention} has C8 tensors but lacks {exc}; the checkpoint "
+                                    f"is incomplete") from None
+        except ValueError as exc:
+            raise InvalidModelError(f"{path}: the C8 tensors of {attention} are inconsistent: {exc}") from None
+        for name in names:
+            tensors.pop(name, None)
+    return caches
+
+
+def install_kv_caches(path: Path, model: nn.Module, caches: dict[str, KVCacheQuant]) -> None:
+    """Each attention quantizes the K/V it writes into its cache and reads them back with the scale alone, as
+    vLLM-Ascend's C8 does (ir/kv_cache.py). A forward without a cache (perplexity) attends over K/V as a decoding
+    step reads them from the cache; the engine's prefill attends over the prompt's float K/V."""
+    for attention_name, quant in caches.items():
+        try:
+            attention = model.get_submodule(attention_name)
+        except AttributeError:
+            raise InvalidModelError(f"{path}: {DESCRIPTION} has C8 tensors for {attention_name}, which the "
+                                    f"architecture in config.json does not have") from None
+        if cache_argument(attention) is None:
+            raise InvalidModelError(f"{path}: {attention_name} ({type(attention).__name__}) takes no cache argument, "
+                                    f"so its C8 cache cannot be simulated")
+        install_kv_cache_quant(attention, quant)
+
+
 def load_ascendv1(path: str | Path, trust_remote_code: bool = False) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     path = require_local_dir(path, "the ascendv1 checkpoint")
     description = read_valid_description(path)
-    config = load_hf_config(path, trust_remote_code)
-    tensors = read_tensors(path)
-    with model_load_errors(path), init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=torch.float32)
+    # The family's adapter builds the model the writer wrote from (experts per expert under their on-disk names,
+    # renamed modules, extra buffers); the generic build serves a model_type no registered adapter claims.
+    built = family_skeleton(path, trust_remote_code)
+    if built is not None:
+        config, model = built
+    else:
+        config = load_hf_config(path, trust_remote_code)
+        with model_load_errors(path), init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=torch.float32)
+        unfuse_experts(model)  # ascendv1 stores one tensor set per expert (formats.md A.5)
     model.eval()
-    unfuse_experts(model)  # ascendv1 stores one tensor set per expert (formats.md A.5)
+    tensors = read_tensors(path)
+    kv_caches = take_kv_caches(path, description, tensors)
     consumed: set[str] = set()
     layers = quantized_layers(description)
     for prefix, own in tensors_by_layer(tensors, layers).items():
@@ -166,7 +235,12 @@ def load_ascendv1(path: str | Path, trust_remote_code: bool = False) -> nn.Modul
             raise InvalidModelError(f"{path}: quantized layer {prefix} is [{linear.out_features}, {linear.in_features}]"
                                     f", but config.json gives [{original.out_features}, {original.in_features}]")
         setattr(parent, child, linear)
-    state = {k: (v.float() if v.is_floating_point() else v) for k, v in tensors.items() if k not in consumed}
+    extra = outside_architecture(model, description, tensors)
+    if extra:  # e.g. the multi-token-prediction layer quant passes through; vLLM loads it into its draft model
+        log.info("%s: %d FLOAT tensor(s) outside the architecture config.json describes are not loaded: %s%s", path,
+                 len(extra), ", ".join(extra[:4]), " ..." if len(extra) > 4 else "")
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in tensors.items()
+             if k not in consumed and k not in extra}
     try:
         result = model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as exc:  # e.g. a float tensor whose shape is not the architecture's
@@ -180,4 +254,5 @@ def load_ascendv1(path: str | Path, trust_remote_code: bool = False) -> nn.Modul
         )
     if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" not in state:
         model.tie_weights()
+    install_kv_caches(path, model, kv_caches)
     return model

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from msmodelslim.ir.quant_linear import QuantLinear
+from msmodelslim.ir.sparse_linear import W16A16S, SparseFloatLinear
 from msmodelslim.quantizer.scheme import Scheme
 
 FLOAT = "FLOAT"
@@ -76,7 +77,7 @@ def linear_tensors(ir: QuantLinear, model_dtype: torch.dtype, row_parallel: bool
     tag = ir.scheme.value
     out: dict[str, tuple[torch.Tensor, str]] = {}
     zeros = torch.zeros_like(ir.weight_scale)
-    if ir.scheme in (Scheme.W8A8, Scheme.W8A8_MIX):
+    if ir.scheme in (Scheme.W8A8, Scheme.W8A8_MIX, Scheme.W8A8S):  # W8A8S: the same tensors, sparse codes
         w_scale = ir.weight_scale[:, 0]
         deq = (ir.input_scale * w_scale).float()
         bias = ir.bias if ir.bias is not None else torch.zeros_like(deq)
@@ -112,24 +113,40 @@ def linear_tensors(ir: QuantLinear, model_dtype: torch.dtype, row_parallel: bool
     return out
 
 
+def sparse_float_tensors(ir: SparseFloatLinear, weight_dtype: torch.dtype, bias_dtype: torch.dtype
+                         ) -> dict[str, tuple[torch.Tensor, str]]:
+    """W16A16S: the pruned float weight in the model's dtype and the bias, both tagged W16A16S (the established
+    writer's layout; its documentation also names a `scale` tensor, which it never writes)."""
+    out = {"weight": (ir.weight.to(weight_dtype), W16A16S)}
+    if ir.bias is not None:
+        out["bias"] = (ir.bias.to(bias_dtype), W16A16S)
+    return out
+
+
 # ---- reader side -------------------------------------------------------------------------------------------
 # The tensors `linear_from_tensors` needs for each type (bias is optional everywhere).
-REQUIRED_SUFFIXES: dict[Scheme, frozenset[str]] = {
-    Scheme.W8A8: frozenset({"weight", "quant_bias", "input_scale", "input_offset", "deq_scale"}),
-    Scheme.W8A8_MIX: frozenset({"weight", "quant_bias", "input_scale", "input_offset", "deq_scale", "weight_scale",
-                                "weight_offset"}),
-    Scheme.W8A8_DYNAMIC: frozenset({"weight", "weight_scale", "weight_offset"}),
-    Scheme.W8A16: frozenset({"weight", "weight_scale", "weight_offset"}),
-    Scheme.W4A8_DYNAMIC: frozenset({"weight", "weight_scale", "weight_offset"}),
-    Scheme.W4A16: frozenset({"weight_packed", "weight_scale", "weight_shape"}),
+REQUIRED_SUFFIXES: dict[str, frozenset[str]] = {
+    Scheme.W8A8.value: frozenset({"weight", "quant_bias", "input_scale", "input_offset", "deq_scale"}),
+    Scheme.W8A8S.value: frozenset({"weight", "quant_bias", "input_scale", "input_offset", "deq_scale"}),
+    Scheme.W8A8_MIX.value: frozenset({"weight", "quant_bias", "input_scale", "input_offset", "deq_scale",
+                                      "weight_scale", "weight_offset"}),
+    Scheme.W8A8_DYNAMIC.value: frozenset({"weight", "weight_scale", "weight_offset"}),
+    Scheme.W8A16.value: frozenset({"weight", "weight_scale", "weight_offset"}),
+    Scheme.W4A8_DYNAMIC.value: frozenset({"weight", "weight_scale", "weight_offset"}),
+    Scheme.W4A16.value: frozenset({"weight_packed", "weight_scale", "weight_shape"}),
+    W16A16S: frozenset({"weight"}),
 }
 
 
-def linear_from_tensors(tag: str, t: dict[str, torch.Tensor]) -> QuantLinear:
-    """Rebuild the IR from saved tensors alone (suffix -> tensor), inverting `linear_tensors`."""
+def linear_from_tensors(tag: str, t: dict[str, torch.Tensor]) -> QuantLinear | SparseFloatLinear:
+    """Rebuild the IR from saved tensors alone (suffix -> tensor), inverting `linear_tensors` (and
+    `sparse_float_tensors`)."""
+    if tag == W16A16S:
+        bias = t.get("bias")
+        return SparseFloatLinear(t["weight"].float(), None if bias is None else bias.float())
     scheme = Scheme(tag)
     bias = t.get("bias")
-    if scheme == Scheme.W8A8:
+    if scheme in (Scheme.W8A8, Scheme.W8A8S):
         q = t["weight"]
         s_in, o_in = t["input_scale"].float(), t["input_offset"].float()
         deq = decode_deq_scale(t["deq_scale"])

@@ -14,18 +14,22 @@ from typing import Callable
 import torch
 from torch import nn
 
-from msmodelslim.format.ascendv1.tensors import FLOAT, linear_tensors
+from msmodelslim.format.ascendv1.kv_cache import C8, GLOBAL as C8_GLOBAL, kv_cache_tensors
+from msmodelslim.format.ascendv1.tensors import FLOAT, linear_tensors, sparse_float_tensors
 from msmodelslim.format.edits import OutputEdits
 from msmodelslim.format.hf_files import copy_model_files, own_tensors, quantized_and_float_modules, write_extra_files
 from msmodelslim.format.shards import ShardStream
+from msmodelslim.ir.kv_cache import KVCacheQuant
 from msmodelslim.ir.quant_linear import QuantLinear
+from msmodelslim.ir.sparse_linear import SparseFloatLinear
 
 DESCRIPTION = "quant_model_description.json"
 WEIGHTS = "quant_model_weights"
 INDEX = f"{WEIGHTS}.safetensors.index.json"
 
-# Lowest to highest; `model_quant_type` reports the highest present (informational for the engines).
-TYPE_PRIORITY = ["FLOAT", "W8A16", "W4A16", "W8A8_DYNAMIC", "W4A8_DYNAMIC", "W8A8_MIX", "W8A8"]
+# Lowest to highest; `model_quant_type` reports the highest present (informational for vLLM-Ascend; the 310P
+# compression tool reads it to find W8A8S models, so W8A8S ranks first, as the established v0 writer reports it).
+TYPE_PRIORITY = ["FLOAT", "W16A16S", "W8A16", "W4A16", "W8A8_DYNAMIC", "W4A8_DYNAMIC", "W8A8_MIX", "W8A8", "W8A8S"]
 
 
 class AscendV1Writer:
@@ -61,6 +65,10 @@ class AscendV1Writer:
     def add_tied(self, name: str, source: str, tensor: torch.Tensor) -> None:
         self.add_float(name, tensor)
 
+    def add_passthrough(self, name: str, tensor: torch.Tensor) -> None:
+        """A checkpoint tensor the model does not read (e.g. of an MTP layer), written as given, tagged FLOAT."""
+        self.add(name, tensor, FLOAT)
+
     def add_module_tree(self, prefix: str, root: nn.Module) -> None:
         """Every tensor under `root`: quantized linears in their ascendv1 layout, the rest as FLOAT."""
         for name, module in quantized_and_float_modules(prefix, root):
@@ -68,6 +76,15 @@ class AscendV1Writer:
                 if module.group_size is not None:
                     self.group_sizes.add(module.group_size)
                 for suffix, (tensor, tag) in linear_tensors(module, self.model_dtype, self.is_row_parallel(name)).items():
+                    self.add(f"{name}.{suffix}", tensor, tag)
+                continue
+            if isinstance(module, KVCacheQuant):  # the attention's int8 cache: named after its k/v projections
+                for tensor_name, tensor in kv_cache_tensors(name.rpartition(".")[0], module).items():
+                    self.add(tensor_name, tensor, C8)
+                continue
+            if isinstance(module, SparseFloatLinear):  # float weights in the model's dtype, as FLOAT ones are
+                tensors = sparse_float_tensors(module, self.dtype_for(f"{name}.weight"), self.dtype_for(f"{name}.bias"))
+                for suffix, (tensor, tag) in tensors.items():
                     self.add(f"{name}.{suffix}", tensor, tag)
                 continue
             for tensor_name, tensor in own_tensors(name, module):
@@ -94,6 +111,9 @@ class AscendV1Writer:
             "group_size": next(iter(self.group_sizes), 0),
             "optional": edits.optional,
         })
+        if C8 in present:  # what vLLM-Ascend reads to enable the int8 cache (formats.md A.2)
+            description.update(C8_GLOBAL)
+        description.update(edits.description)  # entries naming no tensor (formats.md A.2/A.6), e.g. the indexer's
         (self.out_dir / DESCRIPTION).write_text(json.dumps(description, indent=4), encoding="utf-8")
         write_extra_files(self.out_dir, edits)
         copy_model_files(source_dir, self.out_dir, edits.config)

@@ -30,9 +30,10 @@ def _symmetric(offset: torch.Tensor | None) -> bool:
 
 def quantization_args(module: QuantLinear) -> tuple[QuantizationArgs, QuantizationArgs | None, str]:
     """(weights, input_activations, format) of this layer."""
-    if module.scheme == Scheme.W8A8_MIX:  # planning refuses this before any weight is read; a guard for convert
-        raise UnsupportedError(f"{module.scheme.value} (PD-mix) is an Ascend serving scheme with no "
-                               f"compressed-tensors equivalent; quantize with act scope per_tensor or per_token")
+    if module.scheme in (Scheme.W8A8_MIX, Scheme.W8A8S):  # planning refuses these before any weight is read
+        raise UnsupportedError(f"{module.scheme.value} is an Ascend serving scheme with no compressed-tensors "
+                               f"equivalent; quantize with act scope per_tensor or per_token and weight method "
+                               f"minmax, ssz or gptq")
     group = module.group_size
     weights = QuantizationArgs(num_bits=module.weight_bits, type="int", symmetric=_symmetric(module.weight_offset),
                                strategy="group" if group else "channel", group_size=group, observer="minmax",

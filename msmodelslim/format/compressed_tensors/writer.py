@@ -30,13 +30,24 @@ class CompressedTensorsWriter:
         self.model_dtype = model_dtype
         self.dtype_for = dtype_for
         self.groups: dict[str, tuple[QuantizationScheme, list[str]]] = {}
+        self.passthrough_linears: list[str] = []
 
     # A tied table (lm_head sharing the embedding) is stored once; transformers and vLLM re-tie it from config.json.
     TIED_ALIASES = False
     # Schemes this format has no representation for (planning refuses them before any weight is read).
     UNSUPPORTED = {"W8A8_MIX": "act scope pd_mix (W8A8_MIX) is an Ascend serving scheme with no compressed-tensors "
                                "equivalent; save with ascendv1_saver, or use act scope per_tensor (static) or "
-                               "per_token (dynamic) for compressed_tensors"}
+                               "per_token (dynamic) for compressed_tensors",
+                   "W8A8S": "weight method lowbit_sparse (W8A8S) is an Ascend 310P scheme (compressed to W8A8SC there) "
+                            "with no compressed-tensors equivalent; save with ascendv1_saver, or use weight method "
+                            "minmax/ssz/gptq for compressed_tensors",
+                   "W16A16S": "float_sparse (W16A16S) is an Ascend 310P scheme (compressed to W16A16SC there) with no "
+                              "compressed-tensors equivalent; save with ascendv1_saver"}
+
+    # Processing steps whose output this format cannot hold (refused before any weight is read).
+    UNSUPPORTED_STEPS = {"dynamic_cache": "vLLM reads a compressed-tensors kv_cache_scheme only as FP8, one scale per "
+                                          "tensor (k_scale/v_scale); there is no int8 per-channel KV cache (C8) in "
+                                          "this format. Save with ascendv1_saver, or remove dynamic_cache"}
 
     def add_float(self, name: str, tensor: torch.Tensor) -> None:
         dtype = self.dtype_for(name) if tensor.is_floating_point() else tensor.dtype
@@ -44,6 +55,15 @@ class CompressedTensorsWriter:
 
     def add_tied(self, name: str, source: str, tensor: torch.Tensor) -> None:
         """`name` is the same tensor as `source`, already written: nothing to store."""
+
+    def add_passthrough(self, name: str, tensor: torch.Tensor) -> None:
+        """A checkpoint tensor the model does not read (e.g. of an MTP layer), written as given. vLLM raises for a
+        linear that no config group targets and `ignore` does not name, and loads an MTP layer's linears with the
+        model's quantization config: every 2-D `.weight` passed through goes into `ignore` (an entry that names a
+        non-linear, such as an embedding, is never consulted)."""
+        self.shards.add(name, tensor)
+        if name.endswith(".weight") and tensor.dim() == 2:
+            self.passthrough_linears.append(name[: -len(".weight")])
 
     def add_module_tree(self, prefix: str, root: nn.Module) -> None:
         for name, module in quantized_and_float_modules(prefix, root):
@@ -82,7 +102,8 @@ class CompressedTensorsWriter:
             self.shards.finish(lambda i, n: SINGLE, None)
         else:
             self.shards.finish(lambda i, n: f"model-{i:05d}-of-{n:05d}.safetensors", INDEX)
-        quantization_config = self.quantization_config(list(float_linears)) if self.groups else None
+        ignore = list(float_linears) + self.passthrough_linears
+        quantization_config = self.quantization_config(ignore) if self.groups else None
         write_extra_files(self.out_dir, edits)
         copy_model_files(source_dir, self.out_dir, edits.config, quantization_config)
         return quantization_config or {}

@@ -13,6 +13,8 @@ class FlexSmoothQuantConfig(SmoothingFields):
     alpha: Optional[float] = Field(None, ge=0, le=1, description="exponent of the activation range; empty = search")
     beta: Optional[float] = Field(None, ge=0, le=1, description="exponent of the weight range; empty = search")
     enable_subgraph_type: list[SubgraphKind] = Field(default_factory=lambda: list(ALL_SUBGRAPH_KINDS))
-    # This project's addition: the activation quantization the search scores against. per_token = dynamic
-    # int8 (W8A8_DYNAMIC); per_tensor = static asymmetric int8 over the sampled tokens (W8A8).
-    act_scope: Literal["per_token", "per_tensor"] = "per_token"
+    # This project's addition, for smoothing-only runs: the activation quantization the search assumes when no
+    # later step of spec.process quantizes (per_token = W8A8_DYNAMIC, the default with a warning; per_tensor =
+    # static asymmetric int8, W8A8). With later quantization steps, each target is scored with the scheme they
+    # give it, and a contradicting act_scope is an error.
+    act_scope: Optional[Literal["per_token", "per_tensor"]] = None

@@ -5,9 +5,25 @@ from typing import Optional
 
 from torch import nn
 
+from msmodelslim.core.errors import ConfigError
 from msmodelslim.format.edits import OutputEdits
-from msmodelslim.processor.base import Processor, ProcessorContext, build_processor, register_processor
+from msmodelslim.processor.base import Processor, ProcessorContext, build_pipeline, register_processor
 from msmodelslim.processor.group.config import GroupConfig
+
+
+def _refuse_stale_calibration(config: GroupConfig, children: list[Processor]) -> None:
+    """Children share one calibration forward: a child that changes the block's activations after it (smoothing,
+    rotation) must not precede one that calibrates on them, or that one's static ranges / Hessians are stale."""
+    for i, child in enumerate(children):
+        if not child.rewrites_activations:
+            continue
+        stale = [j for j in range(i + 1, len(children)) if children[j].needs_calibration]
+        if stale:
+            first = config.configs[i].type
+            raise ConfigError(
+                f"group.configs[{i}] ({first}) changes the activations after the group's shared calibration forward, "
+                f"so group.configs[{stale[0]}] ({config.configs[stale[0]].type}) would calibrate on activations from "
+                f"before that change; put {first} before the group in spec.process")
 
 
 @register_processor("group")
@@ -15,7 +31,8 @@ class GroupProcessor(Processor):
     label = "group.configs"  # how claims name a child
 
     def __init__(self, config: GroupConfig, context: ProcessorContext) -> None:
-        self.children = [build_processor(c, context) for c in config.configs]
+        self.children = build_pipeline(config.configs, context)  # each child knows the siblings after it
+        _refuse_stale_calibration(config, self.children)
 
     @property
     def needs_calibration(self) -> bool:
@@ -29,6 +46,10 @@ class GroupProcessor(Processor):
     def prepare_model(self, model: nn.Module) -> None:
         for child in self.children:
             child.prepare_model(model)
+
+    def check_model(self, model: nn.Module, block_names: list[str]) -> None:
+        for child in self.children:
+            child.check_model(model, block_names)
 
     def before_forward(self, block_name: str, block: nn.Module) -> None:
         for child in self.children:
@@ -51,3 +72,12 @@ class GroupProcessor(Processor):
         for child in self.children:
             edits = edits.merge(child.output_edits())
         return edits
+
+    def changes_passthrough(self, group) -> bool:
+        return any(child.changes_passthrough(group) for child in self.children)
+
+    def transform_passthrough(self, group, tensors: dict) -> dict:
+        for child in self.children:
+            if child.changes_passthrough(group):
+                tensors = child.transform_passthrough(group, tensors)
+        return tensors

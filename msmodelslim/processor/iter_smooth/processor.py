@@ -17,10 +17,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from msmodelslim.model.interface import SmoothSubgraph
 from msmodelslim.processor.base import register_processor
 from msmodelslim.processor.smooth_quant import smooth
 from msmodelslim.processor.smooth_quant.base import InputStats, SubgraphSmoother
+from msmodelslim.processor.smooth_quant.subgraphs import BlockSubgraph
 
 
 def iter_smooth_scales(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float,
@@ -34,11 +34,11 @@ class IterSmoothProcessor(SubgraphSmoother):
     type_name = "iter_smooth"
     order = ("up-down", "ov", "norm-linear", "linear-linear")
 
-    def scales(self, graph: SmoothSubgraph, stats: InputStats, targets: list[nn.Linear]) -> torch.Tensor:
+    def scales(self, graph: BlockSubgraph, stats: InputStats, targets: list[nn.Module], names: list[str]) -> torch.Tensor:
         weight = smooth.column_absmax([t.weight for t in targets])
         s = iter_smooth_scales(stats.absmax, weight, self.config.alpha, self.config.scale_min)
         if graph.kind == "ov":
-            shape = self.context.attention
+            shape = self.ov_shape(graph)
             group = shape.num_heads // shape.num_kv_heads
             s = s.reshape(shape.num_kv_heads, group, shape.head_dim).mean(dim=1).reshape(-1)
         return s

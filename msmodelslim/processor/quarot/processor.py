@@ -1,15 +1,19 @@
 """`quarot`: offline QuaRot (Ashkboos et al., "QuaRot: Outlier-Free 4-Bit Inference in Rotated LLMs",
 NeurIPS 2024), the rotations that fold into the weights and cost nothing at run time.
 
-1. Fold every RMSNorm's weight into the linears that read it (the final norm into lm_head).
+1. Fold every RMSNorm's weight into what reads it (the final norm into lm_head).
 2. Rotate the residual stream by Q = H·diag(±1)/√d (random Hadamard, signs from `seed`): embedding E·Q,
-   readers W·Q, writers Qᵀ·W (rotate.py).
-3. Rotate each attention value head by a random Hadamard of the head size (v_proj rows, o_proj columns).
+   readers W·Q, writers Qᵀ·W (rotate.py). In MoE blocks the readers are the router and every expert's
+   gate/up (routed and shared), the writers every expert's down.
+3. Rotate each attention value head by a random Hadamard of the head size: v_proj rows and o_proj columns;
+   for multi-head latent attention (DeepSeek-V3) the V rows of kv_b_proj and the o_proj columns.
 Outlier channels of the residual stream are spread over all channels, so the activations entering q/k/v,
-gate/up and o_proj quantize with far less error. The float model's output is unchanged.
+gate/up (and q_a/kv_a, the experts) and o_proj quantize with far less error. The float model's output is
+unchanged. Where in a block this applies is the family's `RotationStructure` (model/rotation.py).
 
 With tied embeddings, step 1 changes lm_head but not the embedding, so the output unties them: lm_head.weight
-is written on its own and config.json gets tie_word_embeddings: false.
+is written on its own and config.json gets tie_word_embeddings: false. A multi-token-prediction layer, which
+the model does not build, is rotated by `rotate_mtp` (mtp.py) from its checkpoint tensors.
 
     - type: quarot
       seed: 0
@@ -22,10 +26,12 @@ from torch import nn
 from msmodelslim.core.errors import ProcessingError, UnsupportedError
 from msmodelslim.core.logging import get_logger
 from msmodelslim.format.edits import OutputEdits
+from msmodelslim.model.passthrough import MTP, PassThroughGroup
 from msmodelslim.processor.base import Processor, ProcessorContext, register_processor
-from msmodelslim.processor.quarot import rotate
+from msmodelslim.processor.quarot import mtp, rotate
 from msmodelslim.processor.quarot.config import QuaRotConfig
 from msmodelslim.processor.quarot.hadamard import block_diagonal, random_rotation
+from msmodelslim.processor.quarot.rotate import ValueHeads
 
 log = get_logger("quarot")
 ROTATION_FILE = "optional/quarot.safetensors"
@@ -38,19 +44,42 @@ def _rms_norm(module: nn.Module, name: str) -> nn.Module:
     return module
 
 
+def _has_float_weight(module: nn.Module) -> bool:
+    """nn.Linear or a router (weight [E, H]); a QuantLinear holds integer codes and no `weight`."""
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, torch.Tensor) and weight.is_floating_point() and weight.dim() == 2
+
+
 @register_processor("quarot")
 class QuaRotProcessor(Processor):
+    rewrites_activations = True
+
     def __init__(self, config: QuaRotConfig, context: ProcessorContext) -> None:
         if context.structure.rotation is None:
             raise UnsupportedError(f"quarot: adapter {context.adapter_name} does not describe where to rotate "
                                    f"(ModelStructure.rotation, the QuaRot interface)")
-        if context.attention is None:
-            raise UnsupportedError(f"quarot: adapter {context.adapter_name} gives no attention shape")
         self.config = config
         self.context = context
         self.structure = context.structure.rotation
+        self.value_heads = {layout: self._value_heads(layout) for layout in {h.layout for h in self.structure.heads}}
+        if not self.structure.heads:
+            log.info("quarot: adapter %s describes no value-head rotation; only the residual stream rotates",
+                     context.adapter_name)
         self.q: torch.Tensor | None = None
-        self.head_q: torch.Tensor | None = None
+        self.head_q: dict[str, torch.Tensor] = {}
+        self.final_gain: torch.Tensor | None = None  # the final norm's weight before folding (for the MTP layer)
+
+    def _value_heads(self, layout: str) -> ValueHeads:
+        """Where the value heads sit, from the adapter's attention shape (GQA) or MLA shape."""
+        if layout == "mla":
+            if self.context.mla is None:
+                raise UnsupportedError(f"quarot: adapter {self.context.adapter_name} describes a multi-head latent "
+                                       f"attention head rotation but gives no MLA shape (mla_shape())")
+            return ValueHeads.mla(self.context.mla)
+        if self.context.attention is None:
+            raise UnsupportedError(f"quarot: adapter {self.context.adapter_name} gives no attention shape for the "
+                                   f"value-head rotation")
+        return ValueHeads.gqa(self.context.attention)
 
     @property
     def needs_calibration(self) -> bool:
@@ -58,6 +87,28 @@ class QuaRotProcessor(Processor):
 
     def claims(self, linear_names: list[str]) -> dict[str, str]:
         return {}
+
+    def check_model(self, model: nn.Module, block_names: list[str]) -> None:
+        """On the empty model: every module of a block that reads a hidden-size input must be a reader or
+        writer of the structure, or the rotation would silently break it (e.g. a router or an indexer the
+        family's structure forgot); every norm folded must be an RMSNorm without bias."""
+        s = self.structure
+        _rms_norm(model.get_submodule(s.final_norm), s.final_norm)
+        hidden = model.get_submodule(s.embedding).weight.shape[1]
+        listed = [rotate.pattern_regex(p) for p in (*s.readers, *s.writers)]
+        norms = {n for n, _ in s.norm_readers}
+        for block_name in block_names:
+            for name, module in model.get_submodule(block_name).named_modules():
+                if name in norms:
+                    _rms_norm(module, f"{block_name}.{name}")
+                weight = getattr(module, "weight", None)
+                if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != hidden:
+                    continue
+                if not any(r.fullmatch(name) for r in listed):
+                    raise UnsupportedError(
+                        f"quarot: {block_name}.{name} ({type(module).__name__}) reads the hidden size {hidden} but "
+                        f"adapter {self.context.adapter_name}'s RotationStructure lists it neither as a reader nor "
+                        f"as a writer; rotating the residual stream would break it")
 
     def _rotation(self, hidden: int) -> torch.Tensor:
         size = hidden if self.config.block_size == -1 else self.config.block_size
@@ -73,12 +124,17 @@ class QuaRotProcessor(Processor):
         s = self.structure
         embedding, lm_head = model.get_submodule(s.embedding), model.get_submodule(s.lm_head)
         self.q = self._rotation(embedding.weight.shape[1])
-        self.head_q = random_rotation(self.context.attention.head_dim, self.config.seed + 1)[0].float()
+        self.head_q = {layout: random_rotation(where.head_dim, self.config.seed + 1)[0].float()
+                       for layout, where in self.value_heads.items()}
         if lm_head.weight.data_ptr() == embedding.weight.data_ptr():  # tied: give lm_head its own table
             lm_head.weight = nn.Parameter(lm_head.weight.detach().clone(), requires_grad=False)
-        rotate.fold_norm_into_readers(_rms_norm(model.get_submodule(s.final_norm), s.final_norm), [lm_head])
-        rotate.rotate_reader(lm_head, self.q)
-        rotate.rotate_embedding(embedding, self.q)
+        final_norm = _rms_norm(model.get_submodule(s.final_norm), s.final_norm)
+        self.final_gain = final_norm.weight.detach().float().clone()
+        with torch.no_grad():
+            rotate.fold_norm(final_norm.weight.float() + s.norm_offset, [lm_head.weight])
+            final_norm.weight.fill_(1.0 - s.norm_offset)
+        rotate.rotate_reader(lm_head.weight, self.q)
+        rotate.rotate_reader(embedding.weight, self.q)
 
     def before_forward(self, block_name: str, block: nn.Module) -> None:
         if self.q is None:
@@ -86,20 +142,45 @@ class QuaRotProcessor(Processor):
 
     def after_forward(self, block_name: str, block: nn.Module) -> None:
         s = self.structure
-        names = [n for _, readers in s.norm_readers for n in readers] + list(s.writers) + [s.value, s.output]
-        if not all(type(block.get_submodule(n)) is nn.Linear for n in names):
-            raise ProcessingError(f"quarot: {block_name} is already quantized; put quarot first in spec.process")
-        for norm_name, reader_names in s.norm_readers:
-            readers = [block.get_submodule(n) for n in reader_names]
-            rotate.fold_norm_into_readers(_rms_norm(block.get_submodule(norm_name), f"{block_name}.{norm_name}"),
-                                          readers)
-            for linear in readers:
-                rotate.rotate_reader(linear, self.q)
-        for name in s.writers:
-            rotate.rotate_writer(block.get_submodule(name), self.q)
-        shape = self.context.attention
-        rotate.rotate_heads(block.get_submodule(s.value), block.get_submodule(s.output), self.head_q,
-                            shape.num_heads, shape.num_kv_heads)
+        modules = dict(block.named_modules())
+        for name, _ in s.norm_readers:
+            if name in modules:
+                _rms_norm(modules[name], f"{block_name}.{name}")
+        listed = [*s.readers, *s.writers, *(n for h in s.heads for n in (h.value, h.output))]
+        for pattern in listed:
+            for name in rotate.matching(modules, pattern):
+                if not _has_float_weight(modules[name]):
+                    raise ProcessingError(f"quarot: {block_name}.{name} is already quantized; put quarot first in "
+                                          f"spec.process")
+        rotate.rotate_block(dict(block.named_parameters()), s, self.q, self._head_rotations())
+
+    def _head_rotations(self) -> rotate.HeadRotations:
+        return {layout: (where, self.head_q[layout]) for layout, where in self.value_heads.items()}
+
+    def rotate_mtp(self, tensors: dict[str, torch.Tensor], prefix: str,
+                   post_norm_hidden: bool = False) -> dict[str, torch.Tensor]:
+        """The multi-token-prediction layer's checkpoint tensors ({full name under `prefix`, e.g.
+        'model.layers.61.': float32 tensor}, the same names back), rotated as this run rotated the main model;
+        see mtp.rotate_mtp_layer. post_norm_hidden: the engine feeds the MTP the main model's post-final-norm
+        hidden state (approximate, see mtp.py) rather than the pre-norm one (exact). Call after prepare_model."""
+        if self.q is None:
+            raise ProcessingError("quarot: rotate_mtp needs the rotation, made in prepare_model")
+        if self.structure.mtp is None:
+            raise UnsupportedError(f"quarot: adapter {self.context.adapter_name} describes no multi-token-prediction "
+                                   f"layer (RotationStructure.mtp)")
+        return mtp.rotate_mtp_layer(tensors, prefix, self.structure, self.q, self._head_rotations(),
+                                    final_norm_weight=self.final_gain if post_norm_hidden else None)
+
+    def changes_passthrough(self, group: PassThroughGroup) -> bool:
+        return group.kind == MTP and self.structure.mtp is not None
+
+    def transform_passthrough(self, group: PassThroughGroup, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # vLLM feeds the MTP layer the main model's post-final-norm hidden state, so rotate for that input (exact
+        # only when the final norm's gain is uniform; see mtp.py) rather than for the pre-norm one.
+        log.warning("quarot: rotating the multi-token-prediction layer %s for the post-final-norm hidden state the "
+                    "engine feeds it; this is exact only for a uniform final-norm gain, so speculative-decoding "
+                    "acceptance may drop slightly", group.name)
+        return self.rotate_mtp(tensors, group.name + ".", post_norm_hidden=True)
 
     def output_edits(self) -> OutputEdits:
         edits = OutputEdits(config={"tie_word_embeddings": False})

@@ -14,19 +14,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from msmodelslim.model.interface import SmoothSubgraph
 from msmodelslim.processor.base import register_processor
 from msmodelslim.processor.smooth_quant import smooth
 from msmodelslim.processor.smooth_quant.base import InputStats, SubgraphSmoother
+from msmodelslim.processor.smooth_quant.subgraphs import BlockSubgraph
 
 
 @register_processor("smooth_quant")
 class SmoothQuantProcessor(SubgraphSmoother):
     type_name = "smooth_quant"
 
-    def scales(self, graph: SmoothSubgraph, stats: InputStats, targets: list[nn.Linear]) -> torch.Tensor:
+    def scales(self, graph: BlockSubgraph, stats: InputStats, targets: list[nn.Module], names: list[str]) -> torch.Tensor:
         act, weight = stats.absmax, smooth.column_absmax([t.weight for t in targets])
         if graph.kind == "ov":
-            shape = self.context.attention
+            shape = self.ov_shape(graph)
             act, weight = smooth.to_kv_channels(act, shape), smooth.to_kv_channels(weight, shape)
         return smooth.smoothing_scales(act, weight, self.config.alpha)

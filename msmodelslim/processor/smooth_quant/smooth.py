@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from msmodelslim.model.interface import AttentionShape
+from msmodelslim.model.interface import AttentionShape, MlaShape
 
 EPS = 1e-5
 
@@ -43,11 +43,22 @@ def from_kv_channels(per_kv_channel: torch.Tensor, shape: AttentionShape) -> tor
     return per_kv_channel.reshape(shape.num_kv_heads, 1, shape.head_dim).expand(-1, group, -1).reshape(-1)
 
 
+def mla_value_rows(per_value_channel: torch.Tensor, shape: MlaShape) -> torch.Tensor:
+    """[H·v_head_dim] -> kv_b_proj's rows [H·(qk_nope_head_dim + v_head_dim)]: each head's value rows take the
+    scale, its key rows keep 1 (they feed the attention scores, which the scale must not change)."""
+    values = per_value_channel.reshape(shape.num_heads, shape.v_head_dim)
+    keys = torch.ones(shape.num_heads, shape.qk_nope_head_dim, dtype=values.dtype)
+    return torch.cat([keys, values], dim=1).reshape(-1)
+
+
 @torch.no_grad()
-def divide_source(source: torch.nn.Module, s: torch.Tensor) -> None:
-    """X /= s, folded into the producer: a norm's weight, or a linear's output rows and bias."""
+def divide_source(source: torch.nn.Module, s: torch.Tensor, norm_offset: float = 0.0) -> None:
+    """X /= s, folded into the producer: a norm's weight, or a linear's output rows and bias. A norm scaling by
+    (norm_offset + weight) has its effective gain divided: weight' = (norm_offset + weight) / s - norm_offset."""
     weight = source.weight
-    if weight.dim() == 1:
+    if weight.dim() == 1 and norm_offset:
+        weight.copy_(((weight.double() + norm_offset) / s.double() - norm_offset).to(weight.dtype))
+    elif weight.dim() == 1:
         weight.div_(s.to(weight.dtype))
     else:
         weight.div_(s.to(weight.dtype).unsqueeze(1))

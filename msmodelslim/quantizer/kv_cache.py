@@ -1,0 +1,74 @@
+"""KV-cache int8 ("C8") as tensor functions: the per-channel ranges of cached K/V, their scales, and what the
+serving engine computes when it writes the cache and reads it back (vLLM-Ascend, formats.md A.6).
+
+A cache tensor is [batch, kv_heads, tokens, head_dim]; its channels are the flattened (kv_head, head_dim) axis,
+c = h·D + d, which is how the engine's `kv_cache_scale` [H_kv·D] is indexed:
+
+    write:  q[c] = clamp(round(x[c] / s[c] + o[c]), -128, 127)
+    read:   x̂[c] = q[c] · s[c]                      (the scale alone: an offset is never subtracted)
+
+Symmetric minmax: s[c] = max(|min_c|, |max_c|) / 127 over every calibration token, o = 0.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from msmodelslim.quantizer.primitives import int_range, scale_offset_from_minmax
+
+BITS = 8
+
+
+def cache_channels(x: torch.Tensor) -> torch.Tensor:
+    """[batch, kv_heads, tokens, head_dim] -> [batch·tokens, kv_heads·head_dim]: one row per cached token."""
+    batch, heads, tokens, dim = x.shape
+    return x.transpose(1, 2).reshape(batch * tokens, heads * dim)
+
+
+def _per_channel(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A [H·D] parameter shaped to broadcast over a [batch, H, tokens, D] cache tensor."""
+    return t.float().reshape(1, like.shape[1], 1, like.shape[3])
+
+
+def fake_quantize_cache(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """What attention reads back from an int8 cache: quantized on write (with the offset), dequantized with
+    the scale alone on read."""
+    qmin, qmax = int_range(BITS)
+    s, o = _per_channel(scale, x), _per_channel(offset, x)
+    q = torch.clamp(torch.round(x.float() / s + o), qmin, qmax)
+    return (q * s).to(x.dtype)
+
+
+class ChannelRange:
+    """Running per-channel min and max of a cache tensor over every token it is written with."""
+
+    def __init__(self) -> None:
+        self.min: Optional[torch.Tensor] = None
+        self.max: Optional[torch.Tensor] = None
+
+    def update(self, x: torch.Tensor) -> None:
+        rows = cache_channels(x.detach().float())
+        lo, hi = rows.amin(dim=0), rows.amax(dim=0)
+        self.min = lo if self.min is None else torch.minimum(self.min, lo)
+        self.max = hi if self.max is None else torch.maximum(self.max, hi)
+
+    @property
+    def seen(self) -> bool:
+        return self.min is not None
+
+    @property
+    def absmax(self) -> torch.Tensor:
+        return torch.maximum(self.min.abs(), self.max.abs())
+
+    def merge(self, collective, channels: int) -> None:
+        """dp_layer_wise: min and max over every rank's tokens, exactly what one process would keep."""
+        lo = self.min if self.seen else torch.full((channels,), float("inf"))
+        hi = self.max if self.seen else torch.full((channels,), float("-inf"))
+        lo, hi = collective.min(lo), collective.max(hi)
+        if bool(torch.isfinite(lo).all()):
+            self.min, self.max = lo, hi
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Symmetric int8 (scale [C], offset zeros [C]): the only C8 the engine dequantizes correctly."""
+        return scale_offset_from_minmax(self.min, self.max, BITS, symmetric=True)

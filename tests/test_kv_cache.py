@@ -1,0 +1,363 @@
+"""KV-cache int8 (C8, `dynamic_cache`) and `kv_smooth`: the engine's arithmetic against a slow reference, the
+calibrated scales against the cache transformers itself fills, round trips through both readers (Llama, Qwen2,
+Qwen3), kv_smooth exact in float, layer_wise = model_wise = dp_layer_wise bytes, and the refusals (MLA,
+compressed-tensors, asymmetric offsets) before any weight is read."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from helpers import MODEL_TYPE, SCHEMES, outputs_of_both_runners, quantize_variants, run_quant, small_calib
+from msmodelslim.app.convert import convert_ascendv1_to_compressed_tensors
+from msmodelslim.core.config import parse_config
+from msmodelslim.core.device import DeviceSpec
+from msmodelslim.core.errors import ConfigError, UnsupportedError
+from msmodelslim.format.ascendv1.checker import check_ascendv1
+from msmodelslim.format.ascendv1.reader import load_ascendv1
+from msmodelslim.ir.kv_cache import KVCacheQuant
+from msmodelslim.processor.kv_smooth import smooth
+from msmodelslim.quantizer.kv_cache import fake_quantize_cache
+from reference_reader import load_reference_model
+from tiny_models import make_tiny_model
+
+C8 = {"type": "dynamic_cache", "qconfig": {"dtype": "int8", "scope": "per_channel", "symmetric": True,
+                                           "method": "minmax"}}
+KV_SMOOTH = {"type": "kv_smooth"}
+W8A8_DYNAMIC = {"type": "linear_quant", "qconfig": SCHEMES["w8a8_dynamic"], "exclude": ["lm_head"]}
+
+
+def write_pipeline(path, process, runner="layer_wise", dataset=None, save="ascendv1_saver"):
+    spec = {"runner": runner, "process": process, "save": [{"type": save, "part_file_size": 4}]}
+    if dataset:
+        spec["dataset"] = dataset
+    path.write_text(yaml.safe_dump({"apiversion": "modelslim_v1", "spec": spec}))
+    return path
+
+
+def tensors_of(out) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for shard in sorted(out.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen3_fp32(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("qwen3_fp32"), "qwen3")
+
+
+@pytest.fixture(scope="module")
+def models(tiny_llama, tiny_qwen2, tiny_qwen3_fp32):
+    return {"llama": tiny_llama, "qwen2": tiny_qwen2, "qwen3": tiny_qwen3_fp32}
+
+
+# ---- the engine's arithmetic -------------------------------------------------------------------------------
+def slow_cache_read(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """Element by element, in float32 as the kernel: q = clamp(round(x/s + o), -128, 127) on the write to channel
+    h·D + d, then q·s on the read (formats.md A.6). Python's round() rounds half to even, as the kernel."""
+    out = torch.empty_like(x)
+    batch, heads, tokens, dim = x.shape
+    for b in range(batch):
+        for h in range(heads):
+            for t in range(tokens):
+                for d in range(dim):
+                    c = h * dim + d
+                    s = np.float32(scale[c])
+                    q = round(float(np.float32(x[b, h, t, d]) / s + np.float32(offset[c])))
+                    out[b, h, t, d] = float(np.float32(min(127, max(-128, q))) * s)
+    return out
+
+
+def test_cache_fake_quantization_is_the_engine_arithmetic():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 5, 4, generator=g) * 3
+    scale = torch.rand(12, generator=g) * 0.05 + 0.005
+    offset = torch.randint(-3, 4, (12,), generator=g).float()  # read back without it, as the engine does
+    assert torch.equal(fake_quantize_cache(x, scale, offset), slow_cache_read(x, scale, offset))
+    assert torch.equal(fake_quantize_cache(x, scale, torch.zeros(12)), slow_cache_read(x, scale, torch.zeros(12)))
+
+
+def test_reader_simulates_the_cache_with_the_saved_scales(tiny_llama, tmp_path):
+    out = tmp_path / "c8"
+    run_quant(tiny_llama, out, write_pipeline(tmp_path / "c.yaml", [C8], dataset=small_calib(tmp_path)))
+    saved = tensors_of(out)
+    model = load_ascendv1(out)
+    seen = []
+    for i, layer in enumerate(model.model.layers):
+        quant = layer.self_attn.kv_cache_quant
+        quant.register_forward_hook(lambda m, args, result, i=i: seen.append((i, args, result)))
+    ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert [i for i, *_ in seen] == [0, 1]
+    for i, (key, value), (key_read, value_read) in seen:
+        attn = f"model.layers.{i}.self_attn"
+        for x, read, proj in ((key, key_read, "k_proj"), (value, value_read, "v_proj")):
+            scale, offset = saved[f"{attn}.{proj}.kv_cache_scale"], saved[f"{attn}.{proj}.kv_cache_offset"]
+            assert torch.equal(read, slow_cache_read(x, scale, offset))
+            assert not torch.equal(read, x)
+    # the attention reads the dequantized cache: dropping the quantization changes the logits
+    for layer in model.model.layers:
+        layer.self_attn.kv_cache_quant.forward = lambda k, v: (k, v)
+    with torch.no_grad():
+        assert not torch.allclose(model(input_ids=ids).logits, logits)
+
+
+# ---- calibration: the scales are max|K| / 127 of what transformers writes into its own cache -----------------
+def cached_absmax(source, texts: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, max |K| and max |V| per channel h·D + d over every token, read from a real DynamicCache."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    maxima = None
+    for text in texts:
+        ids = tokenizer(text, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            cache = model(input_ids=ids, use_cache=True).cache
+        layers = [(layer.keys, layer.values) for layer in cache.layers]
+        per_layer = [tuple(t[0].abs().amax(dim=1).reshape(-1) for t in kv) for kv in layers]  # [H, S, D] -> [H·D]
+        maxima = per_layer if maxima is None else [tuple(torch.maximum(a, b) for a, b in zip(m, p))
+                                                   for m, p in zip(maxima, per_layer)]
+    return maxima
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_scales_are_the_range_of_the_cache_transformers_fills(models, tmp_path, family):
+    calib = small_calib(tmp_path)
+    out = tmp_path / "c8"
+    run_quant(models[family], out, write_pipeline(tmp_path / "c.yaml", [C8], dataset=calib), MODEL_TYPE[family])
+    saved = tensors_of(out)
+    texts = [json.loads(line)["text"] for line in open(calib)]
+    for i, (key_max, value_max) in enumerate(cached_absmax(models[family], texts)):
+        attn = f"model.layers.{i}.self_attn"
+        torch.testing.assert_close(saved[f"{attn}.k_proj.kv_cache_scale"], key_max / 127, rtol=1e-5, atol=0)
+        torch.testing.assert_close(saved[f"{attn}.v_proj.kv_cache_scale"], value_max / 127, rtol=1e-5, atol=0)
+
+
+# ---- round trip: both readers, the checklist ----------------------------------------------------------------
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_round_trip_through_both_readers(models, tmp_path, family):
+    from transformers import AutoModelForCausalLM
+
+    source = models[family]
+    calib = small_calib(tmp_path)
+    out, without = tmp_path / "c8", tmp_path / "no_c8"
+    run_quant(source, out, write_pipeline(tmp_path / "a.yaml", [KV_SMOOTH, W8A8_DYNAMIC, C8], dataset=calib),
+              MODEL_TYPE[family])
+    run_quant(source, without, write_pipeline(tmp_path / "b.yaml", [KV_SMOOTH, W8A8_DYNAMIC], dataset=calib),
+              MODEL_TYPE[family])
+    description = json.loads((out / "quant_model_description.json").read_text())
+    assert description["kv_cache_type"] == description["kv_quant_type"] == "C8"
+    assert "kv_cache_type" not in json.loads((without / "quant_model_description.json").read_text())
+    config = json.loads((source / "config.json").read_text())
+    channels = config["num_key_value_heads"] * config.get("head_dim", config["hidden_size"] // config["num_attention_heads"])
+    saved = tensors_of(out)
+    for i in range(config["num_hidden_layers"]):
+        for proj in ("k_proj", "v_proj"):
+            scale = saved[f"model.layers.{i}.self_attn.{proj}.kv_cache_scale"]
+            offset = saved[f"model.layers.{i}.self_attn.{proj}.kv_cache_offset"]
+            assert description[f"model.layers.{i}.self_attn.{proj}.kv_cache_scale"] == "C8"
+            assert scale.dtype == offset.dtype == torch.float32 and list(scale.shape) == [channels]
+            assert bool((scale > 0).all()) and not bool(offset.any())
+    assert [f.message for f in check_ascendv1(out) if f.level == "error"] == []
+
+    # Probed with a calibration text: random tokens would push K/V outside the calibrated ranges (clipping).
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(source)(json.loads(open(calib).readline())["text"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        ours = load_ascendv1(out)(input_ids=ids).logits
+        reference = load_reference_model(out)(input_ids=ids).logits
+        no_c8 = load_ascendv1(without)(input_ids=ids).logits
+        float_logits = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)(input_ids=ids).logits
+    torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(ours, no_c8), "C8 changed nothing: the cache simulation is not active"
+    c8_cost = (ours - no_c8).norm() / no_c8.norm()
+    assert c8_cost < 0.05, f"C8 moved the logits by {c8_cost:.3f} on calibration text"
+    assert (ours - float_logits).norm() / float_logits.norm() < 0.1
+
+
+def test_generation_reads_the_quantized_cache(tiny_llama, tmp_path):
+    """With a real cache (generation), the cache holds the dequantized K/V and decoding attends over them."""
+    out = tmp_path / "c8"
+    run_quant(tiny_llama, out, write_pipeline(tmp_path / "c.yaml", [C8], dataset=small_calib(tmp_path)))
+    model = load_ascendv1(out)
+    ids = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(input_ids=ids).logits[0, -1]
+        cache = model(input_ids=ids[:, :-1], use_cache=True).cache
+        keys = cache.layers[0].keys
+        quant = model.model.layers[0].self_attn.kv_cache_quant
+        assert torch.equal(keys, fake_quantize_cache(keys, quant.key_scale, quant.key_offset))  # on the int8 grid
+        step = model(input_ids=ids[:, -1:], cache=cache, use_cache=True).logits[0, -1]
+    torch.testing.assert_close(step, full, atol=1e-4, rtol=1e-4)
+
+
+def test_checker_finds_offsets_and_missing_keys(tiny_llama, tmp_path):
+    out = tmp_path / "c8"
+    run_quant(tiny_llama, out, write_pipeline(tmp_path / "c.yaml", [C8], dataset=small_calib(tmp_path)))
+    errors = lambda path: [f.message for f in check_ascendv1(path) if f.level == "error"]
+
+    shifted = tmp_path / "shifted"
+    shutil.copytree(out, shifted)
+    (shard,) = shifted.glob("*.safetensors")
+    tensors = load_file(shard)
+    tensors["model.layers.1.self_attn.k_proj.kv_cache_offset"] += 1
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    assert any("kv_cache_offset is not zero" in e for e in errors(shifted))
+
+    undeclared = tmp_path / "undeclared"
+    shutil.copytree(out, undeclared)
+    path = undeclared / "quant_model_description.json"
+    description = json.loads(path.read_text())
+    del description["kv_cache_type"]
+    path.write_text(json.dumps(description))
+    assert any("kv_cache_type is None" in e for e in errors(undeclared))
+
+
+# ---- kv_smooth ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_kv_smooth_is_exact_in_float(models, tmp_path, family):
+    from transformers import AutoModelForCausalLM
+
+    source = models[family]
+    out = tmp_path / "smoothed"
+    run_quant(source, out, write_pipeline(tmp_path / "s.yaml", [KV_SMOOTH], dataset=small_calib(tmp_path)),
+              MODEL_TYPE[family])
+    original = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    smoothed = load_ascendv1(out).eval()
+    fold = "k_norm" if family == "qwen3" else "k_proj"
+    before = original.model.layers[0].self_attn.get_submodule(fold).weight.detach()
+    after = smoothed.model.layers[0].self_attn.get_submodule(fold).weight.detach()
+    ratio = (before / after).reshape(-1) if fold == "k_norm" else (before / after)[:, 0]  # s per K channel
+    assert float((ratio - 1).abs().min()) > 0.1, "kv_smooth moved no scale"
+    pairs = ratio.reshape(-1, 2, 8)  # head_dim 16: channel d with d + 8, which RoPE mixes
+    torch.testing.assert_close(pairs[:, 0], pairs[:, 1])
+    ids = torch.randint(0, original.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        delta = (original(input_ids=ids).logits - smoothed(input_ids=ids).logits).abs().max()
+    assert delta < 1e-4, f"max |Δlogit| {float(delta):.2e}"
+
+
+def test_kv_smooth_scales_are_gqa_aware():
+    """A K head's scale multiplies the query rows of every query head in its group, equal on RoPE pairs."""
+    absmax = torch.tensor([1.0, 4.0, 2.0, 3.0, 5.0, 1.0, 1.0, 8.0])  # 2 KV heads of head_dim 4
+    maxima = smooth.pair_maxima(absmax, num_kv_heads=2, head_dim=4)
+    assert maxima.tolist() == [[2.0, 4.0, 2.0, 4.0], [5.0, 8.0, 5.0, 8.0]]
+    scales = smooth.smoothing_scales(maxima, 0.5)
+    rows = smooth.query_rows(scales, num_heads=4)
+    assert rows.reshape(4, 4).tolist() == [scales[0].tolist()] * 2 + [scales[1].tolist()] * 2
+
+
+def _rope(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    freq = 1.0 / (10000 ** (torch.arange(half) / half))
+    angle = positions[:, None] * freq[None, :]
+    cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
+    rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
+    return x * cos + rotated * sin
+
+
+def test_kv_smooth_flattens_k_outliers_for_a_per_head_quantizer_and_leaves_per_channel_c8_alone():
+    """On K with outlier channels, smoothing cuts the attention-score error of a per-head int8 K (one scale per
+    head, FA3's granularity) by more than half; C8's per-channel grid moves with the channel scale, so its error is
+    unchanged (the codes are the same up to float rounding)."""
+    g = torch.Generator().manual_seed(0)
+    tokens, dim = 256, 16
+    positions = torch.arange(tokens).float()
+    q_pre, k_pre = torch.randn(tokens, dim, generator=g), torch.randn(tokens, dim, generator=g)
+    k_pre[:, [1, 9]] *= 40  # one outlier RoPE pair
+    q, k = _rope(q_pre, positions), _rope(k_pre, positions)
+    scores = q @ k.T
+    maxima = smooth.pair_maxima(k.abs().amax(0), 1, dim)[0]
+    s = smooth.smoothing_scales(maxima, 1.0)
+    q_s, k_s = _rope(q_pre * s, positions), _rope(k_pre / s, positions)
+    torch.testing.assert_close(q_s @ k_s.T, scores, rtol=1e-4, atol=1e-3)  # exact before quantization
+
+    def per_head(x):
+        scale = x.abs().max() / 127
+        return torch.clamp(torch.round(x / scale), -128, 127) * scale
+
+    def per_channel(x):
+        scale = (x.abs().amax(0) / 127)[None, None, None, :]
+        return fake_quantize_cache(x[None, None], scale.reshape(-1), torch.zeros(dim))[0, 0]
+
+    error = lambda qq, kq: float((qq @ kq.T - scores).abs().mean())
+    assert error(q_s, per_head(k_s)) * 2 < error(q, per_head(k))  # measured: 0.30 against 0.87
+    assert abs(error(q_s, per_channel(k_s)) - error(q, per_channel(k))) < 0.01 * error(q, per_channel(k))
+
+
+# ---- runners: identical bytes --------------------------------------------------------------------------------
+def test_layer_wise_and_model_wise_write_the_same_bytes(tiny_qwen2, tmp_path):
+    layer_wise, model_wise = outputs_of_both_runners(tiny_qwen2, tmp_path, [KV_SMOOTH, W8A8_DYNAMIC, C8],
+                                                     MODEL_TYPE["qwen2"])
+    assert layer_wise == model_wise
+
+
+def test_dp_layer_wise_merges_to_the_single_process_bytes(tiny_llama, tmp_path):
+    path = tmp_path / "varied.jsonl"
+    sentence = "Quantization maps floats to integers; apt installs package {i} on Debian. "
+    path.write_text("\n".join(json.dumps({"text": sentence.format(i=i) * (1 + i % 4)}) for i in range(8)))
+    outs = quantize_variants(tiny_llama, tmp_path, [KV_SMOOTH, W8A8_DYNAMIC, C8], "Llama-2-7B",
+                             {"single": ("auto", DeviceSpec("cpu")), "dp": ("auto", DeviceSpec("cpu", (0, 1)))},
+                             str(path))
+    single, dp = tensors_of(outs["single"]), tensors_of(outs["dp"])
+    assert single.keys() == dp.keys() and any("kv_cache_scale" in k for k in single)
+    for name in single:
+        assert torch.equal(single[name], dp[name]), name
+
+
+# ---- refusals, before any weight is read ---------------------------------------------------------------------
+@pytest.fixture
+def no_weight_reads(monkeypatch):
+    def never(*_a, **_k):
+        raise AssertionError("a weight was read before the refusal")
+
+    monkeypatch.setattr("msmodelslim.model.checkpoint.SafetensorsCheckpoint.load", never)
+
+
+@pytest.mark.parametrize("step", [C8, KV_SMOOTH], ids=["dynamic_cache", "kv_smooth"])
+def test_mla_is_refused_by_name(tiny_deepseek_v3, tmp_path, no_weight_reads, step):
+    with pytest.raises(UnsupportedError, match="multi-head latent attention") as info:
+        run_quant(tiny_deepseek_v3, tmp_path / "out", write_pipeline(tmp_path / "c.yaml", [step]), "DeepSeek-V3")
+    assert "fa3_quant" in str(info.value) and step["type"] in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_compressed_tensors_refuses_c8(tiny_llama, tmp_path, no_weight_reads):
+    config = write_pipeline(tmp_path / "c.yaml", [W8A8_DYNAMIC, C8], save="compressed_tensors")
+    with pytest.raises(UnsupportedError, match="dynamic_cache cannot be saved as compressed_tensors.*FP8"):
+        run_quant(tiny_llama, tmp_path / "out", config)
+
+
+def test_convert_refuses_a_c8_checkpoint(tiny_llama, tmp_path):
+    out = tmp_path / "c8"
+    run_quant(tiny_llama, out, write_pipeline(tmp_path / "c.yaml", [W8A8_DYNAMIC, C8], dataset=small_calib(tmp_path)))
+    with pytest.raises(UnsupportedError, match="int8 KV cache"):
+        convert_ascendv1_to_compressed_tensors(out, tmp_path / "ct")
+    assert not (tmp_path / "ct").exists()
+
+
+@pytest.mark.parametrize("process,needle", [
+    ([{**C8, "qconfig": {**C8["qconfig"], "symmetric": False}}], "dequantizes it with kv_cache_scale alone"),
+    ([{**C8, "qconfig": {**C8["qconfig"], "scope": "per_tensor"}}], "dynamic_cache (C8) is int8 per_channel minmax"),
+    ([C8, KV_SMOOTH], "float transforms (smoothing, rotation) must come before quantization"),
+    ([{**KV_SMOOTH, "smooth_factor": 0}], "smooth_factor"),
+    ([{"type": "group", "configs": [KV_SMOOTH, C8]}], "holds kv_smooth and dynamic_cache"),
+])
+def test_config_refusals(process, needle):
+    with pytest.raises(ConfigError) as info:
+        parse_config({"apiversion": "modelslim_v1", "spec": {"process": process}})
+    assert needle in str(info.value)
+
+
+def test_ir_rejects_mismatched_tensors():
+    with pytest.raises(ValueError, match="one size"):
+        KVCacheQuant(torch.ones(4), torch.zeros(4), torch.ones(8), torch.zeros(8))
