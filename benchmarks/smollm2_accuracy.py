@@ -123,10 +123,13 @@ SCHEMES = {
                                   {"type": "dynamic_cache", "qconfig": {**WEIGHT_INT8}}],
     "w8a8s_f0.01": [linear({"act": STATIC, "weight": lowbit_sparse(fraction=0.01)})],
     "sq0.8+w8a8s_f0.01": [smooth(0.8), linear({"act": STATIC, "weight": lowbit_sparse(fraction=0.01)})],
-    "sq0.8+w8a8s_f0.02": [smooth(0.8), linear({"act": STATIC, "weight": lowbit_sparse(fraction=0.02)})],
     "sq0.8+w8a8s_sigma3": [smooth(0.8), linear({"act": STATIC, "weight": lowbit_sparse(use_sigma=True, sigma_factor=3.0)})],
     # the established sparse practices keep every down_proj in float
     "sq0.8+w8a8s_f0.01_down_float": [smooth(0.8), linear({"act": STATIC, "weight": lowbit_sparse(fraction=0.01)},
+                                                         exclude=("lm_head", "*down_proj"))],
+    "sq0.8+w8a8s_f0.02_down_float": [smooth(0.8), linear({"act": STATIC, "weight": lowbit_sparse(fraction=0.02)},
+                                                         exclude=("lm_head", "*down_proj"))],
+    "sq0.8+w8a8s_f0.05_down_float": [smooth(0.8), linear({"act": STATIC, "weight": lowbit_sparse(fraction=0.05)},
                                                          exclude=("lm_head", "*down_proj"))],
     "sq0.8+w8a8s_sigma3_down_float": [smooth(0.8), linear({"act": STATIC, "weight": lowbit_sparse(
         use_sigma=True, sigma_factor=3.0)}, exclude=("lm_head", "*down_proj"))],
