@@ -22,6 +22,11 @@ def recipe(name: str):
 
     if name == "rtn_w8a8_dynamic":
         return [QuantizationModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"])]
+    if name in ("kv_fp8", "rtn_w8a8_dynamic+kv_fp8"):  # vLLM's KV cache: FP8 E4M3, one static scale per tensor
+        kv = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}
+        if name == "kv_fp8":
+            return [QuantizationModifier(kv_cache_scheme=kv)]
+        return [QuantizationModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"], kv_cache_scheme=kv)]
     if name == "sq0.8_gptq_w8a8_dynamic":
         return [SmoothQuantModifier(smoothing_strength=0.8),
                 GPTQModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"])]

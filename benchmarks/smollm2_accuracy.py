@@ -139,6 +139,21 @@ SCHEMES = {
     "w16a16s_0.4": [float_sparse(0.4)],
     "w16a16s_0.5": [float_sparse(0.5)],
 }
+# Floating-point formats (all activations quantized at run time: per token for FP8, per block of 32 for MX).
+FP8 = {"dtype": "fp8_e4m3", "symmetric": True, "method": "minmax"}
+MXFP8 = {"dtype": "mxfp8", "scope": "per_block", "symmetric": True, "method": "minmax"}
+MXFP4 = {**MXFP8, "dtype": "mxfp4"}
+SCHEMES.update({
+    "fp8_dynamic": [linear({"act": {**FP8, "scope": "per_token"}, "weight": {**FP8, "scope": "per_channel"}})],
+    "w8a8_mxfp8": [linear({"act": MXFP8, "weight": MXFP8})],
+    "w4a8_mxfp": [linear({"act": MXFP8, "weight": MXFP4})],
+    "w4a4_mxfp4": [linear({"act": MXFP4, "weight": MXFP4})],
+    "w4a16_mxfp4": [linear({"weight": MXFP4})],
+    "w8a8_mxfp8_mse_round": [linear({"act": MXFP8, "weight": {**MXFP8, "method": "mse_round"}})],
+    "w4a16_mxfp4_ceil_x": [linear({"weight": {**MXFP4, "method": "ceil_x"}})],
+    "w4a8_mxfp_ceil_x": [linear({"act": MXFP8, "weight": {**MXFP4, "method": "ceil_x"}})],
+    "w4a4_mxfp4_ceil_x": [linear({"act": MXFP4, "weight": {**MXFP4, "method": "ceil_x"}})],
+})
 DEFAULT_SCHEMES = "w8a16,w8a8_dynamic,w8a8_static,w4a16_g64,w4a16_channel"
 
 

@@ -5,17 +5,23 @@ result into the Hugging Face architecture with strict=True, and installs activat
 the serving kernels. MoE experts, saved one tensor set per expert (formats.md A.5), are stacked back into the
 fused `gate_up_proj` [E, 2I, H] / `down_proj` [E, H, I] parameters of the Hugging Face module; with dynamic
 activations that module's forward is replaced by one that quantizes each expert's inputs per token.
+Families whose published names are not transformers' (MiniMax-M2, Step-3.5-Flash) are renamed to transformers'
+modules first (PUBLISHED_TO_TRANSFORMERS); Kimi-K2's config.json is read as DeepSeek-V3's, Step-3.5's text model
+gets an lm_head here, and LongCat's weightless identity experts get zero gate/up rows (transformers keeps them).
 """
 from __future__ import annotations
 
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from safetensors import safe_open
 
-GLOBAL = {"version", "model_quant_type", "metadata", "group_size", "optional", "kv_cache_type", "kv_quant_type"}
+GLOBAL = {"version", "model_quant_type", "metadata", "group_size", "optional", "kv_cache_type", "kv_quant_type",
+          "fa_quant_type"}
+FA3 = "#fa3"  # acts key suffix of an attention's FA quant (its C8 info, if any, sits under the bare name)
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -100,6 +106,19 @@ def dequantized_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, di
             b = t.get(f"{p}.bias")
             acts[p] = {"kind": "dynamic"}
             used |= {f"{p}.{s}" for s in ("weight", "weight_scale", "weight_offset", "scale_bias")}
+        elif tag in ("WFP8AFP8_DYNAMIC", "W8A8FP8_DYNAMIC"):  # A.4.9: the writer's and the engine's spelling
+            w = t[f"{p}.weight"].float() * t[f"{p}.weight_scale"].float()
+            b = t.get(f"{p}.bias")
+            acts[p] = {"kind": "dynamic_fp8"}
+            used |= {f"{p}.{s}" for s in ("weight", "weight_scale", "weight_offset")}
+        elif tag in MX_ACT_KIND:  # A.4.10: E8M0 bytes, FP4 packed low nibble first
+            stored = t[f"{p}.weight"]
+            values = _fp4_values(stored) if stored.dtype == torch.uint8 else stored.float()
+            w = values * _expand(_e8m0(t[f"{p}.weight_scale"]), values.shape[1])
+            b = t.get(f"{p}.bias")
+            if MX_ACT_KIND[tag] != "float":
+                acts[p] = {"kind": MX_ACT_KIND[tag]}
+            used |= {f"{p}.{s}" for s in ("weight", "weight_scale")}
         elif tag == "W16A16S":  # a pruned float weight, used as it is
             w, b = t[f"{p}.weight"].float(), t.get(f"{p}.bias")
             used.add(f"{p}.weight")
@@ -120,6 +139,13 @@ def dequantized_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, di
             continue
         attention, projection, name = key.rsplit(".", 2)
         acts.setdefault(attention, {"kind": "kv_cache"})[f"{projection}.{name}"] = t[key].float()
+        used.add(key)
+    for key, tag in desc.items():  # FA quant (formats.md A.6): <attn>.fa_{q,k,v}.scale [heads, 1], offsets unused
+        if key in GLOBAL or tag != "FAQuant":
+            continue
+        attention, branch, name = key.rsplit(".", 2)
+        if name == "scale":
+            acts.setdefault(attention + FA3, {"kind": "fa3"})[branch] = t[key].float()
         used.add(key)
     for key, value in t.items():
         if key not in used:
@@ -160,9 +186,159 @@ def _c8_hook(info: dict):
     return hook
 
 
+def _fa3_int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [batch, heads, tokens, dim]: int8 with one scale per head, read back with the scale alone."""
+    s = scale.reshape(1, -1, 1, 1)
+    return torch.clamp(torch.round(x.float() / s), -128, 127) * s
+
+
+def _plain_attention(q, k, v, mask, scaling):
+    """softmax(q k^T · scaling + mask) v, every tensor [batch, heads, tokens, dim] with k/v on all heads; mask as
+    transformers passes it (None: causal; bool: True attends; float: added). Returns [batch, tokens, heads, dv]."""
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scaling
+    if mask is None:
+        t, s = scores.shape[-2:]
+        mask = torch.ones(t, s, dtype=torch.bool).tril(s - t)
+    if mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask[..., : scores.shape[-1]], float("-inf"))
+    else:
+        scores = scores + mask[..., : scores.shape[-1]]
+    return torch.matmul(torch.softmax(scores, dim=-1), v.float()).transpose(1, 2)
+
+
+class _LatentCache:
+    """MLA: given to the attention as its cache, keeps the latent (c_kv, k_rot) it writes (no real cache)."""
+
+    def __init__(self, module) -> None:
+        self.module = module
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        self.module._reference_latent = (key_states, value_states)
+        return key_states, value_states
+
+    def update_indexer(self, key, *args, **kwargs):
+        return key
+
+
+def _fa3_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """FA quant as formats.md A.6 describes it: Q, K, V int8 per head before the kernel. MLA (kv_b_proj) attends in
+    the absorbed latent space, K = [c_kv; k_rot] and V = c_kv one head, Q_h = [W_UK_h^T q_nope_h; q_rot_h]."""
+    info = module._reference_fa3
+    if hasattr(module, "kv_b_proj"):
+        c_kv, k_rot = module.__dict__.pop("_reference_latent")
+        heads, nope = query.shape[1], module.qk_nope_head_dim
+        w = module.kv_b_proj.weight.float().reshape(heads, nope + module.v_head_dim, -1)
+        q = torch.cat([torch.einsum("bhtn,hnr->bhtr", query[..., :nope].float(), w[:, :nope]), query[..., nope:]], -1)
+        k = torch.cat([c_kv, k_rot], -1)
+        q, k, v = _fa3_int8(q, info["fa_q"]), _fa3_int8(k, info["fa_k"]), _fa3_int8(c_kv, info["fa_v"])
+        out = _plain_attention(q, k.expand(-1, heads, -1, -1), v.expand(-1, heads, -1, -1), attention_mask, scaling)
+        return torch.einsum("bthr,hvr->bthv", out, w[:, nope:]).to(query.dtype), None
+    groups = query.shape[1] // key.shape[1]
+    q, k, v = _fa3_int8(query, info["fa_q"]), _fa3_int8(key, info["fa_k"]), _fa3_int8(value, info["fa_v"])
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return _plain_attention(q, k, v, attention_mask, scaling).to(query.dtype), None
+
+
+def _install_fa3(module, info: dict) -> None:
+    import copy
+
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("reference_fa3", _fa3_attention)
+    module._reference_fa3 = info
+    module.config = copy.copy(module.config)
+    module.config._attn_implementation_internal = "reference_fa3"
+    if hasattr(module, "kv_b_proj"):
+        def hook(m, args, kwargs):
+            kwargs.pop("past_key_values", None)
+            kwargs["cache"] = _LatentCache(m)
+            return args, kwargs
+
+        module.register_forward_pre_hook(hook, with_kwargs=True)
+
+
 def _per_token_int8(x: torch.Tensor) -> torch.Tensor:
     s = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-30) / 127
     return torch.clamp(torch.round(x / s), -128, 127) * s
+
+
+def _per_token_fp8(x: torch.Tensor) -> torch.Tensor:
+    """FP8 dynamic: s_t = max|x_t| / 448 (formats.md B.5), elements E4M3 (torch's cast: nearest, ties to even)."""
+    s = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-30) / 448
+    return torch.clamp(x / s, -448, 448).to(torch.float8_e4m3fn).float() * s
+
+
+E2M1_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=torch.float64)
+
+
+def _nearest_e2m1(v: torch.Tensor) -> torch.Tensor:
+    """Nearest grid magnitude, a tie to the even index (the code's mantissa bit 0), saturating at 6."""
+    distance = (v.abs().double().clamp(max=6).unsqueeze(-1) - E2M1_GRID).abs()
+    distance = distance + 1e-9 * (torch.arange(8) % 2)  # breaks exact ties only: grid gaps are >= 0.5
+    return torch.copysign(E2M1_GRID[distance.argmin(dim=-1)].float(), v)
+
+
+def _mx(x: torch.Tensor, element: str) -> torch.Tensor:
+    """OCP MX with blocks of 32 along the last axis: X = 2^(floor(log2 amax) - emax), elements rounded and
+    saturated (emax 8 for E4M3, 2 for E2M1)."""
+    blocks = x.reshape(*x.shape[:-1], x.shape[-1] // 32, 32)
+    amax = blocks.abs().amax(dim=-1, keepdim=True).double()
+    emax = 8 if element == "e4m3" else 2
+    e = torch.where(amax > 0, torch.floor(torch.log2(amax)) - emax, torch.full_like(amax, -127.0)).clamp(-127, 127)
+    scale = torch.pow(2.0, e).float()
+    v = blocks / scale
+    v = torch.clamp(v, -448, 448).to(torch.float8_e4m3fn).float() if element == "e4m3" else _nearest_e2m1(v)
+    return (v * scale).reshape(x.shape)
+
+
+# activation kind -> what the kernel does to the input at run time
+RUNTIME_QUANT = {"dynamic": _per_token_int8, "dynamic_fp8": _per_token_fp8,
+                 "dynamic_mxfp8": lambda x: _mx(x, "e4m3"), "dynamic_mxfp4": lambda x: _mx(x, "e2m1")}
+MX_ACT_KIND = {"W8A8_MXFP8": "dynamic_mxfp8", "W4A8_MXFP": "dynamic_mxfp8", "W4A4_MXFP4": "dynamic_mxfp4",
+               "W4A16_MXFP4": "float"}
+
+
+def _e8m0(byte: torch.Tensor) -> torch.Tensor:
+    return torch.pow(2.0, byte.to(torch.float64) - 127).float()
+
+
+def _fp4_values(packed: torch.Tensor) -> torch.Tensor:
+    """[N, K/2] bytes -> [N, K] E2M1 values: element 2j in the low nibble, sign in bit 3."""
+    codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], -1).to(torch.int64)
+    magnitude = E2M1_GRID.float()[codes & 7]
+    return torch.where(codes >= 8, -magnitude, magnitude)
+
+
+# Families whose published (and written) names differ from transformers' modules. The engine maps them with the
+# model's own HF -> vLLM names (formats.md A.2); the reference maps them the other way, to transformers' modules,
+# from the published layouts: (pattern, replacement) applied in order to every tensor / layer name.
+PUBLISHED_TO_TRANSFORMERS = {
+    # MiniMax-M2: the MoE block is `block_sparse_moe`, an expert's projections w1 (gate), w3 (up), w2 (down)
+    "minimax_m2": [(r"\.block_sparse_moe\.", ".mlp."), (r"(\.experts\.\d+)\.w1\b", r"\1.gate_proj"),
+                   (r"(\.experts\.\d+)\.w3\b", r"\1.up_proj"), (r"(\.experts\.\d+)\.w2\b", r"\1.down_proj")],
+    # Step-3.5-Flash: a sparse layer's MoE is `moe`, its router bias `moe.router_bias`, shared expert `share_expert`
+    "step3p5": [(r"\.moe\.router_bias$", ".mlp.gate.e_score_correction_bias"),
+                (r"\.moe\.share_expert\.", ".mlp.shared_experts."), (r"\.moe\.", ".mlp.")],
+    # DeepSeek-V4: DeepSeek's native names (the renames transformers' conversion_mapping applies on load)
+    "deepseek_v4": [(r"^embed\b", "model.embed_tokens"), (r"^head\b", "lm_head"), (r"^norm\b", "model.norm"),
+                    (r"^hc_head_(fn|base|scale)$", r"model.hc_head.hc_\1"), (r"^layers\.", "model.layers."),
+                    (r"\.attn\.indexer\.weights_proj\b", ".attn.compressor.indexer.scorer.weights_proj"),
+                    (r"\.attn\.indexer\.wq_b\b", ".attn.compressor.indexer.q_b_proj"),
+                    (r"\.attn\.indexer\.compressor\.", ".attn.compressor.indexer."),
+                    (r"\.attn\.", ".self_attn."), (r"\.ffn\.", ".mlp."), (r"\.attn_norm\b", ".input_layernorm"),
+                    (r"\.ffn_norm\b", ".post_attention_layernorm"), (r"\.hc_(attn|ffn)_(fn|base|scale)$", r".\1_hc.\2"),
+                    (r"\.attn_sink$", ".sinks"), (r"\.compressor\.(indexer\.)?norm\b", r".compressor.\1kv_norm"),
+                    (r"\.ape$", ".position_bias"), (r"\.wq_a\b", ".q_a_proj"), (r"\.wq_b\b", ".q_b_proj"),
+                    (r"\.q_norm\b", ".q_a_norm"), (r"\.wkv\b", ".kv_proj"), (r"\.wgate\b", ".gate_proj"),
+                    (r"\.wo_a\b", ".o_a_proj"), (r"\.wo_b\b", ".o_b_proj"), (r"\.gate\.bias$", ".gate.e_score_correction_bias"),
+                    (r"\.w1\b", ".gate_proj"), (r"\.w3\b", ".up_proj"), (r"\.w2\b", ".down_proj")],
+}
+
+
+def transformers_name(name: str, model_type: str) -> str:
+    for pattern, replacement in PUBLISHED_TO_TRANSFORMERS.get(model_type, []):
+        name = re.sub(pattern, replacement, name)
+    return name
 
 
 EXPERT = re.compile(r"^(.+\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)$")
@@ -188,35 +364,81 @@ def stack_experts(state: dict[str, torch.Tensor], acts: dict[str, dict]) -> dict
     return kinds
 
 
-def dynamic_experts_forward(module):
-    """The fused experts' computation with per-token int8 inputs to gate/up and to down, as the kernel does."""
+def dynamic_experts_forward(module, quantize=_per_token_int8):
+    """The fused experts' computation with per-token int8 inputs to gate/up and to down, as the kernel does
+    (or another run-time activation quantizer)."""
+    routed, inter = module.down_proj.shape[0], module.down_proj.shape[-1]
+    limit = getattr(module, "limit", float("inf"))  # Step-3.5's clamped SwiGLU; inf elsewhere
+    # LongCat's zero-computation experts (indices from `routed` on) return their input, in float
+    identities = range(routed, module.gate_up_proj.shape[0]) if hasattr(module, "identity_expert") else ()
+
     def forward(hidden_states, top_k_index, top_k_weights):
         out = torch.zeros_like(hidden_states)
-        inter = module.down_proj.shape[-1]
-        for e in range(module.gate_up_proj.shape[0]):
+        for e in [*range(routed), *identities]:
             token, slot = (top_k_index == e).nonzero(as_tuple=True)
             if len(token) == 0:
                 continue
-            h = _per_token_int8(hidden_states[token]) @ module.gate_up_proj[e].T
-            h = module.act_fn(h[:, :inter]) * h[:, inter:]
-            y = _per_token_int8(h) @ module.down_proj[e].T
+            if e >= routed:
+                y = hidden_states[token]
+            else:
+                h = quantize(hidden_states[token]) @ module.gate_up_proj[e].T
+                h = module.act_fn(h[:, :inter]).clamp(max=limit) * h[:, inter:].clamp(min=-limit, max=limit)
+                y = quantize(h) @ module.down_proj[e].T
             out.index_add_(0, token, y * top_k_weights[token, slot].unsqueeze(-1))
         return out
 
     return forward
 
 
-def load_reference_model(path: Path):
-    from transformers import AutoConfig, AutoModelForCausalLM
+class _TextModelWithHead(torch.nn.Module):
+    """A transformers text model plus lm_head, for a config transformers has no causal-LM class for."""
 
+    def __init__(self, text_model: torch.nn.Module, config) -> None:
+        super().__init__()
+        self.model = text_model
+        self.lm_head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def forward(self, input_ids: torch.Tensor, **kwargs):
+        hidden = self.model(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state
+        return SimpleNamespace(logits=self.lm_head(hidden))
+
+
+def _transformers_model(path: Path, model_type: str | None) -> torch.nn.Module:
+    """The float transformers model for the checkpoint's config.json, never the checkpoint's own code."""
+    from transformers import AutoConfig, AutoModelForCausalLM, DeepseekV3Config
+
+    if model_type == "kimi_k2":  # Kimi-K2 ships DeepSeek-V3's architecture under its own model_type
+        data = {k: v for k, v in json.loads((path / "config.json").read_text()).items()
+                if k not in ("auto_map", "model_type")}
+        return AutoModelForCausalLM.from_config(DeepseekV3Config.from_dict(data), dtype=torch.float32).eval()
+    if model_type == "step3p5":  # transformers has Step-3.5's text model (Step3p7TextModel), no causal-LM class
+        from transformers.models.step3p7.modeling_step3p7 import Step3p7TextModel
+
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        return _TextModelWithHead(Step3p7TextModel(config), config).float().eval()
+    config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def load_reference_model(path: Path):
     state, acts = dequantized_state(path)
     # formats.md A.6: the DeepSeek-V3.2 indexer's Hadamard matrices are engine-side extras the architecture lacks
     state = {k: v for k, v in state.items() if not k.endswith((".indexer.q_rot", ".indexer.k_rot"))}
+    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    state = {transformers_name(k, model_type): v for k, v in state.items()}
+    acts = {transformers_name(k, model_type): v for k, v in acts.items()}
     expert_kinds = stack_experts(state, acts)
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model = _transformers_model(path, model_type)
+    expected = model.state_dict()
+    for key in [k for k in state if k.endswith(".experts.gate_up_proj")]:
+        missing = expected[key].shape[0] - state[key].shape[0]
+        if missing > 0:  # LongCat: transformers keeps gate/up rows for the weightless zero-computation experts
+            state[key] = torch.cat([state[key], state[key].new_zeros(missing, *state[key].shape[1:])])
     model.load_state_dict(state, strict=True)
     for prefix, info in acts.items():
+        if info["kind"] == "fa3":
+            _install_fa3(model.get_submodule(prefix.removesuffix(FA3)), info)
+            continue
         module = model.get_submodule(prefix)
         if info["kind"] == "kv_cache":
             module.register_forward_pre_hook(_c8_hook(info), with_kwargs=True)
@@ -225,10 +447,10 @@ def load_reference_model(path: Path):
             s, o = info["scale"], info["offset"]
             hook = lambda m, a, s=s, o=o: ((torch.clamp(torch.round(a[0] / s + o), -128, 127) - o) * s,)
         else:
-            hook = lambda m, a: (_per_token_int8(a[0]),)
+            hook = lambda m, a, q=RUNTIME_QUANT[info["kind"]]: (q(a[0]),)
         module.register_forward_pre_hook(hook)
     for layer, kind in expert_kinds.items():
-        if kind == "dynamic":
+        if kind in RUNTIME_QUANT:
             experts = model.get_submodule(layer)
-            experts.forward = dynamic_experts_forward(experts)
+            experts.forward = dynamic_experts_forward(experts, RUNTIME_QUANT[kind])
     return model

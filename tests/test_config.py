@@ -35,11 +35,11 @@ def test_unknown_key_unknown_type_and_planned_processor():
     message = error_of(config_with([
         {"type": "linear_quant", "qconfig": {"weight": W8}, "inclde": ["*"]},
         {"type": "magic"},
-        {"type": "fa3_quant"},
+        {"type": "online_quarot"},
     ]))
     assert "spec.process[0].inclde: unknown key" in message
     assert "spec.process[1].type: unknown processor type 'magic'" in message
-    assert "spec.process[2].type: processor 'fa3_quant' is not implemented yet" in message
+    assert "spec.process[2].type: processor 'online_quarot' is not implemented yet" in message
 
 
 def test_type_error_and_runner_enum():
@@ -58,7 +58,7 @@ def test_unsupported_pair_is_rejected_with_the_supported_list():
 def test_per_group_needs_group_size_and_planned_method_is_named():
     message = error_of(config_with([
         {"type": "linear_quant", "qconfig": {"weight": {**W8, "scope": "per_group"}}},
-        {"type": "linear_quant", "qconfig": {"weight": {**W8, "method": "ceil_x"}}},
+        {"type": "linear_quant", "qconfig": {"weight": {**W8, "method": "fouroversix"}}},
         {"type": "linear_quant", "qconfig": {"weight": {**W8, "method": "histogram"}}},
         {"type": "linear_quant", "qconfig": {"weight": {**W8, "method": "gptq", "ext": {"percdamp": -1}}}},
         {"type": "linear_quant", "qconfig": {"weight": {**W8, "method": "ssz", "ext": {"blocksize": 3}}}},
@@ -67,7 +67,7 @@ def test_per_group_needs_group_size_and_planned_method_is_named():
         {"type": "linear_quant", "qconfig": {"weight": {**W8, "method": "autoround"}}},
     ]))
     assert "spec.process[0].qconfig.weight: scope per_group needs ext.group_size" in message
-    assert "spec.process[1].qconfig.weight: method 'ceil_x' is not implemented yet" in message
+    assert "spec.process[1].qconfig.weight: method 'fouroversix' is not implemented yet" in message
     assert "spec.process[2].qconfig: weight method 'histogram' is for activations" in message
     assert "spec.process[3].qconfig.weight: ext.percdamp must be a positive float" in message
     assert "spec.process[4]" not in message  # an ext key the method does not read: ignored with a warning,

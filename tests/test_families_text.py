@@ -4,7 +4,7 @@ checkpoints saved as the families publish them: the adapter loads the float mode
 for), that our reader turns back into a model close to the float one, and whose description is the dry run's
 plan; every checkpoint tensor reaches the output or is reported unused. Family specifics: MiniMax's on-disk
 names, the tensors the engine runs in float, the DeepSeek-V3.2 / GLM-5 indexer entries, LongCat's identity
-experts, Kimi-K2's config.json read as data, DeepSeek-V4 refused by name."""
+experts, Kimi-K2's config.json read as data, DeepSeek-V4's native names."""
 import json
 import shutil
 
@@ -370,13 +370,155 @@ def test_gqa_moe_families_refuse_smoothing_by_name(checkpoints, tmp_path, model_
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("model_type", ["DeepSeek-V4-Flash", "DeepSeek-V4-Pro"])
-def test_deepseek_v4_is_refused_by_name_before_anything_is_read(tmp_path, monkeypatch, model_type):
-    monkeypatch.setattr("msmodelslim.model.checkpoint.SafetensorsCheckpoint.__init__",
-                        lambda *a, **k: pytest.fail("a checkpoint was opened"))
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "deepseek_v4"}))
-    with pytest.raises(UnsupportedError, match=r"DeepSeek-V4 is not supported yet: .*native tensor names.*Nothing was read"):
-        create_adapter(model_type, str(tmp_path), False)
+# ---- DeepSeek-V4 (model/deepseek_v4.py): DeepSeek's native names on disk, in the model and in the output ----------
+V4 = "DeepSeek-V4-Flash"
+
+
+def test_deepseek_v4_loads_its_native_checkpoint_exactly(checkpoints):
+    source = checkpoints("deepseek_v4")
+    stored = tensor_names(source)
+    assert {"embed.weight", "head.weight", "norm.weight", "hc_head_fn", "layers.0.hc_attn_fn", "layers.0.ffn.gate.tid2eid",
+            "layers.1.ffn.gate.bias", "layers.1.attn.indexer.compressor.ape", "layers.1.attn.indexer.wq_b.weight",
+            "layers.2.attn.compressor.norm.weight", "layers.2.ffn.experts.3.w2.weight"} <= stored
+    assert not any(n.startswith("model.") for n in stored)
+    adapter = create_adapter(V4, str(source), False)
+    model = adapter.init_model(torch.device("cpu"), load_layers=True)
+    assert set(model.state_dict()) == stored, "the model's names are the checkpoint's"
+    assert adapter.unused_checkpoint_tensors(adapter.init_skeleton()) == []
+    ids = random_ids()
+    expected = logits(float_reference(source, "deepseek_v4"), ids)  # transformers' own load of the native names
+    assert expected.abs().max() > 0.1, "a degenerate tiny model would hide mistakes"
+    torch.testing.assert_close(logits(model, ids), expected, atol=1e-5, rtol=1e-5)
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert {"layers.1.attn.wq_a", "layers.1.attn.wkv", "layers.1.attn.wq_b", "layers.1.attn.wo_b",
+            "layers.1.attn.indexer.wq_b", "layers.1.ffn.experts.0.w1", "layers.1.ffn.shared_experts.w2"} <= linears
+    # the engine runs these in float: never planned
+    assert not {"layers.1.attn.wo_a", "layers.1.attn.compressor.wkv", "layers.1.attn.indexer.compressor.wgate",
+                "layers.1.attn.indexer.weights_proj", "layers.2.attn.compressor.wgate"} & linears
+    for expert in model.layers[1].ffn.experts:  # the swiglu clamp is part of the computation (before SiLU)
+        assert expert.limit == model.config.swiglu_limit and expert.clamp_before_activation
+        expert.limit = 0.05
+    assert (logits(model, ids) - expected).abs().max() > 1e-3
+
+
+def test_deepseek_v4_calibration_walks_the_blocks_as_the_model_does(checkpoints):
+    """Block by block, with the token ids (hash-routed layers look their experts up by token) and the
+    hyper-connection streams [batch, tokens, hc_mult, hidden] passed between blocks."""
+    from msmodelslim.model.interface import block_hidden_state
+
+    adapter = create_adapter(V4, str(checkpoints("deepseek_v4")), False)
+    model = adapter.init_model(torch.device("cpu"), load_layers=True)
+    ids = random_ids(seed=3)
+    expected = logits(model, ids)
+    walk = adapter.generate_model_forward(model, {"input_ids": ids})
+    request = next(walk)
+    with torch.no_grad():
+        while True:
+            output = request.module(*request.args, **request.kwargs)
+            try:
+                request = walk.send(output)
+            except StopIteration:
+                break
+        got = model.head(model.norm(model.model.hc_head(block_hidden_state(output))))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_deepseek_v4_w8a8_dynamic_end_to_end(checkpoints, tmp_path, capsys):
+    source = checkpoints("deepseek_v4")
+    config = write_yaml(tmp_path / "w8a8.yaml", [W8A8_DYNAMIC])
+    plan = quantize(QuantizeRequest(model_path=source, save_path=tmp_path / "dry", model_type=V4,
+                                    device=DeviceSpec("cpu"), config_path=config, dry_run=True)).plan
+    out = tmp_path / "out"
+    code = main(["quant", "--model_path", str(source), "--save_path", str(out), "--device", "cpu",
+                 "--model_type", V4, "--config_path", str(config)])
+    assert code == 0, capsys.readouterr().err
+    code = main(["check", str(out), "--model_path", str(source)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.out + captured.err
+    description = json.loads((out / "quant_model_description.json").read_text())
+    written = {k[: -len(".weight")]: v for k, v in description.items()
+               if k.endswith(".weight") and k[: -len(".weight")] in plan}
+    assert written == plan and set(plan.values()) == {"W8A8_DYNAMIC", "FLOAT"} and plan["head"] == "FLOAT"
+    for name in ("embed", "head", "layers.1.attn.wo_a", "layers.1.attn.compressor.wkv",
+                 "layers.1.attn.indexer.weights_proj", "layers.2.ffn.gate"):
+        assert description[f"{name}.weight"] == "FLOAT", name
+    for name in ("layers.1.attn.indexer.wq_b", "layers.0.ffn.experts.0.w1", "layers.2.ffn.shared_experts.w3"):
+        assert description[f"{name}.weight"] == "W8A8_DYNAMIC", name
+    assert description["hc_head_fn"] == "FLOAT" and description["layers.0.ffn.gate.tid2eid"] == "FLOAT"
+    assert tensor_names(source) <= tensor_names(out), "every input tensor is written under its native name"
+    ids = random_ids(seed=1)
+    float_logits = logits(float_reference(source, "deepseek_v4"), ids)
+    drift = ((logits(load_ascendv1(out), ids) - float_logits).norm() / float_logits.norm()).item()
+    with capsys.disabled():
+        print(f"\ndeepseek_v4 W8A8 dynamic: relative logit error vs float {drift:.3f}")
+    assert drift < 0.3, f"quantized deepseek_v4 drifted {drift:.3f} from float"
+
+
+E2M1_MAGNITUDES = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+
+
+def _as_release_format(source, tmp_path) -> tuple:
+    """A copy of `source` in DeepSeek's release format for two weights: layer 0's wq_a float8 e4m3 with e8m0 block
+    scales (blocks of 16 here, config.json's weight_block_size), layer 1's expert 0 w1 FP4 (two e2m1 codes a byte,
+    low nibble first) with an e8m0 scale per 32 columns. Returns (copy, {weight name: the float it stands for})."""
+    copy = tmp_path / "release"
+    shutil.copytree(source, copy)
+    (weights,) = copy.glob("*.safetensors")
+    state, g = load_file(weights), torch.Generator().manual_seed(5)
+    fp8, fp4 = "layers.0.attn.wq_a", "layers.1.ffn.experts.0.w1"
+    rows, cols = state[f"{fp8}.weight"].shape
+    exponents = torch.randint(120, 125, (rows // 16, cols // 16), generator=g, dtype=torch.uint8)
+    scale = torch.pow(2.0, exponents.double() - 127).float().repeat_interleave(16, 0).repeat_interleave(16, 1)
+    codes = (state[f"{fp8}.weight"].float() / scale).to(torch.float8_e4m3fn)
+    expected = {f"{fp8}.weight": codes.float() * scale}
+    state[f"{fp8}.weight"], state[f"{fp8}.scale"] = codes, exponents.view(torch.float8_e8m0fnu)
+    rows, cols = state[f"{fp4}.weight"].shape
+    nibbles = torch.randint(0, 16, (rows, cols), generator=g)
+    exponents = torch.randint(122, 127, (rows, cols // 32), generator=g, dtype=torch.uint8)
+    values = torch.tensor([(-1.0 if c >= 8 else 1.0) * E2M1_MAGNITUDES[c % 8] for c in nibbles.flatten().tolist()])
+    expected[f"{fp4}.weight"] = values.reshape(rows, cols) * torch.pow(2.0, exponents.double() - 127).float() \
+        .repeat_interleave(32, 1)
+    state[f"{fp4}.weight"] = (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).to(torch.uint8).view(torch.int8)
+    state[f"{fp4}.scale"] = exponents.view(torch.float8_e8m0fnu)
+    save_file(state, weights, metadata={"format": "pt"})
+    config = json.loads((copy / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "scale_fmt": "ue8m0",
+                                     "activation_scheme": "dynamic", "weight_block_size": [16, 16]}
+    (copy / "config.json").write_text(json.dumps(config))
+    return copy, expected
+
+
+def test_deepseek_v4_release_format_is_dequantized_on_load(checkpoints, tmp_path, capsys):
+    source, expected = _as_release_format(checkpoints("deepseek_v4"), tmp_path)
+    adapter = create_adapter(V4, str(source), False)
+    assert not any(n.endswith(".scale") for n in adapter.checkpoint.names())
+    model = adapter.init_model(torch.device("cpu"), load_layers=True)
+    state = model.state_dict()
+    for name, weight in expected.items():
+        torch.testing.assert_close(state[name], weight, atol=0, rtol=0)
+    out = tmp_path / "out"
+    assert main(["quant", "--model_path", str(source), "--save_path", str(out), "--device", "cpu",
+                 "--model_type", V4, "--config_path", str(write_yaml(tmp_path / "w8a8.yaml", [W8A8_DYNAMIC]))]) == 0
+    capsys.readouterr()
+    assert main(["check", str(out), "--model_path", str(source)]) == 0, capsys.readouterr().out
+    assert not any(n.endswith(".scale") for n in tensor_names(out))
+
+
+def test_deepseek_v4_mtp_layer_is_written_through(checkpoints, tmp_path):
+    """Without quarot the multi-token-prediction layer (`mtp.*`, not built) reaches the output unchanged (its
+    rotation under quarot: tests/test_family_transforms.py)."""
+    source = tmp_path / "with_mtp"
+    shutil.copytree(checkpoints("deepseek_v4"), source)
+    (weights,) = source.glob("*.safetensors")
+    mtp = {"mtp.0.e_proj.weight": torch.randn(64, 64), "mtp.0.enorm.weight": torch.ones(64)}
+    save_file({**load_file(weights), **mtp}, weights, metadata={"format": "pt"})
+    out = tmp_path / "out"
+    assert main(["quant", "--model_path", str(source), "--save_path", str(out), "--device", "cpu",
+                 "--model_type", V4, "--config_path", str(write_yaml(tmp_path / "w8a8.yaml", [W8A8_DYNAMIC]))]) == 0
+    written = {}
+    for shard in out.glob("*.safetensors"):
+        written.update(load_file(shard))
+    assert all(torch.equal(written[k], v) for k, v in mtp.items())
 
 
 def test_step35_names_and_clamped_experts(checkpoints):

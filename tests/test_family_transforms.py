@@ -338,3 +338,239 @@ def test_glm_mtp_layer_rotated_from_its_tensors_predicts_what_it_predicted(sourc
     for name in ("eh_proj.weight", "self_attn.v_proj.weight", "mlp.shared_experts.down_proj.weight",
                  "shared_head.head.weight"):
         assert not torch.allclose(rotated[prefix + name], tensors[prefix + name]), name
+
+
+# ---- DeepSeek-V4 (model/deepseek_v4.py): native names, hyper-connection streams, compressor and indexer ----------
+V4 = "DeepSeek-V4-Flash"
+V4_LAYERS = ("layers.0", "layers.1", "layers.2")  # sliding, CSA (compressor + indexer), HCA (compressor)
+
+
+@pytest.fixture(scope="module")
+def v4_source(tmp_path_factory):
+    """A tiny DeepSeek-V4 as published (native names), with norm gains away from 1 and outlier channels (every
+    scale far from 1, a missing fold visible), decisive routers, a grouped output projection with large rows."""
+    source = make_tiny_model(tmp_path_factory.mktemp("deepseek_v4"), "deepseek_v4", seed=3)
+    (weights,) = source.glob("*.safetensors")
+    state, g = load_file(weights), torch.Generator().manual_seed(0)
+    for name, tensor in state.items():
+        if name.endswith(("attn_norm.weight", "ffn_norm.weight", "attn.q_norm.weight")):
+            tensor.copy_(0.5 + torch.rand(tensor.shape, generator=g))
+            tensor[[3, 17] if "attn" in name else [5]] *= 20
+        elif name.endswith("ffn.gate.weight"):
+            tensor.normal_(0, 0.3, generator=g)
+        elif name.endswith("attn.wo_a.weight"):
+            tensor[[2, 9]] *= 10
+    save_file(state, weights, metadata={"format": "pt"})
+    return source
+
+
+def v4_change(source, out) -> tuple[float, float]:
+    """(max |Δlogit|, max |logit|) of the output read back against transformers' float model of the source."""
+    original = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    ids = torch.randint(0, original.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = original(input_ids=ids).logits
+        return float((expected - load_ascendv1(out)(input_ids=ids).logits).abs().max()), float(expected.abs().max())
+
+
+def v4_step(step: str) -> dict:
+    """STEPS[step] with the subgraph kinds DeepSeek-V4 describes (no ov, no up -> down)."""
+    config = STEPS[step]
+    if "enable_subgraph_type" in config:
+        return {**config, "enable_subgraph_type": ["norm-linear", "linear-linear"]}
+    return config
+
+
+@pytest.mark.parametrize("step", list(STEPS))
+def test_deepseek_v4_smoothing_alone_leaves_the_float_model_unchanged(v4_source, tmp_path, capsys, step):
+    out = tmp_path / "out"
+    run_quant(v4_source, out, write(tmp_path / "c.yaml", [v4_step(step)], small_calib(tmp_path)), V4)
+    change, scale = v4_change(v4_source, out)
+    report(capsys, f"deepseek_v4 {step}", change, scale)
+    assert change < BOUND * scale
+    before, after = tensors_of(v4_source), tensors_of(out)
+    assert set(before) == set(after), "the output keeps the native names"
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert "layers.1.attn_norm.weight" in changed, "nothing was smoothed"
+    if step == "awq":  # its grid holds α = 0 (s = 1), which a subgraph may pick: only exactness is certain
+        return
+    for layer in V4_LAYERS:  # one scale for the router, every expert and the shared expert
+        assert {f"{layer}.ffn_norm.weight", f"{layer}.ffn.gate.weight", f"{layer}.ffn.experts.3.w1.weight",
+                f"{layer}.ffn.shared_experts.w3.weight", f"{layer}.attn.wq_a.weight", f"{layer}.attn.wkv.weight",
+                f"{layer}.attn.q_norm.weight", f"{layer}.attn.wq_b.weight"} <= changed
+    # the compressors and the indexer read the input norm (float, but their columns take its scale)
+    assert {"layers.1.attn.compressor.wkv.weight", "layers.1.attn.indexer.compressor.wgate.weight",
+            "layers.1.attn.indexer.weights_proj.weight", "layers.1.attn.indexer.wq_b.weight",
+            "layers.2.attn.compressor.wgate.weight"} <= changed
+    # no up -> down: up is clamped before the product
+    assert not any(k.endswith(".w2.weight") for k in changed)
+
+
+def test_deepseek_v4_rotation_alone_leaves_the_float_model_unchanged(v4_source, tmp_path, capsys):
+    out = tmp_path / "out"
+    run_quant(v4_source, out, write(tmp_path / "c.yaml", [{"type": "quarot", "seed": 3}]), V4)
+    change, scale = v4_change(v4_source, out)
+    report(capsys, "deepseek_v4 quarot", change, scale)
+    assert change < BOUND * scale
+    before, after = tensors_of(v4_source), tensors_of(out)
+    for name in ("embed.weight", "head.weight", "hc_head_fn", "layers.0.hc_attn_fn", "layers.2.hc_ffn_fn",
+                 "layers.1.attn.wq_a.weight", "layers.1.attn.indexer.weights_proj.weight",
+                 "layers.2.attn.compressor.wkv.weight", "layers.0.attn.wo_b.weight", "layers.1.ffn.gate.weight",
+                 "layers.1.ffn.experts.2.w2.weight", "layers.2.ffn.shared_experts.w1.weight"):
+        assert not torch.allclose(before[name], after[name]), f"{name} was not rotated"
+    for name in ("layers.1.attn.wq_b.weight", "layers.1.attn.wo_a.weight", "hc_head_base"):  # off the residual
+        assert torch.equal(before[name], after[name]), name
+
+
+V4_FORGOTTEN = ["attn.compressor.wgate?", "attn.indexer.weights_proj?", "ffn.gate"]
+
+
+@pytest.mark.parametrize("reader", V4_FORGOTTEN)
+def test_deepseek_v4_a_structure_that_forgets_a_reader_changes_the_logits(v4_source, tmp_path, monkeypatch, capsys,
+                                                                         reader):
+    from msmodelslim.model.deepseek_v4 import DeepseekV4Adapter
+
+    described = DeepseekV4Adapter.structure.smooth_subgraphs
+    assert without(reader, described) != described
+    monkeypatch.setattr(DeepseekV4Adapter, "structure",
+                        replace(DeepseekV4Adapter.structure, smooth_subgraphs=without(reader, described)))
+    out = tmp_path / "out"
+    run_quant(v4_source, out, write(tmp_path / "c.yaml", [v4_step("smooth_quant")], small_calib(tmp_path)), V4)
+    change, scale = v4_change(v4_source, out)
+    report(capsys, f"deepseek_v4 smooth_quant WITHOUT {reader} (must break)", change, scale)
+    assert change > 100 * BOUND * scale
+
+
+def test_deepseek_v4_rotation_needs_the_hyper_connection_streams(v4_source, tmp_path, monkeypatch, capsys):
+    """hc_attn_fn / hc_ffn_fn read the residual streams: left unrotated, the stream mixing changes."""
+    from msmodelslim.model.deepseek_v4 import DeepseekV4Adapter
+
+    rotation = replace(DeepseekV4Adapter.structure.rotation, stream_readers=())
+    monkeypatch.setattr(DeepseekV4Adapter, "structure", replace(DeepseekV4Adapter.structure, rotation=rotation))
+    out = tmp_path / "out"
+    run_quant(v4_source, out, write(tmp_path / "c.yaml", [{"type": "quarot", "seed": 3}]), V4)
+    change, scale = v4_change(v4_source, out)
+    report(capsys, "deepseek_v4 quarot WITHOUT the hyper-connection weights (must break)", change, scale)
+    assert change > 100 * BOUND * scale
+
+
+@pytest.mark.parametrize("first", ["iter_smooth", "quarot"])
+def test_deepseek_v4_layer_wise_equals_model_wise(v4_source, tmp_path, first):
+    layer_wise, model_wise = outputs_of_both_runners(v4_source, tmp_path, [{"type": first}, W8A8_DYNAMIC], V4)
+    assert layer_wise and layer_wise == model_wise
+
+
+def test_deepseek_v4_quarot_flex_smooth_then_static_attention_checks(v4_source, tmp_path):
+    static_attention = {"type": "group", "configs": [
+        {"type": "linear_quant", "qconfig": SCHEMES["w8a8_static"], "include": ["*.attn.*"]},
+        {"type": "linear_quant", "qconfig": SCHEMES["w8a8_dynamic"], "exclude": ["*.attn.*"]}]}
+    out = tmp_path / "out"
+    run_quant(v4_source, out, write(tmp_path / "c.yaml", [{"type": "quarot"}, {"type": "flex_smooth_quant"},
+                                                            static_attention], small_calib(tmp_path)), V4)
+    assert main(["check", str(out)]) == 0
+
+
+# ---- DeepSeek-V4's multi-token-prediction layer: rotated from its tensors, exactly -----------------------------------
+def v4_mtp_tensors(config, seed: int = 11) -> dict[str, torch.Tensor]:
+    """A random DeepSeek-V4 MTP layer under its checkpoint names (`mtp.0.*`): enorm/e_proj, hnorm/h_proj, a sliding
+    decoder block in native names, its own collapse (hc_head_*), norm, head and embedding copy."""
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4DecoderLayer
+
+    from msmodelslim.model.deepseek_v4 import native_layer
+
+    torch.manual_seed(seed)
+    block = DeepseekV4DecoderLayer(config, 0)
+    native_layer(block)
+    h, vocab, hc = config.hidden_size, config.vocab_size, config.hc_mult
+    tensors = {f"mtp.0.{n}": t.detach().clone() for n, t in block.state_dict().items()}
+    tensors.update({"mtp.0.e_proj.weight": torch.empty(h, h), "mtp.0.h_proj.weight": torch.empty(h, h),
+                    "mtp.0.enorm.weight": torch.empty(h), "mtp.0.hnorm.weight": torch.empty(h),
+                    "mtp.0.norm.weight": torch.empty(h), "mtp.0.head.weight": torch.empty(vocab, h),
+                    "mtp.0.emb.tok_emb.weight": torch.empty(vocab, h), "mtp.0.hc_head_fn": torch.empty(hc, hc * h),
+                    "mtp.0.hc_head_base": torch.empty(hc), "mtp.0.hc_head_scale": torch.ones(1)})
+    for name, t in tensors.items():
+        if t.is_floating_point() and not name.endswith("scale"):
+            t.copy_(0.5 + torch.rand(t.shape) if t.dim() == 1 else torch.randn(t.shape) * 0.08)
+    return tensors
+
+
+def v4_mtp_logits(tensors: dict[str, torch.Tensor], config, streams, next_ids, block_kwargs) -> torch.Tensor:
+    """The MTP layer as the engine runs it (vLLM's DeepSeekV4MultiTokenPredictorLayer): the main model's pre-collapse
+    streams and the next tokens in, the draft logits out."""
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4DecoderLayer, DeepseekV4HyperHead
+
+    from msmodelslim.model.deepseek_v4 import native_layer
+
+    t = {n.removeprefix("mtp.0."): v for n, v in tensors.items()}
+    block = DeepseekV4DecoderLayer(config, 0)
+    native_layer(block)
+    block.load_state_dict({n: t[n] for n in block.state_dict()})
+    head = DeepseekV4HyperHead(config)
+    head.load_state_dict({"hc_fn": t["hc_head_fn"], "hc_base": t["hc_head_base"], "hc_scale": t["hc_head_scale"]})
+    eps = config.rms_norm_eps
+
+    def rms(x, gain):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * gain
+
+    with torch.no_grad():
+        embedded = rms(nn.functional.embedding(next_ids, t["emb.tok_emb.weight"]), t["enorm.weight"])
+        x = rms(streams, t["hnorm.weight"]) @ t["h_proj.weight"].T + (embedded @ t["e_proj.weight"].T).unsqueeze(-2)
+        x = block.eval()(x, **block_kwargs)
+        return rms(head(x), t["norm.weight"]) @ t["head.weight"].T
+
+
+def test_deepseek_v4_mtp_layer_rotated_from_its_tensors_predicts_what_it_predicted(v4_source, capsys):
+    from msmodelslim.model.passthrough import MTP, PassThroughGroup
+
+    adapter = create_adapter(V4, str(v4_source), False)
+    model = adapter.init_model(torch.device("cpu"), load_layers=True)
+    config = model.config
+    tensors = v4_mtp_tensors(config)
+    ids = torch.randint(0, config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(3))
+    next_ids = torch.roll(ids, -1, dims=1)
+
+    def streams_and_kwargs():
+        seen = {}
+        hook = model.model.hc_head.register_forward_pre_hook(lambda _m, args: seen.update(h=args[0]))
+        with torch.no_grad():
+            model(input_ids=ids)
+        hook.remove()
+        _, kwargs = adapter.capture_first_block_inputs(model, {"input_ids": ids})
+        return seen["h"], kwargs
+
+    streams, kwargs = streams_and_kwargs()
+    expected = v4_mtp_logits(tensors, config, streams, next_ids, kwargs)
+    processor = QuaRotProcessor(QuaRotConfig(type="quarot", seed=4), ProcessorContext(
+        "DeepseekV4Adapter", adapter.structure, adapter.attention_shape(), adapter.mla_shape()))
+    processor.check_model(model, adapter.block_names(model))
+    processor.prepare_model(model)
+    for name in adapter.block_names(model):
+        processor.after_forward(name, model.get_submodule(name))
+    group = PassThroughGroup("mtp", MTP, tuple(tensors))
+    assert processor.changes_passthrough(group)
+    rotated = processor.transform_passthrough(group, {n: t.clone() for n, t in tensors.items()})
+    assert set(rotated) == set(tensors)
+    streams, kwargs = streams_and_kwargs()  # the rotated main model's streams
+    change = float((v4_mtp_logits(rotated, config, streams, next_ids, kwargs) - expected).abs().max())
+    report(capsys, "deepseek_v4 MTP layer rotated from its tensors", change, float(expected.abs().max()))
+    assert change < BOUND * float(expected.abs().max())
+    for name in ("e_proj.weight", "h_proj.weight", "head.weight", "hc_head_fn", "emb.tok_emb.weight",
+                 "attn.wq_a.weight", "ffn.experts.1.w2.weight", "hc_ffn_fn"):
+        assert not torch.allclose(rotated[f"mtp.0.{name}"], tensors[f"mtp.0.{name}"]), name
+
+
+def test_deepseek_v4_quarot_with_an_mtp_layer_end_to_end(v4_source, tmp_path):
+    import shutil
+
+    source = tmp_path / "with_mtp"
+    shutil.copytree(v4_source, source)
+    (weights,) = source.glob("*.safetensors")
+    config = AutoModelForCausalLM.from_pretrained(v4_source).config
+    mtp = v4_mtp_tensors(config)
+    save_file({**load_file(weights), **mtp}, weights, metadata={"format": "pt"})
+    out = tmp_path / "out"
+    run_quant(source, out, write(tmp_path / "c.yaml", [{"type": "quarot"}, W8A8_DYNAMIC]), V4)
+    assert main(["check", str(out), "--model_path", str(source)]) == 0
+    after = tensors_of(out)
+    assert not torch.allclose(after["mtp.0.h_proj.weight"], mtp["mtp.0.h_proj.weight"])  # rotated, written float
+    assert torch.equal(after["mtp.0.hc_head_base"], mtp["mtp.0.hc_head_base"])

@@ -17,12 +17,13 @@ from helpers import MODEL_TYPE, SCHEMES, outputs_of_both_runners, quantize_varia
 from msmodelslim.app.convert import convert_ascendv1_to_compressed_tensors
 from msmodelslim.core.config import parse_config
 from msmodelslim.core.device import DeviceSpec
+from msmodelslim.core.distributed import spawn_ranks
 from msmodelslim.core.errors import ConfigError, UnsupportedError
 from msmodelslim.format.ascendv1.checker import check_ascendv1
 from msmodelslim.format.ascendv1.reader import load_ascendv1
 from msmodelslim.ir.kv_cache import KVCacheQuant
 from msmodelslim.processor.kv_smooth import smooth
-from msmodelslim.quantizer.kv_cache import fake_quantize_cache
+from msmodelslim.quantizer.kv_cache import ChannelRange, fake_quantize_cache
 from reference_reader import load_reference_model
 from tiny_models import make_tiny_model
 
@@ -301,17 +302,51 @@ def test_layer_wise_and_model_wise_write_the_same_bytes(tiny_qwen2, tmp_path):
     assert layer_wise == model_wise
 
 
-def test_dp_layer_wise_merges_to_the_single_process_bytes(tiny_llama, tmp_path):
+def _cache_rows(rank: int) -> torch.Tensor:
+    """Rank r's cache tensor [batch 1, kv_heads 2, tokens, head_dim 4]; ranks see different token counts."""
+    return torch.randn(1, 2, 3 + 4 * rank, 4, generator=torch.Generator().manual_seed(rank)) * (1 + rank)
+
+
+def _channel_range_worker(collective) -> dict:
+    """Ranks 0 and 1 record their own K; rank 2 records nothing (it got no batch) and still joins the merge."""
+    seen, unseen = ChannelRange(), ChannelRange()
+    if collective.rank < 2:
+        seen.update(_cache_rows(collective.rank))
+    seen.merge(collective, 8)
+    unseen.merge(collective, 8)
+    return {"min": seen.min, "max": seen.max, "unseen": unseen.seen}
+
+
+def test_channel_ranges_merged_by_ranks_equal_one_process_over_all_tokens(tmp_path):
+    got = spawn_ranks("cpu", (0, 1, 2), tmp_path, _channel_range_worker)
+    single = ChannelRange()
+    single.update(_cache_rows(0))
+    single.update(_cache_rows(1))
+    assert torch.equal(got["min"], single.min) and torch.equal(got["max"], single.max)
+    alone = ChannelRange()
+    alone.update(_cache_rows(0))
+    assert not torch.equal(got["max"], alone.max)  # rank 1's tokens count: the merge did something
+    assert got["unseen"] is False  # no rank saw anything: still unseen, not +-inf
+
+
+@pytest.mark.parametrize("process", [[C8], [KV_SMOOTH], [KV_SMOOTH, W8A8_DYNAMIC, C8]],
+                         ids=["c8", "kv_smooth", "kv_smooth+w8a8+c8"])
+def test_dp_layer_wise_merges_to_the_single_process_bytes(tiny_llama, tmp_path, process):
+    """Two gloo ranks on the CPU, each with its own share of the calibration batches, write the bytes of one
+    process: C8 scales from min/max all-reduced per channel, kv_smooth's fold from max|K| all-reduced."""
     path = tmp_path / "varied.jsonl"
     sentence = "Quantization maps floats to integers; apt installs package {i} on Debian. "
     path.write_text("\n".join(json.dumps({"text": sentence.format(i=i) * (1 + i % 4)}) for i in range(8)))
-    outs = quantize_variants(tiny_llama, tmp_path, [KV_SMOOTH, W8A8_DYNAMIC, C8], "Llama-2-7B",
+    outs = quantize_variants(tiny_llama, tmp_path, process, "Llama-2-7B",
                              {"single": ("auto", DeviceSpec("cpu")), "dp": ("auto", DeviceSpec("cpu", (0, 1)))},
                              str(path))
     single, dp = tensors_of(outs["single"]), tensors_of(outs["dp"])
-    assert single.keys() == dp.keys() and any("kv_cache_scale" in k for k in single)
+    assert single.keys() == dp.keys()
+    assert any("kv_cache_scale" in k for k in single) == (C8 in process)
     for name in single:
         assert torch.equal(single[name], dp[name]), name
+    descriptions = [json.loads((outs[v] / "quant_model_description.json").read_text()) for v in ("single", "dp")]
+    assert descriptions[0] == descriptions[1]
 
 
 # ---- refusals, before any weight is read ---------------------------------------------------------------------
@@ -333,8 +368,123 @@ def test_mla_is_refused_by_name(tiny_deepseek_v3, tmp_path, no_weight_reads, ste
 
 def test_compressed_tensors_refuses_c8(tiny_llama, tmp_path, no_weight_reads):
     config = write_pipeline(tmp_path / "c.yaml", [W8A8_DYNAMIC, C8], save="compressed_tensors")
-    with pytest.raises(UnsupportedError, match="dynamic_cache cannot be saved as compressed_tensors.*FP8"):
+    with pytest.raises(UnsupportedError, match="dynamic_cache cannot be saved as compressed_tensors.*FP8.*fp8_e4m3"):
         run_quant(tiny_llama, tmp_path / "out", config)
+    assert not (tmp_path / "out").exists()
+
+
+# ---- vLLM's FP8 KV cache in compressed-tensors -----------------------------------------------------------------
+KV_FP8 = {"type": "dynamic_cache", "qconfig": {"dtype": "fp8_e4m3", "scope": "per_tensor", "symmetric": True,
+                                               "method": "minmax"}}
+
+
+def test_fp8_cache_arithmetic_is_compressed_tensors_own():
+    """Our FP8 cache simulation against compressed-tensors' fake_quantize with the kv_cache_scheme we write (the
+    arithmetic transformers + compressed-tensors run for a checkpoint with k_scale/v_scale)."""
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+
+    from msmodelslim.format.compressed_tensors.kv_cache import kv_cache_scheme
+    from msmodelslim.quantizer.kv_cache import fake_quantize_cache_fp8
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 7, 16, generator=g) * 4
+    x[0, 1, 2, 3] = 1000.0  # beyond the calibrated range: saturates at ±448·s
+    scale = torch.tensor([x[x.abs() < 999].abs().max() / 448])
+    ours = fake_quantize_cache_fp8(x, scale)
+    theirs = fake_quantize(x, scale, None, kv_cache_scheme())
+    assert torch.equal(ours, theirs)
+    assert float(ours[0, 1, 2, 3]) == pytest.approx(448 * float(scale))
+    assert not torch.equal(ours, x)
+
+
+def vllm_accepts(kv_cache_scheme: dict) -> None:
+    """The conditions vLLM's compressed-tensors KV-cache method puts on a kv_cache_scheme (its
+    CompressedTensorsKVCacheMethod.validate_kv_cache_scheme): 8-bit float, strategy tensor, symmetric."""
+    assert kv_cache_scheme["type"] == "float" and kv_cache_scheme["num_bits"] == 8
+    assert kv_cache_scheme["strategy"] == "tensor" and kv_cache_scheme["symmetric"] is True
+    assert kv_cache_scheme["dynamic"] is False
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_fp8_kv_cache_is_exported_to_compressed_tensors(models, tmp_path, family):
+    """Scales: max |K| (|V|) over what transformers writes into its own cache, / 448, one per tensor; config.json
+    carries the kv_cache_scheme vLLM reads; read back (transformers + our cache simulation) equal to
+    transformers + compressed-tensors' arithmetic on the saved scales, and different from float."""
+    from compressed_tensors.quantization import QuantizationConfig
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from msmodelslim.format.compressed_tensors.checker import check_compressed_tensors
+    from msmodelslim.format.compressed_tensors.kv_cache import load_with_kv_cache
+    from msmodelslim.model.kv_cache import tap_cache_writes
+
+    source, calib = models[family], small_calib(tmp_path)
+    out = tmp_path / "ct"
+    run_quant(source, out, write_pipeline(tmp_path / "c.yaml", [KV_FP8], dataset=calib, save="compressed_tensors"),
+              MODEL_TYPE[family])
+    quantization = json.loads((out / "config.json").read_text())["quantization_config"]
+    vllm_accepts(quantization["kv_cache_scheme"])
+    parsed = QuantizationConfig.model_validate(quantization)  # the library's own reading
+    assert parsed.kv_cache_scheme is not None and parsed.config_groups == {}
+    assert [f.message for f in check_compressed_tensors(out) if f.level == "error"] == []
+
+    saved = tensors_of(out)
+    texts = [json.loads(line)["text"] for line in open(calib)]
+    for i, (key_max, value_max) in enumerate(cached_absmax(source, texts)):
+        attn = f"model.layers.{i}.self_attn"
+        for suffix, absmax in (("k_scale", key_max), ("v_scale", value_max)):
+            scale = saved[f"{attn}.{suffix}"]
+            assert scale.dtype == torch.float32 and list(scale.shape) == [1]
+            torch.testing.assert_close(scale, absmax.max().reshape(1) / 448, rtol=1e-5, atol=0)
+    assert not any("kv_cache_quant" in name for name in saved)
+
+    ids = AutoTokenizer.from_pretrained(source)(texts[0], return_tensors="pt")["input_ids"]
+    independent = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    for i, layer in enumerate(independent.model.layers):
+        k, v = (saved[f"model.layers.{i}.self_attn.{s}"] for s in ("k_scale", "v_scale"))
+        tap_cache_writes(layer.self_attn, lambda key, value, k=k, v=v: (
+            fake_quantize(key, k, None, parsed.kv_cache_scheme), fake_quantize(value, v, None, parsed.kv_cache_scheme)))
+    with torch.no_grad():
+        ours = load_with_kv_cache(out)(input_ids=ids).logits
+        theirs = independent(input_ids=ids).logits
+        float_logits = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)(input_ids=ids).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(ours, float_logits), "the FP8 cache changed nothing"
+    assert (ours - float_logits).norm() / float_logits.norm() < 0.05
+
+
+def test_fp8_kv_cache_with_w8a8_in_one_compressed_tensors_checkpoint(tiny_llama, tmp_path):
+    out = tmp_path / "ct"
+    run_quant(tiny_llama, out, write_pipeline(tmp_path / "c.yaml", [W8A8_DYNAMIC, KV_FP8], dataset=small_calib(tmp_path),
+                                              save="compressed_tensors"))
+    quantization = json.loads((out / "config.json").read_text())["quantization_config"]
+    vllm_accepts(quantization["kv_cache_scheme"])
+    assert quantization["format"] == "int-quantized" and len(quantization["config_groups"]) == 1
+    saved = tensors_of(out)
+    assert {n for n in saved if n.endswith(("k_scale", "v_scale"))} == {
+        f"model.layers.{i}.self_attn.{s}" for i in range(2) for s in ("k_scale", "v_scale")}
+
+
+def test_fp8_kv_cache_under_dp_layer_wise_is_the_single_process_checkpoint(tiny_llama, tmp_path):
+    path = tmp_path / "varied.jsonl"
+    sentence = "Quantization maps floats to integers; apt installs package {i} on Debian. "
+    path.write_text("\n".join(json.dumps({"text": sentence.format(i=i) * (1 + i % 4)}) for i in range(8)))
+    outs = {}
+    for name, device in (("single", DeviceSpec("cpu")), ("dp", DeviceSpec("cpu", (0, 1)))):
+        outs[name] = tmp_path / name
+        run_quant(tiny_llama, outs[name], write_pipeline(tmp_path / f"{name}.yaml", [KV_FP8], runner="auto",
+                                                         dataset=str(path), save="compressed_tensors"),
+                  device=device)
+    single, dp = tensors_of(outs["single"]), tensors_of(outs["dp"])
+    assert single.keys() == dp.keys() and any(k.endswith("k_scale") for k in single)
+    for name in single:
+        assert torch.equal(single[name], dp[name]), name
+
+
+def test_ascendv1_refuses_the_fp8_kv_cache(tiny_llama, tmp_path, no_weight_reads):
+    with pytest.raises(UnsupportedError, match="dynamic_cache cannot be saved as ascendv1_saver.*C8 \\(int8"):
+        run_quant(tiny_llama, tmp_path / "out", write_pipeline(tmp_path / "c.yaml", [KV_FP8]))
+    assert not (tmp_path / "out").exists()
 
 
 def test_convert_refuses_a_c8_checkpoint(tiny_llama, tmp_path):
@@ -348,6 +498,7 @@ def test_convert_refuses_a_c8_checkpoint(tiny_llama, tmp_path):
 @pytest.mark.parametrize("process,needle", [
     ([{**C8, "qconfig": {**C8["qconfig"], "symmetric": False}}], "dequantizes it with kv_cache_scale alone"),
     ([{**C8, "qconfig": {**C8["qconfig"], "scope": "per_tensor"}}], "dynamic_cache (C8) is int8 per_channel minmax"),
+    ([{**KV_FP8, "qconfig": {**KV_FP8["qconfig"], "scope": "per_channel"}}], "dtype: fp8_e4m3, scope: per_tensor"),
     ([C8, KV_SMOOTH], "float transforms (smoothing, rotation) must come before quantization"),
     ([{**KV_SMOOTH, "smooth_factor": 0}], "smooth_factor"),
     ([{"type": "group", "configs": [KV_SMOOTH, C8]}], "holds kv_smooth and dynamic_cache"),

@@ -17,9 +17,9 @@ FAMILY_OF_PEDIGREE = {"llama": "llama", "qwen2": "qwen2", "qwen2_5": "qwen2", "q
                      "qwen3_moe": "qwen3_moe", "deepseek_v3": "deepseek_v3", "glm4_moe": "glm4_moe",
                      "glm4_moe_lite": "glm4_moe_lite", "glm_5": "glm_moe_dsa", "deepseek_v3_2": "deepseek_v32",
                      "kimi_k2": "kimi_k2", "minimax_m2": "minimax_m2", "qwen3_next": "qwen3_next",
-                     "longcat_flash": "longcat_flash", "step_3_5_flash": "step3p5"}
-# Adapters that refuse every checkpoint by name (model/deepseek.py DeepseekV4Adapter) have no practices.
-REFUSED_PEDIGREES = {"deepseek_v4"}
+                     "longcat_flash": "longcat_flash", "step_3_5_flash": "step3p5", "deepseek_v4": "deepseek_v4"}
+# Adapters that refuse every checkpoint by name have no practices (none today).
+REFUSED_PEDIGREES: set[str] = set()
 TABLE = practice_table({name: entry.pedigree for name, entry in registry.registered_adapters().items()})
 ALL_CASES = [(name, qt) for name, cells in TABLE for qt, cell in cells.items() if cell != "default (asks)"]
 # Every name's lookup is in TABLE (built above, for every registered name). A practice serves every name of its

@@ -36,14 +36,13 @@ FOLDER_FAMILY = {
 MOE_FAMILIES = {"qwen3_moe", "deepseek_v3", "deepseek_v32", "deepseek_v4", "glm4_moe", "glm4_moe_lite",
                 "glm_moe_dsa", "kimi_k2", "minimax_m2", "qwen3_next", "longcat_flash", "step3p5"}
 
-NO_TINY_CHECKPOINT = {"deepseek_v4"}  # refused by name (model/deepseek.py) before its checkpoint is opened
+# MX blocks are 32 inputs long: rows with MX layers widen the tiny MLA's kv_lora_rank (16) to one block
+MX_SIZES = {"glm_moe_dsa": {"kv_lora_rank": 32}}
+NO_TINY_CHECKPOINT: set[str] = set()  # families refused by name before their checkpoint is opened
 SPARSE_ATTENTION = {"deepseek_v32", "glm_moe_dsa"}
-# The reference reader builds transformers' own class from config.json and loads the checkpoint's names into it
-# strictly; these families' published names or config types are not transformers' (the adapters map them).
-NO_REFERENCE_READER = {"kimi_k2": "config.json model_type kimi_k2 is not a transformers type",
-                       "step3p5": "published moe.* names differ from transformers' mlp.* names",
-                       "longcat_flash": "transformers keeps rows for identity experts the checkpoint lacks",
-                       "minimax_m2": "published block_sparse_moe.experts.*.w1/w3/w2 names differ from transformers'"}
+# Families the reference reader cannot rebuild (family: why); it maps published names to transformers' modules
+# itself (tests/reference_reader.py PUBLISHED_TO_TRANSFORMERS), so today none.
+NO_REFERENCE_READER: dict[str, str] = {}
 # Text like the calibration data (a random token sequence is nothing a calibrated static range was made for).
 PROBE = ["The engine reads the quantized weights and maps integers back to floats for every layer.",
          "Calibration data decides the activation ranges; the evaluation text must never be used for it."]
@@ -63,10 +62,11 @@ def family_of(row: RecipeRow) -> str:
 def checkpoints(tmp_path_factory):
     made: dict[str, Path] = {}
 
-    def get(family: str) -> Path:
-        if family not in made:
-            made[family] = make_tiny_model(tmp_path_factory.mktemp(family), family)
-        return made[family]
+    def get(family: str, **sizes) -> Path:
+        key = family + "".join(f"-{k}{v}" for k, v in sorted(sizes.items()))
+        if key not in made:
+            made[key] = make_tiny_model(tmp_path_factory.mktemp(key), family, **sizes)
+        return made[key]
 
     return get
 
@@ -157,7 +157,7 @@ def _logit_similarity(model, reference, ids) -> float:
 
 @pytest.mark.parametrize("row", RUNS, ids=lambda r: r.file)
 def test_a_recipe_runs_end_to_end(row, checkpoints, tmp_path):
-    source = checkpoints(family_of(row))
+    source = checkpoints(family_of(row), **(MX_SIZES.get(family_of(row), {}) if "mxfp" in row.schemes else {}))
     (tmp_path / "as_written").mkdir()
     as_written = write_row_config(row, tmp_path / "as_written")
     # The row's own calibration set resolves and plans; the run itself calibrates on a few lines to stay quick.

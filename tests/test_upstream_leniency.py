@@ -20,18 +20,16 @@ def _refusal(spec: dict, apiversion: str = "modelslim_v1") -> str:
 
 
 @pytest.mark.parametrize("spec,needle", [
-    ({"process": [{"type": "fa3_quant"}]}, "processor 'fa3_quant' is not implemented yet (it belongs to the "
-                                           "attention and KV-cache quantization work)"),
-    ({"process": [{"type": "linear_quant", "qconfig": {"weight": {**W8, "dtype": "mxfp4", "scope": "per_block"}}}]},
-     "dtype 'mxfp4' is not implemented yet (it belongs to the floating-point formats"),
-    ({"process": [{"type": "linear_quant", "qconfig": {"weight": {**W8, "dtype": "fp8_e4m3"}}}]},
-     "dtype 'fp8_e4m3' is not implemented yet"),
-    ({"process": [{"type": "linear_quant", "qconfig": {"weight": {**W8, "scope": "per_block"}}}]},
-     "scope 'per_block' is not implemented yet"),
+    ({"process": [{"type": "online_quarot"}]}, "processor 'online_quarot' is not implemented yet (it belongs to the "
+                                               "diffusion transformer work)"),
+    ({"process": [{"type": "linear_quant", "qconfig": {"weight": {**W8, "dtype": "hifloat8"}}}]},
+     "dtype 'hifloat8' is not implemented yet (it belongs to the floating-point formats"),
+    ({"process": [{"type": "linear_quant", "qconfig": {"weight": {**W8, "dtype": "mxfp4", "scope": "dual_scale"}}}]},
+     "scope 'dual_scale' is not implemented yet"),
     ({"process": [{"type": "linear_quant", "qconfig": {"weight": W8, "act": {**W8, "scope": "per_head"}}}]},
-     "scope 'per_head' is not implemented yet (it belongs to the attention and KV-cache quantization work)"),
-    ({"process": [{"type": "linear_quant", "qconfig": {"weight": {**W8, "method": "mse_round"}}}]},
-     "method 'mse_round' is not implemented yet"),
+     "scope 'per_head' (one scale per attention head) is fa3_quant's"),
+    ({"process": [{"type": "linear_quant", "qconfig": {"weight": {**W8, "method": "fouroversix"}}}]},
+     "method 'fouroversix' is not implemented yet"),
     ({"save": [{"type": "mindie_format_saver"}]}, "saver 'mindie_format_saver' is not implemented yet (it belongs to "
                                                   "the diffusion transformer work)"),
     ({"save": [{"type": "safetensors_saver"}]}, "unknown saver type 'safetensors_saver'; available: ascendv1_saver"),

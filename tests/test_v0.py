@@ -119,8 +119,11 @@ def test_row_anti_m6_pdmix_kv():  # qwen2_5/qwen2.5-w8a8c8-pdmix
 def test_row_calib_w8a8_kv():  # qwen2/qwen2-72b-w8a8c8
     spec = {"calib_cfg": {"w_bit": 8, "a_bit": 8, "mm_tensor": False, "use_kvcache_quant": True}}
     assert v1(spec)["process"][-1] == KV_STEP
-    spec["calib_cfg"] = {"w_bit": 8, "a_bit": 8, "mm_tensor": False, "use_fa_quant": True, "fa_amp": 2}
-    assert "use_fa_quant: FA3 attention quantization is not implemented yet" in refusal(spec)
+    spec["calib_cfg"] = {"w_bit": 8, "a_bit": 8, "mm_tensor": False, "use_fa_quant": True}
+    assert v1(spec)["process"][-1] == {"type": "fa3_quant", "qconfig": {"dtype": "int8", "scope": "per_head",
+                                                                        "symmetric": True, "method": "minmax"}}
+    spec["calib_cfg"]["fa_amp"] = 2
+    assert "fa_amp: 2 (rolling the most sensitive attention layers back to float" in refusal(spec)
 
 
 @pytest.mark.parametrize("calib,anti,ext", [
@@ -321,9 +324,9 @@ def test_v0_practices_are_found_by_their_metadata(tmp_path, monkeypatch, log_lin
                               label={"w_bit": 8, "a_bit": 16})
     tagged["spec"]["calib_cfg"]["a_bit"] = 16
     (folder / "llama-v0-w8a16.yaml").write_text(yaml.safe_dump(tagged))
-    refused = copy.deepcopy(V0_PRACTICE)  # FA3 is not implemented yet: the file is skipped, the others still serve
+    refused = copy.deepcopy(V0_PRACTICE)  # fa_amp is not implemented yet: the file is skipped, the others still serve
     refused["metadata"].update(config_id="llama-v0-w8a8f8", label={"w_bit": 8, "a_bit": 8, "fa_quant": True})
-    refused["spec"]["calib_cfg"].update(use_fa_quant=True)
+    refused["spec"]["calib_cfg"].update(use_fa_quant=True, fa_amp=1)
     (folder / "llama-v0-w8a8f8.yaml").write_text(yaml.safe_dump(refused))
     monkeypatch.setenv(practice.CUSTOM_REPO_ENV, str(tmp_path))
 
@@ -332,7 +335,7 @@ def test_v0_practices_are_found_by_their_metadata(tmp_path, monkeypatch, log_lin
     assert [s.type for s in chosen.config.spec.process] == ["iter_smooth", "linear_quant"]
     assert chosen.config.translation is not None
     assert select_practice("Llama-2-7B", "llama", "w8a16", tags=("mindie",)).metadata.config_id == "llama-v0-w8a16"
-    assert any("skipping" in line and "llama-v0-w8a8f8.yaml" in line and "FA3 attention quantization" in line
+    assert any("skipping" in line and "llama-v0-w8a8f8.yaml" in line and "fa_amp" in line
                for line in log_lines)
 
 

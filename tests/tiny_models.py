@@ -90,6 +90,19 @@ def _tiny_family_config(family: str, common: dict, overrides: dict):
                                     "shared_expert_intermediate_size": 48, "linear_key_head_dim": 16,
                                     "linear_value_head_dim": 16, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
                                     "layer_types": ["linear_attention"] * 3 + ["full_attention"], **overrides})
+    if family == "deepseek_v4":  # sliding, CSA (compressor + indexer) and HCA layers; hash routing in layer 0;
+        # 4 hyper-connection streams as published; head_dim 32 of which 8 rotary; wo_a in 2 groups
+        sizes = {k: v for k, v in common.items() if k != "intermediate_size"}  # an alias of moe_intermediate_size
+        return t.DeepseekV4Config(**{**sizes, **moe, "num_hidden_layers": 3, "num_key_value_heads": 1,
+                                     "head_dim": 32, "q_lora_rank": 32, "partial_rotary_factor": 0.25,
+                                     "layer_types": ["sliding_attention", "compressed_sparse_attention",
+                                                     "heavily_compressed_attention"],
+                                     "mlp_layer_types": ["hash_moe", "moe", "moe"],
+                                     "compress_rates": {"compressed_sparse_attention": 4,
+                                                        "heavily_compressed_attention": 8},
+                                     "hc_mult": 4, "sliding_window": 16, "o_groups": 2, "o_lora_rank": 16,
+                                     "index_n_heads": 2, "index_head_dim": 16, "index_topk": 4,
+                                     "num_nextn_predict_layers": 0, **overrides})
     if family == "longcat_flash":  # 2 layers of (2 MLA + 2 MLPs + MoE of 4 routed and 2 identity experts, top-2)
         sizes = {k: v for k, v in common.items() if k not in ("num_hidden_layers", "intermediate_size")}
         return t.LongcatFlashConfig(**{**sizes, **MLA, "num_key_value_heads": 4, "num_layers": 2,
@@ -171,6 +184,76 @@ def _make_step35(path: Path, vocab_size: int, dtype: torch.dtype) -> Path:
     return path
 
 
+# transformers' DeepseekV4 names -> DeepSeek's native checkpoint names (the inverse of the renames transformers'
+# conversion_mapping applies when it loads a DeepSeek-V4 checkpoint), applied in order.
+DEEPSEEK_V4_NATIVE = (
+    (r"^model\.embed_tokens\.", "embed."), (r"^lm_head\.", "head."), (r"^model\.norm\.", "norm."),
+    (r"^model\.hc_head\.hc_", "hc_head_"), (r"^model\.layers\.", "layers."),
+    (r"\.self_attn\.compressor\.indexer\.scorer\.weights_proj\.", ".attn.indexer.weights_proj."),
+    (r"\.self_attn\.compressor\.indexer\.q_b_proj\.", ".attn.indexer.wq_b."),
+    (r"\.self_attn\.compressor\.indexer\.", ".attn.indexer.compressor."),
+    (r"\.self_attn\.", ".attn."), (r"\.mlp\.", ".ffn."),
+    (r"\.input_layernorm\.", ".attn_norm."), (r"\.post_attention_layernorm\.", ".ffn_norm."),
+    (r"\.(attn|ffn)_hc\.(fn|base|scale)$", r".hc_\1_\2"), (r"\.sinks$", ".attn_sink"),
+    (r"\.compressor\.kv_norm\.", ".compressor.norm."), (r"\.position_bias$", ".ape"),
+    (r"\.q_a_proj\.", ".wq_a."), (r"\.q_b_proj\.", ".wq_b."), (r"\.q_a_norm\.", ".q_norm."),
+    (r"\.kv_proj\.", ".wkv."), (r"\.gate_proj\.", ".wgate."), (r"\.o_a_proj\.", ".wo_a."), (r"\.o_b_proj\.", ".wo_b."),
+    (r"\.gate\.e_score_correction_bias$", ".gate.bias"), (r"\.shared_experts\.wgate\.", ".shared_experts.w1."),
+    (r"\.shared_experts\.up_proj\.", ".shared_experts.w3."), (r"\.shared_experts\.down_proj\.", ".shared_experts.w2."),
+)
+
+
+def deepseek_v4_native_state(state: dict) -> dict:
+    """A transformers DeepseekV4 state dict under DeepSeek's native names, experts one tensor set per expert
+    (`ffn.experts.E.w1/w3/w2`), rotary buffers dropped: the layout of the published DeepSeek-V4 checkpoints."""
+    import re
+
+    def native(name: str) -> str:
+        for pattern, replacement in DEEPSEEK_V4_NATIVE:
+            name = re.sub(pattern, replacement, name)
+        return name
+
+    out = {}
+    for name, tensor in state.items():
+        if "rotary_emb" in name:
+            continue
+        if name.endswith(".experts.gate_up_proj"):
+            experts = native(name.removesuffix(".gate_up_proj"))
+            gate, up = tensor.chunk(2, dim=1)
+            for e in range(tensor.shape[0]):
+                out[f"{experts}.{e}.w1.weight"], out[f"{experts}.{e}.w3.weight"] = gate[e].clone(), up[e].clone()
+        elif name.endswith(".experts.down_proj"):
+            experts = native(name.removesuffix(".down_proj"))
+            for e in range(tensor.shape[0]):
+                out[f"{experts}.{e}.w2.weight"] = tensor[e].clone()
+        else:
+            out[native(name)] = tensor.contiguous()
+    return out
+
+
+def save_deepseek_v4(model, path: Path) -> None:
+    """Save a transformers DeepseekV4 model as DeepSeek publishes it (native names; transformers' own save
+    reverses its renames only in part, e.g. `model.embed_tokens`, `attn.norm` for kv_norm)."""
+    from safetensors.torch import save_file
+
+    model.config.save_pretrained(path)
+    save_file(deepseek_v4_native_state(model.state_dict()), path / "model.safetensors", metadata={"format": "pt"})
+
+
+def _deepseek_v4_routing(model, seed: int) -> None:
+    """Hash-routed layers get a token -> experts table with distinct experts per token (transformers initialises it
+    to zeros, every token to expert 0), scored routers a non-zero correction bias."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith("tid2eid"):
+                experts = model.config.n_routed_experts
+                buffer.copy_(torch.stack([torch.randperm(experts, generator=g)[: buffer.shape[1]]
+                                          for _ in range(buffer.shape[0])]))
+            elif name.endswith("e_score_correction_bias"):
+                buffer.copy_(0.05 * torch.randn(buffer.shape, generator=g))
+
+
 def _as_published(path: Path, family: str) -> None:
     """Make the saved checkpoint look like the family's published one where transformers' save differs."""
     import json
@@ -214,6 +297,10 @@ def make_tiny_model(path: Path, family: str = "llama", dtype: torch.dtype = torc
                 # rounding of in_proj_qkvz alone moved the logits by 26%); 0.04 keeps it as tame as the others
                 p.normal_(0, 0.04)
     model = model.to(dtype)
+    if family == "deepseek_v4":  # saved under DeepSeek's native names, as published
+        _deepseek_v4_routing(model, seed)
+        save_deepseek_v4(model, path)
+        return path
     kwargs = {"max_shard_size": shards} if shards else {}
     model.save_pretrained(path, **kwargs)
     _as_published(path, family)

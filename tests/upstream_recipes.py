@@ -24,8 +24,6 @@ FLOAT_FORMATS = "floating-point formats"
 VLM = "vision-language"
 DIFFUSION = "diffusion"
 ROTATIONS = "adapt_rotation"
-KV_ADAPTER = "describes no KV cache"  # the family adapter does not say where attention writes K/V yet
-V4 = "DeepSeek-V4 is not supported yet"
 
 
 @dataclass(frozen=True)
@@ -56,27 +54,27 @@ ROWS: list[RecipeRow] = [
     _row("deepseek-r1-distill/deepseek-r1-distill-qwen-7b-sparse.yaml|modelslim_v0|w8a8s|DeepSeek-R1-Distill-Qwen-7B|anti=m4 → w4a8 lowbit+co_sparse||cn_en.jsonl"),
     _row("deepseek-r1-distill/deepseek-r1-distill-qwen-7b-w8a8.yaml|modelslim_v0|w8a8|DeepSeek-R1-Distill-Qwen-7B|anti=m4 → w8a8||(default)"),
     _row("deepseek_v3/deepseek_w4a8_per_channel.yaml|modelslim_v1|w4a8|DeepSeek-R1-0528|flex_smooth_quant → group[linear_quant]|int8/per_token→int4/per_channel/ssz; int8/per_token→int8/per_channel/minmax|mix_calib.jsonl"),
-    _row("deepseek_v3/deepseekr1_w4a8c8_per_channel.yaml|modelslim_v1|w4a8c8|DeepSeek-R1-0528|quarot → flex_smooth_quant → group[linear_quant] → fa3_quant|FA3:int8/per_head; int8/per_tensor→int8/per_channel/minmax; int8/per_token→int4/per_channel/ssz; int8/per_token→int8/per_channel/minmax|(default)", KV),
-    _row("deepseek_v3/deepseekv31_terminus_w4a4c8.yaml|modelslim_v1|w4a4c8|DeepSeek-V3.1-Terminus|fa3_quant → group[linear_quant]|FA3:details; mxfp4/per_block→mxfp4/per_block/minmax; mxfp8/per_block→mxfp8/per_block/minmax|(default)", KV),
-    _row("deepseek_v3/deepseekv31_terminus_w8a8c8.yaml|modelslim_v1|w8a8c8|DeepSeek-V3.1-Terminus|fa3_quant → group[linear_quant]|FA3:details; mxfp8/per_block→mxfp8/per_block/minmax|(default)", KV),
-    _row("deepseek_v3/deepseekv3_w4a8c8_per_channel.yaml|modelslim_v1|w4a8c8|DeepSeek-V3.1|quarot → flex_smooth_quant → group[linear_quant] → fa3_quant|FA3:int8/per_head; int8/per_tensor→int8/per_channel/minmax; int8/per_token→int4/per_channel/ssz; int8/per_token→int8/per_channel/minmax|qwen3_cot_w4a4.json", KV),
+    _row("deepseek_v3/deepseekr1_w4a8c8_per_channel.yaml|modelslim_v1|w4a8c8|DeepSeek-R1-0528|quarot → flex_smooth_quant → group[linear_quant] → fa3_quant|FA3:int8/per_head; int8/per_tensor→int8/per_channel/minmax; int8/per_token→int4/per_channel/ssz; int8/per_token→int8/per_channel/minmax|(default)"),
+    _row("deepseek_v3/deepseekv31_terminus_w4a4c8.yaml|modelslim_v1|w4a4c8|DeepSeek-V3.1-Terminus|fa3_quant → group[linear_quant]|FA3:details; mxfp4/per_block→mxfp4/per_block/minmax; mxfp8/per_block→mxfp8/per_block/minmax|(default)", FLOAT_FORMATS),
+    _row("deepseek_v3/deepseekv31_terminus_w8a8c8.yaml|modelslim_v1|w8a8c8|DeepSeek-V3.1-Terminus|fa3_quant → group[linear_quant]|FA3:details; mxfp8/per_block→mxfp8/per_block/minmax|(default)", FLOAT_FORMATS),
+    _row("deepseek_v3/deepseekv3_w4a8c8_per_channel.yaml|modelslim_v1|w4a8c8|DeepSeek-V3.1|quarot → flex_smooth_quant → group[linear_quant] → fa3_quant|FA3:int8/per_head; int8/per_tensor→int8/per_channel/minmax; int8/per_token→int4/per_channel/ssz; int8/per_token→int8/per_channel/minmax|qwen3_cot_w4a4.json"),
     _row("deepseek_v3_2/deepseek_w4a8.yaml|modelslim_v1|w4a8|DeepSeek-V3.2-Exp|quarot → flex_awq_ssz → flex_smooth_quant → group[linear_quant]|int8/per_token→int4/per_channel/ssz; int8/per_token→int8/per_channel/minmax|qwen3_cot_w4a4.json"),
     _row("deepseek_v3_2/deepseek_w8a8.yaml|modelslim_v1|w8a8|DeepSeek-V3.2-Exp|flex_smooth_quant → linear_quant ×2|int8/per_tensor→int8/per_channel/minmax; int8/per_token→int8/per_channel/minmax|mix_calib.jsonl"),
     _row("deepseek_v3_2/deepseek_w8a8_quarot.yaml|modelslim_v1|w8a8|DeepSeek-V3.2|quarot → flex_smooth_quant → linear_quant ×2|int8/per_tensor→int8/per_channel/minmax; int8/per_token→int8/per_channel/minmax|mix_calib.jsonl"),
-    _row("deepseek_v4/deepseek_v4_flash_w8a8.yaml|modelslim_v1|w8a8|DeepSeek-V4-Flash|quarot → flex_smooth_quant → linear_quant ×2|int8/per_token→int8/per_channel/minmax|mix_calib.jsonl", V4),
-    _row("deepseek_v4/deepseek_v4_pro_w4a8.yaml|modelslim_v1|w4a8|DeepSeek-V4-Pro|quarot → flex_awq_ssz → flex_smooth_quant → linear_quant ×3|int8/per_token→int4/per_channel/ssz; int8/per_token→int8/per_channel/minmax|mix_calib.jsonl", V4),
-    _row("deepseek_v4/deepseek_v4_pro_w8a8.yaml|modelslim_v1|w8a8|DeepSeek-V4-Pro|quarot → linear_quant ×3|int8/per_token→int8/per_channel/minmax|qwen3_cot_w4a4.json", V4),
+    _row("deepseek_v4/deepseek_v4_flash_w8a8.yaml|modelslim_v1|w8a8|DeepSeek-V4-Flash|quarot → flex_smooth_quant → linear_quant ×2|int8/per_token→int8/per_channel/minmax|mix_calib.jsonl"),
+    _row("deepseek_v4/deepseek_v4_pro_w4a8.yaml|modelslim_v1|w4a8|DeepSeek-V4-Pro|quarot → flex_awq_ssz → flex_smooth_quant → linear_quant ×3|int8/per_token→int4/per_channel/ssz; int8/per_token→int8/per_channel/minmax|mix_calib.jsonl"),
+    _row("deepseek_v4/deepseek_v4_pro_w8a8.yaml|modelslim_v1|w8a8|DeepSeek-V4-Pro|quarot → linear_quant ×3|int8/per_token→int8/per_channel/minmax|qwen3_cot_w4a4.json"),
     _row("default/default-w8a16.yaml|modelslim_v1|w8a16|–|linear_quant|float→int8/per_channel/minmax|(default)"),
     _row("default/default-w8a8.yaml|modelslim_v1|w8a8|–|iter_smooth → linear_quant|int8/per_token→int8/per_channel/minmax|(default)"),
     _row("flux1/flux1_w8a8f8_mxfp.yaml|mm_sd|w8a8f8|FLUX.1-dev|online_quarot → fa3_quant → linear_quant|FA3:fp8_e4m3/per_token; mxfp8/per_block→mxfp8/per_block/minmax|(default)", DIFFUSION),
     _row("glm4_6v/glm4_6v_w8a8.yaml|mm_vlm|w8a8|GLM-4.6V|iter_smooth → linear_quant ×2|int8/per_tensor→int8/per_channel/minmax; int8/per_token→int8/per_channel/minmax|calibImages", VLM),
     _row("glm4_moe/glm4_7_moe-w8a8-v1.yaml|modelslim_v1|w8a8|GLM-4.7|flex_smooth_quant → group[linear_quant]|int8/per_token→int8/per_channel/minmax|(default)"),
     _row("glm4_moe_lite/glm4_moe_lite_w8a8.yaml|modelslim_v1|w8a8|GLM-4.7-Flash|quarot → flex_smooth_quant → linear_quant ×2|int8/per_tensor→int8/per_channel/minmax; int8/per_token→int8/per_channel/minmax|mix_calib.jsonl"),
-    _row("glm_5/glm_5_1_w4a4c8_mxfp4.yaml|modelslim_v1|w4a4c8|GLM-5.1|group[linear_quant]|mxfp4/per_block→mxfp4/per_block/minmax; mxfp8/per_block→mxfp8/per_block/minmax|qwen3_cot_w4a4.json", FLOAT_FORMATS),
+    _row("glm_5/glm_5_1_w4a4c8_mxfp4.yaml|modelslim_v1|w4a4c8|GLM-5.1|group[linear_quant]|mxfp4/per_block→mxfp4/per_block/minmax; mxfp8/per_block→mxfp8/per_block/minmax|qwen3_cot_w4a4.json"),
     _row("glm_5/glm_5_1_w4a8.yaml|modelslim_v1|w4a8|GLM-5.1|quarot → flex_awq_ssz → flex_smooth_quant → group[linear_quant]|int8/per_token→int4/per_channel/ssz; int8/per_token→int8/per_channel/minmax|mix_calib.jsonl"),
-    _row("glm_5/glm_5_1_w4a8c8.yaml|modelslim_v1|w4a8c8|GLM-5.1|quarot → flex_awq_ssz → flex_smooth_quant → fa3_quant → group[linear_quant]|FA3:int8/per_token; int8/per_token→int4/per_channel/ssz; int8/per_token→int8/per_channel/minmax|mix_calib.jsonl", KV),
+    _row("glm_5/glm_5_1_w4a8c8.yaml|modelslim_v1|w4a8c8|GLM-5.1|quarot → flex_awq_ssz → flex_smooth_quant → fa3_quant → group[linear_quant]|FA3:int8/per_token; int8/per_token→int4/per_channel/ssz; int8/per_token→int8/per_channel/minmax|mix_calib.jsonl"),
     _row("glm_5/glm_5_1_w8a8.yaml|modelslim_v1|w8a8|GLM-5.1|quarot → flex_smooth_quant → group[linear_quant]|int8/per_tensor→int8/per_channel/minmax; int8/per_token→int8/per_channel/minmax|mix_calib.jsonl"),
-    _row("glm_5/glm_5_1_w8a8c8.yaml|modelslim_v1|w8a8c8|GLM-5.1|quarot → flex_smooth_quant → fa3_quant → group[linear_quant]|FA3:int8/per_token; int8/per_tensor→int8/per_channel/minmax; int8/per_token→int8/per_channel/minmax|mix_calib.jsonl", KV),
+    _row("glm_5/glm_5_1_w8a8c8.yaml|modelslim_v1|w8a8c8|GLM-5.1|quarot → flex_smooth_quant → fa3_quant → group[linear_quant]|FA3:int8/per_token; int8/per_tensor→int8/per_channel/minmax; int8/per_token→int8/per_channel/minmax|mix_calib.jsonl"),
     _row("glm_5/glm_5_w4a8.yaml|modelslim_v1|w4a8|GLM-5|quarot → flex_awq_ssz → flex_smooth_quant → group[linear_quant]|int8/per_token→int4/per_channel/ssz; int8/per_token→int8/per_channel/minmax|qwen3_cot_w4a4.json"),
     _row("glm_5/glm_5_w8a8.yaml|modelslim_v1|w8a8|GLM-5|quarot → flex_smooth_quant → linear_quant ×2|int8/per_tensor→int8/per_channel/minmax; int8/per_token→int8/per_channel/minmax|mix_calib.jsonl"),
     _row("hunyuan_video/hunyuan_video_w8a8f8_mxfp.yaml|mm_sd|w8a8f8|HunyuanVideo|linear_quant → online_quarot → fa3_quant|FA3:fp8_e4m3/per_token; mxfp8/per_block→mxfp8/per_block/minmax|hunyuanvideo", DIFFUSION),
@@ -86,10 +84,10 @@ ROWS: list[RecipeRow] = [
     _row("kimi_k2_5/kimi_k2_6_w4a4c8.yaml|mm_vlm|w4a4c8|Kimi-K2.6|group[linear_quant] → fa3_quant|FA3:details; mxfp4/per_block→mxfp4/per_block/minmax; mxfp8/per_block→mxfp8/per_block/minmax|calibImages", VLM),
     _row("kimi_k2_5/kimi_k2_6_w4a8.yaml|mm_vlm|w4a8|Kimi-K2.6|group[linear_quant]|int8/per_tensor→int8/per_channel/minmax; int8/per_token→int4/per_channel/ssz; int8/per_token→int8/per_channel/minmax|calibImages", VLM),
     _row("kimi_k2_5/kimi_w4a8.yaml|mm_vlm|w4a8|Kimi-K2.5|flex_smooth_quant → group[linear_quant]|int8/per_tensor→int8/per_channel/minmax; int8/per_token→int4/per_channel/ssz; int8/per_token→int8/per_channel/minmax|calibImages", VLM),
-    _row("longcat_flash/longcat_flash_w4a4_mxfp4.yaml|modelslim_v1|w4a4|LongCat-Flash-Chat|iter_smooth → linear_quant ×2|mxfp4/per_block→mxfp4/per_block/minmax; mxfp8/per_block→mxfp8/per_block/minmax|mix_calib.jsonl", FLOAT_FORMATS),
+    _row("longcat_flash/longcat_flash_w4a4_mxfp4.yaml|modelslim_v1|w4a4|LongCat-Flash-Chat|iter_smooth → linear_quant ×2|mxfp4/per_block→mxfp4/per_block/minmax; mxfp8/per_block→mxfp8/per_block/minmax|mix_calib.jsonl", "smoothing this model family is not supported yet"),
     _row("minimax_m2/minimax_m27_w8a8.yaml|modelslim_v1|w8a8|MiniMax-M2.7|quarot → linear_quant|int8/per_token→int8/per_channel/minmax|mix_calib.jsonl"),
-    _row("minimax_m2/minimax_m27_w8a8_mxfp8.yaml|modelslim_v1|w8a8|MiniMax-M2.7|quarot → linear_quant|mxfp8/per_block→mxfp8/per_block/minmax|mix_calib.jsonl", FLOAT_FORMATS),
-    _row("minimax_m2/minimax_m27_w8a8c8.yaml|modelslim_v1|w8a8c8|MiniMax-M2.7|quarot → linear_quant → dynamic_cache|C8:int8/per_channel; int8/per_token→int8/per_channel/minmax|qwen3_cot.json", KV_ADAPTER),
+    _row("minimax_m2/minimax_m27_w8a8_mxfp8.yaml|modelslim_v1|w8a8|MiniMax-M2.7|quarot → linear_quant|mxfp8/per_block→mxfp8/per_block/minmax|mix_calib.jsonl"),
+    _row("minimax_m2/minimax_m27_w8a8c8.yaml|modelslim_v1|w8a8c8|MiniMax-M2.7|quarot → linear_quant → dynamic_cache|C8:int8/per_channel; int8/per_token→int8/per_channel/minmax|qwen3_cot.json"),
     _row("qwen1_5/qwen1.5-110b-w8a16.yaml|modelslim_v0|w8a16|Qwen1.5-110B|calib w8a16||(default)"),
     _row("qwen2/qwen2-72b-w8a16.yaml|modelslim_v0|w8a16|Qwen2-72B|calib w8a16||(default)"),
     _row("qwen2/qwen2-72b-w8a8.yaml|modelslim_v0|w8a8|Qwen2-72B|calib w8a8||boolq.jsonl"),
@@ -208,6 +206,19 @@ def _targets(schemes: list[Scheme], moe: bool) -> list[tuple[Scheme, list[str], 
 _STEP = re.compile(r"^(?P<name>[a-z0-9_]+)(?:\((?P<arg>[^)]*)\))?(?: ×(?P<times>\d))?$")
 
 
+def fa3_step(attention: list[str]) -> dict:
+    """The fa3_quant step of a row's `FA3:` entry: `FA3:<dtype>/<scope>` is its qconfig; `FA3:details` (rows with
+    MX schemes) gives fa_q/fa_k/fa_v their own MX setting, here mxfp8 blocks for all three."""
+    entry = next((a.removeprefix("FA3:") for a in attention if a.startswith("FA3:")), None)
+    if entry is None:
+        return {"type": "fa3_quant"}
+    if entry == "details":
+        mx = {"dtype": "mxfp8", "scope": "per_block", "symmetric": True, "method": "minmax"}
+        return {"type": "fa3_quant", "details": {"fa_q": mx, "fa_k": mx, "fa_v": mx}}
+    dtype, scope = entry.split("/")
+    return {"type": "fa3_quant", "qconfig": {"dtype": dtype, "scope": scope, "symmetric": True, "method": "minmax"}}
+
+
 def v1_process(row: RecipeRow, moe: bool) -> list[dict]:
     """spec.process of a v1 row."""
     linear, attention = parse_schemes(row.schemes)
@@ -236,7 +247,7 @@ def v1_process(row: RecipeRow, moe: bool) -> list[dict]:
         elif name == "quarot":
             process.append({"type": "quarot"})
         elif name == "fa3_quant":
-            process.append({"type": "fa3_quant"})
+            process.append(fa3_step(attention))
         elif name == "dynamic_cache":
             process.append({"type": "dynamic_cache", "qconfig": {"dtype": "int8", "scope": "per_channel",
                                                                  "symmetric": True, "method": "minmax"}})

@@ -16,6 +16,7 @@ from msmodelslim.model.moe import routed_expert_linears
 from msmodelslim.processor.base import Processor, quant_rules
 from msmodelslim.processor.matching import select, unused_patterns
 from msmodelslim.processor.registry import DoubleMatchError, merge_claims
+from msmodelslim.quantizer.float_formats import MX_BLOCK
 
 log = get_logger("app.plan")
 
@@ -80,7 +81,14 @@ def plan_layers(config: PracticeConfig, processors: list[Processor], model: nn.M
         for name in selected:
             plan[name] = leaf.qconfig.scheme.value
             group = leaf.qconfig.weight.group_size
-            if group:
+            if leaf.qconfig.weight.dtype.is_mx or leaf.qconfig.act.dtype.is_mx:
+                group = MX_BLOCK
+                group_sizes.add(group)
+                in_features = model.get_submodule(name).in_features
+                if in_features % group:  # the kernels quantize activations per block of 32 too (A5 needs K % 32)
+                    raise ConfigError(f"{plan[name]} needs the input size of layer {name} ({in_features}) to be a "
+                                      f"multiple of the MX block {MX_BLOCK}; exclude the layer")
+            elif group:
                 group_sizes.add(group)
                 in_features = model.get_submodule(name).in_features
                 if in_features % group:

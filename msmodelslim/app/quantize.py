@@ -34,6 +34,7 @@ from msmodelslim.core.memory import bound_heap_growth
 from msmodelslim.core.passthrough import log_unread, refuse_inconsistent_passthrough
 from msmodelslim.core.runner import RunStats, run_blocks
 from msmodelslim.format.ascendv1.checker import check_ascendv1
+from msmodelslim.format.ascendv1.kv_cache import UNSUPPORTED_KV_CACHE as ASCENDV1_UNSUPPORTED_KV_CACHE
 from msmodelslim.format.ascendv1.writer import AscendV1Writer
 from msmodelslim.format.compressed_tensors.checker import check_compressed_tensors
 from msmodelslim.format.compressed_tensors.writer import CompressedTensorsWriter
@@ -96,18 +97,22 @@ def choose_runner(config: PracticeConfig, device: DeviceSpec) -> RunnerType:
     return runner
 
 
-def _step_types(configs) -> list[str]:
-    return [t for c in configs for t in (_step_types(c.configs) if c.type == "group" else [c.type])]
+def _steps(configs) -> list:
+    return [s for c in configs for s in (_steps(c.configs) if c.type == "group" else [c])]
 
 
 def refuse_steps_the_format_lacks(config: PracticeConfig) -> None:
     """A step whose output the chosen format cannot hold (e.g. C8 in compressed-tensors), named before any work."""
     save = config.spec.save[0]
     writer_class = CompressedTensorsWriter if save.type == "compressed_tensors" else AscendV1Writer
-    for step in _step_types(config.spec.process):
-        reason = getattr(writer_class, "UNSUPPORTED_STEPS", {}).get(step)
+    kv_cache_refusals = (CompressedTensorsWriter.UNSUPPORTED_KV_CACHE if save.type == "compressed_tensors"
+                         else ASCENDV1_UNSUPPORTED_KV_CACHE)
+    for step in _steps(config.spec.process):
+        reason = getattr(writer_class, "UNSUPPORTED_STEPS", {}).get(step.type)
+        if step.type == "dynamic_cache":  # which KV cache the engine reads depends on the format
+            reason = kv_cache_refusals.get(step.qconfig.dtype.value)
         if reason:
-            raise UnsupportedError(f"spec.process: {step} cannot be saved as {save.type}: {reason}")
+            raise UnsupportedError(f"spec.process: {step.type} cannot be saved as {save.type}: {reason}")
 
 
 def refuse_undistributable(config: PracticeConfig, processors: list[Processor]) -> None:
@@ -299,7 +304,7 @@ def _execute(job: _Job, request: QuantizeRequest, collective: Collective, stagin
             staging_note.write_text(str(staging))
         writer = _make_writer(job, staging) if writes else None
         stats = run_blocks(job.adapter, job.model, job.processors, writer, batches, device, layer_wise, collective,
-                           job.spill, job.unread)
+                           job.spill, job.unread, job.config.spec.calibration.early_stop_rule())
         if writes:
             description, warnings = _finish(job, request, writer, staging)
     return _Written(description, warnings, stats, collective.max_float(peak_rss_mib()))
@@ -380,6 +385,9 @@ def quantize(request: QuantizeRequest) -> QuantizeReport:
     report.peak_rss_mib = max(peak_rss_mib(), written.peak_rss_mib)
     stats = written.stats
     log.info("calibration: %d batches, %d tokens", stats.calibration_batches, stats.calibration_tokens)
+    if stats.last_block_batches is not None and stats.last_block_batches < stats.calibration_batches:
+        log.info("calibration stopped early (spec.calibration): the last block was calibrated on %d of the %d batches",
+                 stats.last_block_batches, stats.calibration_batches)
     if report.description:
         log.info("saved %s (%s) in %.1f s, peak RSS %.0f MiB (largest rank)", request.save_path,
                  report.description["model_quant_type"], report.seconds, report.peak_rss_mib)

@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
+from msmodelslim.core.calibration import EarlyStop
 from msmodelslim.core.errors import ConfigError, MsModelSlimError
 from msmodelslim.core.roadmap import not_yet
 from msmodelslim.core.v0 import Translation, translate_document
@@ -70,7 +71,27 @@ FLOAT_TRANSFORMS = ("smooth_quant", "iter_smooth", "flex_smooth_quant", "flex_aw
 
 
 # Steps that replace linears, or fix KV-cache ranges that a later change of V or K would invalidate.
-QUANTIZERS = ("linear_quant", "autoround_quant", "float_sparse", "dynamic_cache")
+QUANTIZERS = ("linear_quant", "autoround_quant", "float_sparse", "dynamic_cache", "fa3_quant")
+
+
+class CalibrationConfig(BaseModel):
+    """`spec.calibration`: when a calibration forward may stop before the end of the calibration set.
+
+    A forward whose statistics are running extremes (smoothing's max |x|, static min/max ranges) stops after at
+    least `min_tokens` tokens once no linear input's per-channel min or max moved by more than `rtol` times that
+    channel's max |x| over the last `window_tokens` tokens; the blocks after it are calibrated on the batches it
+    forwarded (core/calibration.py). `early_stop: false` uses every batch."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    early_stop: bool = True
+    # A running extreme moves by at most 2x the channel's magnitude, so rtol 2 stops at min_tokens.
+    rtol: float = Field(0.05, gt=0, le=2, description="largest relative move of a channel's range still 'converged'")
+    window_tokens: int = Field(8192, ge=1, le=10**9, description="tokens over which the ranges must stay within rtol")
+    min_tokens: int = Field(16384, ge=1, le=10**12, description="never stop before this many tokens")
+
+    def early_stop_rule(self) -> Optional[EarlyStop]:
+        return EarlyStop(self.rtol, self.window_tokens, self.min_tokens) if self.early_stop else None
 
 
 def _default_save() -> list[AscendV1SaverConfig]:
@@ -84,6 +105,7 @@ class Spec(BaseModel):
     process: list[ProcessorConfig] = Field(default_factory=list)
     save: list[SaverConfig] = Field(default_factory=_default_save)
     dataset: str = Field("mix_calib.jsonl", max_length=4096)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
 
     @model_validator(mode="after")
     def _transforms_before_quantization(self) -> "Spec":
@@ -95,10 +117,11 @@ class Spec(BaseModel):
             if transforms and quantized_at is not None:
                 raise ValueError(f"process[{i}] ({transforms[0]}) comes after process[{quantized_at}] "
                                  f"({self.process[quantized_at].type}); float transforms (smoothing, rotation) must come before quantization")
-            if transforms and "dynamic_cache" in kinds:  # one shared forward: ranges taken before the transform
-                raise ValueError(f"process[{i}] (group) holds {transforms[0]} and dynamic_cache: they share one "
-                                 f"calibration forward, so the KV-cache ranges would be those before {transforms[0]} "
-                                 f"changes K and V; put {transforms[0]} in an earlier step")
+            ranged = [k for k in ("dynamic_cache", "fa3_quant") if k in kinds]
+            if transforms and ranged:  # one shared forward: ranges taken before the transform
+                raise ValueError(f"process[{i}] (group) holds {transforms[0]} and {ranged[0]}: they share one "
+                                 f"calibration forward, so the attention ranges would be those before "
+                                 f"{transforms[0]} changes Q, K and V; put {transforms[0]} in an earlier step")
             if any(k in QUANTIZERS for k in kinds) and quantized_at is None:
                 quantized_at = i
         return self
@@ -138,6 +161,9 @@ def _format_error(err: dict) -> str:
     if kind == "enum":
         allowed = err["ctx"]["expected"].replace("'", "").replace(" or ", ", ")
         field = str(err["loc"][-1])
+        if field == "scope" and value == "per_head":  # a scope of attention activations, not of a linear's
+            return (f"{where}: scope 'per_head' (one scale per attention head) is fa3_quant's (its qconfig or "
+                    f"details); here use one of {allowed}")
         planned = not_yet(field, value)
         return f"{where}: {planned}; available: {allowed}" if planned else f"{where}: {value!r} is not one of {allowed}"
     if kind == "literal_error":

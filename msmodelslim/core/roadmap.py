@@ -13,13 +13,11 @@ ROTATIONS = "the low-bit activation (W4A4 with rotations) work"
 
 NOT_YET: dict[str, dict[str, str]] = {
     "processor": {
-        "fa3_quant": KV_ATTENTION,
         "online_quarot": DIFFUSION, "adapt_rotation": ROTATIONS, "flatquant": ROTATIONS, "svd_res": ROTATIONS,
     },
-    "dtype": {"mxfp8": FLOAT_FORMATS, "mxfp4": FLOAT_FORMATS, "fp8_e4m3": FLOAT_FORMATS, "hifloat8": FLOAT_FORMATS},
-    "scope": {"per_block": FLOAT_FORMATS, "dual_scale": FLOAT_FORMATS, "per_head": KV_ATTENTION},
-    "method": {"ceil_x": FLOAT_FORMATS, "fouroversix": FLOAT_FORMATS, "dualscale": FLOAT_FORMATS,
-               "mse_round": FLOAT_FORMATS},
+    "dtype": {"hifloat8": FLOAT_FORMATS},
+    "scope": {"dual_scale": FLOAT_FORMATS},
+    "method": {"fouroversix": FLOAT_FORMATS, "dualscale": FLOAT_FORMATS},
     "saver": {"mindie_format_saver": DIFFUSION},
     "apiversion": {"multimodal_vlm_modelslim_v1": VLM, "multimodal_sd_modelslim_v1": DIFFUSION,
                    "modelslim_convert": FLOAT_FORMATS},

@@ -11,8 +11,14 @@ model does not read (e.g. a multi-token-prediction layer) are written through (c
 
 Calibration: every batch's generator (`adapter.generate_model_forward`) yields the current block's inputs.
 Each processor that needs data gets its own forward of the block, after the processors before it changed the
-block (so statistics are taken on the block as it will be quantized); the last forward's output, taken before
-that processor quantizes, becomes the next block's input. Pipelines that need no data run no forward.
+block (so statistics are taken on the block as it will be quantized), unless the per-channel input ranges of
+an earlier forward, carried through the exact per-channel scalings applied since, give it everything that
+forward would (core/calibration.py: smoothing then static min/max ranges costs one forward, not two). The
+last forward's output, taken before that processor quantizes, becomes the next block's input: with the second
+forward saved, that is the output of the block before smoothing, equal in float to the smoothed one's up to
+rounding. A forward whose statistics are running extremes may stop early once they converge
+(`spec.calibration`); the next blocks then get the batches it forwarded. Pipelines that need no data run no
+forward.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ from torch import nn
 from tqdm import tqdm
 
 from msmodelslim.core.activations import ActivationSpill
+from msmodelslim.core.calibration import BlockInputRanges, Convergence, EarlyStop
 from msmodelslim.core.distributed import LOCAL, Collective
 from msmodelslim.core.faults import fault_point
 from msmodelslim.core.logging import get_logger, progress_disabled
@@ -42,6 +49,7 @@ class RunStats:
     blocks: int
     calibration_batches: int
     calibration_tokens: int
+    last_block_batches: Optional[int] = None  # batches the last block was calibrated on (fewer: early stop)
 
 
 def _is_under(name: str, prefixes: list[str]) -> bool:
@@ -64,7 +72,10 @@ def _write_outside_blocks(model: nn.Module, block_names: list[str], writer) -> N
 
 
 @torch.no_grad()
-def _forward_all(block_name: str, requests: list, spill: Optional[ActivationSpill]) -> list:
+def _forward_all(block_name: str, requests: list, spill: Optional[ActivationSpill],
+                 convergence: Optional[Convergence] = None) -> list:
+    """The block's outputs for the requests forwarded: all of them, or the first ones until `convergence`
+    says the statistics have settled."""
     outputs = []
     for request in requests:
         assert request.name == block_name, f"forward generator out of step at {block_name}"
@@ -74,7 +85,39 @@ def _forward_all(block_name: str, requests: list, spill: Optional[ActivationSpil
             spill.move_to_disk(block_hidden_state(output))
         outputs.append(output)
         fault_point("calibration")
+        if (convergence is not None and convergence.after_batch(request.args[0].shape[:-1].numel())
+                and len(outputs) < len(requests)):
+            break
     return outputs
+
+
+def _calibration_forward(block_name: str, block: nn.Module, processor: Processor, requests: list,
+                         spill: Optional[ActivationSpill], early_stop: Optional[EarlyStop], collective: Collective,
+                         keep_ranges: bool) -> tuple[list, Optional[BlockInputRanges]]:
+    """One forward of the block for `processor` (its hooks are attached): the outputs, and (when `keep_ranges`:
+    a later step calibrates) the per-channel ranges of every linear input, merged over ranks."""
+    watch = early_stop is not None and processor.range_statistics
+    ranges = BlockInputRanges.record(block) if keep_ranges or watch else None
+    convergence = Convergence(early_stop, ranges) if watch else None
+    try:
+        outputs = _forward_all(block_name, requests, spill, convergence)
+    finally:
+        if ranges is not None:
+            ranges.stop()
+    if convergence is not None and len(outputs) < len(requests):
+        log.info("%s: calibration stopped after %d of %d batches (%d tokens): input ranges moved at most %.3g "
+                 "(relative) over the last %d tokens", block_name, len(outputs), len(requests), convergence.tokens,
+                 convergence.last_change, early_stop.window_tokens)
+    elif convergence is not None:
+        log.info("%s: calibration used all %d batches available (ranges moved %.3g over the last %d tokens)",
+                 block_name, len(outputs), convergence.last_change, early_stop.window_tokens)
+    if not keep_ranges:
+        ranges = None
+    if collective.distributed:
+        if ranges is not None:
+            ranges.merge(collective)
+        processor.synchronize(block_name, block, collective)
+    return outputs, ranges
 
 
 def run_blocks(
@@ -88,10 +131,12 @@ def run_blocks(
     collective: Collective = LOCAL,
     spill: Optional[ActivationSpill] = None,
     unread: Optional[UnreadTensors] = None,
+    early_stop: Optional[EarlyStop] = None,
 ) -> RunStats:
     """Quantize every block; `batches` are this rank's share, `writer` is None on ranks that do not write.
     `spill`, when given, moves the activations between blocks to disk if they exceed its budget. `unread`: the
-    checkpoint tensors the model does not read; its pass-through groups are written after everything else."""
+    checkpoint tensors the model does not read; its pass-through groups are written after everything else.
+    `early_stop`: the convergence rule that may end a calibration forward early (None: every batch)."""
     needs_data = any(p.needs_calibration for p in processors)
     block_names = adapter.block_names(model)
     for processor in processors:
@@ -116,14 +161,23 @@ def run_blocks(
             if index + 1 < len(block_names):
                 adapter.prefetch_block(model, block_names[index + 1])
         block = model.get_submodule(name)
-        outputs = None
-        for processor in processors:
-            processor.before_forward(name, block)
-            if processor.needs_calibration:
-                outputs = _forward_all(name, requests, spill)
-                if collective.distributed:
-                    processor.synchronize(name, block, collective)
+        outputs, ranges = None, None  # ranges: the block's linear inputs as the processors so far left them
+        for i, processor in enumerate(processors):
+            if processor.needs_calibration and ranges is not None and processor.ranges_suffice(name, block, ranges):
+                processor.calibrate_from_ranges(name, block, ranges)
+            else:
+                processor.before_forward(name, block)
+                if processor.needs_calibration:
+                    later = any(p.needs_calibration for p in processors[i + 1 :])
+                    outputs, ranges = _calibration_forward(name, block, processor, requests, spill, early_stop,
+                                                           collective, keep_ranges=later)
             processor.after_forward(name, block)
+            if ranges is not None:
+                ranges = ranges.scaled(processor.input_scaling(name, block))
+        if outputs is not None and len(outputs) < len(requests):  # stopped early: later blocks get these batches
+            for generator in forwards[len(outputs):]:
+                generator.close()
+            del forwards[len(outputs):], requests[len(outputs):]
         if outputs is not None:  # the last forward's outputs feed the next block
             for i, (generator, output) in enumerate(zip(forwards, outputs)):
                 try:
@@ -142,4 +196,4 @@ def run_blocks(
     if not needs_data:
         return RunStats(len(block_names), 0, 0)
     tokens = collective.sum_int(sum(int(b["input_ids"].numel()) for b in batches))
-    return RunStats(len(block_names), collective.sum_int(len(batches)), tokens)
+    return RunStats(len(block_names), collective.sum_int(len(batches)), tokens, collective.sum_int(len(requests)))

@@ -167,17 +167,26 @@ def _note(notes: Optional[list[Note]], key: str, text: str) -> None:
 # ---- calib_cfg -> linear_quant ---------------------------------------------------------------------------------
 def _attention_steps(calib: _Section, notes: list[Note]) -> list[dict]:
     """use_kvcache_quant -> a dynamic_cache step (int8 per-channel KV cache; symmetric, as upstream sets it when the
-    flag is given, and as the engine needs: it dequantizes with the scale only). FA3 is refused by name."""
+    flag is given, and as the engine needs: it dequantizes with the scale only); use_fa_quant -> a fa3_quant step
+    (int8 Q/K/V, one static scale per head). fa_amp (upstream rolls that many attention layers back to float by a
+    sensitivity search) is refused by name when non-zero."""
+    steps: list[dict] = []
     if calib.flag("use_fa_quant"):
-        raise UnsupportedError(
-            f"{calib.path}.use_fa_quant: FA3 attention quantization is not implemented yet (it belongs to {KV_WORK}); "
-            f"without use_fa_quant the same recipe quantizes the linear layers (and the KV cache, if asked)")
-    calib.ignored("fa_amp", "it applies to FA3 quantization (use_fa_quant) only", notes)
+        if calib.whole("fa_amp"):
+            raise UnsupportedError(
+                f"{calib.path}.fa_amp: {calib.raw('fa_amp')} (rolling the most sensitive attention layers back to float "
+                f"after FA3 quantization) is not implemented yet (it belongs to {KV_WORK}); use fa_amp: 0, or exclude "
+                f"layers in a modelslim_v1 fa3_quant step")
+        notes.append(Note(f"{calib.path}.use_fa_quant", "true -> fa3_quant (int8 Q/K/V per head, static, minmax)"))
+        steps.append({"type": "fa3_quant",
+                      "qconfig": {"dtype": "int8", "scope": "per_head", "symmetric": True, "method": "minmax"}})
+    else:
+        calib.ignored("fa_amp", "it applies to FA3 quantization (use_fa_quant) only", notes)
     if not calib.flag("use_kvcache_quant"):
-        return []
+        return steps
     notes.append(Note(f"{calib.path}.use_kvcache_quant", "true -> dynamic_cache (int8 per-channel KV cache, symmetric)"))
     return [{"type": "dynamic_cache",
-             "qconfig": {"dtype": "int8", "scope": "per_channel", "symmetric": True, "method": "minmax"}}]
+             "qconfig": {"dtype": "int8", "scope": "per_channel", "symmetric": True, "method": "minmax"}}] + steps
 
 
 def _sparse_part(calib: _Section, notes: list[Note]) -> Optional[dict]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from msmodelslim.quantizer.kv_cache import fake_quantize_cache
+from msmodelslim.quantizer.kv_cache import fake_quantize_cache, fake_quantize_cache_fp8
 
 
 class KVCacheQuant(nn.Module):
@@ -39,3 +39,24 @@ class KVCacheQuant(nn.Module):
 
     def extra_repr(self) -> str:
         return f"C8 int8 per channel, channels={self.channels}"
+
+
+class FP8KVCacheQuant(nn.Module):
+    """An attention's FP8 E4M3 KV cache with one static scale per tensor: vLLM's KV cache as compressed-tensors
+    describes it (`kv_cache_scheme` fp8 per tensor; the compressed-tensors writer stores `<attn>.k_scale` and
+    `<attn>.v_scale`). Tensors: `key_scale`, `value_scale`, fp32 [1]."""
+
+    def __init__(self, key_scale: torch.Tensor, value_scale: torch.Tensor) -> None:
+        super().__init__()
+        if key_scale.numel() != 1 or value_scale.numel() != 1:
+            raise ValueError(f"FP8 KV-cache scales are per tensor (one element each), got {list(key_scale.shape)} "
+                             f"and {list(value_scale.shape)}")
+        self.register_buffer("key_scale", key_scale.float().reshape(1))
+        self.register_buffer("value_scale", value_scale.float().reshape(1))
+
+    def forward(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return fake_quantize_cache_fp8(key_states, self.key_scale), fake_quantize_cache_fp8(value_states,
+                                                                                             self.value_scale)
+
+    def extra_repr(self) -> str:
+        return "FP8 E4M3 per tensor"

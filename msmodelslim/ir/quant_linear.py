@@ -3,7 +3,9 @@ kernel computes (activation quantization included), in float.
 
 This is the one representation between the algorithms (which produce it) and the formats (which write and read
 it). Tensor vocabulary: `qweight` int8 [out, in] holding int8 or int4 codes (unpacked), `weight_scale` and
-`weight_offset` fp32 [out, n_groups], `input_scale`/`input_offset` fp32 [1] for static activations.
+`weight_offset` fp32 [out, n_groups], `input_scale`/`input_offset` fp32 [1] for static activations. The
+floating-point schemes hold float8_e4m3fn codes (FP8, MXFP8) or uint8 E2M1 codes, one per element (MXFP4), and
+MX scales as float32 powers of two [out, in/32] (the E8M0 byte is a format detail).
 """
 from __future__ import annotations
 
@@ -12,11 +14,19 @@ from typing import Optional
 import torch
 from torch import nn
 
+from msmodelslim.quantizer.float_formats import MX_BLOCK, code_values, fp8_fake_quantize_per_token, mx_fake_quantize
 from msmodelslim.quantizer.primitives import dequantize_weight, fake_quantize, quantize_per_token_dynamic
 from msmodelslim.quantizer.scheme import Scheme
 
 WEIGHT_BITS = {Scheme.W8A8: 8, Scheme.W8A8_DYNAMIC: 8, Scheme.W8A16: 8, Scheme.W4A16: 4, Scheme.W4A8_DYNAMIC: 4,
-               Scheme.W8A8_MIX: 8, Scheme.W8A8S: 8}
+               Scheme.W8A8_MIX: 8, Scheme.W8A8S: 8, Scheme.W8A8FP8_DYNAMIC: 8, Scheme.W8A8_MXFP8: 8,
+               Scheme.W4A8_MXFP: 4, Scheme.W4A4_MXFP4: 4, Scheme.W4A16_MXFP4: 4}
+# How each floating-point scheme holds its weight codes (int schemes hold int8 codes) and what its kernel does
+# to the input at run time: per-token FP8, or MX per block of 32 with this element format.
+CODE_DTYPE = {Scheme.W8A8FP8_DYNAMIC: torch.float8_e4m3fn, Scheme.W8A8_MXFP8: torch.float8_e4m3fn,
+              Scheme.W4A8_MXFP: torch.uint8, Scheme.W4A4_MXFP4: torch.uint8, Scheme.W4A16_MXFP4: torch.uint8}
+MX_SCHEMES = (Scheme.W8A8_MXFP8, Scheme.W4A8_MXFP, Scheme.W4A4_MXFP4, Scheme.W4A16_MXFP4)
+MX_ACT = {Scheme.W8A8_MXFP8: "fp8_e4m3", Scheme.W4A8_MXFP: "fp8_e4m3", Scheme.W4A4_MXFP4: "fp4_e2m1"}
 STATIC_ACT = (Scheme.W8A8, Scheme.W8A8_MIX, Scheme.W8A8S)  # schemes that carry a calibrated input range
 
 
@@ -32,8 +42,9 @@ class QuantLinear(nn.Module):
         input_offset: Optional[torch.Tensor] = None,
     ) -> None:
         super().__init__()
-        if qweight.dtype != torch.int8 or qweight.dim() != 2:
-            raise ValueError("qweight must be a 2-D int8 tensor of codes")
+        code_dtype = CODE_DTYPE.get(scheme, torch.int8)
+        if qweight.dtype != code_dtype or qweight.dim() != 2:
+            raise ValueError(f"{scheme.value} qweight must be a 2-D {code_dtype} tensor of codes")
         if weight_scale.shape != weight_offset.shape or weight_scale.shape[0] != qweight.shape[0]:
             raise ValueError("weight_scale/weight_offset must both be [out, n_groups]")
         if (scheme in STATIC_ACT) != (input_scale is not None):
@@ -57,11 +68,13 @@ class QuantLinear(nn.Module):
     @property
     def group_size(self) -> Optional[int]:
         """None for per-channel parameters."""
+        if self.scheme in MX_SCHEMES:
+            return MX_BLOCK  # also when the input size is one block
         n_groups = self.weight_scale.shape[1]
         return None if n_groups == 1 else self.in_features // n_groups
 
     def dequantized_weight(self) -> torch.Tensor:
-        return dequantize_weight(self.qweight, self.weight_scale, self.weight_offset)
+        return dequantize_weight(code_values(self.qweight), self.weight_scale, self.weight_offset)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.scheme in (Scheme.W8A8, Scheme.W8A8S) or (self.scheme == Scheme.W8A8_MIX and self.decode_path):
@@ -70,6 +83,10 @@ class QuantLinear(nn.Module):
             return quantize_per_token_dynamic(x, 8)
         if self.scheme in (Scheme.W8A8_DYNAMIC, Scheme.W4A8_DYNAMIC):
             return quantize_per_token_dynamic(x, 8)
+        if self.scheme == Scheme.W8A8FP8_DYNAMIC:
+            return fp8_fake_quantize_per_token(x)
+        if self.scheme in MX_ACT:
+            return mx_fake_quantize(x, MX_ACT[self.scheme])
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

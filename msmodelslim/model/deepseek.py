@@ -1,5 +1,5 @@
-"""DeepSeek-architecture families beyond DeepSeek-V3: DeepSeek-V3.2 (MLA plus the sparse-attention indexer),
-Kimi-K2 (DeepSeek-V3's architecture under its own model_type), and DeepSeek-V4 (refused: see below).
+"""DeepSeek-architecture families beyond DeepSeek-V3: DeepSeek-V3.2 (MLA plus the sparse-attention indexer) and
+Kimi-K2 (DeepSeek-V3's architecture under its own model_type). DeepSeek-V4 is another architecture: model/deepseek_v4.py.
 
 Each is DeepSeek-V3's structure (`DeepseekV3Adapter`: MLA, dense first layers, shared plus routed experts,
 block-FP8 checkpoints dequantized on load), so the smoothing and rotation structures described there apply.
@@ -137,20 +137,3 @@ class KimiK2Adapter(DeepseekV3Adapter):
         data = {k: v for k, v in read_json(config_file).items() if k != "auto_map"}
         with model_load_errors(self.model_path, f"{config_file} is not a DeepSeek-V3 config (fix it)"):
             return DeepseekV3Config.from_dict(data)
-
-
-# ---- DeepSeek-V4 ------------------------------------------------------------------------------------------------
-class DeepseekV4Adapter(DeepseekV3Adapter):
-    """DeepSeek-V4-Flash / DeepSeek-V4-Pro: refused by name before any weight is read (see `refusal`)."""
-
-    structure = replace(DeepseekV3Adapter.structure, hf_model_types=("deepseek_v4",))
-    refusal = (
-        "DeepSeek-V4 is not supported yet: its checkpoints keep DeepSeek's native tensor names (layers.N.attn.wq_a, "
-        "ffn.experts.E.w1, hc_* hyper-connection tensors, compressor/indexer weights), which vLLM-Ascend also reads "
-        "from the quantized output, while transformers' DeepseekV4 modules use other names (self_attn.q_a_proj, "
-        "mlp.experts, attn_hc); mapping every module to the native names, and dequantizing the checkpoint's "
-        "low-bit expert weights, is not implemented. Nothing was read"
-    )
-
-    def __init__(self, model_type: str, model_path, trust_remote_code: bool = False) -> None:
-        raise UnsupportedError(f"--model_type {model_type}: {self.refusal}")

@@ -33,6 +33,7 @@ def block_hidden_state(output: Any) -> torch.Tensor:
 
 
 EVERY_EXPERT = "*"  # in a SmoothSubgraph name: every routed expert index of the block
+OPTIONAL = "?"  # ending a SmoothSubgraph target: read only in blocks that have it (DeepSeek-V4's compressor)
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,8 @@ class SmoothSubgraph:
     A `*` in a name stands for every routed expert index of the block (`mlp.experts.*.up_proj`): in targets
     only, the subgraph is ONE subgraph over all experts (a norm feeding every expert); in the source, it is
     one subgraph per expert (each expert's up -> down). A subgraph whose modules a block lacks is skipped in
-    that block, so one structure can describe dense and MoE layers, or alternatives (q_proj or q_a_proj).
+    that block, so one structure can describe dense and MoE layers, or alternatives (q_proj or q_a_proj). A target
+    ending in `?` is optional: it joins the subgraph in the blocks that have it, and is left out elsewhere.
     layout ("ov" only): "gqa", the source is v_proj ([num_kv_heads, head_dim] rows, AttentionShape); "mla", the
     source is kv_b_proj ([qk_nope_head_dim key rows; v_head_dim value rows] per head, MlaShape).
     """

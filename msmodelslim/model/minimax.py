@@ -15,6 +15,11 @@ which neither the norm -> q/k/v smoothing nor the residual rotation (q/k columns
 value heads between v_proj and o_proj, so the v -> o smoothing and the value-head rotation are exact too. The
 router reads the norm output as x·Wᵀ and takes the same column scale / rotation; the correction bias is added
 after the sigmoid and needs nothing.
+
+KV cache: the attention writes K (after k_norm and the partial RoPE) and V into its cache as Llama's does, so C8
+(dynamic_cache) taps `self_attn`. The fold points before RoPE are q_norm / k_norm, but they span all heads
+(one weight per channel of every head) and the RoPE is partial, so kv_smooth (which folds one scale per head
+channel pair into a per-head norm or a projection) refuses them by name.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from torch import nn
 
 from msmodelslim.model.families import MoeAdapter
 from msmodelslim.model.interface import ModelStructure, gqa_attention_subgraphs, moe_mlp_subgraphs
+from msmodelslim.model.kv_cache import KvCacheStructure
 from msmodelslim.model.moe import W1_W3_W2, unfuse_experts
 from msmodelslim.model.rotation import decoder_rotation, gqa_attention, routed_experts
 from msmodelslim.model.skeleton_edits import rename_child
@@ -30,12 +36,13 @@ MOE_BLOCK = "block_sparse_moe"  # the checkpoint's name of transformers' `mlp`
 EXPERT_NAMES = dict(gate=W1_W3_W2.gate, up=W1_W3_W2.up, down=W1_W3_W2.down)
 MINIMAX_M2_SMOOTHING = gqa_attention_subgraphs() + moe_mlp_subgraphs(mlp=MOE_BLOCK, **EXPERT_NAMES)
 MINIMAX_M2_ROTATION = decoder_rotation(attention=[gqa_attention()], mlp=[routed_experts(MOE_BLOCK, **EXPERT_NAMES)])
+MINIMAX_M2_KV_CACHE = KvCacheStructure(query_fold="q_norm", key_fold="k_norm")  # norms over all heads
 
 
 class MiniMaxM2Adapter(MoeAdapter):
     structure = ModelStructure(hf_model_types=("minimax_m2",), fused_groups=(("q_proj", "k_proj", "v_proj"),),
                                row_parallel=("o_proj", W1_W3_W2.down), smooth_subgraphs=MINIMAX_M2_SMOOTHING,
-                               rotation=MINIMAX_M2_ROTATION)
+                               rotation=MINIMAX_M2_ROTATION, kv_cache=MINIMAX_M2_KV_CACHE)
 
     def prepare_skeleton(self, model: nn.Module) -> None:
         for layer in model.get_submodule(self.structure.decoder_layers):

@@ -55,13 +55,16 @@ def expert_of(linear_name: str) -> Optional[tuple[str, int]]:
 class ExpertMLP(nn.Module):
     """One routed expert: down(act(gate(x)) * up(x)), bias-free, as in the fused module; its linears carry the
     family's on-disk names (`names`). With `limit` (Step-3.5's swiglu limit) the activated gate is clamped
-    to at most `limit` and up to [-limit, limit] before they multiply, as the fused module does."""
+    to at most `limit` and up to [-limit, limit] before they multiply, as the fused module does; with
+    `clamp_before_activation` (DeepSeek-V4) the gate is clamped before the activation instead."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, act_fn: nn.Module,
-                 names: ExpertProjections = GATE_UP_DOWN, limit: Optional[float] = None) -> None:
+                 names: ExpertProjections = GATE_UP_DOWN, limit: Optional[float] = None,
+                 clamp_before_activation: bool = False) -> None:
         super().__init__()
         self.names = names
         self.limit = limit
+        self.clamp_before_activation = clamp_before_activation
         self.add_module(names.gate, nn.Linear(hidden_size, intermediate_size, bias=False))
         self.add_module(names.up, nn.Linear(hidden_size, intermediate_size, bias=False))
         self.add_module(names.down, nn.Linear(intermediate_size, hidden_size, bias=False))
@@ -72,9 +75,14 @@ class ExpertMLP(nn.Module):
         return getattr(self, getattr(self.names, role))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.act_fn(self.projection("gate")(x)), self.projection("up")(x)
+        gate, up = self.projection("gate")(x), self.projection("up")(x)
+        if self.limit is not None and self.clamp_before_activation:
+            gate = gate.clamp(max=self.limit)
+        gate = self.act_fn(gate)
         if self.limit is not None:
-            gate, up = gate.clamp(max=self.limit), up.clamp(min=-self.limit, max=self.limit)
+            up = up.clamp(min=-self.limit, max=self.limit)
+            if not self.clamp_before_activation:
+                gate = gate.clamp(max=self.limit)
         return self.projection("down")(gate * up)
 
 
@@ -103,14 +111,15 @@ class UnfusedExperts(nn.ModuleList):
 
     @classmethod
     def from_fused(cls, fused: nn.Module, names: ExpertProjections = GATE_UP_DOWN,
-                   limit: Optional[float] = None, **kwargs) -> "UnfusedExperts":
+                   limit: Optional[float] = None, clamp_before_activation: bool = False,
+                   **kwargs) -> "UnfusedExperts":
         """Per-expert modules with the fused module's weights (on the meta device when it lives there); one per
         expert of `down_proj` (gate_up_proj may hold more rows, e.g. LongCat's identity experts)."""
         gate_up, down = fused.gate_up_proj, fused.down_proj
         num_experts, hidden, intermediate = down.shape
         with torch.device(gate_up.device):
-            experts = cls((ExpertMLP(hidden, intermediate, copy.deepcopy(fused.act_fn), names, limit)
-                           for _ in range(num_experts)), **kwargs)
+            experts = cls((ExpertMLP(hidden, intermediate, copy.deepcopy(fused.act_fn), names, limit,
+                                     clamp_before_activation) for _ in range(num_experts)), **kwargs)
         experts.to(gate_up.dtype)
         if gate_up.device.type != "meta":
             with torch.no_grad():

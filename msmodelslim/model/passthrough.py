@@ -34,6 +34,8 @@ def consumed_reason(name: str, source_names: set[str]) -> Optional[str]:
     """Why input tensor `name` is, by design, in no output (the documented list, docs/ascendv1.md), else None."""
     if name.endswith(FP8_SCALE_SUFFIX) and name[: -len(FP8_SCALE_SUFFIX)] in source_names:
         return "block-FP8 scales, consumed when their weights were dequantized to the model dtype"
+    if name.endswith(".scale") and name[: -len(".scale")] + ".weight" in source_names and "hc_head_fn" in source_names:
+        return "DeepSeek-V4 FP8/FP4 scales, consumed when their weights were dequantized to the model dtype"
     if name.endswith("rotary_emb.inv_freq"):
         return "rotary inv_freq buffers, recomputed from config.json by every loader"
     return None

@@ -52,6 +52,25 @@ class MtpRotation:
 
 
 @dataclass(frozen=True)
+class StreamMtpRotation:
+    """Names inside a DeepSeek-V4 multi-token-prediction layer (`mtp.<i>.*`), which transformers does not build:
+    from the main model's hyper-connection streams h [.., n, H] before its final collapse and the next token t,
+        x = h_proj(hnorm(h)) + e_proj(enorm(emb(t)))    (per stream; h_proj, e_proj: [H, H])
+    then a full decoder block (rotated as the main blocks are), then its own collapse (hc_head_fn), norm and head.
+    The engine feeds it exactly those pre-collapse streams, so rotating every piece like its main-model
+    counterpart keeps it exact in float."""
+
+    embedding: str = "emb.tok_emb"
+    embedding_norm: str = "enorm"
+    hidden_norm: str = "hnorm"
+    embedding_projection: str = "e_proj"
+    hidden_projection: str = "h_proj"
+    head_norm: str = "norm"
+    head: str = "head"
+    head_stream_reader: str = "hc_head_fn"
+
+
+@dataclass(frozen=True)
 class RotationStructure:
     """norm_readers: each RMSNorm of a block with what reads its output (its weight is folded into them and
     their columns rotate); readers may be nn.Linear or routers with a weight [E, H] read as x·Wᵀ.
@@ -66,7 +85,17 @@ class RotationStructure:
     final_norm: str = "model.norm"
     lm_head: str = "lm_head"
     norm_offset: float = 0.0
-    mtp: MtpRotation | None = None
+    mtp: MtpRotation | StreamMtpRotation | None = None
+    # Hyper-connections (DeepSeek-V4): the residual is n parallel streams, and these weights [out, n·H] read all
+    # of them side by side through an RMSNorm without gain (n·H wide, unchanged by a rotation of every stream):
+    # their columns rotate per stream, W·diag(Q, …, Q). stream_readers are parameters of a block (names relative
+    # to it), head_stream_readers parameters outside the blocks (the final collapse before the last norm).
+    stream_readers: tuple[str, ...] = ()
+    head_stream_readers: tuple[str, ...] = ()
+    # Modules of a block whose input happens to be as wide as the hidden size but is not the residual stream
+    # (DeepSeek-V4's grouped wo_a reads n_heads·head_dim/o_groups attention channels, 4096 in V4-Flash), so the
+    # check for forgotten readers passes over them.
+    not_readers: tuple[str, ...] = ()
 
     @property
     def readers(self) -> tuple[str, ...]:

@@ -5,7 +5,7 @@ adapter's `prepare_skeleton` before any weight is read.
   `block_sparse_moe` is `mlp` in transformers). Module names are what the plan, the include/exclude patterns of
   a recipe, the loader and the output all use, so the module is moved to its on-disk name; the old attribute
   keeps working for the model's own forward. `move_buffer` does the same for a buffer kept under another
-  module on disk.
+  module on disk; `relocate` moves a child, parameter or buffer anywhere (DeepSeek-V4's native layout).
 - `keep_float`: some linears are built by the serving engine without a quantization method (vLLM's
   `quant_config=None`: routers, gates), so a quantized tensor written for them would be loaded as if it were a
   float weight. They become `EngineFloatLinear`, which is not an `nn.Linear`: no rule can plan them, and they are
@@ -58,6 +58,38 @@ def move_buffer(module: nn.Module, name: str, owner: nn.Module, owner_name: str)
     moved[name] = (weakref.ref(owner), owner_name)  # a weak reference: no module cycle
     module._moved_buffers = moved
     module.__class__ = _buffer_alias(type(module), name)
+
+
+@lru_cache(maxsize=None)
+def _relocated_alias(cls: type, name: str) -> type:
+    """`cls` whose attribute `name` reads what `relocate` moved to another place."""
+
+    def read(self):
+        owner, owner_name = self._relocated[name]
+        return getattr(owner(), owner_name)
+
+    return type(cls.__name__, (cls,), {name: property(read), "__module__": cls.__module__})
+
+
+def relocate(module: nn.Module, name: str, owner: nn.Module, owner_name: str) -> None:
+    """Register `module`'s child, parameter or buffer `name` on `owner` as `owner_name` (`owner` may be `module`
+    itself, or another module anywhere in the model: DeepSeek-V4's checkpoint keeps the hyper-connection weights
+    of a layer's `attn_hc` as `hc_attn_fn` on the layer, and its indexer beside the compressor, not inside it).
+    State-dict names follow; `module.<name>` keeps reading it, so the family's forward code runs unchanged."""
+    if name in module._modules:
+        owner.add_module(owner_name, module._modules.pop(name))
+    elif name in module._parameters:
+        owner.register_parameter(owner_name, module._parameters.pop(name))
+    elif name in module._buffers:
+        persistent = name not in module._non_persistent_buffers_set
+        module._non_persistent_buffers_set.discard(name)
+        owner.register_buffer(owner_name, module._buffers.pop(name), persistent=persistent)
+    else:
+        raise AttributeError(f"{type(module).__name__} has no child, parameter or buffer {name!r}")
+    relocated = dict(getattr(module, "_relocated", {}))
+    relocated[name] = (weakref.ref(owner), owner_name)  # a weak reference: no module cycle
+    module._relocated = relocated
+    module.__class__ = _relocated_alias(type(module), name)
 
 
 class EngineFloatLinear(nn.Module):

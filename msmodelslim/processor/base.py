@@ -22,6 +22,7 @@ from msmodelslim.processor.matching import select
 from msmodelslim.quantizer.scheme import LinearQConfig
 
 if TYPE_CHECKING:
+    from msmodelslim.core.calibration import BlockInputRanges
     from msmodelslim.core.distributed import Collective
 
 PROCESSORS: dict[str, Callable[..., "Processor"]] = {}
@@ -39,6 +40,10 @@ class Processor(ABC):
     # True when after_forward changes what the block's linears receive as input (smoothing, rotations): a processor
     # sharing that block's calibration forward afterwards (inside one `group`) would calibrate on stale activations.
     rewrites_activations: bool = False
+    # True when everything this processor collects in a calibration forward is a running min/max (or max |x|)
+    # of linear inputs: the runner's convergence test (core/calibration.py) then speaks for its statistics and may
+    # end that forward early. Hessians, histograms, means and row samples are not extremes: leave it False.
+    range_statistics: bool = False
 
     @property
     @abstractmethod
@@ -73,6 +78,23 @@ class Processor(ABC):
     @abstractmethod
     def after_forward(self, block_name: str, block: nn.Module) -> None:
         """Called after the calibration forward; rewrite the block's modules here."""
+
+    def ranges_suffice(self, block_name: str, block: nn.Module, ranges: "BlockInputRanges") -> bool:
+        """Whether the per-channel min/max of the block's linear inputs, as the block is now, give this processor
+        everything its calibration forward would (no side effect). Then the runner calls `calibrate_from_ranges`
+        instead of `before_forward` and the forward."""
+        return False
+
+    def calibrate_from_ranges(self, block_name: str, block: nn.Module, ranges: "BlockInputRanges") -> None:
+        """Take the statistics from `ranges` instead of a forward (only called when `ranges_suffice`)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot calibrate from carried ranges")
+
+    def input_scaling(self, block_name: str, block: nn.Module) -> Optional[dict[str, torch.Tensor]]:
+        """After `after_forward`: how it changed what the block's linears receive. {linear name relative to the
+        block: s} when input channel j of that linear is now x_j / s_j (s > 0, exact in float), {} when no linear's
+        input changed. None (the default): unknown, or not a per-channel scaling (a rotation; quantized weights whose
+        outputs feed other linears); carried ranges are then dropped and the next calibrating step gets a forward."""
+        return None
 
     def output_edits(self) -> OutputEdits:
         """Config keys, extra files and description entries the saved checkpoint needs from this processor."""

@@ -18,9 +18,8 @@ log = get_logger("kv_cache")
 MLA_REASON = (
     "this model uses multi-head latent attention (MLA). vLLM-Ascend caches MLA's compressed latent (kv_lora_rank "
     "values after kv_a_layernorm) and its shared RoPE key, not per-head K and V, and reads the C8 tensors "
-    "(<attn>.k_proj/v_proj.kv_cache_scale) for dense attention only; MLA's int8 cache is the FA3 path (the fa_k "
-    "scale of fa3_quant), which is not implemented yet (it belongs to the attention and KV-cache quantization "
-    "work). Remove this step for MLA models"
+    "(<attn>.k_proj/v_proj.kv_cache_scale) for dense attention only; MLA's int8 cache is the FA3 path: use "
+    "fa3_quant (the engine's MLA int8 cache reads its fa_k scale) instead of this step for MLA models"
 )
 
 

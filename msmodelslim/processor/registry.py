@@ -10,6 +10,8 @@ from msmodelslim.processor.autoround import processor as _autoround  # noqa: F40
 from msmodelslim.processor.autoround.config import AutoRoundQuantConfig
 from msmodelslim.processor.dynamic_cache import processor as _dynamic_cache  # noqa: F401 - registers "dynamic_cache"
 from msmodelslim.processor.dynamic_cache.config import DynamicCacheConfig
+from msmodelslim.processor.fa3_quant import processor as _fa3_quant  # noqa: F401 - registers "fa3_quant"
+from msmodelslim.processor.fa3_quant.config import FA3QuantConfig
 from msmodelslim.processor.flex_awq_ssz import processor as _flex_awq  # noqa: F401 - registers "awq", "flex_awq_ssz"
 from msmodelslim.processor.flex_awq_ssz.config import AwqConfig, FlexAwqSszConfig
 from msmodelslim.processor.flex_smooth_quant import processor as _flex  # noqa: F401 - registers "flex_smooth_quant"
@@ -31,7 +33,8 @@ from msmodelslim.processor.smooth_quant.config import SmoothQuantConfig
 
 ProcessorConfig = Annotated[
     Union[LinearQuantConfig, GroupConfig, SmoothQuantConfig, IterSmoothConfig, FlexSmoothQuantConfig, QuaRotConfig,
-          FlexAwqSszConfig, AwqConfig, AutoRoundQuantConfig, FloatSparseConfig, DynamicCacheConfig, KVSmoothConfig],
+          FlexAwqSszConfig, AwqConfig, AutoRoundQuantConfig, FloatSparseConfig, DynamicCacheConfig, KVSmoothConfig,
+          FA3QuantConfig],
     Field(discriminator="type"),
 ]
 GroupConfig.model_rebuild(_types_namespace={"ProcessorConfig": ProcessorConfig})

@@ -5,8 +5,9 @@ from typing import Optional
 
 import torch
 
+from msmodelslim.quantizer.float_formats import fp8_fake_quantize_per_token, mx_fake_quantize
 from msmodelslim.quantizer.primitives import fake_quantize, quantize_per_token_dynamic, scale_offset_from_minmax
-from msmodelslim.quantizer.scheme import QConfig, QScope
+from msmodelslim.quantizer.scheme import QConfig, QDType, QScope
 
 
 def fake_quantize_act(x: torch.Tensor, spec: QConfig,
@@ -15,6 +16,12 @@ def fake_quantize_act(x: torch.Tensor, spec: QConfig,
     min/max range over these rows when none is given."""
     if spec.is_float:
         return x
+    if spec.dtype.is_mx:  # per block of 32 at run time
+        return mx_fake_quantize(x, spec.dtype.element)
+    if spec.dtype == QDType.fp8_e4m3 and spec.scope == QScope.per_token:
+        return fp8_fake_quantize_per_token(x)
+    if spec.dtype.element is not None:  # pragma: no cover - resolve_scheme admits no other float activation
+        raise ValueError(f"no run-time quantizer for act {spec.dtype.value} {spec.scope.value}")
     bits = spec.dtype.bits
     if spec.scope == QScope.per_token:
         return quantize_per_token_dynamic(x, bits)

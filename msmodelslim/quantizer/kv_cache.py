@@ -8,6 +8,11 @@ c = h·D + d, which is how the engine's `kv_cache_scale` [H_kv·D] is indexed:
     read:   x̂[c] = q[c] · s[c]                      (the scale alone: an offset is never subtracted)
 
 Symmetric minmax: s[c] = max(|min_c|, |max_c|) / 127 over every calibration token, o = 0.
+
+FP8 per tensor, the KV cache vLLM reads from a compressed-tensors `kv_cache_scheme` (fp8 E4M3, `k_scale` /
+`v_scale` of one element; vLLM's cache write casts x / s to E4M3 with saturation, its read multiplies by s):
+
+    s = max |x| / 448   over every channel and calibration token     x̂ = e4m3(clamp(x / s, ±448)) · s
 """
 from __future__ import annotations
 
@@ -38,6 +43,22 @@ def fake_quantize_cache(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tens
     s, o = _per_channel(scale, x), _per_channel(offset, x)
     q = torch.clamp(torch.round(x.float() / s + o), qmin, qmax)
     return (q * s).to(x.dtype)
+
+
+FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
+
+
+def fake_quantize_cache_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """What attention reads back from an FP8 E4M3 cache with one scale per tensor (round to nearest even)."""
+    s = scale.float().reshape(())
+    q = torch.clamp(x.float() / s, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return (q.float() * s).to(x.dtype)
+
+
+def fp8_tensor_scale(channel_range: "ChannelRange") -> torch.Tensor:
+    """[1]: max |x| over every channel / 448 (1 where the tensor was identically 0)."""
+    absmax = channel_range.absmax.max().reshape(1)
+    return torch.where(absmax > 0, absmax / FP8_MAX, torch.ones_like(absmax))
 
 
 class ChannelRange:

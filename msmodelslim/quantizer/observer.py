@@ -14,7 +14,10 @@ class MinMaxObserver:
         self.max: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor) -> None:
-        lo, hi = x.detach().float().amin(), x.detach().float().amax()
+        self.update_range(x.detach().float().amin(), x.detach().float().amax())
+
+    def update_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Widen the range by [lo, hi] (0-dim float32), e.g. by the extremes of per-channel ranges."""
         self.min = lo if self.min is None else torch.minimum(self.min, lo)
         self.max = hi if self.max is None else torch.maximum(self.max, hi)
 

@@ -21,10 +21,22 @@ class QDType(str, enum.Enum):
     float = "float"
     int8 = "int8"
     int4 = "int4"
+    fp8_e4m3 = "fp8_e4m3"  # E4M3 elements with a float32 scale (per channel / per token)
+    mxfp8 = "mxfp8"  # E4M3 elements, one E8M0 scale per block of 32 along the reduction axis
+    mxfp4 = "mxfp4"  # E2M1 elements, one E8M0 scale per block of 32
 
     @property
     def bits(self) -> int:
-        return {"float": 16, "int8": 8, "int4": 4}[self.value]
+        return {"float": 16, "int8": 8, "int4": 4, "fp8_e4m3": 8, "mxfp8": 8, "mxfp4": 4}[self.value]
+
+    @property
+    def element(self) -> Optional[str]:
+        """The floating-point element format (quantizer/float_formats.py) of a float dtype, None for int ones."""
+        return {"fp8_e4m3": "fp8_e4m3", "mxfp8": "fp8_e4m3", "mxfp4": "fp4_e2m1"}.get(self.value)
+
+    @property
+    def is_mx(self) -> bool:
+        return self in (QDType.mxfp8, QDType.mxfp4)
 
 
 class QScope(str, enum.Enum):
@@ -33,6 +45,7 @@ class QScope(str, enum.Enum):
     per_channel = "per_channel"
     per_group = "per_group"
     pd_mix = "pd_mix"  # PD-mix: one static range for decode nodes, per-token dynamic on prefill nodes
+    per_block = "per_block"  # MX: one shared scale per 32 consecutive elements along the reduction axis
 
     @property
     def static(self) -> bool:
@@ -40,8 +53,10 @@ class QScope(str, enum.Enum):
         return self in (QScope.per_tensor, QScope.pd_mix)
 
 
-IMPLEMENTED_METHODS = ("minmax", "none", "histogram", "ssz", "gptq", "lowbit_sparse")
-WEIGHT_METHODS = ("minmax", "ssz", "gptq", "lowbit_sparse")
+IMPLEMENTED_METHODS = ("minmax", "none", "histogram", "ssz", "gptq", "lowbit_sparse", "mse_round", "ceil_x")
+WEIGHT_METHODS = ("minmax", "ssz", "gptq", "lowbit_sparse", "mse_round", "ceil_x")
+# MX weight methods (quantizer/mx_methods.py): the dtype each one is for
+MX_WEIGHT_METHODS = {"mse_round": "mxfp8", "ceil_x": "mxfp4"}
 ACT_METHODS = ("minmax", "histogram", "none")
 # ext keys each method accepts, with their defaults (group_size belongs to scope per_group).
 METHOD_EXT = {
@@ -49,6 +64,9 @@ METHOD_EXT = {
     "gptq": {"percdamp": 0.01, "block_size": 128, "act_order": False},
     # W8A8S (quantizer/lowbit_sparse.py): the bulk on a w_bit grid, outliers (fraction, or sigma) kept in int8
     "lowbit_sparse": {"w_bit": 4, "fraction": 0.01, "use_sigma": False, "sigma_factor": 3.0, "nonuniform": False},
+    "mse_round": {},
+    "ceil_x": {"ceil_x_value": 7.25, "enable_search": False, "search_min": 6.0, "search_max": 12.0,
+               "search_step": 0.25},
 }
 
 
@@ -87,7 +105,21 @@ def _check_lowbit_sparse_ext(method: str, ext: dict) -> None:
                          "quantization) is not implemented yet; use nonuniform: false, the uniform int grid")
 
 
-EXT_CHECKS = {"lowbit_sparse": _check_lowbit_sparse_ext}  # methods whose ext the positive-number rule does not fit
+def _check_ceil_x_ext(method: str, ext: dict) -> None:
+    """ceil_x's divisors lie in [6, 12] (the established bounds); a search needs search_max > search_min."""
+    options = {**METHOD_EXT[method], **ext}
+    for key in ("ceil_x_value", "search_min", "search_max"):
+        _number(options[key], key, 6.0, 12.0)
+    _number(options["search_step"], "search_step", 1e-6, 6.0)
+    if not isinstance(options["enable_search"], bool):
+        raise ValueError("ext.enable_search must be true or false")
+    if options["enable_search"] and options["search_max"] <= options["search_min"]:
+        raise ValueError(f"ext.search_max ({options['search_max']}) must be greater than ext.search_min "
+                         f"({options['search_min']})")
+
+
+# methods whose ext the positive-number rule does not fit
+EXT_CHECKS = {"lowbit_sparse": _check_lowbit_sparse_ext, "ceil_x": _check_ceil_x_ext}
 
 
 class QConfig(BaseModel):
@@ -116,6 +148,11 @@ class QConfig(BaseModel):
                 raise ValueError("dtype float (not quantized) takes method 'none'")
         elif self.method == "none":
             raise ValueError(f"dtype {self.dtype.value} needs a method ({', '.join(WEIGHT_METHODS + ACT_METHODS[1:2])})")
+        if self.dtype.element is not None:
+            self._check_float_format()
+        elif self.method in MX_WEIGHT_METHODS:
+            raise ValueError(f"method {self.method!r} chooses MX shared exponents: it takes dtype "
+                             f"{MX_WEIGHT_METHODS[self.method]} (scope per_block), not {self.dtype.value}")
         known = {"group_size", *METHOD_EXT.get(self.method, {})}
         unknown = set(self.ext) - known
         if unknown:  # upstream ignores ext keys its method does not read; so do we, but say so
@@ -129,6 +166,22 @@ class QConfig(BaseModel):
         elif "group_size" in self.ext:
             raise ValueError(f"ext.group_size only applies to scope per_group, not {self.scope.value}")
         return self
+
+    def _check_float_format(self) -> None:
+        """fp8_e4m3 / mxfp8 / mxfp4: symmetric by construction, on their own scopes, rounded by minmax."""
+        name = self.dtype.value
+        if self.dtype.is_mx and self.scope != QScope.per_block:
+            raise ValueError(f"dtype {name} takes scope per_block (one E8M0 scale per 32 elements along the "
+                             f"reduction axis), not {self.scope.value}")
+        if not self.dtype.is_mx and self.scope not in (QScope.per_channel, QScope.per_token, QScope.per_tensor):
+            raise ValueError(f"dtype fp8_e4m3 takes scope per_channel (weights) or per_token (activations), "
+                             f"not {self.scope.value}")
+        if not self.symmetric:
+            raise ValueError(f"dtype {name} is symmetric (a float grid has no zero point); set symmetric: true")
+        allowed = ["minmax", *(m for m, d in MX_WEIGHT_METHODS.items() if d == name)]
+        if self.method not in allowed:
+            raise ValueError(f"method {self.method!r} does not apply to dtype {name}, which takes method "
+                             f"{' or '.join(allowed)}")
 
     @property
     def group_size(self) -> Optional[int]:
@@ -157,6 +210,30 @@ class Scheme(str, enum.Enum):
     W4A8_DYNAMIC = "W4A8_DYNAMIC"  # int4 weights, per-token int8 activations
     W8A8_MIX = "W8A8_MIX"  # PD-mix: W8A8 static on decode nodes, W8A8 dynamic on the others (formats.md A.4.2)
     W8A8S = "W8A8S"  # W8A8 static whose int8 weights are low-bit sparse (method lowbit_sparse; formats.md A.4.11)
+    # Floating-point schemes (formats.md A.4.9, A.4.10); activations are always quantized at run time.
+    # per-channel FP8 weights, per-token FP8 activations; the engine's tag (the established writer spells it
+    # WFP8AFP8_DYNAMIC, which vLLM-Ascend rejects: formats.md A.4.9; read as an alias)
+    W8A8FP8_DYNAMIC = "W8A8FP8_DYNAMIC"
+    W8A8_MXFP8 = "W8A8_MXFP8"  # MXFP8 weights and activations
+    W4A8_MXFP = "W4A8_MXFP"  # MXFP4 weights, MXFP8 activations
+    W4A4_MXFP4 = "W4A4_MXFP4"  # MXFP4 weights and activations
+    W4A16_MXFP4 = "W4A16_MXFP4"  # MXFP4 weights only
+
+    @property
+    def is_float_format(self) -> bool:
+        return self in FLOAT_FORMAT_SCHEMES
+
+
+FLOAT_FORMAT_SCHEMES = frozenset({Scheme.W8A8FP8_DYNAMIC, Scheme.W8A8_MXFP8, Scheme.W4A8_MXFP, Scheme.W4A4_MXFP4,
+                                  Scheme.W4A16_MXFP4})
+# (act dtype or None for float, weight dtype) -> scheme, for the floating-point formats
+FLOAT_FORMAT_PAIRS = {
+    (QDType.fp8_e4m3, QDType.fp8_e4m3): Scheme.W8A8FP8_DYNAMIC,
+    (QDType.mxfp8, QDType.mxfp8): Scheme.W8A8_MXFP8,
+    (QDType.mxfp8, QDType.mxfp4): Scheme.W4A8_MXFP,
+    (QDType.mxfp4, QDType.mxfp4): Scheme.W4A4_MXFP4,
+    (None, QDType.mxfp4): Scheme.W4A16_MXFP4,
+}
 
 
 SUPPORTED_PAIRS = """supported (act -> weight) pairs:
@@ -166,7 +243,24 @@ SUPPORTED_PAIRS = """supported (act -> weight) pairs:
   int8 per_token symmetric      -> int8 per_channel|per_group symmetric (W8A8_DYNAMIC)
   int8 per_token symmetric      -> int4 per_channel symmetric (W4A8_DYNAMIC)
   int8 pd_mix minmax            -> int8 per_channel symmetric (W8A8_MIX: static on decode, dynamic on prefill)
-  int8 per_tensor minmax        -> int8 per_channel symmetric, method lowbit_sparse (W8A8S)"""
+  int8 per_tensor minmax        -> int8 per_channel symmetric, method lowbit_sparse (W8A8S)
+  fp8_e4m3 per_token            -> fp8_e4m3 per_channel (W8A8FP8_DYNAMIC)
+  mxfp8 per_block               -> mxfp8 per_block (W8A8_MXFP8)
+  mxfp8 per_block               -> mxfp4 per_block (W4A8_MXFP)
+  mxfp4 per_block               -> mxfp4 per_block (W4A4_MXFP4)
+  float                         -> mxfp4 per_block (W4A16_MXFP4)"""
+
+
+def _float_format_scheme(act: QConfig, weight: QConfig) -> Scheme:
+    """The floating-point pairs of SUPPORTED_PAIRS (both qconfigs already checked on their own)."""
+    scheme = FLOAT_FORMAT_PAIRS.get((None if act.is_float else act.dtype, weight.dtype))
+    act_scope_ok = act.is_float or act.scope == (QScope.per_block if act.dtype.is_mx else QScope.per_token)
+    weight_scope_ok = weight.scope == (QScope.per_block if weight.dtype.is_mx else QScope.per_channel)
+    if scheme is None or not act_scope_ok or not weight_scope_ok:
+        describe = lambda q: "float" if q.is_float else f"{q.dtype.value} {q.scope.value}"
+        raise ValueError(f"act {describe(act)} with weight {describe(weight)} has no deployable kernel; "
+                         f"{SUPPORTED_PAIRS}")
+    return scheme
 
 
 def resolve_scheme(act: QConfig, weight: QConfig) -> Scheme:
@@ -174,6 +268,8 @@ def resolve_scheme(act: QConfig, weight: QConfig) -> Scheme:
     w, a = weight, act
     if w.is_float:
         raise ValueError("weight dtype float quantizes nothing; exclude the layer instead")
+    if w.dtype.element is not None or a.dtype.element is not None:
+        return _float_format_scheme(a, w)
     if w.method == "lowbit_sparse":
         if (a.dtype, a.scope, w.dtype, w.scope, w.symmetric) == (QDType.int8, QScope.per_tensor, QDType.int8,
                                                                   QScope.per_channel, True):

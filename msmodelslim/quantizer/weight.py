@@ -5,15 +5,29 @@ from typing import Optional
 
 import torch
 
+from msmodelslim.quantizer.float_formats import code_values, quantize_weight_float
 from msmodelslim.quantizer.gptq import gptq_quantize
 from msmodelslim.quantizer.lowbit_sparse import lowbit_sparse_quantize
+from msmodelslim.quantizer.mx_methods import ceil_x_exponent, ceil_x_search, mse_round_exponent
 from msmodelslim.quantizer.primitives import dequantize_weight, quantize_weight_minmax
 from msmodelslim.quantizer.scheme import QConfig
 from msmodelslim.quantizer.ssz import ssz_quantize
 
 
 def quantize_weight(w: torch.Tensor, spec: QConfig, hessian: Optional[torch.Tensor] = None):
-    """(codes int8 [out, in], scale [out, n_groups], offset [out, n_groups]); gptq needs the input Hessian."""
+    """(codes [out, in], scale [out, n_groups], offset [out, n_groups]); gptq needs the input Hessian. Codes are
+    int8 for the integer dtypes, float8_e4m3fn for fp8_e4m3/mxfp8 and uint8 E2M1 codes for mxfp4."""
+    if spec.dtype.element is not None:  # fp8_e4m3 / mxfp8 / mxfp4: round to nearest on the float grid
+        exponent = None  # the OCP shared exponent (minmax)
+        if spec.method == "mse_round":
+            exponent = mse_round_exponent(w)
+        elif spec.method == "ceil_x":
+            value = spec.option("ceil_x_value")
+            if spec.option("enable_search"):
+                value = ceil_x_search(w, spec.option("search_min"), spec.option("search_max"),
+                                      spec.option("search_step"))
+            exponent = ceil_x_exponent(w, value)
+        return quantize_weight_float(w, spec.dtype.value, exponent)
     bits, group = spec.dtype.bits, spec.group_size
     if spec.method == "ssz":
         return ssz_quantize(w, bits, spec.symmetric, group, spec.option("step"))
@@ -30,4 +44,5 @@ def quantize_weight(w: torch.Tensor, spec: QConfig, hessian: Optional[torch.Tens
 
 def fake_quantize_weight(w: torch.Tensor, spec: QConfig, hessian: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The float weight the kernel effectively multiplies with."""
-    return dequantize_weight(*quantize_weight(w.detach().float(), spec, hessian))
+    codes, scale, offset = quantize_weight(w.detach().float(), spec, hessian)
+    return dequantize_weight(code_values(codes), scale, offset)

@@ -16,11 +16,13 @@ import torch
 
 from msmodelslim.format.ascendv1.reader import (GLOBAL_KEYS, attention_entry, quantized_layers, read_description,
                                                 tensors_by_layer)
+from msmodelslim.format.ascendv1.fa3 import check_fa3
 from msmodelslim.format.ascendv1.kv_cache import check_kv_cache
 from msmodelslim.format.ascendv1.tensors import FLOAT, decode_deq_scale, unpack_int4_int32, unpack_int4_rows
 from msmodelslim.format.findings import Finding
 from msmodelslim.format.integrity import read_checked_tensors
 from msmodelslim.model.moe import expert_of
+from msmodelslim.quantizer.primitives import all_finite
 
 DENSE_LOADABLE = {"W8A8", "W8A8_MIX", "W8A8_DYNAMIC", "W8A16", "W4A4_DYNAMIC", "W8A8FP8_DYNAMIC", "W8A8_MXFP8",
                   "W4A8_MXFP", "W4A4_MXFP4"}
@@ -32,10 +34,13 @@ ENGINE = "vLLM-Ascend (182b75e)"
 NOT_LOADED = {
     "W8A8S": f"{ENGINE} loads W8A8S only in its Atlas 300I (310P) registry, and the 310P deployment first compresses it "
              f"to W8A8SC with a separate tool (the engine's 310P sharded-state compression example)",
+    "WFP8AFP8_DYNAMIC": f"WFP8AFP8_DYNAMIC is the established writer's spelling of FP8 dynamic; {ENGINE} reads the "
+                        f"same tensors only under the tag W8A8FP8_DYNAMIC and rejects this one (formats.md A.4.9)",
     "W16A16S": f"no engine loads W16A16S ({ENGINE} has no scheme for it); the established tool's weight compression "
                f"turns it into W16A16SC for the Atlas 300I (310P) compression unit",
 }
 FLOAT_WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MX_ELEMENT_BITS = {"W8A8_MXFP8": 8, "W4A8_MXFP": 4, "W4A4_MXFP4": 4, "W4A16_MXFP4": 4}
 
 
 def _shape(t: torch.Tensor) -> list[int]:
@@ -125,6 +130,33 @@ def _check_linear(prefix: str, tag: str, t: dict[str, torch.Tensor], model_dtype
                 err("weight_packed holds codes outside the int4 range")
         if not is_expert:
             warn(f"W4A16 on a dense linear: {ENGINE} loads W4A16 for MoE experts only")
+    elif tag in ("WFP8AFP8_DYNAMIC", "W8A8FP8_DYNAMIC"):  # formats.md A.4.9
+        w = need("weight", torch.float8_e4m3fn, None)
+        if w is None or w.dim() != 2:
+            return f
+        scale = need("weight_scale", torch.float32, [w.shape[0], 1])
+        offset = need("weight_offset", None, [w.shape[0], 1])
+        if scale is not None and not bool((scale > 0).all() & torch.isfinite(scale).all()):
+            err("weight_scale must be positive and finite")
+        if offset is not None and bool(offset.float().abs().sum() > 0):
+            err("FP8 dynamic weights are symmetric (weight_offset all zero)")
+        if not all_finite(w):
+            err("weight holds NaN codes")
+    elif tag in MX_ELEMENT_BITS:  # formats.md A.4.10: E8M0 scales per 32 along K, FP4 two codes per byte
+        fp4 = MX_ELEMENT_BITS[tag] == 4
+        w = need("weight", torch.uint8 if fp4 else torch.float8_e4m3fn, None)
+        if w is None or w.dim() != 2:
+            return f
+        k = w.shape[1] * (2 if fp4 else 1)
+        scale = need("weight_scale", torch.uint8, [w.shape[0], -(-k // 32)])
+        if scale is not None and bool((scale == 255).any()):
+            err("weight_scale holds 255, the E8M0 NaN")
+        if k % 32:
+            err(f"the input size {k} is not a multiple of 32: the engine quantizes activations per block of 32")
+        if not fp4 and not all_finite(w):
+            err("weight holds NaN codes")
+        if tag == "W4A16_MXFP4" and not is_expert:
+            warn(f"W4A16_MXFP4 on a dense linear: {ENGINE} loads W4A16_MXFP4 for MoE experts only")
     elif tag == "W16A16S":
         w = need("weight", None, None)
         if w is None:
@@ -145,7 +177,7 @@ def _check_linear(prefix: str, tag: str, t: dict[str, torch.Tensor], model_dtype
         err(f"{tag} on a routed expert: there is no static-activation MoE scheme; use W8A8_DYNAMIC or W4A8_DYNAMIC")
     elif is_expert and tag not in MOE_LOADABLE:
         warn(f"{tag} on a routed expert: {ENGINE} does not load {tag} for MoE experts")
-    elif not is_expert and tag not in ("W4A8_DYNAMIC", "W4A16") and tag not in DENSE_LOADABLE:
+    elif not is_expert and tag not in ("W4A8_DYNAMIC", "W4A16", "W4A16_MXFP4") and tag not in DENSE_LOADABLE:
         err(f"{tag} is not a type {ENGINE} loads for linear layers")
     return f
 
@@ -207,10 +239,13 @@ def check_ascendv1(
 
     model_dtype = config.get("dtype") or config.get("torch_dtype")
     layers = quantized_layers(description)
+    if set(layers.values()) & MX_ELEMENT_BITS.keys() and description.get("group_size") != 32:
+        err(f"description 'group_size' is {description.get('group_size')!r}; MX layers need 32 (their block size)")
     for prefix, own in tensors_by_layer(tensors, layers).items():
         findings.extend(_check_linear(prefix, layers[prefix], own, model_dtype, expert_of(prefix) is not None))
     findings.extend(check_moe_experts(description))
     findings.extend(check_kv_cache(description, tensors))
+    findings.extend(check_fa3(description, tensors))
     for name, tag in description.items():
         if name in GLOBAL_KEYS or tag != FLOAT or name not in tensors:
             continue
@@ -223,9 +258,11 @@ def check_ascendv1(
     for prefix in expected_linears or []:
         if not has_weight_entry(prefix):
             err(f"{prefix}.weight has no description entry (the engine raises KeyError)")
-    for prefix in ("model.embed_tokens", "lm_head"):
-        if expected_linears is not None and not has_weight_entry(prefix):
-            err(f"{prefix}.weight must be written and tagged FLOAT")
+    # DeepSeek-V4 keeps its native names (`embed`, `head`); vLLM-Ascend aliases them when `hc_head_fn` exists (A.2)
+    native_v4 = "hc_head_fn" in description
+    for prefix, native in (("model.embed_tokens", "embed"), ("lm_head", "head")):
+        if expected_linears is not None and not has_weight_entry(native if native_v4 else prefix):
+            err(f"{native if native_v4 else prefix}.weight must be written and tagged FLOAT")
     for group in fused_groups:
         for prefix in {p.rsplit(".", 1)[0] for p in layers} | {p.rsplit(".", 1)[0] for p in expected_linears or []}:
             members = [f"{prefix}.{m}" for m in group if has_weight_entry(f"{prefix}.{m}")]

@@ -19,6 +19,10 @@ from msmodelslim.ir.kv_cache import KVCacheQuant
 
 C8 = "C8"
 GLOBAL = {"kv_cache_type": C8, "kv_quant_type": C8}
+# KV-cache dtypes (dynamic_cache qconfig) that vLLM-Ascend cannot read from this format (refused before any weight).
+UNSUPPORTED_KV_CACHE = {"fp8_e4m3": "vLLM-Ascend's quantized KV cache is C8 (int8, one scale per channel); it reads "
+                                    "no FP8 KV cache. Use qconfig {dtype: int8, scope: per_channel, symmetric: true, "
+                                    "method: minmax}, or save with compressed_tensors (vLLM's FP8 cache on GPUs)"}
 # (projection, suffix) -> the KVCacheQuant buffer it stores
 TENSORS = {("k_proj", "kv_cache_scale"): "key_scale", ("k_proj", "kv_cache_offset"): "key_offset",
            ("v_proj", "kv_cache_scale"): "value_scale", ("v_proj", "kv_cache_offset"): "value_offset"}

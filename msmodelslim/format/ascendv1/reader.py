@@ -14,13 +14,16 @@ from torch import nn
 
 from msmodelslim.core.errors import InvalidModelError
 from msmodelslim.core.logging import get_logger
+from msmodelslim.format.ascendv1.fa3 import FA_QUANT, fa3_by_attention, fa3_from_tensors
 from msmodelslim.format.ascendv1.kv_cache import C8, kv_cache_by_attention, kv_cache_from_tensors
-from msmodelslim.format.ascendv1.tensors import FLOAT, REQUIRED_SUFFIXES, linear_from_tensors
+from msmodelslim.format.ascendv1.tensors import FLOAT, REQUIRED_SUFFIXES, TAG_ALIASES, linear_from_tensors
 from msmodelslim.format.ascendv1.writer import DESCRIPTION
 from msmodelslim.format.staging import incomplete_reason
 from msmodelslim.ir.sparse_linear import W16A16S
 from msmodelslim.model.checkpoint import read_json
+from msmodelslim.ir.fa3 import FA3HeadQuant
 from msmodelslim.ir.kv_cache import KVCacheQuant
+from msmodelslim.model.fa3 import install_fa3, mla_layout
 from msmodelslim.model.hf_config import load_hf_config, model_load_errors, require_local_dir
 from msmodelslim.model.kv_cache import cache_argument, install_kv_cache_quant
 from msmodelslim.model.moe import unfuse_experts
@@ -47,7 +50,7 @@ def read_description(path: Path) -> dict:
     return read_json(file)
 
 
-READABLE_TAGS = (FLOAT, *(s.value for s in Scheme), W16A16S, C8)
+READABLE_TAGS = (FLOAT, *(s.value for s in Scheme), *TAG_ALIASES, W16A16S, C8, FA_QUANT)
 
 
 def validate_description(path: Path, description: dict) -> None:
@@ -200,6 +203,40 @@ def install_kv_caches(path: Path, model: nn.Module, caches: dict[str, KVCacheQua
         install_kv_cache_quant(attention, quant)
 
 
+def take_fa3(path: Path, description: dict, tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, FA3HeadQuant]]:
+    """{attention: {fa_q, fa_k, fa_v: FA3HeadQuant}} from the tensors tagged FAQuant, which are removed from
+    `tensors`. A `<attn>.quant_type` without scales (per_token, "INT8_DYNAMIC") is not read: the engine enables
+    FA quant only for layers with saved scales (formats.md A.6)."""
+    quants = {}
+    for attention, names in fa3_by_attention(description).items():
+        try:
+            quants[attention] = fa3_from_tensors(attention, tensors)
+        except KeyError as exc:
+            raise InvalidModelError(f"{path}: attention {attention} has FAQuant tensors but lacks {exc}; the "
+                                    f"checkpoint is incomplete") from None
+        except ValueError as exc:
+            raise InvalidModelError(f"{path}: the FAQuant tensors of {attention} are inconsistent: {exc}") from None
+        for name in names:
+            tensors.pop(name, None)
+    return quants
+
+
+def install_fa3_quants(path: Path, model: nn.Module, quants: dict[str, dict[str, FA3HeadQuant]]) -> None:
+    """Each attention quantizes Q, K and V per head and dequantizes them with the scale alone right before its
+    kernel, as the engine's FA quant (model/fa3.py; MLA in the absorbed latent space)."""
+    for attention_name, branches in quants.items():
+        try:
+            attention = model.get_submodule(attention_name)
+        except AttributeError:
+            raise InvalidModelError(f"{path}: {DESCRIPTION} has FAQuant tensors for {attention_name}, which the "
+                                    f"architecture in config.json does not have") from None
+        layout = "mla" if mla_layout(attention) else "gqa"
+        try:
+            install_fa3(attention, layout, branches)
+        except ValueError as exc:
+            raise InvalidModelError(f"{path}: cannot simulate FA quant on {attention_name}: {exc}") from None
+
+
 def load_ascendv1(path: str | Path, trust_remote_code: bool = False) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
@@ -218,6 +255,7 @@ def load_ascendv1(path: str | Path, trust_remote_code: bool = False) -> nn.Modul
     model.eval()
     tensors = read_tensors(path)
     kv_caches = take_kv_caches(path, description, tensors)
+    fa3_quants = take_fa3(path, description, tensors)
     consumed: set[str] = set()
     layers = quantized_layers(description)
     for prefix, own in tensors_by_layer(tensors, layers).items():
@@ -255,4 +293,5 @@ def load_ascendv1(path: str | Path, trust_remote_code: bool = False) -> nn.Modul
     if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" not in state:
         model.tie_weights()
     install_kv_caches(path, model, kv_caches)
+    install_fa3_quants(path, model, fa3_quants)
     return model

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from msmodelslim.ir.quant_linear import QuantLinear
+from msmodelslim.ir.quant_linear import CODE_DTYPE, MX_SCHEMES, QuantLinear
 from msmodelslim.ir.sparse_linear import W16A16S, SparseFloatLinear
+from msmodelslim.quantizer.float_formats import e8m0_to_scale, pack_fp4_pairs, scale_to_e8m0, unpack_fp4_pairs
 from msmodelslim.quantizer.scheme import Scheme
 
 FLOAT = "FLOAT"
@@ -106,6 +107,14 @@ def linear_tensors(ir: QuantLinear, model_dtype: torch.dtype, row_parallel: bool
         out["weight_packed"] = (pack_int4_int32(ir.qweight), tag)
         out["weight_scale"] = (ir.weight_scale, tag)
         out["weight_shape"] = (torch.tensor([ir.out_features, ir.in_features], dtype=torch.int64), tag)
+    elif ir.scheme == Scheme.W8A8FP8_DYNAMIC:  # formats.md A.4.9: float8 codes, per-channel f32 scale, zero offset
+        out["weight"] = (ir.qweight, tag)
+        out["weight_scale"] = (ir.weight_scale, tag)
+        out["weight_offset"] = (zeros, tag)
+    elif ir.scheme in MX_SCHEMES:  # formats.md A.4.10: E8M0 scales as bytes, FP4 two codes per byte
+        fp4 = ir.qweight.dtype == torch.uint8
+        out["weight"] = (pack_fp4_pairs(ir.qweight) if fp4 else ir.qweight, tag)
+        out["weight_scale"] = (scale_to_e8m0(ir.weight_scale), tag)
     else:  # pragma: no cover - Scheme is closed
         raise ValueError(f"no ascendv1 layout for {ir.scheme}")
     if ir.bias is not None:
@@ -135,7 +144,12 @@ REQUIRED_SUFFIXES: dict[str, frozenset[str]] = {
     Scheme.W4A8_DYNAMIC.value: frozenset({"weight", "weight_scale", "weight_offset"}),
     Scheme.W4A16.value: frozenset({"weight_packed", "weight_scale", "weight_shape"}),
     W16A16S: frozenset({"weight"}),
+    Scheme.W8A8FP8_DYNAMIC.value: frozenset({"weight", "weight_scale", "weight_offset"}),
+    **{s.value: frozenset({"weight", "weight_scale"}) for s in MX_SCHEMES},
 }
+# The established writer's spelling of FP8 dynamic (formats.md A.4.9): read as the engine's W8A8FP8_DYNAMIC.
+TAG_ALIASES = {"WFP8AFP8_DYNAMIC": Scheme.W8A8FP8_DYNAMIC.value}
+REQUIRED_SUFFIXES.update({alias: REQUIRED_SUFFIXES[tag] for alias, tag in TAG_ALIASES.items()})
 
 
 def linear_from_tensors(tag: str, t: dict[str, torch.Tensor]) -> QuantLinear | SparseFloatLinear:
@@ -144,8 +158,15 @@ def linear_from_tensors(tag: str, t: dict[str, torch.Tensor]) -> QuantLinear | S
     if tag == W16A16S:
         bias = t.get("bias")
         return SparseFloatLinear(t["weight"].float(), None if bias is None else bias.float())
-    scheme = Scheme(tag)
+    scheme = Scheme(TAG_ALIASES.get(tag, tag))
     bias = t.get("bias")
+    if scheme == Scheme.W8A8FP8_DYNAMIC:
+        scale = t["weight_scale"].float()
+        return QuantLinear(scheme, t["weight"], scale, torch.zeros_like(scale), bias)
+    if scheme in MX_SCHEMES:
+        scale = e8m0_to_scale(t["weight_scale"])
+        codes = unpack_fp4_pairs(t["weight"]) if CODE_DTYPE[scheme] == torch.uint8 else t["weight"]
+        return QuantLinear(scheme, codes, scale, torch.zeros_like(scale), bias)
     if scheme in (Scheme.W8A8, Scheme.W8A8S):
         q = t["weight"]
         s_in, o_in = t["input_scale"].float(), t["input_offset"].float()

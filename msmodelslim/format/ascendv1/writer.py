@@ -15,10 +15,12 @@ import torch
 from torch import nn
 
 from msmodelslim.format.ascendv1.kv_cache import C8, GLOBAL as C8_GLOBAL, kv_cache_tensors
+from msmodelslim.format.ascendv1.fa3 import FA_QUANT, GLOBAL as FA_GLOBAL, fa3_tensors
 from msmodelslim.format.ascendv1.tensors import FLOAT, linear_tensors, sparse_float_tensors
 from msmodelslim.format.edits import OutputEdits
 from msmodelslim.format.hf_files import copy_model_files, own_tensors, quantized_and_float_modules, write_extra_files
 from msmodelslim.format.shards import ShardStream
+from msmodelslim.ir.fa3 import FA3HeadQuant
 from msmodelslim.ir.kv_cache import KVCacheQuant
 from msmodelslim.ir.quant_linear import QuantLinear
 from msmodelslim.ir.sparse_linear import SparseFloatLinear
@@ -29,7 +31,9 @@ INDEX = f"{WEIGHTS}.safetensors.index.json"
 
 # Lowest to highest; `model_quant_type` reports the highest present (informational for vLLM-Ascend; the 310P
 # compression tool reads it to find W8A8S models, so W8A8S ranks first, as the established v0 writer reports it).
-TYPE_PRIORITY = ["FLOAT", "W16A16S", "W8A16", "W4A16", "W8A8_DYNAMIC", "W4A8_DYNAMIC", "W8A8_MIX", "W8A8", "W8A8S"]
+# The floating-point types follow the established order (formats.md A.2); W4A16_MXFP4 sits with W4A16.
+TYPE_PRIORITY = ["FLOAT", "W16A16S", "W8A16", "W4A16", "W4A16_MXFP4", "W8A8_DYNAMIC", "W4A8_DYNAMIC", "W8A8_MIX",
+                 "W8A8", "W8A8FP8_DYNAMIC", "W8A8_MXFP8", "W4A8_MXFP", "W4A4_MXFP4", "W8A8S"]
 
 
 class AscendV1Writer:
@@ -78,6 +82,10 @@ class AscendV1Writer:
                 for suffix, (tensor, tag) in linear_tensors(module, self.model_dtype, self.is_row_parallel(name)).items():
                     self.add(f"{name}.{suffix}", tensor, tag)
                 continue
+            if isinstance(module, FA3HeadQuant):  # <attn>.fa_q: static per-head Q/K/V scales of the FA3 kernel
+                for tensor_name, tensor in fa3_tensors(name, module).items():
+                    self.add(tensor_name, tensor, FA_QUANT)
+                continue
             if isinstance(module, KVCacheQuant):  # the attention's int8 cache: named after its k/v projections
                 for tensor_name, tensor in kv_cache_tensors(name.rpartition(".")[0], module).items():
                     self.add(tensor_name, tensor, C8)
@@ -113,6 +121,8 @@ class AscendV1Writer:
         })
         if C8 in present:  # what vLLM-Ascend reads to enable the int8 cache (formats.md A.2)
             description.update(C8_GLOBAL)
+        if FA_QUANT in present:  # what vLLM-Ascend reads to enable FA quant (formats.md A.2, A.6)
+            description.update(FA_GLOBAL)
         description.update(edits.description)  # entries naming no tensor (formats.md A.2/A.6), e.g. the indexer's
         (self.out_dir / DESCRIPTION).write_text(json.dumps(description, indent=4), encoding="utf-8")
         write_extra_files(self.out_dir, edits)

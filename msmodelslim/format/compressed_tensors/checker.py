@@ -8,11 +8,12 @@ from pathlib import Path
 from compressed_tensors.quantization import QuantizationConfig
 from pydantic import ValidationError
 
-from msmodelslim.format.compressed_tensors.tensors import INT_QUANTIZED, PACK_QUANTIZED
+from msmodelslim.format.compressed_tensors.tensors import FLOAT_QUANTIZED, INT_QUANTIZED, PACK_QUANTIZED
 from msmodelslim.format.findings import Finding
 from msmodelslim.format.integrity import read_checked_tensors
 
-SUFFIXES = {INT_QUANTIZED: ("weight", "weight_scale"), PACK_QUANTIZED: ("weight_packed", "weight_scale", "weight_shape")}
+SUFFIXES = {INT_QUANTIZED: ("weight", "weight_scale"), FLOAT_QUANTIZED: ("weight", "weight_scale"),
+            PACK_QUANTIZED: ("weight_packed", "weight_scale", "weight_shape")}
 
 
 def is_compressed_tensors(path: Path) -> bool:

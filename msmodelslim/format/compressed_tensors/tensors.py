@@ -6,6 +6,8 @@ QuantizationArgs and int32 packing.
   static.
 - Weight-only (W8A16, W4A16): format `pack-quantized`; `weight_packed` int32 [N, K·b/32] (offset-binary,
   low bits first, along K), `weight_scale` [N, G], `weight_shape` [N, K].
+- FP8 dynamic (W8A8FP8_DYNAMIC): format `float-quantized`; `weight` float8_e4m3fn [N, K], `weight_scale`
+  float32 [N, 1], activations per token at run time (max|x|/448).
 - Asymmetric: `weight_zero_point` (int8 for int-quantized, int32 packed along N for pack-quantized),
   `input_zero_point` int8. Symmetric layers carry no zero points.
 Both conventions dequantize as (q − zp)·s, the same as ascendv1's (q − offset)·s.
@@ -21,6 +23,7 @@ from msmodelslim.ir.quant_linear import QuantLinear
 from msmodelslim.quantizer.scheme import Scheme
 
 INT_QUANTIZED = "int-quantized"
+FLOAT_QUANTIZED = "float-quantized"
 PACK_QUANTIZED = "pack-quantized"
 
 
@@ -34,6 +37,13 @@ def quantization_args(module: QuantLinear) -> tuple[QuantizationArgs, Quantizati
         raise UnsupportedError(f"{module.scheme.value} is an Ascend serving scheme with no compressed-tensors "
                                f"equivalent; quantize with act scope per_tensor or per_token and weight method "
                                f"minmax, ssz or gptq")
+    if module.scheme == Scheme.W8A8FP8_DYNAMIC:  # vLLM's FP8_DYNAMIC preset: per-channel weights, per-token inputs
+        weights = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="channel", observer="minmax",
+                                   scale_dtype=torch.float32)
+        act = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="token", dynamic=True, observer=None)
+        return weights, act, FLOAT_QUANTIZED
+    if module.scheme.is_float_format:  # planning refuses these before any weight is read
+        raise UnsupportedError(f"{module.scheme.value} has no compressed-tensors writer yet; save with ascendv1_saver")
     group = module.group_size
     weights = QuantizationArgs(num_bits=module.weight_bits, type="int", symmetric=_symmetric(module.weight_offset),
                                strategy="group" if group else "channel", group_size=group, observer="minmax",
@@ -54,7 +64,7 @@ def linear_tensors(module: QuantLinear, bias_dtype: torch.dtype) -> dict[str, to
     weights, act, fmt = quantization_args(module)
     out: dict[str, torch.Tensor] = {"weight_scale": module.weight_scale.float()}
     zero_point = torch.round(module.weight_offset).to(torch.int8)
-    if fmt == INT_QUANTIZED:
+    if fmt in (INT_QUANTIZED, FLOAT_QUANTIZED):  # float8 codes are stored as they are
         out["weight"] = module.qweight
         if not weights.symmetric:
             out["weight_zero_point"] = zero_point

@@ -12,10 +12,13 @@ import torch
 from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme, QuantizationStatus
 from torch import nn
 
+from msmodelslim.core.errors import UnsupportedError
+from msmodelslim.format.compressed_tensors.kv_cache import C8_REASON, kv_cache_scheme, kv_cache_tensors
 from msmodelslim.format.compressed_tensors.tensors import linear_tensors, quantization_args
 from msmodelslim.format.edits import OutputEdits
 from msmodelslim.format.hf_files import copy_model_files, own_tensors, quantized_and_float_modules, write_extra_files
 from msmodelslim.format.shards import ShardStream
+from msmodelslim.ir.kv_cache import FP8KVCacheQuant, KVCacheQuant
 from msmodelslim.ir.quant_linear import QuantLinear
 
 SINGLE = "model.safetensors"
@@ -31,6 +34,7 @@ class CompressedTensorsWriter:
         self.dtype_for = dtype_for
         self.groups: dict[str, tuple[QuantizationScheme, list[str]]] = {}
         self.passthrough_linears: list[str] = []
+        self.kv_cache = False  # an FP8 KV cache was written: config.json gets its kv_cache_scheme
 
     # A tied table (lm_head sharing the embedding) is stored once; transformers and vLLM re-tie it from config.json.
     TIED_ALIASES = False
@@ -42,12 +46,19 @@ class CompressedTensorsWriter:
                             "with no compressed-tensors equivalent; save with ascendv1_saver, or use weight method "
                             "minmax/ssz/gptq for compressed_tensors",
                    "W16A16S": "float_sparse (W16A16S) is an Ascend 310P scheme (compressed to W16A16SC there) with no "
-                              "compressed-tensors equivalent; save with ascendv1_saver"}
+                              "compressed-tensors equivalent; save with ascendv1_saver",
+                   **{tag: f"{tag} is not written in compressed-tensors yet (the library's mxfp8-quantized / "
+                           f"mxfp4-pack-quantized formats: transformers with compressed-tensors 0.20 does not "
+                           f"decompress them faithfully on the CPU, so a written checkpoint could not be verified); "
+                           f"save with ascendv1_saver"
+                      for tag in ("W8A8_MXFP8", "W4A8_MXFP", "W4A4_MXFP4", "W4A16_MXFP4")}}
 
     # Processing steps whose output this format cannot hold (refused before any weight is read).
-    UNSUPPORTED_STEPS = {"dynamic_cache": "vLLM reads a compressed-tensors kv_cache_scheme only as FP8, one scale per "
-                                          "tensor (k_scale/v_scale); there is no int8 per-channel KV cache (C8) in "
-                                          "this format. Save with ascendv1_saver, or remove dynamic_cache"}
+    UNSUPPORTED_STEPS = {"fa3_quant": "vLLM has no compressed-tensors scheme for static per-head int8 Q/K/V of the "
+                                      "attention kernel (FA3); save with ascendv1_saver, or remove fa3_quant"}
+
+    # KV-cache dtypes (dynamic_cache qconfig) this format cannot hold: only vLLM's FP8 per-tensor cache.
+    UNSUPPORTED_KV_CACHE = {"int8": C8_REASON}
 
     def add_float(self, name: str, tensor: torch.Tensor) -> None:
         dtype = self.dtype_for(name) if tensor.is_floating_point() else tensor.dtype
@@ -77,6 +88,13 @@ class CompressedTensorsWriter:
                 for suffix, tensor in linear_tensors(module, self.model_dtype).items():
                     self.shards.add(f"{name}.{suffix}", tensor)
                 continue
+            if isinstance(module, FP8KVCacheQuant):  # vLLM's FP8 cache: k_scale/v_scale on the attention itself
+                for tensor_name, tensor in kv_cache_tensors(name.rpartition(".")[0], module).items():
+                    self.shards.add(tensor_name, tensor)
+                self.kv_cache = True
+                continue
+            if isinstance(module, KVCacheQuant):  # planning refuses C8 for this format before any weight is read
+                raise UnsupportedError(f"{name}: {C8_REASON}")
             for tensor_name, tensor in own_tensors(name, module):
                 self.add_float(tensor_name, tensor)
 
@@ -84,12 +102,13 @@ class CompressedTensorsWriter:
         groups = {}
         for i, (scheme, names) in enumerate(self.groups.values()):
             groups[f"group_{i}"] = scheme.model_copy(update={"targets": list(names)})
-        formats = {s.format for s in groups.values()}
+        formats = {s.format for s in groups.values()} or {"dense"}  # "dense": only the KV cache is quantized
         config = QuantizationConfig(
             config_groups=groups,
             format=formats.pop() if len(formats) == 1 else "mixed-precision",
             quantization_status=QuantizationStatus.COMPRESSED,
             ignore=sorted(ignore),
+            kv_cache_scheme=kv_cache_scheme() if self.kv_cache else None,
         )
         return {"version": compressed_tensors.__version__, "quant_method": "compressed-tensors",
                 "sparsity_config": {}, "transform_config": {},
@@ -103,7 +122,7 @@ class CompressedTensorsWriter:
         else:
             self.shards.finish(lambda i, n: f"model-{i:05d}-of-{n:05d}.safetensors", INDEX)
         ignore = list(float_linears) + self.passthrough_linears
-        quantization_config = self.quantization_config(ignore) if self.groups else None
+        quantization_config = self.quantization_config(ignore) if self.groups or self.kv_cache else None
         write_extra_files(self.out_dir, edits)
         copy_model_files(source_dir, self.out_dir, edits.config, quantization_config)
         return quantization_config or {}

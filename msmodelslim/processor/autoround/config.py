@@ -44,6 +44,15 @@ class AutoRoundStrategy(BaseModel):
             result["scale_dtype"] = scale_dtype
         return result
 
+    @model_validator(mode="after")
+    def _integer_grid(self) -> "AutoRoundStrategy":
+        """The tuning rounds onto an integer grid with a float scale; an FP8/MX grid is a different search."""
+        dtype = self.qconfig.weight.dtype
+        if dtype.element is not None:
+            raise ValueError(f"autoround_quant on {dtype.value} weights is not implemented yet (it belongs to the "
+                             f"floating-point formats work); quantize them with linear_quant, method minmax")
+        return self
+
 
 class AutoRoundQuantConfig(BaseModel):
     """`type: autoround_quant`: quantize linears with AutoRound-tuned weight rounding and clipping."""

@@ -17,6 +17,10 @@ the ranks all-reduce min and max, so every rank, and the output, equal a single 
       exclude: ["model.layers.0.self_attn"]
 
 No cache is built: the tap receives K/V even with use_cache off, so calibration memory does not grow.
+
+qconfig {dtype: fp8_e4m3, scope: per_tensor} is vLLM's FP8 KV cache instead (what a compressed-tensors
+`kv_cache_scheme` describes; only compressed_tensors saves it): from the same ranges, one scale per tensor,
+s = max_c max(|min_c|, |max_c|) / 448 (ir.kv_cache.FP8KVCacheQuant).
 """
 from __future__ import annotations
 
@@ -27,12 +31,13 @@ from torch import nn
 
 from msmodelslim.core.errors import ConfigError, ProcessingError, UnsupportedError
 from msmodelslim.core.logging import get_logger
-from msmodelslim.ir.kv_cache import KVCacheQuant
+from msmodelslim.ir.kv_cache import FP8KVCacheQuant, KVCacheQuant
 from msmodelslim.model.kv_cache import KV_CACHE_QUANT, install_kv_cache_quant, tap_cache_writes
 from msmodelslim.processor.base import Processor, ProcessorContext, register_processor
 from msmodelslim.processor.dynamic_cache.config import DynamicCacheConfig
 from msmodelslim.processor.kv_attention import check_attentions, kv_cache_structure, selected_attentions
-from msmodelslim.quantizer.kv_cache import ChannelRange
+from msmodelslim.quantizer.kv_cache import ChannelRange, fp8_tensor_scale
+from msmodelslim.quantizer.scheme import QDType
 
 log = get_logger("dynamic_cache")
 
@@ -97,7 +102,10 @@ class DynamicCacheProcessor(Processor):
             if not key_range.seen:
                 raise ProcessingError(f"{name} wrote nothing into its KV cache during the calibration forward, so "
                                       f"its C8 scales are unknown")
-            quant = KVCacheQuant(*key_range.qparams(), *value_range.qparams())
+            if self.config.qconfig.dtype == QDType.fp8_e4m3:
+                quant = FP8KVCacheQuant(fp8_tensor_scale(key_range), fp8_tensor_scale(value_range))
+            else:
+                quant = KVCacheQuant(*key_range.qparams(), *value_range.qparams())
             install_kv_cache_quant(attention, quant)
-            log.debug("%s: C8 K scale max %.4g, V scale max %.4g", name, float(quant.key_scale.max()),
-                      float(quant.value_scale.max()))
+            log.debug("%s: %s K scale max %.4g, V scale max %.4g", name, quant.extra_repr(),
+                      float(quant.key_scale.max()), float(quant.value_scale.max()))

@@ -67,6 +67,33 @@ class GroupProcessor(Processor):
         for child in self.children:
             child.after_forward(block_name, block)
 
+    @property
+    def range_statistics(self) -> bool:
+        return all(c.range_statistics for c in self.children if c.needs_calibration)
+
+    def ranges_suffice(self, block_name: str, block: nn.Module, ranges) -> bool:
+        return all(c.ranges_suffice(block_name, block, ranges) for c in self.children if c.needs_calibration)
+
+    def calibrate_from_ranges(self, block_name: str, block: nn.Module, ranges) -> None:
+        """What the shared forward would give: each calibrating child takes the ranges; the others get their
+        usual before_forward (no forward follows it)."""
+        for child in self.children:
+            if child.needs_calibration:
+                child.calibrate_from_ranges(block_name, block, ranges)
+            else:
+                child.before_forward(block_name, block)
+
+    def input_scaling(self, block_name: str, block: nn.Module) -> Optional[dict]:
+        """The children's scalings composed (a linear scaled by two divides by the product); None if any is."""
+        total: dict = {}
+        for child in self.children:
+            scaling = child.input_scaling(block_name, block)
+            if scaling is None:
+                return None
+            for name, s in scaling.items():
+                total[name] = total[name] * s if name in total else s
+        return total
+
     def output_edits(self) -> OutputEdits:
         edits = OutputEdits()
         for child in self.children:

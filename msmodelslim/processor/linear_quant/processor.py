@@ -144,6 +144,24 @@ class LinearQuantProcessor(Processor):
             module = block.get_submodule(name[len(block_name) + 1 :])
             self._hooks.append(module.register_forward_pre_hook(lambda _m, args, r=record: r.update(args[0])))
 
+    @property
+    def range_statistics(self) -> bool:
+        """Static min/max activation ranges and nothing else (no Hessian, histogram or row sample)."""
+        if not self.needs_calibration:
+            return False
+        record = self.new_record()
+        return isinstance(record.observer, MinMaxObserver) and not record.collect_hessian and record.sample is None
+
+    def ranges_suffice(self, block_name: str, block: nn.Module, ranges) -> bool:
+        """A per-tensor min/max range is the min/max over the per-channel ones, so carried ranges serve."""
+        return self.range_statistics and all(ranges.seen(n[len(block_name) + 1 :])
+                                             for n in self._targets(block_name, block))
+
+    def calibrate_from_ranges(self, block_name: str, block: nn.Module, ranges) -> None:
+        for name in self._targets(block_name, block):
+            record = self._records[name] = self.new_record()
+            record.observer.update_range(*ranges[name[len(block_name) + 1 :]].tensor_range())
+
     def data_parallel_refusal(self) -> Optional[str]:
         if self.config.qconfig.static_act and self.config.qconfig.act.method == "histogram":
             return ("act.method histogram re-bins its histogram batch by batch, so ranks cannot merge it; "

@@ -30,7 +30,7 @@ from typing import Mapping, Optional
 import torch
 
 from msmodelslim.core.errors import ProcessingError
-from msmodelslim.model.rotation import RotationStructure
+from msmodelslim.model.rotation import RotationStructure, StreamMtpRotation
 from msmodelslim.processor.quarot import rotate
 
 
@@ -108,3 +108,54 @@ def rotate_mtp_layer(tensors: Mapping[str, torch.Tensor], prefix: str, structure
         raise ProcessingError(f"quarot: MTP tensor {prefix}{missed[0]} reads the hidden size but the rotation "
                               f"structure does not name it")
     return {prefix + n: t for n, t in out.items()}
+
+
+@torch.no_grad()
+def rotate_stream_mtp_layers(tensors: Mapping[str, torch.Tensor], prefix: str, structure: RotationStructure,
+                             q: torch.Tensor, heads: rotate.HeadRotations) -> dict[str, torch.Tensor]:
+    """DeepSeek-V4's multi-token-prediction layers (`<prefix><i>.*`, e.g. 'mtp.0.'), rotated consistently with the
+    main model (StreamMtpRotation): norms folded into the projections that read them, e_proj / h_proj rotated as
+    readers and writers, the embedding copy and head as readers, the collapse weight per stream, the decoder block as
+    a main block. Exact: the engine feeds the main model's pre-collapse streams. Integer tensors stay as they are."""
+    names = structure.mtp
+    if not isinstance(names, StreamMtpRotation):
+        raise ProcessingError("quarot: the rotation structure describes no hyper-connection MTP layer")
+    outside = [n for n in tensors if not n.startswith(prefix)]
+    if outside:
+        raise ProcessingError(f"quarot: {outside[0]} is not a tensor of the MTP layers {prefix}*")
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        index, _, rest = name[len(prefix):].partition(".")
+        layers.setdefault(index, {})[rest] = tensor.detach().clone() if not tensor.is_floating_point() \
+            else tensor.detach().to(torch.float32, copy=True)
+    hidden = q.shape[0]
+    not_readers = [rotate.pattern_regex(p) for p in structure.not_readers]
+    out = {}
+    for index, layer in layers.items():
+        where = f"{prefix}{index}."
+        done = set()
+        for projection, norm in ((names.embedding_projection, names.embedding_norm),
+                                 (names.hidden_projection, names.hidden_norm)):
+            weight, gain = _tensor(layer, f"{projection}.weight", where), _tensor(layer, f"{norm}.weight", where)
+            rotate.fold_norm(gain + structure.norm_offset, [weight])
+            gain.fill_(1.0 - structure.norm_offset)
+            rotate.rotate_reader(weight, q)
+            rotate.rotate_writer(weight, layer.get(f"{projection}.bias"), q)
+            done.add(f"{projection}.weight")
+        head, head_norm = _tensor(layer, f"{names.head}.weight", where), _tensor(layer, f"{names.head_norm}.weight", where)
+        rotate.fold_norm(head_norm + structure.norm_offset, [head])
+        head_norm.fill_(1.0 - structure.norm_offset)
+        rotate.rotate_reader(head, q)
+        rotate.rotate_stream_reader(_tensor(layer, names.head_stream_reader, where), q)
+        done |= {f"{names.head}.weight", names.head_stream_reader}
+        if f"{names.embedding}.weight" in layer:  # its own copy of the embedding table, where the checkpoint has one
+            rotate.rotate_reader(layer[f"{names.embedding}.weight"], q)
+            done.add(f"{names.embedding}.weight")
+        done |= rotate.rotate_block(layer, structure, q, heads)
+        missed = [n for n, t in layer.items() if t.dim() == 2 and t.shape[1] == hidden and n not in done
+                  and not any(r.fullmatch(n.removesuffix(".weight")) for r in not_readers)]
+        if missed:
+            raise ProcessingError(f"quarot: MTP tensor {where}{missed[0]} reads the hidden size but the rotation "
+                                  f"structure does not name it")
+        out.update({where + n: t for n, t in layer.items()})
+    return out

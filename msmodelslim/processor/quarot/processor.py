@@ -27,6 +27,7 @@ from msmodelslim.core.errors import ProcessingError, UnsupportedError
 from msmodelslim.core.logging import get_logger
 from msmodelslim.format.edits import OutputEdits
 from msmodelslim.model.passthrough import MTP, PassThroughGroup
+from msmodelslim.model.rotation import StreamMtpRotation
 from msmodelslim.processor.base import Processor, ProcessorContext, register_processor
 from msmodelslim.processor.quarot import mtp, rotate
 from msmodelslim.processor.quarot.config import QuaRotConfig
@@ -95,7 +96,7 @@ class QuaRotProcessor(Processor):
         s = self.structure
         _rms_norm(model.get_submodule(s.final_norm), s.final_norm)
         hidden = model.get_submodule(s.embedding).weight.shape[1]
-        listed = [rotate.pattern_regex(p) for p in (*s.readers, *s.writers)]
+        listed = [rotate.pattern_regex(p) for p in (*s.readers, *s.writers, *s.not_readers)]
         norms = {n for n, _ in s.norm_readers}
         for block_name in block_names:
             for name, module in model.get_submodule(block_name).named_modules():
@@ -135,6 +136,8 @@ class QuaRotProcessor(Processor):
             final_norm.weight.fill_(1.0 - s.norm_offset)
         rotate.rotate_reader(lm_head.weight, self.q)
         rotate.rotate_reader(embedding.weight, self.q)
+        for name in s.head_stream_readers:
+            rotate.rotate_stream_reader(model.get_parameter(name), self.q)
 
     def before_forward(self, block_name: str, block: nn.Module) -> None:
         if self.q is None:
@@ -175,6 +178,11 @@ class QuaRotProcessor(Processor):
         return group.kind == MTP and self.structure.mtp is not None
 
     def transform_passthrough(self, group: PassThroughGroup, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if isinstance(self.structure.mtp, StreamMtpRotation):  # DeepSeek-V4: fed the pre-collapse streams, exact
+            if self.q is None:
+                raise ProcessingError("quarot: rotating the MTP layers needs the rotation, made in prepare_model")
+            return mtp.rotate_stream_mtp_layers(tensors, group.name + ".", self.structure, self.q,
+                                                self._head_rotations())
         # vLLM feeds the MTP layer the main model's post-final-norm hidden state, so rotate for that input (exact
         # only when the final norm's gain is uniform; see mtp.py) rather than for the pre-norm one.
         log.warning("quarot: rotating the multi-token-prediction layer %s for the post-final-norm hidden state the "

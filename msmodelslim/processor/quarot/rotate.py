@@ -58,6 +58,18 @@ def rotate_writer(weight: torch.Tensor, bias: torch.Tensor | None, q: torch.Tens
         bias.copy_(_matmul(bias.unsqueeze(0), q).squeeze(0))
 
 
+@torch.no_grad()
+def rotate_stream_reader(weight: torch.Tensor, q: torch.Tensor) -> None:
+    """W → W·diag(Q, …, Q): a weight [out, n·H] reading n rotated residual streams side by side (hyper-connections)."""
+    hidden = q.shape[0]
+    if weight.dim() != 2 or weight.shape[1] % hidden:
+        raise ProcessingError(f"quarot: a hyper-connection weight {list(weight.shape)} does not read whole streams of "
+                              f"the hidden size {hidden}")
+    streams = weight.view(weight.shape[0], weight.shape[1] // hidden, hidden)
+    streams.copy_(torch.einsum("osh,hk->osk", streams.to(_work_dtype(weight)), q.to(weight.device, _work_dtype(weight)))
+                  .to(weight.dtype))
+
+
 @dataclass(frozen=True)
 class ValueHeads:
     """Where the value heads sit. The value weight viewed [value_heads, rows_per_head, in] holds each head's
@@ -144,6 +156,10 @@ def rotate_block(tensors: Mapping[str, torch.Tensor], structure: RotationStructu
     for name in _weights(tensors, structure.writers):
         rotate_writer(tensors[name], tensors.get(name.removesuffix("weight") + "bias"), q)
         done.add(name)
+    for name in structure.stream_readers:  # parameters, not modules: exact names
+        if name in tensors:
+            rotate_stream_reader(tensors[name], q)
+            done.add(name)
     for head in structure.heads:
         value, output = tensors.get(f"{head.value}.weight"), tensors.get(f"{head.output}.weight")
         if value is None and output is None:

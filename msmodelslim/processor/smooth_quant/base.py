@@ -80,8 +80,8 @@ class SubgraphSmoother(Processor):
         if not structure:  # nothing would be smoothed, silently
             raise UnsupportedError(
                 f"{self.type_name}: adapter {context.adapter_name} describes no smoothing subgraphs "
-                f"(ModelStructure.smooth_subgraphs), so it cannot smooth this model; remove {self.type_name} "
-                f"from spec.process"
+                f"(ModelStructure.smooth_subgraphs): smoothing this model family is not supported yet; remove "
+                f"{self.type_name} from spec.process"
             )
         available = {g.kind for g in structure}
         # A kind left at its default and absent from the adapter is skipped; one the user asked for is an error.
@@ -101,6 +101,11 @@ class SubgraphSmoother(Processor):
                                        f"(mla_shape) for its kv_b_proj -> o_proj 'ov' subgraph")
         self._block: list[tuple[BlockSubgraph, InputStats]] = []
         self._hooks: list = []
+        self._input_scales: dict[str, torch.Tensor] = {}  # target linear (relative name) -> its input's divisor
+
+    @property
+    def range_statistics(self) -> bool:
+        return not self.keep_samples  # max |X_j| (and Σ|X_j|, unused then) only; samples are not extremes
 
     @property
     def _asked_for_kinds(self) -> bool:
@@ -204,6 +209,7 @@ class SubgraphSmoother(Processor):
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        self._input_scales = {}
         starved, experts, unscaled = Counter(), Counter(), 0
         for graph, stats in self._block:
             targets = [block.get_submodule(t) for t in graph.targets]
@@ -241,6 +247,15 @@ class SubgraphSmoother(Processor):
         offset = self.context.structure.norm_offset if graph.kind == "norm-linear" else 0.0
         smooth.divide_source(block.get_submodule(graph.source), source_s, offset)
         smooth.multiply_targets(targets, target_s)
+        for name, target in zip(graph.targets, targets):
+            if isinstance(target, nn.Linear):
+                previous = self._input_scales.get(name)
+                self._input_scales[name] = target_s.float() if previous is None else previous * target_s.float()
+
+    def input_scaling(self, block_name: str, block: nn.Module) -> dict[str, torch.Tensor]:
+        """Smoothing divides each target's input channel j by s_j (source rows or norm gain divided, target
+        columns multiplied): the targets' outputs, hence every other linear's input, are unchanged."""
+        return dict(self._input_scales)
 
     @abstractmethod
     def scales(self, graph: BlockSubgraph, stats: InputStats, targets: list[nn.Module],

@@ -4,7 +4,7 @@ A `*` in a name stands for every routed expert index of the block (the expert li
 the `*`, e.g. `mlp.experts`, an `UnfusedExperts`). Targets with `*` expand in place inside ONE subgraph (a
 norm that feeds every expert takes one scale); a source with `*` gives one subgraph per expert (each expert's
 up -> down). A subgraph whose modules the block lacks is skipped there: dense and MoE layers of one model
-share one structure.
+share one structure. A target ending in `?` is optional: it joins the subgraph only in blocks that have it.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Optional
 from torch import nn
 
 from msmodelslim.core.errors import UnsupportedError
-from msmodelslim.model.interface import EVERY_EXPERT, SmoothSubgraph
+from msmodelslim.model.interface import EVERY_EXPERT, OPTIONAL, SmoothSubgraph
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,11 @@ def _every(name: str, count: int) -> list[str]:
 
 
 def resolve(graph: SmoothSubgraph, block: nn.Module) -> list[BlockSubgraph]:
-    """The subgraph's instances in this block (none when a module it names is absent)."""
+    """The subgraph's instances in this block (none when a module it names is absent; an optional target, named
+    with a trailing `?`, is left out where the block lacks it)."""
+    targets = tuple(t.removesuffix(OPTIONAL) for t in graph.targets
+                    if not t.endswith(OPTIONAL) or _has(block, t.removesuffix(OPTIONAL)))
+    graph = SmoothSubgraph(graph.kind, graph.source, targets, graph.layout)
     names = (graph.source, *graph.targets)
     counts = {_expert_count(block, n) for n in names if EVERY_EXPERT in n}
     if None in counts:

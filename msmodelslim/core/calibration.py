@@ -1,0 +1,171 @@
+"""What one calibration forward of a block leaves behind for the steps after it, and when it may stop early.
+
+Per-channel input ranges. While a block's calibration forward runs, the runner records, for every `nn.Linear`
+of the block, the running min and max of each input channel j over all tokens: m_j = min_i x_ij, M_j = max_i
+x_ij. A smoothing step then folds a scale s (> 0) into the block, so linear input channel j becomes x_ij / s_j,
+exactly in real arithmetic; its new range is [m_j / s_j, M_j / s_j] (division by s_j > 0 keeps the order). A
+later static per-tensor min/max activation observer needs only min_j m_j / s_j and max_j M_j / s_j, so it
+reads these instead of asking for a second forward (its range then agrees with a real forward up to float
+rounding of the smoothed weights). Processors declare what they did to the inputs (`Processor.input_scaling`):
+a per-channel scale is carried through; anything else (rotations that mix channels, quantized weights whose
+outputs feed other linears, undeclared changes) drops the ranges, and the next calibrating step gets a real
+forward, as before.
+
+Early stopping. A forward whose processors all collect running extremes of linear inputs (max |x| for
+smoothing, min/max for static ranges: `Processor.range_statistics`) stops once those extremes have converged:
+after at least `min_tokens` tokens, when no channel's running min or max of any linear input moved by more
+than `rtol` x that channel's current max |x| over the last `window_tokens` tokens. Running extremes only grow;
+once that many tokens have not widened them by more than rtol, the remaining batches are taken to
+widen them by as little (a heuristic, not a bound: a rare outlier late in the set is missed).
+`spec.calibration.early_stop: false` keeps the whole calibration set. Statistics that are not extremes
+(GPTQ Hessians, histograms, AWQ means, row samples) are never cut short: their forward runs every batch.
+
+Later blocks receive the outputs of the batches that were forwarded, so a block that stopped after n batches
+leaves the following blocks at most those n batches: the set only shrinks along the model, every block is
+calibrated on a prefix of the same batches, and no batch is forwarded only to feed the next block (which
+would cost the whole forward again). A block that runs out of batches before it converges is logged.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ChannelRange:
+    """Running per-input-channel min and max of one linear's input (float32, `in_features` each)."""
+
+    min: torch.Tensor
+    max: torch.Tensor
+
+    @classmethod
+    def empty(cls, features: int) -> "ChannelRange":
+        return cls(torch.full((features,), float("inf")), torch.full((features,), float("-inf")))
+
+    def update(self, x: torch.Tensor) -> None:
+        flat = x.detach().reshape(-1, x.shape[-1]).float()
+        if self.min.device != flat.device:  # kept where the activations are: no copy per batch
+            self.min, self.max = self.min.to(flat.device), self.max.to(flat.device)
+        if len(flat):
+            torch.minimum(self.min, flat.amin(dim=0), out=self.min)
+            torch.maximum(self.max, flat.amax(dim=0), out=self.max)
+
+    @property
+    def seen(self) -> bool:
+        return bool(torch.isfinite(self.max).all())
+
+    def divided(self, s: torch.Tensor) -> "ChannelRange":
+        """The range of x_j / s_j (s > 0)."""
+        s = s.detach().float().to(self.min.device)
+        return ChannelRange(self.min / s, self.max / s)
+
+    def tensor_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """min and max over every element (what a per-tensor min/max observer would have seen)."""
+        return self.min.amin(), self.max.amax()
+
+    def copy(self) -> "ChannelRange":
+        return ChannelRange(self.min.clone(), self.max.clone())
+
+
+@dataclass
+class BlockInputRanges:
+    """Per-channel ranges of the inputs of a block's linears (names relative to the block), as the block is now."""
+
+    ranges: dict[str, ChannelRange] = field(default_factory=dict)
+    _hooks: list = field(default_factory=list, repr=False)
+
+    @classmethod
+    def record(cls, block: nn.Module) -> "BlockInputRanges":
+        """Start recording every nn.Linear's input during the forward that follows; call `stop` after it."""
+        recorder = cls()
+        for name, module in block.named_modules():
+            if isinstance(module, nn.Linear):
+                r = recorder.ranges[name] = ChannelRange.empty(module.in_features)
+                recorder._hooks.append(module.register_forward_pre_hook(lambda _m, args, r=r: r.update(args[0])))
+        return recorder
+
+    def stop(self) -> "BlockInputRanges":
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        return self
+
+    def seen(self, name: str) -> bool:
+        return name in self.ranges and self.ranges[name].seen
+
+    def __getitem__(self, name: str) -> ChannelRange:
+        return self.ranges[name]
+
+    def merge(self, collective) -> None:
+        """dp_layer_wise: min and max over every rank's batches (the same names in the same order on each)."""
+        for name in sorted(self.ranges):
+            r = self.ranges[name]
+            r.min, r.max = collective.min(r.min), collective.max(r.max)
+
+    def scaled(self, scaling: Optional[dict[str, torch.Tensor]]) -> Optional["BlockInputRanges"]:
+        """The ranges after a processor divided input channel j of linear `name` by scaling[name][j]; None when
+        the change is unknown (`scaling` None), since the ranges then no longer describe the block."""
+        if scaling is None:
+            return None
+        return BlockInputRanges({name: r.divided(scaling[name]) if name in scaling else r
+                                 for name, r in self.ranges.items()})
+
+    def snapshot(self) -> dict[str, ChannelRange]:
+        return {name: r.copy() for name, r in self.ranges.items()}
+
+
+@dataclass(frozen=True)
+class EarlyStop:
+    """Stop a calibration forward, after at least `min_tokens` tokens, once no linear input's per-channel running
+    min/max moved by more than `rtol` x the channel's max |x| over the last `window_tokens` tokens. Counted in
+    tokens, not batches: a batch holds 1 to 16 samples of one length (adapter.handle_dataset)."""
+
+    rtol: float = 0.05
+    window_tokens: int = 8192
+    min_tokens: int = 16384
+
+
+def relative_change(before: dict[str, ChannelRange], now: dict[str, ChannelRange]) -> float:
+    """max over linears and channels of max(|Δmin_j|, |Δmax_j|) / max(|min_j|, |max_j|), on seen channels;
+    a channel that was unseen before and is seen now counts as a change of 1 (inf when none was seen)."""
+    worst = 0.0
+    for name, r in now.items():
+        old = before[name]
+        seen = torch.isfinite(r.max)
+        if not bool(seen.any()):
+            continue
+        was_seen = torch.isfinite(old.max)
+        if bool((seen & ~was_seen).any()):
+            return 1.0
+        lo, hi, old_lo, old_hi = r.min[seen], r.max[seen], old.min[seen], old.max[seen]
+        scale = torch.maximum(lo.abs(), hi.abs())
+        change = torch.maximum((lo - old_lo).abs(), (hi - old_hi).abs())
+        ratio = torch.where(scale > 0, change / scale.clamp(min=torch.finfo(scale.dtype).tiny), torch.zeros_like(scale))
+        worst = max(worst, float(ratio.max()))
+    return worst
+
+
+class Convergence:
+    """Fed after each batch with the recorder it watches; says when the recorded ranges have converged under `rule`."""
+
+    def __init__(self, rule: EarlyStop, ranges: BlockInputRanges) -> None:
+        self.rule, self.ranges = rule, ranges
+        self.history: deque[tuple[int, dict[str, ChannelRange]]] = deque()  # (tokens seen, ranges then)
+        self.tokens = 0
+        self.last_change = float("inf")
+
+    def after_batch(self, tokens: int) -> bool:
+        """Record the state after one more batch of `tokens` tokens; True when the forward may stop here."""
+        self.tokens += tokens
+        self.history.append((self.tokens, self.ranges.snapshot()))
+        horizon = self.tokens - self.rule.window_tokens
+        while len(self.history) >= 2 and self.history[1][0] <= horizon:  # keep the newest state old enough
+            self.history.popleft()
+        if self.history[0][0] > horizon:
+            return False
+        self.last_change = relative_change(self.history[0][1], self.history[-1][1])
+        return self.tokens >= self.rule.min_tokens and self.last_change <= self.rule.rtol
