@@ -171,20 +171,27 @@ def outside_architecture(model: nn.Module, description: dict, names) -> list[str
     return sorted(extra)
 
 
-def take_kv_caches(path: Path, description: dict, tensors: dict[str, torch.Tensor]) -> dict[str, KVCacheQuant]:
-    """{attention: its C8 cache} from the tensors tagged C8, which are removed from `tensors`."""
-    caches = {}
-    for attention, names in kv_cache_by_attention(description).items():
+def _take_by_attention(path: Path, groups: dict[str, list[str]], build, tag: str,
+                       tensors: dict[str, torch.Tensor]) -> dict:
+    """{attention: build(attention, tensors)} for each attention with tensors tagged `tag` (their names in `groups`),
+    which are removed from `tensors`; a missing or inconsistent tensor names the attention."""
+    built = {}
+    for attention, names in groups.items():
         try:
-            caches[attention] = kv_cache_from_tensors(attention, tensors)
+            built[attention] = build(attention, tensors)
         except KeyError as exc:
-            raise InvalidModelError(f"{path}: attention {attention} has C8 tensors but lacks {exc}; the checkpoint "
+            raise InvalidModelError(f"{path}: attention {attention} has {tag} tensors but lacks {exc}; the checkpoint "
                                     f"is incomplete") from None
         except ValueError as exc:
-            raise InvalidModelError(f"{path}: the C8 tensors of {attention} are inconsistent: {exc}") from None
+            raise InvalidModelError(f"{path}: the {tag} tensors of {attention} are inconsistent: {exc}") from None
         for name in names:
             tensors.pop(name, None)
-    return caches
+    return built
+
+
+def take_kv_caches(path: Path, description: dict, tensors: dict[str, torch.Tensor]) -> dict[str, KVCacheQuant]:
+    """{attention: its C8 cache} from the tensors tagged C8, which are removed from `tensors`."""
+    return _take_by_attention(path, kv_cache_by_attention(description), kv_cache_from_tensors, "C8", tensors)
 
 
 def install_kv_caches(path: Path, model: nn.Module, caches: dict[str, KVCacheQuant]) -> None:
@@ -207,18 +214,7 @@ def take_fa3(path: Path, description: dict, tensors: dict[str, torch.Tensor]) ->
     """{attention: {fa_q, fa_k, fa_v: FA3HeadQuant}} from the tensors tagged FAQuant, which are removed from
     `tensors`. A `<attn>.quant_type` without scales (per_token, "INT8_DYNAMIC") is not read: the engine enables
     FA quant only for layers with saved scales (formats.md A.6)."""
-    quants = {}
-    for attention, names in fa3_by_attention(description).items():
-        try:
-            quants[attention] = fa3_from_tensors(attention, tensors)
-        except KeyError as exc:
-            raise InvalidModelError(f"{path}: attention {attention} has FAQuant tensors but lacks {exc}; the "
-                                    f"checkpoint is incomplete") from None
-        except ValueError as exc:
-            raise InvalidModelError(f"{path}: the FAQuant tensors of {attention} are inconsistent: {exc}") from None
-        for name in names:
-            tensors.pop(name, None)
-    return quants
+    return _take_by_attention(path, fa3_by_attention(description), fa3_from_tensors, "FAQuant", tensors)
 
 
 def install_fa3_quants(path: Path, model: nn.Module, quants: dict[str, dict[str, FA3HeadQuant]]) -> None:
