@@ -10,10 +10,9 @@ The offset is saved as zeros and never read: the engine dequantizes with the sca
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
+from msmodelslim.quantizer.kv_cache import ChannelRange
 from msmodelslim.quantizer.primitives import int_range, scale_offset_from_minmax
 
 BITS = 8
@@ -31,31 +30,14 @@ def fake_quantize_heads(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (torch.clamp(torch.round(x.float() / s), qmin, qmax) * s).to(x.dtype)
 
 
+class HeadRange(ChannelRange):
+    """Running per-head min and max of an attention tensor over every token it sees; the running update and the
+    cross-rank merge are C8's (quantizer/kv_cache.py), only the reduction is per head."""
 
-class HeadRange:
-    """Running per-head min and max of an attention tensor over every token it sees."""
-
-    def __init__(self) -> None:
-        self.min: Optional[torch.Tensor] = None
-        self.max: Optional[torch.Tensor] = None
-
-    def update(self, x: torch.Tensor) -> None:
-        heads = x.detach().float().transpose(0, 1).reshape(x.shape[1], -1)  # [heads, batch·tokens·dim]
-        lo, hi = heads.amin(dim=1), heads.amax(dim=1)
-        self.min = lo if self.min is None else torch.minimum(self.min, lo)
-        self.max = hi if self.max is None else torch.maximum(self.max, hi)
-
-    @property
-    def seen(self) -> bool:
-        return self.min is not None
-
-    def merge(self, collective, heads: int) -> None:
-        """dp_layer_wise: min and max over every rank's tokens, exactly what one process would keep."""
-        lo = self.min if self.seen else torch.full((heads,), float("inf"))
-        hi = self.max if self.seen else torch.full((heads,), float("-inf"))
-        lo, hi = collective.min(lo), collective.max(hi)
-        if bool(torch.isfinite(lo).all()):
-            self.min, self.max = lo, hi
+    @staticmethod
+    def _extremes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        heads = x.transpose(0, 1).reshape(x.shape[1], -1)  # [heads, batch·tokens·dim]
+        return heads.amin(dim=1), heads.amax(dim=1)
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Symmetric int8: scale fp32 [heads, 1], offset zeros [heads, 1]."""

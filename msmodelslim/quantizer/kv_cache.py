@@ -69,10 +69,15 @@ class ChannelRange:
         self.max: Optional[torch.Tensor] = None
 
     def update(self, x: torch.Tensor) -> None:
-        rows = cache_channels(x.detach().float())
-        lo, hi = rows.amin(dim=0), rows.amax(dim=0)
+        lo, hi = self._extremes(x.detach().float())
         self.min = lo if self.min is None else torch.minimum(self.min, lo)
         self.max = hi if self.max is None else torch.maximum(self.max, hi)
+
+    @staticmethod
+    def _extremes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This batch's min and max per tracked unit (here: per channel of the flattened cache)."""
+        rows = cache_channels(x)
+        return rows.amin(dim=0), rows.amax(dim=0)
 
     @property
     def seen(self) -> bool:
