@@ -360,16 +360,6 @@ def test_unused_tensors_are_reported(checkpoints, tmp_path):
     assert adapter.unused_checkpoint_tensors(adapter.init_skeleton()) == ["model.layers.3.eh_proj.weight"]
 
 
-@pytest.mark.parametrize("model_type", ["LongCat-Flash-Chat"])
-def test_gqa_moe_families_refuse_smoothing_by_name(checkpoints, tmp_path, model_type):
-    family = {v: k for k, v in MODEL_TYPE.items()}[model_type]
-    config = write_yaml(tmp_path / "c.yaml", [{"type": "iter_smooth"}, W8A8_DYNAMIC])
-    with pytest.raises(UnsupportedError, match="describes no smoothing subgraphs"):
-        quantize(QuantizeRequest(model_path=checkpoints(family), save_path=tmp_path / "out", model_type=model_type,
-                                 device=DeviceSpec("cpu"), config_path=config))
-    assert not (tmp_path / "out").exists()
-
-
 # ---- DeepSeek-V4 (model/deepseek_v4.py): DeepSeek's native names on disk, in the model and in the output ----------
 V4 = "DeepSeek-V4-Flash"
 

@@ -84,7 +84,7 @@ ROWS: list[RecipeRow] = [
     _row("kimi_k2_5/kimi_k2_6_w4a4c8.yaml|mm_vlm|w4a4c8|Kimi-K2.6|group[linear_quant] → fa3_quant|FA3:details; mxfp4/per_block→mxfp4/per_block/minmax; mxfp8/per_block→mxfp8/per_block/minmax|calibImages", VLM),
     _row("kimi_k2_5/kimi_k2_6_w4a8.yaml|mm_vlm|w4a8|Kimi-K2.6|group[linear_quant]|int8/per_tensor→int8/per_channel/minmax; int8/per_token→int4/per_channel/ssz; int8/per_token→int8/per_channel/minmax|calibImages", VLM),
     _row("kimi_k2_5/kimi_w4a8.yaml|mm_vlm|w4a8|Kimi-K2.5|flex_smooth_quant → group[linear_quant]|int8/per_tensor→int8/per_channel/minmax; int8/per_token→int4/per_channel/ssz; int8/per_token→int8/per_channel/minmax|calibImages", VLM),
-    _row("longcat_flash/longcat_flash_w4a4_mxfp4.yaml|modelslim_v1|w4a4|LongCat-Flash-Chat|iter_smooth → linear_quant ×2|mxfp4/per_block→mxfp4/per_block/minmax; mxfp8/per_block→mxfp8/per_block/minmax|mix_calib.jsonl", "smoothing this model family is not supported yet"),
+    _row("longcat_flash/longcat_flash_w4a4_mxfp4.yaml|modelslim_v1|w4a4|LongCat-Flash-Chat|iter_smooth → linear_quant ×2|mxfp4/per_block→mxfp4/per_block/minmax; mxfp8/per_block→mxfp8/per_block/minmax|mix_calib.jsonl"),
     _row("minimax_m2/minimax_m27_w8a8.yaml|modelslim_v1|w8a8|MiniMax-M2.7|quarot → linear_quant|int8/per_token→int8/per_channel/minmax|mix_calib.jsonl"),
     _row("minimax_m2/minimax_m27_w8a8_mxfp8.yaml|modelslim_v1|w8a8|MiniMax-M2.7|quarot → linear_quant|mxfp8/per_block→mxfp8/per_block/minmax|mix_calib.jsonl"),
     _row("minimax_m2/minimax_m27_w8a8c8.yaml|modelslim_v1|w8a8c8|MiniMax-M2.7|quarot → linear_quant → dynamic_cache|C8:int8/per_channel; int8/per_token→int8/per_channel/minmax|qwen3_cot.json"),

@@ -22,6 +22,8 @@ forward.
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Optional
 
@@ -108,9 +110,12 @@ def _calibration_forward(block_name: str, block: nn.Module, processor: Processor
         log.info("%s: calibration stopped after %d of %d batches (%d tokens): input ranges moved at most %.3g "
                  "(relative) over the last %d tokens", block_name, len(outputs), len(requests), convergence.tokens,
                  convergence.last_change, early_stop.window_tokens)
-    elif convergence is not None:
+    elif convergence is not None and math.isfinite(convergence.last_change):
         log.info("%s: calibration used all %d batches available (ranges moved %.3g over the last %d tokens)",
                  block_name, len(outputs), convergence.last_change, early_stop.window_tokens)
+    elif convergence is not None:  # fewer tokens than one window: no change was ever measured
+        log.info("%s: calibration used all %d batches available (%d tokens, fewer than the %d-token window that "
+                 "early stopping compares)", block_name, len(outputs), convergence.tokens, early_stop.window_tokens)
     if not keep_ranges:
         ranges = None
     if collective.distributed:
