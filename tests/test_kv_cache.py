@@ -21,6 +21,7 @@ from msmodelslim.core.distributed import spawn_ranks
 from msmodelslim.core.errors import ConfigError, UnsupportedError
 from msmodelslim.format.ascendv1.checker import check_ascendv1
 from msmodelslim.format.ascendv1.reader import load_ascendv1
+from msmodelslim.format.compressed_tensors.checker import check_compressed_tensors
 from msmodelslim.ir.kv_cache import KVCacheQuant
 from msmodelslim.processor.kv_smooth import smooth
 from msmodelslim.quantizer.kv_cache import ChannelRange, fake_quantize_cache
@@ -463,6 +464,43 @@ def test_fp8_kv_cache_with_w8a8_in_one_compressed_tensors_checkpoint(tiny_llama,
     saved = tensors_of(out)
     assert {n for n in saved if n.endswith(("k_scale", "v_scale"))} == {
         f"model.layers.{i}.self_attn.{s}" for i in range(2) for s in ("k_scale", "v_scale")}
+
+    assert [f for f in check_compressed_tensors(out) if f.level == "error"] == []
+
+
+def _broken_copy(out, tmp_path, name: str, edit):
+    """A copy of `out` with one edit to its tensors (edit(state) -> state) or its config (edit(config))."""
+    copy = tmp_path / name
+    shutil.copytree(out, copy)
+    if name.startswith("config"):
+        config = json.loads((copy / "config.json").read_text())
+        edit(config["quantization_config"])
+        (copy / "config.json").write_text(json.dumps(config))
+        return copy
+    (shard,) = copy.glob("*.safetensors")
+    save_file(edit(load_file(shard)), shard, metadata={"format": "pt"})
+    return copy
+
+
+def test_the_checker_finds_every_kv_cache_defect(tiny_llama, tmp_path):
+    """C.2.7 on the compressed-tensors FP8 cache: a missing scale, a wrong shape, a non-positive value, a scheme
+    vLLM rejects, scales without a scheme."""
+    out = tmp_path / "ct"
+    run_quant(tiny_llama, out, write_pipeline(tmp_path / "c.yaml", [KV_FP8], dataset=small_calib(tmp_path),
+                                              save="compressed_tensors"))
+    assert [f.message for f in check_compressed_tensors(out) if f.level == "error"] == []
+    k1 = "model.layers.1.self_attn.k_scale"
+    defects = {
+        "missing": (lambda s: {k: v for k, v in s.items() if k != k1}, f"{k1} is missing"),
+        "shape": (lambda s: {**s, k1: s[k1].repeat(4)}, f"{k1} must be one positive value"),
+        "zero": (lambda s: {**s, k1: torch.zeros(1)}, f"{k1} must be one positive value"),
+        "config_int": (lambda q: q["kv_cache_scheme"].update(type="int"), "vLLM loads only float 8-bit"),
+        "config_none": (lambda q: q.update(kv_cache_scheme=None), "has no kv_cache_scheme"),
+    }
+    for name, (edit, expected) in defects.items():
+        errors = [f.message for f in check_compressed_tensors(_broken_copy(out, tmp_path, name, edit))
+                  if f.level == "error"]
+        assert any(expected in e for e in errors), (name, errors)
 
 
 def test_fp8_kv_cache_under_dp_layer_wise_is_the_single_process_checkpoint(tiny_llama, tmp_path):

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from compressed_tensors.quantization import QuantizationConfig
 from pydantic import ValidationError
+from safetensors import safe_open
 
+from msmodelslim.format.compressed_tensors.kv_cache import SUFFIXES as KV_SUFFIXES
 from msmodelslim.format.compressed_tensors.tensors import FLOAT_QUANTIZED, INT_QUANTIZED, PACK_QUANTIZED
 from msmodelslim.format.findings import Finding
 from msmodelslim.format.integrity import read_checked_tensors
@@ -41,6 +44,7 @@ def check_compressed_tensors(path: Path) -> list[Finding]:
                                                      if k not in ("version", "sparsity_config", "transform_config")})
     except ValidationError as exc:
         return findings + [Finding("error", f"C.2.1: quantization_config does not validate: {exc.errors()[0]['msg']}")]
+    findings += kv_cache_findings(path, names, parsed.kv_cache_scheme)
     if "lm_head" not in parsed.ignore and "lm_head.weight" in names:
         findings.append(Finding("error", "C.2.5: lm_head is not in ignore"))
     for group, scheme in parsed.config_groups.items():
@@ -55,4 +59,39 @@ def check_compressed_tensors(path: Path) -> list[Finding]:
         if act is not None and w.num_bits == 8 and w.strategy == "group":
             findings.append(Finding("warning", f"B.6: {group}: vLLM's W8A8 int8 kernels take per-channel weights, "
                                                f"not groups"))
+    return findings
+
+
+def _kv_scales(path: Path) -> dict[str, torch.Tensor]:
+    scales: dict[str, torch.Tensor] = {}
+    for shard in sorted(path.glob("*.safetensors")):
+        with safe_open(shard, framework="pt") as f:
+            scales.update({k: f.get_tensor(k) for k in f.keys() if k.rpartition(".")[2] in KV_SUFFIXES})
+    return scales
+
+
+def kv_cache_findings(path: Path, names: set[str], scheme) -> list[Finding]:
+    """C.2.7: the FP8 KV cache vLLM loads (kv_cache_scheme fp8 / tensor / symmetric, `<attn>.k_scale` and
+    `.v_scale` of shape [1], positive) on every attention that has a k_proj; scales without a scheme are unread."""
+    stray = sorted(n for n in names if n.rpartition(".")[2] in KV_SUFFIXES)
+    if scheme is None:
+        return [Finding("error", f"C.2.7: {stray[0]} is saved but config.json has no kv_cache_scheme: vLLM would "
+                                 f"not read it")] if stray else []
+    findings = []
+    if not (scheme.type == "float" and scheme.num_bits == 8 and scheme.strategy == "tensor" and scheme.symmetric):
+        findings.append(Finding("error", f"C.2.7: kv_cache_scheme is {scheme.type} {scheme.num_bits}-bit, strategy "
+                                         f"{scheme.strategy}, symmetric {scheme.symmetric}; vLLM loads only float "
+                                         f"8-bit, strategy tensor, symmetric"))
+    attentions = sorted({n.split(".k_proj.")[0] for n in names if ".k_proj." in n})
+    scales = _kv_scales(path)
+    if not scales:
+        return findings + [Finding("error", "C.2.7: kv_cache_scheme is set but no <attn>.k_scale/v_scale is saved")]
+    for attention in attentions or sorted({n.rpartition(".")[0] for n in scales}):
+        for suffix in KV_SUFFIXES:
+            tensor = scales.get(f"{attention}.{suffix}")
+            if tensor is None:
+                findings.append(Finding("error", f"C.2.7: {attention}.{suffix} is missing"))
+            elif tuple(tensor.shape) != (1,) or not bool((tensor.float() > 0).all()):
+                findings.append(Finding("error", f"C.2.7: {attention}.{suffix} must be one positive value, shape "
+                                                 f"[1]; it is {tuple(tensor.shape)} {tensor.flatten()[:4].tolist()}"))
     return findings
