@@ -17,7 +17,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from side_by_side import same_protocol
+from side_by_side import protocol
 from smollm2_accuracy import SCHEMES, quantize_in_child, write_config
 
 
@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--work_dir", type=Path, default=Path.home() / ".cache" / "msmodelslim" / "dp_bench")
     args = parser.parse_args()
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    model_dir, _, _, _, calib = same_protocol(args.work_dir, 1)
+    model_dir, _, _, _, calib = protocol(args.work_dir, 1)
     ranks = "cpu:" + ",".join(str(i) for i in range(args.ranks))
     rows = []
     for name in args.schemes.split(","):

@@ -28,8 +28,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from side_by_side import run_peer  # noqa: E402
-from smollm2_accuracy import CORPORA, SCHEMES, calibration_windows, quantize_in_child, write_config  # noqa: E402
+from side_by_side import protocol, run_peer  # noqa: E402
+from smollm2_accuracy import SCHEMES, quantize_in_child, write_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PRACTICES = ROOT / "msmodelslim" / "lab_practice" / "llama"
@@ -83,25 +83,6 @@ def peer_reads(peer_python: Path, out: Path, eval_path: Path, windows: int) -> f
     if proc.returncode:
         raise SystemExit(f"reading {out} with transformers + compressed-tensors failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])["ppl"]
-
-
-def protocol(work_dir: Path, windows: int, calib_windows: int, float_ppl: float | None = None):
-    """(float checkpoint, eval text, eval windows, float perplexity, calibration file), as side_by_side.py."""
-    from transformers import AutoTokenizer
-
-    from msmodelslim.app.evaluate import load_float_model, perplexity, token_windows
-    from msmodelslim.core.dataset import read_texts
-    from msmodelslim.model.gguf_import import convert_gguf, find_gguf
-
-    model_dir = convert_gguf(find_gguf(), Path.home() / ".cache" / "msmodelslim" / "demo" / "SmolLM2-135M-Instruct")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    eval_path = CORPORA / "debian-reference.eval.txt"
-    eval_windows = token_windows(tokenizer, read_texts(eval_path), 512, windows)
-    if float_ppl is None:  # else: the float model's perplexity on the same windows, from an earlier run
-        float_ppl = perplexity(load_float_model(model_dir, False), eval_windows, torch.device("cpu"), "float").perplexity
-    calib = calibration_windows(tokenizer, calib_windows, 512, work_dir / f"calib_windows_{calib_windows}.jsonl")
-    print(f"float ppl {float_ppl:.4f}", flush=True)
-    return model_dir, eval_path, eval_windows, float_ppl, calib
 
 
 def main() -> None:

@@ -58,7 +58,17 @@ def recipe(name: str):
         if name.startswith("awq"):
             return [AWQModifier(config_groups=groups, ignore=["lm_head"])]
         return [GPTQModifier(config_groups=groups, ignore=["lm_head"])]
+    if name.lower() in FLOAT_PRESETS:  # the library's floating-point presets, round-to-nearest
+        return [QuantizationModifier(targets="Linear", scheme=FLOAT_PRESETS[name.lower()], ignore=["lm_head"])]
+    if name.startswith("gptq_") and name[5:].lower() in FLOAT_PRESETS:
+        return [GPTQModifier(targets="Linear", scheme=FLOAT_PRESETS[name[5:].lower()], ignore=["lm_head"])]
     raise SystemExit(f"unknown recipe {name}")
+
+
+# recipe name: compressed-tensors preset (FP8: per-channel weights, per-token dynamic activations; MX: E2M1
+# elements in blocks of 32 with an E8M0 scale; NV: blocks of 16 with an FP8 scale and a per-tensor global scale)
+FLOAT_PRESETS = {"fp8_dynamic": "FP8_DYNAMIC", "mxfp8": "MXFP8", "mxfp4": "MXFP4", "mxfp4a16": "MXFP4A16",
+                 "nvfp4": "NVFP4", "nvfp4a16": "NVFP4A16"}
 
 
 def allow_awq_on_cpu() -> None:

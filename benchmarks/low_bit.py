@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from side_by_side import run_peer, same_protocol
+from side_by_side import protocol, run_peer
 from smollm2_accuracy import SCHEMES, quantize_in_child, write_config
 
 
@@ -42,7 +42,7 @@ def main() -> None:
         parser.error(f"unknown scheme(s) {unknown}")
     args.work_dir.mkdir(parents=True, exist_ok=True)
 
-    model_dir, eval_path, windows, float_ppl, calib = same_protocol(args.work_dir, args.windows)
+    model_dir, eval_path, windows, float_ppl, calib = protocol(args.work_dir, args.windows)
 
     rows = []  # (tool, name, ppl, seconds, rss MiB)
     for recipe in peers:

@@ -33,9 +33,10 @@ PAIRS = {  # name: (ours, peer), the same scheme family, ours with its best proc
 }
 
 
-def same_protocol(work_dir: Path, windows: int):
+def protocol(work_dir: Path, windows: int, calib_windows: int = 128, float_ppl: float | None = None):
     """The side-by-side protocol's inputs: (float checkpoint, eval text, eval windows, float perplexity,
-    calibration file of 128 x 512 tokens)."""
+    calibration file of `calib_windows` x 512 tokens of the calibration half). `float_ppl`: the float model's
+    perplexity on the same windows from an earlier run (skips computing it)."""
     from transformers import AutoTokenizer
 
     from msmodelslim.app.evaluate import load_float_model, perplexity, token_windows
@@ -46,8 +47,9 @@ def same_protocol(work_dir: Path, windows: int):
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     eval_path = CORPORA / "debian-reference.eval.txt"
     eval_windows = token_windows(tokenizer, read_texts(eval_path), 512, windows)
-    float_ppl = perplexity(load_float_model(model_dir, False), eval_windows, torch.device("cpu"), "float").perplexity
-    calib = calibration_windows(tokenizer, 128, 512, work_dir / "calib_windows.jsonl")
+    if float_ppl is None:
+        float_ppl = perplexity(load_float_model(model_dir, False), eval_windows, torch.device("cpu"), "float").perplexity
+    calib = calibration_windows(tokenizer, calib_windows, 512, work_dir / f"calib_windows_{calib_windows}.jsonl")
     print(f"float ppl {float_ppl:.4f}", flush=True)
     return model_dir, eval_path, eval_windows, float_ppl, calib
 
@@ -75,7 +77,7 @@ def main() -> None:
     args = parser.parse_args()
     args.work_dir.mkdir(parents=True, exist_ok=True)
 
-    model_dir, eval_path, windows, float_ppl, calib = same_protocol(args.work_dir, args.windows)
+    model_dir, eval_path, windows, float_ppl, calib = protocol(args.work_dir, args.windows)
 
     rows = []
     for pair in args.pairs.split(","):

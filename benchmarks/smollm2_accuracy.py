@@ -153,6 +153,17 @@ SCHEMES.update({
     "w4a16_mxfp4_ceil_x": [linear({"weight": {**MXFP4, "method": "ceil_x"}})],
     "w4a8_mxfp_ceil_x": [linear({"act": MXFP8, "weight": {**MXFP4, "method": "ceil_x"}})],
     "w4a4_mxfp4_ceil_x": [linear({"act": MXFP4, "weight": {**MXFP4, "method": "ceil_x"}})],
+    # GPTQ on the float grids (quantizer/gptq.py FloatGrid), rotations and smoothing in front
+    "fp8_dynamic_gptq": [linear({"act": {**FP8, "scope": "per_token"},
+                                 "weight": {**FP8, "scope": "per_channel", "method": "gptq"}})],
+    "sq0.5+fp8_dynamic": [smooth(0.5), linear({"act": {**FP8, "scope": "per_token"},
+                                               "weight": {**FP8, "scope": "per_channel"}})],
+    "w8a8_mxfp8_gptq": [linear({"act": MXFP8, "weight": {**MXFP8, "method": "gptq"}})],
+    "w4a16_mxfp4_gptq": [linear({"weight": {**MXFP4, "method": "gptq"}})],
+    "w4a4_mxfp4_gptq": [linear({"act": MXFP4, "weight": {**MXFP4, "method": "gptq"}})],
+    "quarot+w4a4_mxfp4": [QUAROT, linear({"act": MXFP4, "weight": MXFP4})],
+    "quarot+w4a4_mxfp4_gptq": [QUAROT, linear({"act": MXFP4, "weight": {**MXFP4, "method": "gptq"}})],
+    "quarot+w4a16_mxfp4_gptq": [QUAROT, linear({"weight": {**MXFP4, "method": "gptq"}})],
 })
 DEFAULT_SCHEMES = "w8a16,w8a8_dynamic,w8a8_static,w4a16_g64,w4a16_channel"
 

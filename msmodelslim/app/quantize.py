@@ -2,7 +2,8 @@
 
 Everything that can be checked cheaply is checked before any weight is read: paths, device, config, model
 type, dataset, the layer plan (which rule matches which linear, group sizes). The output is written into a
-staging directory and moved into place only after it passed the format checklist.
+staging directory and moved into place only after it passed the format checklist. After each finished block a
+checkpoint is recorded there (core/resume.py), so that a killed run continues with `--resume`.
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ from msmodelslim.core.faults import fault_point
 from msmodelslim.core.logging import get_logger, level_from_env, setup_logging
 from msmodelslim.core.memory import bound_heap_growth
 from msmodelslim.core.passthrough import log_unread, refuse_inconsistent_passthrough
+from msmodelslim.core.resume import (BlockCheckpoints, Fingerprint, ResumePoint, checkpoint_interval, describe,
+                                     read_checkpoint)
 from msmodelslim.core.runner import RunStats, run_blocks
 from msmodelslim.format.ascendv1.checker import check_ascendv1
 from msmodelslim.format.ascendv1.kv_cache import UNSUPPORTED_KV_CACHE as ASCENDV1_UNSUPPORTED_KV_CACHE
@@ -41,7 +44,7 @@ from msmodelslim.format.compressed_tensors.writer import CompressedTensorsWriter
 from msmodelslim.format.disk_space import check_free_space, estimate_output_bytes
 from msmodelslim.format.integrity import required_tensors, verify_complete, verify_source_tensors
 from msmodelslim.format.edits import OutputEdits
-from msmodelslim.format.staging import check_save_path, staged_directory
+from msmodelslim.format.staging import check_save_path, discard_resumable, resumable, staged_directory
 from msmodelslim.model.passthrough import UnreadTensors
 from msmodelslim.model.registry import AdapterEntry, create_adapter, infer_model_type, resolve
 from msmodelslim.processor.base import Processor, ProcessorContext, build_pipeline
@@ -63,6 +66,7 @@ class QuantizeRequest:
     allow_default_practice: bool = False
     pipeline: Optional[PracticeConfig] = None  # a parsed config instead of config_path (the Python API)
     tags: tuple[str, ...] = ()  # --tag: scenarios a practice must be verified for (its verified_tags)
+    resume: bool = False  # --resume: continue a killed run of this save_path from its last finished block
 
 
 @dataclass
@@ -155,6 +159,8 @@ class _Job:
     required: list[tuple[str, ...]]  # tensor names the output must hold (alternatives per entry)
     unread: UnreadTensors  # the checkpoint's tensors the model does not read: written through, or consumed
     source_tensors: list[str]  # every tensor of the input checkpoint (the output must account for each)
+    fingerprint: Optional[Fingerprint] = None  # what the block checkpoints are tied to (None: dp_layer_wise)
+    resume_from: Optional[ResumePoint] = None  # --resume: the killed run's last checkpoint (writer state unread yet)
 
 
 def _launches_ranks(runner: RunnerType) -> bool:
@@ -189,6 +195,8 @@ def _check_output(request: QuantizeRequest) -> None:
     """The output's checks, the same in a dry run and a real run; only a real run recovers a killed run's
     leftovers first (recovery renames directories)."""
     check_save_path(request.save_path, request.overwrite, request.model_path, dry_run=request.dry_run)
+    if not request.resume:  # starting over: what a killed run left for --resume goes, and the log says so
+        discard_resumable(request.save_path, apply=not request.dry_run)
     # stat() of the input files only: a disk too small is found before the first weight is read
     check_free_space(request.save_path, estimate_output_bytes(request.model_path), request.overwrite)
 
@@ -224,6 +232,7 @@ def _prepare(request: QuantizeRequest, in_rank: bool = False) -> _Job:
     skeleton = adapter.init_skeleton()
     plan = plan_layers(config, processors, skeleton, adapter.block_names(skeleton))
     unread = adapter.unread_tensors(skeleton)  # names and headers only
+    fingerprint, resume_from = _resume_point(request, config, runner, texts, adapter.block_names(skeleton), in_rank)
     refuse_inconsistent_passthrough(processors, unread, request.model_path)
     if not in_rank:  # never silently: the user sees what the output holds beyond the model, and what it omits
         log_unread(unread)
@@ -241,7 +250,38 @@ def _prepare(request: QuantizeRequest, in_rank: bool = False) -> _Job:
                  f"{len(texts)} calibration samples" if needs_data else "no calibration data needed")
         log.info("plan: %s", summarize_plan(plan))
     return _Job(config, runner, adapter, processors, texts, model, plan, spill, required, unread,
-                adapter.checkpoint.names())
+                adapter.checkpoint.names(), fingerprint, resume_from)
+
+
+def _saved_practice(config: PracticeConfig) -> dict:
+    """The practice as the output's `*_best_practice.yaml` holds it (also what the resume fingerprint hashes)."""
+    return config.model_dump(mode="json", exclude_none=True, exclude={"source_dir"})
+
+
+def _resume_point(request: QuantizeRequest, config: PracticeConfig, runner: RunnerType, texts: list[str],
+                  block_names: list[str], in_rank: bool) -> tuple[Optional[Fingerprint], Optional[ResumePoint]]:
+    """The fingerprint block checkpoints carry and, with --resume, the checked checkpoint to continue from. Before
+    any weight is read: a checkpoint of another config, model, data set or code version is refused here."""
+    if runner == RunnerType.dp_layer_wise:
+        if request.resume:
+            raise UnsupportedError("--resume works with spec.runner layer_wise and model_wise; a dp_layer_wise run "
+                                   "keeps no block checkpoints (its ranks hold their own shares of the calibration "
+                                   "activations). Run without --resume, or with spec.runner layer_wise")
+        return None, None
+    checkpoint_interval()  # a typo in MSMODELSLIM_CHECKPOINT_SECONDS fails here, before any weight is read
+    fingerprint = Fingerprint.of_run(_saved_practice(config), request.model_path, texts, runner.value,
+                                     str(request.device.primary))
+    if not request.resume:
+        return fingerprint, None
+    candidates = resumable(request.save_path)
+    if not candidates:
+        log.info("--resume: no interrupted run of %s left a checkpoint; starting from the first block",
+                 request.save_path)
+        return fingerprint, None
+    point = read_checkpoint(candidates[0], fingerprint, block_names)
+    log.info("--resume: continuing the interrupted run in %s (%s)%s", point.staging,
+             describe(point, len(block_names)), "; dry run: nothing is changed" if request.dry_run else "")
+    return fingerprint, point
 
 
 def _make_writer(job: _Job, staging: Path):
@@ -275,7 +315,7 @@ def _finish(job: _Job, request: QuantizeRequest, writer, staging: Path) -> tuple
         findings = check_ascendv1(staging, list(job.plan), job.adapter.structure.fused_groups)
     fault_point("description")
     practice_file = staging / f"{request.model_type}_best_practice.yaml"
-    saved = job.config.model_dump(mode="json", exclude_none=True, exclude={"source_dir"})
+    saved = _saved_practice(job.config)
     practice_file.write_text(yaml.safe_dump(saved, sort_keys=False, allow_unicode=True))
     warnings = sorted({f.message.split(": ", 1)[1] for f in findings if f.level == "warning"})
     errors = [f.message for f in findings if f.level == "error"]
@@ -299,14 +339,23 @@ def _execute(job: _Job, request: QuantizeRequest, collective: Collective, stagin
     layer_wise = job.runner != RunnerType.model_wise
     writes = collective.rank == 0
     description, warnings = {}, []
-    with staged_directory(request.save_path, request.overwrite) if writes else nullcontext() as staging:
+    resume = job.resume_from
+    staged = staged_directory(request.save_path, request.overwrite, resume.staging if resume else None)
+    with staged if writes else nullcontext() as staging:
         if staging_note is not None and writes:  # lets the launcher remove it if this rank is killed
             staging_note.write_text(str(staging))
         writer = _make_writer(job, staging) if writes else None
+        checkpoints = None
+        if writes and job.fingerprint is not None:
+            checkpoints = BlockCheckpoints.from_env(staging, job.fingerprint, job.adapter.block_names(job.model))
+            if resume is not None:
+                checkpoints.discard_later_work(staging, resume)
         stats = run_blocks(job.adapter, job.model, job.processors, writer, batches, device, layer_wise, collective,
-                           job.spill, job.unread, job.config.spec.calibration.early_stop_rule())
+                           job.spill, job.unread, job.config.spec.calibration.early_stop_rule(), checkpoints, resume)
         if writes:
             description, warnings = _finish(job, request, writer, staging)
+            if checkpoints is not None:
+                checkpoints.remove()
     return _Written(description, warnings, stats, collective.max_float(peak_rss_mib()))
 
 
@@ -384,6 +433,8 @@ def quantize(request: QuantizeRequest) -> QuantizeReport:
     report.seconds = time.perf_counter() - started
     report.peak_rss_mib = max(peak_rss_mib(), written.peak_rss_mib)
     stats = written.stats
+    if job.resume_from is not None:
+        log.info("resumed run: computed %d of %d blocks", stats.processed_blocks, stats.blocks)
     log.info("calibration: %d batches, %d tokens", stats.calibration_batches, stats.calibration_tokens)
     if stats.last_block_batches is not None and stats.last_block_batches < stats.calibration_batches:
         log.info("calibration stopped early (spec.calibration): the last block was calibrated on %d of the %d batches",

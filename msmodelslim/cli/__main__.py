@@ -32,6 +32,61 @@ def _builtin_eval_sets() -> list[str]:
     return builtin_datasets(EVAL_DIRS)
 
 
+ANALYZE_SCOPES = ("linear", "layer", "attn")
+
+
+def _add_analyze(sub) -> None:
+    analyze = sub.add_parser("analyze", help="rank layers by quantization sensitivity: analyze {linear|layer|attn} "
+                                             "(writes analysis.json, exclude.yaml, scores.png)")
+    analyze.add_argument("scope", choices=ANALYZE_SCOPES,
+                         help="linear: input statistics per linear; layer: error per decoder block; attn: FA3 error "
+                              "per attention (default linear when omitted)")
+    _add_model_args(analyze)
+    analyze.add_argument("--model_type", required=True, help="registered model name, e.g. Qwen2.5-7B-Instruct")
+    analyze.add_argument("--device", default=None, help="cpu, npu, npu:0, cuda:0 (one device)")
+    analyze.add_argument("--calib_dataset", default="mix_calib.jsonl",
+                         help="calibration .jsonl/.json: a name in lab_calib/ or a path (default mix_calib.jsonl)")
+    analyze.add_argument("--topk", type=int, default=15, help="how many to list for exclude (ties included; default 15)")
+    analyze.add_argument("--metrics", default=None,
+                         help="linear: kurtosis (default), std, quantile; layer: mse_layer_wise (default), "
+                              "mse_model_wise; attn: mse")
+    analyze.add_argument("--pattern", nargs="+", default=["*"], help="linear scope: fnmatch patterns over linear names")
+    analyze.add_argument("--quant_modules", nargs="+", default=["*"],
+                         help="layer scope: fnmatch patterns of the linears quantized inside each block (default *)")
+    scheme = analyze.add_mutually_exclusive_group()
+    scheme.add_argument("--quant_type", default=None,
+                        help="layer scope: score the error of this best practice's scheme (e.g. w8a8, w8a16) instead "
+                             "of the default MXFP4")
+    scheme.add_argument("--config_path", type=Path, default=None,
+                        help="layer scope: score the error of this modelslim_v1 config's spec.process")
+    analyze.add_argument("--allow_default_practice", action="store_true",
+                         help="with --quant_type: accept the generic lab_practice/default recipe")
+    analyze.add_argument("--output", type=Path, default=None,
+                         help="directory for analysis.json, exclude.yaml, scores.png "
+                              "(default ./msmodelslim_analysis/<model>-<scope>-<metric>)")
+
+
+def normalize_analyze_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+    """The established spellings of `analyze`: no scope means `linear`; `--metrics attention_mse` means
+    `attn --metrics mse` (its --pattern is dropped). Returns the argv and the warnings to log."""
+    if not argv or argv[0] != "analyze":
+        return argv, []
+    rest, notes = list(argv[1:]), []
+    if not rest or (rest[0] not in ANALYZE_SCOPES and rest[0] not in ("-h", "--help")):
+        rest.insert(0, "linear")
+    for i, token in enumerate(rest[:-1]):
+        if token == "--metrics" and rest[i + 1] == "attention_mse":
+            rest[0], rest[i + 1] = "attn", "mse"
+            notes.append("--metrics attention_mse is the old spelling of 'analyze attn --metrics mse'; running that")
+            if "--pattern" in rest:
+                at = rest.index("--pattern")
+                end = next((j for j in range(at + 1, len(rest)) if rest[j].startswith("--")), len(rest))
+                notes.append(f"--pattern {' '.join(rest[at + 1:end])} is ignored: the attn scope scores every attention")
+                del rest[at:end]
+            break
+    return ["analyze"] + rest, notes
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="msmodelslim", description="Post-training quantization of LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -50,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "translated to v1: --dry_run prints the translation)")
     quant.add_argument("--overwrite", action="store_true", help="replace a non-empty --save_path once the new output is complete")
     quant.add_argument("--dry_run", action="store_true", help="validate everything and print the per-layer plan; write nothing")
+    quant.add_argument("--resume", action="store_true",
+                       help="continue a killed run of this --save_path from its last finished block (refused, with "
+                            "the reason, if the config, model, data or code changed; starts over when none is left)")
     quant.add_argument("--tag", action="append", default=[], metavar="TAG",
                        help="with --quant_type: pick a practice verified for this scenario (e.g. MindIE, "
                             "Atlas_A2); repeatable, all must match one verified scenario")
@@ -58,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--allow_default_practice", action="store_true",
                        help="with --quant_type: accept the generic lab_practice/default recipe when the model has no "
                             "verified practice (otherwise you are asked, or, without a terminal, the run stops)")
+
+    _add_analyze(sub)
 
     sub.add_parser("practices", help="list registered models and the practice each --quant_type would use")
 
@@ -102,7 +162,7 @@ def _run(args: argparse.Namespace, started_at: float) -> int:
         report = quantize(QuantizeRequest(
             model_path=args.model_path, save_path=args.save_path, model_type=args.model_type,
             device=parse_device(args.device), quant_type=args.quant_type, config_path=args.config_path,
-            trust_remote_code=args.trust_remote_code, overwrite=args.overwrite, dry_run=args.dry_run,
+            trust_remote_code=args.trust_remote_code, overwrite=args.overwrite, dry_run=args.dry_run, resume=args.resume,
             allow_default_practice=args.allow_default_practice, tags=tuple(args.tag),
         ))
         if args.dry_run:
@@ -115,6 +175,21 @@ def _run(args: argparse.Namespace, started_at: float) -> int:
                 print("# plan:")
             for name, scheme in report.plan.items():
                 print(f"{'# ' if translated else ''}{scheme:14s} {name}")
+        return 0
+    if args.command == "analyze":
+        from msmodelslim.app.analyze import AnalyzeRequest, analyze
+
+        result = analyze(AnalyzeRequest(
+            scope=args.scope, model_type=args.model_type, model_path=args.model_path,
+            device=parse_device(args.device), calib_dataset=args.calib_dataset, topk=args.topk, metric=args.metrics,
+            patterns=tuple(args.pattern), quant_modules=tuple(args.quant_modules), quant_type=args.quant_type,
+            config_path=args.config_path, output=args.output, trust_remote_code=args.trust_remote_code,
+            allow_default_practice=args.allow_default_practice,
+        ))
+        print(f"top {result.topk} of {len(result.scores)} ({result.scope}, {result.metric}); exclude list:")
+        for entry in result.exclude:
+            print(f"  - {entry}")
+        print("wrote " + ", ".join(result.files.values()))
         return 0
     if args.command == "practices":
         from msmodelslim.app.practice import KNOWN_QUANT_TYPES, practice_table
@@ -181,7 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     except MsModelSlimError as exc:
         print(f"msmodelslim: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    argv, notes = normalize_analyze_argv(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
+    for note in notes:
+        log.warning(note)
     if getattr(args, "debug", False):
         logging.getLogger("msmodelslim").setLevel(logging.DEBUG)
         level = logging.DEBUG

@@ -19,6 +19,9 @@ forward saved, that is the output of the block before smoothing, equal in float 
 rounding. A forward whose statistics are running extremes may stop early once they converge
 (`spec.calibration`); the next blocks then get the batches it forwarded. Pipelines that need no data run no
 forward.
+
+Resume (core/resume.py): given `checkpoints`, the state after each finished block is recorded; given `resume`, the
+run skips the blocks a killed run finished, feeding the next block the hidden states that run saved.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ from msmodelslim.core.faults import fault_point
 from msmodelslim.core.logging import get_logger, progress_disabled
 from msmodelslim.core.memory import release_free_heap
 from msmodelslim.core.passthrough import write_passthrough
+from msmodelslim.core.resume import BlockCheckpoints, ResumePoint
 from msmodelslim.format.ascendv1.writer import AscendV1Writer
 from msmodelslim.model.interface import block_hidden_state
 from msmodelslim.model.passthrough import UnreadTensors
@@ -52,6 +56,7 @@ class RunStats:
     calibration_batches: int
     calibration_tokens: int
     last_block_batches: Optional[int] = None  # batches the last block was calibrated on (fewer: early stop)
+    processed_blocks: Optional[int] = None  # blocks this process computed (fewer than `blocks` when resumed)
 
 
 def _is_under(name: str, prefixes: list[str]) -> bool:
@@ -125,6 +130,21 @@ def _calibration_forward(block_name: str, block: nn.Module, processor: Processor
     return outputs, ranges
 
 
+def _fast_forward(forwards: list, requests: list, resume: ResumePoint, device: torch.device) -> list:
+    """Each live batch's request for block `resume.next_block`: its generator stepped past the finished blocks
+    with the hidden states the killed run saved (a step only swaps args[0]; no block is computed)."""
+    for generator in forwards[resume.live_batches:]:
+        generator.close()
+    del forwards[resume.live_batches:], requests[resume.live_batches:]
+    inputs = resume.load_inputs(device)
+    if not inputs:  # no block left to calibrate (or no calibration at all)
+        return [None] * len(requests)
+    for i, generator in enumerate(forwards):
+        for _ in range(resume.next_block):
+            requests[i] = generator.send(inputs[i])
+    return requests
+
+
 def run_blocks(
     adapter,
     model: nn.Module,
@@ -137,11 +157,14 @@ def run_blocks(
     spill: Optional[ActivationSpill] = None,
     unread: Optional[UnreadTensors] = None,
     early_stop: Optional[EarlyStop] = None,
+    checkpoints: Optional[BlockCheckpoints] = None,
+    resume: Optional[ResumePoint] = None,
 ) -> RunStats:
     """Quantize every block; `batches` are this rank's share, `writer` is None on ranks that do not write.
     `spill`, when given, moves the activations between blocks to disk if they exceed its budget. `unread`: the
     checkpoint tensors the model does not read; its pass-through groups are written after everything else.
-    `early_stop`: the convergence rule that may end a calibration forward early (None: every batch)."""
+    `early_stop`: the convergence rule that may end a calibration forward early (None: every batch).
+    `checkpoints`: records each finished block for --resume; `resume`: a killed run's last checkpoint, continued."""
     needs_data = any(p.needs_calibration for p in processors)
     block_names = adapter.block_names(model)
     for processor in processors:
@@ -152,15 +175,25 @@ def run_blocks(
             generator = adapter.generate_model_forward(model, batch)
             forwards.append(generator)
             requests.append(next(generator))
+        if resume is not None:
+            requests = _fast_forward(forwards, requests, resume, device)
         if spill is not None and spill.engage(r.args[0] for r in requests):
             for request in requests:
                 spill.move_to_disk(request.args[0])
         else:
             spill = None
+    start = 0
+    if resume is not None:
+        start = resume.next_block
+        writer.restore_state(resume.writer_state)
+        log.info("resumed: blocks %s to %s were finished by the interrupted run; continuing with block %d of %d",
+                 block_names[0], block_names[start - 1], start, len(block_names))
     bar = tqdm(adapter.generate_model_visit(model), total=len(block_names), desc="quantize blocks", unit="block",
                disable=progress_disabled())
     for index, visit in enumerate(bar):
         name = visit.name
+        if index < start:
+            continue
         if layer_wise:
             adapter.load_block(model, name, device)
             if index + 1 < len(block_names):
@@ -192,13 +225,18 @@ def run_blocks(
         if writer is not None:
             writer.add_module_tree(name, block)
             fault_point(f"block:{index}")
+            if checkpoints is not None and checkpoints.due(index):
+                checkpoints.save(index, [r.args[0] for r in requests if r is not None], len(requests), writer)
+                fault_point(f"checkpoint:{index}")
         if layer_wise:
             adapter.release_block(model, name)
         release_free_heap()
     if writer is not None:
         _write_outside_blocks(model, block_names, writer)
         write_passthrough(adapter, unread or UnreadTensors(), processors, writer)
+    processed = len(block_names) - start
     if not needs_data:
-        return RunStats(len(block_names), 0, 0)
+        return RunStats(len(block_names), 0, 0, processed_blocks=processed)
     tokens = collective.sum_int(sum(int(b["input_ids"].numel()) for b in batches))
-    return RunStats(len(block_names), collective.sum_int(len(batches)), tokens, collective.sum_int(len(requests)))
+    return RunStats(len(block_names), collective.sum_int(len(batches)), tokens, collective.sum_int(len(requests)),
+                    processed)

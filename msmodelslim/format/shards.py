@@ -6,6 +6,11 @@ A safetensors file is an 8-byte header length, a JSON header, then the data. The
 is only known once the shard is complete, so space for it is reserved in front of the data and filled, padded
 with spaces as the format allows, when the shard is closed; a header that outgrows its reserve is put in front
 by rewriting the file once.
+
+A killed run can be resumed (core/resume.py): `state()` describes what is on disk after a finished block (closed
+shards, the open shard's length), `sync()` makes those bytes durable, and `restore()` reopens the open shard and
+cuts off whatever a later block had appended, so nothing written before the checkpoint is written again.
+`finish()` records its renames in a journal first, so that a run killed while naming the shards can be undone.
 """
 from __future__ import annotations
 
@@ -28,15 +33,40 @@ SAFETENSORS_DTYPES = {
 }
 
 
+RENAMES = ".shard-renames.json"  # finish()'s journal: [temporary name, final name] per shard
+
+
+def fsync_path(path: Path) -> None:
+    """Make a file's (or a directory's entries') bytes durable: a checkpoint must never name data a power cut loses."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class _OpenShard:
     """One safetensors file being written: data appended as it comes, header written on close."""
 
-    def __init__(self, path: Path, reserve: int) -> None:
+    def __init__(self, path: Path, reserve: int, resume_at: Optional[tuple[dict[str, dict], int]] = None) -> None:
         self.path, self.reserve = path, reserve
-        self.file = open(path, "wb")
-        self.file.write(bytes(8 + reserve))
-        self.entries: dict[str, dict] = {}
-        self.offset = 0
+        if resume_at is None:
+            self.file = open(path, "wb")
+            self.file.write(bytes(8 + reserve))
+            self.entries: dict[str, dict] = {}
+            self.offset = 0
+            return
+        # Resumed: the header space is rewritten whole on close; the data after the checkpoint's offset came from
+        # blocks that will be processed again, so it is cut off.
+        self.entries, self.offset = resume_at
+        with open(path, "rb") as probe:
+            header_length = int.from_bytes(probe.read(8).ljust(8, b"\0"), "little")
+        if header_length not in (0, reserve) or path.stat().st_size < 8 + reserve + self.offset:
+            raise ProcessingError(f"{path.name} was rewritten after the checkpoint (its header outgrew its reserve), "
+                                  f"so it cannot be continued")
+        self.file = open(path, "r+b")
+        self.file.truncate(8 + reserve + self.offset)
+        self.file.seek(8 + reserve + self.offset)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         size = tensor.numel() * tensor.element_size()
@@ -75,6 +105,7 @@ class ShardStream:
         self.total_bytes = 0
         self._open: Optional[_OpenShard] = None
         self._shards: list[tuple[Path, list[str]]] = []
+        self._unsynced: list[Path] = []  # shards closed since the last sync()
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if name in self._seen:
@@ -99,6 +130,7 @@ class ShardStream:
             return
         self._open.close()
         self._shards.append((self._open.path, list(self._open.entries)))
+        self._unsynced.append(self._open.path)
         self._open = None
 
     @property
@@ -112,11 +144,60 @@ class ShardStream:
         self.flush()
         weight_map: dict[str, str] = {}
         count = len(self._shards)
-        for i, (path, names) in enumerate(self._shards, start=1):
-            final = shard_name(i, count)
+        renames = [(path.name, shard_name(i, count)) for i, (path, _) in enumerate(self._shards, start=1)]
+        journal = self.out_dir / RENAMES
+        journal.with_suffix(".tmp").write_text(json.dumps(renames), encoding="utf-8")
+        os.replace(journal.with_suffix(".tmp"), journal)
+        for (path, names), (_, final) in zip(self._shards, renames):
             path.rename(self.out_dir / final)
             weight_map.update({n: final for n in names})
+        journal.unlink()
         if index_name is not None:
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
             (self.out_dir / index_name).write_text(json.dumps(index, indent=2), encoding="utf-8")
         return weight_map
+
+    # ---- resume --------------------------------------------------------------------------------------------
+    def sync(self) -> None:
+        """Everything added so far on disk for good (called before a checkpoint names it)."""
+        if self._open is not None:
+            self._open.file.flush()
+            os.fsync(self._open.file.fileno())
+        for path in self._unsynced:
+            fsync_path(path)
+        self._unsynced = []
+
+    def state(self) -> dict:
+        """What is on disk now, as JSON: enough for `restore` to continue after a kill."""
+        open_shard = None
+        if self._open is not None:
+            open_shard = {"file": self._open.path.name, "entries": self._open.entries, "offset": self._open.offset}
+        return {"limit": self.limit, "reserve": self.reserve, "total_bytes": self.total_bytes, "names": self.names,
+                "closed": [[path.name, names] for path, names in self._shards], "open": open_shard}
+
+    def restore(self, state: dict) -> None:
+        """Continue from `state` in a staging directory a killed run left: undo an interrupted `finish`, remove
+        shards begun after the checkpoint, reopen the open shard at the checkpoint's length."""
+        if (state["limit"], state["reserve"]) != (self.limit, self.reserve):
+            raise ProcessingError("the checkpoint's shard size differs from this run's (spec.save part_file_size)")
+        journal = self.out_dir / RENAMES
+        if journal.exists():  # killed while naming the shards: give them back their temporary names
+            for temporary, final in json.loads(journal.read_text(encoding="utf-8")):
+                if (self.out_dir / final).exists() and not (self.out_dir / temporary).exists():
+                    os.replace(self.out_dir / final, self.out_dir / temporary)
+            journal.unlink()
+        owned = {name for name, _ in state["closed"]} | ({state["open"]["file"]} if state["open"] else set())
+        for path in self.out_dir.glob(".shard-*"):
+            if path.name not in owned:
+                path.unlink()
+        missing = sorted(n for n in owned if not (self.out_dir / n).is_file())
+        if missing:
+            raise ProcessingError(f"the checkpoint's shard files {missing} are missing from {self.out_dir}")
+        self._shards = [(self.out_dir / name, list(names)) for name, names in state["closed"]]
+        self.names = list(state["names"])
+        self._seen = set(self.names)
+        self.total_bytes = state["total_bytes"]
+        self._open = None
+        if state["open"]:
+            self._open = _OpenShard(self.out_dir / state["open"]["file"], self.reserve,
+                                    (dict(state["open"]["entries"]), state["open"]["offset"]))

@@ -16,6 +16,10 @@ Two ways into place:
 `recover(save_path)` finishes or undoes whatever a killed run left: a complete new checkpoint whose swap was
 interrupted is moved into place, otherwise a set-aside previous checkpoint is restored; stale staging
 directories of dead runs are removed. It runs before every `quant`/`convert` and in `msmodelslim check`.
+
+A staging directory that holds a block checkpoint (`RESUME_STATE`, written by core/resume.py after each finished
+block) is resumable: `recover` keeps it, `quant --resume` continues in it (`staged_directory(reuse=...)`), and a
+`quant` without --resume removes it (`discard_resumable`), saying that --resume would have continued it.
 """
 from __future__ import annotations
 
@@ -43,6 +47,7 @@ IN_PLACE_PREFIX = ".msmodelslim"
 LEGACY_SIGNS = ("quant_model_description.json", "*_best_practice.yaml")  # outputs of versions before the marker
 TOKEN = re.compile(r"[0-9a-f]{8}")  # what staged_directory names its directories with: nothing else is touched
 STALE_UNMARKED_S = 60  # a staging directory without its marker after this long was killed at birth
+RESUME_STATE = Path(".resume") / "state.json"  # inside a staging directory: the last finished block's checkpoint
 
 
 # ---- markers -------------------------------------------------------------------------------------------------
@@ -245,6 +250,9 @@ def recover(save_path: Path, apply: bool = True) -> list[str]:
                 act(lambda: old.rename(save_path), f"restored the previous checkpoint at {save_path} from {old} "
                                                    f"(the run replacing it was interrupted)")
                 old = None
+        if partial is not None and not new_complete and (partial / RESUME_STATE).is_file():
+            log.info("kept %s: an interrupted run's finished blocks, which 'quant --resume' continues", partial)
+            partial = None
         for leftover in (partial, old):
             if leftover is not None and leftover.exists():
                 act(lambda: shutil.rmtree(leftover, ignore_errors=True), f"removed {leftover} left by an interrupted run")
@@ -252,6 +260,26 @@ def recover(save_path: Path, apply: bool = True) -> list[str]:
         log.warning("%s%s", "" if apply else "dry run: an interrupted earlier run left work behind; the real run (or "
                                              "'msmodelslim check') will first have ", line)
     return done
+
+
+def resumable(save_path: Path) -> list[Path]:
+    """Staging directories of dead runs of `save_path` that hold a block checkpoint, newest checkpoint first."""
+    save_path = save_path.expanduser().resolve()
+    found = [dirs["partial"] for dirs in _tokens(save_path).values()
+             if "partial" in dirs and (dirs["partial"] / RESUME_STATE).is_file() and not _owner_alive(dirs["partial"])]
+    return sorted(found, key=lambda p: (p / RESUME_STATE).stat().st_mtime, reverse=True)
+
+
+def discard_resumable(save_path: Path, apply: bool = True) -> list[Path]:
+    """A run without --resume starts over: remove what killed runs of `save_path` left for --resume, saying so."""
+    found = resumable(save_path)
+    for partial in found:
+        if apply:
+            shutil.rmtree(partial, ignore_errors=True)
+        log.warning("%s %s: an interrupted run's finished blocks (see its %s); 'quant --resume' would have "
+                    "continued from them instead of starting over", "removed" if apply else "dry run: the real run "
+                    "(without --resume) will remove", partial, RESUME_STATE)
+    return found
 
 
 # ---- the staged write ----------------------------------------------------------------------------------------
@@ -286,17 +314,22 @@ def _swap_in_place(save_path: Path, staging: Path, token: str) -> None:
 
 
 @contextmanager
-def staged_directory(save_path: Path, overwrite: bool) -> Iterator[Path]:
+def staged_directory(save_path: Path, overwrite: bool, reuse: Optional[Path] = None) -> Iterator[Path]:
     """Yield an empty staging directory; on success it replaces `save_path`, on error it is removed.
+    `reuse`: a killed run's resumable staging directory (`resumable`), continued instead of a new one.
 
     An existing `save_path` is only touched after the new output is complete, and only when `overwrite`.
     """
     save_path = save_path.expanduser().resolve()
     recover(save_path)
-    token = uuid.uuid4().hex[:8]
     in_place = writes_in_place(save_path)
-    staging = _in_place_dir(save_path, "partial", token) if in_place else _sibling(save_path, "partial", token)
-    staging.mkdir(mode=DIR_MODE)
+    if reuse is not None:
+        staging, token = reuse, reuse.name.rsplit("-", 1)[1]
+        write_marker(staging, False)  # ours now (this pid): no other run may take it
+    else:
+        token = uuid.uuid4().hex[:8]
+        staging = _in_place_dir(save_path, "partial", token) if in_place else _sibling(save_path, "partial", token)
+        staging.mkdir(mode=DIR_MODE)
     try:
         write_marker(staging, False)
         yield staging

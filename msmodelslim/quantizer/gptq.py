@@ -11,16 +11,22 @@ H = 2·X·Xᵀ/n (X the layer inputs) and U the upper Cholesky factor of H⁻¹:
 Columns are processed in blocks (the updates to later blocks are applied in one matmul). Options: damping
 (percdamp·mean(diag H) added to the diagonal), act_order (process columns by decreasing diag H; group ranges
 are then fixed from the original weights so the saved layout stays plain groups).
+
+The grid a column is rounded to is a parameter (`IntGrid`, `FloatGrid`): the error fed back is always the one
+of the quantizer the layer will really get. A group's parameters are fitted when its first column is reached,
+from the weights as the earlier columns' feedback left them (GPTQ's grouping); for FP8 per channel (one group)
+and under act_order they are fitted once from the original weights.
 """
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
+from msmodelslim.quantizer.float_formats import (ELEMENTS, FP8_E4M3_MAX, MX_BLOCK, MX_ELEMENT, encode_fp4_e2m1,
+                                                 fp8_scale, power_of_two)
+from msmodelslim.quantizer.mx_methods import mse_round_exponent
 from msmodelslim.quantizer.primitives import int_range, scale_offset_from_minmax
-
-
-def _params(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return scale_offset_from_minmax(w.amin(dim=1), w.amax(dim=1), bits, symmetric)
 
 
 def accumulate_hessian(h: torch.Tensor | None, count: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -32,40 +38,96 @@ def accumulate_hessian(h: torch.Tensor | None, count: int, x: torch.Tensor) -> t
     return h, count + n
 
 
+class ColumnGrid(Protocol):
+    group: int  # columns per group (all columns: one group)
+
+    def fit(self, g: int, columns: torch.Tensor) -> None:
+        """Set group g's parameters from its columns [out, group]."""
+
+    def round(self, column: torch.Tensor, index: int, g: int) -> torch.Tensor:
+        """Quantize column `index` (of group g), keep its code, return its dequantized value."""
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(codes, scale [out, n_groups], offset [out, n_groups])."""
+
+
+class IntGrid:
+    """Uniform integer grid, min/max range per row and group (asymmetric with an offset)."""
+
+    def __init__(self, out: int, cols: int, bits: int, symmetric: bool, group: int | None, device) -> None:
+        self.bits, self.symmetric, self.group = bits, symmetric, group or cols
+        self.qmin, self.qmax = int_range(bits)
+        n_groups = cols // self.group
+        self.scale = torch.zeros(out, n_groups, device=device)
+        self.offset = torch.zeros(out, n_groups, device=device)
+        self.codes = torch.zeros(out, cols, dtype=torch.int8, device=device)
+
+    def fit(self, g: int, columns: torch.Tensor) -> None:
+        self.scale[:, g], self.offset[:, g] = scale_offset_from_minmax(columns.amin(dim=1), columns.amax(dim=1),
+                                                                       self.bits, self.symmetric)
+
+    def round(self, column: torch.Tensor, index: int, g: int) -> torch.Tensor:
+        s, o = self.scale[:, g], self.offset[:, g]
+        q = (torch.round(column / s) + o).clamp(self.qmin, self.qmax)
+        self.codes[:, index] = q.to(torch.int8)
+        return (q - o) * s
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.codes, self.scale, self.offset
+
+
+class FloatGrid:
+    """fp8_e4m3 per channel (scale max|w|/448 of the row) or MX (mxfp8 / mxfp4: per block of 32 columns a
+    power-of-two scale whose exponent is the OCP one or one larger, whichever gives the block's columns the
+    smaller squared error: quantizer/mx_methods.py mse_round_exponent). Elements round to nearest-even."""
+
+    def __init__(self, out: int, cols: int, dtype: str, device) -> None:
+        self.dtype = dtype
+        self.element = MX_ELEMENT.get(dtype, "fp8_e4m3")
+        self.round_element = ELEMENTS[self.element][0]
+        self.group = MX_BLOCK if dtype in MX_ELEMENT else cols
+        self.scale = torch.zeros(out, cols // self.group, device=device)
+        self.values = torch.zeros(out, cols, device=device)
+
+    def fit(self, g: int, columns: torch.Tensor) -> None:
+        if self.dtype in MX_ELEMENT:
+            self.scale[:, g] = power_of_two(mse_round_exponent(columns, self.element)).reshape(-1)
+        else:
+            self.scale[:, g] = fp8_scale(columns.abs().amax(dim=1))
+
+    def round(self, column: torch.Tensor, index: int, g: int) -> torch.Tensor:
+        s = self.scale[:, g]
+        v = self.round_element(column / s)
+        self.values[:, index] = v
+        return v * s
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        values = self.values.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)
+        codes = encode_fp4_e2m1(values) if self.dtype == "mxfp4" else values.to(torch.float8_e4m3fn)
+        return codes, self.scale, torch.zeros_like(self.scale)
+
+
 @torch.no_grad()
-def gptq_quantize(
-    weight: torch.Tensor,
-    hessian: torch.Tensor,
-    bits: int,
-    symmetric: bool,
-    group_size: int | None = None,
-    block_size: int = 128,
-    percdamp: float = 0.01,
-    act_order: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(codes int8 [out, in], scale [out, n_groups], offset [out, n_groups]) in the layout of
-    `quantize_weight_minmax`."""
+def gptq_on_grid(weight: torch.Tensor, hessian: torch.Tensor, grid: ColumnGrid, block_size: int = 128,
+                 percdamp: float = 0.01, act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ with `grid` as the quantizer; returns grid.result()."""
     w = weight.detach().float().clone()
     out_features, cols = w.shape
     h = hessian.double().to(w.device).clone()
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    group = group_size or cols
-    n_groups = cols // group
-    qmin, qmax = int_range(bits)
-    scale = torch.zeros(out_features, n_groups, device=w.device)
-    offset = torch.zeros(out_features, n_groups, device=w.device)
-    if act_order or group_size is None:  # fixed ranges from the original weights
-        for g in range(n_groups):
-            scale[:, g], offset[:, g] = _params(w[:, g * group:(g + 1) * group], bits, symmetric)
+    group = grid.group
+    fixed_ranges = act_order or group == cols
+    if fixed_ranges:  # from the original weights
+        for g in range(cols // group):
+            grid.fit(g, w[:, g * group:(g + 1) * group])
     perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(cols, device=w.device)
     w, h = w[:, perm], h[perm][:, perm]
     h += percdamp * torch.diagonal(h).mean() * torch.eye(cols, dtype=h.dtype, device=h.device)
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
-    if group_size and not act_order:  # a group must not straddle two blocks: its range is taken at its start
+    if not fixed_ranges:  # a group must not straddle two blocks: its range is taken at its start
         block_size = group * max(1, block_size // group)
-    codes = torch.zeros(out_features, cols, dtype=torch.int8, device=w.device)
     order = perm.tolist()
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)
@@ -73,13 +135,26 @@ def gptq_quantize(
         for i in range(end - start):
             column = order[start + i]
             g = column // group
-            if group_size and not act_order and column % group == 0:
-                scale[:, g], offset[:, g] = _params(block[:, i:i + group], bits, symmetric)
-            s, o = scale[:, g], offset[:, g]
-            q = (torch.round(block[:, i] / s) + o).clamp(qmin, qmax)
-            codes[:, column] = q.to(torch.int8)
-            err = (block[:, i] - (q - o) * s) / u[start + i, start + i]
+            if not fixed_ranges and column % group == 0:
+                grid.fit(g, block[:, i:i + group])
+            err = (block[:, i] - grid.round(block[:, i], column, g)) / u[start + i, start + i]
             block[:, i:] -= err.unsqueeze(1) * u[start + i, start + i:end].unsqueeze(0)
             errors[:, i] = err
         w[:, end:] -= errors @ u[start:end, end:]
-    return codes, scale, offset
+    return grid.result()
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, symmetric: bool,
+                  group_size: int | None = None, block_size: int = 128, percdamp: float = 0.01,
+                  act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Integer GPTQ: (codes int8 [out, in], scale [out, n_groups], offset [out, n_groups]) in the layout of
+    `quantize_weight_minmax`."""
+    grid = IntGrid(*weight.shape, bits, symmetric, group_size, weight.device)
+    return gptq_on_grid(weight, hessian, grid, block_size, percdamp, act_order)
+
+
+def gptq_quantize_float(weight: torch.Tensor, hessian: torch.Tensor, dtype: str, block_size: int = 128,
+                        percdamp: float = 0.01, act_order: bool = False):
+    """GPTQ on the fp8_e4m3 / mxfp8 / mxfp4 grid: (codes, scale, zero offset) as `quantize_weight_float`."""
+    return gptq_on_grid(weight, hessian, FloatGrid(*weight.shape, dtype, weight.device), block_size, percdamp,
+                        act_order)

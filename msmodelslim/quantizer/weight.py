@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 from msmodelslim.quantizer.float_formats import code_values, quantize_weight_float
-from msmodelslim.quantizer.gptq import gptq_quantize
+from msmodelslim.quantizer.gptq import gptq_quantize, gptq_quantize_float
 from msmodelslim.quantizer.lowbit_sparse import lowbit_sparse_quantize
 from msmodelslim.quantizer.mx_methods import ceil_x_exponent, ceil_x_search, mse_round_exponent
 from msmodelslim.quantizer.primitives import dequantize_weight, quantize_weight_minmax
@@ -17,7 +17,12 @@ from msmodelslim.quantizer.ssz import ssz_quantize
 def quantize_weight(w: torch.Tensor, spec: QConfig, hessian: Optional[torch.Tensor] = None):
     """(codes [out, in], scale [out, n_groups], offset [out, n_groups]); gptq needs the input Hessian. Codes are
     int8 for the integer dtypes, float8_e4m3fn for fp8_e4m3/mxfp8 and uint8 E2M1 codes for mxfp4."""
+    if spec.method == "gptq" and hessian is None:
+        raise ValueError("gptq needs the Hessian of the layer's calibration inputs")
     if spec.dtype.element is not None:  # fp8_e4m3 / mxfp8 / mxfp4: round to nearest on the float grid
+        if spec.method == "gptq":
+            return gptq_quantize_float(w, hessian, spec.dtype.value, spec.option("block_size"),
+                                       spec.option("percdamp"), spec.option("act_order"))
         exponent = None  # the OCP shared exponent (minmax)
         if spec.method == "mse_round":
             exponent = mse_round_exponent(w)
@@ -35,8 +40,6 @@ def quantize_weight(w: torch.Tensor, spec: QConfig, hessian: Optional[torch.Tens
         return lowbit_sparse_quantize(w, spec.option("w_bit"), spec.option("fraction"), spec.option("use_sigma"),
                                       spec.option("sigma_factor"))
     if spec.method == "gptq":
-        if hessian is None:
-            raise ValueError("gptq needs the Hessian of the layer's calibration inputs")
         return gptq_quantize(w, hessian, bits, spec.symmetric, group, spec.option("block_size"),
                              spec.option("percdamp"), spec.option("act_order"))
     return quantize_weight_minmax(w, bits, spec.symmetric, group)

@@ -98,6 +98,17 @@ class AscendV1Writer:
             for tensor_name, tensor in own_tensors(name, module):
                 self.add_float(tensor_name, tensor)
 
+    # ---- resume (core/resume.py) ------------------------------------------------------------------------
+    def resume_state(self) -> dict:
+        """Everything this writer has accumulated, as JSON, after its bytes were made durable."""
+        self.shards.sync()
+        return {"shards": self.shards.state(), "description": self.description, "group_sizes": sorted(self.group_sizes)}
+
+    def restore_state(self, state: dict) -> None:
+        self.shards.restore(state["shards"])
+        self.description = dict(state["description"])
+        self.group_sizes = set(state["group_sizes"])
+
     # ---- files -------------------------------------------------------------------------------------------
     def finish(self, source_dir: Path, edits: OutputEdits | None = None) -> dict:
         """Write the remaining shard, the index and the description; copy the model's config/tokenizer files;

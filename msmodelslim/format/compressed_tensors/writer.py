@@ -98,6 +98,21 @@ class CompressedTensorsWriter:
             for tensor_name, tensor in own_tensors(name, module):
                 self.add_float(tensor_name, tensor)
 
+    # ---- resume (core/resume.py) ------------------------------------------------------------------------
+    def resume_state(self) -> dict:
+        """Everything this writer has accumulated, as JSON, after its bytes were made durable."""
+        self.shards.sync()
+        groups = [[key, scheme.model_dump(mode="json"), names] for key, (scheme, names) in self.groups.items()]
+        return {"shards": self.shards.state(), "groups": groups, "passthrough_linears": self.passthrough_linears,
+                "kv_cache": self.kv_cache}
+
+    def restore_state(self, state: dict) -> None:
+        self.shards.restore(state["shards"])
+        self.groups = {key: (QuantizationScheme.model_validate(scheme), list(names))
+                       for key, scheme, names in state["groups"]}
+        self.passthrough_linears = list(state["passthrough_linears"])
+        self.kv_cache = state["kv_cache"]
+
     def quantization_config(self, ignore: list[str]) -> dict:
         groups = {}
         for i, (scheme, names) in enumerate(self.groups.values()):

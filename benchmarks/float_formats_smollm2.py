@@ -1,0 +1,75 @@
+"""FP8 and MX formats on the real SmolLM2-135M-Instruct with llm-compressor's floating-point presets in the
+same run (issue #22; run by hand, not in CI).
+
+Same protocol as side_by_side.py: --calib_windows windows of 512 tokens of the calibration half for both tools,
+perplexity on 40 x 512 tokens of the evaluation half. Ours quantize layer-wise through the real CLI in a child
+process and are read back by our ascendv1 reader, which quantizes activations at run time as the kernels do
+(per token for FP8, per block of 32 for MX). llm-compressor's presets run in its own environment and are
+scored in memory after oneshot (its fake-quantized forward).
+
+    python benchmarks/float_formats_smollm2.py --peer_python /tmp/lcvenv/bin/python --float_ppl 17.3552
+
+Peer presets (compressed-tensors 0.19): fp8_dynamic (E4M3 weights per channel, activations per token),
+mxfp8, mxfp4 / mxfp4a16 (E2M1 in blocks of 32, E8M0 scales), nvfp4 / nvfp4a16 (E2M1 in blocks of 16, FP8
+scales under a per-tensor global scale); `gptq_<preset>` runs GPTQModifier with that preset.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from side_by_side import protocol, run_peer  # noqa: E402
+from smollm2_accuracy import SCHEMES, quantize_in_child, write_config  # noqa: E402
+
+OURS = ("fp8_dynamic,fp8_dynamic_gptq,sq0.5+fp8_dynamic,w8a8_mxfp8,w8a8_mxfp8_mse_round,w8a8_mxfp8_gptq,"
+        "w4a16_mxfp4,w4a16_mxfp4_ceil_x,w4a16_mxfp4_gptq,w4a4_mxfp4,w4a4_mxfp4_gptq,quarot+w4a4_mxfp4,"
+        "quarot+w4a4_mxfp4_gptq")
+PEERS = "fp8_dynamic,mxfp8,mxfp4a16,nvfp4a16,gptq_mxfp4a16,gptq_nvfp4a16,mxfp4,nvfp4"
+
+
+def main() -> None:
+    from msmodelslim.app.evaluate import perplexity
+    from msmodelslim.format.ascendv1.reader import load_ascendv1
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--peer_python", type=Path, required=True, help="python of llm-compressor's environment")
+    parser.add_argument("--work_dir", type=Path, default=Path.home() / ".cache" / "msmodelslim" / "float_formats")
+    parser.add_argument("--windows", type=int, default=40)
+    parser.add_argument("--calib_windows", type=int, default=128)
+    parser.add_argument("--float_ppl", type=float, default=None,
+                        help="the float model's perplexity on the same windows, from an earlier run (skips it)")
+    parser.add_argument("--ours", default=OURS, help="comma-separated scheme names of smollm2_accuracy.py")
+    parser.add_argument("--peers", default=PEERS, help="comma-separated llm-compressor recipes (see the docstring)")
+    args = parser.parse_args()
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    model_dir, eval_path, windows, float_ppl, calib = protocol(args.work_dir, args.windows, args.calib_windows,
+                                                                   args.float_ppl)
+    table = []
+    for name in (n for n in args.ours.split(",") if n):
+        config = args.work_dir / f"{name}.yaml"
+        write_config(config, SCHEMES[name], str(calib), "layer_wise")
+        out = args.work_dir / f"smollm2-{name}"
+        seconds, rss = quantize_in_child(model_dir, config, out)
+        ppl = perplexity(load_ascendv1(out), windows, torch.device("cpu"), name).perplexity
+        print(f"msmodelslim {name}: ppl {ppl:.4f} (x{ppl / float_ppl:.4f}), {seconds:.1f} s, {rss:.0f} MiB", flush=True)
+        table.append(("msmodelslim", name, ppl, seconds, rss))
+    for recipe in (r for r in args.peers.split(",") if r):
+        result = run_peer(args.peer_python, model_dir, calib, eval_path, recipe, args.windows)
+        print(f"llm-compressor {recipe}: ppl {result['ppl']:.4f} (x{result['ppl'] / float_ppl:.4f}), "
+              f"{result['seconds']:.1f} s, {result['peak_rss_mib']:.0f} MiB", flush=True)
+        table.append(("llm-compressor", recipe, result["ppl"], result["seconds"], result["peak_rss_mib"]))
+
+    print("\n| tool | scheme | perplexity | vs float | quantize wall s | peak RSS MiB |")
+    print("|---|---|---|---|---|---|")
+    print(f"| - | float (fp32) | {float_ppl:.4f} | 1.0000 | - | - |")
+    for tool, name, ppl, seconds, rss in table:
+        print(f"| {tool} | {name} | {ppl:.4f} | {ppl / float_ppl:.4f} | {seconds:.1f} | {rss:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

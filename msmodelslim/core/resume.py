@@ -1,0 +1,237 @@
+"""Resume a killed layer_wise (or model_wise) run from its last finished block (`quant --resume`, issue #23).
+
+After each finished block the runner records a checkpoint in the staging directory (`.resume/` inside it):
+- `inputs-NNNNN.safetensors`: the calibration hidden states every live batch feeds block NNNNN (the next one), as
+  the previous block's forward produced them: the only state that passes between blocks;
+- `state.json`, replaced atomically (write, fsync, rename, fsync the directory) after the inputs are durable: the
+  index of the next block, how many batches are still live (early stopping drops batches), the writer's state
+  (shards closed so far, the open shard's length, its description/scheme bookkeeping) and the run's fingerprint.
+
+Nothing else crosses blocks: the processors' cross-block state is rebuilt exactly by a fresh run's planning and
+`prepare_model` (quarot's rotation is a function of its seed and the float embeddings; fa3_quant's attention list
+comes from the plan), and each processor's statistics are per block. So `--resume` plans and loads as a fresh run
+does, fast-forwards every batch's forward generator to the next block with the saved hidden states, restores the
+writer (cutting off what the killed run appended after the checkpoint) and goes on: the output is byte-identical to
+an uninterrupted run and no finished block is computed or written again.
+
+The fingerprint covers what decides the bytes: the normalized config, the model files (content of the small ones:
+config, tokenizer, index; name, size and mtime of the weights), the calibration texts, msmodelslim's source files,
+and the runtime (torch/transformers versions, runner, device). A checkpoint whose fingerprint differs is refused,
+naming the parts that differ.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from msmodelslim.core.errors import ConfigError
+from msmodelslim.core.logging import get_logger
+from msmodelslim.format.shards import fsync_path
+from msmodelslim.format.staging import RESUME_STATE
+
+log = get_logger("resume")
+
+FORMAT_VERSION = 1
+SMALL_FILE_BYTES = 16 << 20  # model files up to this size are hashed by content (config, tokenizer, index)
+INTERVAL_ENV = "MSMODELSLIM_CHECKPOINT_SECONDS"  # least seconds between two checkpoints; "off": none
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+
+
+# ---- fingerprint ---------------------------------------------------------------------------------------------
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _model_files(model_path: Path) -> dict[str, str]:
+    """{file name: content hash (small files) or size and mtime (weights)} of the model directory, recursively."""
+    files = {}
+    for path in sorted(p for p in model_path.rglob("*") if p.is_file() and ".cache" not in p.parts):
+        stat = path.stat()
+        name = str(path.relative_to(model_path))
+        files[name] = (_sha256(path.read_bytes()) if stat.st_size <= SMALL_FILE_BYTES
+                       else f"{stat.st_size} bytes, mtime {stat.st_mtime_ns}")
+    return files
+
+
+def _code_hash() -> str:
+    """msmodelslim's own source and data files: a changed line may change the bytes it writes."""
+    digest = hashlib.sha256()
+    for path in sorted(PACKAGE_DIR.rglob("*")):
+        if path.is_file() and path.suffix in (".py", ".ini", ".yaml", ".json", ".txt"):
+            digest.update(str(path.relative_to(PACKAGE_DIR)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def _runtime(runner: str, device: str) -> str:
+    import transformers
+
+    return (f"runner {runner} on {device}, python {sys.version.split()[0]}, torch {torch.__version__}, "
+            f"transformers {transformers.__version__}")
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    config: str
+    model_files: dict[str, str]
+    data: str
+    code: str
+    runtime: str
+
+    @classmethod
+    def of_run(cls, config: dict, model_path: Path, texts: list[str], runner: str, device: str) -> "Fingerprint":
+        """`config`: the practice as the saved `*_best_practice.yaml` holds it (normalized by pydantic)."""
+        return cls(_sha256(json.dumps(config, sort_keys=True).encode()), _model_files(model_path),
+                   _sha256(json.dumps(texts).encode()), _code_hash(), _runtime(runner, device))
+
+    def to_json(self) -> dict:
+        return {"config": self.config, "model_files": self.model_files, "data": self.data, "code": self.code,
+                "runtime": self.runtime}
+
+    def differences(self, recorded: dict) -> list[str]:
+        """What differs between this run and the one that wrote `recorded`, one phrase per part."""
+        out = []
+        if recorded.get("config") != self.config:
+            out.append("the config (spec and metadata, after defaults are filled in)")
+        before = recorded.get("model_files") or {}
+        changed = sorted(n for n in set(before) | set(self.model_files) if before.get(n) != self.model_files.get(n))
+        if changed:
+            out.append(f"the model files ({', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''})")
+        if recorded.get("data") != self.data:
+            out.append("the calibration data")
+        if recorded.get("code") != self.code:
+            out.append("msmodelslim's code (another version or edited source)")
+        if recorded.get("runtime") != self.runtime:
+            out.append(f"the runtime (was: {recorded.get('runtime')}; now: {self.runtime})")
+        return out
+
+
+# ---- reading a checkpoint ------------------------------------------------------------------------------------
+@dataclass
+class ResumePoint:
+    """Where a killed run stopped: everything the runner needs to go on with block `next_block`."""
+
+    staging: Path
+    next_block: int
+    live_batches: int
+    inputs: Optional[Path]  # the hidden states block `next_block` receives (None: no calibration, or no next block)
+    writer_state: dict
+
+    def load_inputs(self, device: torch.device) -> list[torch.Tensor]:
+        if self.inputs is None:
+            return []
+        tensors = load_file(self.inputs)
+        return [tensors[f"batch{i}"].to(device) for i in range(self.live_batches)]
+
+
+def read_checkpoint(staging: Path, fingerprint: Fingerprint, block_names: list[str]) -> ResumePoint:
+    """The checkpoint of `staging`, checked against this run; a ConfigError says why it cannot be continued."""
+    try:
+        state = json.loads((staging / RESUME_STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--resume: the checkpoint {staging / RESUME_STATE} is unreadable ({exc}); rerun without "
+                          f"--resume to start over") from None
+    if state.get("format") != FORMAT_VERSION:
+        raise ConfigError(f"--resume: the checkpoint in {staging} was written in checkpoint format "
+                          f"{state.get('format')}, this version reads {FORMAT_VERSION}; rerun without --resume")
+    differences = fingerprint.differences(state.get("fingerprint", {}))
+    if not differences and state.get("block_names") != block_names:
+        differences = ["the model's blocks"]
+    if differences:
+        raise ConfigError(f"--resume refused: the interrupted run in {staging} was made with different "
+                          f"{'; '.join(differences)}. Its finished blocks would not be what this run computes, so "
+                          f"nothing was changed; rerun without --resume to start over (that removes it)")
+    inputs = state["inputs"]
+    return ResumePoint(staging, state["next_block"], state["live_batches"],
+                       staging / RESUME_STATE.parent / inputs if inputs else None, state["writer"])
+
+
+def describe(point: ResumePoint, total_blocks: int) -> str:
+    return f"{point.next_block} of {total_blocks} blocks finished"
+
+
+# ---- writing checkpoints -------------------------------------------------------------------------------------
+def checkpoint_interval() -> Optional[float]:
+    """Least seconds between two block checkpoints (None: no checkpoints), from the environment."""
+    raw = os.environ.get(INTERVAL_ENV, "0").strip().lower()
+    if raw == "off":
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise ConfigError(f"{INTERVAL_ENV}={raw!r}: expected a number of seconds >= 0 (0: after every block) or "
+                          f"'off' (no checkpoints: a killed run cannot be resumed)")
+    return seconds
+
+
+class BlockCheckpoints:
+    """Writes the checkpoint after a finished block (at most one per `MSMODELSLIM_CHECKPOINT_SECONDS`)."""
+
+    def __init__(self, staging: Path, fingerprint: Fingerprint, block_names: list[str],
+                 interval_s: Optional[float] = 0.0) -> None:
+        self.directory = staging / RESUME_STATE.parent
+        self.fingerprint = fingerprint
+        self.block_names = block_names
+        self.interval_s = interval_s
+        self._last = time.monotonic()
+
+    @classmethod
+    def from_env(cls, staging: Path, fingerprint: Fingerprint, block_names: list[str]) -> "BlockCheckpoints":
+        return cls(staging, fingerprint, block_names, checkpoint_interval())
+
+    def due(self, index: int) -> bool:
+        if self.interval_s is None:
+            return False
+        last_block = index + 1 == len(self.block_names)  # always: it spares a resume all blocks if saving dies
+        return last_block or time.monotonic() - self._last >= self.interval_s
+
+    def save(self, index: int, next_inputs: list[torch.Tensor], live_batches: int, writer) -> None:
+        """Block `index` is finished and written: record it. `next_inputs`: block index+1's hidden states per
+        live batch (empty after the last block or without calibration)."""
+        self.directory.mkdir(exist_ok=True)
+        inputs = None
+        if next_inputs:
+            inputs = f"inputs-{index + 1:05d}.safetensors"
+            save_file({f"batch{i}": t.detach().to("cpu").contiguous() for i, t in enumerate(next_inputs)},
+                      self.directory / inputs)
+            fsync_path(self.directory / inputs)
+        state = {"format": FORMAT_VERSION, "next_block": index + 1, "live_batches": live_batches, "inputs": inputs,
+                 "block_names": self.block_names, "fingerprint": self.fingerprint.to_json(),
+                 "writer": writer.resume_state()}
+        tmp = self.directory / (RESUME_STATE.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as file:
+            json.dump(state, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, self.directory / RESUME_STATE.name)
+        fsync_path(self.directory)
+        for stale in self.directory.glob("inputs-*.safetensors"):  # the previous block's, no longer named
+            if stale.name != inputs:
+                stale.unlink()
+        self._last = time.monotonic()
+
+    def discard_later_work(self, staging: Path, point: ResumePoint) -> None:
+        """Before continuing in a killed run's staging directory: remove whatever it wrote after its checkpoint
+        except the shards (the writer's `restore_state` cuts those back) and the checkpoint itself."""
+        for entry in staging.iterdir():
+            if entry.name.startswith((".shard-", ".msmodelslim")) or entry.name == RESUME_STATE.parts[0]:
+                continue
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        for entry in self.directory.iterdir():
+            if entry.name != RESUME_STATE.name and (point.inputs is None or entry.name != point.inputs.name):
+                entry.unlink()
+
+    def remove(self) -> None:
+        """The output is complete: the checkpoint is not part of it."""
+        shutil.rmtree(self.directory, ignore_errors=True)
