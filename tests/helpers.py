@@ -27,6 +27,8 @@ SCHEMES = {
     "w4a16_channel": {"weight": {**W8, "dtype": "int4"}},
     "w4a8_dynamic": {"act": {"dtype": "int8", "scope": "per_token", "symmetric": True, "method": "minmax"},
                      "weight": {**W8, "dtype": "int4"}},
+    "w4a4_dynamic": {"act": {"dtype": "int4", "scope": "per_token", "symmetric": True, "method": "minmax"},
+                     "weight": {**W8, "dtype": "int4"}},
 }
 MODEL_TYPE = {"llama": "Llama-2-7B", "qwen2": "Qwen2.5-7B-Instruct", "qwen3": "Qwen3-8B"}
 

@@ -100,6 +100,11 @@ def dequantized_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, di
             if tag == "W8A8_DYNAMIC":
                 acts[p] = {"kind": "dynamic"}
             used |= {f"{p}.{s}" for s in ("weight", "weight_scale", "weight_offset")}
+        elif tag == "W4A4_DYNAMIC":  # A.4.7: int4 codes one per int8, per-channel scale, per-token int4 input
+            w = t[f"{p}.weight"].float() * t[f"{p}.weight_scale"].float()
+            b = t.get(f"{p}.bias")
+            acts[p] = {"kind": "dynamic_int4"}
+            used |= {f"{p}.{s}" for s in ("weight", "weight_scale", "weight_offset")}
         elif tag == "W4A8_DYNAMIC":
             q = _unpack_rows(t[f"{p}.weight"])
             w = q * t[f"{p}.weight_scale"].float()
@@ -292,7 +297,13 @@ def _mx(x: torch.Tensor, element: str) -> torch.Tensor:
 
 
 # activation kind -> what the kernel does to the input at run time
-RUNTIME_QUANT = {"dynamic": _per_token_int8, "dynamic_fp8": _per_token_fp8,
+def _per_token_int4(x: torch.Tensor) -> torch.Tensor:
+    """W4A4_DYNAMIC (formats.md A.4.7): s_t = max|x_t| / 7, codes round(x / s_t) clamped to -8..7."""
+    s = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-30) / 7
+    return torch.clamp(torch.round(x / s), -8, 7) * s
+
+
+RUNTIME_QUANT = {"dynamic": _per_token_int8, "dynamic_int4": _per_token_int4, "dynamic_fp8": _per_token_fp8,
                  "dynamic_mxfp8": lambda x: _mx(x, "e4m3"), "dynamic_mxfp4": lambda x: _mx(x, "e2m1")}
 MX_ACT_KIND = {"W8A8_MXFP8": "dynamic_mxfp8", "W4A8_MXFP": "dynamic_mxfp8", "W4A4_MXFP4": "dynamic_mxfp4",
                "W4A16_MXFP4": "float"}

@@ -19,7 +19,7 @@ from msmodelslim.quantizer.primitives import dequantize_weight, fake_quantize, q
 from msmodelslim.quantizer.scheme import Scheme
 
 WEIGHT_BITS = {Scheme.W8A8: 8, Scheme.W8A8_DYNAMIC: 8, Scheme.W8A16: 8, Scheme.W4A16: 4, Scheme.W4A8_DYNAMIC: 4,
-               Scheme.W8A8_MIX: 8, Scheme.W8A8S: 8, Scheme.W8A8FP8_DYNAMIC: 8, Scheme.W8A8_MXFP8: 8,
+               Scheme.W4A4_DYNAMIC: 4, Scheme.W8A8_MIX: 8, Scheme.W8A8S: 8, Scheme.W8A8FP8_DYNAMIC: 8, Scheme.W8A8_MXFP8: 8,
                Scheme.W4A8_MXFP: 4, Scheme.W4A4_MXFP4: 4, Scheme.W4A16_MXFP4: 4}
 # How each floating-point scheme holds its weight codes (int schemes hold int8 codes) and what its kernel does
 # to the input at run time: per-token FP8, or MX per block of 32 with this element format.
@@ -83,6 +83,8 @@ class QuantLinear(nn.Module):
             return quantize_per_token_dynamic(x, 8)
         if self.scheme in (Scheme.W8A8_DYNAMIC, Scheme.W4A8_DYNAMIC):
             return quantize_per_token_dynamic(x, 8)
+        if self.scheme == Scheme.W4A4_DYNAMIC:  # s_t = max|x_t| / 7, codes clamped to -8..7
+            return quantize_per_token_dynamic(x, 4)
         if self.scheme == Scheme.W8A8FP8_DYNAMIC:
             return fp8_fake_quantize_per_token(x)
         if self.scheme in MX_ACT:

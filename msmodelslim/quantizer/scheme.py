@@ -208,6 +208,7 @@ class Scheme(str, enum.Enum):
     W8A16 = "W8A16"  # int8 weights only
     W4A16 = "W4A16"  # int4 weights only
     W4A8_DYNAMIC = "W4A8_DYNAMIC"  # int4 weights, per-token int8 activations
+    W4A4_DYNAMIC = "W4A4_DYNAMIC"  # int4 weights per channel, per-token int4 activations (formats.md A.4.7)
     W8A8_MIX = "W8A8_MIX"  # PD-mix: W8A8 static on decode nodes, W8A8 dynamic on the others (formats.md A.4.2)
     W8A8S = "W8A8S"  # W8A8 static whose int8 weights are low-bit sparse (method lowbit_sparse; formats.md A.4.11)
     # Floating-point schemes (formats.md A.4.9, A.4.10); activations are always quantized at run time.
@@ -242,6 +243,7 @@ SUPPORTED_PAIRS = """supported (act -> weight) pairs:
   int8 per_tensor minmax        -> int8 per_channel symmetric (W8A8 static)
   int8 per_token symmetric      -> int8 per_channel|per_group symmetric (W8A8_DYNAMIC)
   int8 per_token symmetric      -> int4 per_channel symmetric (W4A8_DYNAMIC)
+  int4 per_token symmetric      -> int4 per_channel symmetric (W4A4_DYNAMIC; low-bit activations want quarot first)
   int8 pd_mix minmax            -> int8 per_channel symmetric (W8A8_MIX: static on decode, dynamic on prefill)
   int8 per_tensor minmax        -> int8 per_channel symmetric, method lowbit_sparse (W8A8S)
   fp8_e4m3 per_token            -> fp8_e4m3 per_channel (W8A8FP8_DYNAMIC)
@@ -295,6 +297,12 @@ def resolve_scheme(act: QConfig, weight: QConfig) -> Scheme:
             return Scheme.W8A8_DYNAMIC
         if w.dtype == QDType.int4 and w.symmetric and w.scope == QScope.per_channel:
             return Scheme.W4A8_DYNAMIC
+    elif a.dtype == QDType.int4 and a.scope == QScope.per_token and a.symmetric:
+        if w.dtype == QDType.int4 and w.symmetric and w.scope == QScope.per_channel:
+            return Scheme.W4A4_DYNAMIC
+        if w.dtype == QDType.int4 and w.scope == QScope.per_group:
+            raise ValueError("W4A4_DYNAMIC with per-group int4 weights does not load in vLLM-Ascend (formats.md "
+                             "A.4.7: only [N, 1] weight scales); use weight scope per_channel, symmetric")
     describe = lambda q: "float" if q.is_float else f"{q.dtype.value} {q.scope.value} {'sym' if q.symmetric else 'asym'}"
     raise ValueError(f"act {describe(a)} with weight {describe(w)} has no deployable kernel; {SUPPORTED_PAIRS}")
 

@@ -99,6 +99,16 @@ def _check_linear(prefix: str, tag: str, t: dict[str, torch.Tensor], model_dtype
                 err("W8A8_DYNAMIC weights must be symmetric (weight_offset all zero)")
             else:
                 warn(f"asymmetric W8A16: {ENGINE} applies the offset with the opposite sign; use symmetric weights there")
+    elif tag == "W4A4_DYNAMIC":  # formats.md A.4.7: int4 codes unpacked in int8, per-channel f32 scales
+        w = need("weight", torch.int8, None)
+        if w is None or w.dim() != 2:
+            return f
+        need("weight_scale", torch.float32, [w.shape[0], 1])
+        offset = need("weight_offset", torch.float32, [w.shape[0], 1])
+        if not bool(((w >= -8) & (w <= 7)).all()):
+            err("W4A4_DYNAMIC weight holds codes outside the int4 range -8..7")
+        if offset is not None and bool(offset.abs().sum() > 0):
+            err("W4A4_DYNAMIC weights must be symmetric (the engine ignores weight_offset)")
     elif tag == "W4A8_DYNAMIC":
         w = need("weight", torch.int8, None)
         if w is None:

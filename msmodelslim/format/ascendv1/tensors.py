@@ -101,6 +101,10 @@ def linear_tensors(ir: QuantLinear, model_dtype: torch.dtype, row_parallel: bool
         out["weight_scale"] = (ir.weight_scale, tag)
         out["weight_offset"] = (zeros, tag)
         out["scale_bias"] = (scale_bias(ir.dequantized_weight(), row_parallel), tag)
+    elif ir.scheme == Scheme.W4A4_DYNAMIC:  # formats.md A.4.7: int4 codes one per int8 byte, f32 [N, 1] scales
+        out["weight"] = (ir.qweight, tag)
+        out["weight_scale"] = (ir.weight_scale, tag)
+        out["weight_offset"] = (zeros, tag)
     elif ir.scheme == Scheme.W4A16:
         # The layout vLLM-Ascend reads for W4A16 (compressed-tensors packing, symmetric). The scale stays float32:
         # the engine casts it to its parameter dtype on load, and our reader keeps full precision.
@@ -142,6 +146,7 @@ REQUIRED_SUFFIXES: dict[str, frozenset[str]] = {
     Scheme.W8A8_DYNAMIC.value: frozenset({"weight", "weight_scale", "weight_offset"}),
     Scheme.W8A16.value: frozenset({"weight", "weight_scale", "weight_offset"}),
     Scheme.W4A8_DYNAMIC.value: frozenset({"weight", "weight_scale", "weight_offset"}),
+    Scheme.W4A4_DYNAMIC.value: frozenset({"weight", "weight_scale", "weight_offset"}),
     Scheme.W4A16.value: frozenset({"weight_packed", "weight_scale", "weight_shape"}),
     W16A16S: frozenset({"weight"}),
     Scheme.W8A8FP8_DYNAMIC.value: frozenset({"weight", "weight_scale", "weight_offset"}),
@@ -182,7 +187,7 @@ def linear_from_tensors(tag: str, t: dict[str, torch.Tensor]) -> QuantLinear | S
             bias = (t["quant_bias"].float() + o_in * q.to(torch.int64).sum(dim=1).float()) * deq
         scale = t["weight_scale"].float()
         return QuantLinear(scheme, q, scale, torch.zeros_like(scale), bias, s_in, o_in)
-    if scheme in (Scheme.W8A8_DYNAMIC, Scheme.W8A16):
+    if scheme in (Scheme.W8A8_DYNAMIC, Scheme.W8A16, Scheme.W4A4_DYNAMIC):
         return QuantLinear(scheme, t["weight"], t["weight_scale"].float(), t["weight_offset"].float(), bias)
     if scheme == Scheme.W4A8_DYNAMIC:
         q = unpack_int4_rows(t["weight"])

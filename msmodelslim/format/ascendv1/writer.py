@@ -33,7 +33,7 @@ INDEX = f"{WEIGHTS}.safetensors.index.json"
 # compression tool reads it to find W8A8S models, so W8A8S ranks first, as the established v0 writer reports it).
 # The floating-point types follow the established order (formats.md A.2); W4A16_MXFP4 sits with W4A16.
 TYPE_PRIORITY = ["FLOAT", "W16A16S", "W8A16", "W4A16", "W4A16_MXFP4", "W8A8_DYNAMIC", "W4A8_DYNAMIC", "W8A8_MIX",
-                 "W8A8", "W8A8FP8_DYNAMIC", "W8A8_MXFP8", "W4A8_MXFP", "W4A4_MXFP4", "W8A8S"]
+                 "W8A8", "W8A8FP8_DYNAMIC", "W8A8_MXFP8", "W4A8_MXFP", "W4A4_DYNAMIC", "W4A4_MXFP4", "W8A8S"]
 
 
 class AscendV1Writer:

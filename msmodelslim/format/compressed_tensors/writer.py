@@ -47,6 +47,8 @@ class CompressedTensorsWriter:
                             "minmax/ssz/gptq for compressed_tensors",
                    "W16A16S": "float_sparse (W16A16S) is an Ascend 310P scheme (compressed to W16A16SC there) with no "
                               "compressed-tensors equivalent; save with ascendv1_saver",
+                   "W4A4_DYNAMIC": "int4 per-token activations (W4A4_DYNAMIC) have no kernel in vLLM (its only W4A4 "
+                                   "compressed-tensors scheme is NVFP4); save with ascendv1_saver",
                    **{tag: f"{tag} is not written in compressed-tensors yet (the library's mxfp8-quantized / "
                            f"mxfp4-pack-quantized formats: transformers with compressed-tensors 0.20 does not "
                            f"decompress them faithfully on the CPU, so a written checkpoint could not be verified); "
