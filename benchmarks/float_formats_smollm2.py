@@ -45,12 +45,14 @@ def main() -> None:
                         help="the float model's perplexity on the same windows, from an earlier run (skips it)")
     parser.add_argument("--ours", default=OURS, help="comma-separated scheme names of smollm2_accuracy.py")
     parser.add_argument("--peers", default=PEERS, help="comma-separated llm-compressor recipes (see the docstring)")
+    parser.add_argument("--peers_first", action="store_true", help="run llm-compressor's recipes before ours")
     args = parser.parse_args()
     args.work_dir.mkdir(parents=True, exist_ok=True)
     model_dir, eval_path, windows, float_ppl, calib = protocol(args.work_dir, args.windows, args.calib_windows,
                                                                    args.float_ppl)
     table = []
-    for name in (n for n in args.ours.split(",") if n):
+
+    def run_ours(name: str) -> None:
         config = args.work_dir / f"{name}.yaml"
         write_config(config, SCHEMES[name], str(calib), "layer_wise")
         out = args.work_dir / f"smollm2-{name}"
@@ -58,11 +60,18 @@ def main() -> None:
         ppl = perplexity(load_ascendv1(out), windows, torch.device("cpu"), name).perplexity
         print(f"msmodelslim {name}: ppl {ppl:.4f} (x{ppl / float_ppl:.4f}), {seconds:.1f} s, {rss:.0f} MiB", flush=True)
         table.append(("msmodelslim", name, ppl, seconds, rss))
-    for recipe in (r for r in args.peers.split(",") if r):
+
+    def run_theirs(recipe: str) -> None:
         result = run_peer(args.peer_python, model_dir, calib, eval_path, recipe, args.windows)
         print(f"llm-compressor {recipe}: ppl {result['ppl']:.4f} (x{result['ppl'] / float_ppl:.4f}), "
               f"{result['seconds']:.1f} s, {result['peak_rss_mib']:.0f} MiB", flush=True)
         table.append(("llm-compressor", recipe, result["ppl"], result["seconds"], result["peak_rss_mib"]))
+
+    ours = [n for n in args.ours.split(",") if n]
+    peers = [r for r in args.peers.split(",") if r]
+    for name, run in ([(r, run_theirs) for r in peers] + [(n, run_ours) for n in ours] if args.peers_first
+                      else [(n, run_ours) for n in ours] + [(r, run_theirs) for r in peers]):
+        run(name)
 
     print("\n| tool | scheme | perplexity | vs float | quantize wall s | peak RSS MiB |")
     print("|---|---|---|---|---|---|")
