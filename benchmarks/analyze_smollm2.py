@@ -91,7 +91,7 @@ def main() -> None:
         print(f"{label}: ppl {ppl:.4f} (x{ppl / float_ppl:.4f} of float), quantize {seconds:.1f} s; "
               f"{yaml.safe_dump(rule, default_flow_style=True).strip()}", flush=True)
 
-    print(f"\n| run (static W8A8, layer_wise) | blocks | perplexity | vs float |")
+    print("\n| run (static W8A8, layer_wise) | blocks | perplexity | vs float |")
     print("|---|---|---|---|")
     print(f"| float | - | {float_ppl:.4f} | 1.0000 |")
     for label, rule, ppl, _ in rows:

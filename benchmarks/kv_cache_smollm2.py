@@ -70,13 +70,13 @@ def read_back(out: Path, saver: str):
 
 def peer_reads(peer_python: Path, out: Path, eval_path: Path, windows: int) -> float:
     """Perplexity of our compressed-tensors output as transformers + compressed-tensors run it (peer's venv)."""
-    code = ("import sys, json, torch; sys.path.insert(0, sys.argv[1]);"
+    code = ("import sys, json, torch; from pathlib import Path; sys.path.insert(0, sys.argv[1]);"
             "from transformers import AutoModelForCausalLM, AutoTokenizer;"
             "from msmodelslim.app.evaluate import perplexity, token_windows;"
             "from msmodelslim.core.dataset import read_texts;"
             "m = AutoModelForCausalLM.from_pretrained(sys.argv[2], dtype=torch.float32);"
             "assert hasattr(m.model.layers[0].self_attn, 'k_scale'), 'k_scale not loaded';"
-            "w = token_windows(AutoTokenizer.from_pretrained(sys.argv[2]), read_texts(sys.argv[3]), 512, int(sys.argv[4]));"
+            "w = token_windows(AutoTokenizer.from_pretrained(sys.argv[2]), read_texts(Path(sys.argv[3])), 512, int(sys.argv[4]));"
             "print(json.dumps({'ppl': perplexity(m, w, torch.device('cpu'), 'peer').perplexity}))")
     proc = subprocess.run([str(peer_python), "-c", code, str(ROOT), str(out), str(eval_path), str(windows)],
                           capture_output=True, text=True)
@@ -99,6 +99,7 @@ def main() -> None:
                         help="also read our compressed-tensors output with transformers + compressed-tensors (peer venv)")
     parser.add_argument("--rows", default=",".join(ours()), help="comma-separated, from: " + ", ".join(ours()))
     parser.add_argument("--peer", default=DEFAULT_PEER, help="comma-separated, from: " + ", ".join(PEER))
+    parser.add_argument("--peers_first", action="store_true", help="run llm-compressor's recipes before ours")
     args = parser.parse_args()
     args.work_dir.mkdir(parents=True, exist_ok=True)
     model_dir, eval_path, windows, float_ppl, calib = protocol(args.work_dir, args.windows, args.calib_windows,
@@ -106,7 +107,8 @@ def main() -> None:
 
     table = []
     schemes = ours()
-    for i, name in enumerate(n for n in args.rows.split(",") if n):
+
+    def run_ours(i: int, name: str) -> None:
         process, saver = schemes[name]
         config = args.work_dir / f"ours{i}.yaml"
         write_config(config, process, str(calib), "layer_wise", saver)
@@ -119,11 +121,17 @@ def main() -> None:
         print(f"msmodelslim {name}: ppl {ppl:.4f} (x{ppl / float_ppl:.4f}), {seconds:.1f} s, {rss:.0f} MiB {note}",
               flush=True)
         table.append(("msmodelslim", name, ppl, seconds, rss, note))
-    for recipe in (r for r in args.peer.split(",") if r):
+
+    def run_theirs(recipe: str) -> None:
         result = run_peer(args.peer_python, model_dir, calib, eval_path, recipe, args.windows)
         print(f"llm-compressor {recipe}: ppl {result['ppl']:.4f}, {result['seconds']:.1f} s, "
               f"{result['peak_rss_mib']:.0f} MiB", flush=True)
         table.append(("llm-compressor", recipe, result["ppl"], result["seconds"], result["peak_rss_mib"], ""))
+
+    mine = [lambda i=i, n=n: run_ours(i, n) for i, n in enumerate(n for n in args.rows.split(",") if n)]
+    peers = [lambda r=r: run_theirs(r) for r in args.peer.split(",") if r]
+    for run in (peers + mine if args.peers_first else mine + peers):
+        run()
 
     print("\n| tool | configuration | perplexity | vs float | quantize wall s | peak RSS MiB | note |")
     print("|---|---|---|---|---|---|---|")

@@ -8,6 +8,8 @@ activations that module's forward is replaced by one that quantizes each expert'
 Families whose published names are not transformers' (MiniMax-M2, Step-3.5-Flash) are renamed to transformers'
 modules first (PUBLISHED_TO_TRANSFORMERS); Kimi-K2's config.json is read as DeepSeek-V3's, Step-3.5's text model
 gets an lm_head here, and LongCat's weightless identity experts get zero gate/up rows (transformers keeps them).
+A type ending in `_SVD` / `_SVD_DYNAMIC` (SVDQuant, formats.md A.4.4) is the inner type's layer plus a float
+branch `(x @ svd_lowrank_l1.T) @ svd_lowrank_l2.T` that reads the unquantized input.
 """
 from __future__ import annotations
 
@@ -73,6 +75,9 @@ def dequantized_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, di
         if not (key.endswith(".weight") or key.endswith(".weight_packed")):
             continue
         p = key.rsplit(".", 1)[0]
+        lowrank = tag.endswith(("_SVD", "_SVD_DYNAMIC"))
+        if lowrank:  # W4A4_MXFP4_SVD -> W4A4_MXFP4, W8A8_SVD_DYNAMIC -> W8A8_DYNAMIC
+            tag = tag.replace("_SVD", "", 1) if tag.endswith("_SVD_DYNAMIC") else tag[: -len("_SVD")]
         if tag in ("W8A8", "W8A8S"):  # W8A8S: the W8A8 tensors, the int8 codes merely sparse
             q, s_in, o_in = t[f"{p}.weight"].float(), t[f"{p}.input_scale"].float(), t[f"{p}.input_offset"].float()
             dq = _deq_scale_f32(t[f"{p}.deq_scale"])
@@ -135,6 +140,11 @@ def dequantized_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, di
             used |= {f"{p}.{s}" for s in ("weight_packed", "weight_scale", "weight_shape")}
         else:
             raise ValueError(tag)
+        if lowrank:  # l1 [r, K] projects the input down, l2 [N, r] back up
+            l1, l2 = t[f"{p}.svd_lowrank_l1"].float(), t[f"{p}.svd_lowrank_l2"].float()
+            assert l1.shape[1] == w.shape[1] and l2.shape[0] == w.shape[0] and l1.shape[0] == l2.shape[1], p
+            acts.setdefault(p, {"kind": "float"})["lowrank"] = (l1, l2)
+            used |= {f"{p}.svd_lowrank_l1", f"{p}.svd_lowrank_l2"}
         state[f"{p}.weight"] = w
         if b is not None:
             state[f"{p}.bias"] = b.float()
@@ -369,7 +379,9 @@ def stack_experts(state: dict[str, torch.Tensor], acts: dict[str, dict]) -> dict
         state[f"{layer}.gate_up_proj"] = torch.stack([torch.cat([experts[e]["gate_proj"], experts[e]["up_proj"]])
                                                      for e in order])
         state[f"{layer}.down_proj"] = torch.stack([experts[e]["down_proj"] for e in order])
-        seen = {acts.pop(f"{layer}.{e}.{p}", {"kind": "float"})["kind"] for e in order for p in experts[e]}
+        infos = [acts.pop(f"{layer}.{e}.{p}", {"kind": "float"}) for e in order for p in experts[e]]
+        assert not any("lowrank" in i for i in infos), f"{layer}: low-rank (_SVD) experts are not modelled here"
+        seen = {i["kind"] for i in infos}
         assert len(seen) == 1 and seen != {"static"}, f"{layer}: experts need one dynamic or float activation"
         kinds[layer] = seen.pop()
     return kinds
@@ -456,10 +468,15 @@ def load_reference_model(path: Path):
             continue
         if info["kind"] == "static":
             s, o = info["scale"], info["offset"]
-            hook = lambda m, a, s=s, o=o: ((torch.clamp(torch.round(a[0] / s + o), -128, 127) - o) * s,)
+            quant = lambda x, s=s, o=o: (torch.clamp(torch.round(x / s + o), -128, 127) - o) * s
         else:
-            hook = lambda m, a, q=RUNTIME_QUANT[info["kind"]]: (q(a[0]),)
-        module.register_forward_pre_hook(hook)
+            quant = RUNTIME_QUANT.get(info["kind"], lambda x: x)  # "float": a weight-only layer with a low-rank pair
+        if "lowrank" in info:  # y = q(x) W^T + b + (x l1^T) l2^T: the float branch sees x itself
+            l1, l2 = info["lowrank"]
+            module.forward = lambda x, m=module, q=quant, l1=l1, l2=l2: (
+                torch.nn.functional.linear(q(x), m.weight, m.bias) + (x @ l1.T) @ l2.T)
+        else:
+            module.register_forward_pre_hook(lambda m, a, q=quant: (q(a[0]),))
     for layer, kind in expert_kinds.items():
         if kind in RUNTIME_QUANT:
             experts = model.get_submodule(layer)

@@ -114,3 +114,176 @@ def test_killed_run_resumes_to_identical_bytes(code, model, dataset, reference, 
     assert computed_blocks(resumed.stderr) == BLOCKS - finished
     assert snapshot(out) == reference[pipeline]
     assert staging_dirs(out) == [] and not (out / ".resume").exists()
+
+
+SAVES = {  # several small shards: closed shards, the open one cut back, the renames taken back
+    "ascendv1 in 30 KB shards": ("ascendv1_saver", 0.00003),
+    "compressed_tensors in 30 KB shards": ("compressed_tensors", 0.00003),
+}
+
+
+@pytest.mark.parametrize("save", list(SAVES))
+@pytest.mark.parametrize("fault", ["block:2", "description"])
+def test_resume_continues_the_shards_of_either_format(code, model, dataset, tmp_path, save, fault):
+    saver, part = SAVES[save]
+    config = write_config(tmp_path, dataset, PIPELINES["iter_smooth+w8a8_static"], save=saver, part_file_size=part)
+    fresh = quant(code, model, tmp_path / "fresh", config)
+    assert fresh.returncode == 0, fresh.stderr
+    expected = snapshot(tmp_path / "fresh")
+    assert sum(name.endswith(".safetensors") for name in expected) > 3  # the case is what it says
+    out = tmp_path / "out"
+    assert quant(code, model, out, config, fault=fault).returncode == -signal.SIGKILL
+    resumed = quant(code, model, out, config, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert computed_blocks(resumed.stderr) == (BLOCKS - 2 if fault == "block:2" else 0)
+    assert snapshot(out) == expected
+
+
+def _wait_for(condition, process: subprocess.Popen, seconds: float = 120) -> bool:
+    """True once `condition` holds; False when the process ended first."""
+    deadline = time.time() + seconds
+    while not condition():
+        if process.poll() is not None:
+            return False
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.01)
+    return True
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_sigkill_at_a_random_moment_then_resume_gives_identical_bytes(code, model, dataset, reference, tmp_path,
+                                                                      seed):
+    """SIGKILL at a random moment after the first checkpoint: among the blocks, inside a checkpoint, or while
+    saving (the tiny model's blocks take milliseconds; benchmarks/resume_smollm2.py does this on SmolLM2)."""
+    config, out = write_config(tmp_path, dataset, PIPELINES["iter_smooth+w8a8_static"]), tmp_path / "out"
+    env = {**os.environ, "MSMODELSLIM_LOG_LEVEL": "warning", "PYTHONPATH": str(code)}
+    argv = ["quant", "--model_path", str(model), "--save_path", str(out), "--device", "cpu", "--model_type",
+            "Llama-2-7B", "--config_path", str(config)]
+    process = subprocess.Popen(PYTHON + argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=code)
+    started = _wait_for(lambda: any((p / RESUME_STATE).is_file() for p in staging_dirs(out)), process)
+    time.sleep(random.Random(seed).uniform(0, 0.3))
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    if out.exists():  # it finished before the signal: nothing to resume, and nothing may be left behind
+        assert staging_dirs(out) == []
+    else:
+        assert started and len(staging_dirs(out)) == 1
+        resumed = quant(code, model, out, config, "--resume")
+        assert resumed.returncode == 0, resumed.stderr
+        assert computed_blocks(resumed.stderr) < BLOCKS
+    assert snapshot(out) == reference["iter_smooth+w8a8_static"]
+
+
+# ---- what is refused, and what happens without --resume -------------------------------------------------------
+def _killed_after_block_1(code: Path, model: Path, config: Path, out: Path) -> Path:
+    assert quant(code, model, out, config, fault="checkpoint:1").returncode == -signal.SIGKILL
+    [staging] = staging_dirs(out)
+    return staging
+
+
+def _refused(result: subprocess.CompletedProcess, staging: Path, before: dict) -> str:
+    assert result.returncode == 2, result.stderr
+    assert "--resume refused" in result.stderr and "rerun with --overwrite instead of --resume" in result.stderr
+    assert snapshot(staging) == before  # nothing was changed
+    return result.stderr
+
+
+def test_a_changed_config_is_refused_with_the_reason(code, model, dataset, tmp_path):
+    out = tmp_path / "out"
+    staging = _killed_after_block_1(code, model, write_config(tmp_path, dataset, PIPELINES["iter_smooth+w8a8_static"]),
+                                    out)
+    before = snapshot(staging)
+    changed = write_config(tmp_path, dataset, [{"type": "iter_smooth", "alpha": 0.8}, STATIC])
+    refusal = _refused(quant(code, model, out, changed, "--resume"), staging, before)
+    assert "differs from this one in the config" in refusal
+
+
+def test_changed_calibration_data_is_refused_with_the_reason(code, model, tmp_path):
+    out, data = tmp_path / "out", small_calib(tmp_path)
+    config = write_config(tmp_path, data, PIPELINES["iter_smooth+w8a8_static"])
+    staging = _killed_after_block_1(code, model, config, out)
+    before = snapshot(staging)
+    Path(data).write_text(Path(data).read_text().replace("Sample 3", "Example 3"))  # same path, other text
+    refusal = _refused(quant(code, model, out, config, "--resume"), staging, before)
+    assert "differs from this one in the calibration data" in refusal
+
+
+def test_a_changed_model_is_refused_naming_the_file(code, model, dataset, tmp_path):
+    copy, out = tmp_path / "model", tmp_path / "out"
+    shutil.copytree(model, copy)
+    config = write_config(tmp_path, dataset, PIPELINES["iter_smooth+w8a8_static"])
+    staging = _killed_after_block_1(code, copy, config, out)
+    before = snapshot(staging)
+    settings = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**settings, "rms_norm_eps": 1e-5}))
+    refusal = _refused(quant(code, copy, out, config, "--resume"), staging, before)
+    assert "differs from this one in the model files (config.json)" in refusal
+
+
+def test_changed_code_is_refused_with_the_reason(code, model, dataset, tmp_path):
+    edited, out = tmp_path / "code", tmp_path / "out"
+    shutil.copytree(code, edited, ignore=shutil.ignore_patterns("__pycache__"))
+    config = write_config(tmp_path, dataset, PIPELINES["iter_smooth+w8a8_static"])
+    staging = _killed_after_block_1(edited, model, config, out)
+    before = snapshot(staging)
+    runner = edited / "msmodelslim" / "core" / "runner.py"
+    runner.write_text(runner.read_text() + "\n# edited\n")
+    refusal = _refused(quant(edited, model, out, config, "--resume"), staging, before)
+    assert "differs from this one in msmodelslim's code" in refusal
+
+
+def test_a_run_without_resume_keeps_the_progress_unless_told_to_start_over(code, model, dataset, reference,
+                                                                          tmp_path):
+    config, out = write_config(tmp_path, dataset, PIPELINES["iter_smooth+w8a8_static"]), tmp_path / "out"
+    staging = _killed_after_block_1(code, model, config, out)
+    before = snapshot(staging)
+    refused = quant(code, model, out, config)
+    assert refused.returncode == 2 and "rerun with --resume to continue" in refused.stderr, refused.stderr
+    assert snapshot(staging) == before  # the finished blocks are still there
+    fresh = quant(code, model, out, config, "--overwrite")
+    assert fresh.returncode == 0, fresh.stderr
+    assert f"removed {staging}" in fresh.stderr and "'quant --resume' would have continued" in fresh.stderr
+    assert "resumed run" not in fresh.stderr
+    assert snapshot(out) == reference["iter_smooth+w8a8_static"] and staging_dirs(out) == []
+
+
+def test_resume_with_nothing_to_resume_starts_from_the_first_block(code, model, dataset, reference, tmp_path):
+    config, out = write_config(tmp_path, dataset, PIPELINES["iter_smooth+w8a8_static"]), tmp_path / "out"
+    result = quant(code, model, out, config, "--resume")
+    assert result.returncode == 0, result.stderr
+    assert "no interrupted run" in result.stderr and "starting from the first block" in result.stderr
+    assert snapshot(out) == reference["iter_smooth+w8a8_static"]
+
+
+def test_resume_is_refused_for_dp_layer_wise_before_any_weight_is_read(code, model, dataset, tmp_path):
+    config = write_config(tmp_path, dataset, PIPELINES["iter_smooth+w8a8_static"], runner="dp_layer_wise")
+    argv = ["quant", "--model_path", str(model), "--save_path", str(tmp_path / "out"), "--device", "cpu:0,1",
+            "--model_type", "Llama-2-7B", "--config_path", str(config), "--resume"]
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    result = subprocess.run(PYTHON + argv, capture_output=True, text=True, env=env, timeout=300, cwd=code)
+    assert result.returncode == 2 and "--resume works with spec.runner layer_wise and model_wise" in result.stderr
+    assert not (tmp_path / "out").exists() and staging_dirs(tmp_path / "out") == []
+
+
+def test_model_wise_resumes_too(code, model, dataset, reference, tmp_path):
+    config = write_config(tmp_path, dataset, PIPELINES["iter_smooth+w8a8_static"], runner="model_wise")
+    out = tmp_path / "out"
+    assert quant(code, model, out, config, fault="checkpoint:1").returncode == -signal.SIGKILL
+    resumed = quant(code, model, out, config, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert computed_blocks(resumed.stderr) == BLOCKS - 2
+    practice = "Llama-2-7B_best_practice.yaml"  # records the runner; the tensors equal layer_wise's
+    assert {k: v for k, v in snapshot(out).items() if k != practice} == \
+        {k: v for k, v in reference["iter_smooth+w8a8_static"].items() if k != practice}
+
+
+def test_a_resumed_run_killed_again_resumes_again(code, model, dataset, reference, tmp_path):
+    config, out = write_config(tmp_path, dataset, PIPELINES["iter_smooth+w8a8_static"]), tmp_path / "out"
+    assert quant(code, model, out, config, fault="checkpoint:0").returncode == -signal.SIGKILL
+    again = quant(code, model, out, config, "--resume", fault="checkpoint:2")
+    assert again.returncode == -signal.SIGKILL, again.stderr
+    assert len(staging_dirs(out)) == 1  # the same directory, continued
+    resumed = quant(code, model, out, config, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert computed_blocks(resumed.stderr) == BLOCKS - 3
+    assert snapshot(out) == reference["iter_smooth+w8a8_static"]

@@ -19,6 +19,8 @@ from msmodelslim.core.errors import OutputWriteError
 from msmodelslim.core.logging import get_logger
 
 log = get_logger("app.analyze")
+PASTE_INTO = {"linear": "the exclude of a linear_quant step", "layer": "the exclude of a linear_quant step",
+              "attn": "the exclude of the fa3_quant step (attention modules)"}
 
 
 @dataclass
@@ -86,7 +88,7 @@ def table_lines(result: AnalysisResult) -> list[str]:
 def exclude_yaml(result: AnalysisResult) -> str:
     header = (f"# msmodelslim analyze {result.scope} --metrics {result.metric}: the top {result.topk} "
               f"(ties included) of {len(result.scores)}, most sensitive first; scheme: {result.scheme}\n"
-              f"# paste under a linear_quant step of spec.process to keep them in float\n")
+              f"# paste into {PASTE_INTO[result.scope]} to keep them in float\n")
     return header + yaml.safe_dump({"exclude": result.exclude}, sort_keys=False)
 
 
@@ -116,6 +118,9 @@ def _plot(result: AnalysisResult, path: Path) -> bool:
               color=["tab:red" if n in top else "tab:blue" for n in names])
     axes.set_yticks(range(len(by_order)), names, fontsize=7)
     axes.invert_yaxis()
+    values = [s for _, s in by_order]
+    if min(values) > 0 and max(values) > 100 * min(values):  # errors often span decades: keep the small ones visible
+        axes.set_xscale("log")
     axes.set_xlabel(f"{result.metric} ({result.scheme})")
     axes.set_title(f"msmodelslim analyze {result.scope}: red = top {result.topk}")
     figure.tight_layout()

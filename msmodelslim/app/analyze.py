@@ -20,6 +20,7 @@ module names, the scheme) is checked before any weight is read.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ from msmodelslim.core.dataset import load_texts
 from msmodelslim.core.device import DeviceSpec
 from msmodelslim.core.errors import ConfigError, InvalidModelError, UnsupportedError
 from msmodelslim.core.logging import get_logger
+from msmodelslim.model.moe import routed_expert_linears
 from msmodelslim.model.registry import create_adapter, resolve
 from msmodelslim.processor.base import ProcessorContext, build_pipeline
 from msmodelslim.processor.fa3_quant.config import FA3QuantConfig
@@ -93,8 +95,9 @@ def check_arguments(request: AnalyzeRequest) -> str:
     if request.topk <= 0:
         raise ConfigError(f"--topk must be a positive integer, got {request.topk}")
     if (request.quant_type or request.config_path) and request.scope != "layer":
+        what = "it measures float inputs" if request.scope == "linear" else "it uses FA3"
         raise ConfigError(f"--quant_type / --config_path choose the scheme of 'analyze layer'; the {request.scope} "
-                          f"scope does not quantize linears ({'it measures float inputs' if request.scope == 'linear' else 'it uses FA3'})")
+                          f"scope does not quantize linears ({what})")
     if request.quant_type and request.config_path:
         raise ConfigError("give at most one of --quant_type and --config_path")
     if request.scope != "linear" and tuple(request.patterns) != ("*",):
@@ -108,9 +111,16 @@ def check_arguments(request: AnalyzeRequest) -> str:
         raise ConfigError(f"--device {request.device}: analyze runs on one device (cpu, npu, npu:0, cuda:0)")
     if not request.model_path.is_dir():
         raise InvalidModelError(f"--model_path {request.model_path} is not a directory")
-    if request.output is not None and request.output.exists() and not request.output.is_dir():
-        raise ConfigError(f"--output {request.output} exists and is not a directory")
     return metric
+
+
+def _check_output(output: Path) -> None:
+    """--output must be a directory or creatable as one (checked now: the analysis may take a while)."""
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"--output {output} exists and is not a directory")
+    existing = next(p for p in [output, *output.absolute().parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output {output}: {existing} is not a writable directory")
 
 
 def _steps(configs) -> list:
@@ -186,6 +196,7 @@ def _prepare(request: AnalyzeRequest) -> _Plan:
     if request.scope == "layer":
         kept_float = [n for b in block_names for n in _linears(skeleton, b) if n not in targets[b]]
         steps = _restricted(steps, kept_float)
+        targets = {b: _scored_outputs(skeleton, b, names) for b, names in targets.items()}
     context = ProcessorContext(type(adapter).__name__, adapter.structure, adapter.attention_shape(),
                                mla=adapter.mla_shape())
     processors = build_pipeline(steps, context)
@@ -212,6 +223,14 @@ def _leading_transforms(steps: list) -> int:
     return count
 
 
+def _scored_outputs(skeleton: nn.Module, block_name: str, quantized: list[str]) -> list[str]:
+    """The outputs compared in a block: its quantized linears, except routed experts, whose tokens depend on the
+    router (the quantized block may route differently): their MoE module's output stands for them."""
+    experts = routed_expert_linears(skeleton.get_submodule(block_name), block_name)
+    moe = {experts[n][0].rpartition(".")[0] for n in quantized if n in experts}
+    return [n for n in quantized if n not in experts] + sorted(moe)
+
+
 def _targets(request: AnalyzeRequest, skeleton: nn.Module, block_names: list[str]) -> dict[str, list[str]]:
     """Per block, the linears --pattern (linear) or --quant_modules (layer) select; an empty selection is refused."""
     patterns = list(request.patterns if request.scope == "linear" else request.quant_modules)
@@ -229,6 +248,7 @@ def analyze(request: AnalyzeRequest) -> AnalysisResult:
     plan = _prepare(request)
     metric, adapter = plan.metric, plan.adapter
     output = request.output or default_output(request.scope, metric, request.model_path)
+    _check_output(output)  # before any weight is read
     device = request.device.primary
     model_wise = metric == "mse_model_wise"
     if model_wise:

@@ -23,6 +23,7 @@ from msmodelslim.format.ascendv1.reader import (
     read_valid_description,
     require_described_tensors,
 )
+from msmodelslim.format.ascendv1.tensors import split_svd_tag
 from msmodelslim.format.ascendv1.writer import DESCRIPTION
 from msmodelslim.format.compressed_tensors.checker import check_compressed_tensors
 from msmodelslim.format.compressed_tensors.writer import CompressedTensorsWriter
@@ -77,6 +78,10 @@ def convert_ascendv1_to_compressed_tensors(source: Path, save_path: Path, overwr
     if unsupported:
         tag = unsupported[0]
         raise UnsupportedError(f"{source} holds {tag} layers: {CompressedTensorsWriter.UNSUPPORTED[tag]}")
+    lowrank = sorted(tag for tag in tags if split_svd_tag(tag)[1])
+    if lowrank:  # SVDQuant (svd_res): the low-rank pair has nowhere to go
+        raise UnsupportedError(f"{source} holds {lowrank[0]} layers (a quantized residual plus svd_lowrank_l1/l2): "
+                               f"{CompressedTensorsWriter.UNSUPPORTED_STEPS['svd_res']}")
     if "C8" in description.values():
         raise UnsupportedError(f"{source} holds an int8 KV cache (C8, kv_cache_type {description.get('kv_cache_type')!r}); "
                                f"compressed-tensors has no int8 per-channel KV cache (vLLM reads only FP8 "

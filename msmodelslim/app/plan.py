@@ -11,6 +11,7 @@ from torch import nn
 from msmodelslim.core.config import PracticeConfig
 from msmodelslim.core.errors import ConfigError
 from msmodelslim.core.logging import get_logger
+from msmodelslim.format.ascendv1.tensors import svd_tag
 from msmodelslim.ir.sparse_linear import W16A16S
 from msmodelslim.model.moe import routed_expert_linears
 from msmodelslim.processor.base import Processor, quant_rules
@@ -53,6 +54,29 @@ def _sparse_rules(configs) -> list:
         elif c.type == "float_sparse":
             out.append(c)
     return out
+
+
+def _leaf_steps(configs) -> list:
+    """Every step in pipeline order, the children of groups in their place."""
+    out = []
+    for c in configs:
+        out.extend(_leaf_steps(c.configs) if c.type == "group" else [c])
+    return out
+
+
+def _mark_svd_splits(configs, plan: dict[str, str], names: list[str], outside: set[str]) -> None:
+    """A linear that an svd_res step selects and a later rule quantizes is written with its type's _SVD variant
+    (formats.md A.4.4); one that stays float is not split (processor/svd_res)."""
+    steps = _leaf_steps(configs)
+    for i, step in enumerate(steps):
+        if step.type != "svd_res":
+            continue
+        later = quant_rules(steps[i + 1 :])
+        for name in select(names, step.include, step.exclude):
+            if name not in outside and any(select([name], r.include, r.exclude) for r in later):
+                plan[name] = svd_tag(plan[name])
+        for pattern in unused_patterns(names, step.include + step.exclude):
+            log.warning("pattern %r of an svd_res step matches no linear layer", pattern)
 
 
 def plan_layers(config: PracticeConfig, processors: list[Processor], model: nn.Module,
@@ -100,6 +124,7 @@ def plan_layers(config: PracticeConfig, processors: list[Processor], model: nn.M
             log.warning("pattern %r of a quantization rule matches no linear layer", pattern)
     if len(group_sizes) > 1:
         raise ConfigError(f"ascendv1 stores one group_size per model, but the config uses {sorted(group_sizes)}")
+    _mark_svd_splits(config.spec.process, plan, names, outside)
     for rule in _sparse_rules(config.spec.process):  # its empty include means every decoder-layer linear
         include, exclude = rule.selection
         for name in select(names, include, exclude):

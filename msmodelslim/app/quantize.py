@@ -195,7 +195,11 @@ def _check_output(request: QuantizeRequest) -> None:
     """The output's checks, the same in a dry run and a real run; only a real run recovers a killed run's
     leftovers first (recovery renames directories)."""
     check_save_path(request.save_path, request.overwrite, request.model_path, dry_run=request.dry_run)
-    if not request.resume:  # starting over: what a killed run left for --resume goes, and the log says so
+    if not request.resume:  # hours of finished blocks are not thrown away unless the user says so
+        left = resumable(request.save_path)
+        if left and not request.overwrite:
+            raise ConfigError(f"{request.save_path}: an interrupted run left its finished blocks in {left[0]}; rerun "
+                              f"with --resume to continue from them, or with --overwrite to discard them and start over")
         discard_resumable(request.save_path, apply=not request.dry_run)
     # stat() of the input files only: a disk too small is found before the first weight is read
     check_free_space(request.save_path, estimate_output_bytes(request.model_path), request.overwrite)
@@ -232,7 +236,7 @@ def _prepare(request: QuantizeRequest, in_rank: bool = False) -> _Job:
     skeleton = adapter.init_skeleton()
     plan = plan_layers(config, processors, skeleton, adapter.block_names(skeleton))
     unread = adapter.unread_tensors(skeleton)  # names and headers only
-    fingerprint, resume_from = _resume_point(request, config, runner, texts, adapter.block_names(skeleton), in_rank)
+    fingerprint, resume_from = _resume_point(request, config, runner, texts, adapter.block_names(skeleton))
     refuse_inconsistent_passthrough(processors, unread, request.model_path)
     if not in_rank:  # never silently: the user sees what the output holds beyond the model, and what it omits
         log_unread(unread)
@@ -259,7 +263,7 @@ def _saved_practice(config: PracticeConfig) -> dict:
 
 
 def _resume_point(request: QuantizeRequest, config: PracticeConfig, runner: RunnerType, texts: list[str],
-                  block_names: list[str], in_rank: bool) -> tuple[Optional[Fingerprint], Optional[ResumePoint]]:
+                  block_names: list[str]) -> tuple[Optional[Fingerprint], Optional[ResumePoint]]:
     """The fingerprint block checkpoints carry and, with --resume, the checked checkpoint to continue from. Before
     any weight is read: a checkpoint of another config, model, data set or code version is refused here."""
     if runner == RunnerType.dp_layer_wise:
@@ -269,8 +273,8 @@ def _resume_point(request: QuantizeRequest, config: PracticeConfig, runner: Runn
                                    "activations). Run without --resume, or with spec.runner layer_wise")
         return None, None
     checkpoint_interval()  # a typo in MSMODELSLIM_CHECKPOINT_SECONDS fails here, before any weight is read
-    fingerprint = Fingerprint.of_run(_saved_practice(config), request.model_path, texts, runner.value,
-                                     str(request.device.primary))
+    fingerprint = Fingerprint.of_run(_saved_practice(config), request.model_type, request.model_path, texts,
+                                     runner.value, str(request.device.primary))
     if not request.resume:
         return fingerprint, None
     candidates = resumable(request.save_path)
@@ -348,7 +352,8 @@ def _execute(job: _Job, request: QuantizeRequest, collective: Collective, stagin
         checkpoints = None
         if writes and job.fingerprint is not None:
             checkpoints = BlockCheckpoints.from_env(staging, job.fingerprint, job.adapter.block_names(job.model))
-            if resume is not None:
+            if resume is not None:  # the writer first: it takes back shards that the killed run had renamed
+                writer.restore_state(resume.writer_state)
                 checkpoints.discard_later_work(staging, resume)
         stats = run_blocks(job.adapter, job.model, job.processors, writer, batches, device, layer_wise, collective,
                            job.spill, job.unread, job.config.spec.calibration.early_stop_rule(), checkpoints, resume)

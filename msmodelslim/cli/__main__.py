@@ -46,7 +46,8 @@ def _add_analyze(sub) -> None:
     analyze.add_argument("--device", default=None, help="cpu, npu, npu:0, cuda:0 (one device)")
     analyze.add_argument("--calib_dataset", default="mix_calib.jsonl",
                          help="calibration .jsonl/.json: a name in lab_calib/ or a path (default mix_calib.jsonl)")
-    analyze.add_argument("--topk", type=int, default=15, help="how many to list for exclude (ties included; default 15)")
+    analyze.add_argument("--topk", type=int, default=15,
+                         help="how many to list for exclude (ties included; default 15)")
     analyze.add_argument("--metrics", default=None,
                          help="linear: kurtosis (default), std, quantile; layer: mse_layer_wise (default), "
                               "mse_model_wise; attn: mse")
@@ -81,7 +82,8 @@ def normalize_analyze_argv(argv: list[str]) -> tuple[list[str], list[str]]:
             if "--pattern" in rest:
                 at = rest.index("--pattern")
                 end = next((j for j in range(at + 1, len(rest)) if rest[j].startswith("--")), len(rest))
-                notes.append(f"--pattern {' '.join(rest[at + 1:end])} is ignored: the attn scope scores every attention")
+                dropped = " ".join(rest[at + 1 : end])
+                notes.append(f"--pattern {dropped} is ignored: the attn scope scores every attention")
                 del rest[at:end]
             break
     return ["analyze"] + rest, notes

@@ -67,7 +67,8 @@ SAVER_TYPES = ("ascendv1_saver", "compressed_tensors")
 
 
 # Processors that rewrite float weights (exactly, in float) and so must see them before quantization.
-FLOAT_TRANSFORMS = ("smooth_quant", "iter_smooth", "flex_smooth_quant", "flex_awq_ssz", "awq", "quarot", "kv_smooth")
+FLOAT_TRANSFORMS = ("smooth_quant", "iter_smooth", "flex_smooth_quant", "flex_awq_ssz", "awq", "quarot", "kv_smooth",
+                    "svd_res")
 
 
 # Steps that replace linears, or fix KV-cache ranges that a later change of V or K would invalidate.
@@ -110,10 +111,18 @@ class Spec(BaseModel):
     @model_validator(mode="after")
     def _transforms_before_quantization(self) -> "Spec":
         """Smoothing rewrites float weights, so it must run before the layers are quantized."""
-        quantized_at = None
+        quantized_at = split_at = None
         for i, step in enumerate(self.process):
             kinds = [c.type for c in step.configs] if step.type == "group" else [step.type]
             transforms = [k for k in kinds if k in FLOAT_TRANSFORMS]
+            # svd_res's pair (W = R + l2·l1) is split from the weight as it is then: a later rewrite of the
+            # weight (smoothing, rotation, a second split) would change R alone and break the sum
+            for kind in kinds:
+                if kind in FLOAT_TRANSFORMS and kind != "svd_res" and split_at is not None:
+                    raise ValueError(f"process[{i}] ({kind}) comes after svd_res (process[{split_at}]); svd_res must "
+                                     f"be the last float transform before quantization: put {kind} before it")
+                if kind == "svd_res" and split_at is None:
+                    split_at = i
             if transforms and quantized_at is not None:
                 raise ValueError(f"process[{i}] ({transforms[0]}) comes after process[{quantized_at}] "
                                  f"({self.process[quantized_at].type}); float transforms (smoothing, rotation) must come before quantization")

@@ -14,7 +14,7 @@ does, fast-forwards every batch's forward generator to the next block with the s
 writer (cutting off what the killed run appended after the checkpoint) and goes on: the output is byte-identical to
 an uninterrupted run and no finished block is computed or written again.
 
-The fingerprint covers what decides the bytes: the normalized config, the model files (content of the small ones:
+The fingerprint covers what decides the bytes: the normalized config and the model type, the model files (content of the small ones:
 config, tokenizer, index; name, size and mtime of the weights), the calibration texts, msmodelslim's source files,
 and the runtime (torch/transformers versions, runner, device). A checkpoint whose fingerprint differs is refused,
 naming the parts that differ.
@@ -42,6 +42,7 @@ from msmodelslim.format.staging import RESUME_STATE
 log = get_logger("resume")
 
 FORMAT_VERSION = 1
+START_OVER = "rerun with --overwrite instead of --resume to start over"
 SMALL_FILE_BYTES = 16 << 20  # model files up to this size are hashed by content (config, tokenizer, index)
 INTERVAL_ENV = "MSMODELSLIM_CHECKPOINT_SECONDS"  # least seconds between two checkpoints; "off": none
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
@@ -88,9 +89,11 @@ class Fingerprint:
     runtime: str
 
     @classmethod
-    def of_run(cls, config: dict, model_path: Path, texts: list[str], runner: str, device: str) -> "Fingerprint":
+    def of_run(cls, config: dict, model_type: str, model_path: Path, texts: list[str], runner: str,
+               device: str) -> "Fingerprint":
         """`config`: the practice as the saved `*_best_practice.yaml` holds it (normalized by pydantic)."""
-        return cls(_sha256(json.dumps(config, sort_keys=True).encode()), _model_files(model_path),
+        chosen = {"practice": config, "model_type": model_type}
+        return cls(_sha256(json.dumps(chosen, sort_keys=True).encode()), _model_files(model_path),
                    _sha256(json.dumps(texts).encode()), _code_hash(), _runtime(runner, device))
 
     def to_json(self) -> dict:
@@ -101,7 +104,7 @@ class Fingerprint:
         """What differs between this run and the one that wrote `recorded`, one phrase per part."""
         out = []
         if recorded.get("config") != self.config:
-            out.append("the config (spec and metadata, after defaults are filled in)")
+            out.append("the config (spec and metadata, after defaults are filled in) or --model_type")
         before = recorded.get("model_files") or {}
         changed = sorted(n for n in set(before) | set(self.model_files) if before.get(n) != self.model_files.get(n))
         if changed:
@@ -138,18 +141,18 @@ def read_checkpoint(staging: Path, fingerprint: Fingerprint, block_names: list[s
     try:
         state = json.loads((staging / RESUME_STATE).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"--resume: the checkpoint {staging / RESUME_STATE} is unreadable ({exc}); rerun without "
-                          f"--resume to start over") from None
+        raise ConfigError(f"--resume: the checkpoint {staging / RESUME_STATE} is unreadable ({exc}); {START_OVER}"
+                          ) from None
     if state.get("format") != FORMAT_VERSION:
         raise ConfigError(f"--resume: the checkpoint in {staging} was written in checkpoint format "
-                          f"{state.get('format')}, this version reads {FORMAT_VERSION}; rerun without --resume")
+                          f"{state.get('format')}, this version reads {FORMAT_VERSION}; {START_OVER}")
     differences = fingerprint.differences(state.get("fingerprint", {}))
     if not differences and state.get("block_names") != block_names:
         differences = ["the model's blocks"]
     if differences:
-        raise ConfigError(f"--resume refused: the interrupted run in {staging} was made with different "
-                          f"{'; '.join(differences)}. Its finished blocks would not be what this run computes, so "
-                          f"nothing was changed; rerun without --resume to start over (that removes it)")
+        raise ConfigError(f"--resume refused: the interrupted run in {staging} differs from this one in "
+                          f"{'; '.join(differences)}. Its finished blocks are not what this run would compute, so "
+                          f"nothing was changed; {START_OVER} (that removes it)")
     inputs = state["inputs"]
     return ResumePoint(staging, state["next_block"], state["live_batches"],
                        staging / RESUME_STATE.parent / inputs if inputs else None, state["writer"])

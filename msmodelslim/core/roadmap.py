@@ -13,7 +13,7 @@ ROTATIONS = "the low-bit activation (W4A4 with rotations) work"
 
 NOT_YET: dict[str, dict[str, str]] = {
     "processor": {
-        "online_quarot": DIFFUSION, "adapt_rotation": ROTATIONS, "flatquant": ROTATIONS, "svd_res": ROTATIONS,
+        "online_quarot": DIFFUSION, "adapt_rotation": ROTATIONS, "flatquant": ROTATIONS,
     },
     "dtype": {"hifloat8": FLOAT_FORMATS},
     "scope": {"dual_scale": FLOAT_FORMATS},

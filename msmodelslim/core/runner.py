@@ -177,15 +177,14 @@ def run_blocks(
             requests.append(next(generator))
         if resume is not None:
             requests = _fast_forward(forwards, requests, resume, device)
-        if spill is not None and spill.engage(r.args[0] for r in requests):
+        if spill is not None and spill.engage(r.args[0] for r in requests if r is not None):
             for request in requests:
                 spill.move_to_disk(request.args[0])
         else:
             spill = None
     start = 0
     if resume is not None:
-        start = resume.next_block
-        writer.restore_state(resume.writer_state)
+        start = resume.next_block  # the writer was restored to that point (app/quantize.py)
         log.info("resumed: blocks %s to %s were finished by the interrupted run; continuing with block %d of %d",
                  block_names[0], block_names[start - 1], start, len(block_names))
     bar = tqdm(adapter.generate_model_visit(model), total=len(block_names), desc="quantize blocks", unit="block",

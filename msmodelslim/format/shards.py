@@ -10,7 +10,8 @@ by rewriting the file once.
 A killed run can be resumed (core/resume.py): `state()` describes what is on disk after a finished block (closed
 shards, the open shard's length), `sync()` makes those bytes durable, and `restore()` reopens the open shard and
 cuts off whatever a later block had appended, so nothing written before the checkpoint is written again.
-`finish()` records its renames in a journal first, so that a run killed while naming the shards can be undone.
+When checkpoints are kept (the staging directory has `.resume/`), `finish()` records its renames there first, so
+that a run killed while naming the shards can be undone.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from typing import Callable, Optional
 import torch
 
 from msmodelslim.core.errors import ProcessingError
+from msmodelslim.format.staging import RESUME_STATE
 from msmodelslim.quantizer.primitives import all_finite
 
 SAFETENSORS_DTYPES = {
@@ -33,7 +35,7 @@ SAFETENSORS_DTYPES = {
 }
 
 
-RENAMES = ".shard-renames.json"  # finish()'s journal: [temporary name, final name] per shard
+RENAMES = RESUME_STATE.parent / "shard-renames.json"  # finish()'s journal: [temporary name, final name] per shard
 
 
 def fsync_path(path: Path) -> None:
@@ -146,12 +148,13 @@ class ShardStream:
         count = len(self._shards)
         renames = [(path.name, shard_name(i, count)) for i, (path, _) in enumerate(self._shards, start=1)]
         journal = self.out_dir / RENAMES
-        journal.with_suffix(".tmp").write_text(json.dumps(renames), encoding="utf-8")
-        os.replace(journal.with_suffix(".tmp"), journal)
+        if journal.parent.is_dir():  # a resumed run must find the shards it checkpointed (removed with .resume/)
+            journal.with_suffix(".tmp").write_text(json.dumps(renames), encoding="utf-8")
+            fsync_path(journal.with_suffix(".tmp"))
+            os.replace(journal.with_suffix(".tmp"), journal)
         for (path, names), (_, final) in zip(self._shards, renames):
             path.rename(self.out_dir / final)
             weight_map.update({n: final for n in names})
-        journal.unlink()
         if index_name is not None:
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
             (self.out_dir / index_name).write_text(json.dumps(index, indent=2), encoding="utf-8")

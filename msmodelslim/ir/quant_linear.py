@@ -6,6 +6,10 @@ it). Tensor vocabulary: `qweight` int8 [out, in] holding int8 or int4 codes (unp
 `weight_offset` fp32 [out, n_groups], `input_scale`/`input_offset` fp32 [1] for static activations. The
 floating-point schemes hold float8_e4m3fn codes (FP8, MXFP8) or uint8 E2M1 codes, one per element (MXFP4), and
 MX scales as float32 powers of two [out, in/32] (the E8M0 byte is a format detail).
+
+After `svd_res` a QuantLinear also holds SVDQuant's low-rank pair (ir/lowrank.py): `svd_lowrank_l1` [r, in] and
+`svd_lowrank_l2` [out, r], float32, None otherwise. The quantized weight is then the residual R, and the layer
+computes Q_act(x)·deq(Q(R))ᵀ + b + (x l1ᵀ) l2ᵀ: the low-rank branch reads the unquantized input.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from msmodelslim.ir.lowrank import LOWRANK_L1, LOWRANK_L2, check_lowrank_pair, lowrank_output
 from msmodelslim.quantizer.float_formats import MX_BLOCK, code_values, fp8_fake_quantize_per_token, mx_fake_quantize
 from msmodelslim.quantizer.primitives import dequantize_weight, fake_quantize, quantize_per_token_dynamic
 from msmodelslim.quantizer.scheme import Scheme
@@ -40,6 +45,8 @@ class QuantLinear(nn.Module):
         bias: Optional[torch.Tensor] = None,
         input_scale: Optional[torch.Tensor] = None,
         input_offset: Optional[torch.Tensor] = None,
+        svd_lowrank_l1: Optional[torch.Tensor] = None,
+        svd_lowrank_l2: Optional[torch.Tensor] = None,
     ) -> None:
         super().__init__()
         code_dtype = CODE_DTYPE.get(scheme, torch.int8)
@@ -49,6 +56,10 @@ class QuantLinear(nn.Module):
             raise ValueError("weight_scale/weight_offset must both be [out, n_groups]")
         if (scheme in STATIC_ACT) != (input_scale is not None):
             raise ValueError("static activation parameters are required for W8A8, W8A8_MIX and W8A8S and only for them")
+        if (svd_lowrank_l1 is None) != (svd_lowrank_l2 is None):
+            raise ValueError(f"{LOWRANK_L1} and {LOWRANK_L2} come together or not at all")
+        if svd_lowrank_l1 is not None:
+            check_lowrank_pair(svd_lowrank_l1, svd_lowrank_l2, qweight.shape[0], qweight.shape[1])
         self.scheme = scheme
         self.in_features, self.out_features = qweight.shape[1], qweight.shape[0]
         self.register_buffer("qweight", qweight)
@@ -57,6 +68,8 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.float())
         self.register_buffer("input_scale", None if input_scale is None else input_scale.float().reshape(1))
         self.register_buffer("input_offset", None if input_offset is None else input_offset.float().reshape(1))
+        self.register_buffer(LOWRANK_L1, None if svd_lowrank_l1 is None else svd_lowrank_l1.float())
+        self.register_buffer(LOWRANK_L2, None if svd_lowrank_l2 is None else svd_lowrank_l2.float())
         # W8A8_MIX runs two kernels: decode nodes quantize inputs with the static range, the others per token.
         # Prefill (and perplexity, which scores whole sequences at once) is the dynamic path, the default here.
         self.decode_path = False
@@ -72,6 +85,11 @@ class QuantLinear(nn.Module):
             return MX_BLOCK  # also when the input size is one block
         n_groups = self.weight_scale.shape[1]
         return None if n_groups == 1 else self.in_features // n_groups
+
+    @property
+    def svd_rank(self) -> Optional[int]:
+        """The rank of the low-rank branch; None without one."""
+        return None if self.svd_lowrank_l1 is None else self.svd_lowrank_l1.shape[0]
 
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize_weight(code_values(self.qweight), self.weight_scale, self.weight_offset)
@@ -93,9 +111,13 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out_dtype = x.dtype
-        x = self.quantize_input(x.float())
-        return nn.functional.linear(x, self.dequantized_weight(), self.bias).to(out_dtype)
+        x = x.float()
+        out = nn.functional.linear(self.quantize_input(x), self.dequantized_weight(), self.bias)
+        if self.svd_lowrank_l1 is not None:  # SVDQuant: the high-precision branch sees the float input
+            out = out + lowrank_output(x, self.svd_lowrank_l1, self.svd_lowrank_l2)
+        return out.to(out_dtype)
 
     def extra_repr(self) -> str:
         group = "per_channel" if self.group_size is None else f"group_size={self.group_size}"
-        return f"{self.scheme.value}, in={self.in_features}, out={self.out_features}, {group}"
+        lowrank = "" if self.svd_rank is None else f", svd_rank={self.svd_rank}"
+        return f"{self.scheme.value}, in={self.in_features}, out={self.out_features}, {group}{lowrank}"

@@ -30,11 +30,13 @@ from msmodelslim.processor.quarot import processor as _quarot  # noqa: F401 - re
 from msmodelslim.processor.quarot.config import QuaRotConfig
 from msmodelslim.processor.smooth_quant import processor as _smooth_quant  # noqa: F401 - registers "smooth_quant"
 from msmodelslim.processor.smooth_quant.config import SmoothQuantConfig
+from msmodelslim.processor.svd_res import processor as _svd_res  # noqa: F401 - registers "svd_res"
+from msmodelslim.processor.svd_res.config import SvdResConfig
 
 ProcessorConfig = Annotated[
     Union[LinearQuantConfig, GroupConfig, SmoothQuantConfig, IterSmoothConfig, FlexSmoothQuantConfig, QuaRotConfig,
           FlexAwqSszConfig, AwqConfig, AutoRoundQuantConfig, FloatSparseConfig, DynamicCacheConfig, KVSmoothConfig,
-          FA3QuantConfig],
+          FA3QuantConfig, SvdResConfig],
     Field(discriminator="type"),
 ]
 GroupConfig.model_rebuild(_types_namespace={"ProcessorConfig": ProcessorConfig})

@@ -18,9 +18,11 @@ from msmodelslim.format.ascendv1.reader import (GLOBAL_KEYS, attention_entry, qu
                                                 tensors_by_layer)
 from msmodelslim.format.ascendv1.fa3 import check_fa3
 from msmodelslim.format.ascendv1.kv_cache import check_kv_cache
-from msmodelslim.format.ascendv1.tensors import FLOAT, decode_deq_scale, unpack_int4_int32, unpack_int4_rows
+from msmodelslim.format.ascendv1.tensors import (FLOAT, decode_deq_scale, split_svd_tag, unpack_int4_int32,
+                                                 unpack_int4_rows)
 from msmodelslim.format.findings import Finding
 from msmodelslim.format.integrity import read_checked_tensors
+from msmodelslim.ir.lowrank import LOWRANK_L1, LOWRANK_L2
 from msmodelslim.model.moe import expert_of
 from msmodelslim.quantizer.primitives import all_finite
 
@@ -39,6 +41,8 @@ NOT_LOADED = {
     "W16A16S": f"no engine loads W16A16S ({ENGINE} has no scheme for it); the established tool's weight compression "
                f"turns it into W16A16SC for the Atlas 300I (310P) compression unit",
 }
+SVD_NOT_LOADED = (f"{ENGINE} has no scheme for _SVD types (SVDQuant's low-rank branch, svd_lowrank_l1/l2): it does "
+                  f"not load this layer (formats.md A.4.10)")
 FLOAT_WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MX_ELEMENT_BITS = {"W8A8_MXFP8": 8, "W4A8_MXFP": 4, "W4A4_MXFP4": 4, "W4A16_MXFP4": 4}
 
@@ -47,8 +51,53 @@ def _shape(t: torch.Tensor) -> list[int]:
     return list(t.shape)
 
 
+def _layer_shape(tag: str, t: dict[str, torch.Tensor]) -> list[int] | None:
+    """[N, K] of a quantized layer from its stored tensors (packings undone), None when they do not say."""
+    if tag == "W4A16":
+        shape = t.get("weight_shape")
+        return None if shape is None or shape.numel() != 2 else [int(v) for v in shape]
+    w = t.get("weight")
+    if w is None or w.dim() != 2:
+        return None
+    if tag == "W4A8_DYNAMIC":  # two output rows per byte
+        return [w.shape[0] * 2, w.shape[1]]
+    if w.dtype == torch.uint8:  # FP4: two input elements per byte
+        return [w.shape[0], w.shape[1] * 2]
+    return list(w.shape)
+
+
+def _check_lowrank(prefix: str, inner: str, t: dict[str, torch.Tensor]) -> list[Finding]:
+    """SVDQuant's pair: svd_lowrank_l1 [r, K] and svd_lowrank_l2 [N, r], float, finite, 0 < r <= min(N, K)."""
+    f: list[Finding] = []
+    err = lambda m: f.append(Finding("error", f"{prefix}: {m}"))
+    missing = [s for s in (LOWRANK_L1, LOWRANK_L2) if s not in t]
+    if missing:
+        err(f"{inner}_SVD type needs tensor(s) {', '.join(repr(m) for m in missing)}")
+        return f
+    l1, l2 = t[LOWRANK_L1], t[LOWRANK_L2]
+    for suffix, tensor in ((LOWRANK_L1, l1), (LOWRANK_L2, l2)):
+        if tensor.dtype not in FLOAT_WEIGHT_DTYPES or tensor.dim() != 2:
+            err(f"'{suffix}' must be a 2-D float16/bfloat16/float32 tensor, got {tensor.dtype} {_shape(tensor)}")
+            return f
+        if not all_finite(tensor):
+            err(f"'{suffix}' holds non-finite values")
+    layer = _layer_shape(inner, t)
+    if layer is not None:
+        n, k = layer
+        r = l1.shape[0]
+        if _shape(l1) != [r, k] or _shape(l2) != [n, r]:
+            err(f"'{LOWRANK_L1}' {_shape(l1)} and '{LOWRANK_L2}' {_shape(l2)} must be [r, {k}] and [{n}, r]")
+        elif not 0 < r <= min(n, k):
+            err(f"low-rank rank {r} is outside 1..{min(n, k)}")
+    return f
+
+
 def _check_linear(prefix: str, tag: str, t: dict[str, torch.Tensor], model_dtype: str | None,
                   is_expert: bool = False) -> list[Finding]:
+    inner, lowrank = split_svd_tag(tag)
+    if lowrank:  # the inner type's checks, the pair's, and: no engine loads it (formats.md A.4.10)
+        found = _check_linear(prefix, inner, t, model_dtype, is_expert) + _check_lowrank(prefix, inner, t)
+        return found + [Finding("warning", f"{prefix}: {tag}: {SVD_NOT_LOADED}")]
     f: list[Finding] = []
     err = lambda m: f.append(Finding("error", f"{prefix}: {m}"))
     warn = lambda m: f.append(Finding("warning", f"{prefix}: {m}"))
@@ -249,7 +298,7 @@ def check_ascendv1(
 
     model_dtype = config.get("dtype") or config.get("torch_dtype")
     layers = quantized_layers(description)
-    if set(layers.values()) & MX_ELEMENT_BITS.keys() and description.get("group_size") != 32:
+    if {split_svd_tag(t)[0] for t in layers.values()} & MX_ELEMENT_BITS.keys() and description.get("group_size") != 32:
         err(f"description 'group_size' is {description.get('group_size')!r}; MX layers need 32 (their block size)")
     for prefix, own in tensors_by_layer(tensors, layers).items():
         findings.extend(_check_linear(prefix, layers[prefix], own, model_dtype, expert_of(prefix) is not None))

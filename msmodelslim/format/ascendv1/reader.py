@@ -16,7 +16,7 @@ from msmodelslim.core.errors import InvalidModelError
 from msmodelslim.core.logging import get_logger
 from msmodelslim.format.ascendv1.fa3 import FA_QUANT, fa3_by_attention, fa3_from_tensors
 from msmodelslim.format.ascendv1.kv_cache import C8, kv_cache_by_attention, kv_cache_from_tensors
-from msmodelslim.format.ascendv1.tensors import FLOAT, REQUIRED_SUFFIXES, TAG_ALIASES, linear_from_tensors
+from msmodelslim.format.ascendv1.tensors import FLOAT, REQUIRED_SUFFIXES, TAG_ALIASES, linear_from_tensors, svd_tag
 from msmodelslim.format.ascendv1.writer import DESCRIPTION
 from msmodelslim.format.staging import incomplete_reason
 from msmodelslim.ir.sparse_linear import W16A16S
@@ -50,7 +50,8 @@ def read_description(path: Path) -> dict:
     return read_json(file)
 
 
-READABLE_TAGS = (FLOAT, *(s.value for s in Scheme), *TAG_ALIASES, W16A16S, C8, FA_QUANT)
+QUANTIZED_TAGS = (*(s.value for s in Scheme), *TAG_ALIASES)
+READABLE_TAGS = (FLOAT, *QUANTIZED_TAGS, *(svd_tag(t) for t in QUANTIZED_TAGS), W16A16S, C8, FA_QUANT)
 
 
 def validate_description(path: Path, description: dict) -> None:

@@ -7,12 +7,29 @@ from __future__ import annotations
 
 import torch
 
+from msmodelslim.ir.lowrank import LOWRANK_L1, LOWRANK_L2, check_lowrank_pair
 from msmodelslim.ir.quant_linear import CODE_DTYPE, MX_SCHEMES, QuantLinear
 from msmodelslim.ir.sparse_linear import W16A16S, SparseFloatLinear
 from msmodelslim.quantizer.float_formats import e8m0_to_scale, pack_fp4_pairs, scale_to_e8m0, unpack_fp4_pairs
 from msmodelslim.quantizer.scheme import Scheme
 
 FLOAT = "FLOAT"
+
+
+# ---- SVDQuant tags (formats.md A.4.4): the inner type of a layer with a low-rank pair gets `_SVD` ----------------
+def svd_tag(tag: str) -> str:
+    """`X_DYNAMIC` -> `X_SVD_DYNAMIC`, any other `X` -> `X_SVD` (e.g. W4A4_MXFP4_SVD), as the established writer
+    renames the type of a linear that holds svd_lowrank_l1/l2."""
+    return tag[: -len("_DYNAMIC")] + "_SVD_DYNAMIC" if tag.endswith("_DYNAMIC") else tag + "_SVD"
+
+
+def split_svd_tag(tag: str) -> tuple[str, bool]:
+    """(inner type, whether the layer carries the low-rank pair): the inverse of `svd_tag`."""
+    if tag.endswith("_SVD_DYNAMIC"):
+        return tag[: -len("_SVD_DYNAMIC")] + "_DYNAMIC", True
+    if tag.endswith("_SVD"):
+        return tag[: -len("_SVD")], True
+    return tag, False
 
 
 # ---- int4 packing ------------------------------------------------------------------------------------------
@@ -123,6 +140,10 @@ def linear_tensors(ir: QuantLinear, model_dtype: torch.dtype, row_parallel: bool
         raise ValueError(f"no ascendv1 layout for {ir.scheme}")
     if ir.bias is not None:
         out["bias"] = (ir.bias.float(), FLOAT)
+    if ir.svd_rank is not None:  # the quantized tensors are the residual's: their type gets _SVD; the pair is FLOAT
+        out = {suffix: (tensor, t if t == FLOAT else svd_tag(t)) for suffix, (tensor, t) in out.items()}
+        out[LOWRANK_L1] = (ir.svd_lowrank_l1.to(model_dtype), FLOAT)
+        out[LOWRANK_L2] = (ir.svd_lowrank_l2.to(model_dtype), FLOAT)
     return out
 
 
@@ -155,6 +176,9 @@ REQUIRED_SUFFIXES: dict[str, frozenset[str]] = {
 # The established writer's spelling of FP8 dynamic (formats.md A.4.9): read as the engine's W8A8FP8_DYNAMIC.
 TAG_ALIASES = {"WFP8AFP8_DYNAMIC": Scheme.W8A8FP8_DYNAMIC.value}
 REQUIRED_SUFFIXES.update({alias: REQUIRED_SUFFIXES[tag] for alias, tag in TAG_ALIASES.items()})
+# Every quantized type with the low-rank pair (W16A16S is a float layer: no SVD variant).
+REQUIRED_SUFFIXES.update({svd_tag(tag): needed | {LOWRANK_L1, LOWRANK_L2}
+                          for tag, needed in list(REQUIRED_SUFFIXES.items()) if tag != W16A16S})
 
 
 def linear_from_tensors(tag: str, t: dict[str, torch.Tensor]) -> QuantLinear | SparseFloatLinear:
@@ -163,6 +187,15 @@ def linear_from_tensors(tag: str, t: dict[str, torch.Tensor]) -> QuantLinear | S
     if tag == W16A16S:
         bias = t.get("bias")
         return SparseFloatLinear(t["weight"].float(), None if bias is None else bias.float())
+    inner, lowrank = split_svd_tag(tag)
+    if lowrank:  # the inner type's layer, computing the float low-rank branch on top
+        ir = linear_from_tensors(inner, t)
+        if not isinstance(ir, QuantLinear):
+            raise ValueError(f"{tag}: {inner} has no SVD variant")
+        l1, l2 = t[LOWRANK_L1].float(), t[LOWRANK_L2].float()
+        check_lowrank_pair(l1, l2, ir.out_features, ir.in_features)
+        ir.svd_lowrank_l1, ir.svd_lowrank_l2 = l1, l2
+        return ir
     scheme = Scheme(TAG_ALIASES.get(tag, tag))
     bias = t.get("bias")
     if scheme == Scheme.W8A8FP8_DYNAMIC:

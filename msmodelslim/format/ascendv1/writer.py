@@ -21,6 +21,7 @@ from msmodelslim.format.edits import OutputEdits
 from msmodelslim.format.hf_files import copy_model_files, own_tensors, quantized_and_float_modules, write_extra_files
 from msmodelslim.format.shards import ShardStream
 from msmodelslim.ir.fa3 import FA3HeadQuant
+from msmodelslim.ir.lowrank import LowRankResidualLinear
 from msmodelslim.ir.kv_cache import KVCacheQuant
 from msmodelslim.ir.quant_linear import QuantLinear
 from msmodelslim.ir.sparse_linear import SparseFloatLinear
@@ -32,8 +33,11 @@ INDEX = f"{WEIGHTS}.safetensors.index.json"
 # Lowest to highest; `model_quant_type` reports the highest present (informational for vLLM-Ascend; the 310P
 # compression tool reads it to find W8A8S models, so W8A8S ranks first, as the established v0 writer reports it).
 # The floating-point types follow the established order (formats.md A.2); W4A16_MXFP4 sits with W4A16.
+# W4A4_MXFP4_SVD (SVDQuant) ranks above every established type; the other _SVD types are not in the list and never
+# set model_quant_type, as in the established writer.
 TYPE_PRIORITY = ["FLOAT", "W16A16S", "W8A16", "W4A16", "W4A16_MXFP4", "W8A8_DYNAMIC", "W4A8_DYNAMIC", "W8A8_MIX",
-                 "W8A8", "W8A8FP8_DYNAMIC", "W8A8_MXFP8", "W4A8_MXFP", "W4A4_DYNAMIC", "W4A4_MXFP4", "W8A8S"]
+                 "W8A8", "W8A8FP8_DYNAMIC", "W8A8_MXFP8", "W4A8_MXFP", "W4A4_DYNAMIC", "W4A4_MXFP4", "W4A4_MXFP4_SVD",
+                 "W8A8S"]
 
 
 class AscendV1Writer:
@@ -94,6 +98,11 @@ class AscendV1Writer:
                 tensors = sparse_float_tensors(module, self.dtype_for(f"{name}.weight"), self.dtype_for(f"{name}.bias"))
                 for suffix, (tensor, tag) in tensors.items():
                     self.add(f"{name}.{suffix}", tensor, tag)
+                continue
+            if isinstance(module, LowRankResidualLinear):  # split by svd_res but never quantized: W = R + l2·l1
+                self.add_float(f"{name}.weight", module.folded_weight())
+                if module.bias is not None:
+                    self.add_float(f"{name}.bias", module.bias)
                 continue
             for tensor_name, tensor in own_tensors(name, module):
                 self.add_float(tensor_name, tensor)

@@ -57,7 +57,10 @@ class CompressedTensorsWriter:
 
     # Processing steps whose output this format cannot hold (refused before any weight is read).
     UNSUPPORTED_STEPS = {"fa3_quant": "vLLM has no compressed-tensors scheme for static per-head int8 Q/K/V of the "
-                                      "attention kernel (FA3); save with ascendv1_saver, or remove fa3_quant"}
+                                      "attention kernel (FA3); save with ascendv1_saver, or remove fa3_quant",
+                         "svd_res": "vLLM has no compressed-tensors scheme for a quantized layer plus a float low-rank "
+                                    "branch (SVDQuant's svd_lowrank_l1/l2), and compressed-tensors no such tensors; "
+                                    "save with ascendv1_saver, or remove svd_res"}
 
     # KV-cache dtypes (dynamic_cache qconfig) this format cannot hold: only vLLM's FP8 per-tensor cache.
     UNSUPPORTED_KV_CACHE = {"int8": C8_REASON}
@@ -81,6 +84,9 @@ class CompressedTensorsWriter:
     def add_module_tree(self, prefix: str, root: nn.Module) -> None:
         for name, module in quantized_and_float_modules(prefix, root):
             if isinstance(module, QuantLinear):
+                if module.svd_rank is not None:  # never silently without its low-rank branch
+                    raise UnsupportedError(f"{name}: svd_res cannot be saved as compressed_tensors: "
+                                           f"{self.UNSUPPORTED_STEPS['svd_res']}")
                 weights, act, fmt = quantization_args(module)
                 key = json.dumps([weights.model_dump(mode="json"), act and act.model_dump(mode="json"), fmt])
                 if key not in self.groups:

@@ -21,6 +21,7 @@ from torch import nn
 
 from msmodelslim.core.errors import ProcessingError
 from msmodelslim.core.logging import get_logger
+from msmodelslim.ir.lowrank import LowRankResidualLinear
 from msmodelslim.ir.quant_linear import QuantLinear
 from msmodelslim.model.moe import routed_expert_linears
 from msmodelslim.processor.base import Processor, ProcessorContext, register_processor
@@ -83,7 +84,8 @@ def new_record(q: LinearQConfig) -> InputRecord:
 def linear_to_ir(linear: nn.Linear, config: LinearQuantConfig, record: Optional[InputRecord],
                  weight: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None) -> QuantLinear:
     """Pure conversion of one float linear into its quantized representation; `weight` (codes, scale,
-    offset) when a method has already quantized the weight."""
+    offset) when a method has already quantized the weight. A linear split by svd_res holds the residual in
+    `weight`: that is what is quantized, and its low-rank pair travels into the QuantLinear unchanged."""
     q = config.qconfig
     hessian = record.hessian if record is not None else None
     qweight, scale, offset = weight or quantize_weight(linear.weight.detach(), q.weight, hessian)
@@ -91,7 +93,9 @@ def linear_to_ir(linear: nn.Linear, config: LinearQuantConfig, record: Optional[
     if q.static_act:
         input_scale, input_offset = record.observer.qparams(q.act.dtype.bits, q.act.symmetric)
     bias = None if linear.bias is None else linear.bias.detach()
-    return QuantLinear(q.scheme, qweight, scale, offset, bias, input_scale, input_offset)
+    split = isinstance(linear, LowRankResidualLinear)
+    lowrank = (linear.svd_lowrank_l1, linear.svd_lowrank_l2) if split else (None, None)
+    return QuantLinear(q.scheme, qweight, scale, offset, bias, input_scale, input_offset, *lowrank)
 
 
 def minmax_fallback_ir(linear: nn.Linear, config: LinearQuantConfig) -> QuantLinear:
