@@ -79,16 +79,17 @@ def plant(source):
     return source
 
 
-def plant_published(source):
-    """plant() on the checkpoint's tensors as they are stored (Step-3.5's published layout, which transformers
-    does not save): zero-centred norms get gains away from 1 with outlier channels, routers decisive logits."""
+def plant_published(source, router: str = "moe.gate.weight"):
+    """plant() on the checkpoint's tensors as they are stored (layouts transformers does not save: Step-3.5's,
+    LongCat's per-expert one): norms (`input_layernorm.weight`, LongCat's `input_layernorm.0.weight`) get gains
+    away from 1 with outlier channels, routers (`router`: the suffix of their weights) decisive logits."""
     (weights,) = source.glob("*.safetensors")
     state, g = load_file(weights), torch.Generator().manual_seed(0)
     for name, tensor in state.items():
-        if name.endswith("layernorm.weight"):
+        if "layernorm" in name and name.endswith("weight"):
             tensor.copy_(0.5 + torch.rand(tensor.shape, generator=g))
             tensor[[3, 17] if "input" in name else [5]] *= 20
-        elif name.endswith("moe.gate.weight"):
+        elif name.endswith(router):
             tensor.normal_(0, 0.3, generator=g)
     save_file(state, weights, metadata={"format": "pt"})
     return source

@@ -9,7 +9,6 @@ from dataclasses import replace
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from helpers import SCHEMES, quantize_variants, run_quant, shard_bytes, small_calib
 from msmodelslim.cli.__main__ import main
@@ -19,7 +18,7 @@ from msmodelslim.format.ascendv1.reader import load_ascendv1
 from msmodelslim.model import longcat
 from msmodelslim.model.longcat import SHORTCUT_NORM, longcat_smoothing
 from test_families_text import float_reference
-from test_family_transforms import BOUND, STEPS, W8A8_DYNAMIC, report, tensors_of, write
+from test_family_transforms import BOUND, STEPS, W8A8_DYNAMIC, plant_published, report, tensors_of, write
 from test_moe_smoothing import rank_threads, varied_calib  # noqa: F401  (a fixture)
 from tiny_models import make_tiny_model
 
@@ -28,24 +27,10 @@ LAYER = "model.layers.1"
 VARIANTS = {"identity_experts": {}, "routed_only": {"zero_expert_num": 0}}
 
 
-def plant(source):
-    """Norm gains away from 1 with outlier channels (a missing fold shows), decisive router logits; written back
-    in the published layout (per-expert tensors)."""
-    (weights,) = source.glob("*.safetensors")
-    state, g = load_file(weights), torch.Generator().manual_seed(0)
-    for name, tensor in state.items():
-        if "layernorm" in name and name.endswith("weight"):
-            tensor.copy_(0.5 + torch.rand(tensor.shape, generator=g))
-            tensor[[3, 17] if "input" in name else [5]] *= 20
-        elif name.endswith("router.classifier.weight"):
-            tensor.normal_(0, 0.3, generator=g)
-    save_file(state, weights, metadata={"format": "pt"})
-    return source
-
-
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
-    return {variant: plant(make_tiny_model(tmp_path_factory.mktemp(variant), "longcat_flash", seed=3, **sizes))
+    return {variant: plant_published(make_tiny_model(tmp_path_factory.mktemp(variant), "longcat_flash", seed=3, **sizes),
+                                     router="router.classifier.weight")
             for variant, sizes in VARIANTS.items()}
 
 
