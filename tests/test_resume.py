@@ -183,7 +183,7 @@ def _killed_after_block_1(code: Path, model: Path, config: Path, out: Path) -> P
 
 def _refused(result: subprocess.CompletedProcess, staging: Path, before: dict) -> str:
     assert result.returncode == 2, result.stderr
-    assert "--resume refused" in result.stderr and "rerun with --overwrite instead of --resume" in result.stderr
+    assert "--resume refused" in result.stderr and "rerun without --resume" in result.stderr
     assert snapshot(staging) == before  # nothing was changed
     return result.stderr
 
@@ -232,15 +232,10 @@ def test_changed_code_is_refused_with_the_reason(code, model, dataset, tmp_path)
     assert "differs from this one in msmodelslim's code" in refusal
 
 
-def test_a_run_without_resume_keeps_the_progress_unless_told_to_start_over(code, model, dataset, reference,
-                                                                          tmp_path):
+def test_a_run_without_resume_starts_over_and_says_resume_existed(code, model, dataset, reference, tmp_path):
     config, out = write_config(tmp_path, dataset, PIPELINES["iter_smooth+w8a8_static"]), tmp_path / "out"
     staging = _killed_after_block_1(code, model, config, out)
-    before = snapshot(staging)
-    refused = quant(code, model, out, config)
-    assert refused.returncode == 2 and "rerun with --resume to continue" in refused.stderr, refused.stderr
-    assert snapshot(staging) == before  # the finished blocks are still there
-    fresh = quant(code, model, out, config, "--overwrite")
+    fresh = quant(code, model, out, config)
     assert fresh.returncode == 0, fresh.stderr
     assert f"removed {staging}" in fresh.stderr and "'quant --resume' would have continued" in fresh.stderr
     assert "resumed run" not in fresh.stderr

@@ -195,11 +195,7 @@ def _check_output(request: QuantizeRequest) -> None:
     """The output's checks, the same in a dry run and a real run; only a real run recovers a killed run's
     leftovers first (recovery renames directories)."""
     check_save_path(request.save_path, request.overwrite, request.model_path, dry_run=request.dry_run)
-    if not request.resume:  # hours of finished blocks are not thrown away unless the user says so
-        left = resumable(request.save_path)
-        if left and not request.overwrite:
-            raise ConfigError(f"{request.save_path}: an interrupted run left its finished blocks in {left[0]}; rerun "
-                              f"with --resume to continue from them, or with --overwrite to discard them and start over")
+    if not request.resume:  # starting over: what a killed run left for --resume goes, and the log says so
         discard_resumable(request.save_path, apply=not request.dry_run)
     # stat() of the input files only: a disk too small is found before the first weight is read
     check_free_space(request.save_path, estimate_output_bytes(request.model_path), request.overwrite)

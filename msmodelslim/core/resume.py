@@ -42,7 +42,7 @@ from msmodelslim.format.staging import RESUME_STATE
 log = get_logger("resume")
 
 FORMAT_VERSION = 1
-START_OVER = "rerun with --overwrite instead of --resume to start over"
+START_OVER = "rerun without --resume to start over"
 SMALL_FILE_BYTES = 16 << 20  # model files up to this size are hashed by content (config, tokenizer, index)
 INTERVAL_ENV = "MSMODELSLIM_CHECKPOINT_SECONDS"  # least seconds between two checkpoints; "off": none
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
