@@ -178,7 +178,7 @@ class QConfig(BaseModel):
                              f"not {self.scope.value}")
         if not self.symmetric:
             raise ValueError(f"dtype {name} is symmetric (a float grid has no zero point); set symmetric: true")
-        allowed = ["minmax", "gptq", *(m for m, d in MX_WEIGHT_METHODS.items() if d == name)]
+        allowed = ["minmax", *(m for m, d in MX_WEIGHT_METHODS.items() if d == name), "gptq"]
         if self.method not in allowed:
             raise ValueError(f"method {self.method!r} does not apply to dtype {name}, which takes method "
                              f"{' or '.join(allowed)}")
