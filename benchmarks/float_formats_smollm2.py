@@ -12,6 +12,11 @@ scored in memory after oneshot (its fake-quantized forward).
 Peer presets (compressed-tensors 0.19): fp8_dynamic (E4M3 weights per channel, activations per token),
 mxfp8, mxfp4 / mxfp4a16 (E2M1 in blocks of 32, E8M0 scales), nvfp4 / nvfp4a16 (E2M1 in blocks of 16, FP8
 scales under a per-tensor global scale); `gptq_<preset>` runs GPTQModifier with that preset.
+
+Our NVFP4 rows (w4a16_nvfp4, w4a16_nvfp4_gptq: weight dtype nvfp4, a compressed_tensors-only extension) are saved
+with the compressed_tensors saver and scored twice: with the weights dequantized in float32 from the written
+tensors (q · weight_scale / weight_global_scale), and as transformers loads them (CompressedTensorsConfig with
+dequantize=True: the library's decompressor, which rounds the weights to bf16).
 """
 from __future__ import annotations
 
@@ -24,7 +29,42 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from side_by_side import protocol, run_peer  # noqa: E402
-from smollm2_accuracy import SCHEMES, quantize_in_child, write_config  # noqa: E402
+from smollm2_accuracy import SCHEMES, linear, quantize_in_child, write_config  # noqa: E402
+
+NVFP4 = {"dtype": "nvfp4", "scope": "per_block", "symmetric": True, "method": "minmax"}
+NVFP4_SCHEMES = {"w4a16_nvfp4": [linear({"weight": NVFP4})],
+                 "w4a16_nvfp4_gptq": [linear({"weight": {**NVFP4, "method": "gptq"}})]}
+SCHEMES.update(NVFP4_SCHEMES)
+
+
+def load_nvfp4(out: Path, model_dir: Path):
+    """The float model with every nvfp4-pack-quantized linear's weight dequantized in float32 from the files."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from msmodelslim.quantizer.float_formats import decode_fp4_e2m1, unpack_fp4_pairs
+    from msmodelslim.quantizer.nvfp4 import dequantize_nvfp4
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tensors = {}
+    for shard in out.glob("*.safetensors"):
+        tensors.update(load_file(shard))
+    count = 0
+    for name in [k[: -len(".weight_packed")] for k in tensors if k.endswith(".weight_packed")]:
+        values = decode_fp4_e2m1(unpack_fp4_pairs(tensors[f"{name}.weight_packed"]))
+        weight = dequantize_nvfp4(values, tensors[f"{name}.weight_scale"].float(), tensors[f"{name}.weight_global_scale"])
+        model.get_submodule(name).weight.data.copy_(weight)
+        count += 1
+    assert count, f"{out} holds no nvfp4 layers"
+    return model
+
+
+def load_nvfp4_transformers(out: Path):
+    from transformers import AutoModelForCausalLM
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    return AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, local_files_only=True,
+                                                quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
 
 OURS = ("fp8_dynamic,fp8_dynamic_gptq,sq0.5+fp8_dynamic,w8a8_mxfp8,w8a8_mxfp8_mse_round,w8a8_mxfp8_gptq,"
         "w4a16_mxfp4,w4a16_mxfp4_ceil_x,w4a16_mxfp4_gptq,w4a4_mxfp4,w4a4_mxfp4_gptq,quarot+w4a4_mxfp4,"
@@ -54,10 +94,16 @@ def main() -> None:
 
     def run_ours(name: str) -> None:
         config = args.work_dir / f"{name}.yaml"
-        write_config(config, SCHEMES[name], str(calib), "layer_wise")
+        nvfp4 = name in NVFP4_SCHEMES
+        write_config(config, SCHEMES[name], str(calib), "layer_wise", "compressed_tensors" if nvfp4 else "ascendv1_saver")
         out = args.work_dir / f"smollm2-{name}"
         seconds, rss = quantize_in_child(model_dir, config, out)
-        ppl = perplexity(load_ascendv1(out), windows, torch.device("cpu"), name).perplexity
+        ppl = perplexity(load_nvfp4(out, model_dir) if nvfp4 else load_ascendv1(out), windows, torch.device("cpu"),
+                         name).perplexity
+        if nvfp4:
+            loaded = perplexity(load_nvfp4_transformers(out), windows, torch.device("cpu"), name).perplexity
+            print(f"msmodelslim {name} as transformers loads it (bf16-rounded weights): ppl {loaded:.4f} "
+                  f"({(loaded / ppl - 1) * 100:+.3f} % against float32 dequantization)", flush=True)
         print(f"msmodelslim {name}: ppl {ppl:.4f} (x{ppl / float_ppl:.4f}), {seconds:.1f} s, {rss:.0f} MiB", flush=True)
         table.append(("msmodelslim", name, ppl, seconds, rss))
 

@@ -164,6 +164,18 @@ SCHEMES.update({
     "quarot+w4a4_mxfp4": [QUAROT, linear({"act": MXFP4, "weight": MXFP4})],
     "quarot+w4a4_mxfp4_gptq": [QUAROT, linear({"act": MXFP4, "weight": {**MXFP4, "method": "gptq"}})],
     "quarot+w4a16_mxfp4_gptq": [QUAROT, linear({"weight": {**MXFP4, "method": "gptq"}})],
+    # SVDQuant's recipe: smoothing, then a rank-32 float branch, the residual in MXFP4 (processor/svd_res)
+    "iter_smooth+svd_res+w4a4_mxfp4": [ITER, {"type": "svd_res", "rank": 32, "exclude": ["lm_head"]},
+                                       linear({"act": MXFP4, "weight": MXFP4})],
+    "quarot+svd_res+w4a4_mxfp4_gptq": [QUAROT, {"type": "svd_res", "rank": 32, "exclude": ["lm_head"]},
+                                       linear({"act": MXFP4, "weight": {**MXFP4, "method": "gptq"}})],
+})
+# W4A4 in integers (W4A4_DYNAMIC): int4 activations per token, int4 weights per channel
+ACT_INT4 = {**DYNAMIC, "dtype": "int4"}
+SCHEMES.update({
+    "w4a4_int": [linear({"act": ACT_INT4, "weight": WEIGHT_INT4})],
+    "quarot+w4a4_int": [QUAROT, linear({"act": ACT_INT4, "weight": WEIGHT_INT4})],
+    "quarot+w4a4_int_gptq": [QUAROT, linear({"act": ACT_INT4, "weight": {**WEIGHT_INT4, "method": "gptq"}})],
 })
 DEFAULT_SCHEMES = "w8a16,w8a8_dynamic,w8a8_static,w4a16_g64,w4a16_channel"
 

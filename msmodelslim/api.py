@@ -29,17 +29,18 @@ PathLike = Union[str, Path]
 def quantize(model_path: PathLike, save_path: PathLike, *, model_type: Optional[str] = None,
              quant_type: Optional[str] = None, config: Union[PathLike, dict, None] = None, device: str = "cpu",
              overwrite: bool = False, trust_remote_code: bool = False, dry_run: bool = False,
-             allow_default_practice: bool = False) -> QuantizeReport:
+             allow_default_practice: bool = False, estimate: bool = False) -> QuantizeReport:
     """Quantize `model_path` into `save_path` with `quant_type` (the best practice for the model) or `config`.
 
     `model_type` may be left out when config.json names a registered family. Returns the plan
-    ({linear: scheme}), the written description, the warnings, the time and the peak memory."""
+    ({linear: scheme}), the written description, the warnings, the time and the peak memory. With `dry_run`
+    and `estimate`, `report.estimate` holds the real run's estimated peak RSS, disk and time (app/estimate.py)."""
     config_path, pipeline = (None, None) if config is None else (
         (None, _pipeline(config)) if isinstance(config, dict) else (Path(config), None))
     request = QuantizeRequest(model_path=Path(model_path), save_path=Path(save_path), model_type=model_type,
                               device=parse_device(device), quant_type=quant_type, config_path=config_path,
                               pipeline=pipeline, trust_remote_code=trust_remote_code, overwrite=overwrite,
-                              dry_run=dry_run, allow_default_practice=allow_default_practice)
+                              dry_run=dry_run, allow_default_practice=allow_default_practice, estimate=estimate)
     return _quantize(request)
 
 

@@ -129,6 +129,12 @@ def dequantized_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, di
             if MX_ACT_KIND[tag] != "float":
                 acts[p] = {"kind": MX_ACT_KIND[tag]}
             used |= {f"{p}.{s}" for s in ("weight", "weight_scale")}
+            if tag == "W4A4_MXFP4_DUALSCALE":  # float32 [N, K/D, 1] over the MXFP4 weight; inputs alike at run time
+                dual = t[f"{p}.weight_dual_scale"].float()
+                assert dual.dim() == 3 and dual.shape[2] == 1 and w.shape[1] % dual.shape[1] == 0, p
+                w = w * _expand(dual[:, :, 0], w.shape[1])
+                acts[p] = {"kind": "dynamic_mxfp4_dual", "dual_block": w.shape[1] // dual.shape[1]}
+                used.add(f"{p}.weight_dual_scale")
         elif tag == "W16A16S":  # a pruned float weight, used as it is
             w, b = t[f"{p}.weight"].float(), t.get(f"{p}.bias")
             used.add(f"{p}.weight")
@@ -316,7 +322,16 @@ def _per_token_int4(x: torch.Tensor) -> torch.Tensor:
 RUNTIME_QUANT = {"dynamic": _per_token_int8, "dynamic_int4": _per_token_int4, "dynamic_fp8": _per_token_fp8,
                  "dynamic_mxfp8": lambda x: _mx(x, "e4m3"), "dynamic_mxfp4": lambda x: _mx(x, "e2m1")}
 MX_ACT_KIND = {"W8A8_MXFP8": "dynamic_mxfp8", "W4A8_MXFP": "dynamic_mxfp8", "W4A4_MXFP4": "dynamic_mxfp4",
+               "W4A4_MXFP4_DUALSCALE": "dynamic_mxfp4",
                "W4A16_MXFP4": "float"}
+
+
+def _mxfp4_dual(x: torch.Tensor, block: int) -> torch.Tensor:
+    """DualScale inputs: per token and block of `block`, S = max|x| / 6 (1 for zeros), MXFP4 of x / S, times S."""
+    blocks = x.reshape(*x.shape[:-1], x.shape[-1] // block, block)
+    amax = blocks.abs().amax(dim=-1, keepdim=True)
+    s = torch.where(amax > 0, amax / 6, torch.ones_like(amax))
+    return (_mx((blocks / s).reshape(x.shape), "e2m1").reshape(blocks.shape) * s).reshape(x.shape)
 
 
 def _e8m0(byte: torch.Tensor) -> torch.Tensor:
@@ -469,6 +484,8 @@ def load_reference_model(path: Path):
         if info["kind"] == "static":
             s, o = info["scale"], info["offset"]
             quant = lambda x, s=s, o=o: (torch.clamp(torch.round(x / s + o), -128, 127) - o) * s
+        elif info["kind"] == "dynamic_mxfp4_dual":
+            quant = lambda x, d=info["dual_block"]: _mxfp4_dual(x, d)
         else:
             quant = RUNTIME_QUANT.get(info["kind"], lambda x: x)  # "float": a weight-only layer with a low-rank pair
         if "lowrank" in info:  # y = q(x) W^T + b + (x l1^T) l2^T: the float branch sees x itself

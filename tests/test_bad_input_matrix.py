@@ -188,8 +188,8 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], int, str]] = {
                     "'layerwise'"),
     "saver_unknown": (lambda c: c.quant(config=c.config({"process": [GOOD_STEP], "save": [{"type": "gguf"}]})), 2,
                       "spec.save[0]"),
-    "two_savers": (lambda c: c.quant(config=c.config({"process": [GOOD_STEP], "save": [
-        {"type": "ascendv1_saver"}, {"type": "compressed_tensors"}]})), 2, "exactly one saver"),
+    "two_savers_of_one_type": (lambda c: c.quant(config=c.config({"process": [GOOD_STEP], "save": [
+        {"type": "ascendv1_saver"}, {"type": "ascendv1_saver"}]})), 2, "2 savers of type ascendv1_saver"),
     "part_file_size_negative": (lambda c: c.quant(config=c.config({"process": [GOOD_STEP], "save": [
         {"type": "ascendv1_saver", "part_file_size": -1}]})), 2, "part_file_size"),
     "part_file_size_inf": (lambda c: c.quant(config=c.config(text="apiversion: modelslim_v1\nspec:\n  save: "

@@ -64,18 +64,24 @@ def test_recorded_ranges_are_those_of_every_linear_input_and_follow_declared_sca
     assert ranges.scaled(None) is None  # an undeclared change drops the ranges
 
 
-def test_relative_change_is_per_channel_against_the_channel_magnitude():
-    before = {"a": ChannelRange(torch.tensor([-1.0, -100.0]), torch.tensor([1.0, 100.0]))}
-    now = {"a": ChannelRange(torch.tensor([-1.0, -100.0]), torch.tensor([1.05, 101.0]))}
-    assert relative_change(before, now) == pytest.approx(0.05 / 1.05)  # the small channel decides, not the big one
+def test_relative_change_is_measured_against_the_linears_largest_channel():
+    before = {"a": ChannelRange(torch.tensor([-1.0, -100.0]), torch.tensor([1.0, 100.0])),
+              "b": ChannelRange(torch.tensor([-2.0]), torch.tensor([2.0]))}
+    now = {"a": ChannelRange(torch.tensor([-1.0, -100.0]), torch.tensor([3.0, 101.0])),
+           "b": ChannelRange(torch.tensor([-2.1]), torch.tensor([2.0]))}
+    # a: the small channel moved by 2, the large one by 1; both against a's largest magnitude 101 -> 2/101.
+    # b: 0.1 against 2.1. The worst linear decides.
+    assert relative_change(before, now) == pytest.approx(0.1 / 2.1)
+    del now["b"], before["b"]
+    assert relative_change(before, now) == pytest.approx(2 / 101)
     unseen = {"a": ChannelRange(torch.tensor([float("inf"), -1.0]), torch.tensor([float("-inf"), 1.0]))}
     assert relative_change(unseen, before) == 1.0  # a channel seen for the first time is a change
 
 
 def slow_stop_point(batches: list[torch.Tensor], rule: EarlyStop) -> int:
     """Scalar reference: the first batch count n whose token total T_n >= min_tokens at which every channel's
-    running min and max moved by at most rtol x its current max|x| since the latest batch count m with
-    T_m <= T_n - window_tokens; len(batches) when none."""
+    running min and max moved by at most rtol x the current max|x| over all channels since the latest batch
+    count m with T_m <= T_n - window_tokens; len(batches) when none."""
     totals = [sum(len(b) for b in batches[:n]) for n in range(len(batches) + 1)]
 
     def running(n):
@@ -87,11 +93,11 @@ def slow_stop_point(batches: list[torch.Tensor], rule: EarlyStop) -> int:
         if totals[n] < rule.min_tokens or not old:
             continue
         (lo0, hi0), (lo1, hi1) = running(old[-1]), running(n)
+        largest = max(max(abs(float(lo1[j])), abs(float(hi1[j]))) for j in range(lo1.numel()))
         ok = True
         for j in range(lo1.numel()):
-            scale = max(abs(float(lo1[j])), abs(float(hi1[j])))
             change = max(abs(float(lo1[j] - lo0[j])), abs(float(hi1[j] - hi0[j])))
-            ok &= scale == 0 or change / scale <= rule.rtol
+            ok &= largest == 0 or change / largest <= rule.rtol
         if ok:
             return n
     return len(batches)

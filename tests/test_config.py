@@ -58,7 +58,7 @@ def test_unsupported_pair_is_rejected_with_the_supported_list():
 def test_per_group_needs_group_size_and_planned_method_is_named():
     message = error_of(config_with([
         {"type": "linear_quant", "qconfig": {"weight": {**W8, "scope": "per_group"}}},
-        {"type": "linear_quant", "qconfig": {"weight": {**W8, "method": "fouroversix"}}},
+        {"type": "linear_quant", "qconfig": {"weight": {**W8, "dtype": "hifloat8"}}},
         {"type": "linear_quant", "qconfig": {"weight": {**W8, "method": "histogram"}}},
         {"type": "linear_quant", "qconfig": {"weight": {**W8, "method": "gptq", "ext": {"percdamp": -1}}}},
         {"type": "linear_quant", "qconfig": {"weight": {**W8, "method": "ssz", "ext": {"blocksize": 3}}}},
@@ -67,7 +67,7 @@ def test_per_group_needs_group_size_and_planned_method_is_named():
         {"type": "linear_quant", "qconfig": {"weight": {**W8, "method": "autoround"}}},
     ]))
     assert "spec.process[0].qconfig.weight: scope per_group needs ext.group_size" in message
-    assert "spec.process[1].qconfig.weight: method 'fouroversix' is not implemented yet" in message
+    assert "spec.process[1].qconfig.weight.dtype: dtype 'hifloat8' is not implemented yet" in message
     assert "spec.process[2].qconfig: weight method 'histogram' is for activations" in message
     assert "spec.process[3].qconfig.weight: ext.percdamp must be a positive float" in message
     assert "spec.process[4]" not in message  # an ext key the method does not read: ignored with a warning,

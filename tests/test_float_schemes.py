@@ -200,6 +200,8 @@ def test_compressed_tensors_fp8_dynamic_loads_in_transformers(models, tmp_path):
     ("W8A8_MXFP8", {**MXFP8, "method": "mse_round"}),
     ("W4A4_MXFP4", {**MXFP4, "method": "ceil_x"}),
     ("W4A16_MXFP4", {**MXFP4, "method": "ceil_x", "ext": {"enable_search": True, "search_step": 1.0}}),
+    ("W4A16_MXFP4", {**MXFP4, "method": "fouroversix"}),
+    ("W4A4_MXFP4", {**MXFP4, "method": "fouroversix"}),
 ])
 def test_mx_weight_methods_end_to_end(models, tmp_path, scheme, weight):
     """The methods choose other shared exponents; the layout, the readers and the checker are those of minmax."""

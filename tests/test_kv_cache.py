@@ -24,7 +24,7 @@ from msmodelslim.format.ascendv1.reader import load_ascendv1
 from msmodelslim.format.compressed_tensors.checker import check_compressed_tensors
 from msmodelslim.ir.kv_cache import KVCacheQuant
 from msmodelslim.processor.kv_smooth import smooth
-from msmodelslim.quantizer.kv_cache import ChannelRange, fake_quantize_cache
+from msmodelslim.quantizer.kv_cache import CacheChannelRange, fake_quantize_cache
 from reference_reader import load_reference_model
 from tiny_models import make_tiny_model
 
@@ -310,7 +310,7 @@ def _cache_rows(rank: int) -> torch.Tensor:
 
 def _channel_range_worker(collective) -> dict:
     """Ranks 0 and 1 record their own K; rank 2 records nothing (it got no batch) and still joins the merge."""
-    seen, unseen = ChannelRange(), ChannelRange()
+    seen, unseen = CacheChannelRange(), CacheChannelRange()
     if collective.rank < 2:
         seen.update(_cache_rows(collective.rank))
     seen.merge(collective, 8)
@@ -320,11 +320,11 @@ def _channel_range_worker(collective) -> dict:
 
 def test_channel_ranges_merged_by_ranks_equal_one_process_over_all_tokens(tmp_path):
     got = spawn_ranks("cpu", (0, 1, 2), tmp_path, _channel_range_worker)
-    single = ChannelRange()
+    single = CacheChannelRange()
     single.update(_cache_rows(0))
     single.update(_cache_rows(1))
     assert torch.equal(got["min"], single.min) and torch.equal(got["max"], single.max)
-    alone = ChannelRange()
+    alone = CacheChannelRange()
     alone.update(_cache_rows(0))
     assert not torch.equal(got["max"], alone.max)  # rank 1's tokens count: the merge did something
     assert got["unseen"] is False  # no rank saw anything: still unseen, not +-inf

@@ -29,6 +29,20 @@ def test_model_wise_and_layer_wise_write_identical_bytes(tiny_qwen2, tmp_path):
     assert len(layer) >= 4 and layer == model
 
 
+def test_released_tied_bf16_tables_are_written_as_model_wise_writes_them(tiny_qwen3_bf16_tied, tmp_path):
+    """layer_wise drops the embedding and head during the walk and reads them back to write them; a tied bf16
+    table must come out as model_wise (which keeps everything in memory) writes it."""
+    outs = {}
+    for runner in ("layer_wise", "model_wise"):
+        config = write_config(tmp_path / f"{runner}.yaml", SCHEMES["w8a8_dynamic"], runner=runner)
+        outs[runner] = tmp_path / runner
+        run_quant(tiny_qwen3_bf16_tied, outs[runner], config, "Qwen3-8B")
+    assert digest(outs["layer_wise"]) == digest(outs["model_wise"])
+    tensors = read_all(outs["layer_wise"])
+    assert torch.equal(tensors["lm_head.weight"], tensors["model.embed_tokens.weight"])
+    assert tensors["lm_head.weight"].dtype == torch.bfloat16
+
+
 def count_block_forwards(monkeypatch):
     calls = {"n": 0}
     original = modeling_llama.LlamaDecoderLayer.forward
@@ -66,6 +80,8 @@ def test_layer_wise_holds_one_block_at_a_time(tiny_llama, tmp_path, monkeypatch)
             current = int(prefix.rsplit(".", 1)[1])
             assert devices[current] == {"cpu"}
             assert all(d == {"meta"} for i, d in devices.items() if i != current), devices
+            # the embedding and head are not needed once the batches are embedded: read again when written
+            assert seen["model"].model.embed_tokens.weight.is_meta and seen["model"].lm_head.weight.is_meta
         return original_add(self, prefix, root)
 
     monkeypatch.setattr(TransformersModel, "load_block", load_block)

@@ -24,12 +24,8 @@ def _refusal(spec: dict, apiversion: str = "modelslim_v1") -> str:
                                                "diffusion transformer work)"),
     ({"process": [{"type": "linear_quant", "qconfig": {"weight": {**W8, "dtype": "hifloat8"}}}]},
      "dtype 'hifloat8' is not implemented yet (it belongs to the floating-point formats"),
-    ({"process": [{"type": "linear_quant", "qconfig": {"weight": {**W8, "dtype": "mxfp4", "scope": "dual_scale"}}}]},
-     "scope 'dual_scale' is not implemented yet"),
     ({"process": [{"type": "linear_quant", "qconfig": {"weight": W8, "act": {**W8, "scope": "per_head"}}}]},
      "scope 'per_head' (one scale per attention head) is fa3_quant's"),
-    ({"process": [{"type": "linear_quant", "qconfig": {"weight": {**W8, "method": "fouroversix"}}}]},
-     "method 'fouroversix' is not implemented yet"),
     ({"save": [{"type": "mindie_format_saver"}]}, "saver 'mindie_format_saver' is not implemented yet (it belongs to "
                                                   "the diffusion transformer work)"),
     ({"save": [{"type": "safetensors_saver"}]}, "unknown saver type 'safetensors_saver'; available: ascendv1_saver"),

@@ -10,6 +10,7 @@ from msmodelslim.core.errors import ConfigError, InvalidModelError
 from msmodelslim.format.ascendv1.checker import check_ascendv1
 from msmodelslim.format.ascendv1.writer import DESCRIPTION
 from msmodelslim.format.compressed_tensors.checker import check_compressed_tensors, is_compressed_tensors
+from msmodelslim.format.fan_out import SUBFOLDERS
 from msmodelslim.format.findings import Finding
 from msmodelslim.format.integrity import unaccounted_source_tensors
 from msmodelslim.format.staging import incomplete_reason, recover
@@ -49,10 +50,17 @@ def check_checkpoint(path: Path, model_path: Optional[Path] = None) -> tuple[lis
     tensor must also be accounted for in the output."""
     recovered = recover(path)  # first: it may put a checkpoint back at a path that does not exist yet
     _require_directory(path)
+    formats = [path / folder for folder in SUBFOLDERS.values() if (path / folder).is_dir()]
     if (path / DESCRIPTION).is_file():
         findings = check_ascendv1(path)
     elif is_compressed_tensors(path):
         findings = check_compressed_tensors(path)
+    elif formats and not (path / "config.json").exists():  # one run's several formats (spec.save, two savers)
+        findings = []
+        for folder in formats:
+            _, found = check_checkpoint(folder, model_path)
+            findings.extend(Finding(f.level, f"{folder.name}/: {f.message}") for f in found)
+        model_path = None  # checked per folder
     else:
         raise ConfigError(f"{path} is neither an ascendv1 checkpoint ({DESCRIPTION} is missing) nor a "
                           f"compressed-tensors one (no quantization_config in config.json)")

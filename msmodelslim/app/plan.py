@@ -18,6 +18,7 @@ from msmodelslim.processor.base import Processor, quant_rules
 from msmodelslim.processor.matching import select, unused_patterns
 from msmodelslim.processor.registry import DoubleMatchError, merge_claims
 from msmodelslim.quantizer.float_formats import MX_BLOCK
+from msmodelslim.quantizer.nvfp4 import NVFP4_BLOCK
 
 log = get_logger("app.plan")
 
@@ -112,6 +113,19 @@ def plan_layers(config: PracticeConfig, processors: list[Processor], model: nn.M
                 if in_features % group:  # the kernels quantize activations per block of 32 too (A5 needs K % 32)
                     raise ConfigError(f"{plan[name]} needs the input size of layer {name} ({in_features}) to be a "
                                       f"multiple of the MX block {MX_BLOCK}; exclude the layer")
+                if leaf.qconfig.weight.method == "dualscale":
+                    dual = leaf.qconfig.weight.ext["dual_block_size"]
+                    if in_features > dual and in_features % dual:  # see quantizer/dualscale.effective_dual_block
+                        raise ConfigError(
+                            f"W4A4_MXFP4_DUALSCALE: dual_block_size {dual} neither divides nor exceeds the input size "
+                            f"{in_features} of layer {name}; the checkpoint does not record dual_block_size, so a "
+                            f"partial last block could not be read back unambiguously. Choose a divisor of "
+                            f"{in_features} that is a multiple of 32, or exclude the layer")
+            elif leaf.qconfig.weight.dtype.value == "nvfp4":  # not an ascendv1 group: no group_size entry
+                in_features = model.get_submodule(name).in_features
+                if in_features % NVFP4_BLOCK:
+                    raise ConfigError(f"{plan[name]} needs the input size of layer {name} ({in_features}) to be a "
+                                      f"multiple of the NVFP4 block {NVFP4_BLOCK}; exclude the layer")
             elif group:
                 group_sizes.add(group)
                 in_features = model.get_submodule(name).in_features

@@ -21,6 +21,7 @@ from typing import Optional
 import yaml
 from torch import nn
 
+from msmodelslim.app.estimate import RunEstimate, estimate_run
 from msmodelslim.app.plan import plan_layers, summarize_plan
 from msmodelslim.app.practice import select_practice
 from msmodelslim.core.activations import ActivationSpill
@@ -41,10 +42,12 @@ from msmodelslim.format.ascendv1.kv_cache import UNSUPPORTED_KV_CACHE as ASCENDV
 from msmodelslim.format.ascendv1.writer import AscendV1Writer
 from msmodelslim.format.compressed_tensors.checker import check_compressed_tensors
 from msmodelslim.format.compressed_tensors.writer import CompressedTensorsWriter
-from msmodelslim.format.disk_space import check_free_space, estimate_output_bytes
+from msmodelslim.format.disk_space import check_free_space, estimate_output_bytes, receiving_directory
 from msmodelslim.format.integrity import required_tensors, verify_complete, verify_source_tensors
 from msmodelslim.format.edits import OutputEdits
-from msmodelslim.format.staging import check_save_path, discard_resumable, resumable, staged_directory
+from msmodelslim.format.fan_out import SUBFOLDERS, FanOutWriter
+from msmodelslim.format.staging import (DIR_MODE, RESUME_STATE, check_save_path, discard_resumable, resumable,
+                                        staged_directory)
 from msmodelslim.model.passthrough import UnreadTensors
 from msmodelslim.model.registry import AdapterEntry, create_adapter, infer_model_type, resolve
 from msmodelslim.processor.base import Processor, ProcessorContext, build_pipeline
@@ -67,6 +70,8 @@ class QuantizeRequest:
     pipeline: Optional[PracticeConfig] = None  # a parsed config instead of config_path (the Python API)
     tags: tuple[str, ...] = ()  # --tag: scenarios a practice must be verified for (its verified_tags)
     resume: bool = False  # --resume: continue a killed run of this save_path from its last finished block
+    estimate: bool = False  # with dry_run: measure one block and estimate the real run's RAM, disk and time
+    started_at: Optional[float] = None  # time.time() when the command started (the CLI's), for the time estimate
 
 
 @dataclass
@@ -78,6 +83,7 @@ class QuantizeReport:
     warnings: list[str] = field(default_factory=list)
     description: dict = field(default_factory=dict)
     translated_config: Optional[str] = None  # a modelslim_v0 file's modelslim_v1 translation (YAML), else None
+    estimate: Optional[RunEstimate] = None  # a dry run's estimates of the real run (QuantizeRequest.estimate)
 
 
 def peak_rss_mib() -> float:
@@ -105,18 +111,44 @@ def _steps(configs) -> list:
     return [s for c in configs for s in (_steps(c.configs) if c.type == "group" else [c])]
 
 
+def writer_class_of(saver_type: str):
+    return CompressedTensorsWriter if saver_type == "compressed_tensors" else AscendV1Writer
+
+
+def refuse_duplicate_savers(config: PracticeConfig) -> None:
+    """One saver, or one of each format: two savers of one type would write the same files twice."""
+    types = [save.type for save in config.spec.save]
+    if not types:
+        raise ConfigError("spec.save is empty; give one saver (ascendv1_saver or compressed_tensors), or one of each")
+    repeated = sorted({t for t in types if types.count(t) > 1})
+    if repeated:
+        raise ConfigError(f"spec.save holds {types.count(repeated[0])} savers of type {repeated[0]}; one run writes "
+                          f"each format once. Keep one {repeated[0]} entry (with two formats, give one ascendv1_saver "
+                          f"and one compressed_tensors: each is written to its own subfolder of --save_path)")
+
+
 def refuse_steps_the_format_lacks(config: PracticeConfig) -> None:
-    """A step whose output the chosen format cannot hold (e.g. C8 in compressed-tensors), named before any work."""
-    save = config.spec.save[0]
-    writer_class = CompressedTensorsWriter if save.type == "compressed_tensors" else AscendV1Writer
-    kv_cache_refusals = (CompressedTensorsWriter.UNSUPPORTED_KV_CACHE if save.type == "compressed_tensors"
-                         else ASCENDV1_UNSUPPORTED_KV_CACHE)
-    for step in _steps(config.spec.process):
-        reason = getattr(writer_class, "UNSUPPORTED_STEPS", {}).get(step.type)
-        if step.type == "dynamic_cache":  # which KV cache the engine reads depends on the format
-            reason = kv_cache_refusals.get(step.qconfig.dtype.value)
-        if reason:
-            raise UnsupportedError(f"spec.process: {step.type} cannot be saved as {save.type}: {reason}")
+    """A step whose output a chosen format cannot hold (e.g. C8 in compressed-tensors), named before any work;
+    with two savers, each format's refusals apply."""
+    for save in config.spec.save:
+        writer_class = writer_class_of(save.type)
+        kv_cache_refusals = (CompressedTensorsWriter.UNSUPPORTED_KV_CACHE if save.type == "compressed_tensors"
+                             else ASCENDV1_UNSUPPORTED_KV_CACHE)
+        for step in _steps(config.spec.process):
+            reason = getattr(writer_class, "UNSUPPORTED_STEPS", {}).get(step.type)
+            if step.type == "dynamic_cache":  # which KV cache the engine reads depends on the format
+                reason = kv_cache_refusals.get(step.qconfig.dtype.value)
+            if reason:
+                raise UnsupportedError(f"spec.process: {step.type} cannot be saved as {save.type}: {reason}")
+
+
+def refuse_schemes_the_format_lacks(config: PracticeConfig, plan: dict[str, str]) -> None:
+    """A layer whose planned scheme a chosen format has no layout for (e.g. W8A8_MIX in compressed-tensors)."""
+    for save in config.spec.save:
+        unsupported = writer_class_of(save.type).UNSUPPORTED
+        for name, scheme in plan.items():
+            if scheme in unsupported:
+                raise UnsupportedError(f"{name} would be {scheme}, which {save.type} cannot hold: {unsupported[scheme]}")
 
 
 def refuse_undistributable(config: PracticeConfig, processors: list[Processor]) -> None:
@@ -156,7 +188,7 @@ class _Job:
     model: nn.Module
     plan: dict[str, str]
     spill: Optional[ActivationSpill]  # None for a dry run
-    required: list[tuple[str, ...]]  # tensor names the output must hold (alternatives per entry)
+    required: dict[str, list[tuple[str, ...]]]  # per saver type: tensor names its output must hold (alternatives)
     unread: UnreadTensors  # the checkpoint's tensors the model does not read: written through, or consumed
     source_tensors: list[str]  # every tensor of the input checkpoint (the output must account for each)
     fingerprint: Optional[Fingerprint] = None  # what the block checkpoints are tied to (None: dp_layer_wise)
@@ -191,14 +223,14 @@ def with_model_type(request: QuantizeRequest) -> QuantizeRequest:
     return replace(request, model_type=infer_model_type(request.model_path))
 
 
-def _check_output(request: QuantizeRequest) -> None:
+def _check_output(request: QuantizeRequest, formats: int = 1) -> None:
     """The output's checks, the same in a dry run and a real run; only a real run recovers a killed run's
-    leftovers first (recovery renames directories)."""
+    leftovers first (recovery renames directories). `formats`: how many savers write (each needs the room)."""
     check_save_path(request.save_path, request.overwrite, request.model_path, dry_run=request.dry_run)
     if not request.resume:  # starting over: what a killed run left for --resume goes, and the log says so
         discard_resumable(request.save_path, apply=not request.dry_run)
     # stat() of the input files only: a disk too small is found before the first weight is read
-    check_free_space(request.save_path, estimate_output_bytes(request.model_path), request.overwrite)
+    check_free_space(request.save_path, formats * estimate_output_bytes(request.model_path), request.overwrite)
 
 
 def _prepare(request: QuantizeRequest, in_rank: bool = False) -> _Job:
@@ -210,13 +242,12 @@ def _prepare(request: QuantizeRequest, in_rank: bool = False) -> _Job:
     config = load_practice(request, entry)  # fail fast: a YAML typo must not cost a model load
     if config.translation is not None and not in_rank:
         config.translation.log(log)  # what every modelslim_v0 key became
-    _check_output(request)
+    _check_output(request, len(config.spec.save))
     # a bad MSMODELSLIM_ACTIVATION_MEMORY_MIB or MSMODELSLIM_SPILL_DIR fails here, before any weight is read
     spill = ActivationSpill.from_env(request.save_path)
     spill = None if request.dry_run else spill  # checked in a dry run too, used only by a real one
     runner = choose_runner(config, request.device)
-    if len(config.spec.save) != 1:
-        raise ConfigError("spec.save must hold exactly one saver (ascendv1_saver or compressed_tensors) in this version")
+    refuse_duplicate_savers(config)
     refuse_steps_the_format_lacks(config)
     adapter = create_adapter(request.model_type, str(request.model_path), request.trust_remote_code, entry)
     context = ProcessorContext(type(adapter).__name__, adapter.structure, adapter.attention_shape(),
@@ -236,19 +267,22 @@ def _prepare(request: QuantizeRequest, in_rank: bool = False) -> _Job:
     refuse_inconsistent_passthrough(processors, unread, request.model_path)
     if not in_rank:  # never silently: the user sees what the output holds beyond the model, and what it omits
         log_unread(unread)
-    writer_class = CompressedTensorsWriter if config.spec.save[0].type == "compressed_tensors" else AscendV1Writer
-    for name, scheme in plan.items():
-        if scheme in writer_class.UNSUPPORTED:
-            raise UnsupportedError(f"{name} would be {scheme}: {writer_class.UNSUPPORTED[scheme]}")
-    required = required_tensors(skeleton, [n for n, s in plan.items() if s != "FLOAT"], writer_class.TIED_ALIASES)
+    refuse_schemes_the_format_lacks(config, plan)
+    quantized = [n for n, s in plan.items() if s != "FLOAT"]
+    required = {save.type: required_tensors(skeleton, quantized, writer_class_of(save.type).TIED_ALIASES)
+                for save in config.spec.save}
     if request.dry_run or (_launches_ranks(runner) and not in_rank):
         model = skeleton  # only the plan is needed here (the spawned ranks load for themselves)
     else:
-        model = adapter.load_weights(skeleton, device, load_layers=runner == RunnerType.model_wise)
+        model_wise = runner == RunnerType.model_wise
+        model = adapter.load_weights(skeleton, device, load_layers=model_wise, defer_output_head=not model_wise)
     if not in_rank:
         log.info("runner %s on %s%s; %s", runner.value, request.device, ranks,
                  f"{len(texts)} calibration samples" if needs_data else "no calibration data needed")
         log.info("plan: %s", summarize_plan(plan))
+        if len(config.spec.save) > 1:
+            log.info("%d output formats from one calibration: %s", len(config.spec.save),
+                     ", ".join(f"{save.type} in {request.save_path / SUBFOLDERS[save.type]}" for save in config.spec.save))
     return _Job(config, runner, adapter, processors, texts, model, plan, spill, required, unread,
                 adapter.checkpoint.names(), fingerprint, resume_from)
 
@@ -284,12 +318,20 @@ def _resume_point(request: QuantizeRequest, config: PracticeConfig, runner: Runn
     return fingerprint, point
 
 
-def _make_writer(job: _Job, staging: Path):
-    save, adapter = job.config.spec.save[0], job.adapter
+def output_directories(config: PracticeConfig, staging: Path) -> dict[str, Path]:
+    """{saver type: where its files go}: the staging directory itself for one saver, a subfolder per format for
+    several (format/fan_out.py)."""
+    if len(config.spec.save) == 1:
+        return {config.spec.save[0].type: staging}
+    return {save.type: staging / SUBFOLDERS[save.type] for save in config.spec.save}
+
+
+def _make_writer(job: _Job, save, directory: Path):
+    adapter = job.adapter
     if save.type == "compressed_tensors":
-        return CompressedTensorsWriter(staging, save.part_file_size, adapter.global_dtype(), adapter.original_dtype)
+        return CompressedTensorsWriter(directory, save.part_file_size, adapter.global_dtype(), adapter.original_dtype)
     return AscendV1Writer(
-        staging,
+        directory,
         save.part_file_size,
         adapter.global_dtype(),
         is_row_parallel=lambda name: name.rsplit(".", 1)[-1] in adapter.structure.row_parallel,
@@ -297,33 +339,65 @@ def _make_writer(job: _Job, staging: Path):
     )
 
 
-def _finish(job: _Job, request: QuantizeRequest, writer, staging: Path) -> tuple[dict, list[str]]:
-    """Complete the output in `staging`: config/description files, the practice used, the format checklist."""
+def _make_writers(job: _Job, staging: Path) -> dict[str, object]:
+    """{saver type: its writer}, each writing into its output directory (created here)."""
+    writers = {}
+    for save in job.config.spec.save:
+        directory = output_directories(job.config, staging)[save.type]
+        directory.mkdir(mode=DIR_MODE, exist_ok=True)
+        writers[save.type] = _make_writer(job, save, directory)
+    return writers
+
+
+def _finish_one(job: _Job, request: QuantizeRequest, save, writer, directory: Path, edits: OutputEdits
+                ) -> tuple[dict, list[str]]:
+    """Complete one format's output in `directory`: its files, the practice used, the format checklist."""
+    if save.type == "compressed_tensors":
+        written = writer.finish(request.model_path, edits, [n for n, s in job.plan.items() if s == "FLOAT"])
+        description = {"model_quant_type": written.get("format", "dense")}
+        findings = check_compressed_tensors(directory)
+    else:
+        description = writer.finish(request.model_path, edits)
+        findings = check_ascendv1(directory, list(job.plan), job.adapter.structure.fused_groups)
+    fault_point("description")
+    practice_file = directory / f"{request.model_type}_best_practice.yaml"
+    saved = _saved_practice(job.config)
+    if len(job.config.spec.save) > 1:  # each folder records the config that writes exactly it
+        saved["spec"]["save"] = [s for s in saved["spec"]["save"] if s["type"] == save.type]
+    practice_file.write_text(yaml.safe_dump(saved, sort_keys=False, allow_unicode=True))
+    warnings = sorted({f.message.split(": ", 1)[1] for f in findings if f.level == "warning"})
+    errors = [f.message for f in findings if f.level == "error"]
+    if errors:
+        raise FormatCheckError(f"the written checkpoint fails the {save.type} checklist:\n  " + "\n  ".join(errors[:20]))
+    verify_complete(directory, job.required[save.type])
+    verify_source_tensors(directory, job.source_tensors, request.model_path)
+    return description, warnings
+
+
+def _finish(job: _Job, request: QuantizeRequest, writers: dict[str, object], staging: Path
+            ) -> tuple[dict, list[str]]:
+    """Complete every format's output inside `staging` (checked each); the staged move puts them in place at once.
+    The description: the one format's, or {"model_quant_type": "<type> (<saver>), ...", <saver>: its own}."""
     edits = OutputEdits()
     for processor in job.processors:
         edits = edits.merge(processor.output_edits())
     family_edits = getattr(job.adapter, "output_edits", None)  # third-party adapters need not have it
     if family_edits is not None:  # the family's own entries (e.g. the DeepSeek-V3.2 indexer's)
         edits = edits.merge(family_edits())
-    save = job.config.spec.save[0]
-    if save.type == "compressed_tensors":
-        written = writer.finish(request.model_path, edits, [n for n, s in job.plan.items() if s == "FLOAT"])
-        description = {"model_quant_type": written.get("format", "dense")}
-        findings = check_compressed_tensors(staging)
-    else:
-        description = writer.finish(request.model_path, edits)
-        findings = check_ascendv1(staging, list(job.plan), job.adapter.structure.fused_groups)
-    fault_point("description")
-    practice_file = staging / f"{request.model_type}_best_practice.yaml"
-    saved = _saved_practice(job.config)
-    practice_file.write_text(yaml.safe_dump(saved, sort_keys=False, allow_unicode=True))
-    warnings = sorted({f.message.split(": ", 1)[1] for f in findings if f.level == "warning"})
-    errors = [f.message for f in findings if f.level == "error"]
-    if errors:
-        raise FormatCheckError(f"the written checkpoint fails the {save.type} checklist:\n  " + "\n  ".join(errors[:20]))
-    verify_complete(staging, job.required)
-    verify_source_tensors(staging, job.source_tensors, request.model_path)
+    directories = output_directories(job.config, staging)
+    results = {save.type: _finish_one(job, request, save, writers[save.type], directories[save.type], edits)
+               for save in job.config.spec.save}
+    if len(results) == 1:
+        return next(iter(results.values()))
+    description = {saver: desc for saver, (desc, _) in results.items()}
+    description["model_quant_type"] = ", ".join(f"{d['model_quant_type']} ({saver})" for saver, (d, _) in results.items())
+    warnings = sorted({f"{saver}: {w}" for saver, (_, ws) in results.items() for w in ws})
     return description, warnings
+
+
+def _subfolders(job: _Job, staging: Path) -> list[Path]:
+    """The formats' own directories inside `staging` (none with one saver: it writes into `staging` itself)."""
+    return [d for d in output_directories(job.config, staging).values() if d != staging]
 
 
 def _execute(job: _Job, request: QuantizeRequest, collective: Collective, staging_note: Optional[Path] = None) -> _Written:
@@ -344,20 +418,42 @@ def _execute(job: _Job, request: QuantizeRequest, collective: Collective, stagin
     with staged if writes else nullcontext() as staging:
         if staging_note is not None and writes:  # lets the launcher remove it if this rank is killed
             staging_note.write_text(str(staging))
-        writer = _make_writer(job, staging) if writes else None
+        writers = _make_writers(job, staging) if writes else {}
+        writer = None if not writes else (next(iter(writers.values())) if len(writers) == 1 else FanOutWriter(writers))
         checkpoints = None
         if writes and job.fingerprint is not None:
             checkpoints = BlockCheckpoints.from_env(staging, job.fingerprint, job.adapter.block_names(job.model))
             if resume is not None:  # the writer first: it takes back shards that the killed run had renamed
                 writer.restore_state(resume.writer_state)
-                checkpoints.discard_later_work(staging, resume)
+                checkpoints.discard_later_work(staging, resume, _subfolders(job, staging))
+            for directory in _subfolders(job, staging):  # each format's shard-rename journal survives a kill too
+                (directory / RESUME_STATE.parent).mkdir(exist_ok=True)
         stats = run_blocks(job.adapter, job.model, job.processors, writer, batches, device, layer_wise, collective,
                            job.spill, job.unread, job.config.spec.calibration.early_stop_rule(), checkpoints, resume)
         if writes:
-            description, warnings = _finish(job, request, writer, staging)
+            description, warnings = _finish(job, request, writers, staging)
             if checkpoints is not None:
                 checkpoints.remove()
+                for directory in _subfolders(job, staging):
+                    shutil.rmtree(directory / RESUME_STATE.parent, ignore_errors=True)
     return _Written(description, warnings, stats, collective.max_float(peak_rss_mib()))
+
+
+def _estimate(job: _Job, request: QuantizeRequest, started: float) -> RunEstimate:
+    """Time one block of the real run and extrapolate (app/estimate.py); throwaway writes go into a hidden
+    directory beside the output (the disk that will receive it), removed afterwards."""
+    savers = {save.type: save for save in job.config.spec.save}
+    factories = {kind: (lambda directory, save=save: _make_writer(job, save, directory)) for kind, save in savers.items()}
+    tied = {kind: writer_class_of(kind).TIED_ALIASES for kind in savers}
+    scratch = Path(tempfile.mkdtemp(prefix=".msmodelslim-estimate-", dir=receiving_directory(request.save_path)))
+    try:
+        startup = time.time() - request.started_at if request.started_at else time.perf_counter() - started
+        estimate = estimate_run(job, request, startup, factories, tied, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    for line in estimate.lines():  # the CLI prints them; the log keeps them for API callers too
+        log.debug("%s", line)
+    return estimate
 
 
 def _quiet_unless_rank0(rank: int) -> None:
@@ -420,6 +516,8 @@ def quantize(request: QuantizeRequest) -> QuantizeReport:
     if job.config.translation is not None:
         report.translated_config = job.config.translation.to_yaml()
     if request.dry_run:
+        if request.estimate:  # after every check: a refusal still comes before any weight is read
+            report.estimate = _estimate(job, request, started)
         return report
     if _launches_ranks(job.runner):
         written = _run_spawned_ranks(request)

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from msmodelslim.core.errors import MsModelSlimError, Terminated
+from msmodelslim.core.errors import ConfigError, MsModelSlimError, Terminated
 
 log = logging.getLogger("msmodelslim.cli")
 
@@ -32,15 +32,17 @@ def _builtin_eval_sets() -> list[str]:
     return builtin_datasets(EVAL_DIRS)
 
 
-ANALYZE_SCOPES = ("linear", "layer", "attn")
+ANALYZE_SCOPES = ("linear", "layer", "attn", "mixed")
+MIXED_SCHEMES = "w4a16_g64,w8a16,float"
 
 
 def _add_analyze(sub) -> None:
     analyze = sub.add_parser("analyze", help="rank layers by quantization sensitivity: analyze {linear|layer|attn} "
-                                             "(writes analysis.json, exclude.yaml, scores.png)")
+                                             "(writes analysis.json, exclude.yaml, scores.png); analyze mixed: "
+                                             "choose a scheme per linear under a bit budget (writes a quant config)")
     analyze.add_argument("scope", choices=ANALYZE_SCOPES,
                          help="linear: input statistics per linear; layer: error per decoder block; attn: FA3 error "
-                              "per attention (default linear when omitted)")
+                              "per attention; mixed: mixed precision plan under --bits (default linear when omitted)")
     _add_model_args(analyze)
     analyze.add_argument("--model_type", required=True, help="registered model name, e.g. Qwen2.5-7B-Instruct")
     analyze.add_argument("--device", default=None, help="cpu, npu, npu:0, cuda:0 (one device)")
@@ -64,7 +66,28 @@ def _add_analyze(sub) -> None:
                          help="with --quant_type: accept the generic lab_practice/default recipe")
     analyze.add_argument("--output", type=Path, default=None,
                          help="directory for analysis.json, exclude.yaml, scores.png "
-                              "(default ./msmodelslim_analysis/<model>-<scope>-<metric>)")
+                              "(default ./msmodelslim_analysis/<model>-<scope>-<metric>); mixed: for "
+                              "mixed_precision.yaml and .json (default ./msmodelslim_analysis/<model>-mixed-<bits>)")
+    analyze.add_argument("--bits", type=float, default=None,
+                         help="mixed: the average bits per weight allowed (scales counted), e.g. 5")
+    analyze.add_argument("--schemes", default=MIXED_SCHEMES,
+                         help="mixed: the schemes to choose from, comma-separated: w4a16_g<G>, w4a16, w8a16, float "
+                              "(default w4a16_g64,w8a16,float)")
+    analyze.add_argument("--weight_method", default="minmax", choices=["minmax", "gptq", "ssz"],
+                         help="mixed: the weight method of every quantized scheme, scored and written (default minmax)")
+
+
+def _refuse_options_of_other_scopes(args: argparse.Namespace) -> None:
+    """analyze mixed needs --bits and takes none of the ranking scopes' options (a silent no-op would mislead)."""
+    if args.bits is None:
+        raise ConfigError("analyze mixed needs --bits, the average bits per weight allowed (e.g. --bits 5)")
+    given = [flag for flag, value, default in (("--metrics", args.metrics, None), ("--pattern", args.pattern, ["*"]),
+                                               ("--quant_modules", args.quant_modules, ["*"]),
+                                               ("--quant_type", args.quant_type, None),
+                                               ("--config_path", args.config_path, None)) if value != default]
+    if given:
+        raise ConfigError(f"analyze mixed does not take {', '.join(given)}: it scores --schemes with "
+                          f"--weight_method")
 
 
 def normalize_analyze_argv(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -106,7 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--config_path", type=Path, help="YAML config (apiversion: modelslim_v1, or modelslim_v0, "
                                                           "translated to v1: --dry_run prints the translation)")
     quant.add_argument("--overwrite", action="store_true", help="replace a non-empty --save_path once the new output is complete")
-    quant.add_argument("--dry_run", action="store_true", help="validate everything and print the per-layer plan; write nothing")
+    quant.add_argument("--dry_run", action="store_true",
+                       help="validate everything, print the per-layer plan and estimates of the real run's peak RAM, "
+                            "output size (and whether the disk has room) and wall time, from timing its first block "
+                            "(reads the embeddings and that block); write nothing")
+    quant.add_argument("--no_estimate", action="store_true",
+                       help="with --dry_run: only the checks and the plan (no weight is read), no estimates")
     quant.add_argument("--resume", action="store_true",
                        help="continue a killed run of this --save_path from its last finished block (refused, with "
                             "the reason, if the config, model, data or code changed; starts over when none is left)")
@@ -120,6 +148,20 @@ def build_parser() -> argparse.ArgumentParser:
                             "verified practice (otherwise you are asked, or, without a terminal, the run stops)")
 
     _add_analyze(sub)
+
+    tune = sub.add_parser("tune", help="accuracy-driven tuning: search the practice with the fewest float layers "
+                                       "that meets an accuracy demand (plan YAML: strategy + evaluation; docs/tune.md)")
+    _add_model_args(tune)
+    tune.add_argument("--save_path", required=True, type=Path,
+                      help="receives quant_model/ (the chosen checkpoint) and history/ (a rerun reuses its accuracy "
+                           "cache)")
+    tune.add_argument("--config", required=True, type=Path, help="tuning plan YAML (strategy + evaluation)")
+    tune.add_argument("--model_type", default=None,
+                      help="registered model name (default: inferred from config.json's model_type, as quant does)")
+    tune.add_argument("--device", default=None, help="cpu, cuda, cuda:0, npu, npu:0 (default: npu, else cuda, else cpu)")
+    tune.add_argument("--timeout", default=None,
+                      help="stop between iterations after this long: D, H, M, S parts in order, e.g. 1D, 2H, 3D4H, "
+                           "30M, 45S (the best so far is kept)")
 
     sub.add_parser("practices", help="list registered models and the practice each --quant_type would use")
 
@@ -166,6 +208,7 @@ def _run(args: argparse.Namespace, started_at: float) -> int:
             device=parse_device(args.device), quant_type=args.quant_type, config_path=args.config_path,
             trust_remote_code=args.trust_remote_code, overwrite=args.overwrite, dry_run=args.dry_run, resume=args.resume,
             allow_default_practice=args.allow_default_practice, tags=tuple(args.tag),
+            estimate=args.dry_run and not args.no_estimate, started_at=started_at,
         ))
         if args.dry_run:
             # A modelslim_v0 file: its modelslim_v1 translation, then the plan as comments, so that stdout is a
@@ -177,9 +220,30 @@ def _run(args: argparse.Namespace, started_at: float) -> int:
                 print("# plan:")
             for name, scheme in report.plan.items():
                 print(f"{'# ' if translated else ''}{scheme:14s} {name}")
+            if report.estimate is not None:  # comments: a translation above stays a valid YAML file
+                print("\n".join(f"# {line}" for line in report.estimate.lines()))
+        return 0
+    if args.command == "analyze" and args.scope == "mixed":
+        from msmodelslim.app.mixed_precision import MixedRequest, mixed_precision
+
+        _refuse_options_of_other_scopes(args)
+        result = mixed_precision(MixedRequest(
+            model_type=args.model_type, model_path=args.model_path, bits=args.bits, schemes=args.schemes,
+            weight_method=args.weight_method, device=parse_device(args.device), calib_dataset=args.calib_dataset,
+            output=args.output, trust_remote_code=args.trust_remote_code,
+        ))
+        print(f"predicted: {result.predicted_bits:.4f} bits per weight (budget {result.budget:g}), "
+              f"estimated error {result.predicted_error:.6g}")
+        for name, (bits, error) in result.uniform.items():
+            print(f"  uniform {name}: {bits:.4f} bits per weight, estimated error {error:.6g}")
+        print("wrote " + ", ".join(result.files.values()))
         return 0
     if args.command == "analyze":
         from msmodelslim.app.analyze import AnalyzeRequest, analyze
+
+        if args.bits is not None or args.schemes != MIXED_SCHEMES or args.weight_method != "minmax":
+            raise ConfigError("--bits, --schemes and --weight_method belong to 'analyze mixed'; the other scopes "
+                              "rank layers")
 
         result = analyze(AnalyzeRequest(
             scope=args.scope, model_type=args.model_type, model_path=args.model_path,
@@ -192,6 +256,25 @@ def _run(args: argparse.Namespace, started_at: float) -> int:
         for entry in result.exclude:
             print(f"  - {entry}")
         print("wrote " + ", ".join(result.files.values()))
+        return 0
+    if args.command == "tune":
+        from msmodelslim.app.tune import TuneRequest, parse_timeout, tune
+
+        parse_timeout(args.timeout)  # a typo fails before torch is imported
+        report = tune(TuneRequest(
+            model_path=args.model_path, save_path=args.save_path, config_path=args.config, model_type=args.model_type,
+            device=parse_device(args.device), timeout=args.timeout, trust_remote_code=args.trust_remote_code,
+        ))
+        cached = sum(r["cached"] for r in report.iterations)
+        print(f"iterations: {len(report.iterations)} ({cached} from the cache, {report.evaluated} evaluated); "
+              f"stopped: {report.stopped}; {report.seconds:.1f} s")
+        if report.chosen is not None:
+            verdict = "meets the demand" if report.chosen["passed"] else "does NOT meet the demand"
+            print(f"chosen: {report.chosen['config_id']} ({verdict}): {report.chosen['detail']}")
+            print(f"kept in float: {report.fallback}")
+        print(f"history: {args.save_path / 'history'}")
+        if report.practice_file is not None:
+            print(f"practice saved: {report.practice_file}")
         return 0
     if args.command == "practices":
         from msmodelslim.app.practice import KNOWN_QUANT_TYPES, practice_table

@@ -80,7 +80,7 @@ class CalibrationConfig(BaseModel):
 
     A forward whose statistics are running extremes (smoothing's max |x|, static min/max ranges) stops after at
     least `min_tokens` tokens once no linear input's per-channel min or max moved by more than `rtol` times that
-    channel's max |x| over the last `window_tokens` tokens; the blocks after it are calibrated on the batches it
+    linear's largest channel max |x| over the last `window_tokens` tokens; the blocks after it are calibrated on the batches it
     forwarded (core/calibration.py). `early_stop: false` uses every batch."""
 
     model_config = ConfigDict(extra="forbid")

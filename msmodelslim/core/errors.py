@@ -11,6 +11,11 @@ class ConfigError(MsModelSlimError):
     """A bad command-line argument or YAML field."""
 
 
+class SpecError(ConfigError):
+    """A valid plan whose goal cannot be met (e.g. tune's binary_fallback fails even with every candidate in
+    float): the plan or its demand must change."""
+
+
 class InvalidModelError(MsModelSlimError):
     """The model path, checkpoint or model type cannot be used."""
 

@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -224,13 +224,16 @@ class BlockCheckpoints:
                 stale.unlink()
         self._last = time.monotonic()
 
-    def discard_later_work(self, staging: Path, point: ResumePoint) -> None:
+    def discard_later_work(self, staging: Path, point: ResumePoint, subfolders: Sequence[Path] = ()) -> None:
         """Before continuing in a killed run's staging directory: remove whatever it wrote after its checkpoint
-        except the shards (the writer's `restore_state` cuts those back) and the checkpoint itself."""
-        for entry in staging.iterdir():
-            if entry.name.startswith((".shard-", ".msmodelslim")) or entry.name == RESUME_STATE.parts[0]:
-                continue
-            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        except the shards (the writer's `restore_state` cuts those back) and the checkpoint itself. `subfolders`:
+        the formats' own directories when one run writes several (app/quantize.py), cleaned the same way."""
+        for directory in (staging, *subfolders):
+            for entry in directory.iterdir():
+                if (entry.name.startswith((".shard-", ".msmodelslim")) or entry.name == RESUME_STATE.parts[0]
+                        or entry in subfolders):
+                    continue
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
         for entry in self.directory.iterdir():
             if entry.name != RESUME_STATE.name and (point.inputs is None or entry.name != point.inputs.name):
                 entry.unlink()

@@ -16,8 +16,6 @@ NOT_YET: dict[str, dict[str, str]] = {
         "online_quarot": DIFFUSION, "adapt_rotation": ROTATIONS, "flatquant": ROTATIONS,
     },
     "dtype": {"hifloat8": FLOAT_FORMATS},
-    "scope": {"dual_scale": FLOAT_FORMATS},
-    "method": {"fouroversix": FLOAT_FORMATS, "dualscale": FLOAT_FORMATS},
     "saver": {"mindie_format_saver": DIFFUSION},
     "apiversion": {"multimodal_vlm_modelslim_v1": VLM, "multimodal_sd_modelslim_v1": DIFFUSION,
                    "modelslim_convert": FLOAT_FORMATS},

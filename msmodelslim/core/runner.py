@@ -63,19 +63,45 @@ def _is_under(name: str, prefixes: list[str]) -> bool:
     return any(name.startswith(p + ".") for p in prefixes)
 
 
-def _write_outside_blocks(model: nn.Module, block_names: list[str], writer) -> None:
-    """Embeddings, final norm, head. A tied table appears under two names; the writer decides how to store the
-    second. Equal addresses mean tying only here, where every tensor compared is alive at once (across
-    released blocks an address is reused by unrelated tensors)."""
+def _outside_entries(model: nn.Module, block_names: list[str]) -> list[tuple[str, str]]:
+    """(name, source) of every state-dict tensor outside the blocks (embeddings, final norm, head), in order; a
+    tied table appears under two names, the second with the first as its source. Equal addresses mean tying only
+    here, where every tensor compared is alive at once (across released blocks an address is reused by unrelated
+    tensors): so this is taken while they are all in memory."""
     first_name: dict[int, str] = {}
+    entries = []
     for name, tensor in model.state_dict().items():
         if _is_under(name, block_names):
             continue
-        source = first_name.setdefault(tensor.data_ptr(), name) if tensor.numel() else name
-        if source != name:
-            writer.add_tied(name, source, tensor)
-        else:
-            writer.add_float(name, tensor)
+        alive = tensor.numel() and not tensor.is_meta  # an unread (meta) tensor has no address to compare
+        entries.append((name, first_name.setdefault(tensor.data_ptr(), name) if alive else name))
+    return entries
+
+
+def _outside_tensor(model: nn.Module, name: str) -> torch.Tensor:
+    owner, _, leaf = name.rpartition(".")
+    return getattr(model.get_submodule(owner), leaf)
+
+
+def _write_outside_blocks(model: nn.Module, block_names: list[str], entries: list[tuple[str, str]], writer,
+                          adapter, released: bool) -> None:
+    """Write the non-block tensors (`entries` from `_outside_entries`). When the adapter `released` them for the
+    walk, each table is read back from the checkpoint, written with its tied aliases and dropped again, so
+    that only one of them is in memory at a time."""
+    by_source: dict[str, list[str]] = {}
+    for name, source in entries:
+        by_source.setdefault(source, []).append(name)
+    for source, names in by_source.items():
+        tensor = _outside_tensor(model, source)
+        if released and tensor.is_meta:
+            adapter.load_outside(model, [source])
+            tensor = _outside_tensor(model, source)
+        writer.add_float(source, tensor)
+        for alias in names[1:]:
+            writer.add_tied(alias, source, tensor)
+        del tensor
+        if released:
+            adapter.release_outside(model, block_names)
 
 
 @torch.no_grad()
@@ -167,6 +193,10 @@ def run_blocks(
     `checkpoints`: records each finished block for --resume; `resume`: a killed run's last checkpoint, continued."""
     needs_data = any(p.needs_calibration for p in processors)
     block_names = adapter.block_names(model)
+    if any(p.changes_outside_blocks for p in processors):  # e.g. a head left unread at load: rotations change it
+        deferred = [n for n, p in model.named_parameters() if p.is_meta and not _is_under(n, block_names)]
+        if deferred:
+            adapter.load_outside(model, deferred)
     for processor in processors:
         processor.prepare_model(model)
     forwards, requests = [], []
@@ -182,6 +212,12 @@ def run_blocks(
                 spill.move_to_disk(request.args[0])
         else:
             spill = None
+    # The blocks need the embeddings and the head no more (the batches are embedded): on large vocabularies their
+    # float32 tables would double what one block needs, so they go until they are written, unless a processor
+    # changed them (rotations), since then the checkpoint no longer holds them.
+    outside = _outside_entries(model, block_names)
+    released = layer_wise and not any(p.changes_outside_blocks for p in processors) and \
+        adapter.release_outside(model, block_names)
     start = 0
     if resume is not None:
         start = resume.next_block  # the writer was restored to that point (app/quantize.py)
@@ -231,7 +267,7 @@ def run_blocks(
             adapter.release_block(model, name)
         release_free_heap()
     if writer is not None:
-        _write_outside_blocks(model, block_names, writer)
+        _write_outside_blocks(model, block_names, outside, writer, adapter, released)
         write_passthrough(adapter, unread or UnreadTensors(), processors, writer)
     processed = len(block_names) - start
     if not needs_data:

@@ -7,6 +7,12 @@ it). Tensor vocabulary: `qweight` int8 [out, in] holding int8 or int4 codes (unp
 floating-point schemes hold float8_e4m3fn codes (FP8, MXFP8) or uint8 E2M1 codes, one per element (MXFP4), and
 MX scales as float32 powers of two [out, in/32] (the E8M0 byte is a format detail).
 
+W4A4_MXFP4_DUALSCALE also holds `weight_dual_scale` float32 [out, in/D] (quantizer/dualscale.py): the weight is
+codes · 2^e · S_dual, and the input is quantized the same way at run time with the same D = in / its width.
+
+W4A16_NVFP4 holds E2M1 codes (uint8, one per element), `weight_scale` float32 [out, in/16] holding the FP8 E4M3
+block scales, and `weight_global_scale` float32 [1] (quantizer/nvfp4.py): the weight is q · (s_b / g).
+
 After `svd_res` a QuantLinear also holds SVDQuant's low-rank pair (ir/lowrank.py): `svd_lowrank_l1` [r, in] and
 `svd_lowrank_l2` [out, r], float32, None otherwise. The quantized weight is then the residual R, and the layer
 computes Q_act(x)·deq(Q(R))ᵀ + b + (x l1ᵀ) l2ᵀ: the low-rank branch reads the unquantized input.
@@ -19,18 +25,27 @@ import torch
 from torch import nn
 
 from msmodelslim.ir.lowrank import LOWRANK_L1, LOWRANK_L2, check_lowrank_pair, lowrank_output
+from msmodelslim.quantizer.dualscale import dequantize_dualscale, fake_quantize_act_dualscale
+from msmodelslim.quantizer.nvfp4 import NVFP4_BLOCK, dequantize_nvfp4, fake_quantize_act_nvfp4
 from msmodelslim.quantizer.float_formats import MX_BLOCK, code_values, fp8_fake_quantize_per_token, mx_fake_quantize
 from msmodelslim.quantizer.primitives import dequantize_weight, fake_quantize, quantize_per_token_dynamic
 from msmodelslim.quantizer.scheme import Scheme
 
 WEIGHT_BITS = {Scheme.W8A8: 8, Scheme.W8A8_DYNAMIC: 8, Scheme.W8A16: 8, Scheme.W4A16: 4, Scheme.W4A8_DYNAMIC: 4,
                Scheme.W4A4_DYNAMIC: 4, Scheme.W8A8_MIX: 8, Scheme.W8A8S: 8, Scheme.W8A8FP8_DYNAMIC: 8, Scheme.W8A8_MXFP8: 8,
-               Scheme.W4A8_MXFP: 4, Scheme.W4A4_MXFP4: 4, Scheme.W4A16_MXFP4: 4}
+               Scheme.W4A8_MXFP: 4, Scheme.W4A4_MXFP4: 4, Scheme.W4A16_MXFP4: 4, Scheme.W4A4_MXFP4_DUALSCALE: 4,
+               Scheme.W4A16_NVFP4: 4, Scheme.W4A4_NVFP4: 4}
 # How each floating-point scheme holds its weight codes (int schemes hold int8 codes) and what its kernel does
 # to the input at run time: per-token FP8, or MX per block of 32 with this element format.
 CODE_DTYPE = {Scheme.W8A8FP8_DYNAMIC: torch.float8_e4m3fn, Scheme.W8A8_MXFP8: torch.float8_e4m3fn,
-              Scheme.W4A8_MXFP: torch.uint8, Scheme.W4A4_MXFP4: torch.uint8, Scheme.W4A16_MXFP4: torch.uint8}
-MX_SCHEMES = (Scheme.W8A8_MXFP8, Scheme.W4A8_MXFP, Scheme.W4A4_MXFP4, Scheme.W4A16_MXFP4)
+              Scheme.W4A8_MXFP: torch.uint8, Scheme.W4A4_MXFP4: torch.uint8, Scheme.W4A16_MXFP4: torch.uint8,
+              Scheme.W4A4_MXFP4_DUALSCALE: torch.uint8, Scheme.W4A16_NVFP4: torch.uint8,
+              Scheme.W4A4_NVFP4: torch.uint8}
+MX_SCHEMES = (Scheme.W8A8_MXFP8, Scheme.W4A8_MXFP, Scheme.W4A4_MXFP4, Scheme.W4A16_MXFP4, Scheme.W4A4_MXFP4_DUALSCALE)
+DUAL_SCALE = "weight_dual_scale"
+GLOBAL_SCALE = "weight_global_scale"
+NVFP4_SCHEMES = (Scheme.W4A16_NVFP4, Scheme.W4A4_NVFP4)
+INPUT_GLOBAL_SCALE = "input_global_scale"
 MX_ACT = {Scheme.W8A8_MXFP8: "fp8_e4m3", Scheme.W4A8_MXFP: "fp8_e4m3", Scheme.W4A4_MXFP4: "fp4_e2m1"}
 STATIC_ACT = (Scheme.W8A8, Scheme.W8A8_MIX, Scheme.W8A8S)  # schemes that carry a calibrated input range
 
@@ -47,6 +62,9 @@ class QuantLinear(nn.Module):
         input_offset: Optional[torch.Tensor] = None,
         svd_lowrank_l1: Optional[torch.Tensor] = None,
         svd_lowrank_l2: Optional[torch.Tensor] = None,
+        weight_dual_scale: Optional[torch.Tensor] = None,
+        weight_global_scale: Optional[torch.Tensor] = None,
+        input_global_scale: Optional[torch.Tensor] = None,
     ) -> None:
         super().__init__()
         code_dtype = CODE_DTYPE.get(scheme, torch.int8)
@@ -56,6 +74,20 @@ class QuantLinear(nn.Module):
             raise ValueError("weight_scale/weight_offset must both be [out, n_groups]")
         if (scheme in STATIC_ACT) != (input_scale is not None):
             raise ValueError("static activation parameters are required for W8A8, W8A8_MIX and W8A8S and only for them")
+        if (scheme == Scheme.W4A4_MXFP4_DUALSCALE) != (weight_dual_scale is not None):
+            raise ValueError(f"{DUAL_SCALE} is required for W4A4_MXFP4_DUALSCALE and only for it")
+        if weight_dual_scale is not None and (
+                weight_dual_scale.dim() != 2 or weight_dual_scale.shape[0] != qweight.shape[0]
+                or qweight.shape[1] % weight_dual_scale.shape[1] or (qweight.shape[1] // weight_dual_scale.shape[1]) % MX_BLOCK):
+            raise ValueError(f"{DUAL_SCALE} must be [out, in/D] with D a multiple of {MX_BLOCK} dividing in, got "
+                             f"{list(weight_dual_scale.shape)} for a weight {list(qweight.shape)}")
+        if (scheme in NVFP4_SCHEMES) != (weight_global_scale is not None):
+            raise ValueError(f"{GLOBAL_SCALE} is required for the NVFP4 schemes and only for them")
+        if weight_global_scale is not None and (weight_global_scale.numel() != 1
+                                                or weight_scale.shape[1] * NVFP4_BLOCK != qweight.shape[1]):
+            raise ValueError(f"NVFP4 needs one global scale and weight_scale [out, in/{NVFP4_BLOCK}]")
+        if (scheme == Scheme.W4A4_NVFP4) != (input_global_scale is not None):
+            raise ValueError(f"{INPUT_GLOBAL_SCALE} is required for W4A4_NVFP4 and only for it")
         if (svd_lowrank_l1 is None) != (svd_lowrank_l2 is None):
             raise ValueError(f"{LOWRANK_L1} and {LOWRANK_L2} come together or not at all")
         if svd_lowrank_l1 is not None:
@@ -68,6 +100,11 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.float())
         self.register_buffer("input_scale", None if input_scale is None else input_scale.float().reshape(1))
         self.register_buffer("input_offset", None if input_offset is None else input_offset.float().reshape(1))
+        self.register_buffer(GLOBAL_SCALE, None if weight_global_scale is None
+                             else weight_global_scale.float().reshape(1))
+        self.register_buffer(INPUT_GLOBAL_SCALE, None if input_global_scale is None
+                             else input_global_scale.float().reshape(1))
+        self.register_buffer(DUAL_SCALE, None if weight_dual_scale is None else weight_dual_scale.float())
         self.register_buffer(LOWRANK_L1, None if svd_lowrank_l1 is None else svd_lowrank_l1.float())
         self.register_buffer(LOWRANK_L2, None if svd_lowrank_l2 is None else svd_lowrank_l2.float())
         # W8A8_MIX runs two kernels: decode nodes quantize inputs with the static range, the others per token.
@@ -83,6 +120,8 @@ class QuantLinear(nn.Module):
         """None for per-channel parameters."""
         if self.scheme in MX_SCHEMES:
             return MX_BLOCK  # also when the input size is one block
+        if self.scheme in NVFP4_SCHEMES:
+            return NVFP4_BLOCK
         n_groups = self.weight_scale.shape[1]
         return None if n_groups == 1 else self.in_features // n_groups
 
@@ -91,7 +130,16 @@ class QuantLinear(nn.Module):
         """The rank of the low-rank branch; None without one."""
         return None if self.svd_lowrank_l1 is None else self.svd_lowrank_l1.shape[0]
 
+    @property
+    def dual_block_size(self) -> Optional[int]:
+        """D of W4A4_MXFP4_DUALSCALE (the input size when the layer is one dual block), None otherwise."""
+        return None if self.weight_dual_scale is None else self.in_features // self.weight_dual_scale.shape[1]
+
     def dequantized_weight(self) -> torch.Tensor:
+        if self.weight_global_scale is not None:
+            return dequantize_nvfp4(code_values(self.qweight), self.weight_scale, self.weight_global_scale)
+        if self.weight_dual_scale is not None:
+            return dequantize_dualscale(code_values(self.qweight), self.weight_scale, self.weight_dual_scale)
         return dequantize_weight(code_values(self.qweight), self.weight_scale, self.weight_offset)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -105,6 +153,10 @@ class QuantLinear(nn.Module):
             return quantize_per_token_dynamic(x, 4)
         if self.scheme == Scheme.W8A8FP8_DYNAMIC:
             return fp8_fake_quantize_per_token(x)
+        if self.scheme == Scheme.W4A4_NVFP4:
+            return fake_quantize_act_nvfp4(x, self.input_global_scale)
+        if self.scheme == Scheme.W4A4_MXFP4_DUALSCALE:
+            return fake_quantize_act_dualscale(x, self.dual_block_size)
         if self.scheme in MX_ACT:
             return mx_fake_quantize(x, MX_ACT[self.scheme])
         return x

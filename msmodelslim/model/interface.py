@@ -175,14 +175,27 @@ class ModelSlimPipelineInterfaceV1(ABC):
     def prefetch_block(self, model: nn.Module, block_name: str) -> None:
         """Hint that `block_name` is loaded next (layer_wise reads overlap work); nothing by default."""
 
+    def release_outside(self, model: nn.Module, block_names: list[str]) -> bool:
+        """Drop the non-block weights (embeddings, head) to the meta device once the calibration batches are
+        embedded, so that on large vocabularies they do not sit in memory beside every block; True when dropped,
+        and `load_outside` must then bring each back to be written. By default they stay (False)."""
+        return False
+
+    def load_outside(self, model: nn.Module, names: list[str]) -> None:
+        """Read the non-block tensors `names` back from the checkpoint, as `init_model` first read them."""
+        raise NotImplementedError(f"{type(self).__name__} does not release its non-block weights")
+
     def init_skeleton(self) -> nn.Module:
         """The model's modules with no weight read, enough to plan (dry runs, the launcher of several ranks).
         Override to skip the read; by default it builds the model as layer_wise does."""
         return self.init_model(torch.device("cpu"), load_layers=False)
 
-    def load_weights(self, skeleton: nn.Module, device: torch.device, load_layers: bool) -> nn.Module:
+    def load_weights(self, skeleton: nn.Module, device: torch.device, load_layers: bool,
+                     defer_output_head: bool = False) -> nn.Module:
         """The planned skeleton with its weights read (what init_model returns). By default the model is built
-        again; adapters that can fill the skeleton in place override this."""
+        again; adapters that can fill the skeleton in place override this. `defer_output_head`: the adapter may
+        leave an untied output head unread (on the meta device) for `load_outside` to read when it is needed;
+        the block-by-block walk never runs it."""
         return self.init_model(device, load_layers)
 
     @abstractmethod

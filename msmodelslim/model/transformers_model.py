@@ -197,11 +197,26 @@ class TransformersModel(ModelSlimPipelineInterfaceV1):
     def init_model(self, device: torch.device, load_layers: bool) -> nn.Module:
         return self.load_weights(self.init_skeleton(), device, load_layers)
 
-    def load_weights(self, model: nn.Module, device: torch.device, load_layers: bool) -> nn.Module:
+    def load_weights(self, model: nn.Module, device: torch.device, load_layers: bool,
+                     defer_output_head: bool = False) -> nn.Module:
         blocks = self.block_names(model)
         names = [n for n in model.state_dict() if load_layers or not any(n.startswith(b + ".") for b in blocks)]
+        if defer_output_head:  # a large vocabulary's float32 head would sit unused beside every block
+            deferred = set(self._untied_head_names(model))
+            names = [n for n in names if n not in deferred]
         self._materialise(model, "", names, torch.device("cpu"))
         return model
+
+    def _untied_head_names(self, model: nn.Module) -> list[str]:
+        """State-dict names of the output head's parameters when it has its own table (not tied to the input
+        embedding); [] for a tied head or a model without one."""
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if head is None or getattr(self.config, "tie_word_embeddings", False):
+            return []
+        prefix = next((name for name, module in model.named_modules() if module is head), None)
+        if prefix is None:
+            return []
+        return [f"{prefix}.{leaf}" for leaf, _ in head.named_parameters()]
 
     def prepare_skeleton(self, model: nn.Module) -> None:
         """Reshape the freshly built (meta-device) model before any weight is loaded, so that its state-dict
@@ -273,6 +288,20 @@ class TransformersModel(ModelSlimPipelineInterfaceV1):
     def prefetch_block(self, model: nn.Module, block_name: str) -> None:
         block = model.get_submodule(block_name)
         self.checkpoint.prefetch([f"{block_name}.{n}" for n in block.state_dict()])
+
+    def release_outside(self, model: nn.Module, block_names: list[str]) -> bool:
+        """Every non-block parameter (each name of a tied pair) to the meta device; buffers stay (small, and some
+        are computed rather than read)."""
+        for name, param in list(model.named_parameters(remove_duplicate=False)):
+            if param.device.type == "meta" or any(name.startswith(b + ".") for b in block_names):
+                continue
+            owner, _, leaf = name.rpartition(".")
+            module = model.get_submodule(owner)
+            module._parameters[leaf] = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+        return True
+
+    def load_outside(self, model: nn.Module, names: list[str]) -> None:
+        self._materialise(model, "", names, torch.device("cpu"))
 
     def release_block(self, model: nn.Module, block_name: str) -> None:
         """Drop a processed block's tensors (back to the meta device) so memory stays bounded by one block."""

@@ -44,6 +44,9 @@ class Processor(ABC):
     # of linear inputs: the runner's convergence test (core/calibration.py) then speaks for its statistics and may
     # end that forward early. Hessians, histograms, means and row samples are not extremes: leave it False.
     range_statistics: bool = False
+    # True when prepare_model changes the non-block weights (embeddings, head): the runner then keeps them in
+    # memory for the whole walk instead of dropping them and reading them again from the checkpoint to write them.
+    changes_outside_blocks: bool = False
 
     @property
     @abstractmethod

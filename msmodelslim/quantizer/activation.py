@@ -5,6 +5,7 @@ from typing import Optional
 
 import torch
 
+from msmodelslim.quantizer.dualscale import fake_quantize_act_dualscale
 from msmodelslim.quantizer.float_formats import fp8_fake_quantize_per_token, mx_fake_quantize
 from msmodelslim.quantizer.primitives import fake_quantize, quantize_per_token_dynamic, scale_offset_from_minmax
 from msmodelslim.quantizer.scheme import QConfig, QDType, QScope
@@ -16,6 +17,8 @@ def fake_quantize_act(x: torch.Tensor, spec: QConfig,
     min/max range over these rows when none is given."""
     if spec.is_float:
         return x
+    if spec.scope == QScope.dual_scale:  # S_dual per block of dual_block_size, then MXFP4, at run time
+        return fake_quantize_act_dualscale(x, spec.ext["dual_block_size"])
     if spec.dtype.is_mx:  # per block of 32 at run time
         return mx_fake_quantize(x, spec.dtype.element)
     if spec.dtype == QDType.fp8_e4m3 and spec.scope == QScope.per_token:

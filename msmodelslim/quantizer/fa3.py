@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from msmodelslim.quantizer.kv_cache import ChannelRange
+from msmodelslim.quantizer.kv_cache import CacheChannelRange
 from msmodelslim.quantizer.primitives import int_range, scale_offset_from_minmax
 
 BITS = 8
@@ -30,7 +30,7 @@ def fake_quantize_heads(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (torch.clamp(torch.round(x.float() / s), qmin, qmax) * s).to(x.dtype)
 
 
-class HeadRange(ChannelRange):
+class HeadRange(CacheChannelRange):
     """Running per-head min and max of an attention tensor over every token it sees; the running update and the
     cross-rank merge are C8's (quantizer/kv_cache.py), only the reduction is per head."""
 

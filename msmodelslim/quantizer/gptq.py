@@ -24,8 +24,9 @@ from typing import Protocol
 import torch
 
 from msmodelslim.quantizer.float_formats import (ELEMENTS, FP8_E4M3_MAX, MX_BLOCK, MX_ELEMENT, encode_fp4_e2m1,
-                                                 fp8_scale, power_of_two)
+                                                 fp8_scale, power_of_two, round_fp4_e2m1)
 from msmodelslim.quantizer.mx_methods import mse_round_exponent
+from msmodelslim.quantizer import nvfp4
 from msmodelslim.quantizer.primitives import int_range, scale_offset_from_minmax
 
 
@@ -107,6 +108,29 @@ class FloatGrid:
         return codes, self.scale, torch.zeros_like(self.scale)
 
 
+class NVFP4Grid:
+    """NVFP4 (quantizer/nvfp4.py): the global scale g fixed from the original weight (or its fused group), each
+    block of 16 columns' FP8 scale e4m3(g · max|w| / 6) fitted when its first column is reached."""
+
+    def __init__(self, out: int, cols: int, g: torch.Tensor, device) -> None:
+        self.group = nvfp4.NVFP4_BLOCK
+        self.g = g.to(device)
+        self.scale = torch.zeros(out, cols // self.group, device=device)
+        self.values = torch.zeros(out, cols, device=device)
+
+    def fit(self, g: int, columns: torch.Tensor) -> None:
+        self.scale[:, g] = nvfp4.block_scales(columns, self.g).reshape(-1)
+
+    def round(self, column: torch.Tensor, index: int, g: int) -> torch.Tensor:
+        s = nvfp4.effective_scale(self.scale[:, g], self.g)
+        v = round_fp4_e2m1(column / s)
+        self.values[:, index] = v
+        return v * s
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return encode_fp4_e2m1(self.values), self.scale, self.g
+
+
 @torch.no_grad()
 def gptq_on_grid(weight: torch.Tensor, hessian: torch.Tensor, grid: ColumnGrid, block_size: int = 128,
                  percdamp: float = 0.01, act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -158,3 +182,11 @@ def gptq_quantize_float(weight: torch.Tensor, hessian: torch.Tensor, dtype: str,
     """GPTQ on the fp8_e4m3 / mxfp8 / mxfp4 grid: (codes, scale, zero offset) as `quantize_weight_float`."""
     return gptq_on_grid(weight, hessian, FloatGrid(*weight.shape, dtype, weight.device), block_size, percdamp,
                         act_order)
+
+
+def gptq_quantize_nvfp4(weight: torch.Tensor, hessian: torch.Tensor, amax=None, block_size: int = 128,
+                        percdamp: float = 0.01, act_order: bool = False):
+    """GPTQ on the NVFP4 grid: (codes uint8, block scales float32 (E4M3 values), global scale [1]) as
+    `nvfp4.quantize_weight_nvfp4`; `amax` is the max|W| of the fused group the global scale comes from."""
+    g = nvfp4.global_scale(weight.detach().float().abs().max() if amax is None else amax)
+    return gptq_on_grid(weight, hessian, NVFP4Grid(*weight.shape, g, weight.device), block_size, percdamp, act_order)

@@ -55,13 +55,13 @@ def fake_quantize_cache_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tenso
     return (q.float() * s).to(x.dtype)
 
 
-def fp8_tensor_scale(channel_range: "ChannelRange") -> torch.Tensor:
+def fp8_tensor_scale(channel_range: "CacheChannelRange") -> torch.Tensor:
     """[1]: max |x| over every channel / 448 (1 where the tensor was identically 0)."""
     absmax = channel_range.absmax.max().reshape(1)
     return torch.where(absmax > 0, absmax / FP8_MAX, torch.ones_like(absmax))
 
 
-class ChannelRange:
+class CacheChannelRange:
     """Running per-channel min and max of a cache tensor over every token it is written with."""
 
     def __init__(self) -> None:

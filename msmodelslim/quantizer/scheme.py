@@ -24,15 +24,18 @@ class QDType(str, enum.Enum):
     fp8_e4m3 = "fp8_e4m3"  # E4M3 elements with a float32 scale (per channel / per token)
     mxfp8 = "mxfp8"  # E4M3 elements, one E8M0 scale per block of 32 along the reduction axis
     mxfp4 = "mxfp4"  # E2M1 elements, one E8M0 scale per block of 32
+    # E2M1 elements, an FP8 E4M3 scale per block of 16 and a float32 global scale (quantizer/nvfp4.py); a
+    # protocol extension, written only by the compressed_tensors saver
+    nvfp4 = "nvfp4"
 
     @property
     def bits(self) -> int:
-        return {"float": 16, "int8": 8, "int4": 4, "fp8_e4m3": 8, "mxfp8": 8, "mxfp4": 4}[self.value]
+        return {"float": 16, "int8": 8, "int4": 4, "fp8_e4m3": 8, "mxfp8": 8, "mxfp4": 4, "nvfp4": 4}[self.value]
 
     @property
     def element(self) -> Optional[str]:
         """The floating-point element format (quantizer/float_formats.py) of a float dtype, None for int ones."""
-        return {"fp8_e4m3": "fp8_e4m3", "mxfp8": "fp8_e4m3", "mxfp4": "fp4_e2m1"}.get(self.value)
+        return {"fp8_e4m3": "fp8_e4m3", "mxfp8": "fp8_e4m3", "mxfp4": "fp4_e2m1", "nvfp4": "fp4_e2m1"}.get(self.value)
 
     @property
     def is_mx(self) -> bool:
@@ -46,6 +49,7 @@ class QScope(str, enum.Enum):
     per_group = "per_group"
     pd_mix = "pd_mix"  # PD-mix: one static range for decode nodes, per-token dynamic on prefill nodes
     per_block = "per_block"  # MX: one shared scale per 32 consecutive elements along the reduction axis
+    dual_scale = "dual_scale"  # MXFP4 under a float32 scale per dual_block_size elements (quantizer/dualscale.py)
 
     @property
     def static(self) -> bool:
@@ -53,11 +57,12 @@ class QScope(str, enum.Enum):
         return self in (QScope.per_tensor, QScope.pd_mix)
 
 
-IMPLEMENTED_METHODS = ("minmax", "none", "histogram", "ssz", "gptq", "lowbit_sparse", "mse_round", "ceil_x")
-WEIGHT_METHODS = ("minmax", "ssz", "gptq", "lowbit_sparse", "mse_round", "ceil_x")
-# MX weight methods (quantizer/mx_methods.py): the dtype each one is for
-MX_WEIGHT_METHODS = {"mse_round": "mxfp8", "ceil_x": "mxfp4"}
-ACT_METHODS = ("minmax", "histogram", "none")
+IMPLEMENTED_METHODS = ("minmax", "none", "histogram", "ssz", "gptq", "lowbit_sparse", "mse_round", "ceil_x",
+                       "fouroversix", "dualscale")
+WEIGHT_METHODS = ("minmax", "ssz", "gptq", "lowbit_sparse", "mse_round", "ceil_x", "fouroversix", "dualscale")
+# MX weight methods (quantizer/mx_methods.py, quantizer/fouroversix.py): the dtype each one is for
+MX_WEIGHT_METHODS = {"mse_round": "mxfp8", "ceil_x": "mxfp4", "fouroversix": "mxfp4"}
+ACT_METHODS = ("minmax", "histogram", "none", "dualscale")
 # ext keys each method accepts, with their defaults (group_size belongs to scope per_group).
 METHOD_EXT = {
     "ssz": {"step": 50},
@@ -65,6 +70,8 @@ METHOD_EXT = {
     # W8A8S (quantizer/lowbit_sparse.py): the bulk on a w_bit grid, outliers (fraction, or sigma) kept in int8
     "lowbit_sparse": {"w_bit": 4, "fraction": 0.01, "use_sigma": False, "sigma_factor": 3.0, "nonuniform": False},
     "mse_round": {},
+    "fouroversix": {},
+    "dualscale": {"dual_block_size": 512},  # required (no default upstream); 512 only names the usual value
     "ceil_x": {"ceil_x_value": 7.25, "enable_search": False, "search_min": 6.0, "search_max": 12.0,
                "search_step": 0.25},
 }
@@ -118,8 +125,20 @@ def _check_ceil_x_ext(method: str, ext: dict) -> None:
                          f"({options['search_min']})")
 
 
+def _check_dualscale_ext(method: str, ext: dict) -> None:
+    """dual_block_size is required (the established quantizer reads it without a default): a positive multiple
+    of the MX block 32, so that the E8M0 blocks nest in the dual ones."""
+    size = ext.get("dual_block_size")
+    if size is None:
+        raise ValueError("method dualscale needs ext.dual_block_size, the elements per float32 dual scale along the "
+                         "input axis, a multiple of 32 (e.g. ext: {dual_block_size: 512})")
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % 32:
+        raise ValueError(f"ext.dual_block_size must be a positive multiple of 32 (e.g. 512), got {size!r}")
+
+
 # methods whose ext the positive-number rule does not fit
-EXT_CHECKS = {"lowbit_sparse": _check_lowbit_sparse_ext, "ceil_x": _check_ceil_x_ext}
+EXT_CHECKS = {"lowbit_sparse": _check_lowbit_sparse_ext, "ceil_x": _check_ceil_x_ext,
+              "dualscale": _check_dualscale_ext}
 
 
 class QConfig(BaseModel):
@@ -150,6 +169,9 @@ class QConfig(BaseModel):
             raise ValueError(f"dtype {self.dtype.value} needs a method ({', '.join(WEIGHT_METHODS + ACT_METHODS[1:2])})")
         if self.dtype.element is not None:
             self._check_float_format()
+        elif self.scope == QScope.dual_scale or self.method == "dualscale":
+            raise ValueError("scope dual_scale and method dualscale go together, with dtype mxfp4 "
+                             f"(W4A4_MXFP4_DUALSCALE), not {self.dtype.value}")
         elif self.method in MX_WEIGHT_METHODS:
             raise ValueError(f"method {self.method!r} chooses MX shared exponents: it takes dtype "
                              f"{MX_WEIGHT_METHODS[self.method]} (scope per_block), not {self.dtype.value}")
@@ -170,10 +192,21 @@ class QConfig(BaseModel):
     def _check_float_format(self) -> None:
         """fp8_e4m3 / mxfp8 / mxfp4: symmetric by construction, on their own scopes, rounded by minmax."""
         name = self.dtype.value
+        if (self.scope == QScope.dual_scale) != (self.method == "dualscale") or (
+                self.scope == QScope.dual_scale and self.dtype != QDType.mxfp4):
+            raise ValueError(f"scope dual_scale and method dualscale go together, with dtype mxfp4 (W4A4_MXFP4_DUALSCALE); "
+                             f"got dtype {name}, scope {self.scope.value}, method {self.method}")
+        if self.scope == QScope.dual_scale:
+            if not self.symmetric:
+                raise ValueError("dtype mxfp4 is symmetric (a float grid has no zero point); set symmetric: true")
+            return
+        if self.dtype == QDType.nvfp4 and self.scope != QScope.per_block:
+            raise ValueError(f"dtype nvfp4 takes scope per_block (one FP8 scale per 16 elements along the reduction "
+                             f"axis, under a per-tensor global scale), not {self.scope.value}")
         if self.dtype.is_mx and self.scope != QScope.per_block:
             raise ValueError(f"dtype {name} takes scope per_block (one E8M0 scale per 32 elements along the "
                              f"reduction axis), not {self.scope.value}")
-        if not self.dtype.is_mx and self.scope not in (QScope.per_channel, QScope.per_token, QScope.per_tensor):
+        if self.dtype == QDType.fp8_e4m3 and self.scope not in (QScope.per_channel, QScope.per_token, QScope.per_tensor):
             raise ValueError(f"dtype fp8_e4m3 takes scope per_channel (weights) or per_token (activations), "
                              f"not {self.scope.value}")
         if not self.symmetric:
@@ -219,6 +252,14 @@ class Scheme(str, enum.Enum):
     W4A8_MXFP = "W4A8_MXFP"  # MXFP4 weights, MXFP8 activations
     W4A4_MXFP4 = "W4A4_MXFP4"  # MXFP4 weights and activations
     W4A16_MXFP4 = "W4A16_MXFP4"  # MXFP4 weights only
+    # MXFP4 weights and activations, each under a float32 scale per dual_block_size inputs (quantizer/dualscale.py)
+    W4A4_MXFP4_DUALSCALE = "W4A4_MXFP4_DUALSCALE"
+    # NVFP4 weights only (quantizer/nvfp4.py): compressed-tensors' nvfp4-pack-quantized (vLLM's W4A16Fp4); not an
+    # ascendv1 type (that writer refuses it before any weight is read)
+    W4A16_NVFP4 = "W4A16_NVFP4"
+    # NVFP4 weights and activations (vLLM's W4A4Fp4): a global input scale from calibration, FP8 scales per 16
+    # inputs computed at run time
+    W4A4_NVFP4 = "W4A4_NVFP4"
 
     @property
     def is_float_format(self) -> bool:
@@ -226,7 +267,8 @@ class Scheme(str, enum.Enum):
 
 
 FLOAT_FORMAT_SCHEMES = frozenset({Scheme.W8A8FP8_DYNAMIC, Scheme.W8A8_MXFP8, Scheme.W4A8_MXFP, Scheme.W4A4_MXFP4,
-                                  Scheme.W4A16_MXFP4})
+                                  Scheme.W4A16_MXFP4, Scheme.W4A4_MXFP4_DUALSCALE, Scheme.W4A16_NVFP4,
+                                  Scheme.W4A4_NVFP4})
 # (act dtype or None for float, weight dtype) -> scheme, for the floating-point formats
 FLOAT_FORMAT_PAIRS = {
     (QDType.fp8_e4m3, QDType.fp8_e4m3): Scheme.W8A8FP8_DYNAMIC,
@@ -234,6 +276,8 @@ FLOAT_FORMAT_PAIRS = {
     (QDType.mxfp8, QDType.mxfp4): Scheme.W4A8_MXFP,
     (QDType.mxfp4, QDType.mxfp4): Scheme.W4A4_MXFP4,
     (None, QDType.mxfp4): Scheme.W4A16_MXFP4,
+    (None, QDType.nvfp4): Scheme.W4A16_NVFP4,
+    (QDType.nvfp4, QDType.nvfp4): Scheme.W4A4_NVFP4,
 }
 
 
@@ -250,14 +294,28 @@ SUPPORTED_PAIRS = """supported (act -> weight) pairs:
   mxfp8 per_block               -> mxfp8 per_block (W8A8_MXFP8)
   mxfp8 per_block               -> mxfp4 per_block (W4A8_MXFP)
   mxfp4 per_block               -> mxfp4 per_block (W4A4_MXFP4)
-  float                         -> mxfp4 per_block (W4A16_MXFP4)"""
+  float                         -> mxfp4 per_block (W4A16_MXFP4)
+  mxfp4 dual_scale dualscale    -> mxfp4 dual_scale dualscale, same dual_block_size (W4A4_MXFP4_DUALSCALE)
+  float                         -> nvfp4 per_block (W4A16_NVFP4; compressed_tensors only)
+  nvfp4 per_block minmax        -> nvfp4 per_block (W4A4_NVFP4; compressed_tensors only)"""
 
 
 def _float_format_scheme(act: QConfig, weight: QConfig) -> Scheme:
     """The floating-point pairs of SUPPORTED_PAIRS (both qconfigs already checked on their own)."""
+    if QScope.dual_scale in (act.scope, weight.scope):
+        if act.scope != weight.scope:
+            raise ValueError("W4A4_MXFP4_DUALSCALE needs act and weight both {dtype: mxfp4, scope: dual_scale, "
+                             "method: dualscale} (the established IR pairs them only with each other)")
+        if act.ext["dual_block_size"] != weight.ext["dual_block_size"]:
+            raise ValueError(f"act and weight dual_block_size differ ({act.ext['dual_block_size']} and "
+                             f"{weight.ext['dual_block_size']}): the checkpoint stores only the weight's blocks, "
+                             f"which the kernel also uses for the activations; make them equal")
+        return Scheme.W4A4_MXFP4_DUALSCALE
     scheme = FLOAT_FORMAT_PAIRS.get((None if act.is_float else act.dtype, weight.dtype))
-    act_scope_ok = act.is_float or act.scope == (QScope.per_block if act.dtype.is_mx else QScope.per_token)
-    weight_scope_ok = weight.scope == (QScope.per_block if weight.dtype.is_mx else QScope.per_channel)
+    act_scope_ok = act.is_float or act.scope == (QScope.per_block if act.dtype.is_mx or act.dtype == QDType.nvfp4
+                                                 else QScope.per_token)
+    weight_scope_ok = weight.scope == (QScope.per_block if weight.dtype.is_mx or weight.dtype == QDType.nvfp4
+                                       else QScope.per_channel)
     if scheme is None or not act_scope_ok or not weight_scope_ok:
         describe = lambda q: "float" if q.is_float else f"{q.dtype.value} {q.scope.value}"
         raise ValueError(f"act {describe(act)} with weight {describe(weight)} has no deployable kernel; "
@@ -334,6 +392,12 @@ class LinearQConfig(BaseModel):
         return not self.act.is_float and self.act.scope.static
 
     @property
+    def calibrated_act(self) -> bool:
+        """Activations need a range from calibration: static ones, and NVFP4's global input scale."""
+        return self.static_act or self.act.dtype == QDType.nvfp4
+
+    @property
     def needs_calibration(self) -> bool:
-        """Static activation ranges and GPTQ's Hessian come from data; the other methods do not."""
-        return self.static_act or self.weight.method == "gptq"
+        """Static activation ranges (NVFP4's global input scale too) and GPTQ's Hessian come from data; the
+        other methods do not."""
+        return self.calibrated_act or self.weight.method == "gptq"

@@ -38,13 +38,15 @@ NOT_LOADED = {
              f"to W8A8SC with a separate tool (the engine's 310P sharded-state compression example)",
     "WFP8AFP8_DYNAMIC": f"WFP8AFP8_DYNAMIC is the established writer's spelling of FP8 dynamic; {ENGINE} reads the "
                         f"same tensors only under the tag W8A8FP8_DYNAMIC and rejects this one (formats.md A.4.9)",
+    "W4A4_MXFP4_DUALSCALE": f"{ENGINE} has no scheme for W4A4_MXFP4_DUALSCALE (formats.md A.3: the established "
+                            f"tool writes it, no engine registry loads it)",
     "W16A16S": f"no engine loads W16A16S ({ENGINE} has no scheme for it); the established tool's weight compression "
                f"turns it into W16A16SC for the Atlas 300I (310P) compression unit",
 }
 SVD_NOT_LOADED = (f"{ENGINE} has no scheme for _SVD types (SVDQuant's low-rank branch, svd_lowrank_l1/l2): it does "
                   f"not load this layer (formats.md A.4.10)")
 FLOAT_WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MX_ELEMENT_BITS = {"W8A8_MXFP8": 8, "W4A8_MXFP": 4, "W4A4_MXFP4": 4, "W4A16_MXFP4": 4}
+MX_ELEMENT_BITS = {"W8A8_MXFP8": 8, "W4A8_MXFP": 4, "W4A4_MXFP4": 4, "W4A16_MXFP4": 4, "W4A4_MXFP4_DUALSCALE": 4}
 
 
 def _shape(t: torch.Tensor) -> list[int]:
@@ -214,6 +216,15 @@ def _check_linear(prefix: str, tag: str, t: dict[str, torch.Tensor], model_dtype
             err(f"the input size {k} is not a multiple of 32: the engine quantizes activations per block of 32")
         if not fp4 and not all_finite(w):
             err("weight holds NaN codes")
+        if tag == "W4A4_MXFP4_DUALSCALE":  # [N, K/D, 1] float32, positive, D a multiple of 32 dividing K
+            dual = need("weight_dual_scale", torch.float32, None)
+            if dual is not None and (dual.dim() != 3 or dual.shape[0] != w.shape[0] or dual.shape[2] != 1
+                                     or k % dual.shape[1] or (k // dual.shape[1]) % 32):
+                err(f"'weight_dual_scale' must be [N, K/D, 1] with D a multiple of 32 dividing K = {k}, got {_shape(dual)}")
+            elif dual is not None and not bool((dual > 0).all() & torch.isfinite(dual).all()):
+                err("weight_dual_scale must be positive and finite")
+            if "bias" in t and t["bias"].dtype != torch.float32:
+                err("bias of a quantized layer must be float32")
         if tag == "W4A16_MXFP4" and not is_expert:
             warn(f"W4A16_MXFP4 on a dense linear: {ENGINE} loads W4A16_MXFP4 for MoE experts only")
     elif tag == "W16A16S":

@@ -50,7 +50,7 @@ def read_description(path: Path) -> dict:
     return read_json(file)
 
 
-QUANTIZED_TAGS = (*(s.value for s in Scheme), *TAG_ALIASES)
+QUANTIZED_TAGS = (*(s.value for s in Scheme if s.value in REQUIRED_SUFFIXES), *TAG_ALIASES)  # not W4A16_NVFP4
 READABLE_TAGS = (FLOAT, *QUANTIZED_TAGS, *(svd_tag(t) for t in QUANTIZED_TAGS), W16A16S, C8, FA_QUANT)
 
 
@@ -195,16 +195,22 @@ def take_kv_caches(path: Path, description: dict, tensors: dict[str, torch.Tenso
     return _take_by_attention(path, kv_cache_by_attention(description), kv_cache_from_tensors, "C8", tensors)
 
 
+def _described_attention(path: Path, model: nn.Module, name: str, tag: str) -> nn.Module:
+    """The attention module the description names for its `tag` tensors; a clear error when the architecture in
+    config.json has none there (description and config.json from different models)."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise InvalidModelError(f"{path}: {DESCRIPTION} has {tag} tensors for {name}, which the architecture in "
+                                f"config.json does not have") from None
+
+
 def install_kv_caches(path: Path, model: nn.Module, caches: dict[str, KVCacheQuant]) -> None:
     """Each attention quantizes the K/V it writes into its cache and reads them back with the scale alone, as
     vLLM-Ascend's C8 does (ir/kv_cache.py). A forward without a cache (perplexity) attends over K/V as a decoding
     step reads them from the cache; the engine's prefill attends over the prompt's float K/V."""
     for attention_name, quant in caches.items():
-        try:
-            attention = model.get_submodule(attention_name)
-        except AttributeError:
-            raise InvalidModelError(f"{path}: {DESCRIPTION} has C8 tensors for {attention_name}, which the "
-                                    f"architecture in config.json does not have") from None
+        attention = _described_attention(path, model, attention_name, "C8")
         if cache_argument(attention) is None:
             raise InvalidModelError(f"{path}: {attention_name} ({type(attention).__name__}) takes no cache argument, "
                                     f"so its C8 cache cannot be simulated")
@@ -222,11 +228,7 @@ def install_fa3_quants(path: Path, model: nn.Module, quants: dict[str, dict[str,
     """Each attention quantizes Q, K and V per head and dequantizes them with the scale alone right before its
     kernel, as the engine's FA quant (model/fa3.py; MLA in the absorbed latent space)."""
     for attention_name, branches in quants.items():
-        try:
-            attention = model.get_submodule(attention_name)
-        except AttributeError:
-            raise InvalidModelError(f"{path}: {DESCRIPTION} has FAQuant tensors for {attention_name}, which the "
-                                    f"architecture in config.json does not have") from None
+        attention = _described_attention(path, model, attention_name, "FAQuant")
         layout = "mla" if mla_layout(attention) else "gqa"
         try:
             install_fa3(attention, layout, branches)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from msmodelslim.ir.lowrank import LOWRANK_L1, LOWRANK_L2, check_lowrank_pair
-from msmodelslim.ir.quant_linear import CODE_DTYPE, MX_SCHEMES, QuantLinear
+from msmodelslim.ir.quant_linear import CODE_DTYPE, DUAL_SCALE, MX_SCHEMES, QuantLinear
 from msmodelslim.ir.sparse_linear import W16A16S, SparseFloatLinear
 from msmodelslim.quantizer.float_formats import e8m0_to_scale, pack_fp4_pairs, scale_to_e8m0, unpack_fp4_pairs
 from msmodelslim.quantizer.scheme import Scheme
@@ -136,10 +136,12 @@ def linear_tensors(ir: QuantLinear, model_dtype: torch.dtype, row_parallel: bool
         fp4 = ir.qweight.dtype == torch.uint8
         out["weight"] = (pack_fp4_pairs(ir.qweight) if fp4 else ir.qweight, tag)
         out["weight_scale"] = (scale_to_e8m0(ir.weight_scale), tag)
+        if ir.weight_dual_scale is not None:  # the established writer's [N, K/D, 1] float32 (formats.md A.4.10)
+            out[DUAL_SCALE] = (ir.weight_dual_scale.float().unsqueeze(-1), tag)
     else:  # pragma: no cover - Scheme is closed
         raise ValueError(f"no ascendv1 layout for {ir.scheme}")
-    if ir.bias is not None:
-        out["bias"] = (ir.bias.float(), FLOAT)
+    if ir.bias is not None:  # DUALSCALE tags its bias with its own type, as the established writer does
+        out["bias"] = (ir.bias.float(), tag if ir.scheme == Scheme.W4A4_MXFP4_DUALSCALE else FLOAT)
     if ir.svd_rank is not None:  # the quantized tensors are the residual's: their type gets _SVD; the pair is FLOAT
         out = {suffix: (tensor, t if t == FLOAT else svd_tag(t)) for suffix, (tensor, t) in out.items()}
         out[LOWRANK_L1] = (ir.svd_lowrank_l1.to(model_dtype), FLOAT)
@@ -172,6 +174,7 @@ REQUIRED_SUFFIXES: dict[str, frozenset[str]] = {
     W16A16S: frozenset({"weight"}),
     Scheme.W8A8FP8_DYNAMIC.value: frozenset({"weight", "weight_scale", "weight_offset"}),
     **{s.value: frozenset({"weight", "weight_scale"}) for s in MX_SCHEMES},
+    Scheme.W4A4_MXFP4_DUALSCALE.value: frozenset({"weight", "weight_scale", DUAL_SCALE}),
 }
 # The established writer's spelling of FP8 dynamic (formats.md A.4.9): read as the engine's W8A8FP8_DYNAMIC.
 TAG_ALIASES = {"WFP8AFP8_DYNAMIC": Scheme.W8A8FP8_DYNAMIC.value}
@@ -204,7 +207,13 @@ def linear_from_tensors(tag: str, t: dict[str, torch.Tensor]) -> QuantLinear | S
     if scheme in MX_SCHEMES:
         scale = e8m0_to_scale(t["weight_scale"])
         codes = unpack_fp4_pairs(t["weight"]) if CODE_DTYPE[scheme] == torch.uint8 else t["weight"]
-        return QuantLinear(scheme, codes, scale, torch.zeros_like(scale), bias)
+        dual = None
+        if scheme == Scheme.W4A4_MXFP4_DUALSCALE:  # [N, K/D, 1] -> [N, K/D]; D = K / its width
+            stored = t[DUAL_SCALE]
+            if stored.dim() != 3 or stored.shape[-1] != 1:
+                raise ValueError(f"{DUAL_SCALE} must be [N, K/D, 1], got {list(stored.shape)}")
+            dual = stored.float().squeeze(-1)
+        return QuantLinear(scheme, codes, scale, torch.zeros_like(scale), bias, weight_dual_scale=dual)
     if scheme in (Scheme.W8A8, Scheme.W8A8S):
         q = t["weight"]
         s_in, o_in = t["input_scale"].float(), t["input_offset"].float()

@@ -36,7 +36,8 @@ INDEX = f"{WEIGHTS}.safetensors.index.json"
 # W4A4_MXFP4_SVD (SVDQuant) ranks above every established type; the other _SVD types are not in the list and never
 # set model_quant_type, as in the established writer.
 TYPE_PRIORITY = ["FLOAT", "W16A16S", "W8A16", "W4A16", "W4A16_MXFP4", "W8A8_DYNAMIC", "W4A8_DYNAMIC", "W8A8_MIX",
-                 "W8A8", "W8A8FP8_DYNAMIC", "W8A8_MXFP8", "W4A8_MXFP", "W4A4_DYNAMIC", "W4A4_MXFP4", "W4A4_MXFP4_SVD",
+                 "W8A8", "W8A8FP8_DYNAMIC", "W8A8_MXFP8", "W4A8_MXFP", "W4A4_DYNAMIC", "W4A4_MXFP4", "W4A4_MXFP4_DUALSCALE",
+                 "W4A4_MXFP4_SVD",
                  "W8A8S"]
 
 
@@ -68,7 +69,14 @@ class AscendV1Writer:
 
     # The engines look up every linear's weight in the description, lm_head included: a tied table goes in twice.
     TIED_ALIASES = True
-    UNSUPPORTED: dict[str, str] = {}  # every Scheme has an ascendv1 layout
+    # Schemes with no ascendv1 type (planning refuses them before any weight is read).
+    UNSUPPORTED: dict[str, str] = {
+        "W4A16_NVFP4": "dtype nvfp4 (E2M1 with FP8 block scales of 16 and a float32 global scale, NVIDIA's FP4) is a "
+                       "protocol extension with no ascendv1 type; save it with the compressed_tensors saver "
+                       "(nvfp4-pack-quantized), or use dtype mxfp4 for ascendv1 (W4A16_MXFP4)",
+        "W4A4_NVFP4": "dtype nvfp4 (E2M1 with FP8 block scales of 16 and float32 global scales, NVIDIA's FP4) is a "
+                      "protocol extension with no ascendv1 type; save it with the compressed_tensors saver "
+                      "(nvfp4-pack-quantized), or use dtype mxfp4 for ascendv1 (W4A4_MXFP4)"}
 
     def add_tied(self, name: str, source: str, tensor: torch.Tensor) -> None:
         self.add_float(name, tensor)

@@ -11,12 +11,14 @@ from pydantic import ValidationError
 from safetensors import safe_open
 
 from msmodelslim.format.compressed_tensors.kv_cache import SUFFIXES as KV_SUFFIXES
-from msmodelslim.format.compressed_tensors.tensors import FLOAT_QUANTIZED, INT_QUANTIZED, PACK_QUANTIZED
+from msmodelslim.format.compressed_tensors.tensors import (FLOAT_QUANTIZED, INT_QUANTIZED, NVFP4_PACK_QUANTIZED,
+                                                           PACK_QUANTIZED)
 from msmodelslim.format.findings import Finding
 from msmodelslim.format.integrity import read_checked_tensors
 
 SUFFIXES = {INT_QUANTIZED: ("weight", "weight_scale"), FLOAT_QUANTIZED: ("weight", "weight_scale"),
-            PACK_QUANTIZED: ("weight_packed", "weight_scale", "weight_shape")}
+            PACK_QUANTIZED: ("weight_packed", "weight_scale", "weight_shape"),
+            NVFP4_PACK_QUANTIZED: ("weight_packed", "weight_scale", "weight_global_scale")}
 
 
 def is_compressed_tensors(path: Path) -> bool:

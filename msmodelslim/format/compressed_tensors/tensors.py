@@ -8,6 +8,11 @@ QuantizationArgs and int32 packing.
   low bits first, along K), `weight_scale` [N, G], `weight_shape` [N, K].
 - FP8 dynamic (W8A8FP8_DYNAMIC): format `float-quantized`; `weight` float8_e4m3fn [N, K], `weight_scale`
   float32 [N, 1], activations per token at run time (max|x|/448).
+- NVFP4 weight-only (W4A16_NVFP4): format `nvfp4-pack-quantized` (the library's NVFP4A16 preset, vLLM's
+  W4A16Fp4); `weight_packed` uint8 [N, K/2] (E2M1 codes, element 2j in the low nibble), `weight_scale`
+  float8_e4m3fn [N, K/16], `weight_global_scale` float32 [1]; W = q · weight_scale / weight_global_scale.
+- NVFP4 W4A4 (W4A4_NVFP4): the same, plus `input_global_scale` float32 [1] (448·6 / max|x| over the calibration
+  inputs); the block scales of the input are computed at run time (`dynamic: local`), the library's NVFP4 preset.
 - Asymmetric: `weight_zero_point` (int8 for int-quantized, int32 packed along N for pack-quantized),
   `input_zero_point` int8. Symmetric layers carry no zero points.
 Both conventions dequantize as (q − zp)·s, the same as ascendv1's (q − offset)·s.
@@ -20,11 +25,13 @@ from compressed_tensors.quantization import QuantizationArgs
 
 from msmodelslim.core.errors import UnsupportedError
 from msmodelslim.ir.quant_linear import QuantLinear
+from msmodelslim.quantizer.float_formats import pack_fp4_pairs
 from msmodelslim.quantizer.scheme import Scheme
 
 INT_QUANTIZED = "int-quantized"
 FLOAT_QUANTIZED = "float-quantized"
 PACK_QUANTIZED = "pack-quantized"
+NVFP4_PACK_QUANTIZED = "nvfp4-pack-quantized"
 
 
 def _symmetric(offset: torch.Tensor | None) -> bool:
@@ -42,6 +49,16 @@ def quantization_args(module: QuantLinear) -> tuple[QuantizationArgs, Quantizati
                                    scale_dtype=torch.float32)
         act = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="token", dynamic=True, observer=None)
         return weights, act, FLOAT_QUANTIZED
+    if module.scheme in (Scheme.W4A16_NVFP4, Scheme.W4A4_NVFP4):  # the library's NVFP4A16 / NVFP4 presets
+        weights = QuantizationArgs(num_bits=4, type="float", symmetric=True, strategy="tensor_group", group_size=16,
+                                   dynamic=False, observer="minmax", scale_dtype=torch.float8_e4m3fn,
+                                   zp_dtype=torch.float8_e4m3fn)
+        act = None
+        if module.scheme == Scheme.W4A4_NVFP4:  # block scales at run time under the stored input_global_scale
+            act = QuantizationArgs(num_bits=4, type="float", symmetric=True, strategy="tensor_group", group_size=16,
+                                   dynamic="local", observer="static_minmax", scale_dtype=torch.float8_e4m3fn,
+                                   zp_dtype=torch.float8_e4m3fn)
+        return weights, act, NVFP4_PACK_QUANTIZED
     if module.scheme.is_float_format:  # planning refuses these before any weight is read
         raise UnsupportedError(f"{module.scheme.value} has no compressed-tensors writer yet; save with ascendv1_saver")
     group = module.group_size
@@ -62,6 +79,15 @@ def linear_tensors(module: QuantLinear, bias_dtype: torch.dtype) -> dict[str, to
     """{suffix: tensor} of one layer. Scales stay float32 and say so (`scale_dtype`): rounding them to a bf16
     model's dtype, as llm-compressor does, would move every dequantized weight."""
     weights, act, fmt = quantization_args(module)
+    if fmt == NVFP4_PACK_QUANTIZED:
+        out = {"weight_packed": pack_fp4_pairs(module.qweight),
+               "weight_scale": module.weight_scale.to(torch.float8_e4m3fn),  # E4M3 values: exact
+               "weight_global_scale": module.weight_global_scale.float().reshape(1)}
+        if module.input_global_scale is not None:
+            out["input_global_scale"] = module.input_global_scale.float().reshape(1)
+        if module.bias is not None:
+            out["bias"] = module.bias.to(bias_dtype)
+        return out
     out: dict[str, torch.Tensor] = {"weight_scale": module.weight_scale.float()}
     zero_point = torch.round(module.weight_offset).to(torch.int8)
     if fmt in (INT_QUANTIZED, FLOAT_QUANTIZED):  # float8 codes are stored as they are

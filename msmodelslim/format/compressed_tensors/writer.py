@@ -53,7 +53,9 @@ class CompressedTensorsWriter:
                            f"mxfp4-pack-quantized formats: transformers with compressed-tensors 0.20 does not "
                            f"decompress them faithfully on the CPU, so a written checkpoint could not be verified); "
                            f"save with ascendv1_saver"
-                      for tag in ("W8A8_MXFP8", "W4A8_MXFP", "W4A4_MXFP4", "W4A16_MXFP4")}}
+                      for tag in ("W8A8_MXFP8", "W4A8_MXFP", "W4A4_MXFP4", "W4A16_MXFP4")},
+                   "W4A4_MXFP4_DUALSCALE": "W4A4_MXFP4_DUALSCALE (float32 scales over the MXFP4 blocks) is an Ascend "
+                                           "scheme with no compressed-tensors format; save with ascendv1_saver"}
 
     # Processing steps whose output this format cannot hold (refused before any weight is read).
     UNSUPPORTED_STEPS = {"fa3_quant": "vLLM has no compressed-tensors scheme for static per-head int8 Q/K/V of the "

@@ -36,13 +36,13 @@ from msmodelslim.model.kv_cache import KV_CACHE_QUANT, install_kv_cache_quant, t
 from msmodelslim.processor.base import Processor, ProcessorContext, register_processor
 from msmodelslim.processor.dynamic_cache.config import DynamicCacheConfig
 from msmodelslim.processor.kv_attention import check_attentions, kv_cache_structure, selected_attentions
-from msmodelslim.quantizer.kv_cache import ChannelRange, fp8_tensor_scale
+from msmodelslim.quantizer.kv_cache import CacheChannelRange, fp8_tensor_scale
 from msmodelslim.quantizer.scheme import QDType
 
 log = get_logger("dynamic_cache")
 
 
-def _recorder(key_range: ChannelRange, value_range: ChannelRange):
+def _recorder(key_range: CacheChannelRange, value_range: CacheChannelRange):
     def record(key_states: torch.Tensor, value_states: torch.Tensor):
         key_range.update(key_states)
         value_range.update(value_states)
@@ -60,7 +60,7 @@ class DynamicCacheProcessor(Processor):
             raise UnsupportedError(f"dynamic_cache: adapter {context.adapter_name} gives no attention shape "
                                    f"(heads, head_dim), so the cache channels are unknown")
         self.channels = context.attention.num_kv_heads * context.attention.head_dim
-        self._ranges: dict[str, tuple[ChannelRange, ChannelRange]] = {}
+        self._ranges: dict[str, tuple[CacheChannelRange, CacheChannelRange]] = {}
         self._hooks: list = []
 
     @property
@@ -82,7 +82,7 @@ class DynamicCacheProcessor(Processor):
             if hasattr(attention, KV_CACHE_QUANT):
                 raise ConfigError(f"{name}: its KV cache is already quantized by an earlier dynamic_cache step; "
                                   f"select each attention in one dynamic_cache step only")
-            ranges = self._ranges[name] = (ChannelRange(), ChannelRange())
+            ranges = self._ranges[name] = (CacheChannelRange(), CacheChannelRange())
             self._hooks.append(tap_cache_writes(attention, _recorder(*ranges)))
 
     def data_parallel_refusal(self) -> Optional[str]:

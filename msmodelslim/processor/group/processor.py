@@ -43,6 +43,10 @@ class GroupProcessor(Processor):
 
         return merge_claims([(f"{self.label}[{i}]", c.claims(linear_names)) for i, c in enumerate(self.children)])
 
+    @property
+    def changes_outside_blocks(self) -> bool:
+        return any(child.changes_outside_blocks for child in self.children)
+
     def prepare_model(self, model: nn.Module) -> None:
         for child in self.children:
             child.prepare_model(model)

@@ -30,12 +30,12 @@ from msmodelslim.processor.base import Processor, ProcessorContext, register_pro
 from msmodelslim.processor.kv_attention import check_attentions, kv_cache_structure, selected_attentions
 from msmodelslim.processor.kv_smooth import smooth
 from msmodelslim.processor.kv_smooth.config import KVSmoothConfig
-from msmodelslim.quantizer.kv_cache import ChannelRange
+from msmodelslim.quantizer.kv_cache import CacheChannelRange
 
 log = get_logger("kv_smooth")
 
 
-def _key_recorder(key_range: ChannelRange):
+def _key_recorder(key_range: CacheChannelRange):
     def record(key_states: torch.Tensor, value_states: torch.Tensor):
         key_range.update(key_states)
         return key_states, value_states
@@ -55,7 +55,7 @@ class KVSmoothProcessor(Processor):
         if shape.head_dim % 2:
             raise UnsupportedError(f"kv_smooth: head_dim {shape.head_dim} is odd, so it has no RoPE pairs")
         self.shape = shape
-        self._ranges: dict[str, ChannelRange] = {}
+        self._ranges: dict[str, CacheChannelRange] = {}
         self._hooks: list = []
 
     @property
@@ -93,7 +93,7 @@ class KVSmoothProcessor(Processor):
 
     def before_forward(self, block_name: str, block: nn.Module) -> None:
         for name, attention in self._attentions(block_name, block):
-            key_range = self._ranges[name] = ChannelRange()
+            key_range = self._ranges[name] = CacheChannelRange()
             self._hooks.append(tap_cache_writes(attention, _key_recorder(key_range)))
 
     def data_parallel_refusal(self) -> Optional[str]:

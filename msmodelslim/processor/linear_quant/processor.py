@@ -28,11 +28,13 @@ from msmodelslim.processor.base import Processor, ProcessorContext, register_pro
 from msmodelslim.processor.linear_quant.config import LinearQuantConfig
 from msmodelslim.processor.matching import select
 from msmodelslim.processor.sampling import RowSample
+from msmodelslim.quantizer.dualscale import quantize_weight_dualscale
 from msmodelslim.quantizer.gptq import accumulate_hessian
+from msmodelslim.quantizer.nvfp4 import global_scale
 from msmodelslim.quantizer.observer import HistogramObserver, MinMaxObserver
 from msmodelslim.quantizer.primitives import quantize_weight_minmax
-from msmodelslim.quantizer.scheme import LinearQConfig, QScope
-from msmodelslim.quantizer.weight import quantize_weight
+from msmodelslim.quantizer.scheme import LinearQConfig, QDType, QScope
+from msmodelslim.quantizer.weight import quantize_weight, quantize_weight_with_global
 
 log = get_logger("linear_quant")
 
@@ -76,31 +78,48 @@ class InputRecord:
 
 def new_record(q: LinearQConfig) -> InputRecord:
     observer = None
-    if q.static_act:
+    if q.calibrated_act:  # NVFP4's global input scale comes from the min/max too
         observer = HistogramObserver(q.act.symmetric) if q.act.method == "histogram" else MinMaxObserver()
     return InputRecord(observer, collect_hessian=q.weight.method == "gptq")
 
 
 def linear_to_ir(linear: nn.Linear, config: LinearQuantConfig, record: Optional[InputRecord],
-                 weight: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None) -> QuantLinear:
+                 weight: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+                 group_amax: Optional[torch.Tensor] = None) -> QuantLinear:
     """Pure conversion of one float linear into its quantized representation; `weight` (codes, scale,
     offset) when a method has already quantized the weight. A linear split by svd_res holds the residual in
     `weight`: that is what is quantized, and its low-rank pair travels into the QuantLinear unchanged."""
     q = config.qconfig
     hessian = record.hessian if record is not None else None
-    qweight, scale, offset = weight or quantize_weight(linear.weight.detach(), q.weight, hessian)
-    input_scale = input_offset = None
-    if q.static_act:
+    dual = weight_global = None
+    if weight is None and q.weight.dtype.value == "nvfp4":  # FP8 block scales and the global scale apart
+        qweight, scale, weight_global = quantize_weight_with_global(linear.weight.detach(), q.weight, hessian,
+                                                                   group_amax)
+        offset = torch.zeros_like(scale)
+    elif weight is None and q.weight.method == "dualscale":  # the E8M0 scales and the float32 dual ones apart
+        qweight, scale, dual = quantize_weight_dualscale(linear.weight.detach(), q.weight.ext["dual_block_size"])
+        offset = torch.zeros_like(scale)
+    else:
+        qweight, scale, offset = weight or quantize_weight(linear.weight.detach(), q.weight, hessian)
+    input_scale = input_offset = input_global = None
+    if q.act.dtype == QDType.nvfp4:  # 448·6 / max|x| over the calibration inputs (llm-compressor's static_minmax)
+        input_global = global_scale(torch.maximum(record.observer.min.abs(), record.observer.max.abs()))
+    elif q.static_act:
         input_scale, input_offset = record.observer.qparams(q.act.dtype.bits, q.act.symmetric)
     bias = None if linear.bias is None else linear.bias.detach()
     split = isinstance(linear, LowRankResidualLinear)
     lowrank = (linear.svd_lowrank_l1, linear.svd_lowrank_l2) if split else (None, None)
-    return QuantLinear(q.scheme, qweight, scale, offset, bias, input_scale, input_offset, *lowrank)
+    return QuantLinear(q.scheme, qweight, scale, offset, bias, input_scale, input_offset, *lowrank, weight_dual_scale=dual,
+                       weight_global_scale=weight_global, input_global_scale=input_global)
 
 
 def minmax_fallback_ir(linear: nn.Linear, config: LinearQuantConfig) -> QuantLinear:
     """The linear quantized by round to nearest with min/max ranges, for a layer whose method lacks data."""
     w = config.qconfig.weight
+    if w.dtype.element is not None:  # a float grid: round to nearest on that grid (the method's start)
+        weights = w.model_copy(update={"method": "minmax", "ext": {}})
+        minmax = config.model_copy(update={"qconfig": config.qconfig.model_copy(update={"weight": weights})})
+        return linear_to_ir(linear, minmax, None)
     weight = quantize_weight_minmax(linear.weight.detach(), w.dtype.bits, w.symmetric, w.group_size)
     return linear_to_ir(linear, config, None, weight=weight)
 
@@ -127,6 +146,8 @@ class LinearQuantProcessor(Processor):
         self.config = config
         self._records: dict[str, InputRecord] = {}
         self._hooks: list = []
+        self._fused_groups = (context or ProcessorContext()).structure.fused_groups
+        self._group_amax: dict[str, torch.Tensor] = {}  # NVFP4: the max|W| each layer's global scale comes from
 
     @property
     def needs_calibration(self) -> bool:
@@ -184,6 +205,7 @@ class LinearQuantProcessor(Processor):
         experts = routed_expert_linears(block, block_name)
         targeted: set[str] = set()  # MoE layers whose experts this rule quantizes
         starved: dict[str, dict[int, list[str]]] = {}  # MoE layer -> expert -> projections that saw no tokens
+        self._group_amax = self._fused_amax(block_name, block)
         for name in self._targets(block_name, block):
             relative = name[len(block_name) + 1 :]
             linear = block.get_submodule(relative)
@@ -197,7 +219,7 @@ class LinearQuantProcessor(Processor):
             if name in experts:
                 targeted.add(experts[name][0])
             if self.needs_calibration and (record is None or not record.complete):
-                if name not in experts or self.config.qconfig.static_act:
+                if name not in experts or self.config.qconfig.calibrated_act:
                     raise ProcessingError(f"{name} received no calibration data, so its static activation range "
                                           f"(or GPTQ Hessian) is unknown")
                 layer, e = experts[name]
@@ -210,6 +232,25 @@ class LinearQuantProcessor(Processor):
         if self.needs_calibration:
             log_starved_experts(block, block_name, self.method_name, starved, targeted)
 
+    def _fused_amax(self, block_name: str, block: nn.Module) -> dict[str, torch.Tensor]:
+        """NVFP4 only: per target, the largest max|W| of its fused group (q/k/v, gate/up: the adapter's
+        fused_groups, among this rule's targets), since the engine keeps one global scale per fused layer."""
+        if self.config.qconfig.weight.dtype != QDType.nvfp4:
+            return {}
+        targets = self._targets(block_name, block)
+        amax = {n: block.get_submodule(n[len(block_name) + 1 :]).weight.detach().abs().max().float() for n in targets}
+        shared = dict(amax)
+        for group in self._fused_groups:
+            members: dict[str, list[str]] = {}
+            for name in targets:
+                parent, _, leaf = name.rpartition(".")
+                if leaf in group:
+                    members.setdefault(parent, []).append(name)
+            for names in members.values():
+                top = torch.stack([amax[n] for n in names]).max()
+                shared.update({n: top for n in names})
+        return shared
+
     @property
     def method_name(self) -> str:
         """The weight method, as log lines name it."""
@@ -219,4 +260,4 @@ class LinearQuantProcessor(Processor):
         return new_record(self.config.qconfig)
 
     def to_ir(self, name: str, linear: nn.Linear, record: Optional[InputRecord]) -> QuantLinear:
-        return linear_to_ir(linear, self.config, record)
+        return linear_to_ir(linear, self.config, record, group_amax=self._group_amax.get(name))

@@ -54,6 +54,7 @@ def _has_float_weight(module: nn.Module) -> bool:
 @register_processor("quarot")
 class QuaRotProcessor(Processor):
     rewrites_activations = True
+    changes_outside_blocks = True  # rotates the embedding and the head in prepare_model
 
     def __init__(self, config: QuaRotConfig, context: ProcessorContext) -> None:
         if context.structure.rotation is None:

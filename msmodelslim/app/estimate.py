@@ -1,0 +1,507 @@
+"""Dry-run estimates of the real run (`quant --dry_run`, issue #23 item 5): peak RSS, output size on disk (and
+whether the save_path's disk has room) and wall time.
+
+They come from measuring a small piece of the real run, not from a model of the machine:
+- the outside-block weights (embeddings, head) are loaded and every calibration batch is embedded, as the real
+  run does first; the peak and the resident memory of that are measured;
+- the first decoder block is loaded and runs the pipeline's processors on the first few batches (its calibration
+  forwards timed apart from the rest), then is written by each saver into a temporary directory: that gives the
+  block's working memory, its load/process/write times and the bytes each layer takes in each format;
+- the rest is extrapolated: forward time by calibration tokens, load time by the blocks' input bytes, output bytes
+  per scheme by each layer's weight elements (shapes from the meta-device model, dtypes and sizes from the
+  safetensors headers), the memory of the calibration activations by their measured size, the saving phase's
+  memory by the tables read again and what the format checklist maps (docs/failure_behaviour.md).
+
+Assumptions (also printed): every calibration batch is forwarded in every block (early stopping, spec.calibration,
+can only shorten the run); a processor's memory beyond the activations does not grow with the number of samples;
+the other blocks cost what the first one does, in proportion to their size; nothing else runs on the machine.
+"""
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from msmodelslim.core.config import RunnerType
+from msmodelslim.core.distributed import LOCAL
+from msmodelslim.core.logging import get_logger
+from msmodelslim.core.memory import bound_heap_growth, release_free_heap
+from msmodelslim.core.resume import INTERVAL_ENV, checkpoint_interval
+from msmodelslim.core.runner import _calibration_forward
+from msmodelslim.format.disk_space import receiving_directory
+from msmodelslim.format.hf_files import COPIED_SUFFIXES, quantized_and_float_modules
+from msmodelslim.format.shards import fsync_path
+from msmodelslim.model.checkpoint import _byte_spans
+from msmodelslim.model.interface import block_hidden_state
+from msmodelslim.quantizer.primitives import all_finite
+
+log = get_logger("app.estimate")
+
+TIMED_TOKENS = 2048  # the first block is calibrated on the first batches up to about this many tokens
+TIMED_BATCHES = 8
+
+
+# ---- memory probes -----------------------------------------------------------------------------------------
+def current_rss() -> int:
+    """Resident bytes of this process now (Linux /proc; elsewhere the peak so far)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _reset_peak() -> bool:
+    """Restart the kernel's peak-RSS counter (VmHWM) of this process; False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_since_reset() -> Optional[int]:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+# ---- the report ----------------------------------------------------------------------------------------------
+@dataclass
+class RunEstimate:
+    peak_rss_bytes: int
+    output_bytes: dict[str, int]  # per saver type
+    free_bytes: int
+    receiving_directory: Path
+    seconds: float
+    seconds_by_phase: dict[str, float]
+    timed_block: str
+    timed_batches: int
+    batches: int
+    blocks: int
+    assumptions: list[str] = field(default_factory=list)
+    measured_in_seconds: float = 0.0  # how long the estimate itself took
+
+    @property
+    def total_output_bytes(self) -> int:
+        return sum(self.output_bytes.values())
+
+    @property
+    def disk_has_room(self) -> bool:
+        return self.free_bytes >= self.total_output_bytes
+
+    def lines(self) -> list[str]:
+        """The estimate as printed by `quant --dry_run` (every line says it is an estimate)."""
+        outputs = ", ".join(f"{saver} {_size(size)}" for saver, size in self.output_bytes.items())
+        room = "has room" if self.disk_has_room else "does NOT have room"
+        phases = ", ".join(f"{phase} {seconds:.0f} s" for phase, seconds in self.seconds_by_phase.items())
+        lines = [
+            f"ESTIMATES for the real run (not measurements; from timing block {self.timed_block} on "
+            f"{self.timed_batches} of {self.batches} calibration batches, in {self.measured_in_seconds:.1f} s):",
+            f"  peak RAM (RSS): {_size(self.peak_rss_bytes)}",
+            f"  output on disk: {_size(self.total_output_bytes)} ({outputs}); {self.receiving_directory} "
+            f"{room} ({_size(self.free_bytes)} free)",
+            f"  wall time: {_duration(self.seconds)} ({phases}; {self.blocks} blocks)",
+            "  assuming:",
+        ]
+        return lines + [f"    - {a}" for a in self.assumptions]
+
+    def as_dict(self) -> dict:
+        return {"peak_rss_bytes": self.peak_rss_bytes, "output_bytes": dict(self.output_bytes),
+                "free_bytes": self.free_bytes, "disk_has_room": self.disk_has_room, "seconds": self.seconds,
+                "seconds_by_phase": dict(self.seconds_by_phase), "assumptions": list(self.assumptions)}
+
+
+def _size(size: float) -> str:
+    if size >= 2**30:
+        return f"{size / 2**30:.2f} GiB"
+    return f"{size / 2**20:.1f} MiB"
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.1f} min" if seconds >= 120 else f"{seconds:.0f} s"
+
+
+# ---- output size -----------------------------------------------------------------------------------------------
+def _checkpoint_bytes(adapter, names: list[str]) -> int:
+    """Stored bytes of checkpoint tensors, from the safetensors headers (nothing read)."""
+    checkpoint = adapter.checkpoint
+    spans: dict[str, dict[str, tuple[int, int]]] = {}
+    total = 0
+    for name in names:
+        file = checkpoint.file_of(name)
+        if file is None:
+            continue
+        if file not in spans:
+            spans[file] = _byte_spans(Path(checkpoint.path) / file)
+        start, end = spans[file].get(name, (0, 0))
+        total += end - start
+    return total
+
+
+def _dtype_bytes(dtype: Optional[torch.dtype]) -> int:
+    return torch.empty((), dtype=dtype or torch.float32).element_size()
+
+
+def _outside_bytes(model: nn.Module, block_names: list[str], adapter, tied_aliases: bool) -> int:
+    """The non-block tensors as written (original dtype); a tied table's alias counts when the format repeats it."""
+    seen: set[int] = set()
+    total = 0
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if any(name.startswith(b + ".") for b in block_names):
+            continue
+        alias = id(tensor) in seen
+        seen.add(id(tensor))
+        if alias and not tied_aliases:
+            continue
+        dtype = adapter.original_dtype(name) if tensor.is_floating_point() else tensor.dtype
+        total += tensor.numel() * _dtype_bytes(dtype)
+    return total
+
+
+def _side_file_bytes(model_path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(model_path).iterdir() if p.is_file() and p.name.endswith(COPIED_SUFFIXES))
+
+
+@dataclass
+class _BlockBytes:
+    """What one format writes for the timed block: bytes per weight element of each scheme, the rest per element."""
+
+    per_element: dict[str, float]  # scheme -> output bytes / input weight elements of its linears
+    other_per_element: float  # the block's tensors that are not linears (norms, ...): bytes per element
+    total: int
+    tensors: int  # how many tensors the block became
+    shard_limit: int  # the writer's shard size (0: one file)
+    shard_reserve: int  # header space each shard reserves in front of its data (format/shards.py)
+
+
+def _linears_of(block_name: str, plan: dict[str, str]) -> list[str]:
+    return [n for n in plan if n.startswith(block_name + ".")]
+
+
+def _measure_block_bytes(writer, block_name: str, block: nn.Module, skeleton_block: nn.Module,
+                         plan: dict[str, str]) -> _BlockBytes:
+    """Write the processed block linear by linear (and its other tensors) into a throwaway `writer`."""
+    by_scheme: dict[str, list[int]] = {}
+    linears = _linears_of(block_name, plan)
+    for name in linears:
+        relative = name[len(block_name) + 1 :]
+        before = writer.shards.total_bytes
+        writer.add_module_tree(name, block.get_submodule(relative))
+        elements = skeleton_block.get_submodule(relative).weight.numel()
+        counts = by_scheme.setdefault(plan[name], [0, 0])
+        counts[0] += writer.shards.total_bytes - before
+        counts[1] += elements
+    before = writer.shards.total_bytes
+    other_elements = 0  # below: the block's own float tensors (norms), as add_module_tree writes them
+    for name, module in quantized_and_float_modules(block_name, block):
+        if name in plan or any(name.startswith(n + ".") for n in linears):
+            continue
+        for tensor_name, tensor in list(module.named_parameters(recurse=False)) + [
+                (b, t) for b, t in module.named_buffers(recurse=False)
+                if t is not None and b not in module._non_persistent_buffers_set]:
+            writer.add_float(f"{name}.{tensor_name}", tensor)
+            other_elements += tensor.numel()
+    other = writer.shards.total_bytes - before
+    writer.shards.flush()  # closed, as a real run's shards are by the end
+    per_element = {scheme: b / max(e, 1) for scheme, (b, e) in by_scheme.items()}
+    return _BlockBytes(per_element, other / max(other_elements, 1), writer.shards.total_bytes, len(writer.shards.names),
+                       writer.shards.limit, writer.shards.reserve)
+
+
+JSON_BYTES_PER_TENSOR = 120  # a tensor's entries in the index (and ascendv1's description), measured ~60-110
+
+
+def _file_bytes(data: int, tensors: int, measured: _BlockBytes) -> int:
+    """Shard files for `data` bytes of tensors: each shard's reserved header in front, and the JSON files."""
+    shards = 1 if not measured.shard_limit else max(1, -(-data // measured.shard_limit))
+    return data + shards * (8 + measured.shard_reserve) + tensors * JSON_BYTES_PER_TENSOR
+
+
+def _block_output_bytes(block_name: str, skeleton: nn.Module, plan: dict[str, str], measured: _BlockBytes,
+                        original_bytes: int) -> int:
+    """One block's output bytes from its weight elements; a scheme the timed block lacks counts as stored float
+    (`original_bytes` per element: an upper bound)."""
+    block = skeleton.get_submodule(block_name)
+    total = 0
+    linear_elements = 0
+    for name in _linears_of(block_name, plan):
+        linear = block.get_submodule(name[len(block_name) + 1 :])
+        linear_elements += sum(t.numel() for t in linear.state_dict().values())  # its bias is in the ratio
+        total += linear.weight.numel() * measured.per_element.get(plan[name], original_bytes)
+    other = sum(t.numel() for t in block.state_dict().values()) - linear_elements
+    return int(total + other * measured.other_per_element)
+
+
+# ---- the measurement -----------------------------------------------------------------------------------------
+def _timed_batches(batches: list[dict]) -> int:
+    tokens = 0
+    for i, batch in enumerate(batches):
+        tokens += int(batch["input_ids"].numel())
+        if tokens >= TIMED_TOKENS or i + 1 >= TIMED_BATCHES:
+            return i + 1
+    return len(batches)
+
+
+class _ForwardClock:
+    """Seconds and tokens of each call of a module's forward (the calibration forwards: what grows with the
+    samples). The first call pays one-time costs (allocator, kernels' first use), so the rate leaves it out."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.calls: list[tuple[float, int]] = []  # (seconds, tokens)
+        self._started = 0.0
+        self._handles = [module.register_forward_pre_hook(self._start),
+                         module.register_forward_hook(self._stop, with_kwargs=True)]
+
+    def _start(self, module, args) -> None:
+        self._started = time.perf_counter()
+
+    def _stop(self, module, args, kwargs, output) -> None:
+        hidden = args[0] if args else next(iter(kwargs.values()), None)
+        tokens = hidden.shape[:-1].numel() if isinstance(hidden, torch.Tensor) else 0
+        self.calls.append((time.perf_counter() - self._started, tokens))
+
+    @property
+    def seconds(self) -> float:
+        return sum(s for s, _ in self.calls)
+
+    def seconds_per_token(self) -> float:
+        steady = self.calls[1:] if len(self.calls) > 1 else self.calls
+        return sum(s for s, _ in steady) / max(sum(t for _, t in steady), 1)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def _run_processors(name: str, block: nn.Module, processors: list, requests: list) -> list:
+    """The runner's per-block schedule (core/runner.py run_blocks) on `requests`: every processor's hooks, its
+    calibration forward (or the ranges an earlier one left), its rewrite of the block."""
+    outputs, ranges = None, None
+    for i, processor in enumerate(processors):
+        if processor.needs_calibration and ranges is not None and processor.ranges_suffice(name, block, ranges):
+            processor.calibrate_from_ranges(name, block, ranges)
+        else:
+            processor.before_forward(name, block)
+            if processor.needs_calibration:
+                later = any(p.needs_calibration for p in processors[i + 1 :])
+                outputs, ranges = _calibration_forward(name, block, processor, requests, None, None, LOCAL,
+                                                       keep_ranges=later)
+        processor.after_forward(name, block)
+        if ranges is not None:
+            ranges = ranges.scaled(processor.input_scaling(name, block))
+    return outputs or []
+
+
+def _tensor_bytes(value, seen: set[int]) -> int:
+    """Bytes of the tensors in a nested args/kwargs structure, each storage once."""
+    if isinstance(value, torch.Tensor):
+        key = value.untyped_storage().data_ptr()
+        if key in seen:
+            return 0
+        seen.add(key)
+        return value.untyped_storage().nbytes()
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v, seen) for v in value)
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v, seen) for v in value.values())
+    return 0
+
+
+def _check_seconds(directory: Path) -> float:
+    """Reading back and checking (finite values) what a writer put in `directory`: the format checklist's pass
+    over every output tensor (format/integrity.py read_checked_tensors), timed on the block's shard."""
+    clock = time.perf_counter()
+    for shard in sorted(directory.glob(".shard-*")):
+        with safe_open(shard, framework="pt") as f:
+            for key in f.keys():
+                all_finite(f.get_tensor(key))
+    return time.perf_counter() - clock
+
+
+def _checkpoint_seconds_per_byte(outputs: list, directory: Path) -> float:
+    """What a block checkpoint (core/resume.py) costs per byte of hidden states: saved and fsynced."""
+    tensors = {f"batch{i}": block_hidden_state(o).detach().contiguous() for i, o in enumerate(outputs)}
+    if not tensors:
+        return 0.0
+    path = directory / "inputs.safetensors"
+    clock = time.perf_counter()
+    save_file(tensors, path)
+    fsync_path(path)
+    seconds = time.perf_counter() - clock
+    size = path.stat().st_size
+    path.unlink()
+    return seconds / max(size, 1)
+
+
+def estimate_run(job, request, startup_s: float, writer_factories: dict[str, Callable[[Path], object]],
+                 tied_aliases: dict[str, bool], scratch: Path) -> RunEstimate:
+    """Measure the first block of the real run and extrapolate (module docstring). `job`: the dry run's planned
+    job (app/quantize.py) with the meta-device model; `startup_s`: how long the command took to get here (imports,
+    checks, planning: the real run spends it too); `writer_factories`: per saver type, a writer into a given directory;
+    `scratch`: an empty directory on the save_path's disk for the throwaway writes (the caller removes it)."""
+    begun = time.perf_counter()
+    adapter, processors, plan = job.adapter, job.processors, job.plan
+    device = request.device.primary
+    block_names = adapter.block_names(job.model)
+    blocks = len(block_names)
+    layer_wise = job.runner != RunnerType.model_wise
+    assumptions = ["every calibration batch is forwarded in every block (early stopping, spec.calibration, can "
+                   "only make the run shorter)",
+                   "a processor's memory beyond the calibration activations does not grow with the number of samples",
+                   f"the other {blocks - 1} blocks cost what {block_names[0]} does, in proportion to their weights "
+                   f"(loading, writing) and to the calibration tokens (forwards)",
+                   "this machine as it is now: the same threads (OMP_NUM_THREADS), no other heavy process, the "
+                   "input files as cached now"]
+    if job.runner == RunnerType.dp_layer_wise:
+        assumptions.append("dp_layer_wise: estimated as one layer_wise process over all the batches (each rank "
+                           "holds its share of the activations and forwards its share of the tokens)")
+    if os.environ.get("MSMODELSLIM_ACTIVATION_MEMORY_MIB"):
+        assumptions.append("the activations stay in memory (MSMODELSLIM_ACTIVATION_MEMORY_MIB spilling is not "
+                           "modelled)")
+    interval = checkpoint_interval()
+    checkpoints = 0 if interval is None or job.fingerprint is None else blocks  # at most one per block
+    if checkpoints:
+        assumptions.append(f"a resume checkpoint (every batch's activations, fsynced) after every block "
+                           f"({INTERVAL_ENV}={interval:g}; a longer interval makes them fewer, 'off' none)")
+
+    # 1. what the real run does first: the outside weights, the processors' model-wide preparation, the batches
+    load_peak_known = _reset_peak()  # reading the checkpoint briefly holds its stored copy and the widened one
+    clock = time.perf_counter()
+    model = adapter.load_weights(job.model, device, load_layers=False)
+    load_outside_s = time.perf_counter() - clock
+    bound_heap_growth()  # where the real run fixes the allocator (core/memory.py): the memory measured is that run's
+    meta = adapter.init_skeleton()  # an untouched meta-device copy: every block's shapes
+    needs_data = any(p.needs_calibration for p in processors)
+    clock = time.perf_counter()
+    for processor in processors:
+        processor.prepare_model(model)
+    batches = adapter.handle_dataset(job.texts, device) if needs_data else []
+    forwards, requests = [], []
+    for batch in batches:
+        forwards.append(adapter.generate_model_forward(model, batch))
+        requests.append(next(forwards[-1]))
+    embed_s = time.perf_counter() - clock
+    rss_embedded = current_rss()
+    load_peak = (_peak_since_reset() if load_peak_known else None) or rss_embedded
+    total_tokens = sum(int(b["input_ids"].numel()) for b in batches)
+    hidden_bytes = sum(_tensor_bytes(r.args[0], set()) for r in requests)  # one copy of every batch's activations
+    released = (layer_wise and not any(getattr(p, "changes_outside_blocks", False) for p in processors)
+                and hasattr(adapter, "release_outside") and adapter.release_outside(model, block_names))
+    release_free_heap()
+    rss_blocks = current_rss()
+
+    # 2. the first block, on the first batches: its memory beyond what is resident, its load and processing times
+    name = block_names[0]
+    timed = _timed_batches(batches) if batches else 0
+    timed_tokens = sum(int(b["input_ids"].numel()) for b in batches[:timed])
+    peak_known = _reset_peak()
+    before = current_rss()
+    clock = time.perf_counter()
+    adapter.load_block(model, name, device)
+    load_block_s = time.perf_counter() - clock
+    block = model.get_submodule(name)
+    forward_clock = _ForwardClock(block)
+    clock = time.perf_counter()
+    outputs = _run_processors(name, block, processors, requests[:timed])
+    process_s = time.perf_counter() - clock
+    forward_clock.remove()
+    peak = _peak_since_reset() if peak_known else None
+    block_extra = max((peak if peak is not None else current_rss()) - before, 0)
+    timed_output_bytes = sum(_tensor_bytes(block_hidden_state(o), set()) for o in outputs)
+    checkpoint_rate = _checkpoint_seconds_per_byte(outputs, scratch) if checkpoints else 0.0
+    for generator in forwards:
+        generator.close()
+    del outputs, requests, forwards
+
+    # 3. each format's bytes for the block (the layers one by one), and its writing rate
+    block_input_bytes = [_checkpoint_bytes(adapter, [f"{b}.{n}" for n in meta.get_submodule(b).state_dict()])
+                         for b in block_names]
+    stored_bytes = _dtype_bytes(adapter.global_dtype())
+    output_bytes, write_s, sync_s, check_s, finish_peak = {}, 0.0, 0.0, 0.0, 0
+    for saver, factory in writer_factories.items():
+        directory = scratch / saver
+        directory.mkdir()
+        writer = factory(directory)
+        clock = time.perf_counter()
+        measured = _measure_block_bytes(writer, name, block, meta.get_submodule(name), plan)
+        block_write_s = time.perf_counter() - clock
+        clock = time.perf_counter()
+        writer.shards.sync()  # what each block checkpoint does to the shards written since the last one
+        sync_s += time.perf_counter() - clock
+        check_rate = _check_seconds(directory) / max(measured.total, 1)  # per output byte
+        blocks_out = sum(_block_output_bytes(b, meta, plan, measured, stored_bytes) for b in block_names)
+        outside = (_outside_bytes(meta, block_names, adapter, tied_aliases[saver])
+                   + _checkpoint_bytes(adapter, job.unread.passthrough_names))
+        outside_tensors = len(meta.state_dict()) - len(meta.get_submodule(name).state_dict()) * blocks
+        tensors = measured.tensors * blocks + outside_tensors
+        output_bytes[saver] = (_file_bytes(blocks_out + outside, tensors, measured)
+                               + _side_file_bytes(request.model_path))
+        write_s += block_write_s / max(measured.total, 1) * output_bytes[saver]  # the outside tensors at that rate
+        check_s += check_rate * output_bytes[saver]
+        # the checklist reads the written shards back through a memory map: ascendv1's keeps every tensor until it
+        # is done, compressed-tensors' one file at a time
+        data = blocks_out + outside
+        held = data if tied_aliases[saver] else min(data, measured.shard_limit or data)
+        finish_peak = max(finish_peak, held)
+        shutil.rmtree(directory, ignore_errors=True)
+    adapter.release_block(model, name)
+    if blocks > 1:  # the first load also pays one-time costs (opening the shards): a second block says what a load is
+        clock = time.perf_counter()
+        adapter.load_block(model, block_names[1], device)
+        load_block_s = min(load_block_s, (time.perf_counter() - clock) * block_input_bytes[0]
+                           / max(block_input_bytes[1], 1))
+        adapter.release_block(model, block_names[1])
+
+    # 4. extrapolate
+    # forwards per block, e.g. 2: smoothing's, then the static ranges'
+    forwards_per_block = sum(t for _, t in forward_clock.calls) / max(timed_tokens, 1)
+    by_weights = sum(block_input_bytes) / max(block_input_bytes[0], 1)  # blocks' load/write cost relative to block 0
+    phases = {
+        "start-up and planning": startup_s,
+        # released outside tensors are read again to be written
+        "loading": load_outside_s * (2 if released else 1) + load_block_s * by_weights,
+        "embedding": embed_s,
+        "calibration forwards": forward_clock.seconds_per_token() * total_tokens * forwards_per_block * blocks,
+        "processing": max(process_s - forward_clock.seconds, 0.0) * by_weights,
+        "writing": write_s + (sync_s + checkpoint_rate * hidden_bytes) * checkpoints,
+        "checking": check_s,
+    }
+    resident = rss_blocks
+    if not layer_wise:  # model_wise: every block resident, widened to float32 as loaded
+        resident += 4 * sum(t.numel() for b in block_names[1:] for t in meta.get_submodule(b).state_dict().values())
+    # in a block: every batch's input and output activations, the block, its processors' temporaries
+    in_block = resident + hidden_bytes + max(block_extra - timed_output_bytes, 0)
+    # saving: the activations are gone; the non-block tables are read again (stored and widened copies) and
+    # converted back one at a time, then the checklist maps the output
+    largest_outside = max((t.numel() for n, t in meta.state_dict().items()
+                           if not any(n.startswith(b + ".") for b in block_names)), default=0)
+    after_blocks = max(resident - hidden_bytes, 0)
+    saving = after_blocks + max(largest_outside * (2 * stored_bytes + 4 if released else stored_bytes), finish_peak)
+    peak_rss = max(load_peak, in_block, saving)
+    receiving = receiving_directory(request.save_path)
+    estimate = RunEstimate(int(peak_rss), output_bytes, shutil.disk_usage(receiving).free, receiving,
+                           sum(phases.values()), phases, name, timed, len(batches), blocks, assumptions)
+    estimate.measured_in_seconds = time.perf_counter() - begun
+    log.debug("estimate: load peak %d, rss embedded %d, resident in blocks %d, activations %d, block extra %d "
+              "(peak known: %s); block 0: load %.3f s, processing %.3f s of which forwards %.3f s on %d of %d tokens",
+              load_peak, rss_embedded, resident, hidden_bytes, block_extra, peak_known, load_block_s, process_s,
+              forward_clock.seconds, timed_tokens, total_tokens)
+    return estimate

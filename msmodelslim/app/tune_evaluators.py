@@ -1,0 +1,387 @@
+"""How `msmodelslim tune` judges one quantized checkpoint (the plan YAML's `evaluation`, protocol.md §7.2).
+
+  perplexity        ours, no server: perplexity of the checkpoint read back by our ascendv1 reader, divided by
+                    the float model's perplexity on the same windows; passes when the ratio <= demand.max_ratio.
+                    Default text: a held-out tail of the calibration set (see `HeldOutSplit`), never the data
+                    the checkpoint was calibrated on.
+  command           any program that prints a score (an lm-eval or AISBench wrapper, a script): `{model}` in
+                    the command becomes the checkpoint's directory; the LAST number on stdout is the score,
+                    judged as one entry of `demand.expectations`.
+  service_oriented  the established evaluator (serve with vLLM-Ascend, benchmark with AISBench): its fields are
+                    parsed and checked in full; its precheck names what is missing (the serving entrypoint,
+                    the AISBench binary) before any quantization. Serving and benchmarking are not
+                    implemented in this version, which the precheck says by name.
+
+An expectation passes when `target - accuracy <= tolerance`, computed in Decimal as the established tool does
+(so 0.1 + 0.2 vs 0.3 is not a float accident).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import re
+import shlex
+import shutil
+import subprocess
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any, Callable, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from msmodelslim.core.errors import ConfigError, ProcessingError, UnsupportedError
+from msmodelslim.core.logging import get_logger
+
+log = get_logger("app.tune")
+
+
+@dataclass
+class TuneResult:
+    """What one evaluation says. `goodness`: larger is better (ranks results that all pass, or all fail)."""
+
+    passed: bool
+    scores: dict[str, float]
+    goodness: float
+    detail: str = ""
+
+
+class Expectation(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = "score"
+    target: float = Field(gt=0)
+    tolerance: float = Field(0, ge=0)
+
+    def met_by(self, accuracy: float) -> bool:
+        return Decimal(str(self.target)) - Decimal(str(accuracy)) <= Decimal(str(self.tolerance))
+
+
+class Demand(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    expectations: list[Expectation] = Field(min_length=1)
+
+
+def judge(expectations: list[Expectation], scores: dict[str, float]) -> TuneResult:
+    """Fail-fast over the expectations, in order; goodness = the smallest margin (accuracy - target)."""
+    margins = []
+    for expectation in expectations:
+        accuracy = scores[expectation.dataset]
+        margins.append(accuracy - expectation.target)
+        if not expectation.met_by(accuracy):
+            return TuneResult(False, scores, min(margins),
+                              f"{expectation.dataset}: {accuracy:g} < target {expectation.target:g} "
+                              f"- tolerance {expectation.tolerance:g}")
+    return TuneResult(True, scores, min(margins), "all expectations met")
+
+
+# ---- perplexity (built in) -------------------------------------------------------------------------------------
+class PerplexityDemand(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_ratio: float = Field(gt=1.0, le=100.0, description="quantized / float perplexity must stay at or below this")
+
+
+class PerplexityEvaluation(BaseModel):
+    """`type: perplexity`. Without `dataset`, the last `holdout` share of the calibration samples (whole samples,
+    in file order) is cut off: quantization calibrates on the rest, tune evaluates on it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["perplexity"]
+    demand: PerplexityDemand
+    dataset: Optional[str] = Field(None, description="evaluation text (path or built-in name); default: held out")
+    holdout: float = Field(0.25, gt=0, lt=1, description="share of the calibration samples held out for tune")
+    window: int = Field(512, ge=2, le=1 << 20)
+    max_windows: int = Field(16, ge=1, le=10_000)
+
+
+@dataclass
+class HeldOutSplit:
+    """Calibration samples [0, cut) and tune-evaluation samples [cut, n) of one data set: disjoint by construction
+    (whole samples are split, never windows), so no calibration token is ever scored."""
+
+    calibration: list[str]
+    evaluation: list[str]
+
+    @classmethod
+    def of(cls, texts: list[str], holdout: float, name: str) -> "HeldOutSplit":
+        held = max(1, round(len(texts) * holdout))
+        if len(texts) - held < 1:
+            raise ConfigError(f"evaluation.holdout {holdout}: the calibration set {name} has {len(texts)} "
+                              f"sample(s), too few to hold any out; give evaluation.dataset (a separate text)")
+        return cls(texts[: len(texts) - held], texts[len(texts) - held :])
+
+
+def digest(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class PerplexityEvaluator:
+    """Perplexity ratio against the float model; the float perplexity is computed once (cached by the caller)."""
+
+    def __init__(self, config: PerplexityEvaluation, model_path: Path, texts: list[str], trust_remote_code: bool,
+                 device, baseline_cache: Callable[[str, Callable[[], float]], float]):
+        from transformers import AutoTokenizer
+
+        from msmodelslim.app.evaluate import token_windows
+        from msmodelslim.model.hf_config import model_load_errors
+
+        self.config, self.model_path, self.device = config, model_path, device
+        self.trust_remote_code, self.baseline_cache = trust_remote_code, baseline_cache
+        with model_load_errors(model_path, f"cannot load the tokenizer from {model_path}"):
+            tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code,
+                                                      local_files_only=True)
+        # too little text for one window fails here, before any weight is read
+        self.windows = token_windows(tokenizer, texts, config.window, config.max_windows)
+        self.baseline_key = digest({"model": str(model_path.resolve()), "windows": [w.tolist() for w in self.windows]})
+        log.info("tune evaluation: perplexity on %d window(s) of %d tokens; demand ratio <= %g", len(self.windows),
+                 config.window, config.demand.max_ratio)
+
+    def precheck(self) -> None:
+        """Nothing to check beyond the constructor (tokenizer, windows)."""
+
+    def float_perplexity(self) -> float:
+        from msmodelslim.app.evaluate import load_float_model, perplexity
+
+        def compute() -> float:
+            model = load_float_model(self.model_path, self.trust_remote_code)
+            return perplexity(model, self.windows, self.device, "float").perplexity
+
+        return self.baseline_cache(self.baseline_key, compute)
+
+    def evaluate(self, quant_path: Path) -> TuneResult:
+        from msmodelslim.app.evaluate import perplexity
+        from msmodelslim.format.ascendv1.reader import load_ascendv1
+
+        reference = self.float_perplexity()
+        quantized = perplexity(load_ascendv1(quant_path, self.trust_remote_code), self.windows, self.device,
+                               "quantized").perplexity
+        ratio = quantized / reference
+        passed = Decimal(str(ratio)) <= Decimal(str(self.config.demand.max_ratio))
+        return TuneResult(passed, {"perplexity": quantized, "float_perplexity": reference, "ratio": ratio}, -ratio,
+                          f"perplexity {quantized:.4f} / float {reference:.4f} = x{ratio:.4f} "
+                          f"({'<=' if passed else '>'} {self.config.demand.max_ratio:g})")
+
+
+# ---- command ---------------------------------------------------------------------------------------------------
+MODEL_PLACEHOLDER = "{model}"
+NUMBER = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?")
+
+
+class CommandEvaluation(BaseModel):
+    """`type: command`: e.g. `command: "python my_eval.py --model {model}"` (or a list of arguments)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["command"]
+    command: Union[str, list[str]]
+    demand: Demand
+    timeout: float = Field(7200, gt=0, description="seconds one run of the command may take")
+
+    @model_validator(mode="after")
+    def _check(self) -> "CommandEvaluation":
+        if len(self.demand.expectations) != 1:
+            raise ValueError("a command prints one score: give exactly one entry in demand.expectations")
+        if not self.argv():
+            raise ValueError("command is empty")
+        if not any(MODEL_PLACEHOLDER in part for part in self.argv()):
+            raise ValueError(f"command must contain {MODEL_PLACEHOLDER} (where the quantized model's directory goes); "
+                             f"otherwise its score cannot depend on the model")
+        return self
+
+    def argv(self) -> list[str]:
+        return shlex.split(self.command) if isinstance(self.command, str) else list(self.command)
+
+
+def last_number(text: str) -> Optional[float]:
+    found = NUMBER.findall(text)
+    return float(found[-1]) if found else None
+
+
+class CommandEvaluator:
+    def __init__(self, config: CommandEvaluation, cwd: Path):
+        self.config, self.cwd = config, cwd
+
+    def precheck(self) -> None:
+        program = self.config.argv()[0]
+        if shutil.which(program) is None and not (self.cwd / program).is_file():
+            raise ConfigError(f"evaluation.command: program {program!r} is not on PATH (nor a file in {self.cwd})")
+
+    def evaluate(self, quant_path: Path) -> TuneResult:
+        argv = [part.replace(MODEL_PLACEHOLDER, str(quant_path)) for part in self.config.argv()]
+        log.info("tune evaluation: %s", " ".join(shlex.quote(a) for a in argv))
+        try:
+            done = subprocess.run(argv, cwd=self.cwd, capture_output=True, text=True, timeout=self.config.timeout)
+        except subprocess.TimeoutExpired:
+            raise ProcessingError(f"evaluation.command ran longer than evaluation.timeout {self.config.timeout:g} s") \
+                from None
+        if done.returncode != 0:
+            raise ProcessingError(f"evaluation.command exited with {done.returncode}; its stderr ends with:\n"
+                                  f"{done.stderr[-2000:]}")
+        score = last_number(done.stdout)
+        if score is None:
+            raise ProcessingError(f"evaluation.command printed no number on stdout (the last one is the score); "
+                                  f"stdout ends with: {done.stdout[-500:]!r}")
+        expectation = self.config.demand.expectations[0]
+        return judge([expectation], {expectation.dataset: score})
+
+
+# ---- service_oriented (the established evaluator) --------------------------------------------------------------
+class ModelMeta(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    directory: str = ""
+    subdir: str = "vllm_api"
+    base_name: str = "vllm_api_general_chat"
+    name_suffix: str = "auto"
+    abbr: str = "vllm-api-general-chat"
+    attr: str = "service"
+
+
+class AisBenchSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    binary: str = "ais_bench"
+    mode: str = "all"
+    timeout: float = Field(7200, gt=0)
+    cleanup_model_config: bool = True
+    model_meta: ModelMeta = Field(default_factory=ModelMeta)
+    request_rate: float = Field(1.0, ge=0)
+    pred_postprocessor: str = "extract_non_reasoning_content"
+    retry: int = Field(2, ge=0)
+    batch_size: int = Field(1, ge=1)
+    max_out_len: int = Field(512, ge=1)
+    trust_remote_code: bool = False
+    generation_kwargs: dict[str, Any] = Field(default_factory=dict)
+    extra_args: list[str] = Field(default_factory=list)
+    log_dir: str = ""
+
+
+class AisBenchDataset(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    config_name: str = Field(min_length=1)
+    mode: str = ""
+    request_rate: float = Field(0.0, ge=0)
+    max_out_len: Optional[int] = Field(None, ge=1)
+    returns_tool_calls: Optional[bool] = None
+    api_chat_type: str = "VLLMCustomAPIChat"
+    extra_args: list[str] = Field(default_factory=list)
+
+
+class ExpectedAnswerCheck(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["expected_answer"]
+    test_cases: list[dict[str, Union[str, list[str]]]] = Field(default_factory=lambda: [{"What is 2+2?": "4"}])
+    max_tokens: int = Field(512, ge=1)
+    timeout: float = Field(60.0, gt=0)
+
+
+class GarbledTextCheck(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["garbled_text"]
+    test_cases: list[str] = Field(default_factory=lambda: ["How are you?"])
+    max_tokens: int = Field(512, ge=1)
+    timeout: float = Field(60.0, gt=0)
+
+
+PrecheckConfig = Annotated[Union[ExpectedAnswerCheck, GarbledTextCheck], Field(discriminator="type")]
+
+
+class AisBenchEvaluation(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["aisbench"] = "aisbench"
+    aisbench: AisBenchSettings = Field(default_factory=AisBenchSettings)
+    datasets: dict[str, AisBenchDataset] = Field(min_length=1)
+    host: str = "localhost"
+    port: int = Field(1234, ge=1, le=65535)
+    served_model_name: str = "served_model_name"
+
+
+class InferenceEngine(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["vllm-ascend"] = "vllm-ascend"
+    entrypoint: str = "vllm.entrypoints.openai.api_server"
+    env_vars: dict[str, str] = Field(default_factory=dict)
+    served_model_name: str = "served_model_name"
+    host: str = "localhost"
+    port: int = Field(1234, ge=1, le=65535)
+    health_check_endpoint: str = "/v1/models"
+    startup_timeout: float = Field(600, gt=0)
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class ServiceOrientedEvaluation(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["service_oriented"]
+    demand: Demand
+    evaluation: AisBenchEvaluation
+    inference_engine: InferenceEngine = Field(default_factory=InferenceEngine)
+    precheck: list[PrecheckConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ServiceOrientedEvaluation":
+        unknown = [e.dataset for e in self.demand.expectations if e.dataset not in self.evaluation.datasets]
+        if unknown:
+            raise ValueError(f"demand.expectations name data set(s) {unknown} that evaluation.datasets does not "
+                             f"define ({sorted(self.evaluation.datasets)})")
+        return self
+
+
+def module_importable(dotted: str) -> bool:
+    """Whether `python -m dotted` could start, without importing the module itself (its parents are imported)."""
+    try:
+        return importlib.util.find_spec(dotted) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+class ServiceOrientedEvaluator:
+    """The established evaluator: serve the checkpoint (vLLM-Ascend), health-check it, ask the precheck questions,
+    run AISBench per data set.
+
+    The serving and benchmark stack lives outside this package. `precheck` runs before the first quantization and
+    names what is missing; where everything is installed it still refuses, by name, because running AISBench and
+    reading its scores is not implemented in this version (nothing is quantized for an evaluation that cannot
+    finish)."""
+
+    def __init__(self, config: ServiceOrientedEvaluation, save_path: Path):
+        self.config, self.save_path = config, save_path
+
+    def missing(self) -> list[str]:
+        engine, bench = self.config.inference_engine, self.config.evaluation.aisbench
+        found = []
+        if not module_importable(engine.entrypoint):
+            found.append(f"the serving entrypoint {engine.entrypoint!r} is not importable in this Python "
+                         f"(install vLLM / vLLM-Ascend, or set inference_engine.entrypoint)")
+        if shutil.which(bench.binary) is None:
+            found.append(f"the benchmark binary {bench.binary!r} is not on PATH (install AISBench, or set "
+                         f"evaluation.aisbench.binary)")
+        return found
+
+    def precheck(self) -> None:
+        alternative = ("Nothing was quantized. Use evaluation type perplexity (built in, no server) or command "
+                       "(any script that prints a score, e.g. your AISBench wrapper)")
+        missing = self.missing()
+        if missing:
+            raise UnsupportedError("evaluation service_oriented cannot run here: " + "; ".join(missing) + ". " +
+                                   alternative)
+        raise UnsupportedError("evaluation service_oriented: serving the checkpoint and running AISBench is not "
+                               "implemented in this version (its configuration is parsed and checked). " + alternative)
+
+    def evaluate(self, quant_path: Path) -> TuneResult:  # never reached: precheck refuses
+        raise UnsupportedError("evaluation service_oriented is not implemented in this version")
+
+
+# ---- the plan's evaluation section ----------------------------------------------------------------------------
+EvaluationConfig = Annotated[Union[PerplexityEvaluation, CommandEvaluation, ServiceOrientedEvaluation],
+                             Field(discriminator="type")]
+EVALUATION_TYPES = ("perplexity", "command", "service_oriented")

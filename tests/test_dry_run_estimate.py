@@ -1,0 +1,95 @@
+"""`quant --dry_run` estimates of the real run (issue #23, item 5): peak RSS, output bytes (and whether the disk has
+room), wall time, from timing the first block. The disk estimate is checked against the real output; memory and
+time only for being present and sane (no timing assertions)."""
+import pytest
+
+from helpers import SCHEMES, run_quant, small_calib, write_config
+from msmodelslim.cli.__main__ import main
+from msmodelslim.core.errors import UnsupportedError
+
+BOTH = [{"type": "ascendv1_saver", "part_file_size": 4}, {"type": "compressed_tensors", "part_file_size": 4}]
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def quant_args(model, out, *extra):
+    return ["quant", "--model_path", str(model), "--save_path", str(out), "--device", "cpu", *extra]
+
+
+def output_bytes(path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("scheme, part_file_size", [("w8a8_dynamic", 4), ("w8a8_static", 0.0001), ("w4a16_g16", 0)])
+def test_disk_estimate_is_within_a_quarter_of_the_real_output(tiny_llama, tmp_path, scheme, part_file_size):
+    config = write_config(tmp_path / "c.yaml", SCHEMES[scheme], dataset=small_calib(tmp_path),
+                          part_file_size=part_file_size)
+    estimate = run_quant(tiny_llama, tmp_path / "dry", config, dry_run=True, estimate=True).estimate
+    assert not (tmp_path / "dry").exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    real = output_bytes(run_quant(tiny_llama, tmp_path / "out", config).save_path)
+    assert abs(estimate.total_output_bytes - real) <= 0.25 * real, (estimate.output_bytes, real)
+
+
+def test_both_formats_are_estimated_each(tiny_llama, tmp_path):
+    import yaml
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"apiversion": "modelslim_v1", "spec": {
+        "runner": "layer_wise", "dataset": small_calib(tmp_path), "save": BOTH,
+        "process": [{"type": "linear_quant", "qconfig": SCHEMES["w8a8_dynamic"], "exclude": ["lm_head"]}]}}))
+    estimate = run_quant(tiny_llama, tmp_path / "dry", config, dry_run=True, estimate=True).estimate
+    out = run_quant(tiny_llama, tmp_path / "out", config).save_path
+    for saver, folder in (("ascendv1_saver", "ascendv1"), ("compressed_tensors", "compressed_tensors")):
+        real = output_bytes(out / folder)
+        assert abs(estimate.output_bytes[saver] - real) <= 0.25 * real, (saver, estimate.output_bytes[saver], real)
+
+
+def test_the_estimate_fields_are_present_and_sane(tiny_llama, tmp_path):
+    config = write_config(tmp_path / "c.yaml", SCHEMES["w8a8_static"], dataset=small_calib(tmp_path))
+    estimate = run_quant(tiny_llama, tmp_path / "dry", config, dry_run=True, estimate=True).estimate
+    assert 50 * 2**20 < estimate.peak_rss_bytes < 64 * 2**30  # at least the interpreter with torch; far from absurd
+    assert estimate.seconds > 0 and set(estimate.seconds_by_phase) >= {"calibration forwards", "writing", "loading"}
+    assert all(s >= 0 for s in estimate.seconds_by_phase.values())
+    assert estimate.disk_has_room and estimate.free_bytes > 0
+    assert estimate.batches >= estimate.timed_batches >= 1 and estimate.blocks == 2
+    assert any("early stopping" in a for a in estimate.assumptions)
+
+
+def test_the_cli_prints_the_estimates_as_comments(tiny_llama, tmp_path, capsys):
+    config = write_config(tmp_path / "c.yaml", SCHEMES["w8a8_dynamic"], dataset=small_calib(tmp_path))
+    code, stdout, _ = run_cli(capsys, *quant_args(tiny_llama, tmp_path / "out", "--model_type", "Llama-2-7B",
+                                                  "--config_path", str(config), "--dry_run"))
+    assert code == 0 and "# ESTIMATES for the real run (not measurements" in stdout
+    for field in ("peak RAM (RSS)", "output on disk", "has room", "wall time", "assuming"):
+        assert field in stdout
+    assert not (tmp_path / "out").exists()
+    code, stdout, _ = run_cli(capsys, *quant_args(tiny_llama, tmp_path / "out", "--model_type", "Llama-2-7B",
+                                                  "--config_path", str(config), "--dry_run", "--no_estimate"))
+    assert code == 0 and "ESTIMATES" not in stdout
+
+
+def test_a_disk_without_room_is_said(tiny_llama, tmp_path):
+    config = write_config(tmp_path / "c.yaml", SCHEMES["w8a8_dynamic"], dataset=small_calib(tmp_path))
+    estimate = run_quant(tiny_llama, tmp_path / "dry", config, dry_run=True, estimate=True).estimate
+    assert estimate.disk_has_room and "has room" in "\n".join(estimate.lines())
+    estimate.free_bytes = estimate.total_output_bytes - 1  # the comparison the report makes
+    assert not estimate.disk_has_room and "does NOT have room" in "\n".join(estimate.lines())
+
+
+def test_a_refusal_still_comes_before_any_weight_is_read(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setattr("msmodelslim.model.checkpoint.SafetensorsCheckpoint.load",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("a weight was read")))
+    import yaml
+
+    config = tmp_path / "c.yaml"
+    pd_mix = {"act": {"dtype": "int8", "scope": "pd_mix", "symmetric": False, "method": "minmax"},
+              "weight": SCHEMES["w8a8_static"]["weight"]}
+    config.write_text(yaml.safe_dump({"apiversion": "modelslim_v1", "spec": {
+        "dataset": small_calib(tmp_path), "save": [{"type": "compressed_tensors"}],
+        "process": [{"type": "linear_quant", "qconfig": pd_mix, "exclude": ["lm_head"]}]}}))
+    with pytest.raises(UnsupportedError, match="compressed_tensors cannot hold"):
+        run_quant(tiny_llama, tmp_path / "dry", config, dry_run=True, estimate=True)
