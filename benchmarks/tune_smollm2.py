@@ -63,6 +63,8 @@ def main() -> None:
                         help="calibration-half windows of 512 tokens (0: all); tune holds out the last quarter")
     parser.add_argument("--max_windows", type=int, default=16, help="tune-evaluation windows (held out)")
     parser.add_argument("--timeout", default=None)
+    parser.add_argument("--strategy", choices=["binary_fallback", "standing_high"], default="binary_fallback",
+                        help="standing_high tries SmoothQuant (alpha 0.8), then iter_smooth, in front of the template")
     args = parser.parse_args()
     setup_logging()
     args.work_dir.mkdir(parents=True, exist_ok=True)
@@ -76,8 +78,13 @@ def main() -> None:
                                       "include": ["*"], "exclude": ["lm_head"]}],
                          "save": [{"type": "ascendv1_saver", "part_file_size": 0}],
                          "dataset": "calib_chunks.jsonl"}}
-    plan = {"strategy": {"type": "binary_fallback", "template": template, "rollback_path": "spec.process.0.exclude",
-                         "analysis_metric": args.metric},
+    if args.strategy == "binary_fallback":
+        strategy = {"type": "binary_fallback", "template": template, "rollback_path": "spec.process.0.exclude",
+                    "analysis_metric": args.metric}
+    else:
+        strategy = {"type": "standing_high", "template": template, "analysis_metric": args.metric,
+                    "anti_outlier_strategies": [[{"type": "smooth_quant", "alpha": 0.8}], [{"type": "iter_smooth"}]]}
+    plan = {"strategy": strategy,
             "evaluation": {"type": "perplexity", "demand": {"max_ratio": args.max_ratio}, "window": 512,
                            "max_windows": args.max_windows}}
     plan_file = args.work_dir / "plan.yaml"

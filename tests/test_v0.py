@@ -368,7 +368,8 @@ def test_v0_run_equals_its_v1_translation_and_the_hand_written_v1(tiny_llama, tm
     printed = captured.out
     translated = tmp_path / "translated.yaml"
     translated.write_text(printed)
-    plan = [line.removeprefix("# ") for line in printed.split("# plan:\n")[1].splitlines()]
+    plan_text = printed.split("# plan:\n")[1].split("# ESTIMATES for the real run")[0]  # the dry run's estimates follow
+    plan = [line.removeprefix("# ") for line in plan_text.splitlines()]
     assert "FLOAT          model.layers.1.mlp.down_proj" in plan and len(plan) == 15  # 2 layers x 7, lm_head
     assert "v0 anti_cfg.anti_method m4 -> iter_smooth (norm-linear, v-o and up-down subgraphs)" in captured.err
 
