@@ -104,6 +104,13 @@ def check_arguments(request: AnalyzeRequest) -> str:
         raise ConfigError("--pattern filters the linear scope; for 'analyze layer' use --quant_modules")
     if request.scope != "layer" and tuple(request.quant_modules) != ("*",):
         raise ConfigError("--quant_modules applies to 'analyze layer' only")
+    check_common_inputs(request)
+    return metric
+
+
+def check_common_inputs(request) -> None:
+    """What every analyze scope (and `analyze mixed`) checks before anything is read: the calibration file's
+    kind, one device, the model directory."""
     if not request.calib_dataset.endswith((".json", ".jsonl")):
         raise ConfigError(f"--calib_dataset {request.calib_dataset!r} must be a .json or .jsonl file (a name in "
                           f"lab_calib/ or a path)")
@@ -111,7 +118,6 @@ def check_arguments(request: AnalyzeRequest) -> str:
         raise ConfigError(f"--device {request.device}: analyze runs on one device (cpu, npu, npu:0, cuda:0)")
     if not request.model_path.is_dir():
         raise InvalidModelError(f"--model_path {request.model_path} is not a directory")
-    return metric
 
 
 def _check_output(output: Path) -> None:

@@ -32,11 +32,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from msmodelslim.core.config import RunnerType
-from msmodelslim.core.distributed import LOCAL
 from msmodelslim.core.logging import get_logger
 from msmodelslim.core.memory import bound_heap_growth, release_free_heap
 from msmodelslim.core.resume import INTERVAL_ENV, checkpoint_interval
-from msmodelslim.core.runner import _calibration_forward
+from msmodelslim.core.runner import process_block
 from msmodelslim.format.disk_space import receiving_directory
 from msmodelslim.format.hf_files import COPIED_SUFFIXES, quantized_and_float_modules
 from msmodelslim.format.shards import fsync_path
@@ -292,22 +291,8 @@ class _ForwardClock:
 
 
 def _run_processors(name: str, block: nn.Module, processors: list, requests: list) -> list:
-    """The runner's per-block schedule (core/runner.py run_blocks) on `requests`: every processor's hooks, its
-    calibration forward (or the ranges an earlier one left), its rewrite of the block."""
-    outputs, ranges = None, None
-    for i, processor in enumerate(processors):
-        if processor.needs_calibration and ranges is not None and processor.ranges_suffice(name, block, ranges):
-            processor.calibrate_from_ranges(name, block, ranges)
-        else:
-            processor.before_forward(name, block)
-            if processor.needs_calibration:
-                later = any(p.needs_calibration for p in processors[i + 1 :])
-                outputs, ranges = _calibration_forward(name, block, processor, requests, None, None, LOCAL,
-                                                       keep_ranges=later)
-        processor.after_forward(name, block)
-        if ranges is not None:
-            ranges = ranges.scaled(processor.input_scaling(name, block))
-    return outputs or []
+    """The runner's per-block schedule (core/runner.py process_block) on `requests`, without early stopping."""
+    return process_block(name, block, processors, requests) or []
 
 
 def _tensor_bytes(value, seen: set[int]) -> int:

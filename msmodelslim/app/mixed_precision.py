@@ -35,7 +35,7 @@ import yaml
 from torch import nn
 
 from msmodelslim.app.analysis_blocks import walk_blocks
-from msmodelslim.app.analyze import _check_output
+from msmodelslim.app.analyze import _check_output, check_common_inputs
 from msmodelslim.app.mixed_budget import (WEIGHT_METHODS, CandidateScheme, Choice, Solution, check_budget,
                                           parse_schemes, solve)
 from msmodelslim.core.config import load_config
@@ -124,13 +124,7 @@ def check_request(request: MixedRequest) -> list[CandidateScheme]:
         raise ConfigError(f"--bits must be a positive number of bits per weight, got {request.bits}")
     if request.weight_method not in WEIGHT_METHODS:
         raise ConfigError(f"--weight_method {request.weight_method!r}: use one of {', '.join(WEIGHT_METHODS)}")
-    if not request.calib_dataset.endswith((".json", ".jsonl")):
-        raise ConfigError(f"--calib_dataset {request.calib_dataset!r} must be a .json or .jsonl file (a name in "
-                          f"lab_calib/ or a path)")
-    if len(request.device.indices) > 1:
-        raise ConfigError(f"--device {request.device}: analyze runs on one device (cpu, npu, npu:0, cuda:0)")
-    if not request.model_path.is_dir():
-        raise InvalidModelError(f"--model_path {request.model_path} is not a directory")
+    check_common_inputs(request)
     return parse_schemes(request.schemes)
 
 

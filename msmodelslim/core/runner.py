@@ -156,6 +156,28 @@ def _calibration_forward(block_name: str, block: nn.Module, processor: Processor
     return outputs, ranges
 
 
+def process_block(name: str, block: nn.Module, processors: list[Processor], requests: list,
+                  spill: Optional[ActivationSpill] = None, early_stop: Optional[EarlyStop] = None,
+                  collective: Collective = LOCAL) -> Optional[list]:
+    """Every processor on one block, in config order: its hooks, its calibration forward over `requests` (or the
+    per-channel ranges an earlier forward left, when they suffice), its rewrite of the block. Returns the last
+    forward's outputs (None when no processor calibrates)."""
+    outputs, ranges = None, None  # ranges: the block's linear inputs as the processors so far left them
+    for i, processor in enumerate(processors):
+        if processor.needs_calibration and ranges is not None and processor.ranges_suffice(name, block, ranges):
+            processor.calibrate_from_ranges(name, block, ranges)
+        else:
+            processor.before_forward(name, block)
+            if processor.needs_calibration:
+                later = any(p.needs_calibration for p in processors[i + 1 :])
+                outputs, ranges = _calibration_forward(name, block, processor, requests, spill, early_stop,
+                                                       collective, keep_ranges=later)
+        processor.after_forward(name, block)
+        if ranges is not None:
+            ranges = ranges.scaled(processor.input_scaling(name, block))
+    return outputs
+
+
 def _fast_forward(forwards: list, requests: list, resume: ResumePoint, device: torch.device) -> list:
     """Each live batch's request for block `resume.next_block`: its generator stepped past the finished blocks
     with the hidden states the killed run saved (a step only swaps args[0]; no block is computed)."""
@@ -234,19 +256,7 @@ def run_blocks(
             if index + 1 < len(block_names):
                 adapter.prefetch_block(model, block_names[index + 1])
         block = model.get_submodule(name)
-        outputs, ranges = None, None  # ranges: the block's linear inputs as the processors so far left them
-        for i, processor in enumerate(processors):
-            if processor.needs_calibration and ranges is not None and processor.ranges_suffice(name, block, ranges):
-                processor.calibrate_from_ranges(name, block, ranges)
-            else:
-                processor.before_forward(name, block)
-                if processor.needs_calibration:
-                    later = any(p.needs_calibration for p in processors[i + 1 :])
-                    outputs, ranges = _calibration_forward(name, block, processor, requests, spill, early_stop,
-                                                           collective, keep_ranges=later)
-            processor.after_forward(name, block)
-            if ranges is not None:
-                ranges = ranges.scaled(processor.input_scaling(name, block))
+        outputs = process_block(name, block, processors, requests, spill, early_stop, collective)
         if outputs is not None and len(outputs) < len(requests):  # stopped early: later blocks get these batches
             for generator in forwards[len(outputs):]:
                 generator.close()
