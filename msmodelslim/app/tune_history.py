@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from msmodelslim.app.tune_evaluators import EvaluationConfig, TuneResult
 from msmodelslim.app.tune_strategies import StrategyConfig
-from msmodelslim.core.config import _load_yaml
+from msmodelslim.core.config import read_yaml_file
 from msmodelslim.core.errors import ConfigError
 from msmodelslim.core.logging import get_logger
 
@@ -55,21 +55,14 @@ def _error_lines(exc: ValidationError) -> str:
 def load_plan(path: Path) -> TunePlan:
     """The plan, validated in full (every strategy and evaluation field), before anything else is read.
     `strategy.template` may also be a path to a practice YAML (relative to the plan file)."""
-    if not path.is_file():
-        raise ConfigError(f"--config {path} does not exist or is not a file")
-    try:
-        data = _load_yaml(path.read_text(encoding="utf-8"), str(path))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--config {path}: malformed YAML: {exc}") from None
+    data = read_yaml_file(path, f"--config {path} does not exist or is not a file", f"--config {path}")
     if not isinstance(data, dict) or set(data) != {"strategy", "evaluation"}:
         raise ConfigError(f"--config {path}: a tuning plan is a mapping with exactly two keys, strategy and "
                           f"evaluation (see docs/tune.md); got {sorted(data) if isinstance(data, dict) else data!r}")
     strategy = data["strategy"]
     if isinstance(strategy, dict) and isinstance(strategy.get("template"), str):
-        template_path = path.parent / strategy["template"]
-        if not template_path.is_file():
-            raise ConfigError(f"--config {path}: strategy.template {strategy['template']!r} is not a file")
-        strategy["template"] = _load_yaml(template_path.read_text(encoding="utf-8"), str(template_path))
+        where = f"--config {path}: strategy.template {strategy['template']!r}"
+        strategy["template"] = read_yaml_file(path.parent / strategy["template"], f"{where} is not a file", where)
     try:
         return TunePlan.model_validate(data)
     except ValidationError as exc:

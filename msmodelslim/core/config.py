@@ -342,18 +342,24 @@ def _load_yaml(text: str, source: str) -> Any:
         loader.dispose()
 
 
+def read_yaml_file(path: Path, missing: str, where: str) -> Any:
+    """A YAML file read with the bounded loader; every way it can be unreadable is a ConfigError: `missing` when
+    it is not a file, `where: <what is wrong>` otherwise."""
+    if not path.is_file():
+        raise ConfigError(missing)
+    try:
+        return _load_yaml(path.read_text(encoding="utf-8"), str(path))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: malformed YAML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where}: not a UTF-8 text file") from None
+    except RecursionError:  # a backstop: the depth checks in _load_yaml come first
+        raise ConfigError(f"{where}: the document is nested more than {MAX_DEPTH} levels") from None
+
+
 def load_config(path: str | Path) -> PracticeConfig:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist or is not a file")
-    try:
-        data = _load_yaml(path.read_text(encoding="utf-8"), str(path))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: malformed YAML: {exc}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a UTF-8 text file") from None
-    except RecursionError:  # a backstop: the depth checks above come first
-        raise ConfigError(f"{path}: the document is nested more than {MAX_DEPTH} levels") from None
+    data = read_yaml_file(path, f"config file {str(path)!r} does not exist or is not a file", str(path))
     config = parse_config(data, str(path))
     config.source_dir = path.resolve().parent
     return config
