@@ -98,6 +98,7 @@ def main() -> None:
         child_dry_run(model, save, config, args.model_type, result)
         return
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="dry-run-estimates-"))
+    work.mkdir(parents=True, exist_ok=True)
     if args.synthetic:
         args.model_path, args.calib = synthetic_checkpoint(args.synthetic)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "PYTHONPATH": str(ROOT)}

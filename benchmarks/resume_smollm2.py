@@ -23,6 +23,7 @@ import json
 import os
 import random
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -66,13 +67,23 @@ class Run:
         env = {**os.environ, "PYTHONPATH": str(work / "code"), "MSMODELSLIM_LOG_LEVEL": "info"}
         self.log = open(work / f"{out.name}{'-resume' if resume else ''}.log", "w")
         self.started = time.perf_counter()
+        self.cpu_before = children_cpu_seconds()
         self.process = subprocess.Popen(argv + (["--resume"] if resume else []), stdout=self.log,
                                         stderr=subprocess.STDOUT, env=env, cwd=work / "code")
 
     def wait(self) -> tuple[int, float]:
         code = self.process.wait()
         self.log.close()
+        self.cpu_seconds = children_cpu_seconds() - self.cpu_before
         return code, time.perf_counter() - self.started
+
+
+def children_cpu_seconds() -> float:
+    """User + system CPU seconds of every child reaped so far. The runs are sequential (each is reaped before the
+    next starts), so the difference across one run is that run's CPU time: on a machine shared with other jobs it
+    varies far less than the wall time, which waits for the cores the other jobs hold."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def watch_checkpoints(out: Path, run: Run) -> dict[int, float]:
@@ -138,8 +149,9 @@ def main() -> None:
     reference = digest(fresh_out)
     fresh_quant_s = in_process_seconds(work / "fresh.log")
     total = json.loads((args.model / "config.json").read_text())["num_hidden_layers"]
-    print(f"fresh run: {fresh_s:.1f} s ({fresh_quant_s:.1f} s in quant), {total} blocks, first checkpoint at "
-          f"{checkpoints[min(checkpoints)]:.1f} s, last at {checkpoints[max(checkpoints)]:.1f} s")
+    fresh_cpu = fresh.cpu_seconds
+    print(f"fresh run: {fresh_s:.1f} s ({fresh_quant_s:.1f} s in quant, {fresh_cpu:.1f} CPU s), {total} blocks, first "
+          f"checkpoint at {checkpoints[min(checkpoints)]:.1f} s, last at {checkpoints[max(checkpoints)]:.1f} s")
 
     rng = random.Random(args.seed)
     ks = sorted(checkpoints)
@@ -171,23 +183,28 @@ def main() -> None:
         assert code == 0, log[-3000:]
         computed = re.search(r"resumed run: computed (\d+) of", log)
         identical = digest(out) == reference
-        rows.append((i, moment, phase, identical, (resume_s, in_process_seconds(work / f"{out.name}-resume.log")),
+        rows.append((i, moment, phase, identical, (resume_s, in_process_seconds(work / f"{out.name}-resume.log"),
+                                                   resumed.cpu_seconds),
                      block_seconds(checkpoints, blocks), int(computed.group(1)) if computed else total))
         print(rows[-1], flush=True)
         shutil.rmtree(out)
-    print(f"\nfresh: {fresh_s:.1f} s wall, {fresh_quant_s:.1f} s in quant. 'finished blocks' = the seconds the fresh "
-          f"run spent on the blocks the resume did not compute; saved = fresh - resumed")
+    print(f"\nfresh: {fresh_s:.1f} s wall, {fresh_quant_s:.1f} s in quant, {fresh_cpu:.1f} CPU s. 'finished blocks' = "
+          f"the seconds the fresh run spent on the blocks the resume did not compute; their CPU share = that time's "
+          f"fraction of the fresh wall time times the fresh run's CPU seconds; saved = fresh - resumed")
     print("\n| kill | at s | phase | bytes identical | blocks computed on resume | resume s wall (in quant) | "
-          "saved s wall (in quant) | finished blocks s | saved in quant >= finished blocks |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "saved s wall (in quant) | finished blocks s | saved in quant >= finished blocks | resume CPU s | "
+          "saved CPU s | finished blocks' CPU share | saved CPU >= share |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for i, moment, phase, identical, times, blocks_s, computed in rows:
         if identical is None:
-            print(f"| {i} | {moment:.1f} | {phase} | | | | | | |")
+            print(f"| {i} | {moment:.1f} | {phase} | | | | | | | | | | |")
             continue
-        (wall, inside), saved = times, fresh_quant_s - times[1]
+        (wall, inside, cpu), saved = times, fresh_quant_s - times[1]
+        cpu_share = fresh_cpu * blocks_s / fresh_s
         print(f"| {i} | {moment:.1f} | {phase} | {'yes' if identical else 'NO'} | {computed} of {total} | "
               f"{wall:.1f} ({inside:.1f}) | {fresh_s - wall:.1f} ({saved:.1f}) | {blocks_s:.1f} | "
-              f"{'yes' if saved >= blocks_s else 'no'} |")
+              f"{'yes' if saved >= blocks_s else 'no'} | {cpu:.1f} | {fresh_cpu - cpu:.1f} | {cpu_share:.1f} | "
+              f"{'yes' if fresh_cpu - cpu >= cpu_share else 'no'} |")
 
 
 if __name__ == "__main__":

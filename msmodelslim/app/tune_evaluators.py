@@ -7,10 +7,10 @@
   command           any program that prints a score (an lm-eval or AISBench wrapper, a script): `{model}` in
                     the command becomes the checkpoint's directory; the LAST number on stdout is the score,
                     judged as one entry of `demand.expectations`.
-  service_oriented  the established evaluator (serve with vLLM-Ascend, benchmark with AISBench): its fields are
-                    parsed and checked in full; its precheck names what is missing (the serving entrypoint,
-                    the AISBench binary) before any quantization. Serving and benchmarking are not
-                    implemented in this version, which the precheck says by name.
+  service_oriented  the established evaluator: serve the checkpoint with vLLM(-Ascend), ask the precheck
+                    questions, benchmark it with AISBench (app/tune_service.py). Its precheck, before any
+                    quantization, names what is missing: the serving entrypoint in this Python, the AISBench
+                    binary on PATH, a free port.
 
 An expectation passes when `target - accuracy <= tolerance`, computed in Decimal as the established tool does
 (so 0.1 + 0.2 vs 0.3 is not a float accident).
@@ -18,7 +18,6 @@ An expectation passes when `target - accuracy <= tolerance`, computed in Decimal
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import re
 import shlex
@@ -318,6 +317,10 @@ class InferenceEngine(BaseModel):
     args: dict[str, Any] = Field(default_factory=dict)
 
 
+NO_ACCURACY_MODES = ("infer", "perf", "perf_viz")  # AISBench modes that write no accuracy summary
+ENGINE_OWNED_FLAGS = ("model", "host", "port", "served-model-name")  # set from the checkpoint and the fields
+
+
 class ServiceOrientedEvaluation(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -333,52 +336,62 @@ class ServiceOrientedEvaluation(BaseModel):
         if unknown:
             raise ValueError(f"demand.expectations name data set(s) {unknown} that evaluation.datasets does not "
                              f"define ({sorted(self.evaluation.datasets)})")
+        engine, target = self.inference_engine, self.evaluation
+        for field in ("port", "served_model_name"):  # AISBench must benchmark the server tune starts
+            if field in target.model_fields_set and getattr(target, field) != getattr(engine, field):
+                raise ValueError(f"evaluation.{field} {getattr(target, field)!r} differs from inference_engine."
+                                 f"{field} {getattr(engine, field)!r}: AISBench would query another server; set "
+                                 f"inference_engine.{field} and leave evaluation.{field} out")
+        modes = {"evaluation.aisbench.mode": target.aisbench.mode,
+                 **{f"evaluation.datasets.{k}.mode": d.mode for k, d in target.datasets.items()}}
+        for where, mode in modes.items():
+            if mode in NO_ACCURACY_MODES:
+                raise ValueError(f"{where} {mode!r}: AISBench writes no accuracy in that mode; use all (or eval)")
+        owned = [k for k in engine.args if k.lstrip("-").replace("_", "-") in ENGINE_OWNED_FLAGS]
+        if owned:
+            raise ValueError(f"inference_engine.args {owned}: tune sets --model (the checkpoint), --host, --port "
+                             f"and --served-model-name itself; use inference_engine.host/port/served_model_name")
         return self
 
 
-def module_importable(dotted: str) -> bool:
-    """Whether `python -m dotted` could start, without importing the module itself (its parents are imported)."""
-    try:
-        return importlib.util.find_spec(dotted) is not None
-    except (ImportError, ValueError):
-        return False
-
-
 class ServiceOrientedEvaluator:
-    """The established evaluator: serve the checkpoint (vLLM-Ascend), health-check it, ask the precheck questions,
-    run AISBench per data set.
-
-    The serving and benchmark stack lives outside this package. `precheck` runs before the first quantization and
-    names what is missing; where everything is installed it still refuses, by name, because running AISBench and
-    reading its scores is not implemented in this version (nothing is quantized for an evaluation that cannot
-    finish)."""
+    """The established evaluator: serve the checkpoint, health-check it, ask the precheck questions, run AISBench
+    per data set (app/tune_service.py). `precheck` runs before the first quantization: nothing is quantized for
+    an evaluation that cannot run here."""
 
     def __init__(self, config: ServiceOrientedEvaluation, save_path: Path):
         self.config, self.save_path = config, save_path
+        self.iterations = 0
 
     def missing(self) -> list[str]:
+        """What this machine lacks for the evaluation, each with what to do."""
+        from msmodelslim.app.tune_service import entrypoint_problem, port_in_use  # it imports this module
+
         engine, bench = self.config.inference_engine, self.config.evaluation.aisbench
         found = []
-        if not module_importable(engine.entrypoint):
-            found.append(f"the serving entrypoint {engine.entrypoint!r} is not importable in this Python "
-                         f"(install vLLM / vLLM-Ascend, or set inference_engine.entrypoint)")
+        problem = entrypoint_problem(engine)
+        if problem:
+            found.append(problem)
         if shutil.which(bench.binary) is None:
-            found.append(f"the benchmark binary {bench.binary!r} is not on PATH (install AISBench, or set "
-                         f"evaluation.aisbench.binary)")
+            found.append(f"the benchmark binary {bench.binary!r} is not on PATH (install AISBench: `pip install "
+                         f"ais_bench_benchmark`, or set evaluation.aisbench.binary)")
+        if port_in_use(engine.host, engine.port):
+            found.append(f"port {engine.port} on {engine.host} is already in use (stop what listens there, or set "
+                         f"inference_engine.port)")
         return found
 
     def precheck(self) -> None:
-        alternative = ("Nothing was quantized. Use evaluation type perplexity (built in, no server) or command "
-                       "(any script that prints a score, e.g. your AISBench wrapper)")
         missing = self.missing()
         if missing:
-            raise UnsupportedError("evaluation service_oriented cannot run here: " + "; ".join(missing) + ". " +
-                                   alternative)
-        raise UnsupportedError("evaluation service_oriented: serving the checkpoint and running AISBench is not "
-                               "implemented in this version (its configuration is parsed and checked). " + alternative)
+            raise UnsupportedError("evaluation service_oriented cannot run here: " + "; ".join(missing) +
+                                   ". Nothing was quantized. Without a serving stack, use evaluation type perplexity "
+                                   "(built in) or command (any script that prints a score)")
 
-    def evaluate(self, quant_path: Path) -> TuneResult:  # never reached: precheck refuses
-        raise UnsupportedError("evaluation service_oriented is not implemented in this version")
+    def evaluate(self, quant_path: Path) -> TuneResult:
+        from msmodelslim.app.tune_service import evaluate_served
+
+        self.iterations += 1
+        return evaluate_served(self.config, self.save_path, quant_path, self.iterations)
 
 
 # ---- the plan's evaluation section ----------------------------------------------------------------------------
