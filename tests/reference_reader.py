@@ -5,9 +5,11 @@ result into the Hugging Face architecture with strict=True, and installs activat
 the serving kernels. MoE experts, saved one tensor set per expert (formats.md A.5), are stacked back into the
 fused `gate_up_proj` [E, 2I, H] / `down_proj` [E, H, I] parameters of the Hugging Face module; with dynamic
 activations that module's forward is replaced by one that quantizes each expert's inputs per token.
-Families whose published names are not transformers' (MiniMax-M2, Step-3.5-Flash) are renamed to transformers'
-modules first (PUBLISHED_TO_TRANSFORMERS); Kimi-K2's config.json is read as DeepSeek-V3's, Step-3.5's text model
-gets an lm_head here, and LongCat's weightless identity experts get zero gate/up rows (transformers keeps them).
+Families whose published names are not transformers' (MiniMax-M2, Step-3.5-Flash, Qwen2.5-VL) are renamed to
+transformers' modules first (PUBLISHED_TO_TRANSFORMERS); vision-language checkpoints (Qwen2.5-VL, Qwen3-VL,
+Qwen3-VL-MoE) are rebuilt in transformers' image-text-to-text class, so image+prompt inputs run through them;
+Kimi-K2's config.json is read as DeepSeek-V3's, Step-3.5's text model gets an lm_head here, and LongCat's
+weightless identity experts get zero gate/up rows (transformers keeps them).
 A type ending in `_SVD` / `_SVD_DYNAMIC` (SVDQuant, formats.md A.4.4) is the inner type's layer plus a float
 branch `(x @ svd_lowrank_l1.T) @ svd_lowrank_l2.T` that reads the unquantized input.
 """
@@ -355,6 +357,10 @@ PUBLISHED_TO_TRANSFORMERS = {
     # Step-3.5-Flash: a sparse layer's MoE is `moe`, its router bias `moe.router_bias`, shared expert `share_expert`
     "step3p5": [(r"\.moe\.router_bias$", ".mlp.gate.e_score_correction_bias"),
                 (r"\.moe\.share_expert\.", ".mlp.shared_experts."), (r"\.moe\.", ".mlp.")],
+    # Qwen2.5-VL as published: the language model at `model.*`, the vision tower at `visual.*` (transformers 5 builds
+    # `model.language_model.*` and `model.visual.*`, and renames them so on load); Qwen3-VL is published as built
+    "qwen2_5_vl": [(r"^visual\.", "model.visual."),
+                   (r"^model\.(?!visual\.|language_model\.)", "model.language_model.")],
     # DeepSeek-V4: DeepSeek's native names (the renames transformers' conversion_mapping applies on load)
     "deepseek_v4": [(r"^embed\b", "model.embed_tokens"), (r"^head\b", "lm_head"), (r"^norm\b", "model.norm"),
                     (r"^hc_head_(fn|base|scale)$", r"model.hc_head.hc_\1"), (r"^layers\.", "model.layers."),
@@ -428,6 +434,11 @@ def dynamic_experts_forward(module, quantize=_per_token_int8):
     return forward
 
 
+# Vision-language model types, rebuilt as transformers' image-text-to-text class (called with input_ids,
+# pixel_values and image_grid_thw; the tensors of a vision tower the description marks FLOAT load as they are).
+VISION_LANGUAGE = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+
+
 class _TextModelWithHead(torch.nn.Module):
     """A transformers text model plus lm_head, for a config transformers has no causal-LM class for."""
 
@@ -455,6 +466,10 @@ def _transformers_model(path: Path, model_type: str | None) -> torch.nn.Module:
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         return _TextModelWithHead(Step3p7TextModel(config), config).float().eval()
     config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    if model_type in VISION_LANGUAGE:  # the image-text class: vision tower, merger, language model and head
+        from transformers import AutoModelForImageTextToText
+
+        return AutoModelForImageTextToText.from_config(config, dtype=torch.float32).eval()
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
 
@@ -483,7 +498,8 @@ def load_reference_model(path: Path):
             continue
         if info["kind"] == "static":
             s, o = info["scale"], info["offset"]
-            quant = lambda x, s=s, o=o: (torch.clamp(torch.round(x / s + o), -128, 127) - o) * s
+            # formats.md A.4.1: the kernel multiplies by the reciprocal of s_in, then adds the offset, then rounds
+            quant = lambda x, s=s, o=o: (torch.clamp(torch.round(x * (1.0 / s) + o), -128, 127) - o) * s
         elif info["kind"] == "dynamic_mxfp4_dual":
             quant = lambda x, d=info["dual_block"]: _mxfp4_dual(x, d)
         else:

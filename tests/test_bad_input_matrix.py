@@ -161,8 +161,8 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], int, str]] = {
     "config_a_list": (lambda c: c.quant(config=c.config(text="- 1\n- 2\n")), 2, "top level must be a mapping"),
     "apiversion_missing": (lambda c: c.quant(config=c.config(text="spec: {}\n")), 2, "apiversion None is unknown"),
     "apiversion_unknown": (lambda c: c.quant(config=c.config(text="apiversion: v9\nspec: {}\n")), 2, "'v9' is unknown"),
-    "apiversion_vlm_not_yet": (lambda c: c.quant(config=c.config(
-        text="apiversion: multimodal_sd_modelslim_v1\nspec: {}\n")), 2, "not implemented yet"),
+    "apiversion_sd_on_a_language_model": (lambda c: c.quant(config=c.config(
+        text="apiversion: multimodal_sd_modelslim_v1\nspec: {}\n")), 2, "is not a diffusion model"),
     "spec_missing": (lambda c: c.quant(config=c.config(text="apiversion: modelslim_v1\n")), 2, "spec: required"),
     "spec_unknown_key": (lambda c: c.quant(config=c.config({"process": [GOOD_STEP], "procces": []})), 2,
                          "spec.procces: unknown key"),

@@ -64,7 +64,8 @@ UPSTREAM_DIFFUSION = {
     "qwen_image_edit": ["Qwen-Image-Edit-2509"],
 }
 VLM_MESSAGE = "vision-language models are not supported yet (issue: VLM pipeline)"
-DIFFUSION_MESSAGE = "diffusion models are not supported yet (issue: diffusion pipeline)"
+DIFFUSION_MESSAGE = ("this diffusion family is not supported yet (issue: diffusion pipeline; Wan2.1, Wan2.2-T2V-A14B "
+                     "and Wan2.2-TI2V-5B are)")
 
 
 def _names(families: dict[str, list[str]]) -> list[str]:
@@ -85,8 +86,13 @@ def test_every_upstream_text_name_is_registered_as_spelled_there():
     assert not wrong_key, f"registered under another adapter key than upstream's: {wrong_key}"
 
 
-@pytest.mark.parametrize("name,message", [(n, VLM_MESSAGE) for n in _names(UPSTREAM_VLM)]
-                         + [(n, DIFFUSION_MESSAGE) for n in _names(UPSTREAM_DIFFUSION)])
+def _still_planned(families: dict[str, list[str]]) -> dict[str, list[str]]:
+    """The upstream multimodal families not implemented yet (an implemented one leaves PLANNED_MODEL_FAMILIES)."""
+    return {key: names for key, names in families.items() if key in PLANNED_MODEL_FAMILIES}
+
+
+@pytest.mark.parametrize("name,message", [(n, VLM_MESSAGE) for n in _names(_still_planned(UPSTREAM_VLM))]
+                         + [(n, DIFFUSION_MESSAGE) for n in _names(_still_planned(UPSTREAM_DIFFUSION))])
 def test_vision_language_and_diffusion_names_are_refused_naming_what_is_missing(name, message):
     with pytest.raises(UnsupportedError) as info:
         registry.lookup(name)
@@ -99,7 +105,13 @@ def test_the_roadmap_table_holds_exactly_the_upstream_multimodal_names():
     planned = {key: (work, list(names)) for key, (work, names) in PLANNED_MODEL_FAMILIES.items()}
     upstream = {key: (work, names) for work, families in ((VLM, UPSTREAM_VLM), (DIFFUSION, UPSTREAM_DIFFUSION))
                 for key, names in families.items()}
-    assert planned == upstream
+    table = registry.registered_adapters()
+    implemented = {key for key, (_, names) in upstream.items() if key not in planned}
+    assert planned == {key: upstream[key] for key in upstream if key not in implemented}
+    # an implemented vision-language family is registered under upstream's key, every name as spelled there
+    wrong = [n for key in implemented if upstream[key][0] == VLM for n in upstream[key][1]
+             if n not in table or table[n].key != key]
+    assert not wrong, f"implemented multimodal names not registered under their upstream key: {wrong}"
 
 
 def test_a_multimodal_name_is_refused_before_the_checkpoint_is_looked_at(tmp_path, monkeypatch):
@@ -110,7 +122,7 @@ def test_a_multimodal_name_is_refused_before_the_checkpoint_is_looked_at(tmp_pat
     from msmodelslim.cli.__main__ import main
 
     code = main(["quant", "--model_path", str(tmp_path), "--save_path", str(tmp_path / "o"), "--device", "cpu",
-                 "--model_type", "Qwen3-VL-4B-Instruct", "--quant_type", "w8a8"])
+                 "--model_type", "GLM-4.6V", "--quant_type", "w8a8"])
     assert code == 2 and not (tmp_path / "o").exists()
 
 

@@ -18,6 +18,10 @@ FAMILY_OF_PEDIGREE = {"llama": "llama", "qwen2": "qwen2", "qwen2_5": "qwen2", "q
                      "glm4_moe_lite": "glm4_moe_lite", "glm_5": "glm_moe_dsa", "deepseek_v3_2": "deepseek_v32",
                      "kimi_k2": "kimi_k2", "minimax_m2": "minimax_m2", "qwen3_next": "qwen3_next",
                      "longcat_flash": "longcat_flash", "step_3_5_flash": "step3p5", "deepseek_v4": "deepseek_v4"}
+# Vision-language pedigrees: tiny checkpoints of tests/tiny_vlm.py, and the scheme their w8a8 practice gives the
+# first name of the pedigree (the established tool's recipes: static W8A8, or MXFP8 for Qwen2.5-VL)
+VLM_PEDIGREES = {"qwen2_5_vl": "W8A8_MXFP8", "qwen3_vl": "W8A8", "qwen3_vl_moe": "W8A8"}
+FAMILY_OF_PEDIGREE.update({p: f"vlm:{p}" for p in VLM_PEDIGREES})
 # Adapters that refuse every checkpoint by name have no practices (none today).
 REFUSED_PEDIGREES: set[str] = set()
 TABLE = practice_table({name: entry.pedigree for name, entry in registry.registered_adapters().items()})
@@ -42,8 +46,11 @@ class _LazyModels(dict):
 
     def __missing__(self, family: str):
         from tiny_models import make_tiny_model
+        from tiny_vlm import make_tiny_vlm
 
-        self[family] = make_tiny_model(self.factory.mktemp(family), family)
+        vlm = family.removeprefix("vlm:")
+        self[family] = (make_tiny_vlm(self.factory.mktemp(vlm), vlm) if vlm != family else
+                        make_tiny_model(self.factory.mktemp(family), family))
         return self[family]
 
 
@@ -61,6 +68,10 @@ def test_quant_type_alone_quantizes(family_models, tmp_path, model_type, quant_t
                                       device=DeviceSpec("cpu"), quant_type=quant_type))
     expected = {"w8a8": "W8A8_DYNAMIC", "w8a16": "W8A16", "w4a8": "W4A8_DYNAMIC", "w8a8s": "W8A8S",
                 "w16a16s": "W16A16S", "w8a8c8": "W8A8_DYNAMIC", "w4a8c8": "W4A8_DYNAMIC"}[quant_type]
+    if pedigree in VLM_PEDIGREES:  # --quant_type on a VLM resolves to its multimodal_vlm_modelslim_v1 practice
+        expected = VLM_PEDIGREES[pedigree]
+        saved = (tmp_path / "out" / f"{model_type}_best_practice.yaml").read_text()
+        assert "apiversion: multimodal_vlm_modelslim_v1" in saved
     assert expected in report.plan.values()
     # c8 exactly when the label says kv_cache (protocol.md 3.1): the int8 KV cache is written
     assert (report.description.get("kv_cache_type") == "C8") == quant_type.endswith("c8")

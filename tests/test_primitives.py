@@ -89,3 +89,23 @@ def test_per_token_dynamic_matches_slow_reference():
 def test_group_size_must_divide():
     with pytest.raises(ValueError, match="does not divide"):
         quantize_weight_minmax(torch.zeros(2, 576), 4, True, 128)
+
+
+def test_static_input_is_quantized_as_the_kernel_adds_the_offset_before_rounding():
+    """formats.md A.4.1: x_q = sat_int8(round(x * (1/s) + o)). With half-to-even rounding and an odd offset, a value
+    on an exact half step rounds differently from round(x/s) + o: the read-back must follow the kernel."""
+    from decimal import ROUND_HALF_EVEN, Decimal
+
+    from msmodelslim.quantizer.primitives import fake_quantize_input
+
+    scale, offset = torch.tensor([0.5]), torch.tensor([3.0])
+    x = torch.tensor([0.25, 0.75, -0.25, 1.25, 60.0, -70.0, 0.1, -0.3])  # x/s = 0.5, 1.5, -0.5, 2.5 (half steps)
+
+    def slow(value: float) -> float:
+        exact = Decimal(value) * (Decimal(1) / Decimal(0.5)) + Decimal(3)
+        q = max(-128, min(127, int(exact.quantize(Decimal(1), rounding=ROUND_HALF_EVEN))))
+        return (q - 3) * 0.5
+
+    assert fake_quantize_input(x, scale, offset, 8).tolist() == [slow(v) for v in x.tolist()]
+    # the other order of operations gives another answer on half steps (round(0.5) + 3 = 3, round(3.5) = 4)
+    assert fake_quantize(x[:1], scale, offset, 8).item() != fake_quantize_input(x[:1], scale, offset, 8).item()

@@ -35,7 +35,8 @@ def test_planned_features_are_named_not_implemented_yet(spec, needle):
 
 
 def test_planned_apiversions_name_their_work():
-    assert "belongs to the vision-language model work" in _refusal({}, "multimodal_vlm_modelslim_v1")
+    assert "belongs to the floating-point formats" in _refusal({}, "modelslim_convert")
+    assert parse_config({"apiversion": "multimodal_vlm_modelslim_v1", "spec": {}}).is_vlm  # implemented (issue #24)
 
 
 def test_ext_keys_a_method_does_not_read_are_ignored_with_a_warning(log_lines):

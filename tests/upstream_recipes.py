@@ -24,6 +24,9 @@ FLOAT_FORMATS = "floating-point formats"
 VLM = "vision-language"
 DIFFUSION = "diffusion"
 ROTATIONS = "adapt_rotation"
+# Runs on the diffusion service, on a tiny random diffusers pipeline of its family (not a language model checkpoint):
+# tests/test_diffusion_wan.py runs the row's YAML (msmodelslim/model/diffusion/).
+RUNS_DIFFUSION = "runs on a tiny WanPipeline (tests/test_diffusion_wan.py)"
 
 
 @dataclass(frozen=True)
@@ -100,9 +103,9 @@ ROWS: list[RecipeRow] = [
     _row("qwen2_5/qwen2.5-sparse.yaml|modelslim_v0|w8a8s|Qwen2.5-Coder-7B-Instruct|calib w4a8 lowbit+co_sparse||humaneval_x.jsonl"),
     _row("qwen2_5/qwen2.5-w8a8c8-pdmix.yaml|modelslim_v0|w8a8c8|Qwen2.5-72B-Instruct|anti=m6 → w8a8 pdmix + kv||qwen2.5_w8a8_pdmix_calib_prompt.jsonl"),
     _row("qwen2_5_omni_thinker/qwen2_5_omni_thinker_w8a8.yaml|mm_vlm|w8a8|Qwen2.5-Omni-7B|linear_quant|int8/per_token→int8/per_channel/minmax|calibVideos", VLM),
-    _row("qwen2_5_vl/qwen2.5-vl-7b-w8a8-mxfp.yaml|mm_vlm|w8a8|Qwen2.5-VL-7B-Instruct|linear_quant|mxfp8/per_block→mxfp8/per_block/minmax|calibImages", VLM),
-    _row("qwen2_5_vl/qwen2.5-vl-32b-w8a8-mxfp.yaml|mm_vlm|w8a8|Qwen2.5-VL-32B-Instruct|linear_quant|mxfp8/per_block→mxfp8/per_block/minmax|calibImages", VLM),
-    _row("qwen2_5_vl/qwen2.5-vl-72b-w8a8-mxfp.yaml|mm_vlm|w8a8|Qwen2.5-VL-72B-Instruct|linear_quant|mxfp8/per_block→mxfp8/per_block/minmax|calibImages", VLM),
+    _row("qwen2_5_vl/qwen2.5-vl-7b-w8a8-mxfp.yaml|mm_vlm|w8a8|Qwen2.5-VL-7B-Instruct|linear_quant|mxfp8/per_block→mxfp8/per_block/minmax|calibImages"),
+    _row("qwen2_5_vl/qwen2.5-vl-32b-w8a8-mxfp.yaml|mm_vlm|w8a8|Qwen2.5-VL-32B-Instruct|linear_quant|mxfp8/per_block→mxfp8/per_block/minmax|calibImages"),
+    _row("qwen2_5_vl/qwen2.5-vl-72b-w8a8-mxfp.yaml|mm_vlm|w8a8|Qwen2.5-VL-72B-Instruct|linear_quant|mxfp8/per_block→mxfp8/per_block/minmax|calibImages"),
     _row("qwen3/qwen3-14b-dense-w8a8.yaml|modelslim_v0|w8a8|Qwen3-14B|anti=m4 → w8a8 pdmix||mix_calib.jsonl"),
     _row("qwen3/qwen3-14b-w8a8s.yaml|modelslim_v0|w8a8s|Qwen3-14B|anti=m4 → w4a8 lowbit+co_sparse||calib_prompt.jsonl"),
     _row("qwen3/qwen3-32b-dense-w16a16s.yaml|modelslim_v1|w16a16s|Qwen3-32B|float_sparse||long_calib.jsonl"),
@@ -122,17 +125,17 @@ ROWS: list[RecipeRow] = [
     _row("qwen3_moe/qwen3-coder-480b-w4a8.yaml|modelslim_v1|w4a8|Qwen3-Coder-480B-A35B|quarot → flex_smooth_quant → group[linear_quant]|int8/per_tensor→int8/per_channel/minmax; int8/per_token→int4/per_channel/ssz|autocodebench.jsonl"),
     _row("qwen3_next/qwen3-next-80b-a3b-w8a8.yaml|modelslim_v1|w8a8|Qwen3-Next-80B-A3B-Instruct|flex_smooth_quant → group[linear_quant]|int8/per_token→int8/per_channel/minmax|(default)"),
     _row("qwen3_omni_moe/qwen3-omni-moe-w8a8.yaml|mm_vlm|w8a8|Qwen3-Omni-30B-A3B-Thinking|linear_quant|int8/per_token→int8/per_channel/minmax|calibVideos", VLM),
-    _row("qwen3_vl/qwen3_vl_4b_w8a8.yaml|mm_vlm|w8a8|Qwen3-VL-4B-Instruct|iter_smooth → linear_quant|int8/per_tensor→int8/per_channel/minmax|calibImages", VLM),
-    _row("qwen3_vl/qwen3_vl_embedding_w8a8.yaml|mm_vlm|w8a8|Qwen3-VL-Embedding-2B|iter_smooth → linear_quant|int8/per_token→int8/per_channel/minmax|calibImages", VLM),
-    _row("qwen3_vl/qwen3_vl_w8a8.yaml|mm_vlm|w8a8|Qwen3-VL-32B-Instruct|quarot → iter_smooth → linear_quant|int8/per_tensor→int8/per_channel/minmax|calibImages", VLM),
-    _row("qwen3_vl_moe/qwen3_vl_moe_w8a8.yaml|mm_vlm|w8a8|Qwen3-VL-235B-A22B|quarot → iter_smooth → linear_quant ×2|int8/per_tensor→int8/per_channel/minmax; int8/per_token→int8/per_channel/minmax|calibImages", VLM),
-    _row("qwen3_vl_moe/qwen3_vl_moe_w8a8_mxfp8.yaml|mm_vlm|w8a8|Qwen3-VL-30B-A3B|quarot → iter_smooth → linear_quant|mxfp8/per_block→mxfp8/per_block/minmax|calibImages", VLM),
+    _row("qwen3_vl/qwen3_vl_4b_w8a8.yaml|mm_vlm|w8a8|Qwen3-VL-4B-Instruct|iter_smooth → linear_quant|int8/per_tensor→int8/per_channel/minmax|calibImages"),
+    _row("qwen3_vl/qwen3_vl_embedding_w8a8.yaml|mm_vlm|w8a8|Qwen3-VL-Embedding-2B|iter_smooth → linear_quant|int8/per_token→int8/per_channel/minmax|calibImages"),
+    _row("qwen3_vl/qwen3_vl_w8a8.yaml|mm_vlm|w8a8|Qwen3-VL-32B-Instruct|quarot → iter_smooth → linear_quant|int8/per_tensor→int8/per_channel/minmax|calibImages"),
+    _row("qwen3_vl_moe/qwen3_vl_moe_w8a8.yaml|mm_vlm|w8a8|Qwen3-VL-235B-A22B|quarot → iter_smooth → linear_quant ×2|int8/per_tensor→int8/per_channel/minmax; int8/per_token→int8/per_channel/minmax|calibImages"),
+    _row("qwen3_vl_moe/qwen3_vl_moe_w8a8_mxfp8.yaml|mm_vlm|w8a8|Qwen3-VL-30B-A3B|quarot → iter_smooth → linear_quant|mxfp8/per_block→mxfp8/per_block/minmax|calibImages"),
     _row("qwen_image_edit/qwen-image-edit-w4a4f4-mxfp.yaml|mm_sd|w4a4f8|Qwen-Image-Edit-2509|linear_quant → online_quarot → fa3_quant|FA3:mxfp4/per_block; mxfp4/dual_scale→mxfp4/dual_scale/dualscale|(default)", DIFFUSION),
     _row("qwen_image_edit/qwen-image-edit-w8a8f8-mxfp.yaml|mm_sd|w8a8f8|Qwen-Image-Edit-2509|linear_quant → online_quarot → fa3_quant|FA3:fp8_e4m3/per_token; mxfp8/per_block→mxfp8/per_block/minmax|(default)", DIFFUSION),
     _row("qwq/qwq-32b-sparse.yaml|modelslim_v0|w8a8s|QwQ-32B|calib w4a8 lowbit+co_sparse||cn_en.jsonl"),
     _row("qwq/qwq-32b-w8a8.yaml|modelslim_v1|w8a8|QwQ-32B|quarot → iter_smooth → linear_quant|int8/per_tensor→int8/per_channel/minmax|autocodebench.jsonl"),
     _row("step_3_5_flash/step3_5_moe_w8a8.yaml|modelslim_v1|w8a8|Step-3.5-Flash|linear_quant|int8/per_token→int8/per_channel/minmax|data_list_1.jsonl"),
-    _row("wan2_1/wan2_1_w8a8_dynamic.yaml|mm_sd|w8a8|Wan2.1|linear_quant|int8/per_token→int8/per_channel/minmax|(default)", DIFFUSION),
+    _row("wan2_1/wan2_1_w8a8_dynamic.yaml|mm_sd|w8a8|Wan2.1|linear_quant|int8/per_token→int8/per_channel/minmax|(default)", RUNS_DIFFUSION),
     _row("wan2_2/wan2_2_w4a4f4_mxfp_t2v.yaml|mm_sd|w4a4f4|Wan2.2-T2V-A14B|linear_quant ×2 → online_quarot → fa3_quant ×2|FA3:fp8_e4m3/per_token; FA3:mxfp4/per_block; mxfp4/per_block→mxfp4/per_block/ceil_x; mxfp8/per_block→mxfp8/per_block/mse_round|wan2_2_t2v", DIFFUSION),
     _row("wan2_2/wan2_2_w4a4f8_mxfp_t2v.yaml|mm_sd|w4a4f8|Wan2.2-T2V-A14B|linear_quant ×2 → online_quarot → fa3_quant|FA3:fp8_e4m3/per_token; mxfp4/per_block→mxfp4/per_block/ceil_x; mxfp8/per_block→mxfp8/per_block/mse_round|wan2_2_t2v", DIFFUSION),
     _row("wan2_2/wan2_2_w8a8f8_mxfp_i2v.yaml|mm_sd|w8a8f8|Wan2.2-I2V-A14B|linear_quant → online_quarot → fa3_quant|FA3:fp8_e4m3/per_token; mxfp8/per_block→mxfp8/per_block/minmax|wan2_2_i2v", DIFFUSION),
@@ -310,16 +313,18 @@ def config_of(row: RecipeRow, moe: bool) -> dict:
 def markdown_table() -> str:
     """docs/recipes.md's table: every row and what this version does with it (regenerate with
     `python tests/upstream_recipes.py > docs/recipes.md` after changing a row's expectation)."""
-    runs = sum(r.expect == "runs" for r in ROWS)
+    runs = sum(r.expect in ("runs", RUNS_DIFFUSION) for r in ROWS)
     lines = ["# The established tool's 89 recipes, here", "",
              "Generated by `python tests/upstream_recipes.py > docs/recipes.md` from the rows that "
              "`tests/test_recipes.py` runs: each recipe (protocol.md §3.4) written as a config and run end to end on a "
              "tiny random checkpoint of its family (quant, `msmodelslim check`, our reader and the independent "
              "reference reader, plan = written description), or refused before any weight is read, naming what is "
-             "missing.", "", f"**{runs} of {len(ROWS)} run**; the others are refused by name.", "",
+             "missing. Vision-language rows (mm_vlm) run on a tiny checkpoint of their family (tests/tiny_vlm.py), "
+             "calibrated on the first calibImages entries and compared on image+prompt logits.", "",
+             f"**{runs} of {len(ROWS)} run**; the others are refused by name.", "",
              "| recipe | apiversion | pipeline | here |", "|---|---|---|---|"]
     for r in ROWS:
-        here = "runs" if r.expect == "runs" else f"refused: {r.expect}"
+        here = r.expect if r.expect in ("runs", RUNS_DIFFUSION) else f"refused: {r.expect}"
         lines.append(f"| {r.file} | {r.apiversion} | {r.pipeline} | {here} |")
     return "\n".join(lines) + "\n"
 

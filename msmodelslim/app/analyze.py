@@ -186,6 +186,15 @@ class _Plan:
     targets: dict[str, list[str]]  # block -> full names of the modules scored/quantized there
 
 
+def refuse_vision_language(adapter: object, command: str) -> None:
+    """Sensitivity analysis scores on texts; a vision-language adapter takes image samples (not supported yet)."""
+    if getattr(adapter, "is_vlm", False):
+        raise UnsupportedError(f"msmodelslim {command} works on text models; {type(adapter).__name__} is a "
+                               f"vision-language model, which {command} does not support yet (it calibrates on "
+                               f"texts). Quantize it with 'msmodelslim quant' and a multimodal_vlm_modelslim_v1 "
+                               f"config (docs/vlm.md)")
+
+
 def _prepare(request: AnalyzeRequest) -> _Plan:
     metric = check_arguments(request)
     entry = resolve(request.model_type, request.model_path)  # an unknown model type fails here
@@ -196,6 +205,7 @@ def _prepare(request: AnalyzeRequest) -> _Plan:
         steps, scheme = [FA3QuantConfig(type="fa3_quant")], "FA3 int8 Q/K/V, one static scale per head (minmax)"
     texts = load_texts(request.calib_dataset)  # a bad data set fails before the model is built
     adapter = create_adapter(request.model_type, str(request.model_path), request.trust_remote_code, entry)
+    refuse_vision_language(adapter, "analyze")
     skeleton = adapter.init_skeleton()  # module names only, nothing read
     block_names = adapter.block_names(skeleton)
     targets = _targets(request, skeleton, block_names)

@@ -321,6 +321,21 @@ def _check_seconds(directory: Path) -> float:
     return time.perf_counter() - clock
 
 
+def _touched_fraction(directory: Path) -> float:
+    """The share of a written block's bytes that the checklist's read-back brings into memory. The shards are
+    memory-mapped, and only the values it checks for NaN/Inf are touched: floating-point tensors and deq_scale's
+    int64-encoded floats; integer codes (most of a quantized block) are never paged in."""
+    touched = total = 0
+    for shard in sorted(directory.glob(".shard-*")):
+        with safe_open(shard, framework="pt") as f:
+            for key in f.keys():
+                tensor = f.get_tensor(key)
+                size = tensor.numel() * tensor.element_size()
+                total += size
+                touched += size if tensor.is_floating_point() or key.endswith(".deq_scale") else 0
+    return touched / total if total else 1.0
+
+
 def _checkpoint_seconds_per_byte(outputs: list, directory: Path) -> float:
     """What a block checkpoint (core/resume.py) costs per byte of hidden states: saved and fsynced."""
     tensors = {f"batch{i}": block_hidden_state(o).detach().contiguous() for i, o in enumerate(outputs)}
@@ -347,12 +362,19 @@ def estimate_run(job, request, startup_s: float, writer_factories: dict[str, Cal
     device = request.device.primary
     block_names = adapter.block_names(job.model)
     blocks = len(block_names)
+    # The measured block stands for the decoder layers; blocks before the first of them (a vision-language
+    # model's vision tower) are run once first, as the real run does, and count as they are.
+    structure = getattr(adapter, "structure", None)
+    decoder = [b for b in block_names if structure is None or structure.is_decoder_layer(b)] or block_names
+    leading = block_names[:block_names.index(decoder[0])]
     layer_wise = job.runner != RunnerType.model_wise
     assumptions = ["every calibration batch is forwarded in every block (early stopping, spec.calibration, can "
                    "only make the run shorter)",
                    "a processor's memory beyond the calibration activations does not grow with the number of samples",
-                   f"the other {blocks - 1} blocks cost what {block_names[0]} does, in proportion to their weights "
-                   f"(loading, writing) and to the calibration tokens (forwards)",
+                   f"the other {len(decoder) - 1} blocks cost what {decoder[0]} does, in proportion to their weights "
+                   f"(loading, writing) and to the calibration tokens (forwards)"
+                   + (f"; {', '.join(leading)} run once before it, on the same batches, and count as measured"
+                      if leading else ""),
                    "this machine as it is now: the same threads (OMP_NUM_THREADS), no other heavy process, the "
                    "input files as cached now"]
     if job.runner == RunnerType.dp_layer_wise:
@@ -370,15 +392,18 @@ def estimate_run(job, request, startup_s: float, writer_factories: dict[str, Cal
     # 1. what the real run does first: the outside weights, the processors' model-wide preparation, the batches
     load_peak_known = _reset_peak()  # reading the checkpoint briefly holds its stored copy and the widened one
     clock = time.perf_counter()
-    model = adapter.load_weights(job.model, device, load_layers=False)
+    # as the real run loads: layer_wise leaves an untied output head unread until it is written
+    model = adapter.load_weights(job.model, device, load_layers=False, defer_output_head=layer_wise)
     load_outside_s = time.perf_counter() - clock
+    deferred = [n for n, t in model.state_dict().items() if t.is_meta and not any(n.startswith(b + ".")
+                                                                                  for b in block_names)]
     bound_heap_growth()  # where the real run fixes the allocator (core/memory.py): the memory measured is that run's
     meta = adapter.init_skeleton()  # an untouched meta-device copy: every block's shapes
     needs_data = any(p.needs_calibration for p in processors)
     clock = time.perf_counter()
     for processor in processors:
         processor.prepare_model(model)
-    batches = adapter.handle_dataset(job.texts, device) if needs_data else []
+    batches = adapter.handle_dataset(job.calibration, device) if needs_data else []
     forwards, requests = [], []
     for batch in batches:
         forwards.append(adapter.generate_model_forward(model, batch))
@@ -392,11 +417,29 @@ def estimate_run(job, request, startup_s: float, writer_factories: dict[str, Cal
                 and hasattr(adapter, "release_outside") and adapter.release_outside(model, block_names))
     release_free_heap()
     rss_blocks = current_rss()
+    head_read_s = 0.0
+    if deferred and released:  # the real run reads the deferred head when it writes it: time that read
+        clock = time.perf_counter()
+        adapter.load_outside(model, deferred)
+        head_read_s = time.perf_counter() - clock
+        adapter.release_outside(model, block_names)
+        release_free_heap()
 
-    # 2. the first block, on the first batches: its memory beyond what is resident, its load and processing times
-    name = block_names[0]
+    # 2. the first decoder block, on the first batches: its memory beyond what is resident, its load and processing
+    # times (after the leading blocks, loaded, processed and released once on those batches)
+    name = decoder[0]
     timed = _timed_batches(batches) if batches else 0
     timed_tokens = sum(int(b["input_ids"].numel()) for b in batches[:timed])
+    clock = time.perf_counter()
+    for lead in leading:
+        adapter.load_block(model, lead, device)
+        lead_outputs = _run_processors(lead, model.get_submodule(lead), processors, requests[:timed])
+        requests[: len(lead_outputs)] = [f.send(o) for f, o in zip(forwards, lead_outputs)]
+        adapter.release_block(model, lead)
+    leading_s = (time.perf_counter() - clock) * (len(batches) / timed if timed else 1)  # forwards: every batch
+    if leading and timed:  # the decoder blocks' activations, from the batches advanced (scaled by tokens)
+        hidden_bytes = sum(_tensor_bytes(r.args[0], set()) for r in requests[:timed]) * total_tokens // max(
+            timed_tokens, 1)
     peak_known = _reset_peak()
     before = current_rss()
     clock = time.perf_counter()
@@ -432,6 +475,7 @@ def estimate_run(job, request, startup_s: float, writer_factories: dict[str, Cal
         writer.shards.sync()  # what each block checkpoint does to the shards written since the last one
         sync_s += time.perf_counter() - clock
         check_rate = _check_seconds(directory) / max(measured.total, 1)  # per output byte
+        block_touched = _touched_fraction(directory)
         blocks_out = sum(_block_output_bytes(b, meta, plan, measured, stored_bytes) for b in block_names)
         outside = (_outside_bytes(meta, block_names, adapter, tied_aliases[saver])
                    + _checkpoint_bytes(adapter, job.unread.passthrough_names))
@@ -441,31 +485,36 @@ def estimate_run(job, request, startup_s: float, writer_factories: dict[str, Cal
                                + _side_file_bytes(request.model_path))
         write_s += block_write_s / max(measured.total, 1) * output_bytes[saver]  # the outside tensors at that rate
         check_s += check_rate * output_bytes[saver]
-        # the checklist reads the written shards back through a memory map: ascendv1's keeps every tensor until it
-        # is done, compressed-tensors' one file at a time
-        data = blocks_out + outside
+        # the checklist reads the written shards back through a memory map, touching only what it checks (the
+        # non-block tables are all float): ascendv1's keeps every tensor until it is done, compressed-tensors' one
+        # file at a time
+        data = blocks_out * block_touched + outside
         held = data if tied_aliases[saver] else min(data, measured.shard_limit or data)
         finish_peak = max(finish_peak, held)
         shutil.rmtree(directory, ignore_errors=True)
     adapter.release_block(model, name)
-    if blocks > 1:  # the first load also pays one-time costs (opening the shards): a second block says what a load is
+    first = block_names.index(name)
+    # the first load also pays one-time costs (opening the shards): a second block says what a load is
+    if first + 1 < blocks:
         clock = time.perf_counter()
-        adapter.load_block(model, block_names[1], device)
-        load_block_s = min(load_block_s, (time.perf_counter() - clock) * block_input_bytes[0]
-                           / max(block_input_bytes[1], 1))
-        adapter.release_block(model, block_names[1])
+        adapter.load_block(model, block_names[first + 1], device)
+        load_block_s = min(load_block_s, (time.perf_counter() - clock) * block_input_bytes[first]
+                           / max(block_input_bytes[first + 1], 1))
+        adapter.release_block(model, block_names[first + 1])
 
     # 4. extrapolate
     # forwards per block, e.g. 2: smoothing's, then the static ranges'
     forwards_per_block = sum(t for _, t in forward_clock.calls) / max(timed_tokens, 1)
-    by_weights = sum(block_input_bytes) / max(block_input_bytes[0], 1)  # blocks' load/write cost relative to block 0
+    # the decoder blocks' load/write cost relative to the measured one
+    by_weights = sum(block_input_bytes[first:]) / max(block_input_bytes[first], 1)
     phases = {
         "start-up and planning": startup_s,
         # released outside tensors are read again to be written
-        "loading": load_outside_s * (2 if released else 1) + load_block_s * by_weights,
+        "loading": load_outside_s * (2 if released else 1) + head_read_s + load_block_s * by_weights,
         "embedding": embed_s,
-        "calibration forwards": forward_clock.seconds_per_token() * total_tokens * forwards_per_block * blocks,
-        "processing": max(process_s - forward_clock.seconds, 0.0) * by_weights,
+        "calibration forwards": (forward_clock.seconds_per_token() * total_tokens * forwards_per_block
+                                 * (blocks - len(leading))),
+        "processing": max(process_s - forward_clock.seconds, 0.0) * by_weights + leading_s,
         "writing": write_s + (sync_s + checkpoint_rate * hidden_bytes) * checkpoints,
         "checking": check_s,
     }

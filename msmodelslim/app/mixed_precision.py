@@ -35,7 +35,7 @@ import yaml
 from torch import nn
 
 from msmodelslim.app.analysis_blocks import walk_blocks
-from msmodelslim.app.analyze import _check_output, check_common_inputs
+from msmodelslim.app.analyze import _check_output, check_common_inputs, refuse_vision_language
 from msmodelslim.app.mixed_budget import (WEIGHT_METHODS, CandidateScheme, Choice, Solution, check_budget,
                                           parse_schemes, solve)
 from msmodelslim.core.config import load_config
@@ -236,6 +236,7 @@ def score_linears(request: MixedRequest) -> LinearScores:
     entry = resolve(request.model_type, request.model_path)
     texts = load_texts(request.calib_dataset)
     adapter = create_adapter(request.model_type, str(request.model_path), request.trust_remote_code, entry)
+    refuse_vision_language(adapter, "analyze mixed")
     skeleton = adapter.init_skeleton()  # module names and shapes only, nothing read
     block_names = adapter.block_names(skeleton)
     shapes = _linear_shapes(skeleton, block_names)

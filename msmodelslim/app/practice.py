@@ -162,8 +162,9 @@ def _ask(question: str) -> bool:
 def select_practice(
     model_type: str, pedigree: str, quant_type: str, allow_default: bool = False,
     is_interactive: Callable[[], bool] = lambda: sys.stdin.isatty(), ask: Callable[[str], bool] = _ask,
-    tags: tuple[str, ...] = (),
+    tags: tuple[str, ...] = (), vision_language: bool = False,
 ) -> Practice:
+    """`vision_language`: the model is a VLM (its adapter's is_vlm), which the generic text practices never serve."""
     label = parse_quant_type(quant_type)
     name = quant_type.strip().lower()
     # The default pedigree's practices are generic, never verified on the model at hand: always asked for.
@@ -172,6 +173,12 @@ def select_practice(
         log.info("best practice: %s (score %g; serves %s for %s)", chosen.path, chosen.metadata.score,
                  model_type, name)
         return chosen
+    if vision_language:
+        served = [q for q in KNOWN_QUANT_TYPES if find_practice(model_type, pedigree, parse_quant_type(q), tags)]
+        raise UnsupportedError(
+            f"--quant_type {name} has no practice for the vision-language model {model_type} (its practices: "
+            f"{', '.join(served) or 'none'}); the generic practices of lab_practice/default are for text models. "
+            f"Write a multimodal_vlm_modelslim_v1 config (docs/vlm.md) and pass --config_path")
     fallback = find_practice(model_type, DEFAULT_PEDIGREE, label)
     if fallback is None:
         reason = _MISSING.get(name, "KV-cache / attention quantization" if name[-2:] in ("c8", "f4", "f8") else "")
@@ -193,15 +200,21 @@ def select_practice(
 
 def practice_table(names: dict[str, str]) -> list[tuple[str, dict[str, str]]]:
     """[(model type, {quant_type: config_id | 'default (asks)'})] over `names` = {model type: pedigree}."""
+    from msmodelslim.model.registry import adapter_class  # the adapter's is_vlm: no generic practice serves a VLM
+
     rows = []
     for model_type, pedigree in names.items():
         cells = {}
+        try:
+            vision_language = bool(getattr(adapter_class(model_type), "is_vlm", False))
+        except MsModelSlimError:  # a name no adapter serves: only its practices' labels matter here
+            vision_language = False
         for quant_type in KNOWN_QUANT_TYPES:
             label = parse_quant_type(quant_type)
             own = find_practice(model_type, pedigree, label) if pedigree != DEFAULT_PEDIGREE else None
             if own is not None:
                 cells[quant_type] = own.metadata.config_id
-            elif find_practice(model_type, DEFAULT_PEDIGREE, label) is not None:
+            elif not vision_language and find_practice(model_type, DEFAULT_PEDIGREE, label) is not None:
                 cells[quant_type] = "default (asks)"
         rows.append((model_type, cells))
     return rows

@@ -37,6 +37,7 @@ from msmodelslim.core.passthrough import log_unread, refuse_inconsistent_passthr
 from msmodelslim.core.resume import (BlockCheckpoints, Fingerprint, ResumePoint, checkpoint_interval, describe,
                                      read_checkpoint)
 from msmodelslim.core.runner import RunStats, run_blocks
+from msmodelslim.core.vlm_dataset import MEDIA, CalibrationData, load_vlm_samples
 from msmodelslim.format.ascendv1.checker import check_ascendv1
 from msmodelslim.format.ascendv1.kv_cache import UNSUPPORTED_KV_CACHE as ASCENDV1_UNSUPPORTED_KV_CACHE
 from msmodelslim.format.ascendv1.writer import AscendV1Writer
@@ -49,7 +50,7 @@ from msmodelslim.format.fan_out import SUBFOLDERS, FanOutWriter
 from msmodelslim.format.staging import (DIR_MODE, RESUME_STATE, check_save_path, discard_resumable, resumable,
                                         staged_directory)
 from msmodelslim.model.passthrough import UnreadTensors
-from msmodelslim.model.registry import AdapterEntry, create_adapter, infer_model_type, resolve
+from msmodelslim.model.registry import AdapterEntry, adapter_class_of, create_adapter, infer_model_type, resolve
 from msmodelslim.processor.base import Processor, ProcessorContext, build_pipeline
 
 log = get_logger("app.quantize")
@@ -170,10 +171,16 @@ def load_practice(request: QuantizeRequest, entry: Optional[AdapterEntry] = None
     if request.pipeline is not None:
         return request.pipeline
     if request.config_path is not None:
-        return load_config(request.config_path)
-    pedigree = (entry or resolve(request.model_type, request.model_path)).pedigree
-    return select_practice(request.model_type, pedigree, request.quant_type, request.allow_default_practice,
-                           tags=request.tags).config
+        config = load_config(request.config_path)
+        if not isinstance(config, PracticeConfig):  # multimodal_sd_modelslim_v1: the diffusion service's
+            raise UnsupportedError(f"{request.config_path}: apiversion {config.apiversion} describes a diffusion "
+                                   f"pipeline; run it with `msmodelslim quant` or msmodelslim.app.diffusion."
+                                   f"quantize_diffusion(DiffusionQuantizeRequest(...)), not the text/VLM quantize()")
+        return config
+    entry = entry or resolve(request.model_type, request.model_path)
+    vision_language = bool(getattr(adapter_class_of(entry, request.model_type), "is_vlm", False))
+    return select_practice(request.model_type, entry.pedigree, request.quant_type, request.allow_default_practice,
+                           tags=request.tags, vision_language=vision_language).config
 
 
 @dataclass
@@ -184,7 +191,7 @@ class _Job:
     runner: RunnerType
     adapter: object
     processors: list[Processor]
-    texts: list[str]
+    calibration: CalibrationData  # texts, or a VLM run's image samples (what adapter.handle_dataset takes)
     model: nn.Module
     plan: dict[str, str]
     spill: Optional[ActivationSpill]  # None for a dry run
@@ -208,6 +215,31 @@ class _Written:
     warnings: list[str]
     stats: RunStats
     peak_rss_mib: float
+
+
+def load_calibration(config: PracticeConfig, adapter: object = None) -> CalibrationData:
+    """The config's calibration data: texts for a text model, image+prompt samples for a VLM config (every image
+    decoded here, so a broken one is named before any weight is read; audio or video that `adapter`'s calibration
+    does not take, or that this environment cannot decode, is refused here too)."""
+    if config.is_vlm:
+        model = getattr(adapter, "model_type", None) or "the model"
+        return load_vlm_samples(config.spec.dataset, config.spec.default_text, config.source_dir,
+                                accepts=getattr(adapter, "calibration_media", MEDIA), model=model)
+    return load_texts(config.spec.dataset, config.source_dir)
+
+
+def refuse_mismatched_modality(config: PracticeConfig, adapter: object, model_type: str) -> None:
+    """A VLM config needs a vision-language adapter (it feeds images), and a text config a text one (a VLM adapter
+    takes image samples, not texts): the mismatch is named before any weight is read."""
+    is_vlm_adapter = bool(getattr(adapter, "is_vlm", False))
+    if config.is_vlm and not is_vlm_adapter:
+        raise ConfigError(f"the config is apiversion multimodal_vlm_modelslim_v1 (image calibration) but "
+                          f"--model_type {model_type} is a text model ({type(adapter).__name__}); use a modelslim_v1 "
+                          f"config (or --quant_type) for it, or give the vision-language model's --model_type")
+    if is_vlm_adapter and not config.is_vlm:
+        raise ConfigError(f"--model_type {model_type} is a vision-language model ({type(adapter).__name__}) and "
+                          f"calibrates on images; its config must be apiversion multimodal_vlm_modelslim_v1 (this "
+                          f"one is {config.apiversion}): see docs/vlm.md, or use --quant_type")
 
 
 def _require_model_dir(model_path: Path) -> None:
@@ -250,20 +282,21 @@ def _prepare(request: QuantizeRequest, in_rank: bool = False) -> _Job:
     refuse_duplicate_savers(config)
     refuse_steps_the_format_lacks(config)
     adapter = create_adapter(request.model_type, str(request.model_path), request.trust_remote_code, entry)
+    refuse_mismatched_modality(config, adapter, request.model_type)
     context = ProcessorContext(type(adapter).__name__, adapter.structure, adapter.attention_shape(),
                                mla=adapter.mla_shape())
     processors = build_pipeline(config.spec.process, context)
     if runner == RunnerType.dp_layer_wise:
         refuse_undistributable(config, processors)
     needs_data = any(p.needs_calibration for p in processors)
-    texts = load_texts(config.spec.dataset, config.source_dir) if needs_data else []
+    calibration = load_calibration(config, adapter) if needs_data else []
     device = request.device.primary
     ranks = f" x {data_parallel_world(request.device)} ranks" if runner == RunnerType.dp_layer_wise else ""
     # Planned on the empty (meta-device) model: a rule or scheme problem fails before any weight is read.
     skeleton = adapter.init_skeleton()
     plan = plan_layers(config, processors, skeleton, adapter.block_names(skeleton))
     unread = adapter.unread_tensors(skeleton)  # names and headers only
-    fingerprint, resume_from = _resume_point(request, config, runner, texts, adapter.block_names(skeleton))
+    fingerprint, resume_from = _resume_point(request, config, runner, calibration, adapter.block_names(skeleton))
     refuse_inconsistent_passthrough(processors, unread, request.model_path)
     if not in_rank:  # never silently: the user sees what the output holds beyond the model, and what it omits
         log_unread(unread)
@@ -278,12 +311,12 @@ def _prepare(request: QuantizeRequest, in_rank: bool = False) -> _Job:
         model = adapter.load_weights(skeleton, device, load_layers=model_wise, defer_output_head=not model_wise)
     if not in_rank:
         log.info("runner %s on %s%s; %s", runner.value, request.device, ranks,
-                 f"{len(texts)} calibration samples" if needs_data else "no calibration data needed")
+                 f"{len(calibration)} calibration samples" if needs_data else "no calibration data needed")
         log.info("plan: %s", summarize_plan(plan))
         if len(config.spec.save) > 1:
             log.info("%d output formats from one calibration: %s", len(config.spec.save),
                      ", ".join(f"{save.type} in {request.save_path / SUBFOLDERS[save.type]}" for save in config.spec.save))
-    return _Job(config, runner, adapter, processors, texts, model, plan, spill, required, unread,
+    return _Job(config, runner, adapter, processors, calibration, model, plan, spill, required, unread,
                 adapter.checkpoint.names(), fingerprint, resume_from)
 
 
@@ -292,7 +325,7 @@ def _saved_practice(config: PracticeConfig) -> dict:
     return config.model_dump(mode="json", exclude_none=True, exclude={"source_dir"})
 
 
-def _resume_point(request: QuantizeRequest, config: PracticeConfig, runner: RunnerType, texts: list[str],
+def _resume_point(request: QuantizeRequest, config: PracticeConfig, runner: RunnerType, calibration: CalibrationData,
                   block_names: list[str]) -> tuple[Optional[Fingerprint], Optional[ResumePoint]]:
     """The fingerprint block checkpoints carry and, with --resume, the checked checkpoint to continue from. Before
     any weight is read: a checkpoint of another config, model, data set or code version is refused here."""
@@ -303,7 +336,7 @@ def _resume_point(request: QuantizeRequest, config: PracticeConfig, runner: Runn
                                    "activations). Run without --resume, or with spec.runner layer_wise")
         return None, None
     checkpoint_interval()  # a typo in MSMODELSLIM_CHECKPOINT_SECONDS fails here, before any weight is read
-    fingerprint = Fingerprint.of_run(_saved_practice(config), request.model_type, request.model_path, texts,
+    fingerprint = Fingerprint.of_run(_saved_practice(config), request.model_type, request.model_path, calibration,
                                      runner.value, str(request.device.primary))
     if not request.resume:
         return fingerprint, None
@@ -329,7 +362,8 @@ def output_directories(config: PracticeConfig, staging: Path) -> dict[str, Path]
 def _make_writer(job: _Job, save, directory: Path):
     adapter = job.adapter
     if save.type == "compressed_tensors":
-        return CompressedTensorsWriter(directory, save.part_file_size, adapter.global_dtype(), adapter.original_dtype)
+        return CompressedTensorsWriter(directory, save.part_file_size, adapter.global_dtype(), adapter.original_dtype,
+                                       config_name=getattr(adapter, "loader_module_name", None))
     return AscendV1Writer(
         directory,
         save.part_file_size,
@@ -408,7 +442,7 @@ def _execute(job: _Job, request: QuantizeRequest, collective: Collective, stagin
     device = collective.device if collective.distributed else request.device.primary
     if job.runner == RunnerType.model_wise and device.type != "cpu":
         job.model.to(device)
-    batches = job.adapter.handle_dataset(job.texts, device) if needs_data else []
+    batches = job.adapter.handle_dataset(job.calibration, device) if needs_data else []
     batches = contiguous_share(batches, collective.rank, collective.world)
     layer_wise = job.runner != RunnerType.model_wise
     writes = collective.rank == 0

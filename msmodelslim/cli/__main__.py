@@ -182,14 +182,23 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--overwrite", action="store_true", help="replace a non-empty --save_path once the output is complete")
     conv.add_argument("--trust_remote_code", type=str_to_bool, default=False, metavar="True|False")
 
-    ev = sub.add_parser("eval", help="perplexity of the float model vs an ascendv1 checkpoint")
+    ev = sub.add_parser("eval", help="float model vs an ascendv1 checkpoint: perplexity (text models); agreement on "
+                                     "held-out image+prompt pairs (vision-language models, docs/vlm.md)")
     _add_model_args(ev)
     ev.add_argument("--quant_path", required=True, type=Path, help="ascendv1 checkpoint written by 'quant'")
-    ev.add_argument("--dataset", required=True,
-                    help="text file (.txt/.jsonl/.json) or a built-in name: " + ", ".join(_builtin_eval_sets()))
+    ev.add_argument("--dataset", default=None,
+                    help="text model (required): text file (.txt/.jsonl/.json) or a built-in name: "
+                         + ", ".join(_builtin_eval_sets()) + ". Vision-language model: an image dataset (index.jsonl, "
+                         "or a directory of images with at most one .json/.jsonl of {image, text}) or a built-in set "
+                         "of lab_eval/ (default evalImages, never the calibration images)")
     ev.add_argument("--device", default="cpu")
-    ev.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
-    ev.add_argument("--max_windows", type=int, default=40, help="number of windows (default 40)")
+    ev.add_argument("--window", type=int, default=512, help="text: tokens per window (default 512)")
+    ev.add_argument("--max_windows", type=int, default=40, help="text: number of windows (default 40)")
+    ev.add_argument("--max_samples", type=int, default=8, help="VLM: image+prompt pairs evaluated (default 8)")
+    ev.add_argument("--max_new_tokens", type=int, default=32,
+                    help="VLM: length of the float model's greedy answer per sample (default 32)")
+    ev.add_argument("--default_text", default="Describe this image in detail.",
+                    help="VLM: prompt of the images that come without one")
 
     demo = sub.add_parser("demo", help="quantize and evaluate SmolLM2-135M-Instruct end to end (needs the [demo] extra)")
     demo.add_argument("--work_dir", type=Path, default=None, help="where the demo writes (default ~/.cache/msmodelslim/demo)")
@@ -197,10 +206,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _eval_vlm(args: argparse.Namespace) -> int:
+    from msmodelslim.app.evaluate_vlm import check_generation, evaluate_vlm
+    from msmodelslim.app.quantize import peak_rss_mib
+    from msmodelslim.core.device import parse_device
+
+    check_generation(args.max_samples, args.max_new_tokens)  # arguments first; evaluate_vlm checks paths and data
+    report = evaluate_vlm(args.model_path, args.quant_path, args.dataset, parse_device(args.device).primary,
+                          args.max_samples, args.max_new_tokens, args.trust_remote_code, args.default_text)
+    print(report.table())
+    print(f"peak RSS {peak_rss_mib():.0f} MiB")
+    return 0
+
+
 def _run(args: argparse.Namespace, started_at: float) -> int:
     from msmodelslim.core.device import parse_device
 
     if args.command == "quant":
+        from msmodelslim.app.diffusion import diffusion_model_type, run_diffusion_quant_cli
+
+        sd_model_type = diffusion_model_type(args.model_type, args.model_path, args.config_path)
+        if sd_model_type is not None:  # a diffusion pipeline: its own service (app/diffusion.py)
+            return run_diffusion_quant_cli(args, sd_model_type)
         from msmodelslim.app.quantize import QuantizeRequest, quantize
 
         report = quantize(QuantizeRequest(
@@ -308,6 +335,17 @@ def _run(args: argparse.Namespace, started_at: float) -> int:
         print(f"wrote {args.save_path} (compressed-tensors)")
         return 0
     if args.command == "eval":
+        from msmodelslim.app.evaluate_vlm import is_vlm_checkpoint
+
+        if is_vlm_checkpoint(args.model_path):  # image+prompt agreement (app/evaluate_vlm.py)
+            return _eval_vlm(args)
+        if args.dataset is None:
+            raise ConfigError("eval: --dataset is required for a text model (a text file, or a built-in name: "
+                              + ", ".join(_builtin_eval_sets()) + ")")
+        if (args.quant_path / "model_index.json").is_file():  # a quantized diffusion pipeline (app/diffusion_eval.py)
+            from msmodelslim.app.diffusion_eval import run_diffusion_eval_cli
+
+            return run_diffusion_eval_cli(args)
         from msmodelslim.app.evaluate import check_window, evaluate
 
         check_window(args.window, args.max_windows)  # arguments first; evaluate checks paths and data before loading

@@ -7,6 +7,10 @@
       save: [{type: ascendv1_saver, part_file_size: 4}]
       dataset: mix_calib.jsonl
 
+`apiversion: multimodal_vlm_modelslim_v1` (vision-language models) is the same protocol with image calibration
+data: `spec.dataset` names images (core/vlm_dataset.py; default the built-in `calibImages`), `spec.default_text` is
+the prompt of images that come without one, and the runner is always layer_wise.
+
 Every error names the offending field by its path, e.g.
 `spec.process[1].qconfig.act.scope: 'per_tokn' is not one of per_tensor, per_token, per_channel, per_group`.
 """
@@ -18,15 +22,24 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from msmodelslim.core.calibration import EarlyStop
 from msmodelslim.core.errors import ConfigError, MsModelSlimError
+from msmodelslim.core.logging import get_logger
 from msmodelslim.core.roadmap import not_yet
 from msmodelslim.core.v0 import Translation, translate_document
 from msmodelslim.processor.registry import PROCESSORS, ProcessorConfig
 
-SUPPORTED_APIVERSIONS = ("modelslim_v1", "modelslim_v0")  # v0 files are translated (core/v0.py)
+VLM_APIVERSION = "multimodal_vlm_modelslim_v1"
+SUPPORTED_APIVERSIONS = ("modelslim_v1", "modelslim_v0", VLM_APIVERSION)  # v0 files are translated (core/v0.py)
+# The established tool's defaults for VLM configs (its one-command guide, multimodal_vlm_modelslim_v1 section).
+DEFAULT_VLM_TEXT = "Describe this image in detail."
+# Its field default is the text set mix_calib.jsonl, which no image dataset form can read; every VLM practice there
+# names calibImages, so that is the default here (a config without a dataset calibrates on images, not fails).
+DEFAULT_VLM_DATASET = "calibImages"
+
+log = get_logger("config")
 
 # Bounds on what a config document may be. Real configs have a few hundred nodes and ~10 levels; the bounds stop
 # alias bombs ("billion laughs") and deep nesting before they cost memory, time or a RecursionError.
@@ -136,6 +149,33 @@ class Spec(BaseModel):
         return self
 
 
+class VlmSpec(Spec):
+    """`multimodal_vlm_modelslim_v1`'s spec: modelslim_v1's processors and savers, image calibration data, and the
+    prompt that images without their own are calibrated with."""
+
+    # Only layer_wise: the vision tower is one block (read whole), the text decoder loaded one layer at a time.
+    runner: RunnerType = RunnerType.layer_wise
+    dataset: str = Field(DEFAULT_VLM_DATASET, max_length=4096)
+    default_text: str = Field(DEFAULT_VLM_TEXT, max_length=4096)
+
+    @field_validator("runner")
+    @classmethod
+    def _always_layer_wise(cls, runner: RunnerType) -> RunnerType:
+        # as the established tool does: warned and replaced, not refused (its practices may name another runner)
+        if runner != RunnerType.layer_wise:
+            log.warning("spec.runner %s: a multimodal_vlm_modelslim_v1 run is always layer_wise (the vision tower "
+                        "as one block, the text decoder one layer at a time); running layer_wise", runner.value)
+        return RunnerType.layer_wise
+
+    @field_validator("default_text")
+    @classmethod
+    def _a_real_prompt(cls, text: str) -> str:
+        if not text.strip():
+            raise ValueError("must be a non-empty prompt (it is the text of every image given without one); "
+                             f"leave it out for {DEFAULT_VLM_TEXT!r}")
+        return text
+
+
 class PracticeConfig(BaseModel):
     # Extra top-level keys are allowed: that is where YAML anchor blocks live.
     model_config = ConfigDict(extra="allow")
@@ -150,6 +190,18 @@ class PracticeConfig(BaseModel):
     @property
     def translation(self) -> Optional[Translation]:
         return self._translation
+
+    @property
+    def is_vlm(self) -> bool:
+        """A vision-language run: image calibration samples (core/vlm_dataset.py) instead of texts."""
+        return self.apiversion == VLM_APIVERSION
+
+
+class VlmPracticeConfig(PracticeConfig):
+    """`apiversion: multimodal_vlm_modelslim_v1`."""
+
+    apiversion: Literal["multimodal_vlm_modelslim_v1"]
+    spec: VlmSpec
 
 
 def _format_loc(loc: tuple) -> str:
@@ -178,6 +230,12 @@ def _format_error(err: dict) -> str:
     if kind == "literal_error":
         return f"{where}: {value!r} is not allowed; expected {err['ctx']['expected']}"
     if kind == "extra_forbidden":
+        planned = not_yet("spec field", err["loc"][-1]) if len(err["loc"]) == 2 else None
+        if planned:
+            return f"{where}: {planned}"
+        if tuple(err["loc"]) == ("spec", "default_text"):
+            return (f"{where}: a field of apiversion {VLM_APIVERSION} (vision-language models, image calibration); "
+                    f"this config is modelslim_v1")
         return f"{where}: unknown key (check the spelling; see docs for the allowed fields)"
     if kind == "missing":
         return f"{where}: required field is missing"
@@ -221,6 +279,9 @@ def parse_config(data: Any, source: str = "<config>") -> PracticeConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping with 'apiversion' and 'spec'")
     api = data.get("apiversion")
+    if api == "multimodal_sd_modelslim_v1":  # diffusion transformers: their own spec (core/sd_config.py)
+        from msmodelslim.core.sd_config import parse_sd_config
+        return parse_sd_config(data, source)
     if api not in SUPPORTED_APIVERSIONS:
         planned = not_yet("apiversion", api)
         if planned:
@@ -235,7 +296,7 @@ def parse_config(data: Any, source: str = "<config>") -> PracticeConfig:
             raise type(exc)(f"{source}: {exc}") from None
         data = translation.document
     try:
-        config = PracticeConfig.model_validate(data)
+        config = (VlmPracticeConfig if api == VLM_APIVERSION else PracticeConfig).model_validate(data)
     except ValidationError as exc:
         lines = "\n  ".join(_format_error(e) for e in exc.errors())
         what = " (in its modelslim_v1 translation)" if translation else ""

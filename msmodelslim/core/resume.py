@@ -15,9 +15,9 @@ writer (cutting off what the killed run appended after the checkpoint) and goes 
 an uninterrupted run and no finished block is computed or written again.
 
 The fingerprint covers what decides the bytes: the normalized config and the model type, the model files (content of the small ones:
-config, tokenizer, index; name, size and mtime of the weights), the calibration texts, msmodelslim's source files,
-and the runtime (torch/transformers versions, runner, device). A checkpoint whose fingerprint differs is refused,
-naming the parts that differ.
+config, tokenizer, index; name, size and mtime of the weights), the calibration data (the texts; a VLM run's prompts
+and the content of its image files), msmodelslim's source files, and the runtime (torch/transformers versions,
+runner, device). A checkpoint whose fingerprint differs is refused, naming the parts that differ.
 """
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from msmodelslim.core.errors import ConfigError
 from msmodelslim.core.logging import get_logger
+from msmodelslim.core.vlm_dataset import CalibrationData, calibration_digest
 from msmodelslim.format.shards import fsync_path
 from msmodelslim.format.staging import RESUME_STATE
 
@@ -89,12 +90,12 @@ class Fingerprint:
     runtime: str
 
     @classmethod
-    def of_run(cls, config: dict, model_type: str, model_path: Path, texts: list[str], runner: str,
+    def of_run(cls, config: dict, model_type: str, model_path: Path, calibration: CalibrationData, runner: str,
                device: str) -> "Fingerprint":
         """`config`: the practice as the saved `*_best_practice.yaml` holds it (normalized by pydantic)."""
         chosen = {"practice": config, "model_type": model_type}
         return cls(_sha256(json.dumps(chosen, sort_keys=True).encode()), _model_files(model_path),
-                   _sha256(json.dumps(texts).encode()), _code_hash(), _runtime(runner, device))
+                   calibration_digest(calibration), _code_hash(), _runtime(runner, device))
 
     def to_json(self) -> dict:
         return {"config": self.config, "model_files": self.model_files, "data": self.data, "code": self.code,

@@ -20,6 +20,9 @@ rounding. A forward whose statistics are running extremes may stop early once th
 (`spec.calibration`); the next blocks then get the batches it forwarded. Pipelines that need no data run no
 forward.
 
+Blocks before the first decoder layer (a vision-language model's vision tower, model/vlm.py) are processed like
+the others; they forward every batch (no early stop), and spilling is decided on the first decoder layer's inputs.
+
 Resume (core/resume.py): given `checkpoints`, the state after each finished block is recorded; given `resume`, the
 run skips the blocks a killed run finished, feeding the next block the hidden states that run saved.
 """
@@ -229,11 +232,10 @@ def run_blocks(
             requests.append(next(generator))
         if resume is not None:
             requests = _fast_forward(forwards, requests, resume, device)
-        if spill is not None and spill.engage(r.args[0] for r in requests if r is not None):
-            for request in requests:
-                spill.move_to_disk(request.args[0])
-        else:
-            spill = None
+    # Spilling is decided on the first decoder layer's inputs: blocks before it (a vision-language model's vision
+    # tower) take other inputs (pixel values), and their outputs are not hidden states.
+    pending_spill, spill = (spill if needs_data else None), None
+    structure = getattr(adapter, "structure", None)
     # The blocks need the embeddings and the head no more (the batches are embedded): on large vocabularies their
     # float32 tables would double what one block needs, so they go until they are written, unless a processor
     # changed them (rotations), since then the checkpoint no longer holds them.
@@ -256,7 +258,16 @@ def run_blocks(
             if index + 1 < len(block_names):
                 adapter.prefetch_block(model, block_names[index + 1])
         block = model.get_submodule(name)
-        outputs = process_block(name, block, processors, requests, spill, early_stop, collective)
+        if pending_spill is not None and (structure is None or structure.is_decoder_layer(name)):
+            if pending_spill.engage(r.args[0] for r in requests if r is not None):
+                spill = pending_spill
+                for request in requests:
+                    spill.move_to_disk(request.args[0])
+            pending_spill = None
+        leading = structure is not None and not structure.is_decoder_layer(name)
+        # a leading block (vision tower) forwards every batch: stopping early there would drop images for every
+        # text layer after it
+        outputs = process_block(name, block, processors, requests, spill, None if leading else early_stop, collective)
         if outputs is not None and len(outputs) < len(requests):  # stopped early: later blocks get these batches
             for generator in forwards[len(outputs):]:
                 generator.close()

@@ -28,7 +28,7 @@ from msmodelslim.ir.lowrank import LOWRANK_L1, LOWRANK_L2, check_lowrank_pair, l
 from msmodelslim.quantizer.dualscale import dequantize_dualscale, fake_quantize_act_dualscale
 from msmodelslim.quantizer.nvfp4 import NVFP4_BLOCK, dequantize_nvfp4, fake_quantize_act_nvfp4
 from msmodelslim.quantizer.float_formats import MX_BLOCK, code_values, fp8_fake_quantize_per_token, mx_fake_quantize
-from msmodelslim.quantizer.primitives import dequantize_weight, fake_quantize, quantize_per_token_dynamic
+from msmodelslim.quantizer.primitives import dequantize_weight, fake_quantize_input, quantize_per_token_dynamic
 from msmodelslim.quantizer.scheme import Scheme
 
 WEIGHT_BITS = {Scheme.W8A8: 8, Scheme.W8A8_DYNAMIC: 8, Scheme.W8A16: 8, Scheme.W4A16: 4, Scheme.W4A8_DYNAMIC: 4,
@@ -144,7 +144,7 @@ class QuantLinear(nn.Module):
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.scheme in (Scheme.W8A8, Scheme.W8A8S) or (self.scheme == Scheme.W8A8_MIX and self.decode_path):
-            return fake_quantize(x, self.input_scale, self.input_offset, 8)
+            return fake_quantize_input(x, self.input_scale, self.input_offset, 8)
         if self.scheme == Scheme.W8A8_MIX:
             return quantize_per_token_dynamic(x, 8)
         if self.scheme in (Scheme.W8A8_DYNAMIC, Scheme.W4A8_DYNAMIC):

@@ -162,6 +162,11 @@ class ModelStructure:
     # Where K/V are written into the KV cache (C8, kv_smooth); None = not supported (refused by name).
     kv_cache: KvCacheStructure | None = None
 
+    def is_decoder_layer(self, block_name: str) -> bool:
+        """Smoothing subgraphs, rotations and the KV cache describe decoder layers; another block (a
+        vision-language model's vision tower, processed first) has none of them, only linears to quantize."""
+        return block_name.startswith(self.decoder_layers + ".")
+
 
 class ModelSlimPipelineInterfaceV1(ABC):
     @abstractmethod

@@ -96,6 +96,10 @@ class RotationStructure:
     # (DeepSeek-V4's grouped wo_a reads n_heads·head_dim/o_groups attention channels, 4096 in V4-Flash), so the
     # check for forgotten readers passes over them.
     not_readers: tuple[str, ...] = ()
+    # Linears outside the blocks whose outputs are added into the residual stream (full module names, `*` for any
+    # index): a vision-language model's merger, whose image embeddings are scattered among the token embeddings
+    # (and DeepStack mergers, added after the first layers). Their output rows rotate (Qᵀ·W, b·Q) like a writer's.
+    outside_writers: tuple[str, ...] = ()
 
     @property
     def readers(self) -> tuple[str, ...]:

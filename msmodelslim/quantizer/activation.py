@@ -7,7 +7,7 @@ import torch
 
 from msmodelslim.quantizer.dualscale import fake_quantize_act_dualscale
 from msmodelslim.quantizer.float_formats import fp8_fake_quantize_per_token, mx_fake_quantize
-from msmodelslim.quantizer.primitives import fake_quantize, quantize_per_token_dynamic, scale_offset_from_minmax
+from msmodelslim.quantizer.primitives import fake_quantize_input, quantize_per_token_dynamic, scale_offset_from_minmax
 from msmodelslim.quantizer.scheme import QConfig, QDType, QScope
 
 
@@ -30,4 +30,4 @@ def fake_quantize_act(x: torch.Tensor, spec: QConfig,
         return quantize_per_token_dynamic(x, bits)
     if static_qparams is None:
         static_qparams = scale_offset_from_minmax(x.amin(), x.amax(), bits, spec.symmetric)
-    return fake_quantize(x, *static_qparams, bits)
+    return fake_quantize_input(x, *static_qparams, bits)

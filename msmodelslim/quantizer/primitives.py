@@ -43,6 +43,15 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> to
     return (q.float() - offset) * scale
 
 
+def fake_quantize_input(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int) -> torch.Tensor:
+    """A static activation as the serving kernel quantizes it at run time (formats.md A.4.1): the offset is added
+    BEFORE rounding, q = clamp(round(x * (1/scale) + offset)). With half-to-even rounding and an odd offset this
+    differs from round(x/scale) + offset at exact half steps, so the read-back follows the kernel."""
+    qmin, qmax = int_range(bits)
+    q = (x.float() * (1.0 / scale) + offset).round_().clamp_(qmin, qmax)
+    return ((q - offset) * scale).to(x.dtype)
+
+
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int) -> torch.Tensor:
     """Quantize then dequantize: what a kernel's integer path computes, in float."""
     return dequantize(quantize(x, scale, offset, bits), scale, offset).to(x.dtype)

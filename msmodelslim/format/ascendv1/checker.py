@@ -331,8 +331,12 @@ def check_ascendv1(
     # DeepSeek-V4 keeps its native names (`embed`, `head`); vLLM-Ascend aliases them when `hc_head_fn` exists (A.2)
     native_v4 = "hc_head_fn" in description
     for prefix, native in (("model.embed_tokens", "embed"), ("lm_head", "head")):
-        if expected_linears is not None and not has_weight_entry(native if native_v4 else prefix):
-            err(f"{native if native_v4 else prefix}.weight must be written and tagged FLOAT")
+        # a vision-language model published under transformers 5 names (Qwen3-VL) keeps its text embedding at
+        # model.language_model.embed_tokens
+        spellings = (native,) if native_v4 else (prefix, *(("model.language_model.embed_tokens",)
+                                                          if prefix == "model.embed_tokens" else ()))
+        if expected_linears is not None and not any(has_weight_entry(p) for p in spellings):
+            err(f"{spellings[0]}.weight must be written and tagged FLOAT")
     for group in fused_groups:
         for prefix in {p.rsplit(".", 1)[0] for p in layers} | {p.rsplit(".", 1)[0] for p in expected_linears or []}:
             members = [f"{prefix}.{m}" for m in group if has_weight_entry(f"{prefix}.{m}")]

@@ -1,11 +1,14 @@
 """compressed-tensors writer (formats.md B): standard Hugging Face shards plus a `quantization_config` in
 config.json, which vLLM and transformers read. Layers are grouped by scheme into `config_groups` whose targets
-are the layers' exact names; every linear kept in float (lm_head included) is listed in `ignore`."""
+are the layers' exact names; every linear kept in float (lm_head included) is listed in `ignore`. Those names are
+the loaders' module names (`config_name`): the tensor names, except where transformers renames a published layout on
+load (Qwen2.5-VL's `model.layers.*` / `visual.*` become `model.language_model.layers.*` / `model.visual.*`, and
+its compressed-tensors integration matches targets against the renamed modules; vLLM maps both spellings)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import compressed_tensors
 import torch
@@ -27,8 +30,10 @@ INDEX = "model.safetensors.index.json"
 
 class CompressedTensorsWriter:
     def __init__(self, out_dir: Path, part_file_size_gb: float, model_dtype: torch.dtype,
-                 dtype_for: Callable[[str], torch.dtype]) -> None:
+                 dtype_for: Callable[[str], torch.dtype],
+                 config_name: Optional[Callable[[str], str]] = None) -> None:
         self.out_dir = out_dir
+        self.config_name = config_name or (lambda name: name)
         self.shards = ShardStream(out_dir, int(part_file_size_gb * 2**30))
         self.model_dtype = model_dtype
         self.dtype_for = dtype_for
@@ -126,13 +131,13 @@ class CompressedTensorsWriter:
     def quantization_config(self, ignore: list[str]) -> dict:
         groups = {}
         for i, (scheme, names) in enumerate(self.groups.values()):
-            groups[f"group_{i}"] = scheme.model_copy(update={"targets": list(names)})
+            groups[f"group_{i}"] = scheme.model_copy(update={"targets": [self.config_name(n) for n in names]})
         formats = {s.format for s in groups.values()} or {"dense"}  # "dense": only the KV cache is quantized
         config = QuantizationConfig(
             config_groups=groups,
             format=formats.pop() if len(formats) == 1 else "mixed-precision",
             quantization_status=QuantizationStatus.COMPRESSED,
-            ignore=sorted(ignore),
+            ignore=sorted(self.config_name(n) for n in ignore),
             kv_cache_scheme=kv_cache_scheme() if self.kv_cache else None,
         )
         return {"version": compressed_tensors.__version__, "quant_method": "compressed-tensors",

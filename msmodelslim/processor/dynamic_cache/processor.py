@@ -56,6 +56,7 @@ class DynamicCacheProcessor(Processor):
     def __init__(self, config: DynamicCacheConfig, context: ProcessorContext = ProcessorContext()) -> None:
         self.config = config
         self.structure = kv_cache_structure("dynamic_cache", context)
+        self.decoder_layer = context.structure.is_decoder_layer  # a VLM's vision tower has no KV cache
         if context.attention is None:
             raise UnsupportedError(f"dynamic_cache: adapter {context.adapter_name} gives no attention shape "
                                    f"(heads, head_dim), so the cache channels are unknown")
@@ -71,10 +72,13 @@ class DynamicCacheProcessor(Processor):
         return {}  # the cache is not a linear: no layer's scheme is decided here
 
     def check_model(self, model: nn.Module, block_names: list[str]) -> None:
+        block_names = [b for b in block_names if self.decoder_layer(b)]
         check_attentions("dynamic_cache", self.structure, model, block_names, self.config.include,
                          self.config.exclude)
 
     def _attentions(self, block_name: str, block: nn.Module) -> list[tuple[str, nn.Module]]:
+        if not self.decoder_layer(block_name):
+            return []
         return selected_attentions(self.structure, block_name, block, self.config.include, self.config.exclude)
 
     def before_forward(self, block_name: str, block: nn.Module) -> None:

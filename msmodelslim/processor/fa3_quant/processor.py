@@ -62,6 +62,7 @@ class FA3QuantProcessor(Processor):
     def __init__(self, config: FA3QuantConfig, context: ProcessorContext = ProcessorContext()) -> None:
         self.config = config
         self.layout: Layout
+        self.decoder_layer = context.structure.is_decoder_layer  # a VLM's vision tower has no KV cache
         if context.mla is not None:
             self.layout, self.attention = "mla", "self_attn"
             self.heads = {"fa_q": context.mla.num_heads, "fa_k": 1, "fa_v": 1}
@@ -88,6 +89,7 @@ class FA3QuantProcessor(Processor):
     def check_model(self, model: nn.Module, block_names: list[str]) -> None:
         """On the empty model: every block has the attention, MLA's has the absorbed attention's parts, and its
         forward takes a cache (MLA's latent K/V are taken there). Patterns that select nothing are warned about."""
+        block_names = [b for b in block_names if self.decoder_layer(b)]
         names = []
         for block_name in block_names:
             name = f"{block_name}.{self.attention}"
@@ -110,6 +112,8 @@ class FA3QuantProcessor(Processor):
         self._names = select(names, self.config.include, self.config.exclude)
 
     def _attentions(self, block_name: str, block: nn.Module) -> list[tuple[str, nn.Module]]:
+        if not self.decoder_layer(block_name):
+            return []
         name = f"{block_name}.{self.attention}"
         if not select([name], self.config.include, self.config.exclude):
             return []

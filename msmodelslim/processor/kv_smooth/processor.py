@@ -48,6 +48,7 @@ class KVSmoothProcessor(Processor):
     def __init__(self, config: KVSmoothConfig, context: ProcessorContext = ProcessorContext()) -> None:
         self.config = config
         self.structure = kv_cache_structure("kv_smooth", context)
+        self.decoder_layer = context.structure.is_decoder_layer  # a VLM's vision tower has no KV cache
         shape = context.attention
         if shape is None:
             raise UnsupportedError(f"kv_smooth: adapter {context.adapter_name} gives no attention shape (heads, "
@@ -71,6 +72,7 @@ class KVSmoothProcessor(Processor):
     def check_model(self, model: nn.Module, block_names: list[str]) -> None:
         """On the empty model: the fold points exist, have weights, and are sized per head (projection rows) or
         shared by every head (a norm over head_dim)."""
+        block_names = [b for b in block_names if self.decoder_layer(b)]
         for name, attention in check_attentions("kv_smooth", self.structure, model, block_names,
                                                 self.config.include, self.config.exclude):
             for fold, heads in ((self.structure.query_fold, self.shape.num_heads),
@@ -89,6 +91,8 @@ class KVSmoothProcessor(Processor):
                         f"{list(weight.shape) if isinstance(weight, torch.Tensor) else 'without a weight'}")
 
     def _attentions(self, block_name: str, block: nn.Module) -> list[tuple[str, nn.Module]]:
+        if not self.decoder_layer(block_name):
+            return []
         return selected_attentions(self.structure, block_name, block, self.config.include, self.config.exclude)
 
     def before_forward(self, block_name: str, block: nn.Module) -> None:

@@ -4,7 +4,9 @@ NeurIPS 2024), the rotations that fold into the weights and cost nothing at run 
 1. Fold every RMSNorm's weight into what reads it (the final norm into lm_head).
 2. Rotate the residual stream by Q = H·diag(±1)/√d (random Hadamard, signs from `seed`): embedding E·Q,
    readers W·Q, writers Qᵀ·W (rotate.py). In MoE blocks the readers are the router and every expert's
-   gate/up (routed and shared), the writers every expert's down.
+   gate/up (routed and shared), the writers every expert's down. A vision-language model's merger (and DeepStack
+   mergers), whose outputs are scattered into the stream, are writers outside the decoder layers
+   (outside_writers), rotated when their weights are read (the vision tower is a block of its own).
 3. Rotate each attention value head by a random Hadamard of the head size: v_proj rows and o_proj columns;
    for multi-head latent attention (DeepSeek-V3) the V rows of kv_b_proj and the o_proj columns.
 Outlier channels of the residual stream are spread over all channels, so the activations entering q/k/v,
@@ -70,6 +72,7 @@ class QuaRotProcessor(Processor):
         self.q: torch.Tensor | None = None
         self.head_q: dict[str, torch.Tensor] = {}
         self.final_gain: torch.Tensor | None = None  # the final norm's weight before folding (for the MTP layer)
+        self.pending_writers: list[str] = []  # outside writers in a block not read at prepare_model
 
     def _value_heads(self, layout: str) -> ValueHeads:
         """Where the value heads sit, from the adapter's attention shape (GQA) or MLA shape."""
@@ -97,9 +100,12 @@ class QuaRotProcessor(Processor):
         s = self.structure
         _rms_norm(model.get_submodule(s.final_norm), s.final_norm)
         hidden = model.get_submodule(s.embedding).weight.shape[1]
+        self._outside_writers(model, hidden)
         listed = [rotate.pattern_regex(p) for p in (*s.readers, *s.writers, *s.not_readers)]
         norms = {n for n, _ in s.norm_readers}
         for block_name in block_names:
+            if not self.context.structure.is_decoder_layer(block_name):
+                continue  # e.g. a VLM's vision tower: none of its modules reads the residual stream
             for name, module in model.get_submodule(block_name).named_modules():
                 if name in norms:
                     _rms_norm(module, f"{block_name}.{name}")
@@ -111,6 +117,24 @@ class QuaRotProcessor(Processor):
                         f"quarot: {block_name}.{name} ({type(module).__name__}) reads the hidden size {hidden} but "
                         f"adapter {self.context.adapter_name}'s RotationStructure lists it neither as a reader nor "
                         f"as a writer; rotating the residual stream would break it")
+
+    def _outside_writers(self, model: nn.Module, hidden: int) -> list[str]:
+        """The linears outside the decoder layers that write into the residual stream (a VLM's vision merger), each
+        checked to be a float linear producing the hidden size."""
+        names = []
+        modules = dict(model.named_modules())
+        for pattern in self.structure.outside_writers:
+            found = rotate.matching(modules, pattern)
+            if not found:
+                raise UnsupportedError(f"quarot: adapter {self.context.adapter_name} names {pattern} as writing into "
+                                       f"the residual stream, but the model has no such module")
+            for name in found:
+                if not isinstance(modules[name], nn.Linear) or modules[name].out_features != hidden:
+                    raise UnsupportedError(f"quarot: {name} ({type(modules[name]).__name__}) is named as writing "
+                                           f"into the residual stream but is not a linear producing the hidden "
+                                           f"size {hidden}")
+            names += found
+        return names
 
     def _rotation(self, hidden: int) -> torch.Tensor:
         size = hidden if self.config.block_size == -1 else self.config.block_size
@@ -137,6 +161,15 @@ class QuaRotProcessor(Processor):
             final_norm.weight.fill_(1.0 - s.norm_offset)
         rotate.rotate_reader(lm_head.weight, self.q)
         rotate.rotate_reader(embedding.weight, self.q)
+        # A writer inside a block that is not read yet (a layer_wise run reads the vision tower when its turn comes)
+        # is rotated by after_forward of that block; the others now.
+        self.pending_writers = []
+        for name in self._outside_writers(model, embedding.weight.shape[1]):
+            writer = model.get_submodule(name)
+            if writer.weight.is_meta:
+                self.pending_writers.append(name)
+            else:
+                rotate.rotate_writer(writer.weight, writer.bias, self.q)
         for name in s.head_stream_readers:
             rotate.rotate_stream_reader(model.get_parameter(name), self.q)
 
@@ -146,6 +179,9 @@ class QuaRotProcessor(Processor):
 
     def after_forward(self, block_name: str, block: nn.Module) -> None:
         s = self.structure
+        if not self.context.structure.is_decoder_layer(block_name):  # a VLM's vision tower: its stream writers
+            self._rotate_pending_writers(block_name, block)
+            return
         modules = dict(block.named_modules())
         for name, _ in s.norm_readers:
             if name in modules:
@@ -157,6 +193,16 @@ class QuaRotProcessor(Processor):
                     raise ProcessingError(f"quarot: {block_name}.{name} is already quantized; put quarot first in "
                                           f"spec.process")
         rotate.rotate_block(dict(block.named_parameters()), s, self.q, self._head_rotations())
+
+    def _rotate_pending_writers(self, block_name: str, block: nn.Module) -> None:
+        """The outside writers inside `block` that prepare_model found unread, now that the block is read."""
+        inside = [n for n in self.pending_writers if n.startswith(block_name + ".")]
+        for name in inside:
+            writer = block.get_submodule(name[len(block_name) + 1 :])
+            if not _has_float_weight(writer):
+                raise ProcessingError(f"quarot: {name} is already quantized; put quarot first in spec.process")
+            rotate.rotate_writer(writer.weight, writer.bias, self.q)
+        self.pending_writers = [n for n in self.pending_writers if n not in inside]
 
     def _head_rotations(self) -> rotate.HeadRotations:
         return {layout: (where, self.head_q[layout]) for layout, where in self.value_heads.items()}

@@ -120,6 +120,8 @@ class SubgraphSmoother(Processor):
 
     # ---- which subgraphs --------------------------------------------------------------------------------
     def _chosen(self, block_name: str, block: nn.Module) -> list[BlockSubgraph]:
+        if not self.context.structure.is_decoder_layer(block_name):
+            return []  # e.g. a VLM's vision tower: the subgraphs describe decoder layers
         chosen = []
         for graph in block_subgraphs(self.context.structure.smooth_subgraphs, block, block_name):
             if graph.kind not in self.config.enable_subgraph_type:
@@ -141,6 +143,8 @@ class SubgraphSmoother(Processor):
         sized as the attention shape says; subclasses check each chosen subgraph further (check_subgraph)."""
         present, chosen = Counter(), Counter()
         for block_name in block_names:
+            if not self.context.structure.is_decoder_layer(block_name):
+                continue
             block = model.get_submodule(block_name)
             present.update(g.kind for g in block_subgraphs(self.context.structure.smooth_subgraphs, block, block_name))
             for graph in self._chosen(block_name, block):
