@@ -22,6 +22,7 @@ from typing import Callable
 from PIL import Image, ImageDraw, ImageFont
 
 OUT = Path(__file__).resolve().parent / "calibImages"
+SEED_BASE = 1000  # image n is drawn with random.Random(SEED_BASE + n); the evaluation set uses 5000
 SIZE = (512, 384)
 PALETTE = [(52, 101, 164), (204, 0, 0), (78, 154, 6), (237, 212, 0), (117, 80, 123), (245, 121, 0), (0, 152, 155)]
 
@@ -359,11 +360,14 @@ def images() -> list[tuple[str, Callable[[random.Random], Image.Image], str]]:
     ]
 
 
-def write(out: Path = OUT) -> list[Path]:
+def write_image_set(out: Path, entries: list[tuple[str, Callable[[random.Random], Image.Image], str]],
+                    seed_base: int) -> list[Path]:
+    """Draw `entries` (file name, how to draw it, its prompt) into `out` with one seeded generator per image
+    (seed_base + n), and write their index.jsonl."""
     out.mkdir(parents=True, exist_ok=True)
     written, index = [], []
-    for number, (name, draw, prompt) in enumerate(images()):
-        image = draw(random.Random(1000 + number))
+    for number, (name, draw, prompt) in enumerate(entries):
+        image = draw(random.Random(seed_base + number))
         path = out / name
         if path.suffix == ".jpg":
             image.save(path, quality=85, optimize=True)
@@ -376,12 +380,20 @@ def write(out: Path = OUT) -> list[Path]:
     return written
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=OUT)
+def write(out: Path = OUT) -> list[Path]:
+    return write_image_set(out, images(), SEED_BASE)
+
+
+def run_cli(description: str, default_out: Path, write_to: Callable[[Path], list[Path]]) -> None:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", type=Path, default=default_out)
     args = parser.parse_args()
-    paths = write(args.out)
+    paths = write_to(args.out)
     print(f"{len(paths)} images, {sum(p.stat().st_size for p in paths) / 1024:.0f} KiB in {args.out}")
+
+
+def main() -> None:
+    run_cli(__doc__.split("\n\n")[0], OUT, write)
 
 
 if __name__ == "__main__":

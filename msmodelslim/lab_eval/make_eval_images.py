@@ -12,8 +12,6 @@ The output is deterministic for a given Pillow version (its bundled default font
 """
 from __future__ import annotations
 
-import argparse
-import json
 import random
 from pathlib import Path
 from typing import Callable
@@ -28,10 +26,12 @@ from msmodelslim.lab_calib.make_calib_images import (
     line_chart,
     pie_chart,
     receipt,
+    run_cli,
     shapes_grid,
     still_life,
     street,
     table,
+    write_image_set,
 )
 
 OUT = Path(__file__).resolve().parent / "evalImages"
@@ -73,28 +73,11 @@ def images() -> list[tuple[str, Callable[[random.Random], Image.Image], str]]:
 
 
 def write(out: Path = OUT) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    written, index = [], []
-    for number, (name, draw, prompt) in enumerate(images()):
-        image = draw(random.Random(SEED_BASE + number))
-        path = out / name
-        if path.suffix == ".jpg":
-            image.save(path, quality=85, optimize=True)
-        else:
-            image.save(path, optimize=True)
-        written.append(path)
-        index.append({"image": name, "text": prompt})
-    (out / "index.jsonl").write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in index),
-                                     encoding="utf-8")
-    return written
+    return write_image_set(out, images(), SEED_BASE)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=OUT)
-    args = parser.parse_args()
-    paths = write(args.out)
-    print(f"{len(paths)} images, {sum(p.stat().st_size for p in paths) / 1024:.0f} KiB in {args.out}")
+    run_cli(__doc__.split("\n\n")[0], OUT, write)
 
 
 if __name__ == "__main__":
