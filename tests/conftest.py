@@ -57,3 +57,19 @@ def log_lines():
     yield handler.lines
     logger.removeHandler(handler)
     logger.setLevel(level)
+
+
+@pytest.fixture
+def sampling_calls(monkeypatch) -> list:
+    """Every diffusers WanPipeline sampling run (calibration and evaluation alike): the prompts it was called with."""
+    import diffusers
+
+    calls: list = []
+    original = diffusers.WanPipeline.__call__
+
+    def counted(self, *args, **kwargs):
+        calls.append(kwargs.get("prompt"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(diffusers.WanPipeline, "__call__", counted)
+    return calls

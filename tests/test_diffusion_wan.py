@@ -77,20 +77,6 @@ def wan(tmp_path_factory) -> Path:
     return make_tiny_wan(tmp_path_factory.mktemp("wan") / "Wan2.1-tiny")
 
 
-@pytest.fixture
-def sampling_calls(monkeypatch) -> list:
-    """Every WanPipeline sampling run (calibration and evaluation alike)."""
-    calls: list = []
-    original = diffusers.WanPipeline.__call__
-
-    def counted(self, *args, **kwargs):
-        calls.append(kwargs.get("prompt"))
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(diffusers.WanPipeline, "__call__", counted)
-    return calls
-
-
 def write_config(path: Path, process=None, save=None, dump_dir: str = "", **sampling) -> Path:
     spec = {"process": process if process is not None else [{"type": "linear_quant", "qconfig": W8A8_DYNAMIC}],
             "save": save or [{"type": "ascendv1_saver", "part_file_size": 0}],

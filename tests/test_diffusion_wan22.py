@@ -56,19 +56,6 @@ def wan22(tmp_path_factory) -> Path:
     return make_tiny_wan(tmp_path_factory.mktemp("wan22") / "Wan2.2-tiny", boundary_ratio=BOUNDARY)
 
 
-@pytest.fixture
-def sampling_calls(monkeypatch) -> list:
-    calls: list = []
-    original = diffusers.WanPipeline.__call__
-
-    def counted(self, *args, **kwargs):
-        calls.append(kwargs.get("prompt"))
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(diffusers.WanPipeline, "__call__", counted)
-    return calls
-
-
 @pytest.fixture(scope="module")
 def quantized(wan22, tmp_path_factory) -> Path:
     """The built-in Wan2.2-T2V-A14B recipe with the tiny model's sampling; the dumps go into the output."""
