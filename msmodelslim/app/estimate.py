@@ -19,27 +19,27 @@ the other blocks cost what the first one does, in proportion to their size; noth
 from __future__ import annotations
 
 import os
-import resource
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from msmodelslim.app.estimate_output import (block_output_bytes, checkpoint_bytes, dtype_bytes, file_bytes,
+                                             measure_block_bytes, outside_bytes, side_file_bytes)
 from msmodelslim.core.config import RunnerType
 from msmodelslim.core.logging import get_logger
-from msmodelslim.core.memory import bound_heap_growth, release_free_heap
+from msmodelslim.core.memory import (bound_heap_growth, current_rss, peak_rss_since_reset, release_free_heap,
+                                     reset_peak_rss)
 from msmodelslim.core.resume import INTERVAL_ENV, checkpoint_interval
 from msmodelslim.core.runner import process_block
 from msmodelslim.format.disk_space import receiving_directory
-from msmodelslim.format.hf_files import COPIED_SUFFIXES, quantized_and_float_modules
 from msmodelslim.format.shards import fsync_path
-from msmodelslim.model.checkpoint import _byte_spans
 from msmodelslim.model.interface import block_hidden_state
 from msmodelslim.quantizer.primitives import all_finite
 
@@ -47,37 +47,6 @@ log = get_logger("app.estimate")
 
 TIMED_TOKENS = 2048  # the first block is calibrated on the first batches up to about this many tokens
 TIMED_BATCHES = 8
-
-
-# ---- memory probes -----------------------------------------------------------------------------------------
-def current_rss() -> int:
-    """Resident bytes of this process now (Linux /proc; elsewhere the peak so far)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _reset_peak() -> bool:
-    """Restart the kernel's peak-RSS counter (VmHWM) of this process; False where that is not possible."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_since_reset() -> Optional[int]:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 # ---- the report ----------------------------------------------------------------------------------------------
@@ -136,117 +105,6 @@ def _duration(seconds: float) -> str:
     if seconds >= 3600:
         return f"{seconds / 3600:.1f} h"
     return f"{seconds / 60:.1f} min" if seconds >= 120 else f"{seconds:.0f} s"
-
-
-# ---- output size -----------------------------------------------------------------------------------------------
-def _checkpoint_bytes(adapter, names: list[str]) -> int:
-    """Stored bytes of checkpoint tensors, from the safetensors headers (nothing read)."""
-    checkpoint = adapter.checkpoint
-    spans: dict[str, dict[str, tuple[int, int]]] = {}
-    total = 0
-    for name in names:
-        file = checkpoint.file_of(name)
-        if file is None:
-            continue
-        if file not in spans:
-            spans[file] = _byte_spans(Path(checkpoint.path) / file)
-        start, end = spans[file].get(name, (0, 0))
-        total += end - start
-    return total
-
-
-def _dtype_bytes(dtype: Optional[torch.dtype]) -> int:
-    return torch.empty((), dtype=dtype or torch.float32).element_size()
-
-
-def _outside_bytes(model: nn.Module, block_names: list[str], adapter, tied_aliases: bool) -> int:
-    """The non-block tensors as written (original dtype); a tied table's alias counts when the format repeats it."""
-    seen: set[int] = set()
-    total = 0
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if any(name.startswith(b + ".") for b in block_names):
-            continue
-        alias = id(tensor) in seen
-        seen.add(id(tensor))
-        if alias and not tied_aliases:
-            continue
-        dtype = adapter.original_dtype(name) if tensor.is_floating_point() else tensor.dtype
-        total += tensor.numel() * _dtype_bytes(dtype)
-    return total
-
-
-def _side_file_bytes(model_path: Path) -> int:
-    return sum(p.stat().st_size for p in Path(model_path).iterdir() if p.is_file() and p.name.endswith(COPIED_SUFFIXES))
-
-
-@dataclass
-class _BlockBytes:
-    """What one format writes for the timed block: bytes per weight element of each scheme, the rest per element."""
-
-    per_element: dict[str, float]  # scheme -> output bytes / input weight elements of its linears
-    other_per_element: float  # the block's tensors that are not linears (norms, ...): bytes per element
-    total: int
-    tensors: int  # how many tensors the block became
-    shard_limit: int  # the writer's shard size (0: one file)
-    shard_reserve: int  # header space each shard reserves in front of its data (format/shards.py)
-
-
-def _linears_of(block_name: str, plan: dict[str, str]) -> list[str]:
-    return [n for n in plan if n.startswith(block_name + ".")]
-
-
-def _measure_block_bytes(writer, block_name: str, block: nn.Module, skeleton_block: nn.Module,
-                         plan: dict[str, str]) -> _BlockBytes:
-    """Write the processed block linear by linear (and its other tensors) into a throwaway `writer`."""
-    by_scheme: dict[str, list[int]] = {}
-    linears = _linears_of(block_name, plan)
-    for name in linears:
-        relative = name[len(block_name) + 1 :]
-        before = writer.shards.total_bytes
-        writer.add_module_tree(name, block.get_submodule(relative))
-        elements = skeleton_block.get_submodule(relative).weight.numel()
-        counts = by_scheme.setdefault(plan[name], [0, 0])
-        counts[0] += writer.shards.total_bytes - before
-        counts[1] += elements
-    before = writer.shards.total_bytes
-    other_elements = 0  # below: the block's own float tensors (norms), as add_module_tree writes them
-    for name, module in quantized_and_float_modules(block_name, block):
-        if name in plan or any(name.startswith(n + ".") for n in linears):
-            continue
-        for tensor_name, tensor in list(module.named_parameters(recurse=False)) + [
-                (b, t) for b, t in module.named_buffers(recurse=False)
-                if t is not None and b not in module._non_persistent_buffers_set]:
-            writer.add_float(f"{name}.{tensor_name}", tensor)
-            other_elements += tensor.numel()
-    other = writer.shards.total_bytes - before
-    writer.shards.flush()  # closed, as a real run's shards are by the end
-    per_element = {scheme: b / max(e, 1) for scheme, (b, e) in by_scheme.items()}
-    return _BlockBytes(per_element, other / max(other_elements, 1), writer.shards.total_bytes, len(writer.shards.names),
-                       writer.shards.limit, writer.shards.reserve)
-
-
-JSON_BYTES_PER_TENSOR = 120  # a tensor's entries in the index (and ascendv1's description), measured ~60-110
-
-
-def _file_bytes(data: int, tensors: int, measured: _BlockBytes) -> int:
-    """Shard files for `data` bytes of tensors: each shard's reserved header in front, and the JSON files."""
-    shards = 1 if not measured.shard_limit else max(1, -(-data // measured.shard_limit))
-    return data + shards * (8 + measured.shard_reserve) + tensors * JSON_BYTES_PER_TENSOR
-
-
-def _block_output_bytes(block_name: str, skeleton: nn.Module, plan: dict[str, str], measured: _BlockBytes,
-                        original_bytes: int) -> int:
-    """One block's output bytes from its weight elements; a scheme the timed block lacks counts as stored float
-    (`original_bytes` per element: an upper bound)."""
-    block = skeleton.get_submodule(block_name)
-    total = 0
-    linear_elements = 0
-    for name in _linears_of(block_name, plan):
-        linear = block.get_submodule(name[len(block_name) + 1 :])
-        linear_elements += sum(t.numel() for t in linear.state_dict().values())  # its bias is in the ratio
-        total += linear.weight.numel() * measured.per_element.get(plan[name], original_bytes)
-    other = sum(t.numel() for t in block.state_dict().values()) - linear_elements
-    return int(total + other * measured.other_per_element)
 
 
 # ---- the measurement -----------------------------------------------------------------------------------------
@@ -390,7 +248,7 @@ def estimate_run(job, request, startup_s: float, writer_factories: dict[str, Cal
                            f"({INTERVAL_ENV}={interval:g}; a longer interval makes them fewer, 'off' none)")
 
     # 1. what the real run does first: the outside weights, the processors' model-wide preparation, the batches
-    load_peak_known = _reset_peak()  # reading the checkpoint briefly holds its stored copy and the widened one
+    load_peak_known = reset_peak_rss()  # reading the checkpoint briefly holds its stored copy and the widened one
     clock = time.perf_counter()
     # as the real run loads: layer_wise leaves an untied output head unread until it is written
     model = adapter.load_weights(job.model, device, load_layers=False, defer_output_head=layer_wise)
@@ -410,7 +268,7 @@ def estimate_run(job, request, startup_s: float, writer_factories: dict[str, Cal
         requests.append(next(forwards[-1]))
     embed_s = time.perf_counter() - clock
     rss_embedded = current_rss()
-    load_peak = (_peak_since_reset() if load_peak_known else None) or rss_embedded
+    load_peak = (peak_rss_since_reset() if load_peak_known else None) or rss_embedded
     total_tokens = sum(int(b["input_ids"].numel()) for b in batches)
     hidden_bytes = sum(_tensor_bytes(r.args[0], set()) for r in requests)  # one copy of every batch's activations
     released = (layer_wise and not any(getattr(p, "changes_outside_blocks", False) for p in processors)
@@ -440,7 +298,7 @@ def estimate_run(job, request, startup_s: float, writer_factories: dict[str, Cal
     if leading and timed:  # the decoder blocks' activations, from the batches advanced (scaled by tokens)
         hidden_bytes = sum(_tensor_bytes(r.args[0], set()) for r in requests[:timed]) * total_tokens // max(
             timed_tokens, 1)
-    peak_known = _reset_peak()
+    peak_known = reset_peak_rss()
     before = current_rss()
     clock = time.perf_counter()
     adapter.load_block(model, name, device)
@@ -451,7 +309,7 @@ def estimate_run(job, request, startup_s: float, writer_factories: dict[str, Cal
     outputs = _run_processors(name, block, processors, requests[:timed])
     process_s = time.perf_counter() - clock
     forward_clock.remove()
-    peak = _peak_since_reset() if peak_known else None
+    peak = peak_rss_since_reset() if peak_known else None
     block_extra = max((peak if peak is not None else current_rss()) - before, 0)
     timed_output_bytes = sum(_tensor_bytes(block_hidden_state(o), set()) for o in outputs)
     checkpoint_rate = _checkpoint_seconds_per_byte(outputs, scratch) if checkpoints else 0.0
@@ -460,29 +318,29 @@ def estimate_run(job, request, startup_s: float, writer_factories: dict[str, Cal
     del outputs, requests, forwards
 
     # 3. each format's bytes for the block (the layers one by one), and its writing rate
-    block_input_bytes = [_checkpoint_bytes(adapter, [f"{b}.{n}" for n in meta.get_submodule(b).state_dict()])
+    block_input_bytes = [checkpoint_bytes(adapter, [f"{b}.{n}" for n in meta.get_submodule(b).state_dict()])
                          for b in block_names]
-    stored_bytes = _dtype_bytes(adapter.global_dtype())
+    stored_bytes = dtype_bytes(adapter.global_dtype())
     output_bytes, write_s, sync_s, check_s, finish_peak = {}, 0.0, 0.0, 0.0, 0
     for saver, factory in writer_factories.items():
         directory = scratch / saver
         directory.mkdir()
         writer = factory(directory)
         clock = time.perf_counter()
-        measured = _measure_block_bytes(writer, name, block, meta.get_submodule(name), plan)
+        measured = measure_block_bytes(writer, name, block, meta.get_submodule(name), plan)
         block_write_s = time.perf_counter() - clock
         clock = time.perf_counter()
         writer.shards.sync()  # what each block checkpoint does to the shards written since the last one
         sync_s += time.perf_counter() - clock
         check_rate = _check_seconds(directory) / max(measured.total, 1)  # per output byte
         block_touched = _touched_fraction(directory)
-        blocks_out = sum(_block_output_bytes(b, meta, plan, measured, stored_bytes) for b in block_names)
-        outside = (_outside_bytes(meta, block_names, adapter, tied_aliases[saver])
-                   + _checkpoint_bytes(adapter, job.unread.passthrough_names))
+        blocks_out = sum(block_output_bytes(b, meta, plan, measured, stored_bytes) for b in block_names)
+        outside = (outside_bytes(meta, block_names, adapter, tied_aliases[saver])
+                   + checkpoint_bytes(adapter, job.unread.passthrough_names))
         outside_tensors = len(meta.state_dict()) - len(meta.get_submodule(name).state_dict()) * blocks
         tensors = measured.tensors * blocks + outside_tensors
-        output_bytes[saver] = (_file_bytes(blocks_out + outside, tensors, measured)
-                               + _side_file_bytes(request.model_path))
+        output_bytes[saver] = (file_bytes(blocks_out + outside, tensors, measured)
+                               + side_file_bytes(request.model_path))
         write_s += block_write_s / max(measured.total, 1) * output_bytes[saver]  # the outside tensors at that rate
         check_s += check_rate * output_bytes[saver]
         # the checklist reads the written shards back through a memory map, touching only what it checks (the

@@ -10,13 +10,17 @@ it to its own mapping, returned to the system when freed; `release_free_heap` ha
 in the heap after each block.
 
 Both are no-ops where the C library is not glibc. A threshold the user set in MALLOC_MMAP_THRESHOLD_ wins.
+
+Also the probes of resident memory that the dry-run estimate (app/estimate.py) measures with.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import os
+import resource
 from functools import lru_cache
+from pathlib import Path
 from typing import Optional
 
 from msmodelslim.core.logging import get_logger
@@ -56,3 +60,35 @@ def release_free_heap() -> None:
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+# ---- probes (the dry-run estimate measures with them) ----
+def _status_bytes(field: str) -> Optional[int]:
+    """A size line of /proc/self/status ("VmRSS:", "VmHWM:") in bytes; None where there is none."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def current_rss() -> int:
+    """Resident bytes of this process now (Linux /proc; elsewhere the peak so far)."""
+    rss = _status_bytes("VmRSS:")
+    return rss if rss is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Restart the kernel's peak-RSS counter (VmHWM) of this process; False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_since_reset() -> Optional[int]:
+    """The peak resident bytes since `reset_peak_rss` (VmHWM), None where the kernel does not say."""
+    return _status_bytes("VmHWM:")
