@@ -18,18 +18,21 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
-import yaml
 from torch import nn
 
 from msmodelslim.app.estimate import RunEstimate, estimate_run
 from msmodelslim.app.plan import plan_layers, summarize_plan
 from msmodelslim.app.practice import select_practice
+from msmodelslim.app.quantize_checks import (refuse_duplicate_savers, refuse_mismatched_modality,
+                                             refuse_schemes_the_format_lacks, refuse_steps_the_format_lacks,
+                                             refuse_undistributable, writer_class_of)
+from msmodelslim.app.quantize_output import finish_outputs, make_writer, make_writers, saved_practice, subfolders
 from msmodelslim.core.activations import ActivationSpill
 from msmodelslim.core.config import PracticeConfig, RunnerType, load_config
 from msmodelslim.core.dataset import load_texts
 from msmodelslim.core.device import DeviceSpec
 from msmodelslim.core.distributed import LOCAL, Collective, contiguous_share, spawn_ranks, torchrun_group, torchrun_world
-from msmodelslim.core.errors import ConfigError, FormatCheckError, InvalidModelError, UnsupportedError
+from msmodelslim.core.errors import ConfigError, InvalidModelError, UnsupportedError
 from msmodelslim.core.faults import fault_point
 from msmodelslim.core.logging import get_logger, level_from_env, setup_logging
 from msmodelslim.core.memory import bound_heap_growth
@@ -38,16 +41,10 @@ from msmodelslim.core.resume import (BlockCheckpoints, Fingerprint, ResumePoint,
                                      read_checkpoint)
 from msmodelslim.core.runner import RunStats, run_blocks
 from msmodelslim.core.vlm_dataset import MEDIA, CalibrationData, load_vlm_samples
-from msmodelslim.format.ascendv1.checker import check_ascendv1
-from msmodelslim.format.ascendv1.kv_cache import UNSUPPORTED_KV_CACHE as ASCENDV1_UNSUPPORTED_KV_CACHE
-from msmodelslim.format.ascendv1.writer import AscendV1Writer
-from msmodelslim.format.compressed_tensors.checker import check_compressed_tensors
-from msmodelslim.format.compressed_tensors.writer import CompressedTensorsWriter
 from msmodelslim.format.disk_space import check_free_space, estimate_output_bytes, receiving_directory
-from msmodelslim.format.integrity import required_tensors, verify_complete, verify_source_tensors
-from msmodelslim.format.edits import OutputEdits
+from msmodelslim.format.integrity import required_tensors
 from msmodelslim.format.fan_out import SUBFOLDERS, FanOutWriter
-from msmodelslim.format.staging import (DIR_MODE, RESUME_STATE, check_save_path, discard_resumable, resumable,
+from msmodelslim.format.staging import (RESUME_STATE, check_save_path, discard_resumable, resumable,
                                         staged_directory)
 from msmodelslim.model.passthrough import UnreadTensors
 from msmodelslim.model.registry import AdapterEntry, adapter_class_of, create_adapter, infer_model_type, resolve
@@ -106,61 +103,6 @@ def choose_runner(config: PracticeConfig, device: DeviceSpec) -> RunnerType:
                     "running layer_wise on %s", device)
         runner = RunnerType.layer_wise
     return runner
-
-
-def _steps(configs) -> list:
-    return [s for c in configs for s in (_steps(c.configs) if c.type == "group" else [c])]
-
-
-def writer_class_of(saver_type: str):
-    return CompressedTensorsWriter if saver_type == "compressed_tensors" else AscendV1Writer
-
-
-def refuse_duplicate_savers(config: PracticeConfig) -> None:
-    """One saver, or one of each format: two savers of one type would write the same files twice."""
-    types = [save.type for save in config.spec.save]
-    if not types:
-        raise ConfigError("spec.save is empty; give one saver (ascendv1_saver or compressed_tensors), or one of each")
-    repeated = sorted({t for t in types if types.count(t) > 1})
-    if repeated:
-        raise ConfigError(f"spec.save holds {types.count(repeated[0])} savers of type {repeated[0]}; one run writes "
-                          f"each format once. Keep one {repeated[0]} entry (with two formats, give one ascendv1_saver "
-                          f"and one compressed_tensors: each is written to its own subfolder of --save_path)")
-
-
-def refuse_steps_the_format_lacks(config: PracticeConfig) -> None:
-    """A step whose output a chosen format cannot hold (e.g. C8 in compressed-tensors), named before any work;
-    with two savers, each format's refusals apply."""
-    for save in config.spec.save:
-        writer_class = writer_class_of(save.type)
-        kv_cache_refusals = (CompressedTensorsWriter.UNSUPPORTED_KV_CACHE if save.type == "compressed_tensors"
-                             else ASCENDV1_UNSUPPORTED_KV_CACHE)
-        for step in _steps(config.spec.process):
-            reason = getattr(writer_class, "UNSUPPORTED_STEPS", {}).get(step.type)
-            if step.type == "dynamic_cache":  # which KV cache the engine reads depends on the format
-                reason = kv_cache_refusals.get(step.qconfig.dtype.value)
-            if reason:
-                raise UnsupportedError(f"spec.process: {step.type} cannot be saved as {save.type}: {reason}")
-
-
-def refuse_schemes_the_format_lacks(config: PracticeConfig, plan: dict[str, str]) -> None:
-    """A layer whose planned scheme a chosen format has no layout for (e.g. W8A8_MIX in compressed-tensors)."""
-    for save in config.spec.save:
-        unsupported = writer_class_of(save.type).UNSUPPORTED
-        for name, scheme in plan.items():
-            if scheme in unsupported:
-                raise UnsupportedError(f"{name} would be {scheme}, which {save.type} cannot hold: {unsupported[scheme]}")
-
-
-def refuse_undistributable(config: PracticeConfig, processors: list[Processor]) -> None:
-    """dp_layer_wise runs only processors that merge their statistics across ranks; say which one does not."""
-    for i, processor in enumerate(processors):
-        reason = processor.data_parallel_refusal()
-        if reason:
-            raise UnsupportedError(
-                f"spec.process[{i}] ({config.spec.process[i].type}) cannot run under dp_layer_wise: {reason}. "
-                f"Use spec.runner: layer_wise (one device), or change that step"
-            )
 
 
 def load_practice(request: QuantizeRequest, entry: Optional[AdapterEntry] = None) -> PracticeConfig:
@@ -226,20 +168,6 @@ def load_calibration(config: PracticeConfig, adapter: object = None) -> Calibrat
         return load_vlm_samples(config.spec.dataset, config.spec.default_text, config.source_dir,
                                 accepts=getattr(adapter, "calibration_media", MEDIA), model=model)
     return load_texts(config.spec.dataset, config.source_dir)
-
-
-def refuse_mismatched_modality(config: PracticeConfig, adapter: object, model_type: str) -> None:
-    """A VLM config needs a vision-language adapter (it feeds images), and a text config a text one (a VLM adapter
-    takes image samples, not texts): the mismatch is named before any weight is read."""
-    is_vlm_adapter = bool(getattr(adapter, "is_vlm", False))
-    if config.is_vlm and not is_vlm_adapter:
-        raise ConfigError(f"the config is apiversion multimodal_vlm_modelslim_v1 (image calibration) but "
-                          f"--model_type {model_type} is a text model ({type(adapter).__name__}); use a modelslim_v1 "
-                          f"config (or --quant_type) for it, or give the vision-language model's --model_type")
-    if is_vlm_adapter and not config.is_vlm:
-        raise ConfigError(f"--model_type {model_type} is a vision-language model ({type(adapter).__name__}) and "
-                          f"calibrates on images; its config must be apiversion multimodal_vlm_modelslim_v1 (this "
-                          f"one is {config.apiversion}): see docs/vlm.md, or use --quant_type")
 
 
 def _require_model_dir(model_path: Path) -> None:
@@ -320,11 +248,6 @@ def _prepare(request: QuantizeRequest, in_rank: bool = False) -> _Job:
                 adapter.checkpoint.names(), fingerprint, resume_from)
 
 
-def _saved_practice(config: PracticeConfig) -> dict:
-    """The practice as the output's `*_best_practice.yaml` holds it (also what the resume fingerprint hashes)."""
-    return config.model_dump(mode="json", exclude_none=True, exclude={"source_dir"})
-
-
 def _resume_point(request: QuantizeRequest, config: PracticeConfig, runner: RunnerType, calibration: CalibrationData,
                   block_names: list[str]) -> tuple[Optional[Fingerprint], Optional[ResumePoint]]:
     """The fingerprint block checkpoints carry and, with --resume, the checked checkpoint to continue from. Before
@@ -336,7 +259,7 @@ def _resume_point(request: QuantizeRequest, config: PracticeConfig, runner: Runn
                                    "activations). Run without --resume, or with spec.runner layer_wise")
         return None, None
     checkpoint_interval()  # a typo in MSMODELSLIM_CHECKPOINT_SECONDS fails here, before any weight is read
-    fingerprint = Fingerprint.of_run(_saved_practice(config), request.model_type, request.model_path, calibration,
+    fingerprint = Fingerprint.of_run(saved_practice(config), request.model_type, request.model_path, calibration,
                                      runner.value, str(request.device.primary))
     if not request.resume:
         return fingerprint, None
@@ -349,89 +272,6 @@ def _resume_point(request: QuantizeRequest, config: PracticeConfig, runner: Runn
     log.info("--resume: continuing the interrupted run in %s (%s)%s", point.staging,
              describe(point, len(block_names)), "; dry run: nothing is changed" if request.dry_run else "")
     return fingerprint, point
-
-
-def output_directories(config: PracticeConfig, staging: Path) -> dict[str, Path]:
-    """{saver type: where its files go}: the staging directory itself for one saver, a subfolder per format for
-    several (format/fan_out.py)."""
-    if len(config.spec.save) == 1:
-        return {config.spec.save[0].type: staging}
-    return {save.type: staging / SUBFOLDERS[save.type] for save in config.spec.save}
-
-
-def _make_writer(job: _Job, save, directory: Path):
-    adapter = job.adapter
-    if save.type == "compressed_tensors":
-        return CompressedTensorsWriter(directory, save.part_file_size, adapter.global_dtype(), adapter.original_dtype,
-                                       config_name=getattr(adapter, "loader_module_name", None))
-    return AscendV1Writer(
-        directory,
-        save.part_file_size,
-        adapter.global_dtype(),
-        is_row_parallel=lambda name: name.rsplit(".", 1)[-1] in adapter.structure.row_parallel,
-        dtype_for=adapter.original_dtype,
-    )
-
-
-def _make_writers(job: _Job, staging: Path) -> dict[str, object]:
-    """{saver type: its writer}, each writing into its output directory (created here)."""
-    writers = {}
-    for save in job.config.spec.save:
-        directory = output_directories(job.config, staging)[save.type]
-        directory.mkdir(mode=DIR_MODE, exist_ok=True)
-        writers[save.type] = _make_writer(job, save, directory)
-    return writers
-
-
-def _finish_one(job: _Job, request: QuantizeRequest, save, writer, directory: Path, edits: OutputEdits
-                ) -> tuple[dict, list[str]]:
-    """Complete one format's output in `directory`: its files, the practice used, the format checklist."""
-    if save.type == "compressed_tensors":
-        written = writer.finish(request.model_path, edits, [n for n, s in job.plan.items() if s == "FLOAT"])
-        description = {"model_quant_type": written.get("format", "dense")}
-        findings = check_compressed_tensors(directory)
-    else:
-        description = writer.finish(request.model_path, edits)
-        findings = check_ascendv1(directory, list(job.plan), job.adapter.structure.fused_groups)
-    fault_point("description")
-    practice_file = directory / f"{request.model_type}_best_practice.yaml"
-    saved = _saved_practice(job.config)
-    if len(job.config.spec.save) > 1:  # each folder records the config that writes exactly it
-        saved["spec"]["save"] = [s for s in saved["spec"]["save"] if s["type"] == save.type]
-    practice_file.write_text(yaml.safe_dump(saved, sort_keys=False, allow_unicode=True))
-    warnings = sorted({f.message.split(": ", 1)[1] for f in findings if f.level == "warning"})
-    errors = [f.message for f in findings if f.level == "error"]
-    if errors:
-        raise FormatCheckError(f"the written checkpoint fails the {save.type} checklist:\n  " + "\n  ".join(errors[:20]))
-    verify_complete(directory, job.required[save.type])
-    verify_source_tensors(directory, job.source_tensors, request.model_path)
-    return description, warnings
-
-
-def _finish(job: _Job, request: QuantizeRequest, writers: dict[str, object], staging: Path
-            ) -> tuple[dict, list[str]]:
-    """Complete every format's output inside `staging` (checked each); the staged move puts them in place at once.
-    The description: the one format's, or {"model_quant_type": "<type> (<saver>), ...", <saver>: its own}."""
-    edits = OutputEdits()
-    for processor in job.processors:
-        edits = edits.merge(processor.output_edits())
-    family_edits = getattr(job.adapter, "output_edits", None)  # third-party adapters need not have it
-    if family_edits is not None:  # the family's own entries (e.g. the DeepSeek-V3.2 indexer's)
-        edits = edits.merge(family_edits())
-    directories = output_directories(job.config, staging)
-    results = {save.type: _finish_one(job, request, save, writers[save.type], directories[save.type], edits)
-               for save in job.config.spec.save}
-    if len(results) == 1:
-        return next(iter(results.values()))
-    description = {saver: desc for saver, (desc, _) in results.items()}
-    description["model_quant_type"] = ", ".join(f"{d['model_quant_type']} ({saver})" for saver, (d, _) in results.items())
-    warnings = sorted({f"{saver}: {w}" for saver, (_, ws) in results.items() for w in ws})
-    return description, warnings
-
-
-def _subfolders(job: _Job, staging: Path) -> list[Path]:
-    """The formats' own directories inside `staging` (none with one saver: it writes into `staging` itself)."""
-    return [d for d in output_directories(job.config, staging).values() if d != staging]
 
 
 def _execute(job: _Job, request: QuantizeRequest, collective: Collective, staging_note: Optional[Path] = None) -> _Written:
@@ -452,23 +292,23 @@ def _execute(job: _Job, request: QuantizeRequest, collective: Collective, stagin
     with staged if writes else nullcontext() as staging:
         if staging_note is not None and writes:  # lets the launcher remove it if this rank is killed
             staging_note.write_text(str(staging))
-        writers = _make_writers(job, staging) if writes else {}
+        writers = make_writers(job, staging) if writes else {}
         writer = None if not writes else (next(iter(writers.values())) if len(writers) == 1 else FanOutWriter(writers))
         checkpoints = None
         if writes and job.fingerprint is not None:
             checkpoints = BlockCheckpoints.from_env(staging, job.fingerprint, job.adapter.block_names(job.model))
             if resume is not None:  # the writer first: it takes back shards that the killed run had renamed
                 writer.restore_state(resume.writer_state)
-                checkpoints.discard_later_work(staging, resume, _subfolders(job, staging))
-            for directory in _subfolders(job, staging):  # each format's shard-rename journal survives a kill too
+                checkpoints.discard_later_work(staging, resume, subfolders(job, staging))
+            for directory in subfolders(job, staging):  # each format's shard-rename journal survives a kill too
                 (directory / RESUME_STATE.parent).mkdir(exist_ok=True)
         stats = run_blocks(job.adapter, job.model, job.processors, writer, batches, device, layer_wise, collective,
                            job.spill, job.unread, job.config.spec.calibration.early_stop_rule(), checkpoints, resume)
         if writes:
-            description, warnings = _finish(job, request, writers, staging)
+            description, warnings = finish_outputs(job, request, writers, staging)
             if checkpoints is not None:
                 checkpoints.remove()
-                for directory in _subfolders(job, staging):
+                for directory in subfolders(job, staging):
                     shutil.rmtree(directory / RESUME_STATE.parent, ignore_errors=True)
     return _Written(description, warnings, stats, collective.max_float(peak_rss_mib()))
 
@@ -477,7 +317,7 @@ def _estimate(job: _Job, request: QuantizeRequest, started: float) -> RunEstimat
     """Time one block of the real run and extrapolate (app/estimate.py); throwaway writes go into a hidden
     directory beside the output (the disk that will receive it), removed afterwards."""
     savers = {save.type: save for save in job.config.spec.save}
-    factories = {kind: (lambda directory, save=save: _make_writer(job, save, directory)) for kind, save in savers.items()}
+    factories = {kind: (lambda directory, save=save: make_writer(job, save, directory)) for kind, save in savers.items()}
     tied = {kind: writer_class_of(kind).TIED_ALIASES for kind in savers}
     scratch = Path(tempfile.mkdtemp(prefix=".msmodelslim-estimate-", dir=receiving_directory(request.save_path)))
     try:

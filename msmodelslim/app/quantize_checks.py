@@ -1,0 +1,79 @@
+"""The refusals of a quantize request that need only its config (and, for the layer plan, the meta-device
+model): run before any weight is read, each naming what cannot be done and what to do instead."""
+from __future__ import annotations
+
+from msmodelslim.core.config import PracticeConfig
+from msmodelslim.core.errors import ConfigError, UnsupportedError
+from msmodelslim.format.ascendv1.kv_cache import UNSUPPORTED_KV_CACHE as ASCENDV1_UNSUPPORTED_KV_CACHE
+from msmodelslim.format.ascendv1.writer import AscendV1Writer
+from msmodelslim.format.compressed_tensors.writer import CompressedTensorsWriter
+from msmodelslim.processor.base import Processor
+
+
+def process_steps(configs) -> list:
+    return [s for c in configs for s in (process_steps(c.configs) if c.type == "group" else [c])]
+
+
+def writer_class_of(saver_type: str):
+    return CompressedTensorsWriter if saver_type == "compressed_tensors" else AscendV1Writer
+
+
+def refuse_duplicate_savers(config: PracticeConfig) -> None:
+    """One saver, or one of each format: two savers of one type would write the same files twice."""
+    types = [save.type for save in config.spec.save]
+    if not types:
+        raise ConfigError("spec.save is empty; give one saver (ascendv1_saver or compressed_tensors), or one of each")
+    repeated = sorted({t for t in types if types.count(t) > 1})
+    if repeated:
+        raise ConfigError(f"spec.save holds {types.count(repeated[0])} savers of type {repeated[0]}; one run writes "
+                          f"each format once. Keep one {repeated[0]} entry (with two formats, give one ascendv1_saver "
+                          f"and one compressed_tensors: each is written to its own subfolder of --save_path)")
+
+
+def refuse_steps_the_format_lacks(config: PracticeConfig) -> None:
+    """A step whose output a chosen format cannot hold (e.g. C8 in compressed-tensors), named before any work;
+    with two savers, each format's refusals apply."""
+    for save in config.spec.save:
+        writer_class = writer_class_of(save.type)
+        kv_cache_refusals = (CompressedTensorsWriter.UNSUPPORTED_KV_CACHE if save.type == "compressed_tensors"
+                             else ASCENDV1_UNSUPPORTED_KV_CACHE)
+        for step in process_steps(config.spec.process):
+            reason = getattr(writer_class, "UNSUPPORTED_STEPS", {}).get(step.type)
+            if step.type == "dynamic_cache":  # which KV cache the engine reads depends on the format
+                reason = kv_cache_refusals.get(step.qconfig.dtype.value)
+            if reason:
+                raise UnsupportedError(f"spec.process: {step.type} cannot be saved as {save.type}: {reason}")
+
+
+def refuse_schemes_the_format_lacks(config: PracticeConfig, plan: dict[str, str]) -> None:
+    """A layer whose planned scheme a chosen format has no layout for (e.g. W8A8_MIX in compressed-tensors)."""
+    for save in config.spec.save:
+        unsupported = writer_class_of(save.type).UNSUPPORTED
+        for name, scheme in plan.items():
+            if scheme in unsupported:
+                raise UnsupportedError(f"{name} would be {scheme}, which {save.type} cannot hold: {unsupported[scheme]}")
+
+
+def refuse_undistributable(config: PracticeConfig, processors: list[Processor]) -> None:
+    """dp_layer_wise runs only processors that merge their statistics across ranks; say which one does not."""
+    for i, processor in enumerate(processors):
+        reason = processor.data_parallel_refusal()
+        if reason:
+            raise UnsupportedError(
+                f"spec.process[{i}] ({config.spec.process[i].type}) cannot run under dp_layer_wise: {reason}. "
+                f"Use spec.runner: layer_wise (one device), or change that step"
+            )
+
+
+def refuse_mismatched_modality(config: PracticeConfig, adapter: object, model_type: str) -> None:
+    """A VLM config needs a vision-language adapter (it feeds images), and a text config a text one (a VLM adapter
+    takes image samples, not texts): the mismatch is named before any weight is read."""
+    is_vlm_adapter = bool(getattr(adapter, "is_vlm", False))
+    if config.is_vlm and not is_vlm_adapter:
+        raise ConfigError(f"the config is apiversion multimodal_vlm_modelslim_v1 (image calibration) but "
+                          f"--model_type {model_type} is a text model ({type(adapter).__name__}); use a modelslim_v1 "
+                          f"config (or --quant_type) for it, or give the vision-language model's --model_type")
+    if is_vlm_adapter and not config.is_vlm:
+        raise ConfigError(f"--model_type {model_type} is a vision-language model ({type(adapter).__name__}) and "
+                          f"calibrates on images; its config must be apiversion multimodal_vlm_modelslim_v1 (this "
+                          f"one is {config.apiversion}): see docs/vlm.md, or use --quant_type")
