@@ -7,7 +7,8 @@ import yaml
 from helpers import SCHEMES
 from msmodelslim.app.analyze import refuse_vision_language
 from msmodelslim.app.practice import LAB_PRACTICE, load_practice_file, select_practice
-from msmodelslim.app.quantize import load_calibration, refuse_mismatched_modality
+from msmodelslim.app.quantize import load_calibration
+from msmodelslim.app.quantize_checks import refuse_mismatched_modality
 from msmodelslim.cli.__main__ import main
 from msmodelslim.core.config import (DEFAULT_VLM_DATASET, DEFAULT_VLM_TEXT, VLM_APIVERSION, RunnerType,
                                      VlmPracticeConfig, load_config, parse_config)
