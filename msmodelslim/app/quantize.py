@@ -24,8 +24,9 @@ from msmodelslim.app.estimate import RunEstimate, estimate_run
 from msmodelslim.app.plan import plan_layers, summarize_plan
 from msmodelslim.app.practice import select_practice
 from msmodelslim.app.quantize_checks import (refuse_duplicate_savers, refuse_mismatched_modality,
-                                             refuse_schemes_the_format_lacks, refuse_steps_the_format_lacks,
-                                             refuse_undistributable, writer_class_of)
+                                             refuse_schemes_the_format_lacks, refuse_split_fused_groups,
+                                             refuse_steps_the_format_lacks, refuse_undistributable,
+                                             writer_class_of)
 from msmodelslim.app.quantize_output import finish_outputs, make_writer, make_writers, saved_practice, subfolders
 from msmodelslim.core.activations import ActivationSpill
 from msmodelslim.core.config import PracticeConfig, RunnerType, load_config
@@ -229,6 +230,7 @@ def _prepare(request: QuantizeRequest, in_rank: bool = False) -> _Job:
     if not in_rank:  # never silently: the user sees what the output holds beyond the model, and what it omits
         log_unread(unread)
     refuse_schemes_the_format_lacks(config, plan)
+    refuse_split_fused_groups(plan, adapter.structure.fused_groups)
     quantized = [n for n, s in plan.items() if s != "FLOAT"]
     required = {save.type: required_tensors(skeleton, quantized, writer_class_of(save.type).TIED_ALIASES)
                 for save in config.spec.save}

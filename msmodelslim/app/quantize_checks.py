@@ -77,3 +77,17 @@ def refuse_mismatched_modality(config: PracticeConfig, adapter: object, model_ty
         raise ConfigError(f"--model_type {model_type} is a vision-language model ({type(adapter).__name__}) and "
                           f"calibrates on images; its config must be apiversion multimodal_vlm_modelslim_v1 (this "
                           f"one is {config.apiversion}): see docs/vlm.md, or use --quant_type")
+
+
+def refuse_split_fused_groups(plan: dict[str, str], fused_groups: tuple[tuple[str, ...], ...]) -> None:
+    """Layers the engine fuses into one (q/k/v, gate/up, a family's own pairs) must share one scheme: the serving
+    side loads a fused layer with one kernel. Found here from the plan, before any weight is read, rather than by
+    the format checklist after the run."""
+    for group in fused_groups:
+        parents = {name.rsplit(".", 1)[0] for name in plan if name.rsplit(".", 1)[-1] in group}
+        for parent in sorted(parents):
+            members = {f"{parent}.{m}": plan[f"{parent}.{m}"] for m in group if f"{parent}.{m}" in plan}
+            if len(set(members.values())) > 1:
+                listed = ", ".join(f"{name} {scheme}" for name, scheme in members.items())
+                raise UnsupportedError(f"layers the engine fuses into one would get different schemes ({listed}); "
+                                       f"give them one rule (or exclude all of them) in spec.process")
