@@ -59,7 +59,8 @@ def load_nvfp4(out: Path, model_dir: Path):
     return model
 
 
-def load_nvfp4_transformers(out: Path):
+def load_compressed_tensors_transformers(out: Path):
+    """A compressed-tensors checkpoint (NVFP4 or MX) as transformers loads it, weights decompressed."""
     from transformers import AutoModelForCausalLM
     from transformers.utils.quantization_config import CompressedTensorsConfig
 
@@ -86,6 +87,9 @@ def main() -> None:
     parser.add_argument("--ours", default=OURS, help="comma-separated scheme names of smollm2_accuracy.py")
     parser.add_argument("--peers", default=PEERS, help="comma-separated llm-compressor recipes (see the docstring)")
     parser.add_argument("--peers_first", action="store_true", help="run llm-compressor's recipes before ours")
+    parser.add_argument("--order", default=None,
+                        help="comma-separated runs in the order to make them, each ours:<scheme> or peer:<recipe> "
+                             "(replaces --ours/--peers; the most wanted first, so a cut-short run still has them)")
     args = parser.parse_args()
     args.work_dir.mkdir(parents=True, exist_ok=True)
     model_dir, eval_path, windows, float_ppl, calib = protocol(args.work_dir, args.windows, args.calib_windows,
@@ -93,17 +97,23 @@ def main() -> None:
     table = []
 
     def run_ours(name: str) -> None:
+        """`<scheme>+ct`: the scheme saved in both formats from one run; our reader scores the ascendv1 copy,
+        transformers the compressed-tensors one (weights decompressed; activations float in both for W4A16)."""
+        scheme, both = name.removesuffix("+ct"), name.endswith("+ct")
         config = args.work_dir / f"{name}.yaml"
-        nvfp4 = name in NVFP4_SCHEMES
-        write_config(config, SCHEMES[name], str(calib), "layer_wise", "compressed_tensors" if nvfp4 else "ascendv1_saver")
+        nvfp4 = scheme in NVFP4_SCHEMES
+        saver = "compressed_tensors" if nvfp4 else "ascendv1_saver+compressed_tensors" if both else "ascendv1_saver"
+        write_config(config, SCHEMES[scheme], str(calib), "layer_wise", saver)
         out = args.work_dir / f"smollm2-{name}"
         seconds, rss = quantize_in_child(model_dir, config, out)
-        ppl = perplexity(load_nvfp4(out, model_dir) if nvfp4 else load_ascendv1(out), windows, torch.device("cpu"),
+        ours = out / "ascendv1" if both else out
+        ppl = perplexity(load_nvfp4(out, model_dir) if nvfp4 else load_ascendv1(ours), windows, torch.device("cpu"),
                          name).perplexity
-        if nvfp4:
-            loaded = perplexity(load_nvfp4_transformers(out), windows, torch.device("cpu"), name).perplexity
+        if nvfp4 or both:
+            transformers_model = load_compressed_tensors_transformers(out / "compressed_tensors" if both else out)
+            loaded = perplexity(transformers_model, windows, torch.device("cpu"), name).perplexity
             print(f"msmodelslim {name} as transformers loads it (bf16-rounded weights): ppl {loaded:.4f} "
-                  f"({(loaded / ppl - 1) * 100:+.3f} % against float32 dequantization)", flush=True)
+                  f"({(loaded / ppl - 1) * 100:+.3f} % against our reader)", flush=True)
         print(f"msmodelslim {name}: ppl {ppl:.4f} (x{ppl / float_ppl:.4f}), {seconds:.1f} s, {rss:.0f} MiB", flush=True)
         table.append(("msmodelslim", name, ppl, seconds, rss))
 
@@ -115,8 +125,12 @@ def main() -> None:
 
     ours = [n for n in args.ours.split(",") if n]
     peers = [r for r in args.peers.split(",") if r]
-    for name, run in ([(r, run_theirs) for r in peers] + [(n, run_ours) for n in ours] if args.peers_first
-                      else [(n, run_ours) for n in ours] + [(r, run_theirs) for r in peers]):
+    runs = ([(r, run_theirs) for r in peers] + [(n, run_ours) for n in ours] if args.peers_first
+            else [(n, run_ours) for n in ours] + [(r, run_theirs) for r in peers])
+    if args.order:
+        tools = {"ours": run_ours, "peer": run_theirs}
+        runs = [(name, tools[tool]) for tool, name in (item.split(":", 1) for item in args.order.split(",") if item)]
+    for name, run in runs:
         run(name)
 
     print("\n| tool | scheme | perplexity | vs float | quantize wall s | peak RSS MiB |")

@@ -209,12 +209,13 @@ def weight_zeros(out: Path) -> str:
 
 
 def write_config(path: Path, process: list, dataset: str, runner: str, saver: str = "ascendv1_saver") -> None:
+    """`saver`: one saver type, or several joined by "+" (one run writes each into its own subfolder)."""
     import yaml
 
     config = {"apiversion": "modelslim_v1", "spec": {
         "runner": runner,
         "process": process,
-        "save": [{"type": saver, "part_file_size": 4}],
+        "save": [{"type": kind, "part_file_size": 4} for kind in saver.split("+")],
         "dataset": dataset}}
     path.write_text(yaml.safe_dump(config))
 

@@ -388,11 +388,12 @@ def _parse(step: dict) -> str:
 
 
 @pytest.mark.parametrize("step, words", [
-    ({"type": "fa3_quant", "qconfig": {"dtype": "mxfp8", "scope": "per_block"}}, "'mxfp8' is not implemented yet"),
-    ({"type": "fa3_quant", "qconfig": {"dtype": "fp8_e4m3", "scope": "per_head"}}, "'fp8_e4m3' is not implemented yet"),
-    ({"type": "fa3_quant", "details": {"fa_q": {"dtype": "mxfp4", "scope": "per_block"}}},
-     "'mxfp4' is not implemented yet"),
-    ({"type": "fa3_quant", "qconfig": {"dtype": "int8", "scope": "per_block"}}, "'per_block' (MX blocks) is not"),
+    ({"type": "fa3_quant", "qconfig": {"dtype": "hifloat8", "scope": "per_token"}}, "'hifloat8' is not implemented yet"),
+    ({"type": "fa3_quant", "qconfig": {"dtype": "fp8_e4m3", "scope": "per_head"}}, "static FP8"),
+    ({"type": "fa3_quant", "qconfig": {"dtype": "mxfp4", "scope": "dual_scale"}}, "'dual_scale'"),
+    ({"type": "fa3_quant", "details": {"fa_q": {"dtype": "mxfp4", "scope": "per_block"}}}, "mixes FA3 scopes"),
+    ({"type": "fa3_quant", "qconfig": {"dtype": "int8", "scope": "per_block"}}, "does not go with scope 'per_block'"),
+    ({"type": "fa3_quant", "qconfig": {"dtype": "mxfp8", "scope": "per_token"}}, "mxfp8 takes per_block"),
     ({"type": "fa3_quant", "qconfig": {"dtype": "int8", "scope": "per_head", "symmetric": False}}, "scale alone"),
     ({"type": "fa3_quant", "qconfig": {}, "details": {}}, "not both"),
     ({"type": "fa3_quant", "details": {"fa_q": {"scope": "per_token"}}}, "mixes FA3 scopes"),

@@ -2,14 +2,16 @@
 scale per head (quantizer/fa3.py); `FA3Observer` is the placeholder that records a branch's per-head range during
 calibration. The adapter's rewiring (model/fa3.py) passes Q, K and V through the attention's children `fa_q`,
 `fa_k`, `fa_v`, whichever of the two they are; the writers store `<attn>.fa_q.scale` and `.offset` from
-`FA3HeadQuant` and the reader rebuilds it from them.
+`FA3HeadQuant` and the reader rebuilds it from them. `FA3DynamicQuant` is a dynamic floating-point branch (FP8 per
+token, MXFP8/MXFP4 per block of 32): it holds no tensor, quantizes what it receives at run time, and is written as the
+per-attention `quant_type` string alone (the reader rebuilds it from that string).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from msmodelslim.quantizer.fa3 import HeadRange, fake_quantize_heads
+from msmodelslim.quantizer.fa3 import DYNAMIC_FLOAT, HeadRange, fake_quantize_heads
 
 BRANCHES = ("fa_q", "fa_k", "fa_v")  # the attention's children, in the order Q, K, V
 
@@ -49,3 +51,22 @@ class FA3Observer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.range.update(x)
         return x
+
+
+class FA3DynamicQuant(nn.Module):
+    """x [batch, heads, tokens, dim] -> fp8_e4m3 per token (and head), or mxfp8/mxfp4 per block of 32 along dim, and
+    back, as the attention kernel quantizes it at run time (quantizer/fa3.py). No buffers: nothing is saved."""
+
+    def __init__(self, dtype: str, scope: str) -> None:
+        super().__init__()
+        if (dtype, scope) not in DYNAMIC_FLOAT:
+            raise ValueError(f"FA3 has no dynamic floating-point branch {dtype}/{scope}; the ones there are: "
+                             f"{', '.join(f'{d}/{s}' for d, s in DYNAMIC_FLOAT)}")
+        self.dtype, self.scope = dtype, scope
+        self._quantize = DYNAMIC_FLOAT[dtype, scope]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._quantize(x)
+
+    def extra_repr(self) -> str:
+        return f"FA3 {self.dtype} {self.scope}, dynamic"

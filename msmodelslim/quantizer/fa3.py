@@ -7,11 +7,20 @@ An attention tensor is [batch, heads, tokens, dim]; head h has one scale, fp32 [
     s[h] = max(|min_h|, |max_h|) / 127                 (symmetric minmax over every calibration token; offset 0)
 
 The offset is saved as zeros and never read: the engine dequantizes with the scale alone, as C8 does.
+
+The dynamic floating-point branches calibrate nothing: the kernel quantizes Q, K, V as they arrive, along the last
+axis (head_dim; MLA: the latent r + rope), the element and shared-scale rules being those of
+quantizer/float_formats.py (OCP FP8 and MX v1.0 specs):
+
+    fp8_e4m3 per_token:   s = max|x[b, h, t, :]| / 448 per token and head,  x̂ = E4M3(x / s) · s   (RNE, saturating)
+    mxfp8 / mxfp4 per_block: blocks of 32 along head_dim, X = 2^(floor(log2 amax) - emax) (E8M0),
+                          x̂ = element(x / X) · X                       (E4M3 emax 8 / E2M1 emax 2)
 """
 from __future__ import annotations
 
 import torch
 
+from msmodelslim.quantizer.float_formats import MX_BLOCK, MX_ELEMENT, fp8_fake_quantize_per_token, mx_fake_quantize
 from msmodelslim.quantizer.kv_cache import CacheChannelRange
 from msmodelslim.quantizer.primitives import int_range, scale_offset_from_minmax
 
@@ -28,6 +37,27 @@ def fake_quantize_heads(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     qmin, qmax = int_range(BITS)
     s = _per_head(scale, x)
     return (torch.clamp(torch.round(x.float() / s), qmin, qmax) * s).to(x.dtype)
+
+
+def fake_quantize_fp8_per_token(x: torch.Tensor) -> torch.Tensor:
+    """x [batch, heads, tokens, head_dim] -> FP8 E4M3 with one scale max|x|/448 per token and head, and back."""
+    return fp8_fake_quantize_per_token(x)
+
+
+def fake_quantize_mx_per_block(x: torch.Tensor, dtype: str) -> torch.Tensor:
+    """x [batch, heads, tokens, head_dim] -> `dtype` ("mxfp8": E4M3 elements, "mxfp4": E2M1) in blocks of 32 along
+    head_dim with an E8M0 shared scale each, and back (ValueError when head_dim is not a multiple of 32)."""
+    if dtype not in MX_ELEMENT:
+        raise ValueError(f"{dtype!r} is not an MX dtype; use one of {', '.join(MX_ELEMENT)}")
+    return mx_fake_quantize(x, MX_ELEMENT[dtype], MX_BLOCK)
+
+
+# (dtype, scope) of a dynamic floating-point branch -> what the kernel computes from x at run time
+DYNAMIC_FLOAT = {
+    ("fp8_e4m3", "per_token"): fake_quantize_fp8_per_token,
+    ("mxfp8", "per_block"): lambda x: fake_quantize_mx_per_block(x, "mxfp8"),
+    ("mxfp4", "per_block"): lambda x: fake_quantize_mx_per_block(x, "mxfp4"),
+}
 
 
 class HeadRange(CacheChannelRange):

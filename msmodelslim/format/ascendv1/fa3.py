@@ -7,22 +7,92 @@ For an attention `<attn>` (e.g. `model.layers.3.self_attn`) with static per-head
     <attn>.fa_k.scale  float32 [kv_heads, 1]   <attn>.fa_k.offset                             (MLA: kv_heads = 1,
     <attn>.fa_v.scale  float32 [kv_heads, 1]   <attn>.fa_v.offset                              the latent head)
 
-plus `<attn>.quant_type` ("INT8"; "INT8_DYNAMIC" for per_token, which saves no tensors) and the global
-`fa_quant_type: "FAKQuant"` whenever scales are saved. vLLM-Ascend enables FA quant on a non-empty fa_quant_type and
-finds the layers by the substring `fa_k.scale`; it dequantizes with the scale alone, so offsets are zeros.
+plus `<attn>.quant_type` ("INT8") and the global `fa_quant_type: "FAKQuant"` whenever scales are saved.
+vLLM-Ascend enables FA quant on a non-empty fa_quant_type and finds the layers by the substring `fa_k.scale`; it
+dequantizes with the scale alone, so offsets are zeros.
+
+Dynamic branches save no tensors, only `<attn>.quant_type` (protocol.md §4.3): one token per branch Q, K, V
+(INT8_DYNAMIC, FP8_DYNAMIC, MXFP8_DYNAMIC, MXFP4_DYNAMIC), neighbours with one token merged ("KV_MXFP4_DYNAMIC"),
+no prefix when all three share it: "FP8_DYNAMIC", "Q_FP8_DYNAMIC_KV_MXFP4_DYNAMIC". The reader rebuilds the
+floating-point ones as `FA3DynamicQuant`; INT8_DYNAMIC is read by no engine and stays float.
 """
 from __future__ import annotations
 
 import torch
 
+import re
+from typing import Optional
+
+from torch import nn
+
 from msmodelslim.format.findings import Finding
-from msmodelslim.ir.fa3 import BRANCHES, FA3HeadQuant
+from msmodelslim.ir.fa3 import BRANCHES, FA3DynamicQuant, FA3HeadQuant
 
 FA_QUANT = "FAQuant"  # the tensors' tag
 FA_QUANT_TYPE = "FAKQuant"  # the global key's value
 GLOBAL = {"fa_quant_type": FA_QUANT_TYPE}
 SUFFIXES = ("scale", "offset")
-QUANT_TYPES = ("INT8", "INT8_DYNAMIC")  # the per-attention strings this version writes and reads
+# a branch's token in `<attn>.quant_type` -> (dtype, scope) of the fa3_quant setting it comes from
+BRANCH_TOKENS = {"INT8": ("int8", "per_head"), "INT8_DYNAMIC": ("int8", "per_token"),
+                 "FP8_DYNAMIC": ("fp8_e4m3", "per_token"), "MXFP8_DYNAMIC": ("mxfp8", "per_block"),
+                 "MXFP4_DYNAMIC": ("mxfp4", "per_block")}
+STATIC_TOKEN = "INT8"  # the one token with saved scales
+_GROUP = re.compile(r"([QKV]+)_(" + "|".join(sorted(BRANCH_TOKENS, key=len, reverse=True)) + r")(?:_|$)")
+
+
+def branch_token(dtype: str, scope: str) -> str:
+    """The token of one branch's setting (KeyError for a setting this version does not write)."""
+    return {v: k for k, v in BRANCH_TOKENS.items()}[dtype, scope]
+
+
+def join_quant_type(tokens: list[str]) -> str:
+    """The `<attn>.quant_type` of the Q, K, V tokens: neighbours with one token merge, one token for all three
+    drops the prefix."""
+    if len(set(tokens)) == 1:
+        return tokens[0]
+    groups: list[tuple[str, str]] = []
+    for letter, token in zip("QKV", tokens):
+        if groups and groups[-1][1] == token:
+            groups[-1] = (groups[-1][0] + letter, token)
+        else:
+            groups.append((letter, token))
+    return "_".join(f"{letters}_{token}" for letters, token in groups)
+
+
+def parse_quant_type(value: object) -> Optional[dict[str, str]]:
+    """{fa_q, fa_k, fa_v: token} of a `<attn>.quant_type` string as `join_quant_type` writes it, else None."""
+    if not isinstance(value, str):
+        return None
+    if value in BRANCH_TOKENS:
+        return dict.fromkeys(BRANCHES, value)
+    tokens: list[str] = []
+    position = 0
+    for match in _GROUP.finditer(value):
+        if match.start() != position:
+            return None
+        tokens += [match[2]] * len(match[1])
+        position = match.end()
+    if position != len(value) or len(tokens) != 3 or join_quant_type(tokens) != value:
+        return None
+    return dict(zip(BRANCHES, tokens))
+
+
+def fa3_quant_types(description: dict) -> dict[str, dict[str, str]]:
+    """{attention: {fa_q, fa_k, fa_v: token}} of every FA3 `<attn>.quant_type` entry (the DeepSeek-V3.2 indexer's
+    `<attn>.indexer.quant_type` is not FA3's); an unreadable string maps to {}."""
+    return {key.removesuffix(".quant_type"): parse_quant_type(value) or {}
+            for key, value in description.items()
+            if key.endswith(".quant_type") and not key.endswith(".indexer.quant_type")}
+
+
+def dynamic_fa3_branches(tokens: dict[str, str]) -> dict[str, nn.Module]:
+    """{fa_q, fa_k, fa_v: module} for an attention with a dynamic floating-point branch (INT8_DYNAMIC ones stay
+    nn.Identity, as no engine reads them), {} when it has none."""
+    settings = {b: BRANCH_TOKENS[t] for b, t in tokens.items()}
+    if all(dtype == "int8" for dtype, _ in settings.values()):
+        return {}
+    return {b: nn.Identity() if dtype == "int8" else FA3DynamicQuant(dtype, scope)
+            for b, (dtype, scope) in settings.items()}
 
 
 def fa3_tensors(branch_name: str, quant: FA3HeadQuant) -> dict[str, torch.Tensor]:
@@ -74,15 +144,25 @@ def check_fa3(description: dict, tensors: dict[str, torch.Tensor]) -> list[Findi
     for name, tag in description.items():
         if tag == FA_QUANT and attention_of(name) is None:
             err(f"{name} is tagged FAQuant but is not one of <attn>.fa_{{q,k,v}}.{{scale,offset}}")
-        if name.endswith(".quant_type") and not name.endswith(".indexer.quant_type") and tag not in QUANT_TYPES:
-            err(f"{name} is {tag!r}; the FA3 types written for int8 are {', '.join(QUANT_TYPES)}")
+    for attention, tokens in fa3_quant_types(description).items():
+        value = description[f"{attention}.quant_type"]
+        if not tokens:
+            err(f"{attention}.quant_type is {value!r}; the FA3 types this version writes are {STATIC_TOKEN}, or "
+                f"per branch Q, K, V one of {', '.join(t for t in BRANCH_TOKENS if t != STATIC_TOKEN)} (e.g. "
+                f"'FP8_DYNAMIC', 'Q_FP8_DYNAMIC_KV_MXFP4_DYNAMIC')")
+        elif STATIC_TOKEN in tokens.values() and set(tokens.values()) != {STATIC_TOKEN}:
+            err(f"{attention}.quant_type is {value!r}: it mixes static {STATIC_TOKEN} (saved scales) with dynamic "
+                f"branches; an attention is static or dynamic as a whole")
+        elif STATIC_TOKEN not in tokens.values() and attention in by_attention:
+            err(f"{attention}.quant_type is {value!r} (dynamic: the kernel computes its scales), but FAQuant scales "
+                f"are saved for it")
     for attention, names in sorted(by_attention.items()):
         expected = {f"{attention}.{b}.{s}" for b in BRANCHES for s in SUFFIXES}
         missing = sorted(expected - set(names))
         if missing:
             err(f"{attention}: FA quant needs {', '.join(missing)} in the description")
             continue
-        if description.get(f"{attention}.quant_type") != "INT8":
+        if description.get(f"{attention}.quant_type") != STATIC_TOKEN:
             err(f"{attention}: FAQuant scales are saved but {attention}.quant_type is "
                 f"{description.get(f'{attention}.quant_type')!r}, not \"INT8\"")
         present = {n: tensors.get(n) for n in expected}

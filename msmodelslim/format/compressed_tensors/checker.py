@@ -3,6 +3,7 @@ kernels accept (B.6, warnings)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -11,14 +12,25 @@ from pydantic import ValidationError
 from safetensors import safe_open
 
 from msmodelslim.format.compressed_tensors.kv_cache import SUFFIXES as KV_SUFFIXES
-from msmodelslim.format.compressed_tensors.tensors import (FLOAT_QUANTIZED, INT_QUANTIZED, NVFP4_PACK_QUANTIZED,
-                                                           PACK_QUANTIZED)
+from msmodelslim.format.compressed_tensors.tensors import (FLOAT_QUANTIZED, INT_QUANTIZED, MXFP4_PACK_QUANTIZED,
+                                                           MXFP8_QUANTIZED, NVFP4_PACK_QUANTIZED, PACK_QUANTIZED)
 from msmodelslim.format.findings import Finding
 from msmodelslim.format.integrity import read_checked_tensors
 
 SUFFIXES = {INT_QUANTIZED: ("weight", "weight_scale"), FLOAT_QUANTIZED: ("weight", "weight_scale"),
             PACK_QUANTIZED: ("weight_packed", "weight_scale", "weight_shape"),
-            NVFP4_PACK_QUANTIZED: ("weight_packed", "weight_scale", "weight_global_scale")}
+            NVFP4_PACK_QUANTIZED: ("weight_packed", "weight_scale", "weight_global_scale"),
+            MXFP4_PACK_QUANTIZED: ("weight_packed", "weight_scale"), MXFP8_QUANTIZED: ("weight", "weight_scale")}
+
+EXPERT = re.compile(r"\.experts\.\d+\.")
+# transformers 5.24's loader treats every 8-bit float experts group as per-channel FP8
+# (integrations/compressed_tensors.py:98-115): it multiplies the float8 codes [N, K] by the stored E8M0 bytes
+# [N, K/32] as they are, with neither 2^(byte - 127) nor the expansion to blocks of 32, and fails on the shapes.
+# Dense MXFP8 layers and MXFP4 experts load in transformers to exactly our weights
+# (tests/test_compressed_tensors_mx.py).
+TRANSFORMERS_MXFP8_EXPERTS = ("its compressed-tensors integration multiplies the float8 codes by the raw E8M0 "
+                              "scale bytes without expanding the blocks of 32 (transformers 5.24, "
+                              "integrations/compressed_tensors.py:115) and fails to load them")
 
 
 def is_compressed_tensors(path: Path) -> bool:
@@ -58,9 +70,13 @@ def check_compressed_tensors(path: Path) -> list[Finding]:
         if act is not None and not w.symmetric:
             findings.append(Finding("warning", f"B.6: {group}: vLLM accepts asymmetric weights only for weight-only "
                                                f"(pack-quantized) layers"))
-        if act is not None and w.num_bits == 8 and w.strategy == "group":
+        if act is not None and w.type == "int" and w.num_bits == 8 and w.strategy == "group":
             findings.append(Finding("warning", f"B.6: {group}: vLLM's W8A8 int8 kernels take per-channel weights, "
                                                f"not groups"))
+        experts = [t for t in scheme.targets if EXPERT.search(t)]
+        if scheme.format == MXFP8_QUANTIZED and experts:
+            findings.append(Finding("warning", f"B.6: {group}: transformers cannot load MXFP8 MoE experts "
+                                               f"({experts[0]}, ...): {TRANSFORMERS_MXFP8_EXPERTS}"))
     return findings
 
 

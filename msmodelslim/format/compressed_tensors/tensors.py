@@ -13,6 +13,11 @@ QuantizationArgs and int32 packing.
   float8_e4m3fn [N, K/16], `weight_global_scale` float32 [1]; W = q · weight_scale / weight_global_scale.
 - NVFP4 W4A4 (W4A4_NVFP4): the same, plus `input_global_scale` float32 [1] (448·6 / max|x| over the calibration
   inputs); the block scales of the input are computed at run time (`dynamic: local`), the library's NVFP4 preset.
+- MX (W4A16_MXFP4, W4A4_MXFP4, W8A8_MXFP8): the library's MXFP4A16 / MXFP4 / MXFP8 presets (float, group 32,
+  `scale_dtype` uint8), formats `mxfp4-pack-quantized` (`weight_packed` uint8 [N, K/2], packed as NVFP4's) and
+  `mxfp8-quantized` (`weight` float8_e4m3fn [N, K]); `weight_scale` uint8 [N, K/32] holds the E8M0 byte e + 127
+  of each block's power-of-two scale, whatever rule chose e (OCP minmax, mse_round, ceil_x, GPTQ); W = q · 2^e.
+  Activations (W4A4, W8A8) are quantized per block of 32 at run time (`dynamic: true`); nothing is stored for them.
 - Asymmetric: `weight_zero_point` (int8 for int-quantized, int32 packed along N for pack-quantized),
   `input_zero_point` int8. Symmetric layers carry no zero points.
 Both conventions dequantize as (q − zp)·s, the same as ascendv1's (q − offset)·s.
@@ -22,16 +27,23 @@ from __future__ import annotations
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 from compressed_tensors.quantization import QuantizationArgs
+from compressed_tensors.quantization.quant_scheme import MXFP4, MXFP4A16, MXFP8
 
 from msmodelslim.core.errors import UnsupportedError
 from msmodelslim.ir.quant_linear import QuantLinear
-from msmodelslim.quantizer.float_formats import pack_fp4_pairs
+from msmodelslim.quantizer.float_formats import pack_fp4_pairs, scale_to_e8m0
 from msmodelslim.quantizer.scheme import Scheme
 
 INT_QUANTIZED = "int-quantized"
 FLOAT_QUANTIZED = "float-quantized"
 PACK_QUANTIZED = "pack-quantized"
 NVFP4_PACK_QUANTIZED = "nvfp4-pack-quantized"
+MXFP4_PACK_QUANTIZED = "mxfp4-pack-quantized"
+MXFP8_QUANTIZED = "mxfp8-quantized"
+# Our MX schemes as the library's presets: (preset, format). W4A8_MXFP (MXFP4 weights, MXFP8 activations) has no
+# preset: the library's MXFP4xFP8 quantizes activations to FP8 per group of 128 with float scales, not MXFP8.
+MX_PRESETS = {Scheme.W4A16_MXFP4: (MXFP4A16, MXFP4_PACK_QUANTIZED), Scheme.W4A4_MXFP4: (MXFP4, MXFP4_PACK_QUANTIZED),
+              Scheme.W8A8_MXFP8: (MXFP8, MXFP8_QUANTIZED)}
 
 
 def _symmetric(offset: torch.Tensor | None) -> bool:
@@ -59,6 +71,10 @@ def quantization_args(module: QuantLinear) -> tuple[QuantizationArgs, Quantizati
                                    dynamic="local", observer="static_minmax", scale_dtype=torch.float8_e4m3fn,
                                    zp_dtype=torch.float8_e4m3fn)
         return weights, act, NVFP4_PACK_QUANTIZED
+    if module.scheme in MX_PRESETS:
+        preset, fmt = MX_PRESETS[module.scheme]
+        act = preset.get("input_activations")
+        return preset["weights"].model_copy(), act and act.model_copy(), fmt
     if module.scheme.is_float_format:  # planning refuses these before any weight is read
         raise UnsupportedError(f"{module.scheme.value} has no compressed-tensors writer yet; save with ascendv1_saver")
     group = module.group_size
@@ -85,6 +101,13 @@ def linear_tensors(module: QuantLinear, bias_dtype: torch.dtype) -> dict[str, to
                "weight_global_scale": module.weight_global_scale.float().reshape(1)}
         if module.input_global_scale is not None:
             out["input_global_scale"] = module.input_global_scale.float().reshape(1)
+        if module.bias is not None:
+            out["bias"] = module.bias.to(bias_dtype)
+        return out
+    if fmt in (MXFP4_PACK_QUANTIZED, MXFP8_QUANTIZED):  # E8M0 bytes; float8 codes stored as they are
+        codes = pack_fp4_pairs(module.qweight) if fmt == MXFP4_PACK_QUANTIZED else module.qweight
+        out = {"weight_packed" if fmt == MXFP4_PACK_QUANTIZED else "weight": codes,
+               "weight_scale": scale_to_e8m0(module.weight_scale)}
         if module.bias is not None:
             out["bias"] = module.bias.to(bias_dtype)
         return out

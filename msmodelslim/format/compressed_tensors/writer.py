@@ -54,11 +54,10 @@ class CompressedTensorsWriter:
                               "compressed-tensors equivalent; save with ascendv1_saver",
                    "W4A4_DYNAMIC": "int4 per-token activations (W4A4_DYNAMIC) have no kernel in vLLM (its only W4A4 "
                                    "compressed-tensors scheme is NVFP4); save with ascendv1_saver",
-                   **{tag: f"{tag} is not written in compressed-tensors yet (the library's mxfp8-quantized / "
-                           f"mxfp4-pack-quantized formats: transformers with compressed-tensors 0.20 does not "
-                           f"decompress them faithfully on the CPU, so a written checkpoint could not be verified); "
-                           f"save with ascendv1_saver"
-                      for tag in ("W8A8_MXFP8", "W4A8_MXFP", "W4A4_MXFP4", "W4A16_MXFP4")},
+                   "W4A8_MXFP": "W4A8_MXFP (MXFP4 weights, MXFP8 activations) has no compressed-tensors scheme: the "
+                                "library's MXFP4xFP8 preset quantizes activations to FP8 per group of 128 with float "
+                                "scales, not MXFP8; save with ascendv1_saver, or use W4A4_MXFP4 (act mxfp4) or "
+                                "W4A16_MXFP4 (act float) for compressed_tensors",
                    "W4A4_MXFP4_DUALSCALE": "W4A4_MXFP4_DUALSCALE (float32 scales over the MXFP4 blocks) is an Ascend "
                                            "scheme with no compressed-tensors format; save with ascendv1_saver"}
 
