@@ -73,3 +73,11 @@ def sampling_calls(monkeypatch) -> list:
 
     monkeypatch.setattr(diffusers.WanPipeline, "__call__", counted)
     return calls
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory) -> list[Path]:
+    """A few small PNG images for the vision-language tests (tests/tiny_vlm.make_images)."""
+    from tiny_vlm import make_images
+
+    return make_images(tmp_path_factory.mktemp("images"))

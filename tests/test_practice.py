@@ -20,8 +20,13 @@ FAMILY_OF_PEDIGREE = {"llama": "llama", "qwen2": "qwen2", "qwen2_5": "qwen2", "q
                      "longcat_flash": "longcat_flash", "step_3_5_flash": "step3p5", "deepseek_v4": "deepseek_v4"}
 # Vision-language pedigrees: tiny checkpoints of tests/tiny_vlm.py, and the scheme their w8a8 practice gives the
 # first name of the pedigree (the established tool's recipes: static W8A8, or MXFP8 for Qwen2.5-VL)
-VLM_PEDIGREES = {"qwen2_5_vl": "W8A8_MXFP8", "qwen3_vl": "W8A8", "qwen3_vl_moe": "W8A8"}
-FAMILY_OF_PEDIGREE.update({p: f"vlm:{p}" for p in VLM_PEDIGREES})
+VLM_PEDIGREES = {"qwen2_5_vl": "W8A8_MXFP8", "qwen3_vl": "W8A8", "qwen3_vl_moe": "W8A8",
+                 "qwen3_5_moe": "W8A8_DYNAMIC", "internvl3_5": "W8A8", "glm4_6v": "W8A8", "kimi_k2_5": "W8A8",
+                 "qwen2_5_omni_thinker": "W8A8_DYNAMIC", "qwen3_omni_moe": "W8A8_DYNAMIC"}
+# {pedigree: the tiny_vlm family its checkpoint is built as} where the two names differ
+TINY_VLM = {"internvl3_5": "internvl", "glm4_6v": "glm4v_moe", "kimi_k2_5": "kimi_k25",
+            "qwen2_5_omni_thinker": "qwen2_5_omni"}
+FAMILY_OF_PEDIGREE.update({p: f"vlm:{TINY_VLM.get(p, p)}" for p in VLM_PEDIGREES})
 # Adapters that refuse every checkpoint by name have no practices (none today).
 REFUSED_PEDIGREES: set[str] = set()
 TABLE = practice_table({name: entry.pedigree for name, entry in registry.registered_adapters().items()})

@@ -215,10 +215,17 @@ class _Totals:
 
 
 def load_float_vlm(model_path: Path, trust_remote_code: bool) -> nn.Module:
+    import transformers
     from transformers import AutoModelForImageTextToText
 
+    from msmodelslim.model.vlm_omni import THINKER_CLASSES
+
+    model_type = load_hf_config(model_path, trust_remote_code).model_type
+    model_class = AutoModelForImageTextToText  # an Omni checkpoint: its thinker (model/vlm_omni.py)
+    if model_type in THINKER_CLASSES:
+        model_class = getattr(transformers, THINKER_CLASSES[model_type])
     with model_load_errors(model_path, f"cannot load the float model from {model_path}"):
-        model = AutoModelForImageTextToText.from_pretrained(
+        model = model_class.from_pretrained(
             model_path, dtype=torch.float32, trust_remote_code=trust_remote_code, local_files_only=True)
     return model.eval()
 

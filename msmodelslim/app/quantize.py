@@ -166,8 +166,10 @@ def load_calibration(config: PracticeConfig, adapter: object = None) -> Calibrat
     does not take, or that this environment cannot decode, is refused here too)."""
     if config.is_vlm:
         model = getattr(adapter, "model_type", None) or "the model"
-        return load_vlm_samples(config.spec.dataset, config.spec.default_text, config.source_dir,
-                                accepts=getattr(adapter, "calibration_media", MEDIA), model=model)
+        samples = load_vlm_samples(config.spec.dataset, config.spec.default_text, config.source_dir,
+                                   accepts=getattr(adapter, "calibration_media", MEDIA), model=model)
+        getattr(adapter, "processor", None)  # built now (files only): a missing dependency is named before any weight
+        return samples
     return load_texts(config.spec.dataset, config.source_dir)
 
 

@@ -6,13 +6,17 @@ turns each into one model input. Paths are absolute and known to exist once a sa
 `spec.dataset` names, in this order (protocol.md 2.7; the established tool's one-command guide):
   1. an `index.json` / `index.jsonl` file, or a directory holding exactly one of them: entries
      `{"text": ..., "image": ..., "audio": ..., "video": ...}`, every field optional but one medium or a text, the
-     media paths relative to the index file, `text` falling back to `spec.default_text`;
+     media paths relative to the index file, `text` falling back to `spec.default_text`. A `video` is a directory
+     of numbered frames (`frame_000.png`, `frame_001.png`, ...: .png/.jpg/.jpeg, in the order of their numbers),
+     which needs no decoder: the frames go to the model's processor as a list (model/vlm_omni.py). A container
+     file (.mp4, ...) is read only where a video decoder is installed, and refused before any weight is read
+     otherwise, naming the decoder and the frame-directory alternative;
   2. a directory of images only (.jpg/.jpeg/.png), each calibrated with `spec.default_text`;
   3. a directory of images plus exactly one other `.json` / `.jsonl` of `{"image": ..., "text": ...}` entries
      (a JSON array, or one object per line), the images relative to that directory.
 A name is looked up as a path (absolute, then relative to the config file, then to the working directory), then as
-a built-in set of `msmodelslim/lab_calib/` (`calibImages`). Every image is decoded when the set is loaded, so a
-broken file is named before any weight is read.
+a built-in set of `msmodelslim/lab_calib/` (`calibImages`, `calibVideos`). Every image and video frame is decoded
+when the set is loaded, so a broken file is named before any weight is read.
 """
 from __future__ import annotations
 
@@ -28,17 +32,15 @@ from msmodelslim.core.errors import InvalidDatasetError, UnsupportedError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 AUDIO_SUFFIXES = (".wav", ".mp3")
-VIDEO_SUFFIXES = (".mp4",)
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")  # containers: need a decoder (see missing_decoders)
+MAX_FRAMES = 256  # frames of one frame-directory video
 INDEX_NAMES = ("index.json", "index.jsonl")
 MEDIA = ("image", "audio", "video")  # what an index entry may carry besides its text
 MAX_SAMPLES = 100_000  # far beyond any calibration set; stops a runaway index before every image is decoded
 MAX_LISTED = 10  # problems named in one error
 
 # Built-in sets of the established tool that this version cannot ship: {name: why}.
-NOT_SHIPPED = {
-    "calibVideos": "it is the established tool's video+audio set for the Omni models, and decoding its media needs "
-                   "packages msmodelslim does not depend on",
-}
+NOT_SHIPPED: dict[str, str] = {}
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,38 @@ def _media_path(base: Path, value: Any, field: str, suffixes: tuple[str, ...], w
     return path
 
 
+def video_frames(directory: Path) -> list[Path]:
+    """The frames of a frame-directory video in playing order: every non-hidden file is a .png/.jpg/.jpeg image
+    whose name holds a number (the last one in the name orders them)."""
+    import re
+
+    files = sorted(p for p in directory.iterdir() if not _is_hidden(p))
+    others = [p.name for p in files if not p.is_file() or p.suffix.lower() not in IMAGE_SUFFIXES]
+    unnumbered = [p.name for p in files if p.name not in others and not re.search(r"\d+", p.stem)]
+    if others or unnumbered or not files:
+        why = (f"it also holds {', '.join(others[:MAX_LISTED])}" if others else
+               f"frame(s) {', '.join(unnumbered[:MAX_LISTED])} have no number in their name" if unnumbered else
+               "it is empty")
+        raise InvalidDatasetError(f"video {directory} is not a frame directory: {why}. A video is a directory of "
+                                  f"numbered frames (frame_000.png, frame_001.png, ...)")
+    if len(files) > MAX_FRAMES:
+        raise InvalidDatasetError(f"video {directory} holds {len(files)} frames; at most {MAX_FRAMES}")
+    return sorted(files, key=lambda p: (int(re.findall(r"\d+", p.stem)[-1]), p.name))
+
+
+def _video_path(base: Path, value: Any, where: str) -> Optional[Path]:
+    """A `video` field: a directory of numbered frames, or a container file (refused later without a decoder)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidDatasetError(f"{where}: 'video' must be a path (a non-empty string), got {value!r}")
+    path = (base / value).resolve()
+    if path.is_dir():
+        video_frames(path)  # named now: a bad frame directory fails before any weight is read
+        return path
+    return _media_path(base, value, "video", VIDEO_SUFFIXES, where)
+
+
 def _entries(path: Path) -> list[tuple[str, Any]]:
     """[(where, entry)] of a .json (an array, or one object) or .jsonl (one JSON value per line) file."""
     try:
@@ -154,7 +188,7 @@ def _read_index(index: Path, default_text: str, accepts: Collection[str] = MEDIA
             text=_text_of(entry, default_text, where, required=False),
             image=_media_path(base, entry.get("image"), "image", IMAGE_SUFFIXES, where),
             audio=_media_path(base, entry.get("audio"), "audio", AUDIO_SUFFIXES, where),
-            video=_media_path(base, entry.get("video"), "video", VIDEO_SUFFIXES, where),
+            video=_video_path(base, entry.get("video"), where),
         )
         _refuse_media_the_model_lacks(sample, where, accepts, model)
         _refuse_undecodable(sample, where)
@@ -191,7 +225,13 @@ def _refuse_media_the_model_lacks(sample: VlmCalibSample, where: str, accepts: C
 
 def _refuse_undecodable(sample: VlmCalibSample, where: str) -> None:
     for kind, path in (("video", sample.video), ("audio", sample.audio)):
-        missing = missing_decoders(kind) if path is not None else None
+        missing = missing_decoders(kind) if path is not None and not path.is_dir() else None
+        if missing and kind == "video":
+            raise UnsupportedError(
+                f"{where}: the sample's video {path.name} is a container file, and reading it needs {missing}, "
+                f"which msmodelslim does not depend on and this environment lacks. Give the video as a directory "
+                f"of numbered frames instead (frame_000.png, frame_001.png, ...: e.g. `ffmpeg -i {path.name} "
+                f"-vf fps=2 {path.stem}/frame_%03d.png`), or install the decoder")
         if missing:
             raise UnsupportedError(
                 f"{where}: the sample's {kind} {path.name} cannot be calibrated on: reading {kind} needs {missing}, "
@@ -275,7 +315,8 @@ def load_vlm_samples(dataset: str, default_text: str, source_dir: Optional[Path]
 
 def _refuse_unreadable_images(samples: Sequence[VlmCalibSample]) -> None:
     problems = []
-    for image in dict.fromkeys(s.image for s in samples if s.image is not None):  # each file once, in order
+    frames = [f for s in samples if s.video is not None and s.video.is_dir() for f in video_frames(s.video)]
+    for image in dict.fromkeys([s.image for s in samples if s.image is not None] + frames):  # each file once
         why = _check_image(image)
         if why:
             problems.append(f"{image}: {why}")
@@ -294,12 +335,20 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _media_digest(path: Path) -> str:
+    """A file's sha256; a frame directory's: its frames' names and digests, in playing order."""
+    if not path.is_dir():
+        return _file_digest(path)
+    listing = [[frame.name, _file_digest(frame)] for frame in video_frames(path)]
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+
+
 def calibration_digest(data: Iterable[Union[str, VlmCalibSample]]) -> str:
     """sha256 of the calibration data: the texts as JSON (a text run), or per sample its text and the content of
     its media files (a VLM run: a replaced image with the same name changes the digest)."""
     items = list(data)
     if all(isinstance(item, str) for item in items):
         return hashlib.sha256(json.dumps(items).encode()).hexdigest()
-    described = [[item.text] + [_file_digest(path) if path is not None else None
+    described = [[item.text] + [_media_digest(path) if path is not None else None
                                 for path in (item.image, item.audio, item.video)] for item in items]
     return hashlib.sha256(json.dumps(described).encode()).hexdigest()

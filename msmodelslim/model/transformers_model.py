@@ -7,7 +7,7 @@ one decoder block (plus embeddings and head) in memory at a time.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Generator, Iterator
+from typing import Any, Callable, Generator, Iterator, Optional
 
 import torch
 from accelerate import init_empty_weights
@@ -39,6 +39,42 @@ MAX_CALIB_BATCH = 16  # samples of equal length share a forward
 
 class _StopBeforeFirstBlock(Exception):
     """Raised from a hook to end a model forward once the first block's inputs are known."""
+
+
+def forward_until(model: nn.Module, first: nn.Module, call: dict[str, Any],
+                  substitutes: Optional[dict[nn.Module, Callable[..., Any]]] = None,
+                  observe: Optional[dict[str, nn.Module]] = None) -> tuple[tuple, dict, dict[str, dict]]:
+    """Run the model's own forward on `call` (use_cache off, no grad) until `first` would start: its args and kwargs,
+    exactly as the model computes them (embeddings, masks, position encodings, any family). `substitutes`: modules
+    whose forward is replaced for this call only (e.g. an embedding table already dropped, a vision tower already
+    run and quantized); `observe`: {label: module} whose call kwargs are recorded, returned by label."""
+    captured: dict[str, Any] = {}
+    observed: dict[str, dict] = {}
+
+    def stop(_module, args, kwargs):
+        captured["args"], captured["kwargs"] = args, kwargs
+        raise _StopBeforeFirstBlock
+
+    def recorder(label: str):
+        def hook(_module, _args, kwargs):
+            observed[label] = kwargs
+        return hook
+
+    handles = [m.register_forward_pre_hook(recorder(label), with_kwargs=True) for label, m in (observe or {}).items()]
+    handles.append(first.register_forward_pre_hook(stop, with_kwargs=True))
+    for module, forward in (substitutes or {}).items():
+        module.forward = forward
+    try:
+        with torch.no_grad():
+            model(**call, use_cache=False)
+    except _StopBeforeFirstBlock:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module in substitutes or {}:
+            module.__dict__.pop("forward", None)  # back to the class's forward
+    return captured["args"], captured["kwargs"], observed
 
 
 def _to_device(value: Any, device: torch.device) -> Any:
@@ -315,21 +351,8 @@ class TransformersModel(ModelSlimPipelineInterfaceV1):
         """Run the model's own forward up to the first block: embeddings, masks and position encodings come
         out exactly as the model computes them, for any family."""
         first = model.get_submodule(self.block_names(model)[0])
-        captured: dict[str, Any] = {}
-
-        def hook(_module, args, kwargs):
-            captured["args"], captured["kwargs"] = args, kwargs
-            raise _StopBeforeFirstBlock
-
-        handle = first.register_forward_pre_hook(hook, with_kwargs=True)
-        try:
-            with torch.no_grad():
-                model(**{k: v.to("cpu") for k, v in batch.items()}, use_cache=False)
-        except _StopBeforeFirstBlock:
-            pass
-        finally:
-            handle.remove()
-        return captured["args"], captured["kwargs"]
+        args, kwargs, _ = forward_until(model, first, {k: v.to("cpu") for k, v in batch.items()})
+        return args, kwargs
 
     def generate_model_forward(
         self, model: nn.Module, inputs: dict[str, torch.Tensor]

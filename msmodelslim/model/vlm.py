@@ -55,7 +55,7 @@ from msmodelslim.model.moe import StackedSlice, stacked_source, unfuse_experts
 from msmodelslim.model.passthrough import UnreadTensors, classify_unread
 from msmodelslim.model.rotation import decoder_rotation, gated_mlp, gqa_attention, routed_experts
 from msmodelslim.model.skeleton_edits import relocate
-from msmodelslim.model.transformers_model import TransformersModel, _StopBeforeFirstBlock, _to_device
+from msmodelslim.model.transformers_model import TransformersModel, _to_device, forward_until
 
 log = get_logger("model.vlm")
 
@@ -263,12 +263,15 @@ class VlmAdapter(TransformersModel):
         try:
             return AutoProcessor.from_pretrained(self.model_path, local_files_only=True,
                                                  trust_remote_code=self.trust_remote_code)
-        except ImportError as exc:  # the video processor needs torchvision; images do not
+        except (ImportError, ValueError) as exc:  # the video processor needs torchvision; images do not
+            if isinstance(exc, ValueError) and "torchvision" not in str(exc):
+                raise InvalidModelError(f"cannot load the processor (tokenizer, image processor, chat template) "
+                                        f"from {self.model_path}: {exc}") from None
             log.warning("the processor of %s cannot be built whole (%s); using its tokenizer and image processor "
                         "without the video processor (image calibration only)", self.model_path,
                         " ".join(str(exc).split())[:160])
             return self._image_only_processor()
-        except (OSError, ValueError) as exc:
+        except OSError as exc:
             raise InvalidModelError(f"cannot load the processor (tokenizer, image processor, chat template) from "
                                     f"{self.model_path}: {exc}") from None
 
@@ -299,7 +302,8 @@ class VlmAdapter(TransformersModel):
             raise InvalidModelError(f"cannot load the tokenizer and image processor from {self.model_path}: "
                                     f"{exc}") from None
         return WithoutVideo(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
-                            chat_template=_chat_template(self.model_path) or tokenizer.chat_template)
+                            chat_template=_chat_template(self.model_path) or tokenizer.chat_template,
+                            **_processor_settings(self.model_path, base))
 
     def handle_dataset(self, dataset: Sequence[VlmCalibSample | str], device: torch.device) -> list[dict[str, Any]]:
         """One model input per sample: the chat template over [image, text] (a plain string is a text-only sample),
@@ -335,34 +339,14 @@ class VlmAdapter(TransformersModel):
         deepstack_visual_embeds). Given, `token_embeddings` stand for the embedding table's output and
         `vision_output` for the tower's (the tower is then not run)."""
         first = model.get_submodule(self.text_block_names(model)[0])
-        embedding = model.get_submodule(f"{self.layout.text}.embed_tokens")
-        vision = model.get_submodule(self.layout.vision)
-        captured: dict[str, Any] = {}
-
-        def text_model_hook(_module, _args, kwargs):
-            captured["text_kwargs"] = kwargs
-
-        def first_layer_hook(_module, args, kwargs):
-            captured["args"], captured["kwargs"] = args, kwargs
-            raise _StopBeforeFirstBlock
-
-        handles = [self.language_model(model).register_forward_pre_hook(text_model_hook, with_kwargs=True),
-                   first.register_forward_pre_hook(first_layer_hook, with_kwargs=True)]
+        substitutes = {}
         if token_embeddings is not None:
-            embedding.forward = lambda _ids: token_embeddings
+            substitutes[model.get_submodule(f"{self.layout.text}.embed_tokens")] = lambda _ids: token_embeddings
         if vision_output is not None:  # a fresh copy per call: get_image_features splits its fields in place
-            vision.forward = lambda *_args, **_kwargs: _copy_output(vision_output)
-        try:
-            with torch.no_grad():
-                model(**{k: v.to("cpu") for k, v in batch.items()}, use_cache=False)
-        except _StopBeforeFirstBlock:
-            pass
-        finally:
-            for handle in handles:
-                handle.remove()
-            for module in (embedding, vision):
-                module.__dict__.pop("forward", None)  # back to the class's forward
-        return captured["args"], captured["kwargs"], captured.get("text_kwargs", {})
+            substitutes[model.get_submodule(self.layout.vision)] = lambda *_a, **_k: _copy_output(vision_output)
+        args, kwargs, observed = forward_until(model, first, {k: v.to("cpu") for k, v in batch.items()}, substitutes,
+                                               {"text": self.language_model(model)})
+        return args, kwargs, observed.get("text", {})
 
     def generate_model_forward(self, model: nn.Module, inputs: dict[str, torch.Tensor]
                                ) -> Generator[ProcessRequest, Any, None]:
@@ -388,6 +372,8 @@ class VlmAdapter(TransformersModel):
                              else self._served_vision_output(vision, request, output))
         args, kwargs, text_kwargs = self._capture(model, inputs, token_embeddings, vision_output)
         args, kwargs = _to_device(args, device), _to_device(kwargs, device)
+        if resumed is not None:  # the saved input of the next block (the first text layer's when only the tower ran)
+            args = (resumed,) + tuple(args[1:])
         deepstack = text_kwargs.get("deepstack_visual_embeds") or []
         masks = text_kwargs.get("visual_pos_masks")
         text_model = self.language_model(model)
@@ -463,6 +449,21 @@ def _processor_class_name(model_path: Path) -> str | None:
         if isinstance(data, dict) and isinstance(data.get("processor_class"), str):
             return data["processor_class"]
     return None
+
+
+def _processor_settings(model_path: Path, processor_class: type) -> dict[str, Any]:
+    """processor_config.json's settings that `processor_class` takes by name (e.g. InternVL's image_seq_length)."""
+    import inspect
+
+    try:
+        data = json.loads((Path(model_path) / "processor_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    named = set(inspect.signature(processor_class.__init__).parameters)
+    named -= {"self", "chat_template", "image_processor", "tokenizer", "video_processor"}
+    return {k: v for k, v in data.items() if k in named}
 
 
 def _chat_template(model_path: Path) -> str | None:

@@ -1,0 +1,323 @@
+"""The Omni thinkers (model/vlm_omni.py: Qwen2.5-Omni-7B, Qwen3-Omni-30B-A3B) on tiny random checkpoints
+(tests/tiny_vlm.py make_tiny_omni: the whole model's config.json, the thinker under its published `thinker.*` names,
+a few talker/vocoder tensors): transformers' thinker class loads the published names (its conversion mapping) and
+computes what the adapter's block-by-block walk computes on image+prompt inputs; the speech parts pass through
+unchanged; smoothing is exact in float and leaves both towers alone; a W8A8 run writes the same bytes layer_wise and
+model_wise, keeps every untouched vision and audio tensor byte for byte, passes the checker and reads back (our
+reader and the reference reader) close to float; video and audio calibration are refused by name before any weight
+is read."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from msmodelslim.core.dataset import LAB_CALIB
+from msmodelslim.core.errors import InvalidDatasetError, UnsupportedError
+from msmodelslim.core.vlm_dataset import VlmCalibSample, load_vlm_samples
+from msmodelslim.model import registry
+from msmodelslim.model.interface import block_hidden_state
+from msmodelslim.model.vlm_omni import OmniThinkerAdapter, Qwen3OmniMoeThinkerAdapter
+from test_vlm_models import W8A8_DYNAMIC, W8A8_STATIC, stored, transformed, write_ascendv1
+from tiny_vlm import PROMPT, image_samples, make_tiny_omni
+
+CPU = torch.device("cpu")
+FAMILIES = {"qwen2_5_omni": ("Qwen2.5-Omni-7B", OmniThinkerAdapter),
+            "qwen3_omni_moe": ("Qwen3-Omni-30B-A3B-Thinking", Qwen3OmniMoeThinkerAdapter)}
+SPEECH = {"qwen2_5_omni": ("talker.model.layers.0.self_attn.q_proj.weight", "talker.model.norm.weight",
+                           "token2wav.decoder.proj.weight"),
+          "qwen3_omni_moe": ("talker.model.layers.0.self_attn.q_proj.weight", "talker.model.norm.weight",
+                             "code2wav.decoder.proj.weight")}
+TEXT = "thinker.model.layers"
+# max |Δlogit| of the same float model run two ways (transformers' thinker class vs the walk): 0 for the dense
+# thinker; unfused experts add up in another order than transformers' grouped experts (~1e-7)
+SAME_MODEL = 1e-5
+FLOAT_BOUND = 1e-4  # max |Δlogit| / max |logit| of a float-exact transform (float32 rounding of folded weights)
+
+
+@pytest.fixture(scope="module")
+def omnis(tmp_path_factory) -> dict[str, Path]:
+    return {family: make_tiny_omni(tmp_path_factory.mktemp(family), family) for family in FAMILIES}
+
+
+def video_samples(count: int = 2) -> list[VlmCalibSample]:
+    """The built-in calibVideos set's last entries: a clip alone, and a clip with a still image."""
+    return load_vlm_samples("calibVideos", PROMPT)[-count:]
+
+
+def adapter_of(family: str, path: Path):
+    name, cls = FAMILIES[family]
+    return cls(name, path)
+
+
+def logits(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch, use_cache=False).logits.float()
+
+
+def transformers_thinker(family: str, path: Path):
+    """transformers' own thinker class on the published checkpoint (its conversion mapping renames `thinker.*`)."""
+    import transformers
+
+    cls = {"qwen2_5_omni": transformers.Qwen2_5OmniThinkerForConditionalGeneration,
+           "qwen3_omni_moe": transformers.Qwen3OmniMoeThinkerForConditionalGeneration}[family]
+    return cls.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def walked_logits(adapter, model, batch) -> torch.Tensor:
+    forward = adapter.generate_model_forward(model, batch)
+    request = next(forward)
+    with torch.no_grad():
+        while True:
+            output = request.module(*request.args, **request.kwargs)
+            try:
+                request = forward.send(output)
+            except StopIteration:
+                break
+        hidden = model.get_submodule("thinker.model.norm")(block_hidden_state(output))
+        return model.get_submodule("thinker.lm_head")(hidden).float()
+
+
+# ---- structure and forward ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_walk_equals_transformers_thinker_on_image_and_text(omnis, images, family):
+    adapter = adapter_of(family, omnis[family])
+    model = adapter.init_model(CPU, load_layers=True)
+    reference = transformers_thinker(family, omnis[family])
+    batches = adapter.handle_dataset(image_samples(images[:2]) + ["a prompt without an image"] + video_samples(), CPU)
+    assert "pixel_values" in batches[0] and "pixel_values" not in batches[2]
+    assert "pixel_values_videos" in batches[3] and "pixel_values" not in batches[3]  # a clip
+    assert {"pixel_values", "pixel_values_videos"} <= set(batches[4])  # a clip and a still image
+    for batch in batches:
+        want = logits(reference, batch)
+        assert (logits(model, batch) - want).abs().max() < SAME_MODEL  # the published names loaded alike
+        delta = (walked_logits(adapter, model, batch) - want).abs().max().item()
+        print(f"{family}: walk vs transformers' thinker max |Δlogit| {delta:.2e} ({sorted(batch)})")
+        assert delta < SAME_MODEL
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_names_are_published_and_the_speech_parts_pass_through(omnis, family):
+    adapter = adapter_of(family, omnis[family])
+    skeleton = adapter.init_skeleton()
+    assert sorted(adapter.unused_checkpoint_tensors(skeleton)) == sorted(SPEECH[family])  # all else by its name
+    assert sorted(adapter.unread_tensors(skeleton).passthrough_names) == sorted(SPEECH[family])
+    assert adapter.block_names(skeleton) == ["thinker.visual"] + [f"{TEXT}.{i}" for i in range(3)]
+    names = skeleton.state_dict()
+    assert {"thinker.model.embed_tokens.weight", "thinker.lm_head.weight", "thinker.model.norm.weight",
+            f"{TEXT}.0.self_attn.q_proj.weight"} <= set(names)
+    assert any(n.startswith("thinker.audio_tower.") for n in names)
+    if family == "qwen3_omni_moe":
+        assert f"{TEXT}.2.mlp.experts.3.down_proj.weight" in names
+    assert adapter.loader_module_name(f"{TEXT}.1.mlp.down_proj") == "model.language_model.layers.1.mlp.down_proj"
+    assert adapter.loader_module_name("thinker.visual.blocks.0.attn.qkv") == "model.visual.blocks.0.attn.qkv"
+
+
+# ---- float-exact transforms ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("transform", ["iter_smooth", "flex_smooth_quant"])
+def test_smoothing_is_exact_in_float_on_images_and_leaves_the_towers_alone(omnis, images, family, transform):
+    data = image_samples(images[:2]) + ["a prompt without an image"]
+    original = adapter_of(family, omnis[family]).init_model(CPU, load_layers=True)
+    model, batches = transformed(adapter_of(family, omnis[family]), [{"type": transform}], data)
+    pairs = [(logits(model, b), logits(original, b)) for b in batches]
+    change = max((a - b).abs().max().item() for a, b in pairs) / max(b.abs().max().item() for _, b in pairs)
+    print(f"{family} {transform}: max |Δlogit| / max |logit| {change:.2e} on image+prompt")
+    assert change < FLOAT_BOUND
+    before, after = original.state_dict(), model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(k.startswith(f"{TEXT}.1.self_attn.q_proj.") for k in changed)
+    assert not {k for k in changed if k.startswith(("thinker.visual.", "thinker.audio_tower."))}
+
+
+def test_quarot_is_refused_by_name(omnis):
+    from msmodelslim.core.config import parse_config
+    from msmodelslim.processor.base import ProcessorContext, build_pipeline
+
+    adapter = adapter_of("qwen2_5_omni", omnis["qwen2_5_omni"])
+    config = parse_config({"apiversion": "modelslim_v1", "spec": {"process": [{"type": "quarot"}]}})
+    context = ProcessorContext(type(adapter).__name__, adapter.structure, adapter.attention_shape())
+    with pytest.raises(UnsupportedError, match="(?i)quarot|rotation"):
+        for processor in build_pipeline(config.spec.process, context):
+            processor.check_model(adapter.init_skeleton(), adapter.block_names(adapter.init_skeleton()))
+
+
+# ---- output ------------------------------------------------------------------------------------------------------
+UPSTREAM_EXCLUDES = ["*audio_tower*", "*lm_head", "*merger*", "*mlp.gate"]
+PROCESS = [{"type": "iter_smooth"},
+           {"type": "linear_quant", "qconfig": W8A8_STATIC, "include": ["*self_attn*"], "exclude": UPSTREAM_EXCLUDES},
+           {"type": "linear_quant", "qconfig": W8A8_DYNAMIC, "include": ["*mlp*", "*visual.blocks*"],
+            "exclude": UPSTREAM_EXCLUDES}]
+# Relative logit error (‖Δ‖/‖logits‖) of the W8A8 model read back on image+prompt inputs vs the float thinker;
+# a wrong layout or scale gives ~1
+READ_BACK_BOUND = 0.1
+READER_AGREEMENT = 2e-3  # max |Δlogit| / max |logit| between our reader and the reference reader
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_w8a8_writes_the_same_bytes_both_ways_keeps_the_towers_and_reads_back(tmp_path, omnis, images, family):
+    from msmodelslim.format.ascendv1.checker import check_ascendv1
+    from msmodelslim.format.ascendv1.reader import load_ascendv1
+    from reference_reader import load_reference_model
+
+    source = omnis[family]
+    outs = {}
+    for runner in ("layer_wise", "model_wise"):
+        outs[runner] = tmp_path / runner
+        plan = write_ascendv1(adapter_of(family, source), PROCESS, image_samples(images) + video_samples(), outs[runner],
+                              layer_wise=runner == "layer_wise")
+    written = stored(outs["layer_wise"])
+    assert written == stored(outs["model_wise"])  # identical bytes from both runners
+    out = outs["layer_wise"]
+    fused = adapter_of(family, source).structure.fused_groups
+    assert not [f for f in check_ascendv1(out, list(plan), fused) if f.level == "error"]
+    expected = {f"{TEXT}.1.self_attn.q_proj": "W8A8", f"{TEXT}.2.self_attn.o_proj": "W8A8",
+                "thinker.visual.blocks.0.attn.proj": "W8A8_DYNAMIC", "thinker.visual.merger.mlp.2": "FLOAT",
+                "thinker.lm_head": "FLOAT"}
+    if family == "qwen3_omni_moe":
+        expected.update({f"{TEXT}.0.mlp.experts.2.up_proj": "W8A8_DYNAMIC", "thinker.visual.blocks.1.attn.qkv":
+                         "W8A8_DYNAMIC", "thinker.visual.merger_list.0.mlp.2": "FLOAT"})
+    else:  # the vision attention's q/k/v are fused by the engine: one scheme
+        expected.update({f"{TEXT}.0.mlp.down_proj": "W8A8_DYNAMIC", "thinker.visual.blocks.1.attn.q": "W8A8_DYNAMIC",
+                         "thinker.visual.blocks.1.attn.v": "W8A8_DYNAMIC"})
+    assert {n: plan.get(n, "FLOAT") for n in expected} == expected
+    description = json.loads((out / "quant_model_description.json").read_text())
+    source_tensors = stored(source)
+    for name in SPEECH[family]:  # talker and vocoder: written unchanged (bf16 as published), FLOAT
+        assert written[name] == source_tensors[name] and description[name] == "FLOAT"
+    untouched = [n for n in source_tensors  # tensors of both towers no rule quantized
+                 if n.startswith(("thinker.visual.", "thinker.audio_tower."))
+                 and plan.get(n.rsplit(".", 1)[0], "FLOAT") == "FLOAT"]
+    assert any(n.startswith("thinker.audio_tower.") for n in untouched)
+    assert all(written[n] == source_tensors[n] for n in untouched)  # byte for byte
+
+    float_model = transformers_thinker(family, source)
+    probe = adapter_of(family, source).handle_dataset(image_samples(images[1:]) + video_samples(1), CPU)
+    ours, reference = load_ascendv1(out).eval(), load_reference_model(out).eval()
+    for batch in probe:
+        want, got, ref = logits(float_model, batch), logits(ours, batch), logits(reference, batch)
+        error = ((got - want).norm() / want.norm()).item()
+        agreement = ((got - ref).abs().max() / ref.abs().max()).item()
+        print(f"{family} W8A8 read back: relative logit error {error:.3f}; readers differ by {agreement:.1e}")
+        assert error < READ_BACK_BOUND and agreement < READER_AGREEMENT
+
+
+# ---- calibration media -------------------------------------------------------------------------------------------
+def test_a_clip_of_identical_frames_is_the_image(omnis, images):
+    """Qwen2-VL's image patches repeat one frame temporal_patch_size times: a video of that frame twice must give
+    the same patches (the frame-directory video path is laid out as the image path, [C, T, p, p] per patch), and
+    a frame padded to the temporal patch size (one frame) too."""
+    from PIL import Image
+
+    processor = adapter_of("qwen2_5_omni", omnis["qwen2_5_omni"]).processor
+    frame = Image.open(images[1]).convert("RGB")
+    image = processor.image_processor(images=[frame], return_tensors="np")
+    for frames in ([frame, frame], [frame]):
+        video = processor.video_processor([frames], return_tensors="np")
+        assert (video["video_grid_thw"] == image["image_grid_thw"]).all()
+        assert (video["pixel_values_videos"] == image["pixel_values"]).all()
+    moving = processor.video_processor([[frame, frame.transpose(Image.Transpose.FLIP_LEFT_RIGHT)] * 2],
+                                       return_tensors="np")
+    assert moving["video_grid_thw"].tolist() == [[2, *image["image_grid_thw"][0][1:].tolist()]]
+    assert not (moving["pixel_values_videos"][: len(image["pixel_values"])] == image["pixel_values"]).all()
+
+
+def test_calib_videos_is_the_projects_own_decoder_free_set():
+    samples = load_vlm_samples("calibVideos", PROMPT, accepts=OmniThinkerAdapter.calibration_media,
+                               model="qwen2_5_omni")
+    assert len(samples) >= 6 and all(s.video.is_dir() for s in samples) and any(s.image for s in samples)
+    assert (LAB_CALIB / "make_calib_videos.py").is_file()
+
+
+def test_video_files_and_audio_are_refused_by_name_before_any_weight_is_read(tmp_path, monkeypatch):
+    from msmodelslim.core import vlm_dataset
+
+    monkeypatch.setattr(vlm_dataset, "_installed", lambda module: False)  # as here: no torchvision, no decoder
+    (tmp_path / "clip.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42")
+    (tmp_path / "index.jsonl").write_text(json.dumps({"video": "clip.mp4", "text": "What happens?"}) + "\n")
+    with pytest.raises(UnsupportedError) as info:
+        load_vlm_samples(str(tmp_path / "index.jsonl"), PROMPT, accepts=OmniThinkerAdapter.calibration_media,
+                         model="qwen2_5_omni")
+    message = str(info.value)
+    assert "clip.mp4" in message and "video decoder" in message and "directory of numbered frames" in message
+    (tmp_path / "speech.wav").write_bytes(b"RIFF")
+    (tmp_path / "index.jsonl").write_text(json.dumps({"audio": "speech.wav", "text": "What is said?"}) + "\n")
+    with pytest.raises(UnsupportedError, match="audio"):
+        load_vlm_samples(str(tmp_path / "index.jsonl"), PROMPT, accepts=OmniThinkerAdapter.calibration_media,
+                         model="qwen2_5_omni")
+    (tmp_path / "frames").mkdir()
+    (tmp_path / "frames" / "cover.png").write_bytes(b"")
+    (tmp_path / "index.jsonl").write_text(json.dumps({"video": "frames", "text": "What happens?"}) + "\n")
+    with pytest.raises(InvalidDatasetError, match="no number"):
+        load_vlm_samples(str(tmp_path / "index.jsonl"), PROMPT, accepts=OmniThinkerAdapter.calibration_media)
+
+
+# ---- registry --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+def test_model_types_are_registered_inferred_and_no_longer_planned(omnis, family):
+    from msmodelslim.core.roadmap import PLANNED_MODEL_FAMILIES, planned_model_type
+
+    names = {"qwen2_5_omni": ["Qwen2.5-Omni-7B"],
+             "qwen3_omni_moe": ["Qwen3-Omni-30B-A3B-Thinking", "Qwen3-Omni-30B-A3B-Instruct"]}[family]
+    cls = FAMILIES[family][1]
+    assert all(registry.adapter_class(n) is cls for n in names) and cls.is_vlm
+    assert not any(planned_model_type(n) for n in names)
+    assert not {"qwen2_5_omni_thinker", "qwen3_omni_moe"} & set(PLANNED_MODEL_FAMILIES)
+    assert registry.lookup(registry.infer_model_type(omnis[family])).target.endswith(cls.__name__)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_practice_runs_from_the_cli_on_calib_videos(omnis, tmp_path, family):
+    """`--quant_type w8a8` resolves to the family's practice (upstream's recipe, calibrated on calibVideos: clips as
+    frame directories and a still image); the thinker's text linears are W8A8_DYNAMIC, the towers, the head and the
+    speech parts FLOAT, and the output passes the checker the CLI runs."""
+    from msmodelslim.cli.__main__ import main
+
+    name = FAMILIES[family][0]
+    out = tmp_path / "out"
+    assert main(["quant", "--model_path", str(omnis[family]), "--save_path", str(out), "--device", "cpu",
+                 "--model_type", name, "--quant_type", "w8a8"]) == 0
+    practice = (out / f"{name}_best_practice.yaml").read_text()
+    assert "dataset: calibVideos" in practice
+    description = json.loads((out / "quant_model_description.json").read_text())
+    assert description[f"{TEXT}.1.self_attn.q_proj.weight"] == "W8A8_DYNAMIC"
+    mlp = f"{TEXT}.2.mlp.experts.3.down_proj" if family == "qwen3_omni_moe" else f"{TEXT}.2.mlp.down_proj"
+    assert description[f"{mlp}.weight"] == "W8A8_DYNAMIC"
+    for floating in ("thinker.lm_head.weight", "thinker.visual.blocks.0.attn.proj.weight",
+                     "thinker.audio_tower.layers.0.fc1.weight", *SPEECH[family]):
+        assert description[floating] == "FLOAT", floating
+    if family == "qwen3_omni_moe":  # `msmodelslim eval` scores it against the float thinker on held-out images
+        import math
+
+        from msmodelslim.app.evaluate_vlm import evaluate_vlm
+
+        report = evaluate_vlm(omnis[family], out, None, CPU, max_samples=2, max_new_tokens=4)
+        print(report.table())
+        assert report.float.kl == 0.0 and report.float.top1 == 1.0
+        assert math.isfinite(report.quantized.kl) and report.quantized.kl > 0
+
+
+def test_a_static_recipe_calibrates_on_calib_videos_through_the_cli(omnis, tmp_path, capfd):
+    """A static W8A8 config (activation ranges come from the data) on calibVideos: the app loads the clips, runs
+    them through the thinker and writes input scales; `check` passes on the output."""
+    import yaml
+
+    from msmodelslim.cli.__main__ import main
+
+    config = {"apiversion": "multimodal_vlm_modelslim_v1",
+              "spec": {"process": [{"type": "iter_smooth"},
+                                   {"type": "linear_quant", "qconfig": W8A8_STATIC, "include": ["*"],
+                                    "exclude": UPSTREAM_EXCLUDES}],
+                       "save": [{"type": "ascendv1_saver", "part_file_size": 4}], "dataset": "calibVideos"}}
+    path = tmp_path / "omni_static.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "out"
+    assert main(["quant", "--model_path", str(omnis["qwen2_5_omni"]), "--save_path", str(out), "--device", "cpu",
+                 "--model_type", "Qwen2.5-Omni-7B", "--config_path", str(path)]) == 0
+    assert "calibration: 7 batches" in capfd.readouterr().err  # every clip of calibVideos (one with a still image)
+    description = json.loads((out / "quant_model_description.json").read_text())
+    assert description[f"{TEXT}.0.self_attn.q_proj.weight"] == "W8A8"
+    assert f"{TEXT}.0.self_attn.q_proj.input_scale" in description
+    assert main(["check", str(out)]) == 0
