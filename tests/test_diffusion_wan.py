@@ -39,7 +39,8 @@ SAMPLING = {"prompt": ["a cat walks on the grass", "a dog runs in the snow"], "s
             "negative_prompt": "blurry"}
 
 
-def make_tiny_wan(path: Path, seed: int = 0, boundary_ratio: float | None = None, ti2v: bool = False) -> Path:
+def make_tiny_wan(path: Path, seed: int = 0, boundary_ratio: float | None = None, ti2v: bool = False,
+                  head_dim: int = 16) -> Path:
     """A WanPipeline folder as save_pretrained writes it, every component tiny and random. With `boundary_ratio`:
     Wan2.2-T2V-A14B's layout, a second random DiT (transformer_2, the low-noise expert) of the same shape. With
     `ti2v`: Wan2.2-TI2V-5B's, expand_timesteps and the residual VAE with 48 latent channels and spatial factor 16."""
@@ -58,7 +59,8 @@ def make_tiny_wan(path: Path, seed: int = 0, boundary_ratio: float | None = None
                                      num_res_blocks=1, temperal_downsample=[False, True, True], **vae_kwargs)
     def dit():
         return diffusers.WanTransformer3DModel(
-            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=latent, out_channels=latent,
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=head_dim, in_channels=latent,
+            out_channels=latent,
             text_dim=32, freq_dim=32, ffn_dim=64, num_layers=NUM_LAYERS, cross_attn_norm=True,
             qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
 
@@ -341,17 +343,21 @@ def test_a_dry_run_plans_without_loading_weights(wan, tmp_path, monkeypatch, cap
 
 
 @pytest.mark.parametrize("model_type,spec_change,needle", [
-    ("Wan2.2-I2V-A14B", {}, "this diffusion family is not supported yet"),
+    ("Wan2.2-I2V-A14B", {}, "inference_config.image: Field required"),  # its conditioning image
     ("Wan2.2-T2V-A14B", {}, "model_index.json names one denoiser"),  # the tiny Wan2.1 pipeline has one
-    ("FLUX.1-dev", {}, "this diffusion family is not supported yet"),
-    ("Wan2.1", {"process": [{"type": "online_quarot"}]}, "processor 'online_quarot' is not implemented yet"),
-    ("Wan2.1", {"process": [{"type": "iter_smooth"}]}, "processor 'iter_smooth' is not supported on diffusion"),
+    ("Wan2.2", {}, "is not a Wan2.2 diffusers pipeline folder"),  # the line's name on a Wan2.1 folder
+    ("Wan2.1", {"process": [{"type": "online_quarot", "block_size": 3}]}, "block_size must be -1"),
+    ("Wan2.1", {"process": [{"type": "fa3_quant", "qconfig": {"dtype": "mxfp8", "scope": "per_block"}}]},
+     "not a multiple of the MX block 32"),  # the tiny DiT's heads are 16 wide
+    # iter_smooth and smooth_quant run on Wan (tests/test_diffusion_smooth.py); the other smoothers are refused
+    ("Wan2.1", {"process": [{"type": "flex_smooth_quant"}]},
+     "processor 'flex_smooth_quant' is not supported on diffusion"),
     ("Wan2.1", {"save": [{"type": "mindie_format_saver"}], "process": [{"type": "linear_quant", "qconfig": {
         "weight": W8A8_DYNAMIC["weight"]}}]}, "mindie_format_saver does not write W8A16 in this version"),
     ("Wan2.1", {"save": [{"type": "mindie_format_saver"}, {"type": "ascendv1_saver"}]}, "exactly one saver"),
     ("Wan2.1", {"save": [{"type": "compressed_tensors"}]}, "compressed_tensors is not available"),
     ("Wan2.1", {"prior": [{"process": []}]}, "spec.prior is not supported"),
-    ("Wan2.1", {"dataset": "mix_calib.jsonl"}, "spec.dataset is not read"),
+    ("Wan2.1", {"dataset": "wan2_2_t2v"}, "spec.dataset and multimodal_sd_config.inference_config.prompt both"),
     ("Wan2.1", {"inference_config": {"sample_stepz": 3}}, "inference_config.sample_stepz: unknown key"),
     ("Wan2.1", {"inference_config": {"frame_num": 6}}, "must be 4k+1"),
     ("Wan2.1", {"inference_config": {"size": "60*64"}}, "width must be a multiple of 16"),

@@ -197,11 +197,20 @@ def test_a_dry_run_plans_both_experts_and_the_model_type_comes_from_the_folder(w
     assert not (tmp_path / "out").exists()
 
 
+def test_the_line_name_wan2_2_runs_the_model_its_folder_holds(wan22, tmp_path, capsys):
+    """--model_type Wan2.2 (the established tool's name for the whole line): model_index.json says which model."""
+    config = config_22(tmp_path / "c.yaml")
+    assert quant(wan22, tmp_path / "out", config, "--dry_run", model_type="Wan2.2") == 0
+    line = capsys.readouterr()
+    assert quant(wan22, tmp_path / "out", config, "--dry_run") == 0
+    assert line.out.splitlines() == capsys.readouterr().out.splitlines()
+    assert "run as Wan2.2-T2V-A14B" in line.err and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("model_type,sampling,needle", [
     ("Wan2.1", {"task": "t2v-14B"}, "two denoisers"),
     ("Wan2.2-T2V-A14B", {"task": "i2v-A14B"}, "task 'i2v-A14B'"),
-    ("Wan2.2-I2V-A14B", {}, "this diffusion family is not supported yet"),
-    ("Wan2.2", {}, "this diffusion family is not supported yet"),
+    ("Wan2.2-I2V-A14B", {"image": "/no/such.png"}, "image '/no/such.png' is not a file"),
 ])
 def test_what_is_missing_is_refused_by_name(wan22, tmp_path, monkeypatch, capsys, model_type, sampling, needle):
     monkeypatch.setattr("msmodelslim.model.diffusion.wan.DiffusionFamily.load_pipeline",

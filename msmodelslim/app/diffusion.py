@@ -50,15 +50,24 @@ from msmodelslim.core.roadmap import planned_model_type
 from msmodelslim.core.runner import process_block
 from msmodelslim.core.sd_calibration import CalibrationDump, capture_block_inputs, dump_name, fingerprint, read_dump
 from msmodelslim.core.sd_config import API_VERSION, SdPracticeConfig
+from msmodelslim.core.sd_dataset import dataset_sampling, load_sd_dataset
 from msmodelslim.format.ascendv1.checker import check_ascendv1
+from msmodelslim.ir.non_fusion_smooth import wrapper_name
 from msmodelslim.format.ascendv1.writer import AscendV1Writer
 from msmodelslim.format.mindie import MindIEWriter, refuse_unsupported_schemes
+from msmodelslim.format.ascendv1.tensors import FLOAT
+from msmodelslim.format.edits import OutputEdits
 from msmodelslim.format.staging import check_save_path, staged_directory
-from msmodelslim.model.diffusion import diffusion_family
+from msmodelslim.model.diffusion import diffusion_family, supported_names
+from msmodelslim.model.diffusion.dit import block_list_names, block_walk, is_row_parallel, next_block_inputs
 from msmodelslim.model.diffusion.wan import DiffusionFamily, Expert, WanInferenceConfig, stored_dtype
 from msmodelslim.model.diffusion.weights import DenoiserWeights
-from msmodelslim.model.interface import ProcessRequest, block_hidden_state
-from msmodelslim.processor.base import Processor, ProcessorContext, build_pipeline
+from msmodelslim.model.interface import ProcessRequest
+from msmodelslim.processor.base import Processor, ProcessorContext, build_processor, quant_rules
+from msmodelslim.processor.fa3_dit import DitFA3Processor
+from msmodelslim.processor.smooth_dit import DIT_SMOOTHERS, build_dit_smoother
+from msmodelslim.processor.online_quarot.processor import OnlineQuaRotProcessor
+from msmodelslim.processor.online_quarot.rotation import OnlineRotation
 
 log = get_logger("app.diffusion")
 
@@ -90,18 +99,40 @@ class DiffusionQuantizeReport:
     seconds: float = 0.0
 
 
+# The established tool's `wan2_2` adapter names (the whole Wan2.2 line): which model it is comes from the folder
+WAN2_2_LINE = ("wan2_2", "wan2.2")
+WAN2_2_KEYS = ("wan2_2_t2v", "wan2_2_ti2v", "wan2_2_i2v")
+
+
 def is_diffusion_model_type(model_type: Optional[str]) -> bool:
     return diffusion_family(model_type) is not None
 
 
-def family_for(model_type: str) -> DiffusionFamily:
-    """The family of a --model_type name; refused by name otherwise, and when diffusers is not installed."""
-    family = diffusion_family(model_type)
+def wan2_2_family(model_type: str, model_path: Path) -> DiffusionFamily:
+    """The Wan2.2 model a folder holds, for the line's name (--model_type Wan2.2): from its model_index.json."""
+    from msmodelslim.model.diffusion import family_of_folder
+
+    family = family_of_folder(Path(model_path))
+    if family is None or family.key not in WAN2_2_KEYS:
+        raise InvalidModelError(f"--model_type {model_type} names the Wan2.2 line; {model_path} is not a Wan2.2 "
+                                f"diffusers pipeline folder (its model_index.json must name WanPipeline with two "
+                                f"experts or expand_timesteps, or WanImageToVideoPipeline). Give --model_type "
+                                f"Wan2.2-T2V-A14B, Wan2.2-TI2V-5B or Wan2.2-I2V-A14B with its folder")
+    log.info("--model_type %s: model_index.json names %s, run as %s", model_type, family.pipeline_class,
+             family.names[-1])
+    return family
+
+
+def family_for(model_type: str, model_path: Optional[Path] = None) -> DiffusionFamily:
+    """The family of a --model_type name (the Wan2.2 line's name: the one `model_path` holds); refused by name
+    otherwise, and when diffusers is not installed."""
+    line = model_path is not None and isinstance(model_type, str) and model_type.lower() in WAN2_2_LINE
+    family = wan2_2_family(model_type, model_path) if line else diffusion_family(model_type)
     if family is None:
         planned = planned_model_type(model_type)
         raise (UnsupportedError(planned) if planned else
                ConfigError(f"--model_type {model_type!r} is not a diffusion model: {API_VERSION} quantizes the "
-                           f"DiT of a diffusion pipeline (supported: Wan2.1, Wan2.2-T2V-A14B, Wan2.2-TI2V-5B); a "
+                           f"DiT of a diffusion pipeline (supported: {supported_names()}); a "
                            f"language model takes modelslim_v1"))
     if importlib.util.find_spec("diffusers") is None:
         raise UnsupportedError(f"--model_type {model_type} needs the diffusers library, which is not installed: "
@@ -134,8 +165,8 @@ def load_sd_practice(request: DiffusionQuantizeRequest, family: DiffusionFamily)
 
 def plan_linears(denoiser: nn.Module, family: DiffusionFamily, processors: list[Processor]) -> dict[str, str]:
     """{linear: rule} for the DiT block linears the processors claim; outside the blocks nothing is quantized."""
-    prefix = family.blocks + "."
-    names = [n for n, m in denoiser.named_modules() if isinstance(m, nn.Linear) and n.startswith(prefix)]
+    prefixes = tuple(f"{name}." for name in block_list_names(family))
+    names = [n for n, m in denoiser.named_modules() if isinstance(m, nn.Linear) and n.startswith(prefixes)]
     plan: dict[str, str] = {}
     for processor in processors:
         for name, rule in processor.claims(names).items():
@@ -144,6 +175,54 @@ def plan_linears(denoiser: nn.Module, family: DiffusionFamily, processors: list[
                                   f"linear once (narrow include/exclude)")
             plan[name] = rule
     return plan
+
+
+def build_dit_processors(configs: list, family: DiffusionFamily) -> list[Processor]:
+    """One processor per spec.process step: linear_quant from the registry; online_quarot and fa3_quant at the DiT
+    attention modules the family describes (model/diffusion/attention.py), iter_smooth and smooth_quant at its
+    smoothing subgraphs (model/diffusion/smoothing.py); each refused by name where the family describes none."""
+    processors: list[Processor] = []
+    for i, config in enumerate(configs):
+        if config.type in ("online_quarot", "fa3_quant"):
+            if getattr(family, "attention", None) is None:
+                raise UnsupportedError(f"spec.process[{i}].type: {config.type} is not supported yet for "
+                                       f"{family.names[-1]} (it belongs to the diffusion transformer work: its "
+                                       f"adapter describes no attention modules, DiffusionFamily.attention); "
+                                       f"remove the step")
+            cls = OnlineQuaRotProcessor if config.type == "online_quarot" else DitFA3Processor
+            processors.append(cls(config, family.attention))
+        elif config.type in DIT_SMOOTHERS:  # at the subgraphs the family describes (model/diffusion/smoothing.py)
+            context = ProcessorContext(adapter_name=f"diffusion:{family.key}",
+                                       following=quant_rules(configs[i + 1:]))
+            processors.append(build_dit_smoother(config, context, getattr(family, "smoothing", None),
+                                                 family.names[-1]))
+        else:
+            context = ProcessorContext(adapter_name=f"diffusion:{family.key}",
+                                       following=quant_rules(configs[i + 1:]))
+            processors.append(build_processor(config, context))
+    return processors
+
+
+def check_dit_processors(denoiser: nn.Module, family: DiffusionFamily, processors: list[Processor]) -> None:
+    """Each processor's checks on the meta-device DiT (before any weight is read)."""
+    block_names = [name for name, _ in block_walk(family, denoiser)]
+    for processor in processors:
+        processor.check_model(denoiser, block_names)
+
+
+def add_online_rotations(writer, block_name: str, block: nn.Module) -> None:
+    """Every online rotation in the block as a FLOAT tensor named after its site (`<attn>.q_rot`, float32 [d, d]),
+    the established format's online_quarot wrapper entry (protocol.md 4.4)."""
+    for relative, module in block.named_modules():
+        if isinstance(module, OnlineRotation):
+            writer.add(f"{block_name}.{relative}", module.rotation.detach().float().cpu().contiguous(), FLOAT)
+
+
+def processor_edits(processors: list[Processor]) -> OutputEdits:
+    edits = OutputEdits()
+    for processor in processors:
+        edits = edits.merge(processor.output_edits())
+    return edits
 
 
 def _meta_denoiser(family: DiffusionFamily, model_path: Path, expert: Optional[Expert] = None) -> nn.Module:
@@ -168,10 +247,21 @@ def _dump_locations(config: SdPracticeConfig, save_path: Path, family: Diffusion
 
 def quantize_diffusion(request: DiffusionQuantizeRequest) -> DiffusionQuantizeReport:
     started = time.perf_counter()
-    family = family_for(request.model_type)
+    family = family_for(request.model_type, request.model_path)
     config = load_sd_practice(request, family)
     sd = config.spec.multimodal_sd_config
-    sampling = family.inference_config(sd.sampling, str(request.config_path or request.quant_type or "<config>"))
+    source = str(request.config_path or request.quant_type or "<config>")
+    raw_sampling = sd.sampling
+    if config.spec.dataset is not None:  # the prompt set's texts (and image) are the calibration inputs
+        sampling_class = getattr(family, "sampling_model", None) or family.sampling_class  # DiTFamily: sampling_model
+        takes_image = "image" in sampling_class.model_fields
+        given = dataset_sampling(load_sd_dataset(config.spec.dataset, config.source_dir), takes_image,
+                                 f"spec.dataset {config.spec.dataset!r}")
+        if "image" in given and raw_sampling.get("image") not in (None, given["image"]):
+            raise ConfigError(f"{source}: spec.dataset's entries and inference_config.image name different "
+                              f"conditioning images ({given['image']}, {raw_sampling['image']}); keep one")
+        raw_sampling = {**raw_sampling, **given}
+    sampling = family.inference_config(raw_sampling, source)
     model_path = Path(request.model_path).expanduser().resolve()
     if not model_path.is_dir():
         raise InvalidModelError(f"--model_path {model_path} is not a directory")
@@ -179,16 +269,19 @@ def quantize_diffusion(request: DiffusionQuantizeRequest) -> DiffusionQuantizeRe
     family.check_sampling(sampling, model_path)
     check_save_path(request.save_path, request.overwrite, model_path, dry_run=request.dry_run)
     if config.spec.save[0].type == "mindie_format_saver":
-        refuse_unsupported_schemes(config.spec.process)
-    processors = build_pipeline(config.spec.process, ProcessorContext(adapter_name=f"diffusion:{family.key}"))
+        refuse_unsupported_schemes(quant_rules(config.spec.process))
+    processors = build_dit_processors(config.spec.process, family)
     # config.json only; each block is read when it is processed
     skeletons = {e.folder: _meta_denoiser(family, model_path, e) for e in family.experts}
     plan: dict[str, str] = {}
     for expert in family.experts:
         prefix = f"{expert.name}/" if expert.name else ""
         plan.update({prefix + k: v for k, v in plan_linears(skeletons[expert.folder], family, processors).items()})
+        check_dit_processors(skeletons[expert.folder], family, processors)
     if not plan:
-        log.warning("no DiT linear is matched by spec.process: the output holds the float DiT")
+        others = sorted({step.type for step in config.spec.process} - {"linear_quant"})
+        log.warning("no DiT linear is quantized by spec.process: the output's DiT linears stay float%s",
+                    f" (as {', '.join(others)} leaves them)" if others else "")
     needs_data = any(p.needs_calibration for p in processors)
     dump_files, dump_in_output = _dump_locations(config, request.save_path, family, family.task_of(sampling))
     expected = {e.folder: fingerprint(model_path, sampling.model_dump(), sd.dump_config.capture_mode, e.name)
@@ -228,6 +321,10 @@ def quantize_diffusion(request: DiffusionQuantizeRequest) -> DiffusionQuantizeRe
         report.description = report.descriptions[family.experts[0].folder]
         _copy_other_components(model_path, staging, family)
         practice = config.model_dump(mode="json", by_alias=True, exclude={"source_dir"})
+        if "image" in raw_sampling and "image" not in sd.sampling:  # from spec.dataset: eval samples from it too
+            block = practice["spec"]["multimodal_sd_config"]
+            key = "model_config" if block.get("model_config") is not None else "inference_config"
+            block[key] = {**(block.get(key) or {}), "image": raw_sampling["image"]}
         (staging / f"{family.key}_best_practice.yaml").write_text(yaml.safe_dump(practice, sort_keys=False),
                                                                   encoding="utf-8")
     report.seconds = time.perf_counter() - started
@@ -267,12 +364,11 @@ def _quantize_and_write(denoiser: nn.Module, family: DiffusionFamily, expert: Ex
         writer = MindIEWriter(out_dir, saver.part_file_size, dtype_for)
     else:
         writer = AscendV1Writer(out_dir, saver.part_file_size, model_dtype,
-                                is_row_parallel=lambda name: name.endswith(("to_out.0", "ffn.net.2")),
+                                is_row_parallel=lambda name: is_row_parallel(family, wrapper_name(name)),
                                 dtype_for=dtype_for)
     inputs = [tuple(_to(a, device) for a in args) for args in dump.samples] if needs_data else []
-    blocks = family.block_list(denoiser)
-    for i, block in enumerate(blocks):
-        name = f"{family.blocks}.{i}"
+    blocks = block_walk(family, denoiser)  # every list of blocks, in the order the DiT calls them
+    for i, (name, block) in enumerate(blocks):
         weights.materialize(block, name + ".")
         dtypes.update({f"{name}.{k}": t.dtype for k, t in block.state_dict().items()})
         block.to(device)
@@ -282,19 +378,21 @@ def _quantize_and_write(denoiser: nn.Module, family: DiffusionFamily, expert: Ex
             if outputs is None or len(outputs) < len(inputs):
                 with torch.no_grad():
                     outputs = [block(*args) for args in inputs]
-            inputs = [(block_hidden_state(out), *args[1:]) for out, args in zip(outputs, inputs)]
+            inputs = [next_block_inputs(family, args, out) for out, args in zip(outputs, inputs)]
+        add_online_rotations(writer, name, block)  # saved under the site's own name (not a module tensor)
         writer.add_module_tree(name, block)
         block.to("meta")  # written: its memory goes back before the next block is read
         release_free_heap()
         log.info("%s done (%d/%d)", name, i + 1, len(blocks))
-    weights.materialize(denoiser, "", skip=(family.blocks + ".",))
-    dtypes.update({k: t.dtype for k, t in denoiser.state_dict().items() if not k.startswith(family.blocks + ".")})
+    block_prefixes = tuple(f"{name}." for name in block_list_names(family))
+    weights.materialize(denoiser, "", skip=block_prefixes)
+    dtypes.update({k: t.dtype for k, t in denoiser.state_dict().items() if not k.startswith(block_prefixes)})
     for child_name, child in denoiser.named_children():
-        if child_name != family.blocks:
+        if child_name not in block_list_names(family):
             writer.add_module_tree(child_name, child)
     for param_name, param in denoiser.named_parameters(recurse=False):
         writer.add_float(param_name, param.detach())
-    description = writer.finish(model_path / expert.component)
+    description = writer.finish(model_path / expert.component, processor_edits(processors))
     if saver.type == "ascendv1_saver":
         errors = [f.message for f in check_ascendv1(out_dir) if f.level == "error"]
         if errors:
@@ -327,6 +425,8 @@ def diffusion_model_type(model_type: Optional[str], model_path: Path, config_pat
         return model_type
     from msmodelslim.model.diffusion import family_of_folder
 
+    if isinstance(model_type, str) and model_type.lower() in WAN2_2_LINE:
+        return wan2_2_family(model_type, model_path).names[-1]
     if model_type is None and family_of_folder(Path(model_path)) is not None:  # a pipeline folder, no name given
         family = family_of_folder(Path(model_path))
         log.info("--model_type %s: model_index.json names %s", family.names[-1], family.pipeline_class)
@@ -343,8 +443,8 @@ def diffusion_model_type(model_type: Optional[str], model_path: Path, config_pat
         return None
     if model_type is not None:
         return model_type  # refused by name in family_for (planned family, or not a diffusion model)
-    raise ConfigError(f"{config_path} is a {API_VERSION} config: give --model_type (supported: Wan2.1, "
-                      f"Wan2.2-T2V-A14B, Wan2.2-TI2V-5B); "
+    raise ConfigError(f"{config_path} is a {API_VERSION} config: give --model_type (supported: "
+                      f"{supported_names()}); "
                       f"{model_path} has no model_index.json naming a pipeline this version runs")
 
 

@@ -30,6 +30,7 @@ from torch import nn
 from msmodelslim.core.errors import ConfigError
 from msmodelslim.core.logging import get_logger
 from msmodelslim.format.ascendv1.diffusion import load_quantized_pipeline
+from msmodelslim.model.diffusion.dit import steps_key
 from msmodelslim.model.diffusion.wan import DiffusionFamily, WanInferenceConfig
 
 log = get_logger("app.diffusion_eval")
@@ -96,6 +97,12 @@ def _first(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output.sample
 
 
+def final_latents(output: Any) -> torch.Tensor:
+    """The latents a pipeline returns with output_type="latent": `.frames` of a video pipeline, `.images` of an
+    image pipeline (FLUX.1, Qwen-Image-Edit)."""
+    return output.frames if hasattr(output, "frames") else output.images
+
+
 def _clone(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.detach().clone()
@@ -119,7 +126,7 @@ def _record_denoiser_calls(pipe, denoisers: dict[str, nn.Module], prompt: str, s
 
     handles = [d.register_forward_hook(recorder(name), with_kwargs=True) for name, d in denoisers.items()]
     try:
-        latents = pipe(prompt=prompt, generator=torch.Generator("cpu").manual_seed(seed), **kwargs).frames
+        latents = final_latents(pipe(prompt=prompt, generator=torch.Generator("cpu").manual_seed(seed), **kwargs))
     finally:
         for handle in handles:
             handle.remove()
@@ -142,7 +149,8 @@ def compare_pipelines(float_pipe, quant_pipe, family: DiffusionFamily, sampling:
             report.rel_errors.append(relative_error(out, reference))
             report.rel_errors_by_expert[expert].append(report.rel_errors[-1])
             report.cosines.append(cosine(out, reference))
-        quant_latents = quant_pipe(prompt=prompt, generator=torch.Generator("cpu").manual_seed(seed), **kwargs).frames
+        quant_latents = final_latents(quant_pipe(prompt=prompt, generator=torch.Generator("cpu").manual_seed(seed),
+                                                 **kwargs))
         report.latent_psnr_db.append(psnr_db(quant_latents, float_latents))
     return report
 
@@ -157,7 +165,7 @@ def saved_sampling(quant_path: Path, family: DiffusionFamily, steps: Optional[in
         raw = dict(sd.get("inference_config") or sd.get("model_config") or {})
     raw.pop("prompt", None)
     if steps is not None:
-        raw["sample_steps"] = steps
+        raw[steps_key(family)] = steps
     return family.inference_config(raw, str(practice))
 
 
@@ -166,8 +174,8 @@ def evaluate_diffusion(float_path: str | Path, quant_path: str | Path, model_typ
                        device: torch.device = torch.device("cpu")) -> DiffusionEvalReport:
     from msmodelslim.app.diffusion import family_for
 
-    family = family_for(model_type)
     float_path, quant_path = Path(float_path).expanduser().resolve(), Path(quant_path).expanduser().resolve()
+    family = family_for(model_type, float_path)
     if not prompts:
         raise ConfigError("give at least one held-out prompt")
     family.check_folder(float_path)
@@ -199,14 +207,14 @@ if __name__ == "__main__":
 def run_diffusion_eval_cli(args) -> int:
     """`msmodelslim eval` on a quantized diffusion pipeline: --dataset holds the held-out prompts (one text per
     entry, as for perplexity), --max_windows caps how many are sampled."""
-    from msmodelslim.model.diffusion import family_of_folder
+    from msmodelslim.model.diffusion import family_of_folder, supported_names
     from msmodelslim.core.dataset import load_texts
     from msmodelslim.core.device import parse_device
 
     family = family_of_folder(args.quant_path)
     if family is None:
         raise ConfigError(f"--quant_path {args.quant_path}: model_index.json names no pipeline this version "
-                          f"evaluates (supported: the WanPipeline of Wan2.1 and Wan2.2-T2V-A14B)")
+                          f"evaluates (supported: {supported_names()})")
     prompts = [t.strip() for t in load_texts(args.dataset) if t.strip()][: max(args.max_windows, 1)]
     report = evaluate_diffusion(args.model_path, args.quant_path, family.names[-1], prompts,
                                 device=parse_device(args.device).primary)

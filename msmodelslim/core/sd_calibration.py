@@ -14,6 +14,7 @@ would give wrong ranges silently.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +126,23 @@ def _detached(value: Any) -> Any:
     return value
 
 
+def positional_arguments(block: nn.Module, args: tuple, kwargs: dict) -> tuple:
+    """The block's arguments as positional ones (`capture_mode: args`), in its forward's parameter order, defaults
+    filled in: FLUX.1 and Qwen-Image call their blocks with keywords, and the walk calls block(*args). A keyword
+    that has no positional place (after `*args`) cannot be replayed so: refused by name."""
+    if not kwargs:
+        return args
+    try:
+        bound = inspect.signature(block.forward).bind(*args, **kwargs)
+    except TypeError as exc:
+        raise InvalidDatasetError(f"the DiT block's arguments do not match its forward ({exc})") from None
+    bound.apply_defaults()
+    if bound.kwargs:
+        raise InvalidDatasetError(f"the DiT block was called with keyword-only arguments {sorted(bound.kwargs)}; "
+                                  f"capture_mode 'args' keeps positional ones")
+    return bound.args
+
+
 @torch.no_grad()
 def capture_block_inputs(targets: Mapping[str, tuple[nn.Module, nn.Module]], sample: Callable[[int], None],
                          runs: int, fingerprints: Mapping[str, dict[str, Any]]) -> dict[str, CalibrationDump]:
@@ -139,11 +157,8 @@ def capture_block_inputs(targets: Mapping[str, tuple[nn.Module, nn.Module]], sam
             t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
             current["t"] = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else None
 
-        def on_block(_module, args, kwargs, current=current, dump=dumps[name]):
-            if kwargs:  # the capture mode is positional arguments; a caller passing keywords is another pipeline
-                raise InvalidDatasetError(f"the DiT block was called with keyword arguments {sorted(kwargs)}; "
-                                          f"capture_mode 'args' expects positional ones")
-            dump.samples.append(_detached(args))
+        def on_block(module, args, kwargs, current=current, dump=dumps[name]):
+            dump.samples.append(_detached(positional_arguments(module, args, kwargs)))
             dump.timesteps.append(current["t"])
 
         hooks += [denoiser.register_forward_pre_hook(on_denoiser, with_kwargs=True),

@@ -13,9 +13,13 @@
 (model/diffusion/), which validates them before any weight is read. `model_config` is the established tool's
 older name for the same block: accepted with a warning, never together with `inference_config`.
 
-`spec.save` holds one saver: `ascendv1_saver` or `mindie_format_saver` (the DiT's files of both formats would share
-the transformer/ folder). What this version does not run is refused by name (core/roadmap.py): processors other
-than `linear_quant`, the `compressed_tensors` saver, `prior` stages, `dataset`.
+`spec.process` runs `linear_quant` (int8 and the MX types), `online_quarot` (processor/online_quarot/),
+`fa3_quant` (processor/fa3_dit.py), and `iter_smooth` / `smooth_quant` (processor/smooth_dit.py, for the families
+that describe their smoothing subgraphs) on the DiT's blocks. `spec.save` holds one saver: `ascendv1_saver` or
+`mindie_format_saver` (the DiT's files of both formats would share the transformer/ folder). What this version does
+not run is refused by name (core/roadmap.py): other processors, the `compressed_tensors` saver, `prior` stages.
+`spec.dataset` (optional) names a prompt set (core/sd_dataset.py) whose texts are the calibration prompts, instead
+of `inference_config.prompt`.
 """
 from __future__ import annotations
 
@@ -28,10 +32,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from msmodelslim.core.errors import ConfigError, UnsupportedError
 from msmodelslim.core.roadmap import not_yet
 from msmodelslim.processor.registry import PROCESSORS
+from msmodelslim.processor.fa3_quant.config import FA3QuantConfig
+from msmodelslim.processor.iter_smooth.config import IterSmoothConfig
 from msmodelslim.processor.linear_quant.config import LinearQuantConfig
+from msmodelslim.processor.online_quarot.config import OnlineQuaRotConfig
+from msmodelslim.processor.smooth_quant.config import SmoothQuantConfig
 
 API_VERSION = "multimodal_sd_modelslim_v1"
-SD_PROCESSORS = ("linear_quant",)  # what the diffusion service runs on the DiT's blocks
+# what the diffusion service runs on the DiT's blocks (the smoothers where the family describes its subgraphs)
+SD_PROCESSORS = ("linear_quant", "online_quarot", "fa3_quant", "iter_smooth", "smooth_quant")
+SdProcessorConfig = Annotated[Union[LinearQuantConfig, OnlineQuaRotConfig, FA3QuantConfig, IterSmoothConfig,
+                                    SmoothQuantConfig], Field(discriminator="type")]
 SD_SAVERS = ("ascendv1_saver", "mindie_format_saver")
 
 log = logging.getLogger("msmodelslim.core.sd_config")
@@ -98,9 +109,11 @@ class SdSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     runner: str = "layer_wise"
-    process: list[LinearQuantConfig] = Field(default_factory=list)
+    process: list[SdProcessorConfig] = Field(default_factory=list)
     save: list[SdSaverConfig] = Field(default_factory=_default_save, min_length=1, max_length=1)
     multimodal_sd_config: MultimodalSdConfig = Field(default_factory=MultimodalSdConfig)
+    # a prompt set (lab_calib/ folder name or index.jsonl path) replacing inference_config.prompt
+    dataset: Optional[str] = Field(None, min_length=1, max_length=4096)
 
 
 class SdPracticeConfig(BaseModel):
@@ -145,15 +158,15 @@ def _refuse_unsupported(spec: Any, source: str) -> None:
         if kind == "compressed_tensors":
             raise UnsupportedError(f"{source}: spec.save[{i}].type: compressed_tensors is not available for "
                                    f"{API_VERSION} (as in the established tool); use ascendv1_saver")
-    # a missing processor or saver is named before the fields this protocol does not read: an upstream recipe (e.g.
-    # Wan2.2's mxfp ones, which also carry a dataset) is refused for the feature it needs
+    # a missing processor or saver is named before the fields this protocol does not read
     if spec.get("prior"):
         raise UnsupportedError(f"{source}: spec.prior is not supported by {API_VERSION} yet (prior stages run "
                                f"only for modelslim_v1); move its steps into spec.process")
-    if "dataset" in spec:
-        raise UnsupportedError(f"{source}: spec.dataset is not read by {API_VERSION}: the calibration data are the "
-                               f"DiT's inputs while the float pipeline samples the prompts of "
-                               f"spec.multimodal_sd_config.inference_config.prompt; remove spec.dataset")
+    sd = spec.get("multimodal_sd_config")
+    sampling = (sd.get("inference_config") or sd.get("model_config")) if isinstance(sd, dict) else None
+    if spec.get("dataset") is not None and isinstance(sampling, dict) and "prompt" in sampling:
+        raise ConfigError(f"{source}: spec.dataset and multimodal_sd_config.inference_config.prompt both give the "
+                          f"calibration prompts; keep one")
 
 
 def parse_sd_config(data: dict, source: str = "<config>") -> SdPracticeConfig:

@@ -8,8 +8,11 @@ ascendv1's does, plus `model_quant_type` (the type of the last quantized layer w
 last-write-wins); it has no `version` or `group_size` keys. The config/`*.py` files of the source are copied.
 
 Tensors per type are ascendv1's (format/ascendv1/tensors.py), except that W8A8's `deq_scale` is always float32.
-This version writes W8A8 (static) and W8A8_DYNAMIC per channel; every other type is refused before any weight is
-read, in favour of ascendv1_saver.
+This version writes the types protocol.md §4.8 lists for MindIE-SD: W8A8 (static) and W8A8_DYNAMIC per channel,
+W8A8_MXFP8, W4A4_MXFP4 and W4A4_MXFP4_DUALSCALE (MX blocks of 32), FA3 (`<attn>.fa_{q,k,v}.scale/offset` tagged
+FAQuant with `fa_quant_type: FAKQuant` for static per-head scales, and the per-attention `<attn>.quant_type`
+strings) and online-rotation matrices (FLOAT). Every other type (W8A16, per-group, W4A8_MXFP, WFP8, W4A4/W4A8
+int4, ...) is refused before any weight is read, in favour of ascendv1_saver.
 """
 from __future__ import annotations
 
@@ -22,15 +25,19 @@ import torch
 from torch import nn
 
 from msmodelslim.core.errors import UnsupportedError
+from msmodelslim.format.ascendv1.fa3 import FA_QUANT, GLOBAL as FA_GLOBAL, fa3_tensors
 from msmodelslim.format.ascendv1.tensors import FLOAT, linear_tensors
+from msmodelslim.format.ascendv1.writer import DescribedTensors
+from msmodelslim.format.edits import OutputEdits
 from msmodelslim.format.hf_files import own_tensors, quantized_and_float_modules
-from msmodelslim.format.shards import ShardStream
-from msmodelslim.ir.quant_linear import QuantLinear
+from msmodelslim.ir.fa3 import FA3HeadQuant
+from msmodelslim.ir.quant_linear import MX_SCHEMES, QuantLinear
 from msmodelslim.quantizer.scheme import Scheme
 
 WEIGHTS = "quant_model_weight"
 DESCRIPTION = "quant_model_description"
-SUPPORTED = (Scheme.W8A8, Scheme.W8A8_DYNAMIC)
+SUPPORTED = (Scheme.W8A8, Scheme.W8A8_DYNAMIC, Scheme.W8A8_MXFP8, Scheme.W4A4_MXFP4, Scheme.W4A4_MXFP4_DUALSCALE)
+SUPPORTED_NAMES = "W8A8, W8A8_DYNAMIC per channel, W8A8_MXFP8, W4A4_MXFP4 and W4A4_MXFP4_DUALSCALE"
 COPIED_SUFFIXES = (".json", ".py")
 
 
@@ -41,7 +48,7 @@ def refuse_unsupported_schemes(rules: Iterable) -> None:
         if q.scheme not in SUPPORTED or q.weight.group_size is not None:
             what = f"{q.scheme.value}{' per-group' if q.weight.group_size is not None else ''}"
             raise UnsupportedError(f"mindie_format_saver does not write {what} in this version (it writes "
-                                   f"W8A8 and W8A8_DYNAMIC per channel); save it with ascendv1_saver")
+                                   f"{SUPPORTED_NAMES}); save it with ascendv1_saver")
 
 
 def file_names(model_quant_type: str | None) -> tuple[str, str]:
@@ -50,42 +57,40 @@ def file_names(model_quant_type: str | None) -> tuple[str, str]:
     return f"{DESCRIPTION}{suffix}.json", f"{WEIGHTS}{suffix}"
 
 
-class MindIEWriter:
+class MindIEWriter(DescribedTensors):
     def __init__(self, out_dir: Path, part_file_size_gb: float, dtype_for: Callable[[str], torch.dtype]) -> None:
-        self.out_dir = out_dir
-        self.shards = ShardStream(out_dir, int(part_file_size_gb * 2**30))
-        self.dtype_for = dtype_for
-        self.description: dict[str, str] = {}
+        super().__init__(out_dir, part_file_size_gb, dtype_for)
         self.model_quant_type: str | None = None
-
-    def add(self, name: str, tensor: torch.Tensor, tag: str) -> None:
-        self.shards.add(name, tensor)
-        self.description[name] = tag
-
-    def add_float(self, name: str, tensor: torch.Tensor) -> None:
-        dtype = self.dtype_for(name) if tensor.is_floating_point() else tensor.dtype
-        self.add(name, tensor.to(dtype), FLOAT)
 
     def add_module_tree(self, prefix: str, root: nn.Module) -> None:
         for name, module in quantized_and_float_modules(prefix, root):
             if isinstance(module, QuantLinear):
-                if module.scheme not in SUPPORTED or module.group_size is not None:  # planning refuses these
+                per_group = module.group_size is not None and module.scheme not in MX_SCHEMES
+                if module.scheme not in SUPPORTED or per_group:  # planning refuses these
                     raise UnsupportedError(f"{name}: mindie_format_saver does not write {module.scheme.value}")
                 # bfloat16 selects the float32 deq_scale, which MindIE-SD reads whatever the model's dtype
                 for suffix, (tensor, tag) in linear_tensors(module, torch.bfloat16, False).items():
                     self.add(f"{name}.{suffix}", tensor, tag)
                 self.model_quant_type = module.scheme.value
                 continue
+            if isinstance(module, FA3HeadQuant):  # static per-head Q/K/V scales of the FA3 kernel
+                for tensor_name, tensor in fa3_tensors(name, module).items():
+                    self.add(tensor_name, tensor, FA_QUANT)
+                continue
             for tensor_name, tensor in own_tensors(name, module):
                 self.add_float(tensor_name, tensor)
 
-    def finish(self, source_dir: Path) -> dict:
+    def finish(self, source_dir: Path, edits: OutputEdits | None = None) -> dict:
+        """`edits.description`: entries naming no tensor (FA3's `<attn>.quant_type`)."""
         description_file, stem = file_names(self.model_quant_type)
         if self.shards.limit == 0:
             self.shards.finish(lambda i, n: f"{stem}.safetensors", None)
         else:
             self.shards.finish(lambda i, n: f"{stem}-{i:05d}-of-{n:05d}.safetensors", f"{stem}.safetensors.index.json")
         description = {**self.description, "model_quant_type": self.model_quant_type or FLOAT}
+        if FA_QUANT in self.description.values():
+            description.update(FA_GLOBAL)
+        description.update((edits or OutputEdits()).description)
         (self.out_dir / description_file).write_text(json.dumps(description, indent=4), encoding="utf-8")
         for path in sorted(source_dir.iterdir()):
             if path.is_file() and path.name.endswith(COPIED_SUFFIXES) and not path.name.endswith("index.json"):

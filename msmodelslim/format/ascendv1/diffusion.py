@@ -7,7 +7,11 @@ as diffusers saved them.
 The DiT is built from its config.json on the meta device; each quantized linear becomes a `QuantLinear`
 (ir/quant_linear.py) rebuilt from the saved tensors alone (`linear_from_tensors`, the inverse of the writer's
 layout), whose forward computes what the serving kernel computes (W8A8_DYNAMIC: per-token int8 activations,
-int8 weights with per-channel scales); every other tensor is loaded as saved.
+int8 weights with per-channel scales; MX: E8M0 blocks of 32); every other tensor is loaded as saved. Attention
+quantization and rotations are put back where the DiT attention wiring reads them (model/diffusion/attention.py):
+online rotations from their FLOAT matrices `<attn>.q_rot` / `<attn>.k_rot`, static FA3 from the FAQuant scales,
+dynamic FA3 from `<attn>.quant_type` (format/ascendv1/fa3.py). A linear saved under `<p>.linear.*` with
+`<p>.div.mul_scale` (non-fusion smoothing) is wrapped in a `NonFusionSmooth` (ir/non_fusion_smooth.py).
 """
 from __future__ import annotations
 
@@ -17,13 +21,18 @@ import torch
 from torch import nn
 
 from msmodelslim.core.errors import InvalidModelError
-from msmodelslim.format.ascendv1.reader import (quantized_layers, read_tensors, read_valid_description,
-                                                require_described_tensors, tensors_by_layer, validate_description)
+from msmodelslim.format.ascendv1.reader import (dynamic_fa3, quantized_layers, read_tensors, read_valid_description,
+                                                require_described_tensors, take_fa3, tensors_by_layer,
+                                                validate_description)
 from msmodelslim.format.ascendv1.writer import DESCRIPTION
 from msmodelslim.model.checkpoint import read_json
 from msmodelslim.format.ascendv1.tensors import REQUIRED_SUFFIXES, linear_from_tensors
 from msmodelslim.format.staging import incomplete_reason
+from msmodelslim.ir.non_fusion_smooth import DIVISION, NonFusionSmooth
+from msmodelslim.model.diffusion.attention import ROTATION_SLOTS, set_slot
+from msmodelslim.model.diffusion.dit import prebuilt_components
 from msmodelslim.model.diffusion.wan import DiffusionFamily, dtype_kwargs, stored_dtype
+from msmodelslim.processor.online_quarot.rotation import OnlineRotation
 
 
 def _read_description(folder: Path) -> dict:
@@ -55,7 +64,12 @@ def load_quantized_denoiser(folder: Path, family: DiffusionFamily) -> nn.Module:
     with init_empty_weights():
         model = cls.from_config(config)
     model.eval()
+    dynamic = dynamic_fa3(folder, description)  # a quant_type it cannot simulate is refused before the tensors
     tensors = read_tensors(folder)
+    attention_parts = _take_rotations(folder, model, tensors)
+    _wrap_non_fusion_smoothing(folder, model, tensors)
+    for attention, branches in {**take_fa3(folder, description, tensors), **dynamic}.items():
+        attention_parts.setdefault(attention, {}).update(branches)
     layers = quantized_layers(description)
     consumed: set[str] = set()
     for prefix, own in tensors_by_layer(tensors, layers).items():
@@ -93,7 +107,58 @@ def load_quantized_denoiser(folder: Path, family: DiffusionFamily) -> nn.Module:
     if missing or result.unexpected_keys:
         raise InvalidModelError(f"{folder}: tensors do not match the DiT in config.json (missing {missing[:5]}, "
                                 f"unexpected {result.unexpected_keys[:5]})")
+    for attention_name, parts in attention_parts.items():
+        attention = _attention(folder, model, attention_name)
+        for slot, module in parts.items():
+            set_slot(attention, slot, module)
     return model
+
+
+def _wrap_non_fusion_smoothing(folder: Path, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Each `<p>.div.mul_scale` (non-fusion smoothing, ir/non_fusion_smooth.py) wraps the DiT's linear `<p>`, whose
+    tensors are then read under `<p>.linear.*`."""
+    suffix = f".{DIVISION}.mul_scale"
+    for name in [n for n in tensors if n.endswith(suffix)]:
+        prefix = name.removesuffix(suffix)
+        parent_name, _, child = prefix.rpartition(".")
+        try:
+            linear = model.get_submodule(prefix)
+        except AttributeError:
+            linear = None
+        if not isinstance(linear, nn.Linear):
+            raise InvalidModelError(f"{folder}: {name} divides the input of {prefix}, which is not a linear of the "
+                                    f"DiT in config.json")
+        mul_scale = tensors[name]  # loaded with the other tensors (load_state_dict below)
+        if mul_scale.shape != (linear.in_features,):
+            raise InvalidModelError(f"{folder}: {name} has shape {list(mul_scale.shape)}; {prefix} reads "
+                                    f"{linear.in_features} channels")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, NonFusionSmooth(linear, mul_scale))
+
+
+def _attention(folder: Path, model: nn.Module, name: str) -> nn.Module:
+    try:
+        attention = model.get_submodule(name)
+    except AttributeError:
+        attention = None
+    if attention is None or not hasattr(attention, "processor"):
+        raise InvalidModelError(f"{folder}: the description quantizes or rotates the attention {name}, which the DiT "
+                                f"in config.json does not have")
+    return attention
+
+
+def _take_rotations(folder: Path, model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """{attention: {q_rot/k_rot: OnlineRotation}} from the FLOAT matrices saved under the site's name, which are
+    removed from `tensors` (the DiT has no such parameter)."""
+    out: dict[str, dict] = {}
+    for name in [n for n in tensors if n.rpartition(".")[2] in ROTATION_SLOTS]:
+        attention, _, slot = name.rpartition(".")
+        matrix = tensors.pop(name).float()
+        _attention(folder, model, attention)
+        try:
+            out.setdefault(attention, {})[slot] = OnlineRotation(matrix)
+        except ValueError as exc:
+            raise InvalidModelError(f"{folder}: {name}: {exc}") from None
+    return out
 
 
 def load_quantized_pipeline(path: str | Path, family: DiffusionFamily, device: torch.device = torch.device("cpu"),
@@ -115,6 +180,6 @@ def load_quantized_pipeline(path: str | Path, family: DiffusionFamily, device: t
     else:
         dtype = stored_dtype(path / "text_encoder")
         pipe = pipeline_cls.from_pretrained(str(path), local_files_only=True, **dtype_kwargs(dtype),
-                                            **denoisers).to(device)
+                                            **prebuilt_components(family, path), **denoisers).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -41,7 +41,26 @@ TYPE_PRIORITY = ["FLOAT", "W16A16S", "W8A16", "W4A16", "W4A16_MXFP4", "W8A8_DYNA
                  "W8A8S"]
 
 
-class AscendV1Writer:
+class DescribedTensors:
+    """Tensors streamed into shards, each with its tag in a description: what the ascendv1 and the MindIE writers
+    share. Float tensors are written in the checkpoint's own dtype (`dtype_for`)."""
+
+    def __init__(self, out_dir: Path, part_file_size_gb: float, dtype_for: Callable[[str], torch.dtype]) -> None:
+        self.out_dir = out_dir
+        self.shards = ShardStream(out_dir, int(part_file_size_gb * 2**30))
+        self.dtype_for = dtype_for
+        self.description: dict[str, str] = {}
+
+    def add(self, name: str, tensor: torch.Tensor, tag: str) -> None:
+        self.shards.add(name, tensor)
+        self.description[name] = tag
+
+    def add_float(self, name: str, tensor: torch.Tensor) -> None:
+        dtype = self.dtype_for(name) if tensor.is_floating_point() else tensor.dtype
+        self.add(name, tensor.to(dtype), FLOAT)
+
+
+class AscendV1Writer(DescribedTensors):
     def __init__(
         self,
         out_dir: Path,
@@ -50,22 +69,10 @@ class AscendV1Writer:
         is_row_parallel: Callable[[str], bool],
         dtype_for: Callable[[str], torch.dtype],
     ) -> None:
-        self.out_dir = out_dir
-        self.shards = ShardStream(out_dir, int(part_file_size_gb * 2**30))
+        super().__init__(out_dir, part_file_size_gb, dtype_for)
         self.model_dtype = model_dtype
         self.is_row_parallel = is_row_parallel
-        self.dtype_for = dtype_for
-        self.description: dict[str, str] = {}
         self.group_sizes: set[int] = set()
-
-    # ---- adding tensors ----------------------------------------------------------------------------------
-    def add(self, name: str, tensor: torch.Tensor, tag: str) -> None:
-        self.shards.add(name, tensor)
-        self.description[name] = tag
-
-    def add_float(self, name: str, tensor: torch.Tensor) -> None:
-        dtype = self.dtype_for(name) if tensor.is_floating_point() else tensor.dtype
-        self.add(name, tensor.to(dtype), FLOAT)
 
     # The engines look up every linear's weight in the description, lm_head included: a tied table goes in twice.
     TIED_ALIASES = True

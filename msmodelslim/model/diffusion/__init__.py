@@ -10,14 +10,26 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from msmodelslim.model.diffusion.flux import FLUX1
+from msmodelslim.model.diffusion.hunyuan_video import HUNYUAN_VIDEO
+from msmodelslim.model.diffusion.qwen_image_edit import QWEN_IMAGE_EDIT
 from msmodelslim.model.diffusion.wan import WAN2_1, WAN2_2_T2V, WAN2_2_TI2V, DiffusionFamily, Expert
+from msmodelslim.model.diffusion.wan_i2v import WAN2_2_I2V
 
-__all__ = ["WAN2_1", "WAN2_2_T2V", "WAN2_2_TI2V", "DiffusionFamily", "Expert", "diffusion_family", "family_of_folder"]
+__all__ = ["WAN2_1", "WAN2_2_T2V", "WAN2_2_TI2V", "WAN2_2_I2V", "FLUX1", "QWEN_IMAGE_EDIT", "HUNYUAN_VIDEO",
+           "DiffusionFamily", "Expert", "diffusion_family",
+           "family_of_folder", "supported_names"]
 
-DIFFUSION_FAMILIES: dict[str, DiffusionFamily] = {f.key: f for f in (WAN2_1, WAN2_2_T2V, WAN2_2_TI2V)}
+DIFFUSION_FAMILIES: dict[str, DiffusionFamily] = {f.key: f for f in (WAN2_1, WAN2_2_T2V, WAN2_2_TI2V, WAN2_2_I2V, FLUX1,
+                                                                       QWEN_IMAGE_EDIT, HUNYUAN_VIDEO)}
 DIFFUSION_MODEL_TYPES: dict[str, DiffusionFamily] = {  # {lowercased --model_type name: family}
     name.lower(): family for family in DIFFUSION_FAMILIES.values() for name in family.names
 }
+
+
+def supported_names() -> str:
+    """The --model_type names a refusal lists: each family's last (its canonical) name."""
+    return ", ".join(f.names[-1] for f in DIFFUSION_FAMILIES.values())
 
 
 def diffusion_family(model_type: object) -> Optional[DiffusionFamily]:

@@ -26,6 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from torch import nn
 
 from msmodelslim.core.errors import ConfigError, InvalidModelError, UnsupportedError
+from msmodelslim.model.diffusion.attention import DitAttentionLayout
+from msmodelslim.model.diffusion.smoothing import WAN_SMOOTHING, DitSmoothing
 
 SIZE = re.compile(r"^(\d+)\*(\d+)$")  # "W*H", as the Wan repository's --size
 DEFAULT_PROMPT = ("A cat and a dog baking a cake together in a kitchen. The cat is carefully measuring flour, "
@@ -129,15 +131,20 @@ class DiffusionFamily:
     expand_timesteps: bool = False  # model_index.json's expand_timesteps (per-token timesteps: Wan2.2 TI2V-5B)
     # What other pipelines of the same model line mean, for a refusal that names them
     other_pipelines: dict[str, str] = field(default_factory=dict)
+    # The attention modules of a block, where online_quarot and fa3_quant reach Q/K/V (None: both are refused)
+    attention: Optional[DitAttentionLayout] = None
+    # Where iter_smooth / smooth_quant move scales in a block (model/diffusion/smoothing.py; None: both refused)
+    smoothing: Optional[DitSmoothing] = None
+    sampling_class: type = WanInferenceConfig  # what its inference_config validates as
 
     def inference_config(self, raw: dict[str, Any], source: str) -> WanInferenceConfig:
         try:
-            sampling = WanInferenceConfig.model_validate(raw)
+            sampling = self.sampling_class.model_validate(raw)
         except ValidationError as exc:
             lines = []
             for err in exc.errors():
                 where = ".".join(str(p) for p in err["loc"])
-                what = ("unknown key (accepted: " + ", ".join(WanInferenceConfig.model_fields) + ")"
+                what = ("unknown key (accepted: " + ", ".join(self.sampling_class.model_fields) + ")"
                         if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, "))
                 lines.append(f"spec.multimodal_sd_config.inference_config.{where}: {what}")
             raise ConfigError(f"{source}: invalid configuration:\n  " + "\n  ".join(lines)) from None
@@ -178,9 +185,10 @@ class DiffusionFamily:
         folder_of = {e.component: e.folder for e in self.experts} if saved else {}
         index_file = model_path / "model_index.json"
         if not index_file.is_file():
+            folders = ", ".join(f"{c}/" for c in self.components)
             raise InvalidModelError(f"--model_path {model_path} is not a diffusers pipeline folder: model_index.json "
                                     f"is missing (a {self.names[-1]} model is the folder a {self.pipeline_class} was "
-                                    f"saved to, with transformer/, vae/, text_encoder/, tokenizer/, scheduler/)")
+                                    f"saved to, with {folders})")
         index = _read_json(index_file)
         cls = index.get("_class_name")
         if cls != self.pipeline_class:
@@ -191,6 +199,21 @@ class DiffusionFamily:
                                        f"{self.names[-1]} runs {self.pipeline_class}")
             raise InvalidModelError(f"{model_path}: model_index.json names pipeline {cls!r}; --model_type "
                                     f"{self.names[-1]} needs a diffusers {self.pipeline_class}")
+        self.check_variant(model_path, index)
+        for component, (library, classes) in self.components.items():
+            entry = index.get(component)
+            if not (isinstance(entry, list) and len(entry) == 2 and entry[0] == library and entry[1] in classes):
+                raise InvalidModelError(f"{model_path}: model_index.json gives {component} as {entry!r}; a "
+                                        f"{self.pipeline_class} of {self.names[-1]} has [{library!r}, one of "
+                                        f"{', '.join(classes)}] (nothing from the model folder is run as code)")
+            folder = folder_of.get(component, component)
+            if not (model_path / folder).is_dir():
+                raise InvalidModelError(f"{model_path}: the {folder}/ folder named by model_index.json is missing")
+        self.check_denoisers(model_path, [folder_of.get(e.component, e.component) for e in self.experts])
+        return index
+
+    def check_variant(self, model_path: Path, index: dict) -> None:
+        """What tells the Wan pipelines of one class apart (one or two denoisers, expand_timesteps)."""
         two = len(self.experts) > 1
         if _has_second_denoiser(index) and not two:
             raise UnsupportedError(f"{model_path} has two denoisers (transformer and transformer_2: Wan2.2's high- "
@@ -213,22 +236,14 @@ class DiffusionFamily:
                                         f"single-DiT WanPipeline without it is Wan2.1")
             raise UnsupportedError(f"{model_path} samples with expand_timesteps (Wan2.2 TI2V-5B); --model_type "
                                    f"{self.names[-1]} runs a pipeline without it. Use --model_type Wan2.2-TI2V-5B")
-        for component, (library, classes) in self.components.items():
-            entry = index.get(component)
-            if not (isinstance(entry, list) and len(entry) == 2 and entry[0] == library and entry[1] in classes):
-                raise InvalidModelError(f"{model_path}: model_index.json gives {component} as {entry!r}; a "
-                                        f"{self.pipeline_class} of {self.names[-1]} has [{library!r}, one of "
-                                        f"{', '.join(classes)}] (nothing from the model folder is run as code)")
-            folder = folder_of.get(component, component)
-            if not (model_path / folder).is_dir():
-                raise InvalidModelError(f"{model_path}: the {folder}/ folder named by model_index.json is missing")
-        for expert in self.experts:
-            folder = folder_of.get(expert.component, expert.component)
+
+    def check_denoisers(self, model_path: Path, folders: list[str]) -> None:
+        """Each denoiser's config: Wan2.1's image-to-video DiTs (CLIP image embeddings) are not supported."""
+        for folder in folders:
             config = _read_json(model_path / folder / "config.json")
             if config.get("image_dim") is not None or config.get("added_kv_proj_dim") is not None:
                 raise UnsupportedError(f"{model_path}/{folder} takes image embeddings (image-to-video), which is "
                                        f"not supported yet (it belongs to the diffusion transformer work)")
-        return index
 
     def load_pipeline(self, model_path: Path, device: torch.device):
         """The float pipeline from the local folder (no download, no remote code), in the DiT's stored dtype."""
@@ -291,6 +306,12 @@ def stored_dtype(folder: Path) -> torch.dtype:
     raise InvalidModelError(f"{folder} holds no floating-point safetensors weights")
 
 
+# Each WanTransformerBlock: attn1 (self-attention over the video tokens, with RoPE) and attn2 (cross-attention
+# over the text); both are WanAttention run by WanAttnProcessor.
+# The Wan repository (and the established tool's recipes) call them self_attn and cross_attn.
+WAN_ATTENTION = DitAttentionLayout(modules=("attn1", "attn2"),
+                                   upstream_names={"attn1": "self_attn", "attn2": "cross_attn"})
+
 WAN2_1 = DiffusionFamily(
     key="wan2_1",
     names=("Wan2_1", "Wan2.1"),
@@ -305,6 +326,8 @@ WAN2_1 = DiffusionFamily(
     },
     other_pipelines={"WanImageToVideoPipeline": "Wan2.1 image-to-video", "WanVACEPipeline": "Wan2.1 VACE",
                      "WanVideoToVideoPipeline": "Wan2.1 video-to-video", "WanAnimatePipeline": "Wan2.2 Animate"},
+    attention=WAN_ATTENTION,
+    smoothing=WAN_SMOOTHING,
 )
 
 
@@ -317,8 +340,12 @@ WAN2_2_T2V = DiffusionFamily(
     experts=(Expert("transformer", "high_noise_model"), Expert("transformer_2", "low_noise_model")),
     description="Wan2.2 text-to-video with two experts",
     tasks=("t2v-A14B",),
-    other_tasks="Wan2.2 image-to-video (i2v-A14B) and text-image-to-video (ti2v-5B) are not supported yet",
-    other_pipelines=WAN2_1.other_pipelines | {"WanImageToVideoPipeline": "Wan2.2 image-to-video"},
+    other_tasks="Wan2.2 image-to-video (i2v-A14B) is --model_type Wan2.2-I2V-A14B; text-image-to-video (ti2v-5B) "
+                "is --model_type Wan2.2-TI2V-5B",
+    # a WanImageToVideoPipeline with two experts is Wan2.2-I2V-A14B (wan_i2v.py): the generic refusal names it
+    other_pipelines={k: v for k, v in WAN2_1.other_pipelines.items() if k != "WanImageToVideoPipeline"},
+    attention=WAN_ATTENTION,
+    smoothing=WAN_SMOOTHING,
 )
 
 WAN2_2_TI2V = DiffusionFamily(
@@ -331,4 +358,6 @@ WAN2_2_TI2V = DiffusionFamily(
     other_tasks="image conditioning and the A14B tasks are not supported by this family",
     expand_timesteps=True,
     other_pipelines=WAN2_2_T2V.other_pipelines,
+    attention=WAN_ATTENTION,
+    smoothing=WAN_SMOOTHING,
 )

@@ -22,6 +22,7 @@ from torch import nn
 from msmodelslim.core.errors import ProcessingError
 from msmodelslim.core.logging import get_logger
 from msmodelslim.ir.lowrank import LowRankResidualLinear
+from msmodelslim.ir.non_fusion_smooth import pattern_name
 from msmodelslim.ir.quant_linear import QuantLinear
 from msmodelslim.model.moe import routed_expert_linears
 from msmodelslim.processor.base import Processor, ProcessorContext, register_processor
@@ -154,8 +155,10 @@ class LinearQuantProcessor(Processor):
         return self.config.qconfig.needs_calibration
 
     def _targets(self, block_name: str, block: nn.Module) -> list[str]:
-        names = [f"{block_name}.{n}" for n, m in block.named_modules() if isinstance(m, nn.Linear)]
-        return select(names, self.config.include, self.config.exclude)
+        # a linear wrapped by non-fusion smoothing (`<p>.linear`) is matched by the patterns as `<p>`
+        names = {f"{block_name}.{pattern_name(block, n)}": f"{block_name}.{n}"
+                 for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+        return [names[n] for n in select(list(names), self.config.include, self.config.exclude)]
 
     def claims(self, linear_names: list[str]) -> dict[str, str]:
         rule = f"linear_quant(include={self.config.include}, exclude={self.config.exclude})"
