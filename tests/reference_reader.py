@@ -170,6 +170,12 @@ def dequantized_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, di
         if name == "scale":
             acts.setdefault(attention + FA3, {"kind": "fa3"})[branch] = t[key].float()
         used.add(key)
+    for key, value in desc.items():  # dynamic FA quant: the `<attn>.quant_type` string alone (protocol.md §4.3)
+        if not key.endswith(".quant_type") or key.endswith(".indexer.quant_type"):
+            continue
+        tokens = _fa3_tokens(value)
+        if any(t in FA3_RUNTIME for t in tokens):
+            acts[key.removesuffix(".quant_type") + FA3] = {"kind": "fa3", **dict(zip(("fa_q", "fa_k", "fa_v"), tokens))}
     for key, value in t.items():
         if key not in used:
             state[key] = value.float() if value.is_floating_point() else value
@@ -215,6 +221,30 @@ def _fa3_int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.round(x.float() / s), -128, 127) * s
 
 
+# A dynamic branch's token -> what the kernel does to x [batch, heads, tokens, dim] along dim; INT8_DYNAMIC is read
+# by no engine (formats.md A.6) and stays float
+FA3_RUNTIME = {"FP8_DYNAMIC": lambda x: _per_token_fp8(x.float()), "MXFP8_DYNAMIC": lambda x: _mx(x.float(), "e4m3"),
+               "MXFP4_DYNAMIC": lambda x: _mx(x.float(), "e2m1")}
+
+
+def _fa3_tokens(value: str) -> list[str]:
+    """Q, K, V tokens of an FA3 quant_type: one token for all three, or '<letters>_<token>' groups in Q, K, V order."""
+    token = r"(?:INT8|FP8|MXFP8|MXFP4)(?:_DYNAMIC)?"
+    if re.fullmatch(token, value):
+        return [value] * 3
+    groups = re.findall(rf"([QKV]+)_({token})(?=_[QKV]+_|$)", value)
+    tokens = [t for letters, t in groups for _ in letters]
+    assert "".join(letters for letters, _ in groups) == "QKV", f"unreadable FA3 quant_type {value!r}"
+    return tokens
+
+
+def _fa3_branch(x: torch.Tensor, info) -> torch.Tensor:
+    """A branch as saved: a per-head int8 scale tensor, or a dynamic token."""
+    if isinstance(info, torch.Tensor):
+        return _fa3_int8(x, info)
+    return FA3_RUNTIME.get(info, lambda v: v.float())(x)
+
+
 def _plain_attention(q, k, v, mask, scaling):
     """softmax(q k^T · scaling + mask) v, every tensor [batch, heads, tokens, dim] with k/v on all heads; mask as
     transformers passes it (None: causal; bool: True attends; float: added). Returns [batch, tokens, heads, dv]."""
@@ -244,7 +274,8 @@ class _LatentCache:
 
 
 def _fa3_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
-    """FA quant as formats.md A.6 describes it: Q, K, V int8 per head before the kernel. MLA (kv_b_proj) attends in
+    """FA quant as formats.md A.6 describes it: Q, K, V int8 per head (or, dynamic, FP8 per token / MX per block of
+    32 along the head dim) before the kernel. MLA (kv_b_proj) attends in
     the absorbed latent space, K = [c_kv; k_rot] and V = c_kv one head, Q_h = [W_UK_h^T q_nope_h; q_rot_h]."""
     info = module._reference_fa3
     if hasattr(module, "kv_b_proj"):
@@ -253,11 +284,11 @@ def _fa3_attention(module, query, key, value, attention_mask, scaling=None, **kw
         w = module.kv_b_proj.weight.float().reshape(heads, nope + module.v_head_dim, -1)
         q = torch.cat([torch.einsum("bhtn,hnr->bhtr", query[..., :nope].float(), w[:, :nope]), query[..., nope:]], -1)
         k = torch.cat([c_kv, k_rot], -1)
-        q, k, v = _fa3_int8(q, info["fa_q"]), _fa3_int8(k, info["fa_k"]), _fa3_int8(c_kv, info["fa_v"])
+        q, k, v = _fa3_branch(q, info["fa_q"]), _fa3_branch(k, info["fa_k"]), _fa3_branch(c_kv, info["fa_v"])
         out = _plain_attention(q, k.expand(-1, heads, -1, -1), v.expand(-1, heads, -1, -1), attention_mask, scaling)
         return torch.einsum("bthr,hvr->bthv", out, w[:, nope:]).to(query.dtype), None
     groups = query.shape[1] // key.shape[1]
-    q, k, v = _fa3_int8(query, info["fa_q"]), _fa3_int8(key, info["fa_k"]), _fa3_int8(value, info["fa_v"])
+    q, k, v = _fa3_branch(query, info["fa_q"]), _fa3_branch(key, info["fa_k"]), _fa3_branch(value, info["fa_v"])
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     return _plain_attention(q, k, v, attention_mask, scaling).to(query.dtype), None
 
@@ -361,6 +392,26 @@ PUBLISHED_TO_TRANSFORMERS = {
     # `model.language_model.*` and `model.visual.*`, and renames them so on load); Qwen3-VL is published as built
     "qwen2_5_vl": [(r"^visual\.", "model.visual."),
                    (r"^model\.(?!visual\.|language_model\.)", "model.language_model.")],
+    # InternVL3.5 -HF as published (and as transformers 5 saves it): renamed to transformers 5's modules on load
+    "internvl": [(r"^vision_tower\.", "model.vision_tower."),
+                 (r"^multi_modal_projector\.", "model.multi_modal_projector."),
+                 (r"^language_model\.model\.", "model.language_model."), (r"^language_model\.lm_head\.", "lm_head.")],
+    # Kimi-K2.5/K2.6 as Moonshot publishes them (transformers' conversion mapping for kimi_k25; the vision `wqkv` is
+    # then split into q/k/v by split_kimi_wqkv)
+    "kimi_k25": [(r"^language_model\.model\.", "model.language_model."), (r"^language_model\.lm_head\b", "lm_head"),
+                 (r"^mm_projector\.proj\.0\b", "model.mm_projector.in_proj"),
+                 (r"^mm_projector\.proj\.2\b", "model.mm_projector.out_proj"),
+                 (r"^mm_projector\.", "model.mm_projector."),
+                 (r"^vision_tower\.patch_embed\.pos_emb\.weight$",
+                  "model.vision_tower.patch_embed.pos_emb.position_embeddings"),
+                 (r"^vision_tower\.patch_embed\.", "model.vision_tower.patch_embed."),
+                 (r"^vision_tower\.encoder\.final_layernorm\.", "model.vision_tower.final_layernorm."),
+                 (r"^vision_tower\.encoder\.blocks\.(\d+)\.norm0\b", r"model.vision_tower.layers.\1.norm1"),
+                 (r"^vision_tower\.encoder\.blocks\.(\d+)\.norm1\b", r"model.vision_tower.layers.\1.norm2"),
+                 (r"^vision_tower\.encoder\.blocks\.(\d+)\.mlp\.fc0\b", r"model.vision_tower.layers.\1.mlp.fc1"),
+                 (r"^vision_tower\.encoder\.blocks\.(\d+)\.mlp\.fc1\b", r"model.vision_tower.layers.\1.mlp.fc2"),
+                 (r"^vision_tower\.encoder\.blocks\.(\d+)\.wo\b", r"model.vision_tower.layers.\1.attn.proj"),
+                 (r"^vision_tower\.encoder\.blocks\.(\d+)\.wqkv\b", r"model.vision_tower.layers.\1.attn.wqkv")],
     # DeepSeek-V4: DeepSeek's native names (the renames transformers' conversion_mapping applies on load)
     "deepseek_v4": [(r"^embed\b", "model.embed_tokens"), (r"^head\b", "lm_head"), (r"^norm\b", "model.norm"),
                     (r"^hc_head_(fn|base|scale)$", r"model.hc_head.hc_\1"), (r"^layers\.", "model.layers."),
@@ -374,13 +425,38 @@ PUBLISHED_TO_TRANSFORMERS = {
                     (r"\.q_norm\b", ".q_a_norm"), (r"\.wkv\b", ".kv_proj"), (r"\.wgate\b", ".gate_proj"),
                     (r"\.wo_a\b", ".o_a_proj"), (r"\.wo_b\b", ".o_b_proj"), (r"\.gate\.bias$", ".gate.e_score_correction_bias"),
                     (r"\.w1\b", ".gate_proj"), (r"\.w3\b", ".up_proj"), (r"\.w2\b", ".down_proj")],
+    # The Omni thinkers as published (`thinker.*`; transformers' conversion mapping of the thinker class)
+    **{t: [(r"^thinker\.visual\.", "model.visual."), (r"^thinker\.audio_tower\.", "model.audio_tower."),
+           (r"^thinker\.model\.", "model.language_model."), (r"^thinker\.lm_head\.", "lm_head.")]
+       for t in ("qwen2_5_omni", "qwen3_omni_moe")},
 }
+OMNI_SPEECH_PARTS = ("talker.", "token2wav.", "code2wav.")  # beside the thinker; vLLM's thinker model skips them
 
 
 def transformers_name(name: str, model_type: str) -> str:
     for pattern, replacement in PUBLISHED_TO_TRANSFORMERS.get(model_type, []):
         name = re.sub(pattern, replacement, name)
     return name
+
+
+def split_kimi_wqkv(state: dict[str, torch.Tensor], acts: dict[str, dict], heads: int) -> None:
+    """Kimi-K2.5's vision `attn.wqkv` rows [q; k; v] into transformers' q_proj/k_proj/v_proj, in place: within each
+    head the published q/k rows interleave the rotary pairs ((half, 2)), transformers' hold halves ((2, half)).
+    The three read the same input, so a quantized wqkv's activation entry applies to each."""
+    def halves(t: torch.Tensor) -> torch.Tensor:
+        half = t.shape[0] // heads // 2
+        return t.reshape(heads, half, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
+
+    for key in [k for k in state if ".attn.wqkv." in k]:
+        prefix, _, kind = key.rpartition(".")
+        q, k, v = state.pop(key).chunk(3)
+        attention = prefix.removesuffix(".wqkv")
+        for name, part in (("q_proj", halves(q)), ("k_proj", halves(k)), ("v_proj", v)):
+            state[f"{attention}.{name}.{kind}"] = part.contiguous()
+    for key in [k for k in acts if k.endswith(".attn.wqkv")]:
+        info = acts.pop(key)
+        for name in ("q_proj", "k_proj", "v_proj"):
+            acts[f"{key.removesuffix('.wqkv')}.{name}"] = info
 
 
 EXPERT = re.compile(r"^(.+\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)$")
@@ -436,7 +512,9 @@ def dynamic_experts_forward(module, quantize=_per_token_int8):
 
 # Vision-language model types, rebuilt as transformers' image-text-to-text class (called with input_ids,
 # pixel_values and image_grid_thw; the tensors of a vision tower the description marks FLOAT load as they are).
-VISION_LANGUAGE = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+VISION_LANGUAGE = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "internvl", "glm4v_moe",
+                   "kimi_k25")
+OMNI = ("qwen2_5_omni", "qwen3_omni_moe")  # the thinker (image-text class of config.thinker_config) is rebuilt
 
 
 class _TextModelWithHead(torch.nn.Module):
@@ -466,6 +544,10 @@ def _transformers_model(path: Path, model_type: str | None) -> torch.nn.Module:
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         return _TextModelWithHead(Step3p7TextModel(config), config).float().eval()
     config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    if model_type in OMNI:
+        from transformers import AutoModelForImageTextToText
+
+        return AutoModelForImageTextToText.from_config(config.thinker_config, dtype=torch.float32).eval()
     if model_type in VISION_LANGUAGE:  # the image-text class: vision tower, merger, language model and head
         from transformers import AutoModelForImageTextToText
 
@@ -477,9 +559,15 @@ def load_reference_model(path: Path):
     state, acts = dequantized_state(path)
     # formats.md A.6: the DeepSeek-V3.2 indexer's Hadamard matrices are engine-side extras the architecture lacks
     state = {k: v for k, v in state.items() if not k.endswith((".indexer.q_rot", ".indexer.k_rot"))}
+    # Qwen3.5's multi-token-prediction module (`mtp.*`): vLLM's main model skips it (its draft model reads it)
+    state = {k: v for k, v in state.items() if not k.startswith("mtp.")}
+    state = {k: v for k, v in state.items() if not k.startswith(OMNI_SPEECH_PARTS)}
     model_type = json.loads((path / "config.json").read_text()).get("model_type")
     state = {transformers_name(k, model_type): v for k, v in state.items()}
     acts = {transformers_name(k, model_type): v for k, v in acts.items()}
+    if model_type == "kimi_k25":
+        heads = json.loads((path / "config.json").read_text())["vision_config"]["num_attention_heads"]
+        split_kimi_wqkv(state, acts, heads)
     expert_kinds = stack_experts(state, acts)
     model = _transformers_model(path, model_type)
     expected = model.state_dict()

@@ -64,8 +64,8 @@ UPSTREAM_DIFFUSION = {
     "qwen_image_edit": ["Qwen-Image-Edit-2509"],
 }
 VLM_MESSAGE = "vision-language models are not supported yet (issue: VLM pipeline)"
-DIFFUSION_MESSAGE = ("this diffusion family is not supported yet (issue: diffusion pipeline; Wan2.1, Wan2.2-T2V-A14B "
-                     "and Wan2.2-TI2V-5B are)")
+DIFFUSION_MESSAGE = ("this diffusion family is not supported yet (issue: diffusion pipeline; Wan2.1, Wan2.2-T2V-A14B, "
+                     "Wan2.2-TI2V-5B, Wan2.2-I2V-A14B, FLUX.1-dev, Qwen-Image-Edit-2509 and HunyuanVideo are)")
 
 
 def _names(families: dict[str, list[str]]) -> list[str]:
@@ -114,16 +114,22 @@ def test_the_roadmap_table_holds_exactly_the_upstream_multimodal_names():
     assert not wrong, f"implemented multimodal names not registered under their upstream key: {wrong}"
 
 
-def test_a_multimodal_name_is_refused_before_the_checkpoint_is_looked_at(tmp_path, monkeypatch):
+def test_a_planned_name_is_refused_before_the_checkpoint_is_looked_at(tmp_path, monkeypatch, capsys):
+    """Every upstream family has an adapter now (the table is empty); a family added to the roadmap is refused by
+    name, before anything is read. A made-up planned name stands for it."""
+    from msmodelslim.core import roadmap
+
     def fail(*_args, **_kwargs):
         raise AssertionError("a weight was read")
 
     monkeypatch.setattr("msmodelslim.model.checkpoint.SafetensorsCheckpoint.load", fail)
+    monkeypatch.setitem(roadmap.PLANNED_MODEL_TYPES, "future-vl-1b", ("future_vl", roadmap.VLM))
     from msmodelslim.cli.__main__ import main
 
     code = main(["quant", "--model_path", str(tmp_path), "--save_path", str(tmp_path / "o"), "--device", "cpu",
-                 "--model_type", "GLM-4.6V", "--quant_type", "w8a8"])
+                 "--model_type", "Future-VL-1B", "--quant_type", "w8a8"])
     assert code == 2 and not (tmp_path / "o").exists()
+    assert "future_vl adapter" in capsys.readouterr().err
 
 
 # ---- pedigrees -----------------------------------------------------------------------------------------------

@@ -4,9 +4,9 @@
 A row this version runs goes end to end: the dry-run plan, the quantization, `msmodelslim check`, our reader and
 the independent reference reader (logits close to float), and the written description equals the plan. A row
 that needs a feature this version lacks is refused before any weight is read, naming the missing feature.
-Vision-language rows of the families with an adapter (Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE) run the same way on a
-tiny checkpoint of tests/tiny_vlm.py, calibrated on the row's calibImages and probed with image+prompt inputs; the
-VLM rows of the other families are refused by name.
+Vision-language rows of the families with an adapter (Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5) run the same
+way on a tiny checkpoint of tests/tiny_vlm.py, calibrated on the row's calibImages and probed with image+prompt
+inputs; the VLM rows of the other families are refused by name.
 """
 from __future__ import annotations
 
@@ -37,15 +37,26 @@ FOLDER_FAMILY = {
     "glm4_moe_lite": "glm4_moe_lite", "glm_5": "glm_moe_dsa", "kimi_k2": "kimi_k2", "minimax_m2": "minimax_m2",
     "qwen3_next": "qwen3_next", "longcat_flash": "longcat_flash", "step_3_5_flash": "step3p5",
     "qwen2_5_vl": "qwen2_5_vl", "qwen3_vl": "qwen3_vl", "qwen3_vl_moe": "qwen3_vl_moe",
+    "qwen3_5_moe": "qwen3_5_moe",
+    "internvl3_5": "internvl", "internvl3_5_moe": "internvl_moe", "glm4_6v": "glm4v_moe", "kimi_k2_5": "kimi_k25",
+    "qwen2_5_omni_thinker": "qwen2_5_omni", "qwen3_omni_moe": "qwen3_omni_moe",
 }
+# Rows whose model is not of their folder's family: upstream's qwen3_5_moe folder holds the dense Qwen3.5/3.6 too
+MODEL_FAMILY = {"Qwen3.5-27B": "qwen3_5", "Qwen3.6-27B": "qwen3_5"}
 MOE_FAMILIES = {"qwen3_moe", "deepseek_v3", "deepseek_v32", "deepseek_v4", "glm4_moe", "glm4_moe_lite",
-                "glm_moe_dsa", "kimi_k2", "minimax_m2", "qwen3_next", "longcat_flash", "step3p5", "qwen3_vl_moe"}
+                "glm_moe_dsa", "kimi_k2", "minimax_m2", "qwen3_next", "longcat_flash", "step3p5", "qwen3_vl_moe",
+                "qwen3_5_moe", "internvl_moe", "glm4v_moe", "kimi_k25", "qwen3_omni_moe"}
 # Vision-language families with an adapter (msmodelslim/model/vlm.py): tiny checkpoints of tests/tiny_vlm.py
-VLM_FAMILIES = {"qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"}
+VLM_FAMILIES = {"qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "internvl", "internvl_moe",
+                "glm4v_moe", "kimi_k25", "qwen2_5_omni", "qwen3_omni_moe"}
+OMNI_FAMILIES = {"qwen2_5_omni", "qwen3_omni_moe"}  # the thinker of the whole model's checkpoint (model/vlm_omni.py)
 
 # MX blocks are 32 inputs long: rows with MX layers widen the tiny MLA's kv_lora_rank (16) to one block, and the
 # tiny Qwen3-VL-MoE experts' intermediate size (16, the down_proj's input) to one block
 MX_SIZES = {"glm_moe_dsa": {"kv_lora_rank": 32}, "longcat_flash": {"kv_lora_rank": 32},
+            # FA3 MX blocks run along MLA's latent: K = [c_kv; k_rot] and V = c_kv whole blocks of 32
+            "deepseek_v3": {"kv_lora_rank": 32, "qk_rope_head_dim": 32},
+            "kimi_k25": {"kv_lora_rank": 32, "qk_rope_head_dim": 32},  # its text decoder is DeepSeek-V3's
             "qwen3_vl_moe": {"moe_intermediate_size": 32}}
 NO_TINY_CHECKPOINT: set[str] = set()  # families refused by name before their checkpoint is opened
 SPARSE_ATTENTION = {"deepseek_v32", "glm_moe_dsa"}
@@ -79,7 +90,7 @@ def model_type_of(row: RecipeRow) -> str:
 def family_of(row: RecipeRow) -> str:
     # diffusion rows, VLM rows of families without an adapter, and families refused by name are refused before the
     # model matters
-    family = FOLDER_FAMILY.get(row.folder, "llama")
+    family = MODEL_FAMILY.get(model_type_of(row)) or FOLDER_FAMILY.get(row.folder, "llama")
     return "llama" if family in NO_TINY_CHECKPOINT else family
 
 
@@ -99,8 +110,8 @@ def checkpoints(tmp_path_factory):
 
 def row_calib(row: RecipeRow, tmp_path: Path, samples: int = 6, words: int = 80) -> str:
     """The first samples of the row's own calibration set, shortened: the run stays quick on two cores while the
-    ranges still come from the kind of text the recipe calibrates on. A VLM row's set (calibImages) is an
-    index.jsonl of image+prompt entries: its first VLM_CALIB_SAMPLES entries, the images by absolute path."""
+    ranges still come from the kind of text the recipe calibrates on. A VLM row's set (calibImages, calibVideos) is
+    an index.jsonl of image/video+prompt entries: its first VLM_CALIB_SAMPLES entries, the media by absolute path."""
     from upstream_recipes import dataset_of
 
     if is_vlm(row):
@@ -108,8 +119,9 @@ def row_calib(row: RecipeRow, tmp_path: Path, samples: int = 6, words: int = 80)
         entries = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
         path = tmp_path / "calib" / "index.jsonl"
         path.parent.mkdir()
-        path.write_text("\n".join(json.dumps({**e, "image": str(source.parent / e["image"])}, ensure_ascii=False)
-                                  for e in entries[:VLM_CALIB_SAMPLES]))
+        media = ("image", "video")  # calibVideos' clips are frame directories
+        path.write_text("\n".join(json.dumps({**e, **{m: str(source.parent / e[m]) for m in media if m in e}},
+                                              ensure_ascii=False) for e in entries[:VLM_CALIB_SAMPLES]))
         return str(path)
     texts = [" ".join(t.split()[:words]) for t in load_texts(dataset_of(row))[:samples]]
     path = tmp_path / "calib.jsonl"
@@ -161,13 +173,13 @@ def test_the_table_has_every_recipe():
 
 
 def test_vlm_rows_run_where_a_vision_language_adapter_exists():
-    """The VLM rows of the families with an adapter run; the others (Qwen3.5, GLM-4.6V, InternVL3.5, Kimi-K2.5/2.6,
-    the Omni models) stay refused by name (test_a_recipe_needing_a_missing_feature_is_refused_by_name)."""
+    """The VLM rows of the families with an adapter run (the Omni rows on calibVideos' frame-directory clips);
+    none is left refused by name (test_a_recipe_needing_a_missing_feature_is_refused_by_name)."""
     from msmodelslim.model.registry import adapter_class
 
     vlm_rows = [r for r in ROWS if is_vlm(r)]
-    running = [r for r in vlm_rows if r.folder in VLM_FAMILIES]
-    assert len(running) == 8 and all(r.expect == "runs" and adapter_class(model_type_of(r)).is_vlm for r in running)
+    running = [r for r in vlm_rows if family_of(r) in VLM_FAMILIES]
+    assert len(running) == 21 and all(r.expect == "runs" and adapter_class(model_type_of(r)).is_vlm for r in running)
     assert all(r.expect == VLM for r in vlm_rows if r not in running)
 
 
@@ -251,6 +263,10 @@ def probe_of(row: RecipeRow, source: Path, tmp_path: Path) -> Probe:
 
 def float_model_of(source: Path, family: str):
     """The float model as transformers builds it from the checkpoint (a VLM in its image-text-to-text class)."""
+    if family in OMNI_FAMILIES:
+        from tiny_vlm import float_omni_thinker
+
+        return float_omni_thinker(source, family)
     if family in VLM_FAMILIES:
         from transformers import AutoModelForImageTextToText
 
@@ -297,7 +313,7 @@ def test_a_recipe_runs_end_to_end(row, checkpoints, tmp_path):
         all_keys(float_model), all_keys(ours)
     probe = probe_of(row, source, tmp_path)
     if is_vlm(row):  # the probe really holds images
-        assert all(int(p["image_grid_thw"].prod()) > 0 and "pixel_values" in p for p in probe)
+        assert all("pixel_values" in p and p["pixel_values"].numel() > 0 for p in probe)
     similarity = _logit_similarity(ours, float_model, probe)
     print(f"{row.file}: logit similarity to float {similarity:.3f}, max relative error "
           f"{_logit_error(ours, float_model, probe):.3f}")

@@ -21,7 +21,8 @@ def _refusal(spec: dict, apiversion: str = "modelslim_v1") -> str:
 
 @pytest.mark.parametrize("spec,needle", [
     ({"process": [{"type": "online_quarot"}]}, "processor 'online_quarot' is not implemented yet (it belongs to the "
-                                               "diffusion transformer work)"),
+                                               "online rotations of text models; for now it runs on diffusion "
+                                               "transformers' attention"),
     ({"process": [{"type": "linear_quant", "qconfig": {"weight": {**W8, "dtype": "hifloat8"}}}]},
      "dtype 'hifloat8' is not implemented yet (it belongs to the floating-point formats"),
     ({"process": [{"type": "linear_quant", "qconfig": {"weight": W8, "act": {**W8, "scope": "per_head"}}}]},

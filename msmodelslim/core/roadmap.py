@@ -10,10 +10,13 @@ KV_ATTENTION = "the attention and KV-cache quantization work"
 VLM = "the vision-language model work"
 DIFFUSION = "the diffusion transformer work"
 ROTATIONS = "the low-bit activation (W4A4 with rotations) work"
+# online_quarot exists for the attention of diffusion transformers (multimodal_sd_modelslim_v1) only
+ONLINE_ROTATION_TEXT = ("the online rotations of text models; for now it runs on diffusion transformers' attention, "
+                        "apiversion multimodal_sd_modelslim_v1")
 
 NOT_YET: dict[str, dict[str, str]] = {
     "processor": {
-        "online_quarot": DIFFUSION, "adapt_rotation": ROTATIONS, "flatquant": ROTATIONS,
+        "online_quarot": ONLINE_ROTATION_TEXT, "adapt_rotation": ROTATIONS, "flatquant": ROTATIONS,
     },
     "dtype": {"hifloat8": FLOAT_FORMATS},
     "saver": {"mindie_format_saver": DIFFUSION},
@@ -26,27 +29,14 @@ NOT_YET: dict[str, dict[str, str]] = {
 # What a model family needs that this version lacks, as the user reads it in a refusal.
 MISSING_PIPELINE = {
     VLM: "vision-language models are not supported yet (issue: VLM pipeline)",
-    DIFFUSION: ("this diffusion family is not supported yet (issue: diffusion pipeline; Wan2.1, Wan2.2-T2V-A14B "
-                "and Wan2.2-TI2V-5B are)"),
+    DIFFUSION: ("this diffusion family is not supported yet (issue: diffusion pipeline; Wan2.1, Wan2.2-T2V-A14B, "
+                "Wan2.2-TI2V-5B, Wan2.2-I2V-A14B, FLUX.1-dev, Qwen-Image-Edit-2509 and HunyuanVideo are)"),
 }
 
 # --model_type names of the established tool (protocol.md 5.1) whose families need a pipeline this version lacks:
 # {its adapter key there: (the work it belongs to, its names)}. They are refused by name before anything is read,
 # so that asking for one says what is missing instead of "unknown model type".
 PLANNED_MODEL_FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "qwen3_omni_moe": (VLM, ("Qwen3-Omni-30B-A3B-Thinking", "Qwen3-Omni-30B-A3B-Instruct")),
-    "qwen2_5_omni_thinker": (VLM, ("Qwen2.5-Omni-7B",)),
-    "qwen3_5_moe": (VLM, ("Qwen3.5-397B-A17B", "Qwen3.5-27B", "Qwen3.5-122B-A10B", "Qwen3.5-35B-A3B", "Qwen3.6-27B")),
-    "glm4_6v": (VLM, ("GLM-4.6V",)),
-    "kimi_k2_5": (VLM, ("Kimi-K2.5",)),
-    "kimi_k2_6": (VLM, ("Kimi-K2.6",)),
-    "internvl3_5_dense": (VLM, ("InternVL3_5-38B",)),
-    "internvl3_5_moe": (VLM, ("InternVL3_5-241B-A28B",)),
-    "wan2_2": (DIFFUSION, ("Wan2_2", "Wan2.2")),
-    "wan2_2_i2v": (DIFFUSION, ("Wan2.2-I2V-A14B",)),
-    "hunyuan_video": (DIFFUSION, ("HunyuanVideo", "hunyuan_video", "hunyuan-video", "hunyuanvideo")),
-    "flux1": (DIFFUSION, ("FLUX.1-dev",)),
-    "qwen_image_edit": (DIFFUSION, ("Qwen-Image-Edit-2509",)),
 }
 PLANNED_MODEL_TYPES: dict[str, tuple[str, str]] = {  # {lowercased name: (adapter key there, work)}
     name.lower(): (key, work) for key, (work, names) in PLANNED_MODEL_FAMILIES.items() for name in names

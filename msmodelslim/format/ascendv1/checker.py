@@ -272,6 +272,13 @@ def check_moe_experts(description: dict) -> list[Finding]:
     return findings
 
 
+# {text embedding / head: where vision-language layouts keep them}
+# (the Omni thinkers keep theirs under `thinker.`: model/vlm_omni.py)
+VLM_SPELLINGS = {"model.embed_tokens": ("model.language_model.embed_tokens", "language_model.model.embed_tokens",
+                                        "thinker.model.embed_tokens"),
+                 "lm_head": ("language_model.lm_head", "thinker.lm_head")}
+
+
 def check_ascendv1(
     path: Path, expected_linears: list[str] | None = None, fused_groups: tuple[tuple[str, ...], ...] = ()
 ) -> list[Finding]:
@@ -331,10 +338,9 @@ def check_ascendv1(
     # DeepSeek-V4 keeps its native names (`embed`, `head`); vLLM-Ascend aliases them when `hc_head_fn` exists (A.2)
     native_v4 = "hc_head_fn" in description
     for prefix, native in (("model.embed_tokens", "embed"), ("lm_head", "head")):
-        # a vision-language model published under transformers 5 names (Qwen3-VL) keeps its text embedding at
-        # model.language_model.embed_tokens
-        spellings = (native,) if native_v4 else (prefix, *(("model.language_model.embed_tokens",)
-                                                          if prefix == "model.embed_tokens" else ()))
+        # a vision-language model keeps its text embedding (and head) where its layout puts them: Qwen3-VL
+        # (transformers 5 names) at model.language_model.embed_tokens, InternVL -HF under language_model.
+        spellings = (native,) if native_v4 else (prefix, *VLM_SPELLINGS[prefix])
         if expected_linears is not None and not any(has_weight_entry(p) for p in spellings):
             err(f"{spellings[0]}.weight must be written and tagged FLOAT")
     for group in fused_groups:

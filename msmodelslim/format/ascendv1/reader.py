@@ -14,7 +14,8 @@ from torch import nn
 
 from msmodelslim.core.errors import InvalidModelError
 from msmodelslim.core.logging import get_logger
-from msmodelslim.format.ascendv1.fa3 import FA_QUANT, fa3_by_attention, fa3_from_tensors
+from msmodelslim.format.ascendv1.fa3 import (FA_QUANT, STATIC_TOKEN, dynamic_fa3_branches, fa3_by_attention,
+                                             fa3_from_tensors, fa3_quant_types)
 from msmodelslim.format.ascendv1.kv_cache import C8, kv_cache_by_attention, kv_cache_from_tensors
 from msmodelslim.format.ascendv1.tensors import FLOAT, REQUIRED_SUFFIXES, TAG_ALIASES, linear_from_tensors, svd_tag
 from msmodelslim.format.ascendv1.writer import DESCRIPTION
@@ -219,16 +220,34 @@ def install_kv_caches(path: Path, model: nn.Module, caches: dict[str, KVCacheQua
 
 def take_fa3(path: Path, description: dict, tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, FA3HeadQuant]]:
     """{attention: {fa_q, fa_k, fa_v: FA3HeadQuant}} from the tensors tagged FAQuant, which are removed from
-    `tensors`. A `<attn>.quant_type` without scales (per_token, "INT8_DYNAMIC") is not read: the engine enables
-    FA quant only for layers with saved scales (formats.md A.6)."""
+    `tensors`. A `<attn>.quant_type` without scales is `dynamic_fa3` (int8 per_token "INT8_DYNAMIC" is not read:
+    the engine enables int8 FA quant only for layers with saved scales, formats.md A.6)."""
     return _take_by_attention(path, fa3_by_attention(description), fa3_from_tensors, "FAQuant", tensors)
 
 
-def install_fa3_quants(path: Path, model: nn.Module, quants: dict[str, dict[str, FA3HeadQuant]]) -> None:
-    """Each attention quantizes Q, K and V per head and dequantizes them with the scale alone right before its
-    kernel, as the engine's FA quant (model/fa3.py; MLA in the absorbed latent space)."""
+def dynamic_fa3(path: Path, description: dict) -> dict[str, dict[str, nn.Module]]:
+    """{attention: {fa_q, fa_k, fa_v: module}} for the attentions whose `<attn>.quant_type` names a dynamic
+    floating-point branch (FP8_DYNAMIC, MXFP8_DYNAMIC, MXFP4_DYNAMIC): quantized at run time as the kernel does
+    (ir/fa3.py FA3DynamicQuant). A string this version does not write is refused (it would be served otherwise)."""
+    out = {}
+    for attention, tokens in fa3_quant_types(description).items():
+        value = description[f"{attention}.quant_type"]
+        if not tokens:
+            raise InvalidModelError(f"{path}: {attention}.quant_type is {value!r}, an attention quantization this "
+                                    f"reader cannot simulate; run `msmodelslim check` on it")
+        if STATIC_TOKEN in tokens.values() and set(tokens.values()) != {STATIC_TOKEN}:
+            raise InvalidModelError(f"{path}: {attention}.quant_type {value!r} mixes static and dynamic branches")
+        branches = dynamic_fa3_branches(tokens)
+        if branches:
+            out[attention] = branches
+    return out
+
+
+def install_fa3_quants(path: Path, model: nn.Module, quants: dict[str, dict[str, nn.Module]]) -> None:
+    """Each attention quantizes Q, K and V (per head with the saved scale, or dynamically) and dequantizes them right
+    before its kernel, as the engine's FA quant (model/fa3.py; MLA in the absorbed latent space)."""
     for attention_name, branches in quants.items():
-        attention = _described_attention(path, model, attention_name, "FAQuant")
+        attention = _described_attention(path, model, attention_name, "FA3")
         layout = "mla" if mla_layout(attention) else "gqa"
         try:
             install_fa3(attention, layout, branches)
@@ -241,6 +260,7 @@ def load_ascendv1(path: str | Path, trust_remote_code: bool = False) -> nn.Modul
 
     path = require_local_dir(path, "the ascendv1 checkpoint")
     description = read_valid_description(path)
+    dynamic = dynamic_fa3(path, description)  # a string it cannot simulate is refused before any tensor is read
     # The family's adapter builds the model the writer wrote from (experts per expert under their on-disk names,
     # renamed modules, extra buffers); the generic build serves a model_type no registered adapter claims.
     built = family_skeleton(path, trust_remote_code)
@@ -254,7 +274,7 @@ def load_ascendv1(path: str | Path, trust_remote_code: bool = False) -> nn.Modul
     model.eval()
     tensors = read_tensors(path)
     kv_caches = take_kv_caches(path, description, tensors)
-    fa3_quants = take_fa3(path, description, tensors)
+    fa3_quants: dict[str, dict[str, nn.Module]] = {**take_fa3(path, description, tensors), **dynamic}
     consumed: set[str] = set()
     layers = quantized_layers(description)
     for prefix, own in tensors_by_layer(tensors, layers).items():
