@@ -129,3 +129,11 @@ def normalized_hadamard(n: int) -> torch.Tensor:
     while h.shape[0] < n:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     return (h / n**0.5).float()
+
+
+def renamed_prefix(name: str, renames: dict[str, str]) -> str:
+    """`name` with the first of `renames`' prefixes it starts with replaced ({published prefix: loaded prefix})."""
+    for old, new in renames.items():
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name

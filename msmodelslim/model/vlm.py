@@ -54,7 +54,7 @@ from msmodelslim.model.kv_cache import LLAMA_KV_CACHE, QWEN3_KV_CACHE
 from msmodelslim.model.moe import StackedSlice, stacked_source, unfuse_experts
 from msmodelslim.model.passthrough import UnreadTensors, classify_unread
 from msmodelslim.model.rotation import decoder_rotation, gated_mlp, gqa_attention, routed_experts
-from msmodelslim.model.skeleton_edits import relocate
+from msmodelslim.model.skeleton_edits import relocate, renamed_prefix
 from msmodelslim.model.transformers_model import TransformersModel, _to_device, forward_until
 
 log = get_logger("model.vlm")
@@ -109,6 +109,15 @@ def vlm_structure(family: VlmFamily, layout: VlmLayout) -> ModelStructure:
     return ModelStructure(decoder_layers=layout.decoder_layers, hf_model_types=(family.hf_model_type,),
                           smooth_subgraphs=smooth, rotation=rotation,
                           kv_cache=QWEN3_KV_CACHE if family.qk_norm else LLAMA_KV_CACHE)
+
+
+def published_qwen2_vl_layout(outer: nn.Module, inner: nn.Module, towers: Sequence[str] = ("visual",)) -> None:
+    """Qwen2-VL-style published names: the towers (transformers 5: `inner.<tower>`) next to `inner` in `outer`, and
+    the language model's children (`inner.language_model.*`) directly under `inner`."""
+    for tower in towers:
+        relocate(inner, tower, outer, tower)
+    for child in LEGACY_TEXT_CHILDREN:
+        relocate(inner.language_model, child, inner, child)
 
 
 @dataclass(frozen=True)
@@ -173,11 +182,8 @@ class VlmAdapter(TransformersModel):
         layers.*`, `visual.*` -> `model.visual.*`); vLLM maps both spellings to its own modules."""
         if self.layout != PUBLISHED_QWEN2_VL:
             return name
-        for published, loaded in ((f"{PUBLISHED_QWEN2_VL.vision}.", f"{TRANSFORMERS_5.vision}."),
-                                  (f"{PUBLISHED_QWEN2_VL.text}.", f"{TRANSFORMERS_5.text}.")):
-            if name.startswith(published):
-                return loaded + name[len(published):]
-        return name
+        return renamed_prefix(name, {f"{PUBLISHED_QWEN2_VL.vision}.": f"{TRANSFORMERS_5.vision}.",
+                                     f"{PUBLISHED_QWEN2_VL.text}.": f"{TRANSFORMERS_5.text}."})
 
     def stacked_source(self, name: str) -> StackedSlice | None:
         source = stacked_source(name)
@@ -231,11 +237,7 @@ class VlmAdapter(TransformersModel):
 
     def prepare_skeleton(self, model: nn.Module) -> None:
         if self.layout == PUBLISHED_QWEN2_VL:
-            inner = model.model
-            relocate(inner, "visual", model, "visual")
-            text = inner.language_model
-            for child in LEGACY_TEXT_CHILDREN:
-                relocate(text, child, inner, child)
+            published_qwen2_vl_layout(model, model.model)
         if self.family.moe:
             unfuse_experts(model)
 

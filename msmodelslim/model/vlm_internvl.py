@@ -38,7 +38,7 @@ from torch import nn
 from msmodelslim.core.errors import InvalidModelError, UnsupportedError
 from msmodelslim.model.interface import ModelStructure, ProcessRequest, block_hidden_state
 from msmodelslim.model.moe import StackedSlice, stacked_source, unfuse_experts
-from msmodelslim.model.skeleton_edits import relocate
+from msmodelslim.model.skeleton_edits import relocate, renamed_prefix
 from msmodelslim.model.transformers_model import _to_device, forward_until
 from msmodelslim.model.vlm import VlmAdapter, VlmFamily, VlmLayout, _NoImage, vlm_structure
 
@@ -120,10 +120,7 @@ class InternVl35Adapter(VlmAdapter):
 
     def loader_module_name(self, name: str) -> str:
         """The module name transformers 5 gives the layer written as `name` (it renames the -HF names on load)."""
-        for published, loaded in LOADED_NAMES.items():
-            if name.startswith(published):
-                return loaded + name[len(published):]
-        return name
+        return renamed_prefix(name, LOADED_NAMES)
 
     def prepare_skeleton(self, model: nn.Module) -> None:
         """Vision tower and projector to the top, the text model and the head under a `language_model` module (the

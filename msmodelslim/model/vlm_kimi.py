@@ -41,7 +41,7 @@ from msmodelslim.model.families import DeepseekV3Adapter
 from msmodelslim.model.hf_config import model_load_errors
 from msmodelslim.model.interface import MlaShape, ModelStructure, ProcessRequest, block_hidden_state
 from msmodelslim.model.moe import StackedSlice, stacked_source, unfuse_experts
-from msmodelslim.model.skeleton_edits import relocate
+from msmodelslim.model.skeleton_edits import relocate, renamed_prefix
 from msmodelslim.model.transformers_model import _to_device, forward_until
 from msmodelslim.model.vlm import VlmAdapter, VlmFamily, VlmLayout, _NoImage
 from msmodelslim.model.vlm_internvl import served_output
@@ -161,10 +161,7 @@ class KimiK25Adapter(VlmAdapter):
         return KIMI_PUBLISHED
 
     def loader_module_name(self, name: str) -> str:
-        for published, loaded in LOADED_NAMES.items():
-            if name.startswith(published):
-                return loaded + name[len(published):]
-        return name
+        return renamed_prefix(name, LOADED_NAMES)
 
     def stacked_source(self, name: str) -> StackedSlice | None:
         return stacked_source(name)  # published per expert; transformers' stacked layout if a checkpoint holds one

@@ -53,9 +53,8 @@ from msmodelslim.model.interface import (
 )
 from msmodelslim.model.kv_cache import LLAMA_KV_CACHE, QWEN3_KV_CACHE
 from msmodelslim.model.moe import StackedSlice, stacked_source, unfuse_experts
-from msmodelslim.model.skeleton_edits import relocate
+from msmodelslim.model.skeleton_edits import renamed_prefix
 from msmodelslim.model.vlm import (
-    LEGACY_TEXT_CHILDREN,
     VlmAdapter,
     VlmFamily,
     VlmLayout,
@@ -63,6 +62,7 @@ from msmodelslim.model.vlm import (
     _load_image,
     _NoImage,
     _processor_class_name,
+    published_qwen2_vl_layout,
 )
 from msmodelslim.model.transformers_model import _to_device
 
@@ -152,13 +152,10 @@ class OmniThinkerAdapter(VlmAdapter):
         """The module name transformers gives the layer written as `name` when it loads the thinker class
         (compressed-tensors targets): `thinker.` removed, the text model under `model.language_model`, the
         towers under `model.`."""
-        for published, loaded in ((f"{PUBLISHED_THINKER.vision}.", "model.visual."),
-                                  (f"{AUDIO_TOWER}.", "model.audio_tower."),
-                                  (f"{PUBLISHED_THINKER.text}.", "model.language_model."),
-                                  ("thinker.lm_head", "lm_head")):
-            if name.startswith(published):
-                return loaded + name[len(published):]
-        return name
+        return renamed_prefix(name, {f"{PUBLISHED_THINKER.vision}.": "model.visual.",
+                                     f"{AUDIO_TOWER}.": "model.audio_tower.",
+                                     f"{PUBLISHED_THINKER.text}.": "model.language_model.",
+                                     "thinker.lm_head": "lm_head"})
 
     def stacked_source(self, name: str) -> StackedSlice | None:
         return stacked_source(name)  # per expert as published; transformers' stacked layout if re-saved by it
@@ -178,13 +175,7 @@ class OmniThinkerAdapter(VlmAdapter):
         return model
 
     def prepare_skeleton(self, model: nn.Module) -> None:
-        thinker = model.thinker
-        inner = thinker.model
-        relocate(inner, "visual", thinker, "visual")
-        relocate(inner, "audio_tower", thinker, "audio_tower")
-        text = inner.language_model
-        for child in LEGACY_TEXT_CHILDREN:
-            relocate(text, child, inner, child)
+        published_qwen2_vl_layout(model.thinker, model.thinker.model, towers=("visual", "audio_tower"))
         if self.family.moe:
             unfuse_experts(model)
 
