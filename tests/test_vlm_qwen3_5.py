@@ -2,10 +2,12 @@
 DeltaNet layers 0 and 2, gated full attention 1 and 3, a published-style `mtp.*` module) saved under the published
 names: the block-by-block walk equals transformers on image+prompt inputs; every published tensor is read by its
 own name but the MTP module, which is written through unchanged (FLOAT); experts stacked in transformers' layout
-load as the per-expert ones; smoothing is exact in float and leaves the vision tower alone; QuaRot is refused by
-name; a W8A8 run over the text layers, the experts and the vision blocks writes the same bytes layer_wise and
-model_wise, keeps every untouched vision tensor byte for byte, passes the checker and reads back (our reader and the
-reference reader) close to float on image+prompt logits."""
+load as the per-expert ones; smoothing is exact in float and leaves the vision tower alone; QuaRot is exact in float
+(zero-centred norms, the vision merger's output rotated) and breaks when any one reader or writer is skipped, and is
+refused by name on a checkpoint holding the MTP module; a W8A8 run (also after quarot -> iter_smooth) over the text
+layers, the experts and the vision blocks writes the same bytes layer_wise and model_wise, keeps every untouched
+vision tensor byte for byte, passes the checker and reads back (our reader and the reference reader) close to float
+on image+prompt logits."""
 from __future__ import annotations
 
 import json
@@ -17,7 +19,7 @@ import torch
 from msmodelslim.core.errors import UnsupportedError
 from msmodelslim.model import registry
 from msmodelslim.model.interface import block_hidden_state
-from msmodelslim.model.vlm_qwen3_5 import Qwen35VlAdapter
+from msmodelslim.model.vlm_qwen3_5 import LINEAR_ATTENTION_READERS, Qwen35VlAdapter
 from test_vlm_models import W8A8_DYNAMIC, W8A8_STATIC, stored, transformed, write_ascendv1
 from tiny_vlm import image_samples, make_tiny_vlm
 
@@ -164,16 +166,122 @@ def test_smoothing_needs_the_norm_offset(vlms, images):
     assert change > 100 * FLOAT_BOUND
 
 
-def test_quarot_is_refused_by_name(vlms):
+def without_mtp(source: Path, path: Path) -> Path:
+    """A copy of the checkpoint without its `mtp.*` tensors (quarot refuses the MTP module: see below)."""
+    from safetensors.torch import load_file, save_file
+
+    path.mkdir()
+    for file in source.iterdir():
+        if file.suffix != ".safetensors":
+            (path / file.name).write_bytes(file.read_bytes())
+    (weights,) = source.glob("*.safetensors")
+    save_file({k: v for k, v in load_file(weights).items() if not k.startswith("mtp.")}, path / weights.name,
+              metadata={"format": "pt"})
+    return path
+
+
+def rotation_changed(adapter: Qwen35VlAdapter, **changes) -> Qwen35VlAdapter:
+    from dataclasses import replace
+
+    adapter.structure = replace(adapter.structure, rotation=replace(adapter.structure.rotation, **changes))
+    return adapter
+
+
+def without_reader(adapter: Qwen35VlAdapter, norm: str, reader: str) -> Qwen35VlAdapter:
+    """The rotation with one reader of `norm` forgotten (listed as not reading the stream, so check_model lets it
+    pass): its columns are neither folded nor rotated."""
+    rotation = adapter.structure.rotation
+    readers = tuple((n, tuple(r for r in names if r != reader) if n == norm else names)
+                    for n, names in rotation.norm_readers)
+    assert readers != rotation.norm_readers
+    return rotation_changed(adapter, norm_readers=readers, not_readers=(reader,))
+
+
+def without_writer(adapter: Qwen35VlAdapter, writer: str) -> Qwen35VlAdapter:
+    rotation = adapter.structure.rotation
+    assert writer in rotation.writers
+    return rotation_changed(adapter, writers=tuple(w for w in rotation.writers if w != writer),
+                            not_readers=(writer,))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_quarot_is_exact_in_float_on_images(vlms, images, family):
+    """The residual stream rotated (zero-centred norms folded as 1 + weight and left at weight 0), the vision
+    merger's output rows too: the logits do not move on image+prompt or text inputs. Of the tower only the merger's
+    last linear changed; every text reader and writer kind changed."""
+    data = image_samples(images[:2]) + ["a prompt without an image"]
+    original = adapter_of(family, vlms[family]).init_model(CPU, load_layers=True)
+    model, batches = transformed(adapter_of(family, vlms[family]), [{"type": "quarot"}], data)
+    change = logit_change(original, model, batches)
+    delta = max((logits(model, b) - logits(original, b)).abs().max().item() for b in batches)
+    print(f"{family} quarot: max |Δlogit| {delta:.2e}, / max |logit| {change:.2e} on image+prompt")
+    assert change < FLOAT_BOUND
+    before, after = original.state_dict(), model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert {k for k in changed if k.startswith("model.visual.")} == {"model.visual.merger.linear_fc2.weight",
+                                                                    "model.visual.merger.linear_fc2.bias"}
+    text = "model.language_model"
+    kinds = [f"{text}.layers.1.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    kinds += [f"{text}.layers.0.linear_attn.{n}" for n in (*LINEAR_ATTENTION_READERS, "out_proj")]
+    kinds += [f"{text}.embed_tokens", "lm_head"]
+    if family == "qwen3_5_moe":
+        kinds += [f"{text}.layers.2.mlp.{n}" for n in ("gate", "experts.1.gate_proj", "experts.1.up_proj",
+                                                       "experts.1.down_proj", "shared_expert.gate_proj",
+                                                       "shared_expert.down_proj", "shared_expert_gate")]
+    else:
+        kinds += [f"{text}.layers.2.mlp.{n}" for n in ("gate_proj", "up_proj", "down_proj")]
+    assert all(f"{k}.weight" in changed for k in kinds)
+    norms = [k for k in after if k.endswith(("input_layernorm.weight", "post_attention_layernorm.weight"))
+             and k.startswith(text)] + [f"{text}.norm.weight"]
+    assert norms and all(after[k].abs().max() == 0 for k in norms)  # gain 1 + 0: folded into the readers
+
+
+BROKEN_ROTATIONS = {  # each leaves one reader or writer of the residual stream (or the norm offset) out
+    "merger not rotated": lambda a: rotation_changed(a, outside_writers=()),
+    "in_proj_a not a reader": lambda a: without_reader(a, "input_layernorm", "linear_attn.in_proj_a"),
+    "k_proj not a reader": lambda a: without_reader(a, "input_layernorm", "self_attn.k_proj"),
+    "out_proj not a writer": lambda a: without_writer(a, "linear_attn.out_proj"),
+    "o_proj not a writer": lambda a: without_writer(a, "self_attn.o_proj"),
+    "norm offset 0": lambda a: rotation_changed(a, norm_offset=0.0),
+}
+BROKEN_MOE_ROTATIONS = {
+    "shared_expert_gate not a reader": lambda a: without_reader(a, "post_attention_layernorm",
+                                                                "mlp.shared_expert_gate"),
+    "experts' down not a writer": lambda a: without_writer(a, "mlp.experts.*.down_proj"),
+}
+
+
+@pytest.mark.parametrize("family,broken", [("qwen3_5", b) for b in BROKEN_ROTATIONS]
+                         + [("qwen3_5_moe", b) for b in BROKEN_MOE_ROTATIONS])
+def test_quarot_without_one_reader_or_writer_breaks_the_model(vlms, images, family, broken):
+    """The test above can fail: a rotation that skips any one of them moves the logits far past the bound."""
+    original = adapter_of(family, vlms[family]).init_model(CPU, load_layers=True)
+    rules = {**BROKEN_ROTATIONS, **BROKEN_MOE_ROTATIONS}
+    model, batches = transformed(rules[broken](adapter_of(family, vlms[family])), [{"type": "quarot"}],
+                                 image_samples(images[:1]))
+    change = logit_change(original, model, batches)
+    print(f"{family} quarot with {broken} (must break): {change:.2e}")
+    assert change > 100 * FLOAT_BOUND
+
+
+def test_quarot_is_refused_by_name_when_the_checkpoint_holds_the_mtp_module(vlms):
+    """vLLM's draft model reads the main model's embedding and post-final-norm hidden state and ends in the main
+    model's head: once those are rotated (the final norm's gain folded into the head) the unrotated MTP module is
+    wrong, and no rotation of its own tensors gives it back its norm into that head. Refused before any weight is
+    read (core/passthrough.py), naming the module."""
     from msmodelslim.core.config import parse_config
+    from msmodelslim.core.passthrough import refuse_inconsistent_passthrough
     from msmodelslim.processor.base import ProcessorContext, build_pipeline
 
-    adapter = adapter_of("qwen3_5", vlms["qwen3_5"])
+    adapter = adapter_of("qwen3_5_moe", vlms["qwen3_5_moe"])
     config = parse_config({"apiversion": "modelslim_v1", "spec": {"process": [{"type": "quarot"}]}})
     context = ProcessorContext(type(adapter).__name__, adapter.structure, adapter.attention_shape())
-    with pytest.raises(UnsupportedError, match="(?i)quarot|rotation"):
-        for processor in build_pipeline(config.spec.process, context):
-            processor.check_model(adapter.init_skeleton(), adapter.block_names(adapter.init_skeleton()))
+    processors = build_pipeline(config.spec.process, context)
+    skeleton = adapter.init_skeleton()
+    for processor in processors:
+        processor.check_model(skeleton, adapter.block_names(skeleton))  # the structure itself is accepted
+    with pytest.raises(UnsupportedError, match="quarot cannot rotate the multi-token-prediction layer.*mtp"):
+        refuse_inconsistent_passthrough(processors, adapter.unread_tensors(skeleton), adapter.model_path)
 
 
 # ---- output ------------------------------------------------------------------------------------------------------
@@ -236,6 +344,45 @@ def test_w8a8_writes_the_same_bytes_both_ways_keeps_the_tower_and_reads_back(tmp
         error = ((got - want).norm() / want.norm()).item()
         agreement = ((got - ref).abs().max() / ref.abs().max()).item()
         print(f"{family} W8A8 read back: relative logit error {error:.3f}; readers differ by {agreement:.1e}")
+        assert error < READ_BACK_BOUND and agreement < READER_AGREEMENT
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_quarot_then_w8a8_writes_the_same_bytes_both_ways_and_reads_back(tmp_path, vlms, images, family):
+    """quarot -> iter_smooth -> W8A8 (a checkpoint without the MTP module, which quarot refuses): identical bytes
+    layer_wise and model_wise, the checker passes, of the tower only the quantized blocks and the merger's last
+    linear changed, and our reader and the reference reader read back close to the float model."""
+    from transformers import AutoModelForImageTextToText
+
+    from msmodelslim.format.ascendv1.checker import check_ascendv1
+    from msmodelslim.format.ascendv1.reader import load_ascendv1
+    from reference_reader import load_reference_model
+
+    source = without_mtp(vlms[family], tmp_path / "source")
+    outs = {}
+    for runner in ("layer_wise", "model_wise"):
+        outs[runner] = tmp_path / runner
+        plan = write_ascendv1(adapter_of(family, source), [{"type": "quarot"}] + PROCESS, image_samples(images),
+                              outs[runner], layer_wise=runner == "layer_wise")
+    written = stored(outs["layer_wise"])
+    assert written == stored(outs["model_wise"])  # identical bytes from both runners
+    out = outs["layer_wise"]
+    assert not [f for f in check_ascendv1(out, list(plan)) if f.level == "error"]
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    source_tensors = stored(source)
+    vision_changed = {n for n in source_tensors if n.startswith("model.visual.") and written[n] != source_tensors[n]
+                      and plan.get(n.rsplit(".", 1)[0], "FLOAT") == "FLOAT"}
+    assert vision_changed == {"model.visual.merger.linear_fc2.weight", "model.visual.merger.linear_fc2.bias"}
+
+    float_model = AutoModelForImageTextToText.from_pretrained(source, dtype=torch.float32).eval()
+    probe = adapter_of(family, source).handle_dataset(image_samples(images[1:]), CPU)
+    ours, reference = load_ascendv1(out).eval(), load_reference_model(out).eval()
+    for batch in probe:
+        want, got, ref = logits(float_model, batch), logits(ours, batch), logits(reference, batch)
+        error = ((got - want).norm() / want.norm()).item()
+        agreement = ((got - ref).abs().max() / ref.abs().max()).item()
+        print(f"{family} quarot + iter_smooth + W8A8 read back: relative logit error {error:.3f}; readers differ by "
+              f"{agreement:.1e}")
         assert error < READ_BACK_BOUND and agreement < READER_AGREEMENT
 
 

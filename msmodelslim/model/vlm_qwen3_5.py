@@ -26,8 +26,19 @@ transformers gives that layer.
 
 Smoothing (iter_smooth, flex_smooth_quant) as for Qwen3-Next: every norm scales by (1 + weight); the input norm feeds
 q/k/v or the linear attention's four input projections, the post-attention norm the MLP or the router, experts,
-shared expert and its gate; v_proj -> o_proj is exact through the sigmoid output gate. QuaRot is not offered (the
-established tool has none for this family): `rotation` is None, so a quarot step is refused by name.
+shared expert and its gate; v_proj -> o_proj is exact through the sigmoid output gate.
+
+Rotation (quarot) as for Qwen3-Next, plus the vision merger: the same readers fold their norm's gain (1 + weight)
+and rotate their columns, the norm is left with gain exactly 1 (stored weight 0: `norm_offset=1.0`); o_proj,
+out_proj, down_proj (dense, shared and every routed expert) rotate their rows; the embedding's rows and the head's
+columns rotate, and so do the output rows of `model.visual.merger.linear_fc2`, whose image embeddings are scattered
+into the residual stream (`outside_writers`). No value-head rotation: the full attention's sigmoid output gate acts on
+the heads' channels, and the linear attention's value path runs through a gated RMSNorm per head. Everything the
+rotation touches is a linear of the normed residual (or writes it), so the conv1d and delta rule, the q/k norms and
+the gates see the same numbers: exact in float. The MTP module (`mtp.*`) is not rotated and cannot be made exact:
+vLLM feeds it the main model's (rotated) embedding and post-final-norm hidden state and sends its own norm's output
+into the main model's head, into which the rotation folded the final norm's gain. core/passthrough.py refuses quarot
+on a checkpoint that holds it, before any weight is read.
 """
 from __future__ import annotations
 
@@ -39,6 +50,8 @@ from torch import nn
 from msmodelslim.core.errors import InvalidModelError, ProcessingError
 from msmodelslim.model.interface import ModelStructure, dense_mlp_subgraphs, gqa_attention_subgraphs, moe_mlp_subgraphs
 from msmodelslim.model.moe import StackedSlice, stacked_source
+from msmodelslim.model.rotation import (BlockPart, RotationStructure, decoder_rotation, gated_mlp, gqa_attention,
+                                        routed_experts)
 from msmodelslim.model.skeleton_edits import keep_float
 from msmodelslim.model.vlm import TRANSFORMERS_5, VlmAdapter, VlmFamily, VlmLayout
 
@@ -53,6 +66,17 @@ FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("in_proj_qkv
          ("in_proj_b", "in_proj_a"))
 
 
+def qwen3_5_rotation(family: VlmFamily, layout: VlmLayout) -> RotationStructure:
+    """The residual stream's readers and writers (see the module docstring): Qwen3-Next's, the vision merger too."""
+    linear_attention = BlockPart(tuple(f"linear_attn.{n}" for n in LINEAR_ATTENTION_READERS), ("linear_attn.out_proj",))
+    mlp = ([routed_experts(), gated_mlp("mlp.shared_expert"), BlockPart((f"mlp.{SHARED_EXPERT_GATE}",))] if family.moe
+           else [gated_mlp()])
+    rotation = decoder_rotation(attention=[gqa_attention(rotate_heads=False), linear_attention], mlp=mlp,
+                                embedding=f"{layout.text}.embed_tokens", final_norm=f"{layout.text}.norm",
+                                norm_offset=1.0)
+    return replace(rotation, outside_writers=tuple(f"{layout.vision}.{w}" for w in family.stream_writers))
+
+
 def qwen3_5_structure(family: VlmFamily, layout: VlmLayout) -> ModelStructure:
     """Hybrid text decoder: each layer has full attention (`self_attn`) or linear attention (`linear_attn`), the
     other subgraph is skipped there; a dense MLP or a sparse MoE with a gated shared expert."""
@@ -62,7 +86,8 @@ def qwen3_5_structure(family: VlmFamily, layout: VlmLayout) -> ModelStructure:
                  else dense_mlp_subgraphs()))
     return ModelStructure(decoder_layers=layout.decoder_layers, hf_model_types=tuple(FAMILIES),
                           fused_groups=FUSED, row_parallel=("o_proj", "down_proj", "out_proj"),
-                          smooth_subgraphs=smooth, norm_offset=1.0, rotation=None, kv_cache=None)
+                          smooth_subgraphs=smooth, norm_offset=1.0,
+                          rotation=qwen3_5_rotation(family, layout), kv_cache=None)
 
 
 class Qwen35VlAdapter(VlmAdapter):
