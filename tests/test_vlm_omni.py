@@ -2,13 +2,16 @@
 (tests/tiny_vlm.py make_tiny_omni: the whole model's config.json, the thinker under its published `thinker.*` names,
 a few talker/vocoder tensors): transformers' thinker class loads the published names (its conversion mapping) and
 computes what the adapter's block-by-block walk computes on image+prompt inputs; the speech parts pass through
-unchanged; smoothing is exact in float and leaves both towers alone; a W8A8 run writes the same bytes layer_wise and
-model_wise, keeps every untouched vision and audio tensor byte for byte, passes the checker and reads back (our
-reader and the reference reader) close to float; video and audio calibration are refused by name before any weight
-is read."""
+unchanged; smoothing is exact in float and leaves both towers alone; QuaRot is exact in float on image, video,
+audio (a hand-made clip: calibration takes no audio) and text inputs, rotating of the towers only their writers into
+the residual stream (leaving either unrotated breaks that medium); a W8A8 run (with or without QuaRot first) writes
+the same bytes layer_wise and model_wise, keeps every untouched vision and audio tensor byte for byte, passes the
+checker and reads back (our reader and the reference reader) close to float; video files and audio calibration are
+refused by name before any weight is read."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -132,16 +135,129 @@ def test_smoothing_is_exact_in_float_on_images_and_leaves_the_towers_alone(omnis
     assert not {k for k in changed if k.startswith(("thinker.visual.", "thinker.audio_tower."))}
 
 
-def test_quarot_is_refused_by_name(omnis):
-    from msmodelslim.core.config import parse_config
-    from msmodelslim.processor.base import ProcessorContext, build_pipeline
+# ---- quarot: the residual stream rotates, and so do both towers' writers into it ----------------------------------
+VISION_WRITERS = {"qwen2_5_omni": ("thinker.visual.merger.mlp.2",),
+                  "qwen3_omni_moe": ("thinker.visual.merger.mlp.2", "thinker.visual.merger_list.0.mlp.2",
+                                     "thinker.visual.merger_list.1.mlp.2")}  # DeepStack after text layers 0 and 1
+AUDIO_WRITER = {"qwen2_5_omni": "thinker.audio_tower.proj", "qwen3_omni_moe": "thinker.audio_tower.proj2"}
+AUDIO_FRAMES = 64  # log-mel frames of the hand-made audio clip (one window: 8 audio tokens in Qwen3-Omni)
 
-    adapter = adapter_of("qwen2_5_omni", omnis["qwen2_5_omni"])
-    config = parse_config({"apiversion": "modelslim_v1", "spec": {"process": [{"type": "quarot"}]}})
-    context = ProcessorContext(type(adapter).__name__, adapter.structure, adapter.attention_shape())
-    with pytest.raises(UnsupportedError, match="(?i)quarot|rotation"):
-        for processor in build_pipeline(config.spec.process, context):
-            processor.check_model(adapter.init_skeleton(), adapter.block_names(adapter.init_skeleton()))
+
+def with_published_audio_windows(model):
+    """transformers' Qwen3-Omni audio length formula assumes the published 100-frame windows (n_window 50) whatever
+    the config says; the tiny config's smaller window is set to the published one for the audio forwards."""
+    for name, tower in model.named_modules():  # thinker.audio_tower here, model.audio_tower in transformers' class
+        if name.endswith("audio_tower") and hasattr(tower, "n_window_infer"):
+            tower.n_window, tower.n_window_infer = 50, 100
+    return model
+
+
+def audio_batch(adapter, model) -> dict:
+    """A prompt around an audio clip (random log-mel features), built by hand: calibration takes no audio (the
+    adapter refuses it, and the tiny test inputs carry none), but the thinker's forward reads it, so the float checks
+    can cover the audio tower's writer. The token count is what the audio tower makes of the clip."""
+    thinker = with_published_audio_windows(model).thinker
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(1, thinker.config.audio_config.num_mel_bins, AUDIO_FRAMES, generator=generator)
+    mask = torch.ones(1, AUDIO_FRAMES, dtype=torch.long)
+    with torch.no_grad():
+        count = thinker.get_audio_features(features, feature_attention_mask=mask).pooler_output.shape[0]
+    tokenizer = adapter.processor.tokenizer
+    token = tokenizer.convert_tokens_to_ids
+    text = tokenizer("What is said?")["input_ids"]
+    ids = torch.tensor([[token(tokenizer.audio_bos_token), *[token(tokenizer.audio_token)] * count,
+                         token(tokenizer.audio_eos_token), *text]])
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "input_features": features,
+            "feature_attention_mask": mask}
+
+
+def rotated_thinker(family: str, path: Path, images: list[Path], structure_edit=None):
+    """(the original float model, the quarot-rotated one, {medium: input}) on an image+prompt, a prompt alone, the
+    calibVideos clips (frames) and a hand-made audio clip."""
+    original = with_published_audio_windows(adapter_of(family, path).init_model(CPU, load_layers=True))
+    adapter = adapter_of(family, path)
+    if structure_edit is not None:
+        adapter.structure = replace(adapter.structure, rotation=structure_edit(adapter.structure.rotation))
+    data = image_samples(images[:1]) + ["a prompt without an image"] + video_samples()
+    model, batches = transformed(adapter, [{"type": "quarot"}], data)
+    inputs = {"image": batches[0], "text": batches[1], "video": batches[2], "video+image": batches[3],
+              "audio": audio_batch(adapter, original)}
+    return original, with_published_audio_windows(model), inputs
+
+
+def logit_change(model, original, batch) -> tuple[float, float]:
+    """max |Δlogit| and max |Δlogit| / max |logit|."""
+    got, want = logits(model, batch), logits(original, batch)
+    delta = (got - want).abs().max().item()
+    return delta, delta / want.abs().max().item()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_quarot_is_exact_in_float_on_every_medium_and_rotates_only_the_towers_writers(omnis, images, family):
+    original, model, inputs = rotated_thinker(family, omnis[family], images)
+    assert inputs["audio"]["input_features"] is not None and "pixel_values_videos" in inputs["video"]
+    for medium, batch in inputs.items():
+        delta, relative = logit_change(model, original, batch)
+        print(f"{family} quarot on {medium}: max |Δlogit| {delta:.2e} (/ max |logit| {relative:.2e})")
+        assert delta < FLOAT_BOUND and relative < FLOAT_BOUND
+    before, after = original.state_dict(), model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert f"{TEXT}.0.self_attn.q_proj.weight" in changed and "thinker.model.embed_tokens.weight" in changed
+    writers = {f"{w}.{p}" for w in (*VISION_WRITERS[family], AUDIO_WRITER[family]) for p in ("weight", "bias")}
+    assert {k for k in changed if k.startswith(("thinker.visual.", "thinker.audio_tower."))} == writers
+
+    # the audio writer's rows are rotated by the residual stream's Q (read off the embedding table, E·Q): W -> Qᵀ·W
+    embedding = before["thinker.model.embed_tokens.weight"].double()
+    q = torch.linalg.lstsq(embedding, after["thinker.model.embed_tokens.weight"].double()).solution
+    assert (q.T @ q - torch.eye(q.shape[0], dtype=q.dtype)).abs().max() < 1e-5  # orthogonal: a rotation
+    for part in ("weight", "bias"):
+        name = f"{AUDIO_WRITER[family]}.{part}"
+        want = q.T @ before[name].double() if part == "weight" else before[name].double() @ q
+        assert (after[name].double() - want).abs().max() < 1e-5, name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("forgotten", ["vision", "audio"])
+def test_quarot_must_rotate_each_towers_writer(omnis, images, family, forgotten):
+    """A tower's output is scattered into the rotated residual stream: leaving its writer unrotated breaks the
+    model on inputs that carry that medium, and only there."""
+    def without(rotation):
+        kept = [w for w in rotation.outside_writers if ("audio_tower" in w) == (forgotten == "vision")]
+        return replace(rotation, outside_writers=tuple(kept))
+
+    original, model, inputs = rotated_thinker(family, omnis[family], images, without)
+    broken = {"vision": ("image", "video", "video+image"), "audio": ("audio",)}[forgotten]
+    for medium, batch in inputs.items():
+        delta, relative = logit_change(model, original, batch)
+        print(f"{family} quarot without the {forgotten} writer, on {medium}: max |Δlogit| {delta:.2e}")
+        assert (relative > 1e-2) if medium in broken else (relative < FLOAT_BOUND), medium
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_quarot_written_and_read_back_is_exact_on_every_medium(tmp_path, omnis, images, family):
+    """quarot alone, written layer_wise (the vision tower read when its turn comes, the audio tower held from the
+    start): both readers give the float thinker's logits on image, video, audio and text inputs; of the towers only
+    the writers into the residual stream changed."""
+    from msmodelslim.format.ascendv1.reader import load_ascendv1
+    from reference_reader import load_reference_model
+
+    source, out = omnis[family], tmp_path / "out"
+    write_ascendv1(adapter_of(family, source), [{"type": "quarot"}], [], out, layer_wise=True)
+    source_tensors, written = stored(source), stored(out)
+    towers = [n for n in source_tensors if n.startswith(("thinker.visual.", "thinker.audio_tower."))]
+    writers = {f"{w}.{p}" for w in (*VISION_WRITERS[family], AUDIO_WRITER[family]) for p in ("weight", "bias")}
+    assert {n for n in towers if written[n] != source_tensors[n]} == writers
+    adapter = adapter_of(family, source)
+    original = with_published_audio_windows(adapter.init_model(CPU, load_layers=True))
+    batches = adapter.handle_dataset(image_samples(images[:1]) + ["a prompt without an image"] + video_samples(1), CPU)
+    batches.append(audio_batch(adapter, original))
+    for reader in (load_ascendv1, load_reference_model):
+        model = with_published_audio_windows(reader(out).eval())
+        for batch in batches:
+            delta, relative = logit_change(model, original, batch)
+            medium = "audio" if "input_features" in batch else sorted(k for k in batch if "pixel" in k) or "text"
+            print(f"{family} quarot written, read by {reader.__name__}, on {medium}: max |Δlogit| {delta:.2e}")
+            assert delta < FLOAT_BOUND and relative < FLOAT_BOUND
 
 
 # ---- output ------------------------------------------------------------------------------------------------------
@@ -154,10 +270,13 @@ PROCESS = [{"type": "iter_smooth"},
 # a wrong layout or scale gives ~1
 READ_BACK_BOUND = 0.1
 READER_AGREEMENT = 2e-3  # max |Δlogit| / max |logit| between our reader and the reference reader
+PROCESSES = {"iter_smooth": PROCESS, "quarot+iter_smooth": [{"type": "quarot"}] + PROCESS}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_w8a8_writes_the_same_bytes_both_ways_keeps_the_towers_and_reads_back(tmp_path, omnis, images, family):
+@pytest.mark.parametrize("process", PROCESSES)
+def test_w8a8_writes_the_same_bytes_both_ways_keeps_the_towers_and_reads_back(tmp_path, omnis, images, family,
+                                                                             process):
     from msmodelslim.format.ascendv1.checker import check_ascendv1
     from msmodelslim.format.ascendv1.reader import load_ascendv1
     from reference_reader import load_reference_model
@@ -166,8 +285,8 @@ def test_w8a8_writes_the_same_bytes_both_ways_keeps_the_towers_and_reads_back(tm
     outs = {}
     for runner in ("layer_wise", "model_wise"):
         outs[runner] = tmp_path / runner
-        plan = write_ascendv1(adapter_of(family, source), PROCESS, image_samples(images) + video_samples(), outs[runner],
-                              layer_wise=runner == "layer_wise")
+        plan = write_ascendv1(adapter_of(family, source), PROCESSES[process], image_samples(images) + video_samples(),
+                              outs[runner], layer_wise=runner == "layer_wise")
     written = stored(outs["layer_wise"])
     assert written == stored(outs["model_wise"])  # identical bytes from both runners
     out = outs["layer_wise"]
@@ -187,20 +306,25 @@ def test_w8a8_writes_the_same_bytes_both_ways_keeps_the_towers_and_reads_back(tm
     source_tensors = stored(source)
     for name in SPEECH[family]:  # talker and vocoder: written unchanged (bf16 as published), FLOAT
         assert written[name] == source_tensors[name] and description[name] == "FLOAT"
-    untouched = [n for n in source_tensors  # tensors of both towers no rule quantized
+    rotated = {f"{w}.{p}" for w in (*VISION_WRITERS[family], AUDIO_WRITER[family]) for p in ("weight", "bias")
+               if process.startswith("quarot")}  # the towers' writers into the residual stream: rows rotated, FLOAT
+    untouched = [n for n in source_tensors  # tensors of both towers no rule quantized and quarot did not rotate
                  if n.startswith(("thinker.visual.", "thinker.audio_tower."))
-                 and plan.get(n.rsplit(".", 1)[0], "FLOAT") == "FLOAT"]
+                 and plan.get(n.rsplit(".", 1)[0], "FLOAT") == "FLOAT" and n not in rotated]
     assert any(n.startswith("thinker.audio_tower.") for n in untouched)
     assert all(written[n] == source_tensors[n] for n in untouched)  # byte for byte
+    assert all(written[n] != source_tensors[n] and description[n] == "FLOAT" for n in rotated)
 
     float_model = transformers_thinker(family, source)
+    # image and video probes: the static activation ranges come from images, videos and text, so an audio input
+    # (never calibrated) is outside them; test_quarot_written_and_read_back_is_exact_on_every_medium covers audio
     probe = adapter_of(family, source).handle_dataset(image_samples(images[1:]) + video_samples(1), CPU)
     ours, reference = load_ascendv1(out).eval(), load_reference_model(out).eval()
     for batch in probe:
         want, got, ref = logits(float_model, batch), logits(ours, batch), logits(reference, batch)
         error = ((got - want).norm() / want.norm()).item()
         agreement = ((got - ref).abs().max() / ref.abs().max()).item()
-        print(f"{family} W8A8 read back: relative logit error {error:.3f}; readers differ by {agreement:.1e}")
+        print(f"{family} {process} W8A8 read back: relative logit error {error:.3f}; readers differ by {agreement:.1e}")
         assert error < READ_BACK_BOUND and agreement < READER_AGREEMENT
 
 

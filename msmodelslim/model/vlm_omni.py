@@ -24,13 +24,17 @@ written through unchanged (FLOAT, model/passthrough.py); vLLM's thinker model sk
   image processor (same resize and normalization, `temporal_patch_size` frames per patch). A video file (.mp4 ...)
   is refused when the set is loaded, before any weight is read, unless a decoder is installed; audio is refused
   by name (an audio decoder is not a dependency either, and the audio tower is not calibrated).
-- Algorithms: smoothing (iter_smooth, flex_smooth_quant) on the text decoder, and every quantizer. QuaRot is not
-  offered (the established tool has none for these families, protocol.md 5.1): both towers write into the residual
-  stream (the vision merger and the audio tower's output projection), so `rotation` is None and a quarot step is
-  refused by name.
+- Algorithms: smoothing (iter_smooth, flex_smooth_quant) and QuaRot on the text decoder, and every quantizer.
+  QuaRot rotates the residual stream, and both towers write into it from outside the decoder: the vision merger's
+  last linear (and Qwen3-Omni's DeepStack mergers', added after the first layers) and the audio tower's output
+  projection (`proj` in Qwen2.5-Omni, `proj2` in Qwen3-Omni: its output is scattered at the audio token positions).
+  Their output rows rotate too (`RotationStructure.outside_writers`; the vision ones when the tower's block is
+  read, the audio one in prepare_model, the audio tower being held in memory from the start), so the rotated
+  thinker is exact in float on every medium; every other tower tensor is left as it was.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Generator, Sequence
 
@@ -63,14 +67,24 @@ from msmodelslim.model.vlm import (
     _NoImage,
     _processor_class_name,
     published_qwen2_vl_layout,
+    vlm_structure,
 )
 from msmodelslim.model.transformers_model import _to_device
 
 log = get_logger("model.vlm_omni")
 
-QWEN2_5_OMNI = VlmFamily("qwen2_5_omni", stream_writers=("merger.mlp.2",))
-QWEN3_OMNI_MOE = VlmFamily("qwen3_omni_moe", stream_writers=("merger.mlp.2", "merger_list.*.mlp.2"), moe=True,
-                           qk_norm=True)
+
+@dataclass(frozen=True)
+class OmniFamily(VlmFamily):
+    """A thinker family: the vision family's data plus the audio tower's linear whose output is scattered into the
+    text embeddings at the audio token positions (relative to the audio tower; QuaRot rotates its output rows)."""
+
+    audio_stream_writer: str = "proj"
+
+
+QWEN2_5_OMNI = OmniFamily("qwen2_5_omni", stream_writers=("merger.mlp.2",), audio_stream_writer="proj")
+QWEN3_OMNI_MOE = OmniFamily("qwen3_omni_moe", stream_writers=("merger.mlp.2", "merger_list.*.mlp.2"), moe=True,
+                            qk_norm=True, audio_stream_writer="proj2")
 PUBLISHED_THINKER = VlmLayout(text="thinker.model", vision="thinker.visual")
 AUDIO_TOWER = "thinker.audio_tower"
 # transformers' thinker class of each config.json model_type: it loads the published whole-model checkpoint
@@ -87,10 +101,15 @@ PROCESSOR_TOKENS = ("image_token", "video_token", "audio_token", "vision_bos_tok
 FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("q", "k", "v"))
 
 
-def omni_structure(family: VlmFamily) -> ModelStructure:
+def omni_structure(family: OmniFamily) -> ModelStructure:
+    """The text decoder's smoothing and rotation (model/vlm.py's, under the thinker's names), with both towers'
+    outputs as writers into the rotated residual stream."""
     smooth = gqa_attention_subgraphs() + (moe_mlp_subgraphs() if family.moe else dense_mlp_subgraphs())
+    rotation = vlm_structure(family, PUBLISHED_THINKER).rotation
+    rotation = replace(rotation, lm_head="thinker.lm_head",
+                       outside_writers=rotation.outside_writers + (f"{AUDIO_TOWER}.{family.audio_stream_writer}",))
     return ModelStructure(decoder_layers=PUBLISHED_THINKER.decoder_layers, hf_model_types=(family.hf_model_type,),
-                          smooth_subgraphs=smooth, rotation=None, fused_groups=FUSED,
+                          smooth_subgraphs=smooth, rotation=rotation, fused_groups=FUSED,
                           kv_cache=QWEN3_KV_CACHE if family.qk_norm else LLAMA_KV_CACHE)
 
 
