@@ -597,3 +597,20 @@ def test_upstream_qwen3_vl_moe_recipe_end_to_end(tmp_path, vlms, images):
     relative = ((got - want).norm() / want.norm()).item()
     print(f"qwen3_vl_moe upstream w8a8 recipe read back: relative logit error {relative:.3f}")
     assert relative < 0.15
+
+
+def test_quarot_refuses_an_unread_stream_writer_outside_every_block(vlms):
+    """A writer into the residual stream (the merger) still unread at prepare_model is rotated when its block is
+    read; one in no block of the walk would never be: refused instead of written unrotated."""
+    from msmodelslim.core.errors import ProcessingError
+
+    adapter = adapter_of("qwen2_5_vl", vlms["qwen2_5_vl"])
+    config = parse_config({"apiversion": "modelslim_v1", "spec": {"process": [{"type": "quarot"}]}})
+    context = ProcessorContext(type(adapter).__name__, adapter.structure, adapter.attention_shape())
+    quarot = build_pipeline(config.spec.process, context)[0]
+    skeleton = adapter.init_skeleton()
+    blocks = adapter.block_names(skeleton)
+    quarot.check_model(skeleton, [b for b in blocks if b != adapter.layout.vision])  # the tower left out of the walk
+    model = adapter.load_weights(skeleton, CPU, load_layers=False)
+    with pytest.raises(ProcessingError, match=r"visual\.merger\.mlp\.2 .*would never be rotated"):
+        quarot.prepare_model(model)

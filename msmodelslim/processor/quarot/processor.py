@@ -22,6 +22,8 @@ the model does not build, is rotated by `rotate_mtp` (mtp.py) from its checkpoin
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -73,6 +75,7 @@ class QuaRotProcessor(Processor):
         self.head_q: dict[str, torch.Tensor] = {}
         self.final_gain: torch.Tensor | None = None  # the final norm's weight before folding (for the MTP layer)
         self.pending_writers: list[str] = []  # outside writers in a block not read at prepare_model
+        self.block_names: Optional[list[str]] = None  # the walk's blocks, known once check_model ran
 
     def _value_heads(self, layout: str) -> ValueHeads:
         """Where the value heads sit, from the adapter's attention shape (GQA) or MLA shape."""
@@ -101,6 +104,7 @@ class QuaRotProcessor(Processor):
         _rms_norm(model.get_submodule(s.final_norm), s.final_norm)
         hidden = model.get_submodule(s.embedding).weight.shape[1]
         self._outside_writers(model, hidden)
+        self.block_names = list(block_names)
         listed = [rotate.pattern_regex(p) for p in (*s.readers, *s.writers, *s.not_readers)]
         norms = {n for n, _ in s.norm_readers}
         for block_name in block_names:
@@ -167,6 +171,9 @@ class QuaRotProcessor(Processor):
         for name in self._outside_writers(model, embedding.weight.shape[1]):
             writer = model.get_submodule(name)
             if writer.weight.is_meta:
+                if self.block_names is not None and not any(name.startswith(b + ".") for b in self.block_names):
+                    raise ProcessingError(f"quarot: {name} writes into the residual stream but is neither read yet "
+                                          f"nor inside a block of the walk, so it would never be rotated")
                 self.pending_writers.append(name)
             else:
                 rotate.rotate_writer(writer.weight, writer.bias, self.q)
