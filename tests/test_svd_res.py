@@ -230,12 +230,19 @@ def test_rank_beyond_a_layer_is_refused_before_any_weight_is_read(tiny_llama, tm
                                           r"model\.layers\.0\.self_attn\.k_proj \[32, 64\].*rank <= 32"):
         run_quant(tiny_llama, tmp_path / "out", config, MODEL_TYPE["llama"])
     assert not (tmp_path / "out").exists()
-    # excluding the narrow layers makes rank 33 valid for the rest (64 x 128 and wider)
+    # excluding the narrow layers alone would split q/k/v, which the engine fuses, between W4A4_MXFP4_SVD and
+    # W4A4_MXFP4: refused from the plan too
     narrow = ["*k_proj", "*v_proj"]
     config = write_pipeline(tmp_path / "c2.yaml", [svd_step(33, exclude=narrow), quant_step(W4A4_MXFP4)])
+    with pytest.raises(UnsupportedError, match=r"fuses into one would get different schemes \(model\.layers\.0\."
+                                               r"self_attn\.q_proj W4A4_MXFP4_SVD"):
+        run_quant(tiny_llama, tmp_path / "dry", config, MODEL_TYPE["llama"], dry_run=True)
+    # excluding the whole fused group makes rank 33 valid for the rest (64 x 64 and wider)
+    config = write_pipeline(tmp_path / "c3.yaml", [svd_step(33, exclude=["*q_proj", *narrow]), quant_step(W4A4_MXFP4)])
     report = run_quant(tiny_llama, tmp_path / "dry", config, MODEL_TYPE["llama"], dry_run=True)
     assert report.plan["model.layers.0.self_attn.k_proj"] == "W4A4_MXFP4"
-    assert report.plan["model.layers.0.self_attn.q_proj"] == "W4A4_MXFP4_SVD"
+    assert report.plan["model.layers.0.self_attn.q_proj"] == "W4A4_MXFP4"
+    assert report.plan["model.layers.0.self_attn.o_proj"] == "W4A4_MXFP4_SVD"
 
 
 def test_compressed_tensors_refuses_svd_res_before_any_weight_is_read(tiny_llama, tmp_path):
