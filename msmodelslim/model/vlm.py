@@ -139,6 +139,24 @@ class TransposedStackedSlice(StackedSlice):
         return matrix.contiguous().clone()
 
 
+def projector_fed_inputs(model: nn.Module, first_layer: str, embedding: str, batch: dict[str, torch.Tensor],
+                         token_embeddings: torch.Tensor | None, pooler_output: Any) -> tuple[tuple, dict]:
+    """The first text layer's inputs from the model's own forward, for models whose forward takes the projector's
+    output as `mm_encoder_outputs` (InternVL, Kimi). Given, `token_embeddings` stand for the embedding table's output
+    and `pooler_output` for the projector's, in the form the model reads it (the vision blocks are then not run)."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    call = {k: v.to("cpu") for k, v in batch.items()}
+    if pooler_output is not None:
+        call.pop("pixel_values")
+        call["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=pooler_output)}
+    substitutes = {}
+    if token_embeddings is not None:
+        substitutes[model.get_submodule(embedding)] = lambda _ids: token_embeddings
+    args, kwargs, _ = forward_until(model, model.get_submodule(first_layer), call, substitutes)
+    return args, kwargs
+
+
 def _load_image(path: Path):
     from PIL import Image, UnidentifiedImageError
 

@@ -42,8 +42,8 @@ from msmodelslim.model.hf_config import model_load_errors
 from msmodelslim.model.interface import MlaShape, ModelStructure, ProcessRequest, block_hidden_state
 from msmodelslim.model.moe import StackedSlice, stacked_source, unfuse_experts
 from msmodelslim.model.skeleton_edits import relocate, renamed_prefix
-from msmodelslim.model.transformers_model import _to_device, forward_until
-from msmodelslim.model.vlm import VlmAdapter, VlmFamily, VlmLayout, _NoImage
+from msmodelslim.model.transformers_model import _to_device
+from msmodelslim.model.vlm import VlmAdapter, VlmFamily, VlmLayout, _NoImage, projector_fed_inputs
 from msmodelslim.model.vlm_internvl import served_output
 
 KIMI_PUBLISHED = VlmLayout(text="language_model.model", vision="vision_tower")
@@ -233,20 +233,10 @@ class KimiK25Adapter(VlmAdapter):
 
     def _text_inputs(self, model: nn.Module, batch: dict[str, torch.Tensor], token_embeddings: torch.Tensor | None,
                      image_embeddings: torch.Tensor | None) -> tuple[tuple, dict]:
-        """The first text layer's inputs from the model's own forward. Given, `token_embeddings` stand for the
-        embedding table's output and `image_embeddings` for the projector's (the vision blocks are not run)."""
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-        first = model.get_submodule(self.text_block_names(model)[0])
-        call = {k: v.to("cpu") for k, v in batch.items()}
-        if image_embeddings is not None:
-            call.pop("pixel_values")
-            call["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=(image_embeddings,))}
-        substitutes = {}
-        if token_embeddings is not None:
-            substitutes[model.get_submodule(f"{KIMI_PUBLISHED.text}.embed_tokens")] = lambda _ids: token_embeddings
-        args, kwargs, _ = forward_until(model, first, call, substitutes)
-        return args, kwargs
+        """The first text layer's inputs; given, the embedding table's and the projector's outputs stand in."""
+        pooler = None if image_embeddings is None else (image_embeddings,)
+        return projector_fed_inputs(model, self.text_block_names(model)[0], f"{KIMI_PUBLISHED.text}.embed_tokens",
+                                    batch, token_embeddings, pooler)
 
     def generate_model_forward(self, model: nn.Module, inputs: dict[str, torch.Tensor]
                                ) -> Generator[ProcessRequest, Any, None]:
