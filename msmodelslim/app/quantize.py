@@ -307,7 +307,8 @@ def _execute(job: _Job, request: QuantizeRequest, collective: Collective, stagin
             for directory in subfolders(job, staging):  # each format's shard-rename journal survives a kill too
                 (directory / RESUME_STATE.parent).mkdir(exist_ok=True)
         stats = run_blocks(job.adapter, job.model, job.processors, writer, batches, device, layer_wise, collective,
-                           job.spill, job.unread, job.config.spec.calibration.early_stop_rule(), checkpoints, resume)
+                           job.spill, job.unread, job.config.spec.calibration.early_stop_rule(), checkpoints, resume,
+                           job.config.spec.calibration.reduced_precision())
         if writes:
             description, warnings = finish_outputs(job, request, writers, staging)
             if checkpoints is not None:

@@ -26,6 +26,17 @@ bound: a rare outlier late in the set is missed). `spec.calibration.early_stop: 
 calibration set. Statistics that are not extremes (GPTQ Hessians, histograms, AWQ means, row samples) are never
 cut short: their forward runs every batch.
 
+Precision. `spec.calibration.precision: bfloat16` runs a forward whose processor collects only running extremes
+of linear inputs (`Processor.range_statistics`: the same forwards early stopping may cut) under
+`torch.autocast(dtype=bfloat16)`, so the block's matmuls run in bfloat16 (cheaper where the hardware has
+bfloat16 units). Only those forwards: autocast turns every matmul inside the forward to bfloat16, including the
+ones other processors' hooks run (GPTQ's X^T X, AWQ's candidate outputs), while a min/max is exact in any
+dtype. The extremes then are those of bfloat16-rounded activations (8 significant bits), which moves
+smoothing scales and static ranges by up to a few parts in a thousand per layer, compounding over the blocks.
+Any other forward runs in float32 as before (the runner says so once per step), and the block outputs that
+autocast produced in bfloat16 go back to the block's own dtype, so the next block and everything after it
+see the dtypes of a float32 run.
+
 Later blocks receive the outputs of the batches that were forwarded, so a block that stopped after n batches
 leaves the following blocks at most those n batches: the set only shrinks along the model, every block is
 calibrated on a prefix of the same batches, and no batch is forwarded only to feed the next block (which
@@ -175,3 +186,16 @@ class Convergence:
             return False
         self.last_change = relative_change(self.history[0][1], self.history[-1][1])
         return self.tokens >= self.rule.min_tokens and self.last_change <= self.rule.rtol
+
+
+@dataclass
+class ReducedPrecision:
+    """`spec.calibration.precision` other than float32: the dtype range-only calibration forwards autocast to,
+    and (per run) the steps the runner has already said it does not apply to."""
+
+    dtype: torch.dtype = torch.bfloat16
+    declined: set[tuple[int, str]] = field(default_factory=set)  # (spec.process index, why): already logged
+
+    @property
+    def name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")

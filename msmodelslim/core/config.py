@@ -21,10 +21,12 @@ import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
+import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, SerializerFunctionWrapHandler, ValidationError,
+                      field_validator, model_serializer, model_validator)
 
-from msmodelslim.core.calibration import EarlyStop
+from msmodelslim.core.calibration import EarlyStop, ReducedPrecision
 from msmodelslim.core.errors import ConfigError, MsModelSlimError
 from msmodelslim.core.logging import get_logger
 from msmodelslim.core.roadmap import not_yet
@@ -88,13 +90,19 @@ FLOAT_TRANSFORMS = ("smooth_quant", "iter_smooth", "flex_smooth_quant", "flex_aw
 QUANTIZERS = ("linear_quant", "autoround_quant", "float_sparse", "dynamic_cache", "fa3_quant")
 
 
+CALIBRATION_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 class CalibrationConfig(BaseModel):
     """`spec.calibration`: when a calibration forward may stop before the end of the calibration set.
 
     A forward whose statistics are running extremes (smoothing's max |x|, static min/max ranges) stops after at
     least `min_tokens` tokens once no linear input's per-channel min or max moved by more than `rtol` times that
     linear's largest channel max |x| over the last `window_tokens` tokens; the blocks after it are calibrated on the batches it
-    forwarded (core/calibration.py). `early_stop: false` uses every batch."""
+    forwarded (core/calibration.py). `early_stop: false` uses every batch.
+
+    `precision: bfloat16` runs those same range-only forwards under bfloat16 autocast (faster matmuls, extremes of
+    bfloat16-rounded activations); every other calibration forward stays float32 (core/calibration.py)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -103,9 +111,24 @@ class CalibrationConfig(BaseModel):
     rtol: float = Field(0.05, gt=0, le=2, description="largest relative move of a channel's range still 'converged'")
     window_tokens: int = Field(8192, ge=1, le=10**9, description="tokens over which the ranges must stay within rtol")
     min_tokens: int = Field(16384, ge=1, le=10**12, description="never stop before this many tokens")
+    precision: Literal["float32", "bfloat16"] = Field(
+        "float32", description="dtype of the matmuls of range-only calibration forwards (core/calibration.py)")
 
     def early_stop_rule(self) -> Optional[EarlyStop]:
         return EarlyStop(self.rtol, self.window_tokens, self.min_tokens) if self.early_stop else None
+
+    @model_serializer(mode="wrap")
+    def _omit_default_precision(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # The saved practice (`*_best_practice.yaml`, the resume fingerprint) of a float32 run stays byte-identical
+        # to one written before this field existed; a bfloat16 run records it.
+        data = handler(self)
+        if self.precision == "float32":
+            data.pop("precision", None)
+        return data
+
+    def reduced_precision(self) -> Optional[ReducedPrecision]:
+        """None for float32 (the default: calibration forwards as before); a fresh one per run otherwise."""
+        return None if self.precision == "float32" else ReducedPrecision(CALIBRATION_DTYPES[self.precision])
 
 
 def _default_save() -> list[AscendV1SaverConfig]:

@@ -17,8 +17,9 @@ forward would (core/calibration.py: smoothing then static min/max ranges costs o
 last forward's output, taken before that processor quantizes, becomes the next block's input: with the second
 forward saved, that is the output of the block before smoothing, equal in float to the smoothed one's up to
 rounding. A forward whose statistics are running extremes may stop early once they converge
-(`spec.calibration`); the next blocks then get the batches it forwarded. Pipelines that need no data run no
-forward.
+(`spec.calibration`); the next blocks then get the batches it forwarded. With `spec.calibration.precision:
+bfloat16` those same forwards run under bfloat16 autocast, their outputs cast back to the block's dtype. Pipelines
+that need no data run no forward.
 
 Blocks before the first decoder layer (a vision-language model's vision tower, model/vlm.py) are processed like
 the others; they forward every batch (no early stop), and spilling is decided on the first decoder layer's inputs.
@@ -29,16 +30,16 @@ run skips the blocks a killed run finished, feeding the next block the hidden st
 from __future__ import annotations
 
 import math
-
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from msmodelslim.core.activations import ActivationSpill
-from msmodelslim.core.calibration import BlockInputRanges, Convergence, EarlyStop
+from msmodelslim.core.calibration import BlockInputRanges, Convergence, EarlyStop, ReducedPrecision
 from msmodelslim.core.distributed import LOCAL, Collective
 from msmodelslim.core.faults import fault_point
 from msmodelslim.core.logging import get_logger, progress_disabled
@@ -107,15 +108,65 @@ def _write_outside_blocks(model: nn.Module, block_names: list[str], entries: lis
             adapter.release_outside(model, block_names)
 
 
+def _block_dtype(block: nn.Module) -> Optional[torch.dtype]:
+    """The dtype the block computes in without autocast: that of its first floating-point parameter."""
+    return next((p.dtype for p in block.parameters() if p.is_floating_point()), None)
+
+
+def _restore_dtype(output: Any, autocast_dtype: torch.dtype, dtype: torch.dtype) -> Any:
+    """`output` with every tensor autocast left in `autocast_dtype` cast back to `dtype` (tuples, lists and
+    mappings walked): what the next block receives is then what a run without autocast hands it."""
+    if isinstance(output, torch.Tensor):
+        return output.to(dtype) if output.dtype == autocast_dtype else output
+    if isinstance(output, dict):  # a block's own fresh output (e.g. a ModelOutput): replaced in place
+        for key, value in output.items():
+            output[key] = _restore_dtype(value, autocast_dtype, dtype)
+        return output
+    if isinstance(output, (tuple, list)):
+        restored = [_restore_dtype(o, autocast_dtype, dtype) for o in output]
+        return output._make(restored) if hasattr(output, "_make") else type(output)(restored)
+    return output
+
+
+def _autocast(block: nn.Module, requests: list, index: int, processor: Processor,
+              precision: Optional[ReducedPrecision]) -> tuple[AbstractContextManager, Optional[torch.dtype]]:
+    """The context `processor`'s calibration forward runs in, and the dtype autocast computes in (None: no
+    autocast). Reduced precision applies only to a forward whose statistics are all running extremes of linear
+    inputs: autocast would turn every matmul in the forward to the lower dtype, including those that other
+    statistics' hooks compute (GPTQ's X^T X); a min/max is exact in any dtype. Declining is said once per step."""
+    if precision is None or precision.dtype == _block_dtype(block):
+        return nullcontext(), None
+    device = next((p.device for p in block.parameters()), None) or requests[0].args[0].device
+    if not processor.range_statistics:
+        reason = ("its calibration statistics are not only running extremes of linear inputs (e.g. GPTQ Hessians, "
+                  f"histograms, AWQ means, row samples), and autocast would compute their matmuls in {precision.name} "
+                  "too")
+    elif not torch.amp.is_autocast_available(device.type):
+        reason = f"torch has no autocast for device type {device.type}"
+    else:
+        return torch.autocast(device_type=device.type, dtype=precision.dtype), precision.dtype
+    if (index, reason) not in precision.declined:
+        precision.declined.add((index, reason))
+        kind = getattr(getattr(processor, "config", None), "type", type(processor).__name__)
+        dtype = str(_block_dtype(block) or torch.float32).removeprefix("torch.")
+        log.info("spec.calibration.precision %s does not apply to spec.process[%d] (%s): %s; its calibration "
+                 "forwards run in %s", precision.name, index, kind, reason, dtype)
+    return nullcontext(), None
+
+
 @torch.no_grad()
 def _forward_all(block_name: str, requests: list, spill: Optional[ActivationSpill],
-                 convergence: Optional[Convergence] = None) -> list:
+                 convergence: Optional[Convergence] = None, block_dtype: Optional[torch.dtype] = None,
+                 autocast_dtype: Optional[torch.dtype] = None) -> list:
     """The block's outputs for the requests forwarded: all of them, or the first ones until `convergence`
-    says the statistics have settled."""
+    says the statistics have settled. Run under autocast (`autocast_dtype`), the outputs are cast back to
+    `block_dtype`."""
     outputs = []
     for request in requests:
         assert request.name == block_name, f"forward generator out of step at {block_name}"
         output = request.module(*request.args, **request.kwargs)
+        if autocast_dtype is not None and block_dtype is not None:
+            output = _restore_dtype(output, autocast_dtype, block_dtype)
         if spill is not None:  # one batch's activations in memory at a time
             spill.evict(request.args[0])
             spill.move_to_disk(block_hidden_state(output))
@@ -129,14 +180,18 @@ def _forward_all(block_name: str, requests: list, spill: Optional[ActivationSpil
 
 def _calibration_forward(block_name: str, block: nn.Module, processor: Processor, requests: list,
                          spill: Optional[ActivationSpill], early_stop: Optional[EarlyStop], collective: Collective,
-                         keep_ranges: bool) -> tuple[list, Optional[BlockInputRanges]]:
-    """One forward of the block for `processor` (its hooks are attached): the outputs, and (when `keep_ranges`:
-    a later step calibrates) the per-channel ranges of every linear input, merged over ranks."""
+                         keep_ranges: bool, index: int = 0, precision: Optional[ReducedPrecision] = None,
+                         ) -> tuple[list, Optional[BlockInputRanges]]:
+    """One forward of the block for `processor` (spec.process[`index`]; its hooks are attached): the outputs,
+    and (when `keep_ranges`: a later step calibrates) the per-channel ranges of every linear input, merged over
+    ranks. `precision`: spec.calibration.precision when not float32 (see `_autocast`)."""
     watch = early_stop is not None and processor.range_statistics
     ranges = BlockInputRanges.record(block) if keep_ranges or watch else None
     convergence = Convergence(early_stop, ranges) if watch else None
+    autocast, autocast_dtype = _autocast(block, requests, index, processor, precision)
     try:
-        outputs = _forward_all(block_name, requests, spill, convergence)
+        with autocast:
+            outputs = _forward_all(block_name, requests, spill, convergence, _block_dtype(block), autocast_dtype)
     finally:
         if ranges is not None:
             ranges.stop()
@@ -161,10 +216,11 @@ def _calibration_forward(block_name: str, block: nn.Module, processor: Processor
 
 def process_block(name: str, block: nn.Module, processors: list[Processor], requests: list,
                   spill: Optional[ActivationSpill] = None, early_stop: Optional[EarlyStop] = None,
-                  collective: Collective = LOCAL) -> Optional[list]:
+                  collective: Collective = LOCAL, precision: Optional[ReducedPrecision] = None) -> Optional[list]:
     """Every processor on one block, in config order: its hooks, its calibration forward over `requests` (or the
     per-channel ranges an earlier forward left, when they suffice), its rewrite of the block. Returns the last
-    forward's outputs (None when no processor calibrates)."""
+    forward's outputs (None when no processor calibrates). `precision`: spec.calibration.precision when not
+    float32 (range-only forwards under autocast)."""
     outputs, ranges = None, None  # ranges: the block's linear inputs as the processors so far left them
     for i, processor in enumerate(processors):
         if processor.needs_calibration and ranges is not None and processor.ranges_suffice(name, block, ranges):
@@ -174,7 +230,7 @@ def process_block(name: str, block: nn.Module, processors: list[Processor], requ
             if processor.needs_calibration:
                 later = any(p.needs_calibration for p in processors[i + 1 :])
                 outputs, ranges = _calibration_forward(name, block, processor, requests, spill, early_stop,
-                                                       collective, keep_ranges=later)
+                                                       collective, keep_ranges=later, index=i, precision=precision)
         processor.after_forward(name, block)
         if ranges is not None:
             ranges = ranges.scaled(processor.input_scaling(name, block))
@@ -210,12 +266,14 @@ def run_blocks(
     early_stop: Optional[EarlyStop] = None,
     checkpoints: Optional[BlockCheckpoints] = None,
     resume: Optional[ResumePoint] = None,
+    precision: Optional[ReducedPrecision] = None,
 ) -> RunStats:
     """Quantize every block; `batches` are this rank's share, `writer` is None on ranks that do not write.
     `spill`, when given, moves the activations between blocks to disk if they exceed its budget. `unread`: the
     checkpoint tensors the model does not read; its pass-through groups are written after everything else.
     `early_stop`: the convergence rule that may end a calibration forward early (None: every batch).
-    `checkpoints`: records each finished block for --resume; `resume`: a killed run's last checkpoint, continued."""
+    `checkpoints`: records each finished block for --resume; `resume`: a killed run's last checkpoint, continued.
+    `precision`: spec.calibration.precision when not float32 (range-only calibration forwards under autocast)."""
     needs_data = any(p.needs_calibration for p in processors)
     block_names = adapter.block_names(model)
     if any(p.changes_outside_blocks for p in processors):  # e.g. a head left unread at load: rotations change it
@@ -267,7 +325,8 @@ def run_blocks(
         leading = structure is not None and not structure.is_decoder_layer(name)
         # a leading block (vision tower) forwards every batch: stopping early there would drop images for every
         # text layer after it
-        outputs = process_block(name, block, processors, requests, spill, None if leading else early_stop, collective)
+        outputs = process_block(name, block, processors, requests, spill, None if leading else early_stop, collective,
+                                precision)
         if outputs is not None and len(outputs) < len(requests):  # stopped early: later blocks get these batches
             for generator in forwards[len(outputs):]:
                 generator.close()
