@@ -265,7 +265,7 @@ def test_what_is_not_implemented_is_refused_by_name(wan, tmp_path, capsys, step,
 
 
 def test_a_family_without_smoothing_subgraphs_refuses_iter_smooth_by_name():
-    from msmodelslim.app.diffusion import build_dit_processors
+    from msmodelslim.app.diffusion_processors import build_dit_processors
     from msmodelslim.core.errors import UnsupportedError
     from msmodelslim.model.diffusion.flux import FLUX1
     from msmodelslim.processor.iter_smooth.config import IterSmoothConfig

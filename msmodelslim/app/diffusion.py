@@ -26,12 +26,13 @@ quantized and written in turn, one block at a time, into its expert folder (prot
       high_noise_model/, low_noise_model/          the two quantized DiTs, each as transformer/ above
       calib_data_<task>_high_noise_model.pth, calib_data_<task>_low_noise_model.pth
       model_index.json, scheduler/, text_encoder/, tokenizer/, vae/, wan2_2_t2v_best_practice.yaml
+
+Which family a --model_type names: app/diffusion_family.py; its process steps and plan: app/diffusion_processors.py; the
+layer-wise quantization and the output folder: app/diffusion_output.py.
 """
 from __future__ import annotations
 
 import gc
-import importlib.util
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,33 +42,22 @@ import torch
 import yaml
 from torch import nn
 
+from msmodelslim.app.diffusion_family import WAN2_2_LINE, family_for, is_diffusion_model_type, wan2_2_family
+from msmodelslim.app.diffusion_output import copy_other_components, quantize_and_write_expert
+from msmodelslim.app.diffusion_processors import build_dit_processors, check_dit_processors, plan_linears
 from msmodelslim.core.config import load_config
 from msmodelslim.core.device import DeviceSpec
-from msmodelslim.core.errors import ConfigError, FormatCheckError, InvalidModelError, UnsupportedError
+from msmodelslim.core.errors import ConfigError, InvalidModelError, UnsupportedError
 from msmodelslim.core.logging import get_logger
-from msmodelslim.core.memory import bound_heap_growth, release_free_heap
-from msmodelslim.core.roadmap import planned_model_type
-from msmodelslim.core.runner import process_block
+from msmodelslim.core.memory import bound_heap_growth
 from msmodelslim.core.sd_calibration import CalibrationDump, capture_block_inputs, dump_name, fingerprint, read_dump
 from msmodelslim.core.sd_config import API_VERSION, SdPracticeConfig
 from msmodelslim.core.sd_dataset import dataset_sampling, load_sd_dataset
-from msmodelslim.format.ascendv1.checker import check_ascendv1
-from msmodelslim.ir.non_fusion_smooth import wrapper_name
-from msmodelslim.format.ascendv1.writer import AscendV1Writer
-from msmodelslim.format.mindie import MindIEWriter, refuse_unsupported_schemes
-from msmodelslim.format.ascendv1.tensors import FLOAT
-from msmodelslim.format.edits import OutputEdits
+from msmodelslim.format.mindie import refuse_unsupported_schemes
 from msmodelslim.format.staging import check_save_path, staged_directory
-from msmodelslim.model.diffusion import diffusion_family, supported_names
-from msmodelslim.model.diffusion.dit import block_list_names, block_walk, is_row_parallel, next_block_inputs
-from msmodelslim.model.diffusion.wan import DiffusionFamily, Expert, WanInferenceConfig, stored_dtype
-from msmodelslim.model.diffusion.weights import DenoiserWeights
-from msmodelslim.model.interface import ProcessRequest
-from msmodelslim.processor.base import Processor, ProcessorContext, build_processor, quant_rules
-from msmodelslim.processor.fa3_dit import DitFA3Processor
-from msmodelslim.processor.smooth_dit import DIT_SMOOTHERS, build_dit_smoother
-from msmodelslim.processor.online_quarot.processor import OnlineQuaRotProcessor
-from msmodelslim.processor.online_quarot.rotation import OnlineRotation
+from msmodelslim.model.diffusion import supported_names
+from msmodelslim.model.diffusion.wan import DiffusionFamily, Expert, WanInferenceConfig
+from msmodelslim.processor.base import quant_rules
 
 log = get_logger("app.diffusion")
 
@@ -99,47 +89,6 @@ class DiffusionQuantizeReport:
     seconds: float = 0.0
 
 
-# The established tool's `wan2_2` adapter names (the whole Wan2.2 line): which model it is comes from the folder
-WAN2_2_LINE = ("wan2_2", "wan2.2")
-WAN2_2_KEYS = ("wan2_2_t2v", "wan2_2_ti2v", "wan2_2_i2v")
-
-
-def is_diffusion_model_type(model_type: Optional[str]) -> bool:
-    return diffusion_family(model_type) is not None
-
-
-def wan2_2_family(model_type: str, model_path: Path) -> DiffusionFamily:
-    """The Wan2.2 model a folder holds, for the line's name (--model_type Wan2.2): from its model_index.json."""
-    from msmodelslim.model.diffusion import family_of_folder
-
-    family = family_of_folder(Path(model_path))
-    if family is None or family.key not in WAN2_2_KEYS:
-        raise InvalidModelError(f"--model_type {model_type} names the Wan2.2 line; {model_path} is not a Wan2.2 "
-                                f"diffusers pipeline folder (its model_index.json must name WanPipeline with two "
-                                f"experts or expand_timesteps, or WanImageToVideoPipeline). Give --model_type "
-                                f"Wan2.2-T2V-A14B, Wan2.2-TI2V-5B or Wan2.2-I2V-A14B with its folder")
-    log.info("--model_type %s: model_index.json names %s, run as %s", model_type, family.pipeline_class,
-             family.names[-1])
-    return family
-
-
-def family_for(model_type: str, model_path: Optional[Path] = None) -> DiffusionFamily:
-    """The family of a --model_type name (the Wan2.2 line's name: the one `model_path` holds); refused by name
-    otherwise, and when diffusers is not installed."""
-    line = model_path is not None and isinstance(model_type, str) and model_type.lower() in WAN2_2_LINE
-    family = wan2_2_family(model_type, model_path) if line else diffusion_family(model_type)
-    if family is None:
-        planned = planned_model_type(model_type)
-        raise (UnsupportedError(planned) if planned else
-               ConfigError(f"--model_type {model_type!r} is not a diffusion model: {API_VERSION} quantizes the "
-                           f"DiT of a diffusion pipeline (supported: {supported_names()}); a "
-                           f"language model takes modelslim_v1"))
-    if importlib.util.find_spec("diffusers") is None:
-        raise UnsupportedError(f"--model_type {model_type} needs the diffusers library, which is not installed: "
-                               f"pip install 'msmodelslim[diffusion]' (diffusers>=0.35)")
-    return family
-
-
 def load_sd_practice(request: DiffusionQuantizeRequest, family: DiffusionFamily) -> SdPracticeConfig:
     given = [x for x in (request.config_path, request.quant_type, request.config) if x is not None]
     if len(given) != 1:
@@ -161,68 +110,6 @@ def load_sd_practice(request: DiffusionQuantizeRequest, family: DiffusionFamily)
         raise ConfigError(f"{request.config_path}: --model_type {request.model_type} is a diffusion pipeline; its "
                           f"config needs apiversion: {API_VERSION}")
     return config
-
-
-def plan_linears(denoiser: nn.Module, family: DiffusionFamily, processors: list[Processor]) -> dict[str, str]:
-    """{linear: rule} for the DiT block linears the processors claim; outside the blocks nothing is quantized."""
-    prefixes = tuple(f"{name}." for name in block_list_names(family))
-    names = [n for n, m in denoiser.named_modules() if isinstance(m, nn.Linear) and n.startswith(prefixes)]
-    plan: dict[str, str] = {}
-    for processor in processors:
-        for name, rule in processor.claims(names).items():
-            if name in plan:
-                raise ConfigError(f"{name} is matched by two process steps ({plan[name]} and {rule}); quantize each "
-                                  f"linear once (narrow include/exclude)")
-            plan[name] = rule
-    return plan
-
-
-def build_dit_processors(configs: list, family: DiffusionFamily) -> list[Processor]:
-    """One processor per spec.process step: linear_quant from the registry; online_quarot and fa3_quant at the DiT
-    attention modules the family describes (model/diffusion/attention.py), iter_smooth and smooth_quant at its
-    smoothing subgraphs (model/diffusion/smoothing.py); each refused by name where the family describes none."""
-    processors: list[Processor] = []
-    for i, config in enumerate(configs):
-        if config.type in ("online_quarot", "fa3_quant"):
-            if getattr(family, "attention", None) is None:
-                raise UnsupportedError(f"spec.process[{i}].type: {config.type} is not supported yet for "
-                                       f"{family.names[-1]} (it belongs to the diffusion transformer work: its "
-                                       f"adapter describes no attention modules, DiffusionFamily.attention); "
-                                       f"remove the step")
-            cls = OnlineQuaRotProcessor if config.type == "online_quarot" else DitFA3Processor
-            processors.append(cls(config, family.attention))
-        elif config.type in DIT_SMOOTHERS:  # at the subgraphs the family describes (model/diffusion/smoothing.py)
-            context = ProcessorContext(adapter_name=f"diffusion:{family.key}",
-                                       following=quant_rules(configs[i + 1:]))
-            processors.append(build_dit_smoother(config, context, getattr(family, "smoothing", None),
-                                                 family.names[-1]))
-        else:
-            context = ProcessorContext(adapter_name=f"diffusion:{family.key}",
-                                       following=quant_rules(configs[i + 1:]))
-            processors.append(build_processor(config, context))
-    return processors
-
-
-def check_dit_processors(denoiser: nn.Module, family: DiffusionFamily, processors: list[Processor]) -> None:
-    """Each processor's checks on the meta-device DiT (before any weight is read)."""
-    block_names = [name for name, _ in block_walk(family, denoiser)]
-    for processor in processors:
-        processor.check_model(denoiser, block_names)
-
-
-def add_online_rotations(writer, block_name: str, block: nn.Module) -> None:
-    """Every online rotation in the block as a FLOAT tensor named after its site (`<attn>.q_rot`, float32 [d, d]),
-    the established format's online_quarot wrapper entry (protocol.md 4.4)."""
-    for relative, module in block.named_modules():
-        if isinstance(module, OnlineRotation):
-            writer.add(f"{block_name}.{relative}", module.rotation.detach().float().cpu().contiguous(), FLOAT)
-
-
-def processor_edits(processors: list[Processor]) -> OutputEdits:
-    edits = OutputEdits()
-    for processor in processors:
-        edits = edits.merge(processor.output_edits())
-    return edits
 
 
 def _meta_denoiser(family: DiffusionFamily, model_path: Path, expert: Optional[Expert] = None) -> nn.Module:
@@ -314,12 +201,12 @@ def quantize_diffusion(request: DiffusionQuantizeRequest) -> DiffusionQuantizeRe
             dump = dumps.get(expert.folder)
             if dump is not None and sd.dump_config.enable_dump and dump_in_output:
                 dump.save(staging / dump_files[expert.folder].name)
-            report.descriptions[expert.folder] = _quantize_and_write(
+            report.descriptions[expert.folder] = quantize_and_write_expert(
                 skeletons.pop(expert.folder), family, expert, processors, dump, needs_data, config, model_path,
                 staging, request.device.primary)
             dumps.pop(expert.folder, None)  # its samples are no longer needed: released before the next expert
         report.description = report.descriptions[family.experts[0].folder]
-        _copy_other_components(model_path, staging, family)
+        copy_other_components(model_path, staging, family)
         practice = config.model_dump(mode="json", by_alias=True, exclude={"source_dir"})
         if "image" in raw_sampling and "image" not in sd.sampling:  # from spec.dataset: eval samples from it too
             block = practice["spec"]["multimodal_sd_config"]
@@ -346,75 +233,6 @@ def _sample(pipe, family: DiffusionFamily, sampling: WanInferenceConfig,
     targets = {name: (denoiser, family.block_list(denoiser)[0])
                for name, denoiser in family.denoisers_of(pipe).items()}
     return capture_block_inputs(targets, one, len(prompts), expected)
-
-
-def _quantize_and_write(denoiser: nn.Module, family: DiffusionFamily, expert: Expert, processors: list[Processor],
-                        dump: Optional[CalibrationDump], needs_data: bool, config: SdPracticeConfig, model_path: Path,
-                        staging: Path, device: torch.device) -> dict:
-    """Layer-wise: `denoiser` is the meta-device skeleton; each block's weights are read from the checkpoint,
-    processed on `device`, written and released before the next block is read. Written into the expert's folder."""
-    out_dir = staging / expert.folder
-    out_dir.mkdir()
-    weights = DenoiserWeights(model_path / expert.component)
-    model_dtype = stored_dtype(model_path / expert.component)
-    dtypes: dict[str, torch.dtype] = {}  # each float tensor is written in its stored dtype
-    saver = config.spec.save[0]
-    dtype_for = lambda name: dtypes.get(name, model_dtype)  # noqa: E731
-    if saver.type == "mindie_format_saver":
-        writer = MindIEWriter(out_dir, saver.part_file_size, dtype_for)
-    else:
-        writer = AscendV1Writer(out_dir, saver.part_file_size, model_dtype,
-                                is_row_parallel=lambda name: is_row_parallel(family, wrapper_name(name)),
-                                dtype_for=dtype_for)
-    inputs = [tuple(_to(a, device) for a in args) for args in dump.samples] if needs_data else []
-    blocks = block_walk(family, denoiser)  # every list of blocks, in the order the DiT calls them
-    for i, (name, block) in enumerate(blocks):
-        weights.materialize(block, name + ".")
-        dtypes.update({f"{name}.{k}": t.dtype for k, t in block.state_dict().items()})
-        block.to(device)
-        requests = [ProcessRequest(name, block, args) for args in inputs]
-        outputs = process_block(name, block, processors, requests)
-        if needs_data and i + 1 < len(blocks):  # the next block's inputs: this block's outputs
-            if outputs is None or len(outputs) < len(inputs):
-                with torch.no_grad():
-                    outputs = [block(*args) for args in inputs]
-            inputs = [next_block_inputs(family, args, out) for out, args in zip(outputs, inputs)]
-        add_online_rotations(writer, name, block)  # saved under the site's own name (not a module tensor)
-        writer.add_module_tree(name, block)
-        block.to("meta")  # written: its memory goes back before the next block is read
-        release_free_heap()
-        log.info("%s done (%d/%d)", name, i + 1, len(blocks))
-    block_prefixes = tuple(f"{name}." for name in block_list_names(family))
-    weights.materialize(denoiser, "", skip=block_prefixes)
-    dtypes.update({k: t.dtype for k, t in denoiser.state_dict().items() if not k.startswith(block_prefixes)})
-    for child_name, child in denoiser.named_children():
-        if child_name not in block_list_names(family):
-            writer.add_module_tree(child_name, child)
-    for param_name, param in denoiser.named_parameters(recurse=False):
-        writer.add_float(param_name, param.detach())
-    description = writer.finish(model_path / expert.component, processor_edits(processors))
-    if saver.type == "ascendv1_saver":
-        errors = [f.message for f in check_ascendv1(out_dir) if f.level == "error"]
-        if errors:
-            raise FormatCheckError(f"the written DiT fails the ascendv1 checklist: {'; '.join(errors[:5])}")
-    return description
-
-
-def _to(value, device: torch.device):
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, tuple):
-        return tuple(_to(v, device) for v in value)
-    return value
-
-
-def _copy_other_components(model_path: Path, staging: Path, family: DiffusionFamily) -> None:
-    """model_index.json and every component folder but the denoisers', unchanged."""
-    shutil.copyfile(model_path / "model_index.json", staging / "model_index.json")
-    quantized = {e.component for e in family.experts}
-    for component in family.components:
-        if component not in quantized:
-            shutil.copytree(model_path / component, staging / component)
 
 
 def diffusion_model_type(model_type: Optional[str], model_path: Path, config_path: Optional[Path]) -> Optional[str]:

@@ -172,7 +172,7 @@ def saved_sampling(quant_path: Path, family: DiffusionFamily, steps: Optional[in
 def evaluate_diffusion(float_path: str | Path, quant_path: str | Path, model_type: str = "Wan2.1",
                        prompts: Sequence[str] = HELD_OUT_PROMPTS, steps: Optional[int] = 4,
                        device: torch.device = torch.device("cpu")) -> DiffusionEvalReport:
-    from msmodelslim.app.diffusion import family_for
+    from msmodelslim.app.diffusion_family import family_for
 
     float_path, quant_path = Path(float_path).expanduser().resolve(), Path(quant_path).expanduser().resolve()
     family = family_for(model_type, float_path)

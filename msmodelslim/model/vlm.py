@@ -24,119 +24,44 @@ the vision tower and then the text decoder layers as the blocks of the walk.
   merger's output (and DeepStack mergers' outputs) is scattered: those linears' output rows rotate too
   (`RotationStructure.outside_writers`, rotated once the tower's weights are in memory), so the rotated model is
   exact in float on images.
+
+The families and layouts as data, and the structure built from them, are in model/vlm_structure.py; the processor
+and the calibration images in model/vlm_processor.py.
 """
 from __future__ import annotations
 
-import json
 import sys
-from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Generator, Sequence
+from typing import Any, Generator, Mapping, Sequence
 
 import torch
 from accelerate import init_empty_weights
 from torch import nn
 
-from msmodelslim.core.errors import InvalidDatasetError, InvalidModelError, ProcessingError, UnsupportedError
+from msmodelslim.core.errors import InvalidModelError, ProcessingError, UnsupportedError
 from msmodelslim.core.logging import get_logger
 from msmodelslim.core.vlm_dataset import VlmCalibSample
 from msmodelslim.model.hf_config import model_load_errors
-from msmodelslim.model.interface import (
-    AttentionShape,
-    ModelStructure,
-    ProcessRequest,
-    block_hidden_state,
-    dense_mlp_subgraphs,
-    gqa_attention_subgraphs,
-    moe_mlp_subgraphs,
-)
-from msmodelslim.model.kv_cache import LLAMA_KV_CACHE, QWEN3_KV_CACHE
+from msmodelslim.model.interface import AttentionShape, ProcessRequest, block_hidden_state
 from msmodelslim.model.moe import StackedSlice, stacked_source, unfuse_experts
 from msmodelslim.model.passthrough import UnreadTensors, classify_unread
-from msmodelslim.model.rotation import decoder_rotation, gated_mlp, gqa_attention, routed_experts
-from msmodelslim.model.skeleton_edits import relocate, renamed_prefix
+from msmodelslim.model.skeleton_edits import renamed_prefix
 from msmodelslim.model.transformers_model import TransformersModel, _to_device, forward_until
+from msmodelslim.model.vlm_processor import load_auto_processor, load_image, processor_without
+from msmodelslim.model.vlm_structure import (
+    PUBLISHED_QWEN2_VL,
+    QWEN2_5_VL,
+    QWEN3_VL,
+    QWEN3_VL_MOE,
+    TRANSFORMERS_5,
+    TransposedStackedSlice,
+    VlmFamily,
+    VlmLayout,
+    published_qwen2_vl_layout,
+    vlm_structure,
+)
 
 log = get_logger("model.vlm")
-
-# Published layout of Qwen2-VL / Qwen2.5-VL checkpoints: {transformers module path: published path}
-LEGACY_TEXT_CHILDREN = ("embed_tokens", "layers", "norm", "rotary_emb")
-
-
-@dataclass(frozen=True)
-class VlmFamily:
-    """What differs between the Qwen vision-language families, as data. Names are relative to the vision tower
-    (`visual`); `*` stands for every index of a module list."""
-
-    hf_model_type: str
-    # Linears of the vision tower whose outputs are added into the text residual stream (the merger scattered
-    # into the embeddings; DeepStack mergers added after the first layers): QuaRot rotates their output rows.
-    stream_writers: tuple[str, ...]
-    moe: bool = False
-    qk_norm: bool = False  # per-head q/k RMSNorm (Qwen3): the C8 KV cache reads the normed keys
-
-
-QWEN2_5_VL = VlmFamily("qwen2_5_vl", stream_writers=("merger.mlp.2",))
-QWEN3_VL = VlmFamily("qwen3_vl", stream_writers=("merger.linear_fc2", "deepstack_merger_list.*.linear_fc2"),
-                     qk_norm=True)
-QWEN3_VL_MOE = replace(QWEN3_VL, hf_model_type="qwen3_vl_moe", moe=True)
-
-
-@dataclass(frozen=True)
-class VlmLayout:
-    """Where the language model and the vision tower sit in the module tree (= the checkpoint's names)."""
-
-    text: str  # holds embed_tokens, layers, norm
-    vision: str
-
-    @property
-    def decoder_layers(self) -> str:
-        return f"{self.text}.layers"
-
-
-PUBLISHED_QWEN2_VL = VlmLayout(text="model", vision="visual")  # Qwen2-VL / Qwen2.5-VL as published
-TRANSFORMERS_5 = VlmLayout(text="model.language_model", vision="model.visual")  # Qwen3-VL as published
-
-
-def vlm_structure(family: VlmFamily, layout: VlmLayout) -> ModelStructure:
-    """The family's structure under `layout`: text-decoder smoothing and rotation, plus the vision outputs that
-    write into the rotated residual stream."""
-    mlp = [gated_mlp(), routed_experts()] if family.moe else [gated_mlp()]
-    smooth = gqa_attention_subgraphs() + dense_mlp_subgraphs() + (moe_mlp_subgraphs() if family.moe else ())
-    rotation = decoder_rotation(attention=[gqa_attention()], mlp=mlp, embedding=f"{layout.text}.embed_tokens",
-                                final_norm=f"{layout.text}.norm")
-    rotation = replace(rotation, outside_writers=tuple(f"{layout.vision}.{w}" for w in family.stream_writers))
-    return ModelStructure(decoder_layers=layout.decoder_layers, hf_model_types=(family.hf_model_type,),
-                          smooth_subgraphs=smooth, rotation=rotation,
-                          kv_cache=QWEN3_KV_CACHE if family.qk_norm else LLAMA_KV_CACHE)
-
-
-def published_qwen2_vl_layout(outer: nn.Module, inner: nn.Module, towers: Sequence[str] = ("visual",)) -> None:
-    """Qwen2-VL-style published names: the towers (transformers 5: `inner.<tower>`) next to `inner` in `outer`, and
-    the language model's children (`inner.language_model.*`) directly under `inner`."""
-    for tower in towers:
-        relocate(inner, tower, outer, tower)
-    for child in LEGACY_TEXT_CHILDREN:
-        relocate(inner.language_model, child, inner, child)
-
-
-@dataclass(frozen=True)
-class TransposedStackedSlice(StackedSlice):
-    """A per-expert weight in experts stacked transposed (Qwen3-VL-MoE as published: gate_up_proj [E, H, 2I] with
-    gate columns then up columns, down_proj [E, I, H]): the expert's matrix transposed to [out, in], then cut. A
-    checkpoint re-saved by transformers 5 holds transformers' layout ([E, 2I, H], [E, H, I]): told apart by where
-    the hidden size is (a square gate_up_proj, 2I = H, is read as published)."""
-
-    hidden: int = 0
-
-    def take(self, stacked: torch.Tensor) -> torch.Tensor:
-        matrix = stacked[self.index]
-        published = matrix.shape[-1 if self.part is None else 0] == self.hidden  # down [I, H]; gate_up [H, 2I]
-        matrix = matrix.T if published else matrix
-        if self.part is not None:
-            half = matrix.shape[0] // 2
-            matrix = matrix[self.part * half : (self.part + 1) * half]
-        return matrix.contiguous().clone()
 
 
 def projector_fed_inputs(model: nn.Module, first_layer: str, embedding: str, batch: dict[str, torch.Tensor],
@@ -155,17 +80,6 @@ def projector_fed_inputs(model: nn.Module, first_layer: str, embedding: str, bat
         substitutes[model.get_submodule(embedding)] = lambda _ids: token_embeddings
     args, kwargs, _ = forward_until(model, model.get_submodule(first_layer), call, substitutes)
     return args, kwargs
-
-
-def _load_image(path: Path):
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, UnidentifiedImageError) as exc:
-        raise InvalidDatasetError(f"calibration image {path} cannot be read as an image ({exc}); replace or "
-                                  f"remove it") from None
 
 
 class VlmAdapter(TransformersModel):
@@ -240,18 +154,26 @@ class VlmAdapter(TransformersModel):
 
     # ---- model -------------------------------------------------------------------------------------------
     def init_skeleton(self) -> nn.Module:
-        from transformers import AutoModelForImageTextToText
-
-        with model_load_errors(self.model_path), init_empty_weights():
-            model = AutoModelForImageTextToText.from_config(
-                self.config, trust_remote_code=self.trust_remote_code, attn_implementation=self.attn_implementation,
-                dtype=torch.float32)
+        model, tie_config = self._meta_model()
         model.eval()
-        if getattr(self.config, "tie_word_embeddings", False):
+        if getattr(tie_config, "tie_word_embeddings", False):
             model.tie_weights()
         self.prepare_skeleton(model)
         self.enable_kv_cache(model, False)
         return model
+
+    def _meta_model(self) -> tuple[nn.Module, Any]:
+        """The model built from config.json on the meta device, and the config that says whether its word
+        embeddings are tied."""
+        return self._meta_image_text_model(self.config), self.config
+
+    def _meta_image_text_model(self, config: Any) -> nn.Module:
+        from transformers import AutoModelForImageTextToText
+
+        with model_load_errors(self.model_path), init_empty_weights():
+            return AutoModelForImageTextToText.from_config(
+                config, trust_remote_code=self.trust_remote_code, attn_implementation=self.attn_implementation,
+                dtype=torch.float32)
 
     def prepare_skeleton(self, model: nn.Module) -> None:
         if self.layout == PUBLISHED_QWEN2_VL:
@@ -278,11 +200,8 @@ class VlmAdapter(TransformersModel):
         return self._processor
 
     def _load_processor(self):
-        from transformers import AutoProcessor
-
         try:
-            return AutoProcessor.from_pretrained(self.model_path, local_files_only=True,
-                                                 trust_remote_code=self.trust_remote_code)
+            return load_auto_processor(self.model_path, self.trust_remote_code)
         except (ImportError, ValueError) as exc:  # the video processor needs torchvision; images do not
             if isinstance(exc, ValueError) and "torchvision" not in str(exc):
                 raise InvalidModelError(f"cannot load the processor (tokenizer, image processor, chat template) "
@@ -290,61 +209,35 @@ class VlmAdapter(TransformersModel):
             log.warning("the processor of %s cannot be built whole (%s); using its tokenizer and image processor "
                         "without the video processor (image calibration only)", self.model_path,
                         " ".join(str(exc).split())[:160])
-            return self._image_only_processor()
+            return processor_without(self.model_path, self.config.model_type, self.trust_remote_code,
+                                     absent=("video_processor",))
         except OSError as exc:
             raise InvalidModelError(f"cannot load the processor (tokenizer, image processor, chat template) from "
                                     f"{self.model_path}: {exc}") from None
 
-    def _image_only_processor(self):
-        """The family's processor class (its own image-token expansion and chat template) built from the tokenizer
-        and the image processor alone; only its constructor's check of the (absent) video processor is skipped."""
-        import transformers
-        from transformers import AutoImageProcessor, AutoTokenizer
-        from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
-
-        class_name = _processor_class_name(self.model_path) or PROCESSOR_MAPPING_NAMES.get(self.config.model_type)
-        base = getattr(transformers, class_name or "", None)
-        if base is None:
-            raise InvalidModelError(f"{self.model_path}: no processor class for model_type "
-                                    f"{self.config.model_type!r} in transformers")
-
-        class WithoutVideo(base):
-            def check_argument_for_proper_class(self, argument_name, argument):
-                if argument is None and argument_name == "video_processor":
-                    return None
-                return super().check_argument_for_proper_class(argument_name, argument)
-
-        kwargs = dict(local_files_only=True, trust_remote_code=self.trust_remote_code)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(self.model_path, **kwargs)
-            image_processor = AutoImageProcessor.from_pretrained(self.model_path, **kwargs)
-        except (OSError, ValueError) as exc:
-            raise InvalidModelError(f"cannot load the tokenizer and image processor from {self.model_path}: "
-                                    f"{exc}") from None
-        return WithoutVideo(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
-                            chat_template=_chat_template(self.model_path) or tokenizer.chat_template,
-                            **_processor_settings(self.model_path, base))
-
     def handle_dataset(self, dataset: Sequence[VlmCalibSample | str], device: torch.device) -> list[dict[str, Any]]:
-        """One model input per sample: the chat template over [image, text] (a plain string is a text-only sample),
-        tokenized and the image preprocessed by the model's processor. Samples are not batched (pixel_values of
-        different image sizes do not stack)."""
+        """One model input per sample (a plain string is a text-only sample), encoded by `_encode_sample`. Samples
+        are not batched (pixel_values of different image sizes do not stack)."""
         processor = self.processor
         inputs = []
         for sample in dataset:
             sample = VlmCalibSample(text=sample) if isinstance(sample, str) else sample
-            if sample.audio is not None or sample.video is not None:
-                kind, path = ("audio", sample.audio) if sample.audio is not None else ("video", sample.video)
-                raise UnsupportedError(f"calibration sample with {kind} {path}: {self.family.hf_model_type} "
-                                       f"calibration takes images and text only")
-            content: list[dict] = []
-            if sample.image is not None:
-                content.append({"type": "image", "image": _load_image(Path(sample.image))})
-            content.append({"type": "text", "text": sample.text})
-            encoded = processor.apply_chat_template([{"role": "user", "content": content}], tokenize=True,
-                                                    add_generation_prompt=True, return_dict=True, return_tensors="pt")
+            encoded = self._encode_sample(processor, sample)
             inputs.append({k: v.to(device) for k, v in encoded.items() if isinstance(v, torch.Tensor)})
         return inputs
+
+    def _encode_sample(self, processor, sample: VlmCalibSample) -> Mapping[str, Any]:
+        """The chat template over [image, text], tokenized and the image preprocessed by the model's processor."""
+        if sample.audio is not None or sample.video is not None:
+            kind, path = ("audio", sample.audio) if sample.audio is not None else ("video", sample.video)
+            raise UnsupportedError(f"calibration sample with {kind} {path}: {self.family.hf_model_type} "
+                                   f"calibration takes images and text only")
+        content: list[dict] = []
+        if sample.image is not None:
+            content.append({"type": "image", "image": load_image(Path(sample.image))})
+        content.append({"type": "text", "text": sample.text})
+        return processor.apply_chat_template([{"role": "user", "content": content}], tokenize=True,
+                                             add_generation_prompt=True, return_dict=True, return_tensors="pt")
 
     # ---- forward -----------------------------------------------------------------------------------------
     def capture_first_block_inputs(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[tuple, dict]:
@@ -370,16 +263,18 @@ class VlmAdapter(TransformersModel):
 
     def generate_model_forward(self, model: nn.Module, inputs: dict[str, torch.Tensor]
                                ) -> Generator[ProcessRequest, Any, None]:
-        """The vision tower's request (pixel_values and grid of this sample; a sample without an image sends an
-        empty one that computes nothing), then each text layer's."""
+        """The vision tower's request (`_tower_inputs`: the sample's pixels and grid; a sample without an image
+        sends an empty one that computes nothing), then each text layer's, on the inputs `_text_layer_inputs`
+        derives from the tower's output as served."""
         device = inputs["input_ids"].device
         vision_name = self.layout.vision
         vision = model.get_submodule(vision_name)
         with torch.no_grad():  # now: a layer_wise run drops the table once every sample's first request is out
             token_embeddings = model.get_submodule(f"{self.layout.text}.embed_tokens")(inputs["input_ids"].to("cpu"))
-        if "pixel_values" in inputs:
-            request = ProcessRequest(vision_name, vision, (inputs["pixel_values"],),
-                                     {"grid_thw": inputs["image_grid_thw"]})
+        tower_inputs = self._tower_inputs(inputs)
+        if tower_inputs is not None:
+            pixels, grid = tower_inputs
+            request = ProcessRequest(vision_name, vision, (pixels,), {"grid_thw": grid})
         else:
             request = ProcessRequest(vision_name, _NoImage(), (inputs["input_ids"].new_zeros((0, 1)).float(),))
         output = yield request
@@ -387,10 +282,10 @@ class VlmAdapter(TransformersModel):
         # states (the same tensor for every finished block) in place of the blocks' outputs
         resumed = output if isinstance(output, torch.Tensor) else None
         vision_output = None
-        if "pixel_values" in inputs:
-            vision_output = (self._placeholder_vision_output(vision, inputs) if resumed is not None
+        if tower_inputs is not None:
+            vision_output = (self._placeholder_vision_output(vision, tower_inputs[1]) if resumed is not None
                              else self._served_vision_output(vision, request, output))
-        args, kwargs, text_kwargs = self._capture(model, inputs, token_embeddings, vision_output)
+        args, kwargs, text_kwargs = self._text_layer_inputs(model, inputs, token_embeddings, vision_output)
         args, kwargs = _to_device(args, device), _to_device(kwargs, device)
         if resumed is not None:  # the saved input of the next block (the first text layer's when only the tower ran)
             args = (resumed,) + tuple(args[1:])
@@ -414,6 +309,18 @@ class VlmAdapter(TransformersModel):
                                                        deepstack[index].to(hidden.device))
             args = (hidden,) + tuple(args[1:])
 
+    def _tower_inputs(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The vision tower's (pixels, grid) for this sample; None when it has no image."""
+        if "pixel_values" not in inputs:
+            return None
+        return inputs["pixel_values"], inputs["image_grid_thw"]
+
+    def _text_layer_inputs(self, model: nn.Module, inputs: dict[str, torch.Tensor], token_embeddings: torch.Tensor,
+                           vision_output: Any) -> tuple[tuple, dict, dict]:
+        """The first text layer's inputs and the language model's call (`_capture`), the tower's output as served
+        standing for the tower (None: no image)."""
+        return self._capture(model, inputs, token_embeddings, vision_output)
+
     def _served_vision_output(self, vision: nn.Module, request: ProcessRequest, output: Any) -> Any:
         """What the served tower gives the text layers. The runner hands back the output of the block's last
         calibration forward, taken before that step quantized it (right for a text block, whose successor is
@@ -428,14 +335,12 @@ class VlmAdapter(TransformersModel):
                 return vision(*request.args, **request.kwargs)
         return output
 
-
-    def _placeholder_vision_output(self, vision: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
+    def _placeholder_vision_output(self, vision: nn.Module, grid: torch.Tensor) -> Any:
         """Zeros shaped as the tower's output, for a resumed run (the tower was finished by the killed run): the
         image embeddings they stand for are in the saved hidden states, and the text layers' other inputs
         (positions, mask) do not depend on them."""
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-        grid = inputs["image_grid_thw"]
         tokens = int((grid.prod(-1) // vision.spatial_merge_size**2).sum())
         zeros = torch.zeros(tokens, self.text_config().hidden_size)
         deepstack = getattr(vision, "deepstack_merger_list", None)
@@ -458,43 +363,6 @@ def _copy_output(output: Any) -> Any:
     if isinstance(output, tuple):
         return tuple(output)
     return type(output)(**dict(output.items()))
-
-
-def _processor_class_name(model_path: Path) -> str | None:
-    for file in ("processor_config.json", "preprocessor_config.json"):
-        try:
-            data = json.loads((Path(model_path) / file).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if isinstance(data, dict) and isinstance(data.get("processor_class"), str):
-            return data["processor_class"]
-    return None
-
-
-def _processor_settings(model_path: Path, processor_class: type) -> dict[str, Any]:
-    """processor_config.json's settings that `processor_class` takes by name (e.g. InternVL's image_seq_length)."""
-    import inspect
-
-    try:
-        data = json.loads((Path(model_path) / "processor_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(data, dict):
-        return {}
-    named = set(inspect.signature(processor_class.__init__).parameters)
-    named -= {"self", "chat_template", "image_processor", "tokenizer", "video_processor"}
-    return {k: v for k, v in data.items() if k in named}
-
-
-def _chat_template(model_path: Path) -> str | None:
-    jinja = Path(model_path) / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
-    try:
-        data = json.loads((Path(model_path) / "chat_template.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data.get("chat_template") if isinstance(data, dict) else None
 
 
 class Qwen25VlAdapter(VlmAdapter):

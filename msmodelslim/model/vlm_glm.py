@@ -27,7 +27,8 @@ from msmodelslim.model.interface import ModelStructure
 from msmodelslim.model.kv_cache import LLAMA_KV_CACHE
 from msmodelslim.model.moe import StackedSlice, stacked_source
 from msmodelslim.model.rotation import decoder_rotation, gated_mlp, gqa_attention, routed_experts
-from msmodelslim.model.vlm import TRANSFORMERS_5, VlmAdapter, VlmFamily, VlmLayout
+from msmodelslim.model.vlm import VlmAdapter
+from msmodelslim.model.vlm_structure import TRANSFORMERS_5, VlmFamily, VlmLayout
 
 GLM4V_MOE = VlmFamily("glm4v_moe", stream_writers=("merger.down_proj",), moe=True)
 HF_MODEL_TYPES = ("glm4v_moe", "glm46v")  # config.json model_types building these modules

@@ -40,7 +40,8 @@ from msmodelslim.model.interface import ModelStructure, ProcessRequest, block_hi
 from msmodelslim.model.moe import StackedSlice, stacked_source, unfuse_experts
 from msmodelslim.model.skeleton_edits import relocate, renamed_prefix
 from msmodelslim.model.transformers_model import _to_device
-from msmodelslim.model.vlm import VlmAdapter, VlmFamily, VlmLayout, _NoImage, projector_fed_inputs, vlm_structure
+from msmodelslim.model.vlm import VlmAdapter, _NoImage, projector_fed_inputs
+from msmodelslim.model.vlm_structure import VlmFamily, VlmLayout, vlm_structure
 
 INTERNVL_HF = VlmLayout(text="language_model.model", vision="vision_tower")  # as the -HF checkpoints are published
 PROJECTOR = "multi_modal_projector"

@@ -43,8 +43,9 @@ from msmodelslim.model.interface import MlaShape, ModelStructure, ProcessRequest
 from msmodelslim.model.moe import StackedSlice, stacked_source, unfuse_experts
 from msmodelslim.model.skeleton_edits import relocate, renamed_prefix
 from msmodelslim.model.transformers_model import _to_device
-from msmodelslim.model.vlm import VlmAdapter, VlmFamily, VlmLayout, _NoImage, projector_fed_inputs
+from msmodelslim.model.vlm import VlmAdapter, _NoImage, projector_fed_inputs
 from msmodelslim.model.vlm_internvl import served_output
+from msmodelslim.model.vlm_structure import VlmFamily, VlmLayout
 
 KIMI_PUBLISHED = VlmLayout(text="language_model.model", vision="vision_tower")
 PROJECTOR = "mm_projector"

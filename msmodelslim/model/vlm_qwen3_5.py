@@ -53,7 +53,8 @@ from msmodelslim.model.moe import StackedSlice, stacked_source
 from msmodelslim.model.rotation import (BlockPart, RotationStructure, decoder_rotation, gated_mlp, gqa_attention,
                                         routed_experts)
 from msmodelslim.model.skeleton_edits import keep_float
-from msmodelslim.model.vlm import TRANSFORMERS_5, VlmAdapter, VlmFamily, VlmLayout
+from msmodelslim.model.vlm import VlmAdapter
+from msmodelslim.model.vlm_structure import TRANSFORMERS_5, VlmFamily, VlmLayout
 
 QWEN3_5 = VlmFamily("qwen3_5", stream_writers=("merger.linear_fc2",))
 QWEN3_5_MOE = replace(QWEN3_5, hf_model_type="qwen3_5_moe", moe=True)

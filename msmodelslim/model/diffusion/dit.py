@@ -8,7 +8,7 @@ the family says in which order (`encoder_first`: FLUX.1 and Qwen-Image return (e
 hidden_states), HunyuanVideo returns (hidden_states, encoder_hidden_states)). A block's inputs are its positional
 arguments (hidden_states, encoder_hidden_states, the rest: timestep embedding, rotary embedding, masks), so the next
 block's inputs are this block's two outputs followed by the same other arguments. That is the whole contract the
-layer-wise walk (app/diffusion.py) and the calibration dump (core/sd_calibration.py) rely on.
+layer-wise walk (app/diffusion_output.py) and the calibration dump (core/sd_calibration.py) rely on.
 
 The `inference_config` of these families uses diffusers' pipeline argument names (num_inference_steps, height,
 width, guidance_scale, ...): protocol.md names no keys for them. Only `seed` is ours (diffusers takes a generator).
