@@ -315,6 +315,8 @@ def run_blocks(
             adapter.load_block(model, name, device)
             if index + 1 < len(block_names):
                 adapter.prefetch_block(model, block_names[index + 1])
+            elif released:  # the tables are read back next, to be written (a cold 7B head: 0.4 GB from disk)
+                adapter.prefetch_outside(model, sorted({source for _, source in outside}))
         block = model.get_submodule(name)
         if pending_spill is not None and (structure is None or structure.is_decoder_layer(name)):
             if pending_spill.engage(r.args[0] for r in requests if r is not None):

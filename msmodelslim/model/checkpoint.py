@@ -155,6 +155,13 @@ def _byte_spans(path: Path) -> dict[str, tuple[int, int]]:
             if k != "__metadata__"}
 
 
+# Linux reads at most one readahead window (the device's read_ahead_kb, 128 KiB by default) per WILLNEED call,
+# whatever the length asked: one hint per 32 MB tensor brought 8 MB of it in (read_ahead_kb 8192), the rest was
+# read only when first touched. Hints of one default window each are all honoured (400 MB resident in under a
+# second from 3,000 calls taking 0.1 s in all).
+WILL_NEED_PIECE = 128 << 10
+
+
 def _advise_will_need(directory: Path, spans: dict[str, list[tuple[int, int]]]) -> None:
     for file, ranges in spans.items():
         try:
@@ -163,7 +170,8 @@ def _advise_will_need(directory: Path, spans: dict[str, list[tuple[int, int]]]) 
             continue  # only a hint: the real read reports any problem
         try:
             for start, end in ranges:
-                os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
+                for piece in range(start, end, WILL_NEED_PIECE):
+                    os.posix_fadvise(fd, piece, min(WILL_NEED_PIECE, end - piece), os.POSIX_FADV_WILLNEED)
         finally:
             os.close(fd)
 

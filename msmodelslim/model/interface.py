@@ -180,6 +180,10 @@ class ModelSlimPipelineInterfaceV1(ABC):
     def prefetch_block(self, model: nn.Module, block_name: str) -> None:
         """Hint that `block_name` is loaded next (layer_wise reads overlap work); nothing by default."""
 
+    def prefetch_outside(self, model: nn.Module, names: list[str]) -> None:
+        """Hint that these non-block tensors (released for the walk) are read back next, to be written; nothing
+        by default."""
+
     def release_outside(self, model: nn.Module, block_names: list[str]) -> bool:
         """Drop the non-block weights (embeddings, head) to the meta device once the calibration batches are
         embedded, so that on large vocabularies they do not sit in memory beside every block; True when dropped,

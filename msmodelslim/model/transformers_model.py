@@ -15,9 +15,10 @@ from torch import nn
 
 from msmodelslim.core.errors import InvalidModelError
 from msmodelslim.core.logging import get_logger
+from msmodelslim.core.memory import empty_on_huge_pages
 from msmodelslim.format.edits import OutputEdits
 from msmodelslim.model.checkpoint import fp8_block_size
-from msmodelslim.quantizer.primitives import all_finite
+from msmodelslim.quantizer.primitives import all_finite, one_thread
 from msmodelslim.model.hf_config import load_hf_config, model_load_errors, require_local_dir
 from msmodelslim.model.interface import (
     AttentionShape,
@@ -89,7 +90,14 @@ def _to_device(value: Any, device: torch.device) -> Any:
 
 def _float32(t: torch.Tensor) -> torch.Tensor:
     # Calibration and quantization run in float32: exact for bf16/fp16 weights and more accurate.
-    return t.float() if t.is_floating_point() else t
+    if not t.is_floating_point() or t.dtype == torch.float32:
+        return t
+    if t.device.type != "cpu":
+        return t.float()
+    # The values of t.float(), into memory faulted in by 2 MiB pages, on one thread (a memory-bound pass that a
+    # second thread slows down on a busy machine): core/memory.py empty_on_huge_pages has the measurements.
+    with one_thread():
+        return empty_on_huge_pages(t.shape, torch.float32).copy_(t)
 
 
 def config_dtype(config) -> torch.dtype:
@@ -324,6 +332,9 @@ class TransformersModel(ModelSlimPipelineInterfaceV1):
     def prefetch_block(self, model: nn.Module, block_name: str) -> None:
         block = model.get_submodule(block_name)
         self.checkpoint.prefetch([f"{block_name}.{n}" for n in block.state_dict()])
+
+    def prefetch_outside(self, model: nn.Module, names: list[str]) -> None:
+        self.checkpoint.prefetch(names)  # a tied head has no tensor of its own: skipped
 
     def release_outside(self, model: nn.Module, block_names: list[str]) -> bool:
         """Every non-block parameter (each name of a tied pair) to the meta device; buffers stay (small, and some
