@@ -40,7 +40,8 @@ CONFIGS = {
 def child_dry_run(model_path: Path, save_path: Path, config: Path, model_type: str, result: Path) -> None:
     """In the child: the dry run through the Python API, its estimate written as JSON."""
     started = time.time()
-    from msmodelslim.app.quantize import QuantizeRequest, quantize
+    from msmodelslim.app.quantize import quantize
+    from msmodelslim.app.quantize_request import QuantizeRequest
     from msmodelslim.core.device import DeviceSpec
     from msmodelslim.core.logging import setup_logging
 

@@ -21,7 +21,8 @@ PROBED = [f"model.layers.{i}.{s}" for i in (0, 5, 15, 29)
 def main() -> None:
     from transformers import AutoModelForCausalLM
 
-    from msmodelslim.app.quantize import QuantizeRequest, quantize
+    from msmodelslim.app.quantize import quantize
+    from msmodelslim.app.quantize_request import QuantizeRequest
     from msmodelslim.core.device import DeviceSpec
     from msmodelslim.format.ascendv1.reader import load_ascendv1
     from msmodelslim.model.gguf_import import convert_gguf, find_gguf

@@ -44,7 +44,8 @@ create_adapter(sys.argv[1], sys.argv[2], False).init_skeleton()
 MODEL_WISE = r"""
 import sys
 from pathlib import Path
-from msmodelslim.app.quantize import QuantizeRequest, quantize
+from msmodelslim.app.quantize import quantize
+from msmodelslim.app.quantize_request import QuantizeRequest
 from msmodelslim.core.config import RunnerType, load_config
 from msmodelslim.core.device import parse_device
 from msmodelslim.core.logging import setup_logging

@@ -18,8 +18,8 @@ from typing import Any, Optional, Union
 
 from msmodelslim.app.evaluate import PerplexityResult
 from msmodelslim.app.evaluate import evaluate as _evaluate
-from msmodelslim.app.quantize import QuantizeReport, QuantizeRequest
 from msmodelslim.app.quantize import quantize as _quantize
+from msmodelslim.app.quantize_request import QuantizeReport, QuantizeRequest
 from msmodelslim.core.config import PracticeConfig, parse_config
 from msmodelslim.core.device import parse_device
 

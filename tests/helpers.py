@@ -12,7 +12,8 @@ import pytest
 
 import yaml
 
-from msmodelslim.app.quantize import QuantizeRequest, quantize
+from msmodelslim.app.quantize import quantize
+from msmodelslim.app.quantize_request import QuantizeRequest
 from msmodelslim.core.device import DeviceSpec
 
 W8 = {"dtype": "int8", "scope": "per_channel", "symmetric": True, "method": "minmax"}

@@ -17,7 +17,8 @@ from tiny_models import make_tiny_model
 from msmodelslim.app.analysis_metrics import InputStatistics, kurtosis_score, quantile_score, std_score
 from msmodelslim.app.analysis_report import AnalysisResult, exclude_entries, groups, top_names
 from msmodelslim.app.analyze import AnalyzeRequest, analyze
-from msmodelslim.cli.__main__ import main, normalize_analyze_argv
+from msmodelslim.cli.__main__ import main
+from msmodelslim.cli.arguments import normalize_analyze_argv
 from msmodelslim.processor.matching import select
 
 MODEL_TYPE = "Llama-2-7B"

@@ -17,7 +17,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from helpers import SCHEMES, shard_bytes, small_calib, write_config
-from msmodelslim.app.quantize import QuantizeRequest, quantize
+from msmodelslim.app.quantize import quantize
+from msmodelslim.app.quantize_request import QuantizeRequest
 from msmodelslim.cli.__main__ import main
 from msmodelslim.core.device import DeviceSpec
 from msmodelslim.core.errors import ConfigError, InvalidModelError, UnsupportedError

@@ -417,7 +417,7 @@ def test_model_config_is_read_as_the_deprecated_name_of_inference_config(caplog)
 def test_the_text_quantize_api_refuses_a_diffusion_config_by_name(tmp_path):
     """app/quantize.quantize() is the text/VLM service: a multimodal_sd_modelslim_v1 file given to it directly
     (the Python API) is refused with where to run it, not an AttributeError from deep inside."""
-    from msmodelslim.app.quantize import QuantizeRequest, load_practice
+    from msmodelslim.app.quantize_request import QuantizeRequest, load_practice
     from msmodelslim.core.device import parse_device
     from msmodelslim.core.errors import UnsupportedError
 

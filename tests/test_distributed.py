@@ -14,7 +14,8 @@ import yaml
 from safetensors.torch import load_file
 
 from helpers import SCHEMES, quantize_variants
-from msmodelslim.app.quantize import QuantizeRequest, quantize
+from msmodelslim.app.quantize import quantize
+from msmodelslim.app.quantize_request import QuantizeRequest
 from msmodelslim.core.device import DeviceSpec, parse_device
 from msmodelslim.core.distributed import Collective, contiguous_share, spawn_ranks
 from msmodelslim.core.errors import DeviceError, ProcessingError, UnsupportedError

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from msmodelslim.app.quantize import QuantizeRequest, quantize
+from msmodelslim.app.quantize import quantize
+from msmodelslim.app.quantize_request import QuantizeRequest
 from msmodelslim.core.config import parse_config
 from msmodelslim.core.device import DeviceSpec
 from msmodelslim.model import registry
@@ -55,7 +56,7 @@ def _readme_commands() -> list[list[str]]:
 
 
 def test_readme_commands_are_valid_command_lines():
-    from msmodelslim.cli.__main__ import build_parser
+    from msmodelslim.cli.arguments import build_parser
 
     commands = _readme_commands()
     assert {c[0] for c in commands} >= {"demo", "quant", "eval", "convert", "check"}

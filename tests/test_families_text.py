@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, DeepseekV3Config
 
 from helpers import SCHEMES
-from msmodelslim.app.quantize import QuantizeRequest, quantize
+from msmodelslim.app.quantize import quantize
+from msmodelslim.app.quantize_request import QuantizeRequest
 from msmodelslim.cli.__main__ import main
 from msmodelslim.core.device import DeviceSpec
 from msmodelslim.core.errors import UnsupportedError

@@ -6,7 +6,8 @@ import pytest
 from msmodelslim.app import practice
 from msmodelslim.app.practice import (KNOWN_QUANT_TYPES, LAB_PRACTICE, PracticeNeedsConsent, load_practice_file,
                                       practice_table, select_practice)
-from msmodelslim.app.quantize import QuantizeRequest, quantize
+from msmodelslim.app.quantize import quantize
+from msmodelslim.app.quantize_request import QuantizeRequest
 from msmodelslim.cli.__main__ import main
 from msmodelslim.core.device import DeviceSpec
 from msmodelslim.core.errors import ConfigError, UnsupportedError

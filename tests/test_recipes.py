@@ -18,7 +18,8 @@ import torch
 import yaml
 
 from msmodelslim.app.check import check_checkpoint
-from msmodelslim.app.quantize import QuantizeRequest, quantize
+from msmodelslim.app.quantize import quantize
+from msmodelslim.app.quantize_request import QuantizeRequest
 from msmodelslim.cli.__main__ import main
 from msmodelslim.core.dataset import LAB_CALIB, load_texts
 from msmodelslim.core.device import DeviceSpec

@@ -27,7 +27,8 @@ def test_unknown_name_lists_closest_and_is_case_sensitive():
 
 
 def test_quant_type_builtin_recipe_runs(tiny_qwen3_bf16_tied, tmp_path):
-    from msmodelslim.app.quantize import QuantizeRequest, quantize
+    from msmodelslim.app.quantize import quantize
+    from msmodelslim.app.quantize_request import QuantizeRequest
     from msmodelslim.core.device import DeviceSpec
 
     report = quantize(QuantizeRequest(model_path=tiny_qwen3_bf16_tied, save_path=tmp_path / "o", model_type="Qwen3-8B",

@@ -12,7 +12,8 @@ from safetensors import safe_open
 
 from helpers import SCHEMES, run_quant, small_calib
 from msmodelslim.app.practice import select_practice
-from msmodelslim.app.quantize import QuantizeRequest, quantize
+from msmodelslim.app.quantize import quantize
+from msmodelslim.app.quantize_request import QuantizeRequest
 from msmodelslim.core.config import parse_config
 from msmodelslim.core.device import DeviceSpec
 from msmodelslim.core.errors import ConfigError, UnsupportedError

@@ -13,7 +13,8 @@ import yaml
 from helpers import small_calib
 from msmodelslim.app import practice
 from msmodelslim.app.practice import select_practice
-from msmodelslim.app.quantize import QuantizeRequest, quantize
+from msmodelslim.app.quantize import quantize
+from msmodelslim.app.quantize_request import QuantizeRequest
 from msmodelslim.cli.__main__ import main
 from msmodelslim.core.config import load_config, parse_config
 from msmodelslim.core.device import DeviceSpec

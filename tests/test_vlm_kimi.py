@@ -297,7 +297,8 @@ def test_the_torchvision_image_processor_is_refused_by_name(source, tmp_path):
 def test_quant_names_the_missing_torchvision_before_any_weight_is_read(source, images, tmp_path, monkeypatch):
     import yaml
 
-    from msmodelslim.app.quantize import QuantizeRequest, quantize
+    from msmodelslim.app.quantize import quantize
+    from msmodelslim.app.quantize_request import QuantizeRequest
     from msmodelslim.core.device import DeviceSpec
 
     try:

@@ -17,7 +17,8 @@ import torch
 
 from msmodelslim.app.evaluate import PerplexityResult, load_float_model, perplexity, token_windows
 from msmodelslim.app.practice import select_practice
-from msmodelslim.app.quantize import QuantizeRequest, quantize
+from msmodelslim.app.quantize import quantize
+from msmodelslim.app.quantize_request import QuantizeRequest
 from msmodelslim.core.dataset import read_texts
 from msmodelslim.core.device import DeviceSpec
 from msmodelslim.core.logging import get_logger

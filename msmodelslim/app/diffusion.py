@@ -45,6 +45,7 @@ from torch import nn
 from msmodelslim.app.diffusion_family import WAN2_2_LINE, family_for, is_diffusion_model_type, wan2_2_family
 from msmodelslim.app.diffusion_output import copy_other_components, quantize_and_write_expert
 from msmodelslim.app.diffusion_processors import build_dit_processors, check_dit_processors, plan_linears
+from msmodelslim.app.practice import require_one_practice_source
 from msmodelslim.core.config import load_config
 from msmodelslim.core.device import DeviceSpec
 from msmodelslim.core.errors import ConfigError, InvalidModelError, UnsupportedError
@@ -90,9 +91,7 @@ class DiffusionQuantizeReport:
 
 
 def load_sd_practice(request: DiffusionQuantizeRequest, family: DiffusionFamily) -> SdPracticeConfig:
-    given = [x for x in (request.config_path, request.quant_type, request.config) if x is not None]
-    if len(given) != 1:
-        raise ConfigError("give exactly one of --quant_type and --config_path")
+    require_one_practice_source(request.config_path, request.quant_type, request.config)
     if request.config is not None:
         return request.config
     if request.quant_type is not None:
@@ -251,7 +250,7 @@ def diffusion_model_type(model_type: Optional[str], model_path: Path, config_pat
         return family.names[-1]
     if config_path is None or not Path(config_path).is_file():
         return None
-    from msmodelslim.core.config import read_yaml_file
+    from msmodelslim.core.yaml_reader import read_yaml_file
 
     try:
         data = read_yaml_file(Path(config_path), "", str(config_path))

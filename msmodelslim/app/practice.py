@@ -104,6 +104,13 @@ class Practice:
         return any(fnmatch.fnmatchcase(model_type, p) for p in meta.model_types)
 
 
+def require_one_practice_source(*sources: object) -> None:
+    """A run takes its practice from exactly one place: --quant_type, --config_path, or (the Python API) a parsed
+    config; the text and the diffusion quantize check the same way."""
+    if sum(source is not None for source in sources) != 1:
+        raise ConfigError("give exactly one of --quant_type and --config_path")
+
+
 def parse_quant_type(quant_type: str) -> PracticeLabel:
     name = quant_type.strip().lower()
     match = QUANT_TYPE_PATTERN.match(name)

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
-import resource
 import shutil
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -22,18 +21,19 @@ from torch import nn
 
 from msmodelslim.app.estimate import RunEstimate, estimate_run
 from msmodelslim.app.plan import plan_layers, summarize_plan
-from msmodelslim.app.practice import select_practice
 from msmodelslim.app.quantize_checks import (refuse_duplicate_savers, refuse_mismatched_modality,
                                              refuse_schemes_the_format_lacks, refuse_split_fused_groups,
                                              refuse_steps_the_format_lacks, refuse_undistributable,
                                              writer_class_of)
 from msmodelslim.app.quantize_output import finish_outputs, make_writer, make_writers, saved_practice, subfolders
+from msmodelslim.app.quantize_request import (QuantizeReport, QuantizeRequest, load_practice, peak_rss_mib,
+                                            require_model_dir, with_model_type)
 from msmodelslim.core.activations import ActivationSpill
-from msmodelslim.core.config import PracticeConfig, RunnerType, load_config
+from msmodelslim.core.config import PracticeConfig, RunnerType
 from msmodelslim.core.dataset import load_texts
 from msmodelslim.core.device import DeviceSpec
 from msmodelslim.core.distributed import LOCAL, Collective, contiguous_share, spawn_ranks, torchrun_group, torchrun_world
-from msmodelslim.core.errors import ConfigError, InvalidModelError, UnsupportedError
+from msmodelslim.core.errors import UnsupportedError
 from msmodelslim.core.faults import fault_point
 from msmodelslim.core.logging import get_logger, level_from_env, setup_logging
 from msmodelslim.core.memory import bound_heap_growth
@@ -48,45 +48,10 @@ from msmodelslim.format.fan_out import SUBFOLDERS, FanOutWriter
 from msmodelslim.format.staging import (RESUME_STATE, check_save_path, discard_resumable, resumable,
                                         staged_directory)
 from msmodelslim.model.passthrough import UnreadTensors
-from msmodelslim.model.registry import AdapterEntry, adapter_class_of, create_adapter, infer_model_type, resolve
+from msmodelslim.model.registry import create_adapter, resolve
 from msmodelslim.processor.base import Processor, ProcessorContext, build_pipeline
 
 log = get_logger("app.quantize")
-
-
-@dataclass
-class QuantizeRequest:
-    model_path: Path
-    save_path: Path
-    model_type: Optional[str]  # None: inferred from config.json's model_type (see with_model_type)
-    device: DeviceSpec
-    quant_type: Optional[str] = None
-    config_path: Optional[Path] = None
-    trust_remote_code: bool = False
-    overwrite: bool = False
-    dry_run: bool = False
-    allow_default_practice: bool = False
-    pipeline: Optional[PracticeConfig] = None  # a parsed config instead of config_path (the Python API)
-    tags: tuple[str, ...] = ()  # --tag: scenarios a practice must be verified for (its verified_tags)
-    resume: bool = False  # --resume: continue a killed run of this save_path from its last finished block
-    estimate: bool = False  # with dry_run: measure one block and estimate the real run's RAM, disk and time
-    started_at: Optional[float] = None  # time.time() when the command started (the CLI's), for the time estimate
-
-
-@dataclass
-class QuantizeReport:
-    save_path: Path
-    plan: dict[str, str]
-    seconds: float = 0.0
-    peak_rss_mib: float = 0.0
-    warnings: list[str] = field(default_factory=list)
-    description: dict = field(default_factory=dict)
-    translated_config: Optional[str] = None  # a modelslim_v0 file's modelslim_v1 translation (YAML), else None
-    estimate: Optional[RunEstimate] = None  # a dry run's estimates of the real run (QuantizeRequest.estimate)
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def data_parallel_world(device: DeviceSpec) -> int:
@@ -104,26 +69,6 @@ def choose_runner(config: PracticeConfig, device: DeviceSpec) -> RunnerType:
                     "running layer_wise on %s", device)
         runner = RunnerType.layer_wise
     return runner
-
-
-def load_practice(request: QuantizeRequest, entry: Optional[AdapterEntry] = None) -> PracticeConfig:
-    """The user's config, or the best practice for --model_type and --quant_type (no model loaded yet)."""
-    given = [x for x in (request.quant_type, request.config_path, request.pipeline) if x is not None]
-    if len(given) != 1:
-        raise ConfigError("give exactly one of --quant_type and --config_path")
-    if request.pipeline is not None:
-        return request.pipeline
-    if request.config_path is not None:
-        config = load_config(request.config_path)
-        if not isinstance(config, PracticeConfig):  # multimodal_sd_modelslim_v1: the diffusion service's
-            raise UnsupportedError(f"{request.config_path}: apiversion {config.apiversion} describes a diffusion "
-                                   f"pipeline; run it with `msmodelslim quant` or msmodelslim.app.diffusion."
-                                   f"quantize_diffusion(DiffusionQuantizeRequest(...)), not the text/VLM quantize()")
-        return config
-    entry = entry or resolve(request.model_type, request.model_path)
-    vision_language = bool(getattr(adapter_class_of(entry, request.model_type), "is_vlm", False))
-    return select_practice(request.model_type, entry.pedigree, request.quant_type, request.allow_default_practice,
-                           tags=request.tags, vision_language=vision_language).config
 
 
 @dataclass
@@ -173,19 +118,6 @@ def load_calibration(config: PracticeConfig, adapter: object = None) -> Calibrat
     return load_texts(config.spec.dataset, config.source_dir)
 
 
-def _require_model_dir(model_path: Path) -> None:
-    if not model_path.is_dir():
-        raise InvalidModelError(f"--model_path {model_path} is not a directory")
-
-
-def with_model_type(request: QuantizeRequest) -> QuantizeRequest:
-    """The request with --model_type filled in from config.json when it was omitted (logged: name and why)."""
-    if request.model_type is not None:
-        return request
-    _require_model_dir(request.model_path)
-    return replace(request, model_type=infer_model_type(request.model_path))
-
-
 def _check_output(request: QuantizeRequest, formats: int = 1) -> None:
     """The output's checks, the same in a dry run and a real run; only a real run recovers a killed run's
     leftovers first (recovery renames directories). `formats`: how many savers write (each needs the room)."""
@@ -199,7 +131,7 @@ def _check_output(request: QuantizeRequest, formats: int = 1) -> None:
 def _prepare(request: QuantizeRequest, in_rank: bool = False) -> _Job:
     """Every cheap check, in the order that fails fastest, then the model and the layer plan. `in_rank`: called
     by a spawned dp_layer_wise rank, after its launcher has checked and logged all of it."""
-    _require_model_dir(request.model_path)
+    require_model_dir(request.model_path)
     request = with_model_type(request)
     entry = resolve(request.model_type, request.model_path)  # an unknown model type fails before anything else
     config = load_practice(request, entry)  # fail fast: a YAML typo must not cost a model load

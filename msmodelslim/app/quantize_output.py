@@ -20,7 +20,8 @@ from msmodelslim.format.integrity import verify_complete, verify_source_tensors
 from msmodelslim.format.staging import DIR_MODE
 
 if TYPE_CHECKING:
-    from msmodelslim.app.quantize import QuantizeRequest, _Job
+    from msmodelslim.app.quantize import _Job
+    from msmodelslim.app.quantize_request import QuantizeRequest
 
 
 def saved_practice(config: PracticeConfig) -> dict:

@@ -12,7 +12,7 @@ until `--timeout`:
 The timeout is checked between iterations (a running quantization is never cut). At the end the chosen practice
 (the strategy's answer, or the best so far when stopped early) is written to `history/best.yaml`, quantized into
 `quant_model` if that does not hold it yet, and, when it meets the demand and $MSMODELSLIM_CUSTOM_PRACTICE_REPO
-is set, saved there under the adapter's pedigree so that `quant --quant_type` finds it (app/practice.py).
+is set, saved there under the adapter's pedigree so that `quant --quant_type` finds it (app/tune_practice.py).
 
 A rerun with the same save_path starts a new history.yaml but keeps accuracy.yaml: iterations already measured
 are answered from it, so an interrupted or timed-out tune continues where it stopped without re-evaluating.
@@ -22,23 +22,23 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from msmodelslim.app.practice import CUSTOM_REPO_ENV, PracticeLabel, load_practice_file
-from msmodelslim.app.quantize import QuantizeRequest, quantize
+from msmodelslim.app.quantize import quantize
+from msmodelslim.app.quantize_request import QuantizeRequest
 from msmodelslim.app.tune_evaluators import (CommandEvaluation, CommandEvaluator, HeldOutSplit,
                                              PerplexityEvaluation, PerplexityEvaluator, ServiceOrientedEvaluator,
                                              TuneResult, digest)
 from msmodelslim.app.tune_history import (History, TunePlan, load_plan, parse_timeout, read_yaml,
                                           write_yaml_atomically)
-from msmodelslim.app.tune_strategies import Candidate, Proposal, build_strategy, linear_quant_steps
+from msmodelslim.app.tune_practice import TunedOrigin, check_practice_repo, save_practice
+from msmodelslim.app.tune_strategies import Candidate, Proposal, build_strategy
 from msmodelslim.core.config import parse_config
-from msmodelslim.core.dataset import LAB_CALIB, load_texts, resolve_dataset, resolve_eval_dataset, read_texts
+from msmodelslim.core.dataset import load_texts, resolve_dataset, resolve_eval_dataset, read_texts
 from msmodelslim.core.device import DeviceSpec
 from msmodelslim.core.errors import ConfigError, InvalidModelError
 from msmodelslim.core.logging import get_logger
@@ -84,19 +84,6 @@ class _Run:
     plan_dir: Path
     original_dataset: str
     split_note: str = ""
-
-
-def _check_practice_repo() -> Optional[Path]:
-    repo = os.environ.get(CUSTOM_REPO_ENV)
-    if not repo:
-        log.info("%s is not set: the winning practice is kept in history/best.yaml only", CUSTOM_REPO_ENV)
-        return None
-    root = Path(repo)
-    existing = next(p for p in [root, *root.absolute().parents] if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"{CUSTOM_REPO_ENV}={repo}: {existing} is not a writable directory (tune saves the "
-                          f"winning practice there)")
-    return root
 
 
 def _check_paths(request: TuneRequest) -> None:
@@ -293,7 +280,7 @@ def _prepare(request: TuneRequest):
     _check_paths(request)
     model_type = request.model_type or infer_model_type(request.model_path)
     entry = resolve(model_type, request.model_path)
-    repo = _check_practice_repo()
+    repo = check_practice_repo()
     strategy = build_strategy(plan.strategy)
     plan_dir = request.config_path.resolve().parent
     evaluator = _external_evaluator(plan, strategy.template, request, plan_dir)
@@ -360,64 +347,11 @@ def _conclude(run: _Run, done: _Iterations, chosen_proposal: Optional[Proposal],
     run.history.finish(summary, best_practice)
     practice_file = None
     if chosen is not None and chosen["passed"] and repo is not None:
-        practice_file = save_practice(run, repo, best_practice, chosen)
+        origin = TunedOrigin(run.model_type, run.pedigree, run.plan.strategy.type, run.original_dataset, run.plan_dir,
+                             run.split_note)
+        practice_file = save_practice(origin, repo, best_practice, chosen)
     elif chosen is not None and not chosen["passed"]:
         log.warning("tune: no practice met the demand; the best found is %s (%s), not saved as a practice",
                     chosen["config_id"], chosen["detail"])
     return TuneReport(done.records, chosen, stopped, done.evaluated, seconds, practice_file,
                       list(chosen["fallback"]) if chosen else [])
-
-
-# ---- the winning practice ----------------------------------------------------------------------------------------
-def _bits(qconfig: Optional[dict]) -> Optional[int]:
-    if not qconfig:
-        return 16
-    match = re.search(r"(\d+)", str(qconfig.get("dtype", "")))
-    return int(match.group(1)) if match else None
-
-
-def practice_label(practice: dict) -> Optional[dict]:
-    """The template's label, or one read off its first linear_quant step (int8 weights -> w_bit 8, no act -> 16)."""
-    label = practice.get("metadata", {}).get("label")
-    if label:
-        return PracticeLabel.model_validate(label).model_dump()
-    steps = linear_quant_steps(practice["spec"]["process"])
-    if not steps:
-        return None
-    w_bit, a_bit = _bits(steps[0]["qconfig"].get("weight")), _bits(steps[0]["qconfig"].get("act"))
-    return {"w_bit": w_bit, "a_bit": a_bit} if w_bit and a_bit else None
-
-
-def _portable_dataset(run: _Run) -> str:
-    """The template's calibration set as the saved practice must name it: a shipped name stays a name, a file of
-    the user's becomes an absolute path (the practice no longer sits next to the plan)."""
-    path = resolve_dataset(run.original_dataset, run.plan_dir)
-    return run.original_dataset if path.parent == LAB_CALIB else str(path.resolve())
-
-
-def save_practice(run: _Run, repo: Path, practice: dict, chosen: dict) -> Optional[Path]:
-    """Write the chosen practice into the custom repository under the adapter's pedigree, readable by
-    `quant --quant_type` (checked by loading it back the way app/practice.py does)."""
-    label = practice_label(practice)
-    if label is None:
-        log.warning("tune: the chosen practice has no metadata.label and none can be read off its linear_quant "
-                    "steps; not saved into %s (add metadata.label to the template)", CUSTOM_REPO_ENV)
-        return None
-    template_meta = practice.get("metadata", {})
-    base = str(template_meta.get("config_id", "")).rsplit("-iter", 1)[0] or run.plan.strategy.type
-    config_id = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{base}-{run.model_type}-tuned")
-    saved = copy.deepcopy(practice)
-    saved["spec"]["dataset"] = _portable_dataset(run)  # not the split file inside this save_path
-    note = f"msmodelslim tune ({run.plan.strategy.type}): {chosen['detail']}"
-    if run.split_note:
-        note += f"; {run.split_note}"
-    saved["metadata"] = {"config_id": config_id, "score": float(template_meta.get("score", 100)), "label": label,
-                         "verified_model_types": [run.model_type], "description": note,
-                         "verified": {run.model_type: note}}
-    directory = repo / run.pedigree
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{config_id}.yaml"
-    write_yaml_atomically(path, saved)
-    load_practice_file(path)  # what `quant --quant_type` will read
-    log.info("tune: saved the chosen practice as %s", path)
-    return path

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from msmodelslim.app.tune_evaluators import EvaluationConfig, TuneResult
 from msmodelslim.app.tune_strategies import StrategyConfig
-from msmodelslim.core.config import read_yaml_file
+from msmodelslim.core.yaml_reader import read_yaml_file
 from msmodelslim.core.errors import ConfigError
 from msmodelslim.core.logging import get_logger
 
