@@ -30,6 +30,8 @@ VARIANTS = {
     "before": None,
     "after_no_early_stop": {"early_stop": False},
     "after_default": {},
+    # range-only calibration forwards (smoothing, static min/max) under bfloat16 autocast (spec.calibration.precision)
+    "after_bf16": {"precision": "bfloat16"},
     # forced, not converged: every block stops after its first 3 batches whatever the ranges do (rtol 2 always
     # passes); batches are ordered by length: the 3 windows of 511 tokens, then batches of 16 x 512
     "after_forced_3_batches": {"early_stop": True, "rtol": 2.0, "window_tokens": 1,

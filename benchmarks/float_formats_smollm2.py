@@ -21,6 +21,7 @@ dequantize=True: the library's decompressor, which rounds the weights to bf16).
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from pathlib import Path
 
@@ -35,6 +36,34 @@ NVFP4 = {"dtype": "nvfp4", "scope": "per_block", "symmetric": True, "method": "m
 NVFP4_SCHEMES = {"w4a16_nvfp4": [linear({"weight": NVFP4})],
                  "w4a16_nvfp4_gptq": [linear({"weight": {**NVFP4, "method": "gptq"}})]}
 SCHEMES.update(NVFP4_SCHEMES)
+
+
+def scheme_steps(name: str) -> list[dict]:
+    """A scheme of smollm2_accuracy.py by name, or a variant of one: a trailing `+ao` sets GPTQ's
+    `act_order: true` (columns by decreasing Hessian diagonal, llm-compressor's default), a leading `quarot<n>+`
+    rotates in blocks of n (`block_size: n`, e.g. 32 = one MX block) instead of the whole hidden size; `quarot+<scheme>`
+    puts the rotation before any scheme, `awq+<scheme>` AWQ scored with the scheme's weight format (round to
+    nearest) before a weight-only scheme."""
+    base, act_order = name.removesuffix("+ao"), name.endswith("+ao")
+    block = None
+    head, _, rest = base.partition("+")
+    if head.startswith("quarot") and head[len("quarot"):].isdigit():
+        block, base = int(head[len("quarot"):]), "quarot+" + rest
+    if base not in SCHEMES and base.startswith("quarot+"):  # any scheme behind the whole-size rotation
+        steps = copy.deepcopy([{"type": "quarot"}, *SCHEMES[base.removeprefix("quarot+")]])
+    elif base not in SCHEMES and base.startswith("awq+"):  # AWQ scored with the scheme's own weight format
+        steps = copy.deepcopy(SCHEMES[base.removeprefix("awq+")])
+        weight = next(s["qconfig"]["weight"] for s in steps if s.get("type") == "linear_quant")
+        steps.insert(0, {"type": "awq", "weight_qconfig": {**weight, "method": "minmax", "ext": {}}})
+    else:
+        steps = copy.deepcopy(SCHEMES[base])
+    for step in steps:
+        if block is not None and step.get("type") == "quarot":
+            step["block_size"] = block
+        weight = step.get("qconfig", {}).get("weight", {})
+        if act_order and weight.get("method") == "gptq":
+            weight["ext"] = {**weight.get("ext", {}), "act_order": True}
+    return steps
 
 
 def load_nvfp4(out: Path, model_dir: Path):
@@ -101,9 +130,9 @@ def main() -> None:
         transformers the compressed-tensors one (weights decompressed; activations float in both for W4A16)."""
         scheme, both = name.removesuffix("+ct"), name.endswith("+ct")
         config = args.work_dir / f"{name}.yaml"
-        nvfp4 = scheme in NVFP4_SCHEMES
+        nvfp4 = scheme.removesuffix("+ao") in NVFP4_SCHEMES
         saver = "compressed_tensors" if nvfp4 else "ascendv1_saver+compressed_tensors" if both else "ascendv1_saver"
-        write_config(config, SCHEMES[scheme], str(calib), "layer_wise", saver)
+        write_config(config, scheme_steps(scheme), str(calib), "layer_wise", saver)
         out = args.work_dir / f"smollm2-{name}"
         seconds, rss = quantize_in_child(model_dir, config, out)
         ours = out / "ascendv1" if both else out
