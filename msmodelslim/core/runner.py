@@ -128,13 +128,13 @@ def _restore_dtype(output: Any, autocast_dtype: torch.dtype, dtype: torch.dtype)
     return output
 
 
-def _autocast(block: nn.Module, requests: list, index: int, processor: Processor,
+def _autocast(block: nn.Module, block_dtype: Optional[torch.dtype], requests: list, index: int, processor: Processor,
               precision: Optional[ReducedPrecision]) -> tuple[AbstractContextManager, Optional[torch.dtype]]:
     """The context `processor`'s calibration forward runs in, and the dtype autocast computes in (None: no
     autocast). Reduced precision applies only to a forward whose statistics are all running extremes of linear
     inputs: autocast would turn every matmul in the forward to the lower dtype, including those that other
     statistics' hooks compute (GPTQ's X^T X); a min/max is exact in any dtype. Declining is said once per step."""
-    if precision is None or precision.dtype == _block_dtype(block):
+    if precision is None or precision.dtype == block_dtype:
         return nullcontext(), None
     device = next((p.device for p in block.parameters()), None) or requests[0].args[0].device
     if not processor.range_statistics:
@@ -148,7 +148,7 @@ def _autocast(block: nn.Module, requests: list, index: int, processor: Processor
     if (index, reason) not in precision.declined:
         precision.declined.add((index, reason))
         kind = getattr(getattr(processor, "config", None), "type", type(processor).__name__)
-        dtype = str(_block_dtype(block) or torch.float32).removeprefix("torch.")
+        dtype = str(block_dtype or torch.float32).removeprefix("torch.")
         log.info("spec.calibration.precision %s does not apply to spec.process[%d] (%s): %s; its calibration "
                  "forwards run in %s", precision.name, index, kind, reason, dtype)
     return nullcontext(), None
@@ -188,10 +188,11 @@ def _calibration_forward(block_name: str, block: nn.Module, processor: Processor
     watch = early_stop is not None and processor.range_statistics
     ranges = BlockInputRanges.record(block) if keep_ranges or watch else None
     convergence = Convergence(early_stop, ranges) if watch else None
-    autocast, autocast_dtype = _autocast(block, requests, index, processor, precision)
+    block_dtype = _block_dtype(block)
+    autocast, autocast_dtype = _autocast(block, block_dtype, requests, index, processor, precision)
     try:
         with autocast:
-            outputs = _forward_all(block_name, requests, spill, convergence, _block_dtype(block), autocast_dtype)
+            outputs = _forward_all(block_name, requests, spill, convergence, block_dtype, autocast_dtype)
     finally:
         if ranges is not None:
             ranges.stop()

@@ -38,10 +38,14 @@ def scale_offset_from_minmax(
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int) -> torch.Tensor:
     """Integer codes (int8 storage; int4 codes lie in [-8, 7])."""
-    qmin, qmax = int_range(bits)
     q = x.to(torch.float32, copy=True)  # one working copy, updated in place: a 7B layer is GBs of float32
-    q.div_(scale).round_().add_(offset).clamp_(qmin, qmax)
-    return q.to(torch.int8)
+    return _codes_in_place(q, scale, offset, bits).to(torch.int8)
+
+
+def _codes_in_place(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int) -> torch.Tensor:
+    """q <- clamp(round(q / scale) + offset): float32 codes, in q's own memory."""
+    qmin, qmax = int_range(bits)
+    return q.div_(scale).round_().add_(offset).clamp_(qmin, qmax)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
@@ -100,21 +104,15 @@ def quantize_in_row_chunks(x: torch.Tensor, scale: torch.Tensor, offset: torch.T
     machine (11008 x 4096: 45 ms on one thread against 0.1-1 s on two)."""
     if x.device.type != "cpu":  # accelerators: one kernel per pass over the whole tensor, on its own device
         return quantize(x, scale, offset, bits)
-    qmin, qmax = int_range(bits)
     out = empty_on_huge_pages(x.shape, torch.int8)  # a fresh mapping: 2 MiB pages fault in faster (core/memory.py)
     row_bytes = max(1, x[0].numel() * 4) if len(x) else 1
     rows = max(1, chunk_bytes // row_bytes)
     work = torch.empty((min(rows, len(x)),) + tuple(x.shape[1:]), dtype=torch.float32)
-    symmetric = not bool(offset.any())
     with one_thread():
         for start in range(0, len(x), rows):
             part = slice(start, start + rows)
-            q = work[: len(x[part])]
-            q.copy_(x[part]).div_(scale[part]).round_()
-            if not symmetric:  # adding a zero offset would only turn -0.0 into 0.0, the same code
-                q.add_(offset[part])
-            q.clamp_(qmin, qmax)
-            out[part].copy_(q)
+            q = work[: len(x[part])].copy_(x[part])
+            out[part].copy_(_codes_in_place(q, scale[part], offset[part], bits))
     return out
 
 
