@@ -153,6 +153,13 @@ def dequantized_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, di
             assert l1.shape[1] == w.shape[1] and l2.shape[0] == w.shape[0] and l1.shape[0] == l2.shape[1], p
             acts.setdefault(p, {"kind": "float"})["lowrank"] = (l1, l2)
             used |= {f"{p}.svd_lowrank_l1", f"{p}.svd_lowrank_l2"}
+        if f"{p}.heads_rotation" in t:  # online QuaRot (protocol.md §4.4): input [H, d] -> R^T [H, d]
+            acts.setdefault(p, {"kind": "float"})["rotate"] = (t[f"{p}.heads_rotation"].float(),)
+            used.add(f"{p}.heads_rotation")
+        elif f"{p}.kronecker_rotation_m" in t:  # input [m, n] -> R_m^T [m, n] R_n
+            pair = (t[f"{p}.kronecker_rotation_m"].float(), t[f"{p}.kronecker_rotation_n"].float())
+            acts.setdefault(p, {"kind": "float"})["rotate"] = pair
+            used |= {f"{p}.kronecker_rotation_m", f"{p}.kronecker_rotation_n"}
         state[f"{p}.weight"] = w
         if b is not None:
             state[f"{p}.bias"] = b.float()
@@ -180,6 +187,17 @@ def dequantized_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, di
         if key not in used:
             state[key] = value.float() if value.is_floating_point() else value
     return state, acts
+
+
+def _online_rotation(x: torch.Tensor, matrices: tuple) -> torch.Tensor:
+    """protocol.md §4.4: heads_rotation R: x[h', j] = sum_h R[h, h'] x[h, j]; Kronecker pair: X' = R_m^T X R_n."""
+    if len(matrices) == 1:
+        r = matrices[0]
+        heads = x.reshape(*x.shape[:-1], r.shape[0], -1)
+        return torch.einsum("...hj,hg->...gj", heads.float(), r).reshape(x.shape).to(x.dtype)
+    r_m, r_n = matrices
+    grid = x.reshape(*x.shape[:-1], r_m.shape[0], r_n.shape[0])
+    return torch.einsum("...ab,ac,bd->...cd", grid.float(), r_m, r_n).reshape(x.shape).to(x.dtype)
 
 
 def _c8_cache_read(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
@@ -592,6 +610,8 @@ def load_reference_model(path: Path):
             quant = lambda x, d=info["dual_block"]: _mxfp4_dual(x, d)
         else:
             quant = RUNTIME_QUANT.get(info["kind"], lambda x: x)  # "float": a weight-only layer with a low-rank pair
+        if "rotate" in info:  # the online rotation comes first; quantization and the low-rank branch read its output
+            module.register_forward_pre_hook(lambda m, a, r=info["rotate"]: (_online_rotation(a[0], r),))
         if "lowrank" in info:  # y = q(x) W^T + b + (x l1^T) l2^T: the float branch sees x itself
             l1, l2 = info["lowrank"]
             module.forward = lambda x, m=module, q=quant, l1=l1, l2=l2: (

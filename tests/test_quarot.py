@@ -121,8 +121,9 @@ def test_rotation_lowers_w8a8_dynamic_error_on_residual_outliers(tmp_path):
 
 
 def test_online_rotation_and_bad_block_sizes_are_refused(tiny_llama, tmp_path):
-    with pytest.raises(ConfigError, match="online: true is not implemented"):
-        run_quant(tiny_llama, tmp_path / "o", write(tmp_path / "a.yaml", [{"type": "quarot", "online": True}]))
+    with pytest.raises(ConfigError, match="down_proj_online_layers .* needs online: true"):
+        run_quant(tiny_llama, tmp_path / "o", write(tmp_path / "a.yaml", [{"type": "quarot",
+                                                                           "down_proj_online_layers": [0]}]))
     with pytest.raises(ConfigError, match=r"block_size.*must be -1 or a power of 2"):
         run_quant(tiny_llama, tmp_path / "o", write(tmp_path / "b.yaml", [{"type": "quarot", "block_size": 12}]))
     with pytest.raises(UnsupportedError, match="block_size 128 does not divide the hidden size 64"):

@@ -82,6 +82,10 @@ def convert_ascendv1_to_compressed_tensors(source: Path, save_path: Path, overwr
     if lowrank:  # SVDQuant (svd_res): the low-rank pair has nowhere to go
         raise UnsupportedError(f"{source} holds {lowrank[0]} layers (a quantized residual plus svd_lowrank_l1/l2): "
                                f"{CompressedTensorsWriter.UNSUPPORTED_STEPS['svd_res']}")
+    quarot = (description.get("metadata") or {}).get("quarot") if isinstance(description.get("metadata"), dict) else None
+    if quarot:  # online rotations: compressed-tensors has no tensors for them
+        raise UnsupportedError(f"{source} rotates layer inputs online (description metadata.quarot): "
+                               f"{CompressedTensorsWriter.UNSUPPORTED_ONLINE_ROTATION}")
     if "C8" in description.values():
         raise UnsupportedError(f"{source} holds an int8 KV cache (C8, kv_cache_type {description.get('kv_cache_type')!r}); "
                                f"compressed-tensors has no int8 per-channel KV cache (vLLM reads only FP8 "

@@ -23,6 +23,7 @@ from msmodelslim.app.estimate import RunEstimate, estimate_run
 from msmodelslim.app.plan import plan_layers, summarize_plan
 from msmodelslim.app.quantize_checks import (refuse_duplicate_savers, refuse_mismatched_modality,
                                              refuse_schemes_the_format_lacks, refuse_split_fused_groups,
+                                             refuse_smoothing_after_online_rotation,
                                              refuse_steps_the_format_lacks, refuse_undistributable,
                                              writer_class_of)
 from msmodelslim.app.quantize_output import finish_outputs, make_writer, make_writers, saved_practice, subfolders
@@ -144,6 +145,7 @@ def _prepare(request: QuantizeRequest, in_rank: bool = False) -> _Job:
     runner = choose_runner(config, request.device)
     refuse_duplicate_savers(config)
     refuse_steps_the_format_lacks(config)
+    refuse_smoothing_after_online_rotation(config)
     adapter = create_adapter(request.model_type, str(request.model_path), request.trust_remote_code, entry)
     refuse_mismatched_modality(config, adapter, request.model_type)
     context = ProcessorContext(type(adapter).__name__, adapter.structure, adapter.attention_shape(),

@@ -41,8 +41,32 @@ def refuse_steps_the_format_lacks(config: PracticeConfig) -> None:
             reason = getattr(writer_class, "UNSUPPORTED_STEPS", {}).get(step.type)
             if step.type == "dynamic_cache":  # which KV cache the engine reads depends on the format
                 reason = kv_cache_refusals.get(step.qconfig.dtype.value)
+            if step.type == "quarot" and step.online:
+                reason = getattr(writer_class, "UNSUPPORTED_ONLINE_ROTATION", None)
             if reason:
                 raise UnsupportedError(f"spec.process: {step.type} cannot be saved as {save.type}: {reason}")
+
+
+def online_rotated_subgraphs(quarot) -> set[str]:
+    """The smoothing subgraphs whose targets read an input that quarot's online rotations rotate: o_proj ("ov")
+    in every layer, down_proj ("up-down") when layers are listed."""
+    return {"ov", "up-down"} if quarot.down_proj_online_layers else {"ov"}
+
+
+def refuse_smoothing_after_online_rotation(config: PracticeConfig) -> None:
+    """A smoothing step after `quarot` with online: true would scale the columns of layers whose input is rotated
+    at run time (a scale on X is not one on T·X): named before any work, with the order that works."""
+    rotated: set[str] = set()
+    for step in process_steps(config.spec.process):
+        if step.type == "quarot" and step.online:
+            rotated = online_rotated_subgraphs(step)
+            continue
+        kinds = [k for k in getattr(step, "enable_subgraph_type", None) or [] if k in rotated]
+        if kinds:
+            raise UnsupportedError(f"spec.process: {step.type} after quarot with online: true would smooth the "
+                                   f"{', '.join(kinds)} subgraph(s), whose targets (o_proj, down_proj) read an input "
+                                   f"rotated at run time; put {step.type} before quarot, or leave "
+                                   f"{', '.join(kinds)} out of its enable_subgraph_type")
 
 
 def refuse_schemes_the_format_lacks(config: PracticeConfig, plan: dict[str, str]) -> None:

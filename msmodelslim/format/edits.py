@@ -13,7 +13,9 @@ class OutputEdits:
     optional: dict = field(default_factory=dict)  # merged into the description's "optional" entry
     # entries added to the ascendv1 description that name no tensor (e.g. `<attn>.indexer.quant_type`, formats.md A.6)
     description: dict = field(default_factory=dict)
+    metadata: dict = field(default_factory=dict)  # merged into the description's "metadata" entry (online QuaRot)
 
     def merge(self, other: "OutputEdits") -> "OutputEdits":
         return OutputEdits({**self.config, **other.config}, {**self.files, **other.files},
-                           {**self.optional, **other.optional}, {**self.description, **other.description})
+                           {**self.optional, **other.optional}, {**self.description, **other.description},
+                           {**self.metadata, **other.metadata})

@@ -16,15 +16,19 @@ block scales, and `weight_global_scale` float32 [1] (quantizer/nvfp4.py): the we
 After `svd_res` a QuantLinear also holds SVDQuant's low-rank pair (ir/lowrank.py): `svd_lowrank_l1` [r, in] and
 `svd_lowrank_l2` [out, r], float32, None otherwise. The quantized weight is then the residual R, and the layer
 computes Q_act(x)·deq(Q(R))ᵀ + b + (x l1ᵀ) l2ᵀ: the low-rank branch reads the unquantized input.
+
+Behind QuaRot's online rotation (ir/online_rotation.py) a QuantLinear also holds `heads_rotation` or the pair
+`kronecker_rotation_m`/`kronecker_rotation_n` (float32), and everything above reads the rotated input T·x.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 from torch import nn
 
 from msmodelslim.ir.lowrank import LOWRANK_L1, LOWRANK_L2, check_lowrank_pair, lowrank_output
+from msmodelslim.ir.online_rotation import ROTATION_TENSORS, check_rotation, input_rotation, rotate_input
 from msmodelslim.quantizer.dualscale import dequantize_dualscale, fake_quantize_act_dualscale
 from msmodelslim.quantizer.nvfp4 import NVFP4_BLOCK, dequantize_nvfp4, fake_quantize_act_nvfp4
 from msmodelslim.quantizer.float_formats import MX_BLOCK, code_values, fp8_fake_quantize_per_token, mx_fake_quantize
@@ -65,6 +69,7 @@ class QuantLinear(nn.Module):
         weight_dual_scale: Optional[torch.Tensor] = None,
         weight_global_scale: Optional[torch.Tensor] = None,
         input_global_scale: Optional[torch.Tensor] = None,
+        rotation: Optional[Mapping[str, torch.Tensor]] = None,
     ) -> None:
         super().__init__()
         code_dtype = CODE_DTYPE.get(scheme, torch.int8)
@@ -92,6 +97,8 @@ class QuantLinear(nn.Module):
             raise ValueError(f"{LOWRANK_L1} and {LOWRANK_L2} come together or not at all")
         if svd_lowrank_l1 is not None:
             check_lowrank_pair(svd_lowrank_l1, svd_lowrank_l2, qweight.shape[0], qweight.shape[1])
+        if rotation:
+            check_rotation(rotation, qweight.shape[1])
         self.scheme = scheme
         self.in_features, self.out_features = qweight.shape[1], qweight.shape[0]
         self.register_buffer("qweight", qweight)
@@ -107,6 +114,9 @@ class QuantLinear(nn.Module):
         self.register_buffer(DUAL_SCALE, None if weight_dual_scale is None else weight_dual_scale.float())
         self.register_buffer(LOWRANK_L1, None if svd_lowrank_l1 is None else svd_lowrank_l1.float())
         self.register_buffer(LOWRANK_L2, None if svd_lowrank_l2 is None else svd_lowrank_l2.float())
+        for name in ROTATION_TENSORS:
+            matrix = (rotation or {}).get(name)
+            self.register_buffer(name, None if matrix is None else matrix.float().contiguous())
         # W8A8_MIX runs two kernels: decode nodes quantize inputs with the static range, the others per token.
         # Prefill (and perplexity, which scores whole sequences at once) is the dynamic path, the default here.
         self.decode_path = False
@@ -163,7 +173,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out_dtype = x.dtype
-        x = x.float()
+        x = rotate_input(x.float(), input_rotation(self))
         out = nn.functional.linear(self.quantize_input(x), self.dequantized_weight(), self.bias)
         if self.svd_lowrank_l1 is not None:  # SVDQuant: the high-precision branch sees the float input
             out = out + lowrank_output(x, self.svd_lowrank_l1, self.svd_lowrank_l2)
@@ -172,4 +182,5 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         group = "per_channel" if self.group_size is None else f"group_size={self.group_size}"
         lowrank = "" if self.svd_rank is None else f", svd_rank={self.svd_rank}"
-        return f"{self.scheme.value}, in={self.in_features}, out={self.out_features}, {group}{lowrank}"
+        rotated = "".join(f", {name}" for name in input_rotation(self))
+        return f"{self.scheme.value}, in={self.in_features}, out={self.out_features}, {group}{lowrank}{rotated}"

@@ -18,6 +18,7 @@ from msmodelslim.format.ascendv1.reader import (GLOBAL_KEYS, attention_entry, qu
                                                 tensors_by_layer)
 from msmodelslim.format.ascendv1.fa3 import check_fa3
 from msmodelslim.format.ascendv1.kv_cache import check_kv_cache
+from msmodelslim.format.ascendv1.rotation_check import check_online_rotations, rotation_tensor_names
 from msmodelslim.format.ascendv1.tensors import (FLOAT, decode_deq_scale, split_svd_tag, unpack_int4_int32,
                                                  unpack_int4_rows)
 from msmodelslim.format.findings import Finding
@@ -309,17 +310,22 @@ def check_ascendv1(
     if not tensors:
         err("no *.safetensors weights")
     entries = {k for k in description if k not in GLOBAL_KEYS and not attention_entry(k)}
-    for key in sorted(set(tensors) - entries)[:20]:
+    layers = quantized_layers(description)
+    rotations = rotation_tensor_names(tensors)  # written without an entry (protocol.md §4.4)
+    for key in sorted(set(tensors) - entries - rotations)[:20]:
         err(f"tensor {key} has no entry in the description")
     for key in sorted(entries - set(tensors))[:20]:
         err(f"description entry {key} has no tensor")
 
     model_dtype = config.get("dtype") or config.get("torch_dtype")
-    layers = quantized_layers(description)
     if {split_svd_tag(t)[0] for t in layers.values()} & MX_ELEMENT_BITS.keys() and description.get("group_size") != 32:
         err(f"description 'group_size' is {description.get('group_size')!r}; MX layers need 32 (their block size)")
+    in_features = {}
     for prefix, own in tensors_by_layer(tensors, layers).items():
         findings.extend(_check_linear(prefix, layers[prefix], own, model_dtype, expert_of(prefix) is not None))
+        shape = _layer_shape(split_svd_tag(layers[prefix])[0], own)
+        in_features[prefix] = None if shape is None else shape[1]
+    findings.extend(check_online_rotations(description, tensors, in_features))
     findings.extend(check_moe_experts(description))
     findings.extend(check_kv_cache(description, tensors))
     findings.extend(check_fa3(description, tensors))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from msmodelslim.ir.lowrank import LOWRANK_L1, LOWRANK_L2, check_lowrank_pair
+from msmodelslim.ir.online_rotation import ROTATION_TENSORS, check_rotation, input_rotation
 from msmodelslim.ir.quant_linear import CODE_DTYPE, DUAL_SCALE, MX_SCHEMES, QuantLinear
 from msmodelslim.ir.sparse_linear import W16A16S, SparseFloatLinear
 from msmodelslim.quantizer.float_formats import e8m0_to_scale, pack_fp4_pairs, scale_to_e8m0, unpack_fp4_pairs
@@ -90,10 +91,12 @@ def scale_bias(dequantized: torch.Tensor, row_parallel: bool) -> torch.Tensor:
 
 
 # ---- writer side -------------------------------------------------------------------------------------------
-def linear_tensors(ir: QuantLinear, model_dtype: torch.dtype, row_parallel: bool) -> dict[str, tuple[torch.Tensor, str]]:
-    """{suffix: (tensor, type tag)} for one quantized linear."""
+def linear_tensors(ir: QuantLinear, model_dtype: torch.dtype,
+                   row_parallel: bool) -> dict[str, tuple[torch.Tensor, str | None]]:
+    """{suffix: (tensor, type tag)} for one quantized linear; tag None for a tensor written without a description
+    entry (an online rotation)."""
     tag = ir.scheme.value
-    out: dict[str, tuple[torch.Tensor, str]] = {}
+    out: dict[str, tuple[torch.Tensor, str | None]] = {}
     zeros = torch.zeros_like(ir.weight_scale)
     if ir.scheme in (Scheme.W8A8, Scheme.W8A8_MIX, Scheme.W8A8S):  # W8A8S: the same tensors, sparse codes
         w_scale = ir.weight_scale[:, 0]
@@ -146,6 +149,8 @@ def linear_tensors(ir: QuantLinear, model_dtype: torch.dtype, row_parallel: bool
         out = {suffix: (tensor, t if t == FLOAT else svd_tag(t)) for suffix, (tensor, t) in out.items()}
         out[LOWRANK_L1] = (ir.svd_lowrank_l1.to(model_dtype), FLOAT)
         out[LOWRANK_L2] = (ir.svd_lowrank_l2.to(model_dtype), FLOAT)
+    for suffix, matrix in input_rotation(ir).items():  # float32, without a description entry (protocol.md §4.4)
+        out[suffix] = (matrix.float().contiguous(), None)
     return out
 
 
@@ -199,6 +204,16 @@ def linear_from_tensors(tag: str, t: dict[str, torch.Tensor]) -> QuantLinear | S
         check_lowrank_pair(l1, l2, ir.out_features, ir.in_features)
         ir.svd_lowrank_l1, ir.svd_lowrank_l2 = l1, l2
         return ir
+    ir = _linear_from_own_tensors(tag, t)
+    rotation = {name: t[name].float() for name in ROTATION_TENSORS if name in t}
+    if rotation:  # QuaRot's online rotation of the input, saved beside the layer's tensors
+        check_rotation(rotation, ir.in_features)
+        for name, matrix in rotation.items():
+            setattr(ir, name, matrix)
+    return ir
+
+
+def _linear_from_own_tensors(tag: str, t: dict[str, torch.Tensor]) -> QuantLinear:
     scheme = Scheme(TAG_ALIASES.get(tag, tag))
     bias = t.get("bias")
     if scheme == Scheme.W8A8FP8_DYNAMIC:

@@ -22,6 +22,7 @@ from msmodelslim.format.hf_files import copy_model_files, own_tensors, quantized
 from msmodelslim.format.shards import ShardStream
 from msmodelslim.ir.fa3 import FA3HeadQuant
 from msmodelslim.ir.lowrank import LowRankResidualLinear
+from msmodelslim.ir.online_rotation import input_rotation, unrotated_weight
 from msmodelslim.ir.kv_cache import KVCacheQuant
 from msmodelslim.ir.quant_linear import QuantLinear
 from msmodelslim.ir.sparse_linear import SparseFloatLinear
@@ -51,9 +52,11 @@ class DescribedTensors:
         self.dtype_for = dtype_for
         self.description: dict[str, str] = {}
 
-    def add(self, name: str, tensor: torch.Tensor, tag: str) -> None:
+    def add(self, name: str, tensor: torch.Tensor, tag: str | None) -> None:
+        """tag None: a tensor the format writes without a description entry (online QuaRot's rotations)."""
         self.shards.add(name, tensor)
-        self.description[name] = tag
+        if tag is not None:
+            self.description[name] = tag
 
     def add_float(self, name: str, tensor: torch.Tensor) -> None:
         dtype = self.dtype_for(name) if tensor.is_floating_point() else tensor.dtype
@@ -114,8 +117,11 @@ class AscendV1Writer(DescribedTensors):
                 for suffix, (tensor, tag) in tensors.items():
                     self.add(f"{name}.{suffix}", tensor, tag)
                 continue
-            if isinstance(module, LowRankResidualLinear):  # split by svd_res but never quantized: W = R + l2·l1
-                self.add_float(f"{name}.weight", module.folded_weight())
+            if isinstance(module, LowRankResidualLinear) or input_rotation(module):
+                # a float layer whose tensors are not its function: split by svd_res (W = R + l2·l1) or rotated
+                # online (W·Tᵀ) but never quantized; written as the plain layer it computes
+                weight = module.folded_weight() if isinstance(module, LowRankResidualLinear) else module.weight
+                self.add_float(f"{name}.weight", unrotated_weight(module, weight))
                 if module.bias is not None:
                     self.add_float(f"{name}.bias", module.bias)
                 continue
@@ -150,7 +156,7 @@ class AscendV1Writer(DescribedTensors):
         description.update({
             "version": "1.0.0",
             "model_quant_type": model_quant_type,
-            "metadata": {},
+            "metadata": edits.metadata,
             "group_size": next(iter(self.group_sizes), 0),
             "optional": edits.optional,
         })

@@ -21,6 +21,7 @@ from msmodelslim.format.compressed_tensors.tensors import linear_tensors, quanti
 from msmodelslim.format.edits import OutputEdits
 from msmodelslim.format.hf_files import copy_model_files, own_tensors, quantized_and_float_modules, write_extra_files
 from msmodelslim.format.shards import ShardStream
+from msmodelslim.ir.online_rotation import input_rotation
 from msmodelslim.ir.kv_cache import FP8KVCacheQuant, KVCacheQuant
 from msmodelslim.ir.quant_linear import QuantLinear
 
@@ -68,6 +69,11 @@ class CompressedTensorsWriter:
                                     "branch (SVDQuant's svd_lowrank_l1/l2), and compressed-tensors no such tensors; "
                                     "save with ascendv1_saver, or remove svd_res"}
 
+    # quarot with online: true (checked by app/quantize_checks.py beside UNSUPPORTED_STEPS).
+    UNSUPPORTED_ONLINE_ROTATION = ("vLLM's compressed-tensors schemes do not rotate a layer's input at run time with "
+                                   "saved heads_rotation / kronecker_rotation_m/n matrices; save with ascendv1_saver, "
+                                   "or use quarot with online: false")
+
     # KV-cache dtypes (dynamic_cache qconfig) this format cannot hold: only vLLM's FP8 per-tensor cache.
     UNSUPPORTED_KV_CACHE = {"int8": C8_REASON}
 
@@ -93,6 +99,9 @@ class CompressedTensorsWriter:
                 if module.svd_rank is not None:  # never silently without its low-rank branch
                     raise UnsupportedError(f"{name}: svd_res cannot be saved as compressed_tensors: "
                                            f"{self.UNSUPPORTED_STEPS['svd_res']}")
+                if input_rotation(module):
+                    raise UnsupportedError(f"{name}: quarot online cannot be saved as compressed_tensors: "
+                                           f"{self.UNSUPPORTED_ONLINE_ROTATION}")
                 weights, act, fmt = quantization_args(module)
                 key = json.dumps([weights.model_dump(mode="json"), act and act.model_dump(mode="json"), fmt])
                 if key not in self.groups:

@@ -1,6 +1,6 @@
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 def _power_of_two(n: int) -> bool:
@@ -8,7 +8,8 @@ def _power_of_two(n: int) -> bool:
 
 
 class QuaRotConfig(BaseModel):
-    """`type: quarot`: offline random-Hadamard rotation of the residual stream and of the attention values."""
+    """`type: quarot`: offline random-Hadamard rotation of the residual stream and of the attention values; with
+    online: true also the run-time rotations of o_proj's and (in the listed layers) down_proj's inputs (online.py)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -16,23 +17,22 @@ class QuaRotConfig(BaseModel):
     online: bool = False
     block_size: int = Field(-1, description="-1 rotates the whole hidden size; a power of 2 rotates blocks")
     down_proj_online_layers: list[int] = Field(default_factory=list)
-    max_tp_size: int = Field(4, description="only used by online rotations")
+    max_tp_size: int = Field(4, description="online rotations stay inside each of up to this many tensor-parallel "
+                                            "shards")
     export_extra_info: bool = Field(True, description="write optional/quarot.safetensors (the rotation)")
     seed: int = Field(0, ge=0, description="seed of the random Hadamard signs (this project's addition)")
 
-    @field_validator("online")
-    @classmethod
-    def _offline_only(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("online: true is not implemented: online rotations need kernels that vLLM-Ascend "
-                             "does not run; use the offline rotation (online: false)")
-        return value
+    @model_validator(mode="after")
+    def _online_layers_need_online(self) -> "QuaRotConfig":
+        if self.down_proj_online_layers and not self.online:
+            raise ValueError("down_proj_online_layers rotates down_proj's input at run time, which needs online: true")
+        return self
 
     @field_validator("down_proj_online_layers")
     @classmethod
-    def _no_online_layers(cls, value: list[int]) -> list[int]:
-        if value:
-            raise ValueError("down_proj_online_layers needs online rotations, which are not implemented")
+    def _layer_indices(cls, value: list[int]) -> list[int]:
+        if any(i < 0 for i in value) or len(set(value)) != len(value):
+            raise ValueError("must list distinct decoder layer indices (0, 1, ...)")
         return value
 
     @field_validator("block_size")

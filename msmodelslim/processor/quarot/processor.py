@@ -13,6 +13,9 @@ Outlier channels of the residual stream are spread over all channels, so the act
 gate/up (and q_a/kv_a, the experts) and o_proj quantize with far less error. The float model's output is
 unchanged. Where in a block this applies is the family's `RotationStructure` (model/rotation.py).
 
+With `online: true`, o_proj's and (in `down_proj_online_layers`) down_proj's inputs are also rotated at run time
+(online.py); those rotations travel with the layers into the saved checkpoint.
+
 With tied embeddings, step 1 changes lm_head but not the embedding, so the output unties them: lm_head.weight
 is written on its own and config.json gets tie_word_embeddings: false. A multi-token-prediction layer, which
 the model does not build, is rotated by `rotate_mtp` (mtp.py) from its checkpoint tensors.
@@ -33,9 +36,11 @@ from msmodelslim.format.edits import OutputEdits
 from msmodelslim.model.passthrough import MTP, PassThroughGroup
 from msmodelslim.model.rotation import StreamMtpRotation
 from msmodelslim.processor.base import Processor, ProcessorContext, register_processor
+from msmodelslim.ir.online_rotation import attach_rotation
 from msmodelslim.processor.quarot import mtp, rotate
 from msmodelslim.processor.quarot.config import QuaRotConfig
 from msmodelslim.processor.quarot.hadamard import block_diagonal, random_rotation
+from msmodelslim.processor.quarot.online import OnlineSites, plan_online_sites
 from msmodelslim.processor.quarot.rotate import ValueHeads
 
 log = get_logger("quarot")
@@ -76,6 +81,7 @@ class QuaRotProcessor(Processor):
         self.final_gain: torch.Tensor | None = None  # the final norm's weight before folding (for the MTP layer)
         self.pending_writers: list[str] = []  # outside writers in a block not read at prepare_model
         self.block_names: Optional[list[str]] = None  # the walk's blocks, known once check_model ran
+        self.online = OnlineSites()  # planned by check_model when config.online
 
     def _value_heads(self, layout: str) -> ValueHeads:
         """Where the value heads sit, from the adapter's attention shape (GQA) or MLA shape."""
@@ -121,6 +127,15 @@ class QuaRotProcessor(Processor):
                         f"quarot: {block_name}.{name} ({type(module).__name__}) reads the hidden size {hidden} but "
                         f"adapter {self.context.adapter_name}'s RotationStructure lists it neither as a reader nor "
                         f"as a writer; rotating the residual stream would break it")
+        if self.config.online:
+            heads = {h.output: self.value_heads[h.layout].output_heads for h in s.heads}
+            if not heads:
+                log.warning("quarot: adapter %s describes no value-head rotation, so no o_proj is rotated online",
+                            self.context.adapter_name)
+            self.online = plan_online_sites(model, block_names, self.context.structure, heads,
+                                            self.config.down_proj_online_layers, self.config.max_tp_size,
+                                            self.config.seed, self.context.scheme_of)
+            log.info("quarot online: %s", self.online.summary())
 
     def _outside_writers(self, model: nn.Module, hidden: int) -> list[str]:
         """The linears outside the decoder layers that write into the residual stream (a VLM's vision merger), each
@@ -200,6 +215,9 @@ class QuaRotProcessor(Processor):
                     raise ProcessingError(f"quarot: {block_name}.{name} is already quantized; put quarot first in "
                                           f"spec.process")
         rotate.rotate_block(dict(block.named_parameters()), s, self.q, self._head_rotations())
+        for name, rotation in self.online.rotations.items():
+            if name.startswith(block_name + "."):
+                attach_rotation(block.get_submodule(name[len(block_name) + 1 :]), rotation)
 
     def _rotate_pending_writers(self, block_name: str, block: nn.Module) -> None:
         """The outside writers inside `block` that prepare_model found unread, now that the block is read."""
@@ -249,4 +267,6 @@ class QuaRotProcessor(Processor):
         if self.config.export_extra_info and self.q is not None:
             edits.files[ROTATION_FILE] = {"global_rotation": self.q.contiguous()}
             edits.optional["quarot"] = {"rotation_map": {"global_rotation": ROTATION_FILE}}
+        if self.online.rotations:
+            edits.metadata["quarot"] = self.online.metadata(self.config.max_tp_size)
         return edits

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from msmodelslim.core.errors import ProcessingError
+from msmodelslim.ir.online_rotation import input_rotation
 from msmodelslim.model.interface import AttentionShape, MlaShape
 
 EPS = 1e-5
@@ -68,6 +70,10 @@ def divide_source(source: torch.nn.Module, s: torch.Tensor, norm_offset: float =
 
 @torch.no_grad()
 def multiply_targets(targets: list[torch.nn.Linear], s: torch.Tensor) -> None:
-    """W[:, j] *= s_j for every consumer of X."""
+    """W[:, j] *= s_j for every consumer of X. A linear behind an online rotation reads T·X, not X: refused (the plan
+    refuses such a pipeline first, app/quantize_checks.py)."""
     for linear in targets:
+        if input_rotation(linear):
+            raise ProcessingError(f"a {type(linear).__name__} rotated online by quarot cannot be smoothed afterwards: "
+                                  f"its input is rotated; put the smoothing step before quarot")
         linear.weight.mul_(s.to(linear.weight.dtype).unsqueeze(0))

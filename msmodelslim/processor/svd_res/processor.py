@@ -28,6 +28,7 @@ from torch import nn
 from msmodelslim.core.errors import ConfigError, ProcessingError
 from msmodelslim.core.logging import get_logger
 from msmodelslim.ir.lowrank import LowRankResidualLinear
+from msmodelslim.ir.online_rotation import attach_rotation, input_rotation
 from msmodelslim.processor.base import Processor, ProcessorContext, register_processor
 from msmodelslim.processor.matching import select
 from msmodelslim.processor.svd_res.config import SvdResConfig
@@ -131,6 +132,9 @@ class SvdResProcessor(Processor):
             residual, l1, l2 = svd_split(linear.weight, self.config.rank)
             bias = None if linear.bias is None else linear.bias.detach()
             split = LowRankResidualLinear(residual, bias, l1, l2)
+            rotation = input_rotation(linear)
+            if rotation:  # behind quarot's online rotation: the split is of W·Tᵀ and reads T·x too
+                attach_rotation(split, rotation, rotate_weight=False)
             parent_name, _, child = relative.rpartition(".")
             setattr(block.get_submodule(parent_name) if parent_name else block, child, split)
             log.debug("%s: rank-%d part kept in float, |R|/|W| = %.4f", name, self.config.rank,
