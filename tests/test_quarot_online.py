@@ -92,6 +92,18 @@ def test_kronecker_factors_are_the_cheapest_shard_local_hadamard_split(size, tp)
     assert not bool(r_m[mask == 0].any())
 
 
+def test_with_a_block_size_the_down_proj_rotation_is_block_diagonal():
+    r_m, r_n = kronecker_rotation(96, 4, seed=0, block_size=32)
+    assert torch.equal(r_m, torch.eye(3)) and r_n.shape == (32, 32)
+    x = torch.randn(2, 96, dtype=torch.float64)
+    rotated = rotate_input(x, {KRONECKER_M: r_m.double(), KRONECKER_N: r_n.double()})
+    for block in range(3):  # each block of 32 channels rotated by R_n alone
+        part = slice(32 * block, 32 * block + 32)
+        assert torch.allclose(rotated[:, part], x[:, part] @ r_n.double(), atol=1e-12)
+    with pytest.raises(UnsupportedError, match="block_size 64 does not divide down_proj's input size 96"):
+        kronecker_rotation(96, 1, seed=0, block_size=64)
+
+
 def test_heads_rotation_stays_inside_shards_and_refuses_heads_that_do_not_split():
     r = heads_rotation(8, 2, seed=0)
     assert torch.allclose(r.double() @ r.double().T, torch.eye(8, dtype=torch.float64), atol=1e-6)

@@ -15,7 +15,9 @@ Exact in float (ir/online_rotation.py). Both inputs are split across tensor-para
 a rotation must not mix channels of different shards: the heads rotation is block-diagonal over `max_tp_size`
 groups of heads, and R_m block-diagonal over `max_tp_size` groups of rows of the [m, n] view (each shard holds m/tp
 rows). Each block is a random-signed Hadamard matrix where one of its order is known (a random orthogonal one
-otherwise, logged). m and n are chosen to keep the run-time cost m/tp + n per element small.
+otherwise, logged). m and n are chosen to keep the run-time cost m/tp + n per element small. With quarot's
+`block_size` b > 0 the down_proj rotation is block-diagonal in blocks of b instead (R_m = I, R_n of order b), like
+the offline rotation of the residual.
 
 Only layers a later step quantizes are rotated: a float layer gains nothing. vLLM-Ascend's released W4A4 schemes do
 not load these tensors (formats.md A.3, A.8 item 10); our reader and `msmodelslim eval` apply them.
@@ -32,6 +34,7 @@ from msmodelslim.core.errors import UnsupportedError
 from msmodelslim.core.logging import get_logger
 from msmodelslim.ir.online_rotation import HEADS_ROTATION, KRONECKER_M, KRONECKER_N
 from msmodelslim.model.interface import EVERY_EXPERT, ModelStructure
+from msmodelslim.processor.quarot.config import QuaRotConfig
 from msmodelslim.processor.quarot.hadamard import block_diagonal, hadamard, random_rotation
 from msmodelslim.processor.quarot.rotate import matching
 
@@ -71,8 +74,15 @@ def kronecker_factors(size: int, max_tp_size: int) -> tuple[int, int]:
     return min(candidates, key=cost)
 
 
-def kronecker_rotation(size: int, max_tp_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(R_m, R_n) for an input of `size`: R_m block-diagonal over the shards."""
+def kronecker_rotation(size: int, max_tp_size: int, seed: int, block_size: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R_m, R_n) for an input of `size`: R_m block-diagonal over the shards. block_size b > 0 (quarot's block_size):
+    R_m = I and R_n of order b, i.e. a block-diagonal rotation in blocks of b consecutive channels, as the offline
+    rotation of the residual then is (one MX block each with b = 32)."""
+    if block_size > 0:
+        if size % block_size:
+            raise UnsupportedError(f"quarot online: block_size {block_size} does not divide down_proj's input size "
+                                   f"{size}")
+        return torch.eye(size // block_size), _rotation_blocks(block_size, 1, seed + 1, "Kronecker rotation (n)")
     m, n = kronecker_factors(size, max_tp_size)
     return (_rotation_blocks(m // max_tp_size, max_tp_size, seed, "Kronecker rotation (m)"),
             _rotation_blocks(n, 1, seed + 1, "Kronecker rotation (n)"))
@@ -114,11 +124,12 @@ def _layer_index(block_name: str) -> int | None:
 
 
 def plan_online_sites(model: nn.Module, block_names: list[str], structure: ModelStructure,
-                      head_outputs: dict[str, int], down_proj_layers: list[int], max_tp_size: int, seed: int,
+                      head_outputs: dict[str, int], config: QuaRotConfig,
                       scheme_of: Callable[[str], object]) -> OnlineSites:
     """On the empty model: which linears rotate online and with what. head_outputs: {o_proj pattern (relative to a
     block): its number of heads}. Refuses (UnsupportedError) a layer index the model lacks, a listed layer without
     a dense down_proj, and shapes that do not split into max_tp_size shards, before any weight is read."""
+    down_proj_layers, max_tp_size, seed = config.down_proj_online_layers, config.max_tp_size, config.seed
     layers = {_layer_index(b): b for b in block_names if structure.is_decoder_layer(b)}
     unknown = sorted(set(down_proj_layers) - layers.keys())
     if unknown:
@@ -150,7 +161,7 @@ def plan_online_sites(model: nn.Module, block_names: list[str], structure: Model
                 continue
             size = modules[name].in_features
             if size not in kronecker_matrices:
-                kronecker_matrices[size] = kronecker_rotation(size, max_tp_size, seed + 3)
+                kronecker_matrices[size] = kronecker_rotation(size, max_tp_size, seed + 3, config.block_size)
             m, n = kronecker_matrices[size]
             sites.rotations[f"{block_name}.{name}"] = {KRONECKER_M: m, KRONECKER_N: n}
     return sites

@@ -132,9 +132,8 @@ class QuaRotProcessor(Processor):
             if not heads:
                 log.warning("quarot: adapter %s describes no value-head rotation, so no o_proj is rotated online",
                             self.context.adapter_name)
-            self.online = plan_online_sites(model, block_names, self.context.structure, heads,
-                                            self.config.down_proj_online_layers, self.config.max_tp_size,
-                                            self.config.seed, self.context.scheme_of)
+            self.online = plan_online_sites(model, block_names, self.context.structure, heads, self.config,
+                                            self.context.scheme_of)
             log.info("quarot online: %s", self.online.summary())
 
     def _outside_writers(self, model: nn.Module, hidden: int) -> list[str]:
