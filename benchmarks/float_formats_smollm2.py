@@ -42,15 +42,20 @@ def scheme_steps(name: str) -> list[dict]:
     """A scheme of smollm2_accuracy.py by name, or a variant of one: a trailing `+ao` sets GPTQ's
     `act_order: true` (columns by decreasing Hessian diagonal, llm-compressor's default), a leading `quarot<n>+`
     rotates in blocks of n (`block_size: n`, e.g. 32 = one MX block) instead of the whole hidden size; `quarot+<scheme>`
-    puts the rotation before any scheme, `awq+<scheme>` AWQ scored with the scheme's weight format (round to
-    nearest) before a weight-only scheme."""
+    puts the rotation before any scheme, `quarot_online+<scheme>` (or `quarot<n>_online+`) adds the online rotations
+    of o_proj's and every down_proj's input (max_tp_size 1: SmolLM2's 9 heads split into no power of 2 above 1),
+    `awq+<scheme>` AWQ scored with the scheme's weight format (round to nearest) before a weight-only scheme."""
     base, act_order = name.removesuffix("+ao"), name.endswith("+ao")
     block = None
     head, _, rest = base.partition("+")
-    if head.startswith("quarot") and head[len("quarot"):].isdigit():
-        block, base = int(head[len("quarot"):]), "quarot+" + rest
+    online = "_online" if head.endswith("_online") else ""
+    if head.startswith("quarot") and head[len("quarot"):].removesuffix(online).isdigit():  # quarot32+, quarot32_online+
+        block, base = int(head[len("quarot"):].removesuffix(online)), f"quarot{online}+" + rest
     if base not in SCHEMES and base.startswith("quarot+"):  # any scheme behind the whole-size rotation
         steps = copy.deepcopy([{"type": "quarot"}, *SCHEMES[base.removeprefix("quarot+")]])
+    elif base.startswith("quarot_online+"):  # SmolLM2-135M has 30 decoder layers
+        online = {"type": "quarot", "online": True, "down_proj_online_layers": list(range(30)), "max_tp_size": 1}
+        steps = copy.deepcopy([online, *SCHEMES[base.removeprefix("quarot_online+")]])
     elif base not in SCHEMES and base.startswith("awq+"):  # AWQ scored with the scheme's own weight format
         steps = copy.deepcopy(SCHEMES[base.removeprefix("awq+")])
         weight = next(s["qconfig"]["weight"] for s in steps if s.get("type") == "linear_quant")
@@ -88,13 +93,31 @@ def load_nvfp4(out: Path, model_dir: Path):
     return model
 
 
-def load_compressed_tensors_transformers(out: Path):
-    """A compressed-tensors checkpoint (NVFP4 or MX) as transformers loads it, weights decompressed."""
+def load_compressed_tensors_transformers(out: Path, dequantize: bool = True):
+    """A compressed-tensors checkpoint as transformers loads it. dequantize=True: plain nn.Linear layers holding the
+    decompressed weights, inputs never quantized. dequantize=False: compressed-tensors' quantized forward, which
+    decompresses the weights on the first call and quantizes each input as input_activations says (per token for
+    FP8, blocks of 32 for MX)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils.quantization_config import CompressedTensorsConfig
 
     return AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, local_files_only=True,
-                                                quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
+                                                quantization_config=CompressedTensorsConfig(dequantize=dequantize)
+                                                ).eval()
+
+
+def without_activation_quantization(model):
+    """Our reader's model with every QuantLinear's run-time input quantization switched off, the weights as read:
+    what transformers computes for a compressed-tensors checkpoint loaded with dequantize=True (plain nn.Linear
+    layers holding the decompressed weights; no input quantization, whatever input_activations says)."""
+    from msmodelslim.ir.quant_linear import QuantLinear
+
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert layers, "the model holds no QuantLinear"
+    for layer in layers:
+        layer.quantize_input = lambda x: x  # an instance attribute: shadows the method for this layer only
+    return model
+
 
 OURS = ("fp8_dynamic,fp8_dynamic_gptq,sq0.5+fp8_dynamic,w8a8_mxfp8,w8a8_mxfp8_mse_round,w8a8_mxfp8_gptq,"
         "w4a16_mxfp4,w4a16_mxfp4_ceil_x,w4a16_mxfp4_gptq,w4a4_mxfp4,w4a4_mxfp4_gptq,quarot+w4a4_mxfp4,"
@@ -119,6 +142,14 @@ def main() -> None:
     parser.add_argument("--order", default=None,
                         help="comma-separated runs in the order to make them, each ours:<scheme> or peer:<recipe> "
                              "(replaces --ours/--peers; the most wanted first, so a cut-short run still has them)")
+    parser.add_argument("--float_act_reader", action="store_true",
+                        help="for <scheme>+ct runs, also score our reader with activations left float, as transformers "
+                             "runs a compressed-tensors checkpoint loaded with dequantize=True")
+    parser.add_argument("--ct_runtime", action="store_true",
+                        help="for <scheme>+ct runs with quantized activations, also score transformers with "
+                             "dequantize=False (compressed-tensors quantizes the inputs at run time); FP8 only: "
+                             "for MX it stops on the first forward, compressed-tensors 0.20.1 decompressing the "
+                             "weights to bf16 under a float32 model (F.linear: float != BFloat16)")
     args = parser.parse_args()
     args.work_dir.mkdir(parents=True, exist_ok=True)
     model_dir, eval_path, windows, float_ppl, calib = protocol(args.work_dir, args.windows, args.calib_windows,
@@ -141,8 +172,20 @@ def main() -> None:
         if nvfp4 or both:
             transformers_model = load_compressed_tensors_transformers(out / "compressed_tensors" if both else out)
             loaded = perplexity(transformers_model, windows, torch.device("cpu"), name).perplexity
-            print(f"msmodelslim {name} as transformers loads it (bf16-rounded weights): ppl {loaded:.4f} "
+            print(f"msmodelslim {name} as transformers loads it (weights decompressed, inputs float): ppl {loaded:.4f} "
                   f"({(loaded / ppl - 1) * 100:+.3f} % against our reader)", flush=True)
+            quantized_act = any("act" in step.get("qconfig", {}) for step in scheme_steps(scheme))
+            if both and quantized_act and args.float_act_reader:  # like for like: our reader, float inputs
+                plain = perplexity(without_activation_quantization(load_ascendv1(ours)), windows,
+                                   torch.device("cpu"), name).perplexity
+                print(f"msmodelslim {name} by our reader with float activations: ppl {plain:.4f} (transformers "
+                      f"{(loaded / plain - 1) * 100:+.3f} % against it)", flush=True)
+            if both and quantized_act and args.ct_runtime:  # like for like: transformers, quantized inputs
+                runtime = perplexity(load_compressed_tensors_transformers(out / "compressed_tensors", dequantize=False),
+                                     windows, torch.device("cpu"), name).perplexity
+                print(f"msmodelslim {name} as transformers runs it with dequantize=False (inputs quantized by "
+                      f"compressed-tensors): ppl {runtime:.4f} ({(runtime / ppl - 1) * 100:+.3f} % against our reader)",
+                      flush=True)
         print(f"msmodelslim {name}: ppl {ppl:.4f} (x{ppl / float_ppl:.4f}), {seconds:.1f} s, {rss:.0f} MiB", flush=True)
         table.append(("msmodelslim", name, ppl, seconds, rss))
 

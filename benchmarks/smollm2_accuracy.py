@@ -174,6 +174,7 @@ SCHEMES.update({
 ACT_INT4 = {**DYNAMIC, "dtype": "int4"}
 SCHEMES.update({
     "w4a4_int": [linear({"act": ACT_INT4, "weight": WEIGHT_INT4})],
+    "w4a4_int_gptq": [linear({"act": ACT_INT4, "weight": {**WEIGHT_INT4, "method": "gptq"}})],
     "quarot+w4a4_int": [QUAROT, linear({"act": ACT_INT4, "weight": WEIGHT_INT4})],
     "quarot+w4a4_int_gptq": [QUAROT, linear({"act": ACT_INT4, "weight": {**WEIGHT_INT4, "method": "gptq"}})],
 })
