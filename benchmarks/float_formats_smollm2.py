@@ -36,6 +36,7 @@ NVFP4 = {"dtype": "nvfp4", "scope": "per_block", "symmetric": True, "method": "m
 NVFP4_SCHEMES = {"w4a16_nvfp4": [linear({"weight": NVFP4})],
                  "w4a16_nvfp4_gptq": [linear({"weight": {**NVFP4, "method": "gptq"}})]}
 SCHEMES.update(NVFP4_SCHEMES)
+SVD_RES = {"type": "svd_res", "rank": 32, "exclude": ["lm_head"]}
 
 
 def scheme_steps(name: str) -> list[dict]:
@@ -44,6 +45,7 @@ def scheme_steps(name: str) -> list[dict]:
     rotates in blocks of n (`block_size: n`, e.g. 32 = one MX block) instead of the whole hidden size; `quarot+<scheme>`
     puts the rotation before any scheme, `quarot_online+<scheme>` (or `quarot<n>_online+`) adds the online rotations
     of o_proj's and every down_proj's input (max_tp_size 1: SmolLM2's 9 heads split into no power of 2 above 1),
+    optionally followed by `svd_res+` (rank 32),
     `awq+<scheme>` AWQ scored with the scheme's weight format (round to nearest) before a weight-only scheme."""
     base, act_order = name.removesuffix("+ao"), name.endswith("+ao")
     block = None
@@ -55,7 +57,9 @@ def scheme_steps(name: str) -> list[dict]:
         steps = copy.deepcopy([{"type": "quarot"}, *SCHEMES[base.removeprefix("quarot+")]])
     elif base.startswith("quarot_online+"):  # SmolLM2-135M has 30 decoder layers
         online = {"type": "quarot", "online": True, "down_proj_online_layers": list(range(30)), "max_tp_size": 1}
-        steps = copy.deepcopy([online, *SCHEMES[base.removeprefix("quarot_online+")]])
+        rest = base.removeprefix("quarot_online+")
+        svd = [SVD_RES] if rest.startswith("svd_res+") else []  # SVDQuant's rank-32 float branch behind the rotation
+        steps = copy.deepcopy([online, *svd, *SCHEMES[rest.removeprefix("svd_res+")]])
     elif base not in SCHEMES and base.startswith("awq+"):  # AWQ scored with the scheme's own weight format
         steps = copy.deepcopy(SCHEMES[base.removeprefix("awq+")])
         weight = next(s["qconfig"]["weight"] for s in steps if s.get("type") == "linear_quant")

@@ -204,9 +204,9 @@ def autocast_in_hooks(monkeypatch):
     seen = {"smoothing": [], "hessian": []}
     real_update, real_accumulate = InputStats.update, linear_quant_processor.accumulate_hessian
 
-    def update(self, x, keep_samples):
+    def update(self, x):
         seen["smoothing"].append(torch.is_autocast_enabled("cpu"))
-        return real_update(self, x, keep_samples)
+        return real_update(self, x)
 
     def accumulate(hessian, tokens, x):
         seen["hessian"].append((torch.is_autocast_enabled("cpu"), x.dtype))

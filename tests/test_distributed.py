@@ -101,9 +101,9 @@ def _merge_worker(collective: Collective) -> dict:
     record = InputRecord(collect_hessian=True, sample=RowSample(stride=2))
     record.update(x)
     record.merge(collective, 4)
-    stats = InputStats()
-    stats.update(x, keep_samples=True)
-    stats.merge(collective, 4, keep_samples=True)
+    stats = InputStats(keep_mean=True, keep_samples=True)
+    stats.update(x)
+    stats.merge(collective, 4)
     return {"min": observer.min, "max": observer.max, "hessian": record.hessian, "tokens": record.tokens,
             "sample": record.sample.take(100), "absmax": stats.absmax, "abs_mean": stats.abs_mean,
             "stat_rows": stats.samples(100), "gathered": collective.gather_rows(x), "sum": collective.sum(x.sum(0))}

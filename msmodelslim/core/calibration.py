@@ -64,12 +64,12 @@ class ChannelRange:
         return cls(torch.full((features,), float("inf")), torch.full((features,), float("-inf")))
 
     def update(self, x: torch.Tensor) -> None:
-        flat = x.detach().reshape(-1, x.shape[-1]).float()
+        flat = x.detach().reshape(-1, x.shape[-1])  # reduced in its own dtype, then widened (exact, no full copy)
         if self.min.device != flat.device:  # kept where the activations are: no copy per batch
             self.min, self.max = self.min.to(flat.device), self.max.to(flat.device)
         if len(flat):
-            torch.minimum(self.min, flat.amin(dim=0), out=self.min)
-            torch.maximum(self.max, flat.amax(dim=0), out=self.max)
+            torch.minimum(self.min, flat.amin(dim=0).float(), out=self.min)
+            torch.maximum(self.max, flat.amax(dim=0).float(), out=self.max)
 
     @property
     def seen(self) -> bool:

@@ -92,10 +92,10 @@ class OnDitBlocks(SubgraphSmoother):
 
     # ---- calibration: what the first target receives ------------------------------------------------------
     def before_forward(self, block_name: str, block: nn.Module) -> None:
-        self._block = [(graph, InputStats()) for graph in self._chosen(block_name, block)]
+        self._block = [(graph, self.new_stats()) for graph in self._chosen(block_name, block)]
         for graph, stats in self._block:
             self._hooks.append(block.get_submodule(graph.targets[0]).register_forward_pre_hook(
-                lambda _m, args, s=stats: s.update(args[0], self.keep_samples)))
+                lambda _m, args, s=stats: s.update(args[0])))
 
     def _fold(self, block: nn.Module, graph: BlockSubgraph, targets: list[nn.Module], s: torch.Tensor) -> None:
         if graph.source != NON_FUSION:

@@ -14,7 +14,9 @@ class MinMaxObserver:
         self.max: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor) -> None:
-        self.update_range(x.detach().float().amin(), x.detach().float().amax())
+        # reduced in x's own dtype, then widened: the same float32 values without two full-size float32 copies
+        x = x.detach()
+        self.update_range(x.amin().float(), x.amax().float())
 
     def update_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         """Widen the range by [lo, hi] (0-dim float32), e.g. by the extremes of per-channel ranges."""

@@ -41,6 +41,8 @@ log = get_logger("flex_awq_ssz")
 
 
 class _ActivationAwareSmoother(ScoredSmoother):
+    keep_mean = True  # the scales start from mean |X_j|
+
     def __init__(self, config, context, assumed: LinearQConfig) -> None:
         super().__init__(config, context)
         self.assumed = assumed

@@ -30,29 +30,36 @@ log = get_logger("smoothing")
 class InputStats:
     """What one subgraph's input looked like over the calibration forward."""
 
+    keep_mean: bool = False  # also Σ |X_j| (AWQ's mean |X_j|): a float64 sum, the costliest statistic here
+    keep_samples: bool = False  # also token rows (the scored smoothers)
     absmax: Optional[torch.Tensor] = None  # max |X_j| per input channel, float32
-    abs_sum: Optional[torch.Tensor] = None  # Σ |X_j| over tokens, float64 (AWQ uses the mean)
+    abs_sum: Optional[torch.Tensor] = None  # Σ |X_j| over tokens, float64 (only with keep_mean)
     tokens: int = 0
-    sample: RowSample = field(default_factory=RowSample)  # token rows (only when keep_samples)
+    sample: RowSample = field(default_factory=RowSample)  # token rows (only with keep_samples)
 
-    def update(self, x: torch.Tensor, keep_samples: bool) -> None:
-        flat = x.detach().reshape(-1, x.shape[-1]).float()
-        magnitude = flat.abs()
-        absmax, abs_sum = magnitude.amax(dim=0), magnitude.sum(dim=0, dtype=torch.float64)
+    def update(self, x: torch.Tensor) -> None:
+        flat = x.detach().reshape(-1, x.shape[-1])
+        # max |x| = max(max x, -min x), reduced in x's own dtype: no full-size float32 |x| copy
+        absmax = torch.maximum(flat.amax(dim=0).float(), flat.amin(dim=0).float().neg())
         self.absmax = absmax if self.absmax is None else torch.maximum(self.absmax, absmax)
-        self.abs_sum = abs_sum if self.abs_sum is None else self.abs_sum + abs_sum
+        if self.keep_mean:
+            abs_sum = flat.float().abs().sum(dim=0, dtype=torch.float64)
+            self.abs_sum = abs_sum if self.abs_sum is None else self.abs_sum + abs_sum
         self.tokens += len(flat)
-        if keep_samples:
-            self.sample.add(flat)
+        if self.keep_samples:
+            self.sample.add(flat.float())
 
-    def merge(self, collective, features: int, keep_samples: bool) -> None:
+    def merge(self, collective, features: int) -> None:
         """dp_layer_wise: combine with the other ranks' statistics of the same subgraph input."""
         absmax = self.absmax if self.absmax is not None else torch.zeros(features)
-        abs_sum = self.abs_sum if self.abs_sum is not None else torch.zeros(features, dtype=torch.float64)
         self.tokens = collective.sum_int(self.tokens)
-        absmax, abs_sum = collective.max(absmax), collective.sum(abs_sum)
-        self.absmax, self.abs_sum = (absmax, abs_sum) if self.tokens else (None, None)
-        if keep_samples:
+        absmax = collective.max(absmax)
+        self.absmax = absmax if self.tokens else None
+        if self.keep_mean:
+            abs_sum = self.abs_sum if self.abs_sum is not None else torch.zeros(features, dtype=torch.float64)
+            abs_sum = collective.sum(abs_sum)
+            self.abs_sum = abs_sum if self.tokens else None
+        if self.keep_samples:
             self.sample.merge(collective, features)
 
     @property
@@ -72,6 +79,7 @@ class SubgraphSmoother(Processor):
     # Subgraph kinds in the order they are smoothed within a block (a later kind sees earlier changes).
     order: tuple[str, ...] = ("norm-linear", "linear-linear", "ov", "up-down")
     keep_samples = False
+    keep_mean = False  # AWQ's scaling needs mean |X_j| too
 
     def __init__(self, config, context: ProcessorContext) -> None:
         self.config = config
@@ -105,7 +113,7 @@ class SubgraphSmoother(Processor):
 
     @property
     def range_statistics(self) -> bool:
-        return not self.keep_samples  # max |X_j| (and Σ|X_j|, unused then) only; samples are not extremes
+        return not (self.keep_samples or self.keep_mean)  # max |X_j| only; samples and sums are not extremes
 
     @property
     def _asked_for_kinds(self) -> bool:
@@ -191,15 +199,18 @@ class SubgraphSmoother(Processor):
         """A subclass's plan-time check of one chosen subgraph (on the empty model)."""
 
     # ---- calibration ------------------------------------------------------------------------------------
+    def new_stats(self) -> InputStats:
+        return InputStats(keep_mean=self.keep_mean, keep_samples=self.keep_samples)
+
     def before_forward(self, block_name: str, block: nn.Module) -> None:
-        self._block = [(graph, InputStats()) for graph in self._chosen(block_name, block)]
+        self._block = [(graph, self.new_stats()) for graph in self._chosen(block_name, block)]
         for graph, stats in self._block:
             if graph.kind in ("norm-linear", "linear-linear"):  # the source's output is the targets' input
                 self._hooks.append(block.get_submodule(graph.source).register_forward_hook(
-                    lambda _m, _args, out, s=stats: s.update(out, self.keep_samples)))
+                    lambda _m, _args, out, s=stats: s.update(out)))
             else:  # through attention or the gated activation: what the first target receives
                 self._hooks.append(block.get_submodule(graph.targets[0]).register_forward_pre_hook(
-                    lambda _m, args, s=stats: s.update(args[0], self.keep_samples)))
+                    lambda _m, args, s=stats: s.update(args[0])))
 
     def data_parallel_refusal(self) -> Optional[str]:
         return None  # every statistic merges: max, sums, and sampled rows gathered in rank order
@@ -207,7 +218,7 @@ class SubgraphSmoother(Processor):
     def synchronize(self, block_name: str, block: nn.Module, collective) -> None:
         for graph, stats in self._block:  # the same subgraphs in the same order on every rank
             features = block.get_submodule(graph.targets[0]).weight.shape[1]
-            stats.merge(collective, features, self.keep_samples)
+            stats.merge(collective, features)
 
     def after_forward(self, block_name: str, block: nn.Module) -> None:
         for hook in self._hooks:
