@@ -65,13 +65,11 @@ def kronecker_factors(size: int, max_tp_size: int) -> tuple[int, int]:
     if size % max_tp_size:
         raise UnsupportedError(f"quarot online: down_proj's input size {size} does not split into max_tp_size = "
                                f"{max_tp_size} tensor-parallel shards; lower max_tp_size")
-    candidates = [(m, size // m) for m in range(max_tp_size, size + 1, max_tp_size) if size % m == 0]
-
-    def cost(mn: tuple[int, int]) -> tuple[bool, int, int]:
-        block, n = mn[0] // max_tp_size, mn[1]
-        return hadamard(block) is None or hadamard(n) is None, block + n, -n
-
-    return min(candidates, key=cost)
+    candidates = sorted(((m, size // m) for m in range(max_tp_size, size + 1, max_tp_size) if size % m == 0),
+                        key=lambda mn: (mn[0] // max_tp_size + mn[1], -mn[1]))
+    # cheapest first: large Hadamard orders (slow to construct) are only tried when no cheaper split has one
+    return next((mn for mn in candidates if hadamard(mn[0] // max_tp_size) is not None and hadamard(mn[1]) is not None),
+                candidates[0])
 
 
 def kronecker_rotation(size: int, max_tp_size: int, seed: int, block_size: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
