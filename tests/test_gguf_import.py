@@ -25,7 +25,7 @@ def test_converted_checkpoint_matches_gguf(tmp_path):
     from msmodelslim.model.gguf_import import convert_gguf, find_gguf
 
     gguf_path = find_gguf()
-    out = convert_gguf(gguf_path, tmp_path / "smollm2")
+    out = convert_gguf(gguf_path, tmp_path / "cache" / "smollm2")  # a parent not yet made, as on a fresh machine
     reader = GGUFReader(gguf_path)
     tensors = {t.name: t for t in reader.tensors}
 

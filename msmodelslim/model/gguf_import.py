@@ -44,6 +44,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     folder, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32, local_files_only=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)  # a cache folder: a fresh machine has none yet
     with staged_directory(out_dir, overwrite=True) as staging:
         # save_pretrained refuses GGUF-loaded models, so write the (float32) tensors and files directly;
         # a tied lm_head is left out, as save_pretrained would.
