@@ -273,3 +273,26 @@ def test_block_outputs_that_autocast_left_in_bfloat16_go_back_to_float32():
     assert torch.equal(outputs[0], rounded.float()) and not torch.equal(outputs[0], exact)
     default = runner.process_block("b", block, [RangeOnly()], [request])
     assert torch.equal(default[0], exact)
+
+
+# ---- a CPU without bfloat16 units -------------------------------------------------------------------------------
+EMULATED = "this CPU has no bfloat16 matmul units"
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_a_cpu_without_bfloat16_units_is_warned_once_and_the_setting_still_applies(source, calib, tmp_path, monkeypatch,
+                                                                                    forwards_seen, caplog, native):
+    monkeypatch.setattr(runner, "cpu_has_native_bfloat16", lambda: native)
+    with caplog.at_level(logging.INFO, logger="msmodelslim"):
+        quantize(source, tmp_path, "bfloat16", [SMOOTH, DYNAMIC], calib, precision="bfloat16")
+    warnings = [r for r in caplog.records if EMULATED in r.getMessage()]
+    assert len(warnings) == (0 if native else 1), [r.getMessage() for r in warnings]  # once per run, not per block
+    assert all(r.levelno == logging.WARNING for r in warnings)
+    assert forwards_seen and all(autocast for _, autocast, _, _ in forwards_seen)
+
+
+def test_float32_runs_are_never_warned_about_bfloat16_units(source, calib, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(runner, "cpu_has_native_bfloat16", lambda: False)
+    with caplog.at_level(logging.INFO, logger="msmodelslim"):
+        quantize(source, tmp_path, "float32", [SMOOTH, DYNAMIC], calib)
+    assert EMULATED not in caplog.text

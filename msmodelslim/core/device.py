@@ -72,3 +72,17 @@ def parse_device(text: str | None) -> DeviceSpec:
     if bad:
         raise DeviceError(f"--device {text}: index {bad[0]} does not exist ({available} {kind} device(s) visible)")
     return DeviceSpec(kind, indices)
+
+
+def cpu_has_native_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (x86: AVX512-BF16 or AMX; Arm: the BF16 extension).
+    Without it torch emulates bfloat16 matmuls, about 4x slower than float32 (measured on an AVX512 Xeon)."""
+    probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    if any(probe is not None and probe() for probe in probes):
+        return True
+    try:  # Arm reports the extension as the "bf16" feature flag
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            return any(line.lower().startswith("features") and "bf16" in line.split(":", 1)[-1].split()
+                       for line in cpuinfo)
+    except OSError:
+        return False

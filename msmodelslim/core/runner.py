@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from msmodelslim.core.activations import ActivationSpill
 from msmodelslim.core.calibration import BlockInputRanges, Convergence, EarlyStop, ReducedPrecision
+from msmodelslim.core.device import cpu_has_native_bfloat16
 from msmodelslim.core.distributed import LOCAL, Collective
 from msmodelslim.core.faults import fault_point
 from msmodelslim.core.logging import get_logger, progress_disabled
@@ -144,6 +145,12 @@ def _autocast(block: nn.Module, block_dtype: Optional[torch.dtype], requests: li
     elif not torch.amp.is_autocast_available(device.type):
         reason = f"torch has no autocast for device type {device.type}"
     else:
+        if device.type == "cpu" and precision.dtype == torch.bfloat16 and not cpu_has_native_bfloat16() and \
+                (-1, "emulated") not in precision.declined:
+            precision.declined.add((-1, "emulated"))
+            log.warning("spec.calibration.precision bfloat16: this CPU has no bfloat16 matmul units (AVX512-BF16, AMX "
+                        "or Arm BF16), so torch emulates them and these calibration forwards run slower than in "
+                        "float32 (about 4x measured); leave precision out (float32) for speed on this machine")
         return torch.autocast(device_type=device.type, dtype=precision.dtype), precision.dtype
     if (index, reason) not in precision.declined:
         precision.declined.add((index, reason))
