@@ -41,3 +41,43 @@ def test_a_nan_still_shows_in_the_statistics():
     stats = InputStats()
     stats.update(x)
     assert torch.isnan(stats.absmax[1]) and not torch.isnan(stats.absmax[0])
+
+
+class _SharedInputBlock(torch.nn.Module):
+    """q/k/v-like linears fed one tensor, then a linear fed a tensor changed in place after the first read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = (torch.nn.Linear(8, 8) for _ in range(3))
+        self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.q(x) + self.k(x) + self.v(x)
+        self.a(y)
+        y.mul_(-3)  # same object, new values: must be reduced again
+        return self.b(y)
+
+
+def test_block_ranges_reduce_a_shared_input_once_and_see_in_place_changes(monkeypatch):
+    from msmodelslim.core import calibration
+
+    calls = []
+    real = calibration.channel_extremes
+    monkeypatch.setattr(calibration, "channel_extremes", lambda x: calls.append(x.shape) or real(x))
+    torch.manual_seed(0)
+    block, xs = _SharedInputBlock(), batches(torch.float32)
+    recorder = calibration.BlockInputRanges.record(block)
+    with torch.no_grad():
+        for x in xs:
+            block(x)
+    recorder.stop()
+    assert len(calls) == 3 * len(xs)  # x once for q/k/v, y before and after the in-place change
+    with torch.no_grad():
+        for name, inputs in (("q", xs), ("k", xs), ("v", xs)):
+            rows = torch.cat([x.reshape(-1, 8) for x in inputs])
+            assert torch.equal(recorder[name].min, rows.amin(0)) and torch.equal(recorder[name].max, rows.amax(0))
+        ys = [block.q(x) + block.k(x) + block.v(x) for x in xs]
+        for name, inputs in (("a", ys), ("b", [-3 * y for y in ys])):
+            rows = torch.cat([y.reshape(-1, 8) for y in inputs])
+            assert torch.equal(recorder[name].min, rows.amin(0)) and torch.equal(recorder[name].max, rows.amax(0))
+    assert recorder._shared.tensor is None  # stop() keeps no activation alive

@@ -52,6 +52,34 @@ import torch
 from torch import nn
 
 
+def channel_extremes(x: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-channel (min, max) over every token of `x` (last dim = channels), float32; None when it has no token.
+    Reduced in the activation's own dtype, then widened: exact, and no full-size copy."""
+    flat = x.detach().reshape(-1, x.shape[-1])
+    if not len(flat):
+        return None
+    return flat.amin(dim=0).float(), flat.amax(dim=0).float()
+
+
+class _SharedInput:
+    """Linears fed the same tensor in one forward (q/k/v from one norm, gate/up) have it reduced once: the last
+    input's extremes are kept while the same tensor object, unmodified, comes again."""
+
+    def __init__(self) -> None:
+        self.tensor: Optional[torch.Tensor] = None
+        self.version = -1
+        self.extremes: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def extremes_of(self, x: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        version = x._version  # bumped by any in-place change
+        if x is not self.tensor or version != self.version:
+            self.tensor, self.version, self.extremes = x, version, channel_extremes(x)
+        return self.extremes
+
+    def forget(self) -> None:
+        self.tensor, self.extremes = None, None
+
+
 @dataclass
 class ChannelRange:
     """Running per-input-channel min and max of one linear's input (float32, `in_features` each)."""
@@ -64,12 +92,17 @@ class ChannelRange:
         return cls(torch.full((features,), float("inf")), torch.full((features,), float("-inf")))
 
     def update(self, x: torch.Tensor) -> None:
-        flat = x.detach().reshape(-1, x.shape[-1])  # reduced in its own dtype, then widened (exact, no full copy)
-        if self.min.device != flat.device:  # kept where the activations are: no copy per batch
-            self.min, self.max = self.min.to(flat.device), self.max.to(flat.device)
-        if len(flat):
-            torch.minimum(self.min, flat.amin(dim=0).float(), out=self.min)
-            torch.maximum(self.max, flat.amax(dim=0).float(), out=self.max)
+        self.include(channel_extremes(x))
+
+    def include(self, extremes: Optional[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Widen to per-channel (min, max) of more tokens (None: no tokens)."""
+        if extremes is None:
+            return
+        low, high = extremes
+        if self.min.device != low.device:  # kept where the activations are: no copy per batch
+            self.min, self.max = self.min.to(low.device), self.max.to(low.device)
+        torch.minimum(self.min, low, out=self.min)
+        torch.maximum(self.max, high, out=self.max)
 
     @property
     def seen(self) -> bool:
@@ -94,21 +127,25 @@ class BlockInputRanges:
 
     ranges: dict[str, ChannelRange] = field(default_factory=dict)
     _hooks: list = field(default_factory=list, repr=False)
+    _shared: _SharedInput = field(default_factory=_SharedInput, repr=False)
 
     @classmethod
     def record(cls, block: nn.Module) -> "BlockInputRanges":
         """Start recording every nn.Linear's input during the forward that follows; call `stop` after it."""
         recorder = cls()
+        shared = recorder._shared
         for name, module in block.named_modules():
             if isinstance(module, nn.Linear):
                 r = recorder.ranges[name] = ChannelRange.empty(module.in_features)
-                recorder._hooks.append(module.register_forward_pre_hook(lambda _m, args, r=r: r.update(args[0])))
+                recorder._hooks.append(module.register_forward_pre_hook(
+                    lambda _m, args, r=r: r.include(shared.extremes_of(args[0]))))
         return recorder
 
     def stop(self) -> "BlockInputRanges":
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        self._shared.forget()  # no activation kept alive past the forward
         return self
 
     def seen(self, name: str) -> bool:

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from msmodelslim.core.calibration import channel_extremes
 from msmodelslim.core.errors import ProcessingError, UnsupportedError
 from msmodelslim.core.logging import get_logger
 from msmodelslim.ir.quant_linear import QuantLinear
@@ -39,8 +40,11 @@ class InputStats:
 
     def update(self, x: torch.Tensor) -> None:
         flat = x.detach().reshape(-1, x.shape[-1])
+        extremes = channel_extremes(flat)
+        if extremes is None:
+            return
         # max |x| = max(max x, -min x), reduced in x's own dtype: no full-size float32 |x| copy
-        absmax = torch.maximum(flat.amax(dim=0).float(), flat.amin(dim=0).float().neg())
+        absmax = torch.maximum(extremes[1], extremes[0].neg())
         self.absmax = absmax if self.absmax is None else torch.maximum(self.absmax, absmax)
         if self.keep_mean:
             abs_sum = flat.float().abs().sum(dim=0, dtype=torch.float64)
