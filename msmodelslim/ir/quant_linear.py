@@ -32,8 +32,7 @@ from msmodelslim.ir.online_rotation import ROTATION_TENSORS, check_rotation, inp
 from msmodelslim.quantizer.dualscale import dequantize_dualscale, fake_quantize_act_dualscale
 from msmodelslim.quantizer.nvfp4 import NVFP4_BLOCK, dequantize_nvfp4, fake_quantize_act_nvfp4
 from msmodelslim.quantizer.float_formats import MX_BLOCK, code_values, fp8_fake_quantize_per_token, mx_fake_quantize
-from msmodelslim.quantizer.primitives import (dequantize_weight, fake_quantize_input, per_token_scale, quantize,
-                                             quantize_per_token_dynamic)
+from msmodelslim.quantizer.primitives import dequantize_weight, fake_quantize_input, quantize_per_token_dynamic
 from msmodelslim.quantizer.scheme import Scheme
 
 WEIGHT_BITS = {Scheme.W8A8: 8, Scheme.W8A8_DYNAMIC: 8, Scheme.W8A16: 8, Scheme.W4A16: 4, Scheme.W4A8_DYNAMIC: 4,
@@ -172,31 +171,8 @@ class QuantLinear(nn.Module):
             return mx_fake_quantize(x, MX_ACT[self.scheme])
         return x
 
-    def _int8_kernel_applies(self, x: torch.Tensor) -> bool:
-        """Per-token int8 activations times per-channel symmetric int weights, on a CPU: torch's int8 matmul
-        computes what the serving kernel does (integer products summed exactly in int32), faster than float."""
-        dynamic = self.scheme in (Scheme.W8A8_DYNAMIC, Scheme.W4A8_DYNAMIC) or (
-            self.scheme == Scheme.W8A8_MIX and not self.decode_path)
-        return (dynamic and x.device.type == "cpu" and self.qweight.dtype == torch.int8
-                and self.weight_scale.shape[1] == 1 and self.svd_lowrank_l1 is None and not input_rotation(self)
-                and self.in_features % 8 == 0 and self.out_features % 8 == 0 and x.shape[:-1].numel() > 0
-                and not bool(self.weight_offset.any()))
-
-    def _int8_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """out = (q_x q_wᵀ) · s_x · s_wᵀ + bias with q_x the per-token codes (the same codes the fake-quantized path
-        rounds to); equal to it up to float32 rounding of the sums."""
-        rows = x.reshape(-1, self.in_features).float()
-        scale = per_token_scale(rows, 8)
-        codes = quantize(rows, scale, torch.zeros_like(scale), 8)
-        out = torch._int_mm(codes, self.qweight.t()).float().mul_(scale).mul_(self.weight_scale.reshape(1, -1))
-        if self.bias is not None:
-            out.add_(self.bias)
-        return out.reshape(*x.shape[:-1], self.out_features)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out_dtype = x.dtype
-        if self._int8_kernel_applies(x):
-            return self._int8_forward(x).to(out_dtype)
         x = rotate_input(x.float(), input_rotation(self))
         out = nn.functional.linear(self.quantize_input(x), self.dequantized_weight(), self.bias)
         if self.svd_lowrank_l1 is not None:  # SVDQuant: the high-precision branch sees the float input

@@ -137,15 +137,10 @@ def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, offset: torch.
     return dequantize(groups, scale.unsqueeze(-1), offset.unsqueeze(-1)).reshape(out_features, in_features)
 
 
-def per_token_scale(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """Symmetric dynamic per-token scale max|x_t| / qmax (float32, [..., 1]), as dynamic-quant kernels take it."""
-    _, qmax = int_range(bits)
-    return (x.float().abs().amax(dim=-1, keepdim=True) / qmax).clamp(min=torch.finfo(torch.float32).tiny)
-
-
 def quantize_per_token_dynamic(x: torch.Tensor, bits: int) -> torch.Tensor:
     """Symmetric per-token fake quantization (scale = max|x_t| / qmax), as dynamic-quant kernels do at run time."""
-    scale = per_token_scale(x, bits)
+    _, qmax = int_range(bits)
+    scale = (x.float().abs().amax(dim=-1, keepdim=True) / qmax).clamp(min=torch.finfo(torch.float32).tiny)
     return fake_quantize(x, scale, torch.zeros_like(scale), bits)
 
 
