@@ -1,6 +1,7 @@
 """`--device` parsing and availability checks (before anything is loaded)."""
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import re
@@ -74,6 +75,7 @@ def parse_device(text: str | None) -> DeviceSpec:
     return DeviceSpec(kind, indices)
 
 
+@functools.cache  # the hardware does not change during a run; /proc/cpuinfo is read at most once
 def cpu_has_native_bfloat16() -> bool:
     """Whether this CPU multiplies bfloat16 in hardware (x86: AVX512-BF16 or AMX; Arm: the BF16 extension).
     Without it torch emulates bfloat16 matmuls, about 4x slower than float32 (measured on an AVX512 Xeon)."""

@@ -145,8 +145,8 @@ def _autocast(block: nn.Module, block_dtype: Optional[torch.dtype], requests: li
     elif not torch.amp.is_autocast_available(device.type):
         reason = f"torch has no autocast for device type {device.type}"
     else:
-        if device.type == "cpu" and precision.dtype == torch.bfloat16 and not cpu_has_native_bfloat16() and \
-                (-1, "emulated") not in precision.declined:
+        if (-1, "emulated") not in precision.declined and device.type == "cpu" and \
+                precision.dtype == torch.bfloat16 and not cpu_has_native_bfloat16():
             precision.declined.add((-1, "emulated"))
             log.warning("spec.calibration.precision bfloat16: this CPU has no bfloat16 matmul units (AVX512-BF16, AMX "
                         "or Arm BF16), so torch emulates them and these calibration forwards run slower than in "
