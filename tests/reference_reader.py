@@ -504,7 +504,9 @@ def stack_experts(state: dict[str, torch.Tensor], acts: dict[str, dict]) -> dict
 
 def dynamic_experts_forward(module, quantize=_per_token_int8):
     """The fused experts' computation with per-token int8 inputs to gate/up and to down, as the kernel does
-    (or another run-time activation quantizer)."""
+    (or another run-time activation quantizer). Gate and up are two products, as the per-expert linears of our
+    reader compute them: one fused product rounds differently (1 ulp), and on a tiny random MoE such a difference
+    flips an activation code in a later layer and moves the logits by 0.4 % (test_vlm_qwen3_5, qwen3_5_moe)."""
     routed, inter = module.down_proj.shape[0], module.down_proj.shape[-1]
     limit = getattr(module, "limit", float("inf"))  # Step-3.5's clamped SwiGLU; inf elsewhere
     # LongCat's zero-computation experts (indices from `routed` on) return their input, in float
@@ -519,8 +521,9 @@ def dynamic_experts_forward(module, quantize=_per_token_int8):
             if e >= routed:
                 y = hidden_states[token]
             else:
-                h = quantize(hidden_states[token]) @ module.gate_up_proj[e].T
-                h = module.act_fn(h[:, :inter]).clamp(max=limit) * h[:, inter:].clamp(min=-limit, max=limit)
+                x = quantize(hidden_states[token])
+                gate, up = x @ module.gate_up_proj[e, :inter].T, x @ module.gate_up_proj[e, inter:].T
+                h = module.act_fn(gate).clamp(max=limit) * up.clamp(min=-limit, max=limit)
                 y = quantize(h) @ module.down_proj[e].T
             out.index_add_(0, token, y * top_k_weights[token, slot].unsqueeze(-1))
         return out
