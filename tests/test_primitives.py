@@ -86,6 +86,22 @@ def test_per_token_dynamic_matches_slow_reference():
             assert torch.allclose(y[i, t], torch.tensor(expected), atol=1e-6)
 
 
+@pytest.mark.parametrize("bits,dtype", [(8, torch.float32), (4, torch.float32), (8, torch.bfloat16)])
+def test_per_token_dynamic_equals_the_general_fake_quantizer_bit_for_bit(bits, dtype):
+    """The three-pass per-token quantizer gives exactly what quantize -> int8 -> dequantize gives (the read-back of
+    every dynamic layer relies on it): tokens with exact half steps, an all-zero token, wide magnitudes."""
+    torch.manual_seed(2)
+    x = torch.randn(4, 7, 96) * torch.logspace(-3, 3, 7).reshape(1, 7, 1)
+    qmax = 2 ** (bits - 1) - 1
+    x[0, 0] = torch.arange(96) * 0.5 - 24  # max 23.5: s = 23.5/qmax; steps land on exact halves
+    x[1, 1] = 0.0
+    x = x.to(dtype)
+    scale = (x.float().abs().amax(dim=-1, keepdim=True) / qmax).clamp(min=torch.finfo(torch.float32).tiny)
+    want = fake_quantize(x, scale, torch.zeros_like(scale), bits)
+    got = quantize_per_token_dynamic(x, bits)
+    assert got.dtype == dtype and torch.equal(got, want)
+
+
 def test_group_size_must_divide():
     with pytest.raises(ValueError, match="does not divide"):
         quantize_weight_minmax(torch.zeros(2, 576), 4, True, 128)

@@ -24,6 +24,7 @@ from msmodelslim.core.device import DeviceSpec
 from msmodelslim.core.logging import get_logger
 from msmodelslim.core.progress import spinner
 from msmodelslim.format.ascendv1.reader import load_ascendv1
+from msmodelslim.ir.quant_linear import keep_decoded_weights
 from msmodelslim.model.gguf_import import convert_gguf, find_gguf
 from msmodelslim.model.registry import lookup
 
@@ -123,7 +124,7 @@ def run_demo(work_dir: Path | None, max_windows: int = 40, started_at: float | N
 
     t = time.perf_counter()
     with spinner("reading the quantized checkpoint back"):
-        quant_model = load_ascendv1(quant_dir)
+        quant_model = keep_decoded_weights(load_ascendv1(quant_dir))  # decoded once, not per token
     quant_ppl = perplexity(quant_model, windows, torch.device("cpu"), QUANT_TYPE.upper())
     with spinner("quantized model: greedy sample"):
         quant_text = sample(quant_model, tokenizer)

@@ -103,6 +103,7 @@ def evaluate(model_path: Path, quant_path: Path, dataset: str, device: torch.dev
     from transformers import AutoTokenizer
 
     from msmodelslim.format.ascendv1.reader import load_ascendv1
+    from msmodelslim.ir.quant_linear import keep_decoded_weights
 
     model_path, quant_path, texts = check_eval_inputs(model_path, quant_path, dataset, window, max_windows,
                                                       trust_remote_code)
@@ -111,6 +112,6 @@ def evaluate(model_path: Path, quant_path: Path, dataset: str, device: torch.dev
                                                   local_files_only=True)
     windows = token_windows(tokenizer, texts, window, max_windows)
     results = {"float": perplexity(load_float_model(model_path, trust_remote_code), windows, device, "float")}
-    quantized = load_ascendv1(quant_path, trust_remote_code)
+    quantized = keep_decoded_weights(load_ascendv1(quant_path, trust_remote_code))  # decode once: float speed
     results["quantized"] = perplexity(quantized, windows, device, "quantized")
     return results

@@ -268,6 +268,7 @@ def evaluate_vlm(model_path: Path, quant_path: Path, dataset: Optional[str], dev
                  max_samples: int = 8, max_new_tokens: int = 32, trust_remote_code: bool = False,
                  default_text: str = DEFAULT_TEXT) -> VlmEvalReport:
     from msmodelslim.format.ascendv1.reader import load_ascendv1
+    from msmodelslim.ir.quant_linear import keep_decoded_weights
 
     inputs = check_vlm_eval_inputs(model_path, quant_path, dataset, max_samples, max_new_tokens, trust_remote_code,
                                    default_text)
@@ -277,6 +278,6 @@ def evaluate_vlm(model_path: Path, quant_path: Path, dataset: Optional[str], dev
         float_model = load_float_vlm(inputs.model_path, trust_remote_code)
         float_row = float_pass(float_model, batches, max_new_tokens, device, store)
         del float_model  # never both models at once
-        quantized = load_ascendv1(inputs.quant_path, trust_remote_code)
+        quantized = keep_decoded_weights(load_ascendv1(inputs.quant_path, trust_remote_code))
         quantized_row = quantized_pass(quantized, len(batches), device, store, "quantized")
     return VlmEvalReport(str(inputs.dataset), len(batches), max_new_tokens, float_row, quantized_row)

@@ -154,10 +154,11 @@ class PerplexityEvaluator:
     def evaluate(self, quant_path: Path) -> TuneResult:
         from msmodelslim.app.evaluate import perplexity
         from msmodelslim.format.ascendv1.reader import load_ascendv1
+        from msmodelslim.ir.quant_linear import keep_decoded_weights
 
         reference = self.float_perplexity()
-        quantized = perplexity(load_ascendv1(quant_path, self.trust_remote_code), self.windows, self.device,
-                               "quantized").perplexity
+        quantized_model = keep_decoded_weights(load_ascendv1(quant_path, self.trust_remote_code))
+        quantized = perplexity(quantized_model, self.windows, self.device, "quantized").perplexity
         ratio = quantized / reference
         passed = Decimal(str(ratio)) <= Decimal(str(self.config.demand.max_ratio))
         return TuneResult(passed, {"perplexity": quantized, "float_perplexity": reference, "ratio": ratio}, -ratio,

@@ -120,6 +120,9 @@ class QuantLinear(nn.Module):
         # W8A8_MIX runs two kernels: decode nodes quantize inputs with the static range, the others per token.
         # Prefill (and perplexity, which scores whole sequences at once) is the dynamic path, the default here.
         self.decode_path = False
+        # Read-back for evaluation decodes the weight once (keep_decoded_weight); the codes stay the stored truth.
+        self.keep_decoded_weight = False
+        self._decoded: Optional[tuple[tuple, torch.Tensor]] = None
 
     @property
     def weight_bits(self) -> int:
@@ -146,11 +149,27 @@ class QuantLinear(nn.Module):
         return None if self.weight_dual_scale is None else self.in_features // self.weight_dual_scale.shape[1]
 
     def dequantized_weight(self) -> torch.Tensor:
+        """The float weight the codes and scales stand for. With keep_decoded_weight it is decoded once and kept
+        until a weight tensor is replaced or changed in place (keyed by storage and torch's version counters)."""
+        if not self.keep_decoded_weight:
+            self._decoded = None
+            return self._decode_weight()
+        sources = (self.qweight, self.weight_scale, self.weight_offset, self.weight_dual_scale, self.weight_global_scale)
+        key = tuple((t.data_ptr(), t._version, t.device) for t in sources if t is not None)
+        if self._decoded is None or self._decoded[0] != key:
+            self._decoded = (key, self._decode_weight())
+        return self._decoded[1]
+
+    def _decode_weight(self) -> torch.Tensor:
         if self.weight_global_scale is not None:
             return dequantize_nvfp4(code_values(self.qweight), self.weight_scale, self.weight_global_scale)
         if self.weight_dual_scale is not None:
             return dequantize_dualscale(code_values(self.qweight), self.weight_scale, self.weight_dual_scale)
         return dequantize_weight(code_values(self.qweight), self.weight_scale, self.weight_offset)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._decoded = None  # moved or cast: the kept weight would be a stale copy on the old device
+        return super()._apply(fn, *args, **kwargs)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.scheme in (Scheme.W8A8, Scheme.W8A8S) or (self.scheme == Scheme.W8A8_MIX and self.decode_path):
@@ -184,3 +203,12 @@ class QuantLinear(nn.Module):
         lowrank = "" if self.svd_rank is None else f", svd_rank={self.svd_rank}"
         rotated = "".join(f", {name}" for name in input_rotation(self))
         return f"{self.scheme.value}, in={self.in_features}, out={self.out_features}, {group}{lowrank}{rotated}"
+
+
+def keep_decoded_weights(model: nn.Module) -> nn.Module:
+    """Every QuantLinear of `model` decodes its weight once, at its first forward, and keeps it: evaluation and
+    generation then cost what the float model costs, at the float model's memory (plus the codes)."""
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.keep_decoded_weight = True
+    return model
