@@ -2,9 +2,11 @@
 
 It shares no code with msmodelslim: it turns every quantized layer back into a float weight and bias, loads the
 result into the Hugging Face architecture with strict=True, and installs activation fake-quant hooks that mimic
-the serving kernels. MoE experts, saved one tensor set per expert (formats.md A.5), are stacked back into the
-fused `gate_up_proj` [E, 2I, H] / `down_proj` [E, H, I] parameters of the Hugging Face module; with dynamic
-activations that module's forward is replaced by one that quantizes each expert's inputs per token.
+the serving kernels; a dynamic int8 layer with per-channel symmetric int codes computes the kernel's own
+arithmetic (formats.md A.4.3: exact integer sums, then the two scales). MoE experts, saved one tensor set per
+expert (formats.md A.5), are stacked back into the fused `gate_up_proj` [E, 2I, H] / `down_proj` [E, H, I]
+parameters of the Hugging Face module; with dynamic activations that module's forward is replaced by one that
+quantizes each expert's inputs per token.
 Families whose published names are not transformers' (MiniMax-M2, Step-3.5-Flash, Qwen2.5-VL) are renamed to
 transformers' modules first (PUBLISHED_TO_TRANSFORMERS); vision-language checkpoints (Qwen2.5-VL, Qwen3-VL,
 Qwen3-VL-MoE) are rebuilt in transformers' image-text-to-text class, so image+prompt inputs run through them;
@@ -97,7 +99,7 @@ def dequantized_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, di
             assert torch.allclose(_deq_scale_f32(t[f"{p}.deq_scale"]) / s_in, s_w, rtol=1e-6), f"{p}: two scales"
             assert not bool(t[f"{p}.weight_offset"].any()), f"{p}: W8A8_MIX weights are symmetric"
             w, b = q * s_w[:, None], t.get(f"{p}.bias")
-            acts[p] = {"kind": "dynamic"}
+            acts[p] = {"kind": "dynamic", "integer": (q, s_w)}
             used |= {f"{p}.{s}" for s in ("weight", "input_scale", "input_offset", "deq_scale", "quant_bias",
                                           "weight_scale", "weight_offset")}
         elif tag in ("W8A8_DYNAMIC", "W8A16"):
@@ -106,6 +108,8 @@ def dequantized_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, di
             b = t.get(f"{p}.bias")
             if tag == "W8A8_DYNAMIC":
                 acts[p] = {"kind": "dynamic"}
+                if t[f"{p}.weight_scale"].shape[1] == 1 and not bool(t[f"{p}.weight_offset"].any()):
+                    acts[p]["integer"] = (q, t[f"{p}.weight_scale"].float()[:, 0])
             used |= {f"{p}.{s}" for s in ("weight", "weight_scale", "weight_offset")}
         elif tag == "W4A4_DYNAMIC":  # A.4.7: int4 codes one per int8, per-channel scale, per-token int4 input
             w = t[f"{p}.weight"].float() * t[f"{p}.weight_scale"].float()
@@ -116,7 +120,7 @@ def dequantized_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, di
             q = _unpack_rows(t[f"{p}.weight"])
             w = q * t[f"{p}.weight_scale"].float()
             b = t.get(f"{p}.bias")
-            acts[p] = {"kind": "dynamic"}
+            acts[p] = {"kind": "dynamic", "integer": (q, t[f"{p}.weight_scale"].float()[:, 0])}
             used |= {f"{p}.{s}" for s in ("weight", "weight_scale", "weight_offset", "scale_bias")}
         elif tag in ("WFP8AFP8_DYNAMIC", "W8A8FP8_DYNAMIC"):  # A.4.9: the writer's and the engine's spelling
             w = t[f"{p}.weight"].float() * t[f"{p}.weight_scale"].float()
@@ -334,6 +338,15 @@ def _per_token_int8(x: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.round(x / s), -128, 127) * s
 
 
+def _integer_linear(x: torch.Tensor, codes: torch.Tensor, s_w: torch.Tensor, bias=None) -> torch.Tensor:
+    """formats.md A.4.3's kernel: y = s_t · s_w · Σ_k x_q W_q + b, the integer sums exact (float64 holds them),
+    rounded to float32 once, then times s_t, then times s_w."""
+    s = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-30) / 127
+    x_q = torch.clamp(torch.round(x / s), -128, 127)
+    y = (x_q.double() @ codes.double().T).float() * s * s_w
+    return y if bias is None else y + bias
+
+
 def _per_token_fp8(x: torch.Tensor) -> torch.Tensor:
     """FP8 dynamic: s_t = max|x_t| / 448 (formats.md B.5), elements E4M3 (torch's cast: nearest, ties to even)."""
     s = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-30) / 448
@@ -473,16 +486,24 @@ def split_kimi_wqkv(state: dict[str, torch.Tensor], acts: dict[str, dict], heads
             state[f"{attention}.{name}.{kind}"] = part.contiguous()
     for key in [k for k in acts if k.endswith(".attn.wqkv")]:
         info = acts.pop(key)
-        for name in ("q_proj", "k_proj", "v_proj"):
-            acts[f"{key.removesuffix('.wqkv')}.{name}"] = info
+        # the integer kernel's codes and scales split by rows as the weights are
+        parts = [dict(info) for _ in range(3)]
+        if "integer" in info:
+            codes, scales = (t.chunk(3) for t in info["integer"])
+            for i, reorder in enumerate((halves, halves, lambda t: t)):
+                parts[i]["integer"] = (reorder(codes[i]).contiguous(), reorder(scales[i]).contiguous())
+        for name, part in zip(("q_proj", "k_proj", "v_proj"), parts):
+            acts[f"{key.removesuffix('.wqkv')}.{name}"] = part
 
 
 EXPERT = re.compile(r"^(.+\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)$")
 
 
-def stack_experts(state: dict[str, torch.Tensor], acts: dict[str, dict]) -> dict[str, str]:
+def stack_experts(state: dict[str, torch.Tensor], acts: dict[str, dict]) -> dict[str, dict]:
     """Replace per-expert weights in `state` by the stacked parameters, in place; returns {experts module:
-    activation kind} ("dynamic" or "float") and drops the experts' entries from `acts`."""
+    {"kind": activation kind ("dynamic" or "float"), "integer": stacked (codes, scales) of gate_up and down when
+    every expert's weights are per-channel symmetric int codes (the integer kernel), else None}} and drops the
+    experts' entries from `acts`."""
     per_layer: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
     for key in [k for k in state if k.endswith(".weight")]:
         m = EXPERT.match(key[: -len(".weight")])
@@ -494,17 +515,28 @@ def stack_experts(state: dict[str, torch.Tensor], acts: dict[str, dict]) -> dict
         state[f"{layer}.gate_up_proj"] = torch.stack([torch.cat([experts[e]["gate_proj"], experts[e]["up_proj"]])
                                                      for e in order])
         state[f"{layer}.down_proj"] = torch.stack([experts[e]["down_proj"] for e in order])
-        infos = [acts.pop(f"{layer}.{e}.{p}", {"kind": "float"}) for e in order for p in experts[e]]
+        names = [(e, p) for e in order for p in experts[e]]
+        infos = [acts.pop(f"{layer}.{e}.{p}", {"kind": "float"}) for e, p in names]
         assert not any("lowrank" in i for i in infos), f"{layer}: low-rank (_SVD) experts are not modelled here"
         seen = {i["kind"] for i in infos}
         assert len(seen) == 1 and seen != {"static"}, f"{layer}: experts need one dynamic or float activation"
-        kinds[layer] = seen.pop()
+        integer = None
+        if all("integer" in i for i in infos):
+            codes = dict(zip(names, (i["integer"] for i in infos)))  # (expert, projection) -> (codes, s_w)
+
+            def stacked(projections: tuple[str, ...], part: int) -> torch.Tensor:
+                return torch.stack([torch.cat([codes[e, p][part] for p in projections]) for e in order])
+
+            gate_up = ("gate_proj", "up_proj")
+            integer = (stacked(gate_up, 0), stacked(gate_up, 1), stacked(("down_proj",), 0), stacked(("down_proj",), 1))
+        kinds[layer] = {"kind": seen.pop(), "integer": integer}
     return kinds
 
 
-def dynamic_experts_forward(module, quantize=_per_token_int8):
+def dynamic_experts_forward(module, quantize=_per_token_int8, integer=None):
     """The fused experts' computation with per-token int8 inputs to gate/up and to down, as the kernel does
-    (or another run-time activation quantizer). Gate and up are two products, as the per-expert linears of our
+    (or another run-time activation quantizer; with `integer`, the stacked codes and scales, A.4.3's integer
+    kernel on each product). Gate and up are two products, as the per-expert linears of our
     reader compute them: one fused product rounds differently (1 ulp), and on a tiny random MoE such a difference
     flips an activation code in a later layer and moves the logits by 0.4 % (test_vlm_qwen3_5, qwen3_5_moe)."""
     routed, inter = module.down_proj.shape[0], module.down_proj.shape[-1]
@@ -520,6 +552,13 @@ def dynamic_experts_forward(module, quantize=_per_token_int8):
                 continue
             if e >= routed:
                 y = hidden_states[token]
+            elif integer is not None:  # the integer kernel (A.4.3) on each of the expert's three products
+                gate_up_codes, gate_up_scale, down_codes, down_scale = (part[e] for part in integer)
+                x = hidden_states[token]
+                gate = _integer_linear(x, gate_up_codes[:inter], gate_up_scale[:inter])
+                up = _integer_linear(x, gate_up_codes[inter:], gate_up_scale[inter:])
+                h = module.act_fn(gate).clamp(max=limit) * up.clamp(min=-limit, max=limit)
+                y = _integer_linear(h, down_codes, down_scale)
             else:
                 x = quantize(hidden_states[token])
                 gate, up = x @ module.gate_up_proj[e, :inter].T, x @ module.gate_up_proj[e, inter:].T
@@ -615,14 +654,17 @@ def load_reference_model(path: Path):
             quant = RUNTIME_QUANT.get(info["kind"], lambda x: x)  # "float": a weight-only layer with a low-rank pair
         if "rotate" in info:  # the online rotation comes first; quantization and the low-rank branch read its output
             module.register_forward_pre_hook(lambda m, a, r=info["rotate"]: (_online_rotation(a[0], r),))
+        if "integer" in info and "rotate" not in info and "lowrank" not in info:
+            module.forward = lambda x, m=module, c=info["integer"]: _integer_linear(x, *c, m.bias)
+            continue
         if "lowrank" in info:  # y = q(x) W^T + b + (x l1^T) l2^T: the float branch sees x itself
             l1, l2 = info["lowrank"]
             module.forward = lambda x, m=module, q=quant, l1=l1, l2=l2: (
                 torch.nn.functional.linear(q(x), m.weight, m.bias) + (x @ l1.T) @ l2.T)
         else:
             module.register_forward_pre_hook(lambda m, a, q=quant: (q(a[0]),))
-    for layer, kind in expert_kinds.items():
-        if kind in RUNTIME_QUANT:
+    for layer, info in expert_kinds.items():
+        if info["kind"] in RUNTIME_QUANT:
             experts = model.get_submodule(layer)
-            experts.forward = dynamic_experts_forward(experts, RUNTIME_QUANT[kind])
+            experts.forward = dynamic_experts_forward(experts, RUNTIME_QUANT[info["kind"]], info["integer"])
     return model

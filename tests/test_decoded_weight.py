@@ -10,11 +10,12 @@ from msmodelslim.ir.quant_linear import QuantLinear, keep_decoded_weights
 from msmodelslim.quantizer.scheme import Scheme
 
 
-def dynamic_layer(seed: int = 0) -> QuantLinear:
+def weight_only_layer(seed: int = 0) -> QuantLinear:
+    """W8A16 (weight only, per-group): a layer on the float path, which decodes its weight."""
     g = torch.Generator().manual_seed(seed)
     codes = torch.randint(-127, 128, (24, 32), generator=g, dtype=torch.int8)
-    scale = torch.rand(24, 1, generator=g) * 0.01 + 0.001
-    return QuantLinear(Scheme.W8A8_DYNAMIC, codes, scale, torch.zeros_like(scale), torch.randn(24, generator=g))
+    scale = torch.rand(24, 2, generator=g) * 0.01 + 0.001
+    return QuantLinear(Scheme.W8A16, codes, scale, torch.zeros_like(scale), torch.randn(24, generator=g))
 
 
 def counting(layer: QuantLinear) -> list[int]:
@@ -32,7 +33,7 @@ def counting(layer: QuantLinear) -> list[int]:
 
 def test_kept_weight_gives_the_same_outputs_and_is_decoded_once():
     x = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(1))
-    fresh, kept = dynamic_layer(), keep_decoded_weights(nn.Sequential(dynamic_layer()))[0]
+    fresh, kept = weight_only_layer(), keep_decoded_weights(nn.Sequential(weight_only_layer()))[0]
     calls = counting(kept)
     for _ in range(4):
         assert torch.equal(kept(x), fresh(x))
@@ -42,7 +43,7 @@ def test_kept_weight_gives_the_same_outputs_and_is_decoded_once():
 
 def test_an_in_place_change_or_a_replaced_tensor_decodes_again():
     x = torch.randn(6, 32, generator=torch.Generator().manual_seed(2))
-    kept, fresh = dynamic_layer(), dynamic_layer()
+    kept, fresh = weight_only_layer(), weight_only_layer()
     kept.keep_decoded_weight = True
     calls = counting(kept)
     kept(x)

@@ -190,8 +190,31 @@ class QuantLinear(nn.Module):
             return mx_fake_quantize(x, MX_ACT[self.scheme])
         return x
 
+    def integer_kernel_applies(self, x: torch.Tensor) -> bool:
+        """Per-token int8 inputs times symmetric per-channel int weights on a CPU: the layer computes what the
+        serving kernel computes, exact integer sums scaled once (formats.md A.4.3), with torch's int8 matmul. Not
+        with an online rotation or a low-rank branch, nor when a caller replaced quantize_input on the instance."""
+        dynamic = self.scheme in (Scheme.W8A8_DYNAMIC, Scheme.W4A8_DYNAMIC) or (
+            self.scheme == Scheme.W8A8_MIX and not self.decode_path)
+        return (dynamic and x.device.type == "cpu" and self.weight_scale.shape[1] == 1
+                and self.svd_lowrank_l1 is None and not input_rotation(self) and "quantize_input" not in self.__dict__
+                and not bool(self.weight_offset.any()))
+
+    def _integer_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """out = float32(Σ_k c_x·q_w) · s_x · s_w + bias, with c_x = clamp(round(x / s_x)) and s_x = max|x_t| / 127:
+        the codes of quantize_per_token_dynamic, their products summed exactly in int32."""
+        rows = x.reshape(-1, self.in_features).float()
+        scale = (rows.abs().amax(dim=-1, keepdim=True) / 127).clamp_(min=torch.finfo(torch.float32).tiny)
+        codes = rows.div(scale).round_().clamp_(-128, 127).to(torch.int8)
+        out = torch._int_mm(codes, self.qweight.t()).float().mul_(scale).mul_(self.weight_scale.reshape(1, -1))
+        if self.bias is not None:
+            out.add_(self.bias)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out_dtype = x.dtype
+        if self.integer_kernel_applies(x):
+            return self._integer_forward(x).to(out_dtype)
         x = rotate_input(x.float(), input_rotation(self))
         out = nn.functional.linear(self.quantize_input(x), self.dequantized_weight(), self.bias)
         if self.svd_lowrank_l1 is not None:  # SVDQuant: the high-precision branch sees the float input
