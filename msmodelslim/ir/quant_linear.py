@@ -32,7 +32,8 @@ from msmodelslim.ir.online_rotation import ROTATION_TENSORS, check_rotation, inp
 from msmodelslim.quantizer.dualscale import dequantize_dualscale, fake_quantize_act_dualscale
 from msmodelslim.quantizer.nvfp4 import NVFP4_BLOCK, dequantize_nvfp4, fake_quantize_act_nvfp4
 from msmodelslim.quantizer.float_formats import MX_BLOCK, code_values, fp8_fake_quantize_per_token, mx_fake_quantize
-from msmodelslim.quantizer.primitives import dequantize_weight, fake_quantize_input, quantize_per_token_dynamic
+from msmodelslim.quantizer.primitives import (dequantize_weight, fake_quantize_input, per_token_codes,
+                                             quantize_per_token_dynamic)
 from msmodelslim.quantizer.scheme import Scheme
 
 WEIGHT_BITS = {Scheme.W8A8: 8, Scheme.W8A8_DYNAMIC: 8, Scheme.W8A16: 8, Scheme.W4A16: 4, Scheme.W4A8_DYNAMIC: 4,
@@ -203,10 +204,9 @@ class QuantLinear(nn.Module):
     def _integer_forward(self, x: torch.Tensor) -> torch.Tensor:
         """out = float32(Σ_k c_x·q_w) · s_x · s_w + bias, with c_x = clamp(round(x / s_x)) and s_x = max|x_t| / 127:
         the codes of quantize_per_token_dynamic, their products summed exactly in int32."""
-        rows = x.reshape(-1, self.in_features).float()
-        scale = (rows.abs().amax(dim=-1, keepdim=True) / 127).clamp_(min=torch.finfo(torch.float32).tiny)
-        codes = rows.div(scale).round_().clamp_(-128, 127).to(torch.int8)
-        out = torch._int_mm(codes, self.qweight.t()).float().mul_(scale).mul_(self.weight_scale.reshape(1, -1))
+        codes, scale = per_token_codes(x.reshape(-1, self.in_features), 8)
+        out = torch._int_mm(codes.to(torch.int8), self.qweight.t()).float()
+        out.mul_(scale).mul_(self.weight_scale.reshape(1, -1))
         if self.bias is not None:
             out.add_(self.bias)
         return out.reshape(*x.shape[:-1], self.out_features)

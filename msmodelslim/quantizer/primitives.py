@@ -137,17 +137,20 @@ def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, offset: torch.
     return dequantize(groups, scale.unsqueeze(-1), offset.unsqueeze(-1)).reshape(out_features, in_features)
 
 
-def quantize_per_token_dynamic(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """Symmetric per-token fake quantization (scale = max|x_t| / qmax), as dynamic-quant kernels do at run time.
-
-    The same values as `fake_quantize(x, scale, 0, bits)` in four passes over x instead of ten (the offset is 0 and
-    the codes are exact integers in float32, so the int8 round trip is skipped): it runs on every dynamic layer's
-    input at every read-back forward."""
+def per_token_codes(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric dynamic per-token quantization as the kernels do it at run time: s_t = max|x_t| / qmax and
+    codes clamp(round(x / s_t)), returned as (float32 integer codes, float32 scales [..., 1]). Four passes over x;
+    abs().amax because torch's vector_norm(ord=inf) gives the same max 6x slower on CPU (measured, 512 x 1536)."""
     qmin, qmax = int_range(bits)
     x32 = x.float()
-    # abs().amax: torch's vector_norm(ord=inf) gives the same max 6x slower on CPU (measured, 512 x 1536)
     scale = (x32.abs().amax(dim=-1, keepdim=True) / qmax).clamp_(min=torch.finfo(torch.float32).tiny)
-    codes = x32.div(scale).round_().clamp_(qmin, qmax)
+    return x32.div(scale).round_().clamp_(qmin, qmax), scale
+
+
+def quantize_per_token_dynamic(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Symmetric per-token fake quantization: the same values as `fake_quantize(x, s_t, 0, bits)` without its int8
+    round trip (the codes are exact integers in float32); it runs on every dynamic layer's input at read-back."""
+    codes, scale = per_token_codes(x, bits)
     return codes.mul_(scale).to(x.dtype)
 
 
