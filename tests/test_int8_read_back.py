@@ -58,3 +58,20 @@ def test_layers_the_integer_path_does_not_cover_keep_the_float_path():
     for layer in (grouped, offset, static, mix_decode, rotated, replaced):
         assert not layer.integer_kernel_applies(x)
     assert torch.equal(replaced(x), torch.nn.functional.linear(x, replaced.dequantized_weight()))
+
+
+def test_eligibility_follows_the_weight_tensors():
+    """The integer-kernel check is kept between calls but redone when an offset changes in place or a scale is
+    replaced (a per-group scale or a non-zero offset leaves the kernel)."""
+    codes = torch.randint(-128, 128, (24, 64), dtype=torch.int8)
+    layer = QuantLinear(Scheme.W8A8_DYNAMIC, codes, torch.rand(24, 1), torch.zeros(24, 1))
+    x = torch.randn(3, 64)
+    assert layer.integer_kernel_applies(x)
+    with torch.no_grad():
+        layer.weight_offset[0, 0] = 1.0
+    assert not layer.integer_kernel_applies(x)
+    with torch.no_grad():
+        layer.weight_offset.zero_()
+    assert layer.integer_kernel_applies(x)
+    layer.weight_scale, layer.weight_offset = torch.rand(24, 2), torch.zeros(24, 2)
+    assert not layer.integer_kernel_applies(x)

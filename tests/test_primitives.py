@@ -102,6 +102,17 @@ def test_per_token_dynamic_equals_the_general_fake_quantizer_bit_for_bit(bits, d
     assert got.dtype == dtype and torch.equal(got, want)
 
 
+def test_per_token_dynamic_passes_the_same_gradient_as_the_general_fake_quantizer():
+    """Calibration backpropagates through activation fake-quantization (learned rounding): the in-place steps of
+    the fast path must keep autograd working and give fake_quantize's gradient."""
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    quantize_per_token_dynamic(x, 8).pow(2).sum().backward()
+    fast, x.grad = x.grad.clone(), None
+    scale = (x.abs().amax(dim=-1, keepdim=True) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+    fake_quantize(x, scale, torch.zeros_like(scale), 8).pow(2).sum().backward()
+    assert torch.equal(fast, x.grad) and bool(x.grad.abs().sum() > 0)
+
+
 def test_group_size_must_divide():
     with pytest.raises(ValueError, match="does not divide"):
         quantize_weight_minmax(torch.zeros(2, 576), 4, True, 128)

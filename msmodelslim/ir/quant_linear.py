@@ -124,6 +124,8 @@ class QuantLinear(nn.Module):
         # Read-back for evaluation decodes the weight once (keep_decoded_weight); the codes stay the stored truth.
         self.keep_decoded_weight = False
         self._decoded: Optional[tuple[tuple, torch.Tensor]] = None
+        self._integer_key: Optional[tuple] = None  # weight versions the integer-kernel eligibility was checked on
+        self._integer_ok = False
 
     @property
     def weight_bits(self) -> int:
@@ -197,16 +199,25 @@ class QuantLinear(nn.Module):
         with an online rotation or a low-rank branch, nor when a caller replaced quantize_input on the instance."""
         dynamic = self.scheme in (Scheme.W8A8_DYNAMIC, Scheme.W4A8_DYNAMIC) or (
             self.scheme == Scheme.W8A8_MIX and not self.decode_path)
-        return (dynamic and x.device.type == "cpu" and self.weight_scale.shape[1] == 1
-                and self.svd_lowrank_l1 is None and not input_rotation(self) and "quantize_input" not in self.__dict__
-                and not bool(self.weight_offset.any()))
+        return (dynamic and x.device.type == "cpu" and "quantize_input" not in self.__dict__
+                and self._integer_weights())
+
+    def _integer_weights(self) -> bool:
+        """Per-channel symmetric codes, no rotation, no low-rank branch. Kept per version of the weight tensors:
+        the check costs more than a one-token integer product (generation calls it 200 times per token)."""
+        key = tuple((t.data_ptr(), t._version) for t in (self.weight_scale, self.weight_offset))
+        if self._integer_key != key:
+            self._integer_key = key
+            self._integer_ok = (self.weight_scale.shape[1] == 1 and self.svd_lowrank_l1 is None
+                                and not input_rotation(self) and not bool(self.weight_offset.any()))
+        return self._integer_ok
 
     def _integer_forward(self, x: torch.Tensor) -> torch.Tensor:
         """out = float32(Σ_k c_x·q_w) · s_x · s_w + bias, with c_x = clamp(round(x / s_x)) and s_x = max|x_t| / 127:
         the codes of quantize_per_token_dynamic, their products summed exactly in int32."""
         codes, scale = per_token_codes(x.reshape(-1, self.in_features), 8)
-        out = torch._int_mm(codes.to(torch.int8), self.qweight.t()).float()
-        out.mul_(scale).mul_(self.weight_scale.reshape(1, -1))
+        sums = torch._int_mm(codes.to(torch.int8), self.qweight.t())
+        out = torch.mul(sums, scale).mul_(self.weight_scale.reshape(1, -1))  # int32 sums promoted to float32
         if self.bias is not None:
             out.add_(self.bias)
         return out.reshape(*x.shape[:-1], self.out_features)
