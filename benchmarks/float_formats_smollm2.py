@@ -17,6 +17,10 @@ Our NVFP4 rows (w4a16_nvfp4, w4a16_nvfp4_gptq: weight dtype nvfp4, a compressed_
 with the compressed_tensors saver and scored twice: with the weights dequantized in float32 from the written
 tensors (q · weight_scale / weight_global_scale), and as transformers loads them (CompressedTensorsConfig with
 dequantize=True: the library's decompressor, which rounds the weights to bf16).
+
+A trailing `+qin` on one of our schemes (before `+ct`) sets `spec.calibration.next_block_inputs: quantized`:
+each block calibrates on the quantized outputs of the block before it, as llm-compressor's sequential pipeline
+does.
 """
 from __future__ import annotations
 
@@ -164,10 +168,12 @@ def main() -> None:
         """`<scheme>+ct`: the scheme saved in both formats from one run; our reader scores the ascendv1 copy,
         transformers the compressed-tensors one (weights decompressed; activations float in both for W4A16)."""
         scheme, both = name.removesuffix("+ct"), name.endswith("+ct")
+        scheme, fed = scheme.removesuffix("+qin"), scheme.endswith("+qin")
         config = args.work_dir / f"{name}.yaml"
         nvfp4 = scheme.removesuffix("+ao") in NVFP4_SCHEMES
         saver = "compressed_tensors" if nvfp4 else "ascendv1_saver+compressed_tensors" if both else "ascendv1_saver"
-        write_config(config, scheme_steps(scheme), str(calib), "layer_wise", saver)
+        write_config(config, scheme_steps(scheme), str(calib), "layer_wise", saver,
+                     {"next_block_inputs": "quantized"} if fed else None)
         out = args.work_dir / f"smollm2-{name}"
         seconds, rss = quantize_in_child(model_dir, config, out)
         ours = out / "ascendv1" if both else out

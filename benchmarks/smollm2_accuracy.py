@@ -209,8 +209,10 @@ def weight_zeros(out: Path) -> str:
     return ", ".join(f"{tag} zero weights {z / n:.4f}" for tag, (z, n) in sorted(zeros.items()))
 
 
-def write_config(path: Path, process: list, dataset: str, runner: str, saver: str = "ascendv1_saver") -> None:
-    """`saver`: one saver type, or several joined by "+" (one run writes each into its own subfolder)."""
+def write_config(path: Path, process: list, dataset: str, runner: str, saver: str = "ascendv1_saver",
+                 calibration: dict | None = None) -> None:
+    """`saver`: one saver type, or several joined by "+" (one run writes each into its own subfolder).
+    `calibration`: spec.calibration, when not the defaults."""
     import yaml
 
     config = {"apiversion": "modelslim_v1", "spec": {
@@ -218,6 +220,8 @@ def write_config(path: Path, process: list, dataset: str, runner: str, saver: st
         "process": process,
         "save": [{"type": kind, "part_file_size": 4} for kind in saver.split("+")],
         "dataset": dataset}}
+    if calibration:
+        config["spec"]["calibration"] = calibration
     path.write_text(yaml.safe_dump(config))
 
 

@@ -148,10 +148,12 @@ class _ForwardClock:
             handle.remove()
 
 
-def _run_processors(name: str, block: nn.Module, processors: list, requests: list, precision=None) -> list:
+def _run_processors(name: str, block: nn.Module, processors: list, requests: list, calibration) -> list:
     """The runner's per-block schedule (core/runner.py process_block) on `requests`, without early stopping, in
-    the calibration precision of the real run (`precision`: spec.calibration's reduced_precision())."""
-    return process_block(name, block, processors, requests, precision=precision) or []
+    the calibration precision of the real run, with its forward of the quantized block when the next block
+    calibrates on that (`calibration`: spec.calibration)."""
+    return process_block(name, block, processors, requests, precision=calibration.reduced_precision(),
+                         quantized_outputs=calibration.next_block_inputs == "quantized") or []
 
 
 def _tensor_bytes(value, seen: set[int]) -> int:
@@ -239,10 +241,15 @@ def estimate_run(job, request, startup_s: float, writer_factories: dict[str, Cal
     if job.runner == RunnerType.dp_layer_wise:
         assumptions.append("dp_layer_wise: estimated as one layer_wise process over all the batches (each rank "
                            "holds its share of the activations and forwards its share of the tokens)")
-    precision = job.config.spec.calibration.reduced_precision()
+    calibration = job.config.spec.calibration
+    precision = calibration.reduced_precision()
     if precision is not None:
         assumptions.append(f"spec.calibration.precision {precision.name}: the range-only calibration forwards are "
                            f"timed in {precision.name}, as the run computes them")
+    if calibration.next_block_inputs == "quantized":
+        assumptions.append("spec.calibration.next_block_inputs quantized: the forward of the quantized block that "
+                           "feeds the next one is timed with the calibration forwards and counted for every block "
+                           "(the last has none: a slight overestimate)")
     if os.environ.get("MSMODELSLIM_ACTIVATION_MEMORY_MIB"):
         assumptions.append("the activations stay in memory (MSMODELSLIM_ACTIVATION_MEMORY_MIB spilling is not "
                            "modelled)")
@@ -296,7 +303,7 @@ def estimate_run(job, request, startup_s: float, writer_factories: dict[str, Cal
     clock = time.perf_counter()
     for lead in leading:
         adapter.load_block(model, lead, device)
-        lead_outputs = _run_processors(lead, model.get_submodule(lead), processors, requests[:timed], precision)
+        lead_outputs = _run_processors(lead, model.get_submodule(lead), processors, requests[:timed], calibration)
         requests[: len(lead_outputs)] = [f.send(o) for f, o in zip(forwards, lead_outputs)]
         adapter.release_block(model, lead)
     leading_s = (time.perf_counter() - clock) * (len(batches) / timed if timed else 1)  # forwards: every batch
@@ -311,7 +318,7 @@ def estimate_run(job, request, startup_s: float, writer_factories: dict[str, Cal
     block = model.get_submodule(name)
     forward_clock = _ForwardClock(block)
     clock = time.perf_counter()
-    outputs = _run_processors(name, block, processors, requests[:timed], precision)
+    outputs = _run_processors(name, block, processors, requests[:timed], calibration)
     process_s = time.perf_counter() - clock
     forward_clock.remove()
     peak = peak_rss_since_reset() if peak_known else None

@@ -242,7 +242,8 @@ def _execute(job: _Job, request: QuantizeRequest, collective: Collective, stagin
                 (directory / RESUME_STATE.parent).mkdir(exist_ok=True)
         stats = run_blocks(job.adapter, job.model, job.processors, writer, batches, device, layer_wise, collective,
                            job.spill, job.unread, job.config.spec.calibration.early_stop_rule(), checkpoints, resume,
-                           job.config.spec.calibration.reduced_precision())
+                           job.config.spec.calibration.reduced_precision(),
+                           quantized_inputs=job.config.spec.calibration.next_block_inputs == "quantized")
         if writes:
             description, warnings = finish_outputs(job, request, writers, staging)
             if checkpoints is not None:

@@ -98,7 +98,11 @@ class CalibrationConfig(BaseModel):
     forwarded (core/calibration.py). `early_stop: false` uses every batch.
 
     `precision: bfloat16` runs those same range-only forwards under bfloat16 autocast (faster matmuls, extremes of
-    bfloat16-rounded activations); every other calibration forward stays float32 (core/calibration.py)."""
+    bfloat16-rounded activations); every other calibration forward stays float32 (core/calibration.py).
+
+    `next_block_inputs: quantized` feeds each block the previous block's outputs after it was quantized (GPTQ's
+    original sequential order, and llm-compressor's): the later blocks then calibrate on the inputs they will
+    see when served, at the cost of one more forward per block."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -109,17 +113,22 @@ class CalibrationConfig(BaseModel):
     min_tokens: int = Field(16384, ge=1, le=10**12, description="never stop before this many tokens")
     precision: Literal["float32", "bfloat16"] = Field(
         "float32", description="dtype of the matmuls of range-only calibration forwards (core/calibration.py)")
+    next_block_inputs: Literal["float", "quantized"] = Field(
+        "float", description="what the next block calibrates on: this block's float outputs, or its outputs once "
+                             "quantized (one more forward per block; core/runner.py)")
 
     def early_stop_rule(self) -> Optional[EarlyStop]:
         return EarlyStop(self.rtol, self.window_tokens, self.min_tokens) if self.early_stop else None
 
     @model_serializer(mode="wrap")
-    def _omit_default_precision(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        # The saved practice (`*_best_practice.yaml`, the resume fingerprint) of a float32 run stays byte-identical
-        # to one written before this field existed; a bfloat16 run records it.
+    def _omit_new_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # The saved practice (`*_best_practice.yaml`, the resume fingerprint) of a run with the defaults stays
+        # byte-identical to one written before these fields existed; a run that sets them records them.
         data = handler(self)
         if self.precision == "float32":
             data.pop("precision", None)
+        if self.next_block_inputs == "float":
+            data.pop("next_block_inputs", None)
         return data
 
     def reduced_precision(self) -> Optional[ReducedPrecision]:

@@ -16,7 +16,8 @@ an earlier forward, carried through the exact per-channel scalings applied since
 forward would (core/calibration.py: smoothing then static min/max ranges costs one forward, not two). The
 last forward's output, taken before that processor quantizes, becomes the next block's input: with the second
 forward saved, that is the output of the block before smoothing, equal in float to the smoothed one's up to
-rounding. A forward whose statistics are running extremes may stop early once they converge
+rounding. With `spec.calibration.next_block_inputs: quantized` one more forward of the quantized block gives the
+next block's inputs instead (GPTQ's sequential order). A forward whose statistics are running extremes may stop early once they converge
 (`spec.calibration`); the next blocks then get the batches it forwarded. With `spec.calibration.precision:
 bfloat16` those same forwards run under bfloat16 autocast, their outputs cast back to the block's dtype. Pipelines
 that need no data run no forward.
@@ -48,6 +49,7 @@ from msmodelslim.core.memory import release_free_heap
 from msmodelslim.core.passthrough import write_passthrough
 from msmodelslim.core.resume import BlockCheckpoints, ResumePoint
 from msmodelslim.format.ascendv1.writer import AscendV1Writer
+from msmodelslim.ir.quant_linear import decoded_weights_kept
 from msmodelslim.model.interface import block_hidden_state
 from msmodelslim.model.passthrough import UnreadTensors
 from msmodelslim.processor.base import Processor
@@ -224,11 +226,13 @@ def _calibration_forward(block_name: str, block: nn.Module, processor: Processor
 
 def process_block(name: str, block: nn.Module, processors: list[Processor], requests: list,
                   spill: Optional[ActivationSpill] = None, early_stop: Optional[EarlyStop] = None,
-                  collective: Collective = LOCAL, precision: Optional[ReducedPrecision] = None) -> Optional[list]:
+                  collective: Collective = LOCAL, precision: Optional[ReducedPrecision] = None,
+                  quantized_outputs: bool = False) -> Optional[list]:
     """Every processor on one block, in config order: its hooks, its calibration forward over `requests` (or the
     per-channel ranges an earlier forward left, when they suffice), its rewrite of the block. Returns the last
-    forward's outputs (None when no processor calibrates). `precision`: spec.calibration.precision when not
-    float32 (range-only forwards under autocast)."""
+    forward's outputs (None when no processor calibrates), or with `quantized_outputs` those of one more forward
+    of the quantized block over the same batches. `precision`: spec.calibration.precision when not float32
+    (range-only forwards under autocast)."""
     outputs, ranges = None, None  # ranges: the block's linear inputs as the processors so far left them
     for i, processor in enumerate(processors):
         if processor.needs_calibration and ranges is not None and processor.ranges_suffice(name, block, ranges):
@@ -242,6 +246,11 @@ def process_block(name: str, block: nn.Module, processors: list[Processor], requ
         processor.after_forward(name, block)
         if ranges is not None:
             ranges = ranges.scaled(processor.input_scaling(name, block))
+    if outputs is not None and quantized_outputs:
+        forwarded = requests[: len(outputs)]  # all, or those an early stop kept
+        outputs = None  # the float outputs go before the quantized ones are computed
+        with decoded_weights_kept(block):  # each weight decoded once for all batches
+            outputs = _forward_all(name, forwarded, spill)
     return outputs
 
 
@@ -275,13 +284,16 @@ def run_blocks(
     checkpoints: Optional[BlockCheckpoints] = None,
     resume: Optional[ResumePoint] = None,
     precision: Optional[ReducedPrecision] = None,
+    quantized_inputs: bool = False,
 ) -> RunStats:
     """Quantize every block; `batches` are this rank's share, `writer` is None on ranks that do not write.
     `spill`, when given, moves the activations between blocks to disk if they exceed its budget. `unread`: the
     checkpoint tensors the model does not read; its pass-through groups are written after everything else.
     `early_stop`: the convergence rule that may end a calibration forward early (None: every batch).
     `checkpoints`: records each finished block for --resume; `resume`: a killed run's last checkpoint, continued.
-    `precision`: spec.calibration.precision when not float32 (range-only calibration forwards under autocast)."""
+    `precision`: spec.calibration.precision when not float32 (range-only calibration forwards under autocast).
+    `quantized_inputs`: the next block calibrates on this block's quantized outputs (spec.calibration
+    next_block_inputs), not on its float ones."""
     needs_data = any(p.needs_calibration for p in processors)
     block_names = adapter.block_names(model)
     if any(p.changes_outside_blocks for p in processors):  # e.g. a head left unread at load: rotations change it
@@ -336,7 +348,7 @@ def run_blocks(
         # a leading block (vision tower) forwards every batch: stopping early there would drop images for every
         # text layer after it
         outputs = process_block(name, block, processors, requests, spill, None if leading else early_stop, collective,
-                                precision)
+                                precision, quantized_outputs=quantized_inputs and index + 1 < len(block_names))
         if outputs is not None and len(outputs) < len(requests):  # stopped early: later blocks get these batches
             for generator in forwards[len(outputs):]:
                 generator.close()

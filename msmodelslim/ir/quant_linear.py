@@ -22,7 +22,8 @@ Behind QuaRot's online rotation (ir/online_rotation.py) a QuantLinear also holds
 """
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from contextlib import contextmanager
+from typing import Iterator, Mapping, Optional
 
 import torch
 from torch import nn
@@ -237,6 +238,19 @@ class QuantLinear(nn.Module):
         lowrank = "" if self.svd_rank is None else f", svd_rank={self.svd_rank}"
         rotated = "".join(f", {name}" for name in input_rotation(self))
         return f"{self.scheme.value}, in={self.in_features}, out={self.out_features}, {group}{lowrank}{rotated}"
+
+
+@contextmanager
+def decoded_weights_kept(module: nn.Module) -> Iterator[nn.Module]:
+    """keep_decoded_weights for the span of the block, then the decoded copies are dropped (the codes stay)."""
+    layers = [m for m in module.modules() if isinstance(m, QuantLinear) and not m.keep_decoded_weight]
+    for layer in layers:
+        layer.keep_decoded_weight = True
+    try:
+        yield module
+    finally:
+        for layer in layers:
+            layer.keep_decoded_weight, layer._decoded = False, None
 
 
 def keep_decoded_weights(model: nn.Module) -> nn.Module:
