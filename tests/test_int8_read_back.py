@@ -75,3 +75,36 @@ def test_eligibility_follows_the_weight_tensors():
     assert layer.integer_kernel_applies(x)
     layer.weight_scale, layer.weight_offset = torch.rand(24, 2), torch.zeros(24, 2)
     assert not layer.integer_kernel_applies(x)
+
+
+def test_layers_reading_the_same_input_quantize_it_once(monkeypatch):
+    """keep_decoded_weights shares the last input's codes: q/k/v-like siblings on one tensor quantize it once, a
+    new tensor or an in-place change of the same one is quantized again, and every output stays the kernel's."""
+    from msmodelslim.ir import quant_linear
+    from msmodelslim.ir.quant_linear import keep_decoded_weights
+
+    g = torch.Generator().manual_seed(3)
+    layers = torch.nn.ModuleList(
+        QuantLinear(Scheme.W8A8_DYNAMIC, torch.randint(-128, 128, (16, 40), generator=g, dtype=torch.int8),
+                    torch.rand(16, 1, generator=g) / 100, torch.zeros(16, 1), bias=torch.randn(16, generator=g))
+        for _ in range(3))
+    keep_decoded_weights(layers)
+    quantized = []
+    real = quant_linear.per_token_codes
+    monkeypatch.setattr(quant_linear, "per_token_codes", lambda x, bits: quantized.append(x) or real(x, bits))
+
+    def expected(layer, x):
+        return kernel_reference(x, layer.qweight, layer.weight_scale, layer.bias)
+
+    x = torch.randn(1, 1, 40, generator=g)  # one token, as in generation
+    for layer in layers:
+        assert torch.equal(layer(x), expected(layer, x))
+    assert len(quantized) == 1
+    x.mul_(2)  # in place: the same object, a new version
+    assert torch.equal(layers[0](x), expected(layers[0], x)) and len(quantized) == 2
+    y = x.clone()  # equal values, another tensor
+    assert torch.equal(layers[1](y), expected(layers[1], y)) and len(quantized) == 3
+    alone = QuantLinear(Scheme.W8A8_DYNAMIC, layers[0].qweight, layers[0].weight_scale, torch.zeros(16, 1),
+                        bias=layers[0].bias)  # not under keep_decoded_weights: quantizes every call
+    alone(y), alone(y)
+    assert len(quantized) == 5

@@ -127,6 +127,7 @@ class QuantLinear(nn.Module):
         self._decoded: Optional[tuple[tuple, torch.Tensor]] = None
         self._integer_key: Optional[tuple] = None  # weight versions the integer-kernel eligibility was checked on
         self._integer_ok = False
+        self.input_codes: Optional[LastInputCodes] = None  # shared by a model's layers at read-back
 
     @property
     def weight_bits(self) -> int:
@@ -216,8 +217,8 @@ class QuantLinear(nn.Module):
     def _integer_forward(self, x: torch.Tensor) -> torch.Tensor:
         """out = float32(Σ_k c_x·q_w) · s_x · s_w + bias, with c_x = clamp(round(x / s_x)) and s_x = max|x_t| / 127:
         the codes of quantize_per_token_dynamic, their products summed exactly in int32."""
-        codes, scale = per_token_codes(x.reshape(-1, self.in_features), 8)
-        sums = torch._int_mm(codes.to(torch.int8), self.qweight.t())
+        codes, scale = (self.input_codes or LastInputCodes()).int8_codes(x)
+        sums = torch._int_mm(codes, self.qweight.t())
         out = torch.mul(sums, scale).mul_(self.weight_scale.reshape(1, -1))  # int32 sums promoted to float32
         if self.bias is not None:
             out.add_(self.bias)
@@ -240,6 +241,25 @@ class QuantLinear(nn.Module):
         return f"{self.scheme.value}, in={self.in_features}, out={self.out_features}, {group}{lowrank}{rotated}"
 
 
+class LastInputCodes:
+    """The int8 per-token codes of the last input quantized, for the layers that read the same tensor next: q, k
+    and v (gate and up) get the same hidden states, and at one token per step quantizing them costs more than the
+    integer product itself. It holds that input, so that its storage cannot be reused by another tensor; an
+    in-place change of it (its version) makes the codes be computed again."""
+
+    def __init__(self) -> None:
+        self._last: Optional[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]] = None
+
+    def int8_codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(int8 codes [tokens, in], float32 scales [tokens, 1]) of quantize_per_token_dynamic(x, 8)."""
+        last = self._last
+        if last is not None and last[0] is x and last[1] == x._version:
+            return last[2], last[3]
+        codes, scale = per_token_codes(x.reshape(-1, x.shape[-1]), 8)
+        self._last = (x, x._version, codes.to(torch.int8), scale)
+        return self._last[2], self._last[3]
+
+
 @contextmanager
 def decoded_weights_kept(module: nn.Module) -> Iterator[nn.Module]:
     """keep_decoded_weights for the span of the block, then the decoded copies are dropped (the codes stay)."""
@@ -255,8 +275,11 @@ def decoded_weights_kept(module: nn.Module) -> Iterator[nn.Module]:
 
 def keep_decoded_weights(model: nn.Module) -> nn.Module:
     """Every QuantLinear of `model` decodes its weight once, at its first forward, and keeps it: evaluation and
-    generation then cost what the float model costs, at the float model's memory (plus the codes)."""
+    generation then cost what the float model costs, at the float model's memory (plus the codes). Layers on the
+    integer path that read the same input tensor quantize it once (LastInputCodes)."""
+    shared = LastInputCodes()
     for module in model.modules():
         if isinstance(module, QuantLinear):
             module.keep_decoded_weight = True
+            module.input_codes = shared
     return model
