@@ -9,12 +9,27 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-
+import torch
 import yaml
+from safetensors.torch import load_file
 
 from msmodelslim.app.quantize import quantize
 from msmodelslim.app.quantize_request import QuantizeRequest
 from msmodelslim.core.device import DeviceSpec
+
+def saved_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a saved checkpoint folder, its shards merged."""
+    merged = {}
+    for shard in sorted(Path(folder).glob("*.safetensors")):
+        merged.update(load_file(shard))
+    return merged
+
+
+def output_file_bytes(folder: Path) -> dict[str, bytes]:
+    """Every output file's bytes but the run marker's (.msmodelslim.json: pid, host and time of the run)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*"))
+            if p.is_file() and p.name != ".msmodelslim.json"}
+
 
 W8 = {"dtype": "int8", "scope": "per_channel", "symmetric": True, "method": "minmax"}
 SCHEMES = {

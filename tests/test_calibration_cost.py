@@ -7,11 +7,10 @@ import logging
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoTokenizer
 
-from helpers import SCHEMES, run_quant
+from helpers import SCHEMES, run_quant, saved_tensors
 from msmodelslim.core import runner
 from msmodelslim.core.calibration import BlockInputRanges, ChannelRange, Convergence, EarlyStop, relative_change
 from msmodelslim.core.config import CalibrationConfig
@@ -185,13 +184,6 @@ def assert_same_up_to_float_rounding(one: dict, two: dict):
             assert float(diff.max()) <= 1 and int((diff > 0).sum()) <= max(1, diff.numel() // 1000), name
 
 
-def tensors(out):
-    merged = {}
-    for f in out.glob("*.safetensors"):
-        merged.update(load_file(f))
-    return merged
-
-
 @pytest.mark.parametrize("smoother", list(SMOOTHERS))
 @pytest.mark.parametrize("quant", ["static", "static_split"])
 def test_one_forward_gives_the_ranges_of_two(tmp_path, monkeypatch, count_forwards, smoother, quant):
@@ -205,7 +197,7 @@ def test_one_forward_gives_the_ranges_of_two(tmp_path, monkeypatch, count_forwar
     forced_second_forward(monkeypatch)
     run_quant(source, tmp_path / "two", config, "Qwen2-7B")
     assert len(count_forwards) == 2 * blocks
-    one, two = tensors(tmp_path / "one"), tensors(tmp_path / "two")
+    one, two = saved_tensors(tmp_path / "one"), saved_tensors(tmp_path / "two")
     assert any(n.endswith("input_scale") for n in one)
     assert_same_up_to_float_rounding(one, two)
 
@@ -221,7 +213,7 @@ def test_ranges_carried_through_no_change_are_bit_identical(tmp_path, monkeypatc
     forced_second_forward(monkeypatch)
     run_quant(source, tmp_path / "two", config)
     assert len(count_forwards) == 2 + 4
-    one, two = tensors(tmp_path / "one"), tensors(tmp_path / "two")
+    one, two = saved_tensors(tmp_path / "one"), saved_tensors(tmp_path / "two")
     assert one.keys() == two.keys()
     for name in one:
         assert torch.equal(one[name], two[name]), name
@@ -261,7 +253,7 @@ def test_early_stop_uses_a_prefix_of_the_batches_for_every_block(tmp_path, caplo
     prefix = tmp_path / "prefix.jsonl"  # batches are ordered by token length: here, by text order
     prefix.write_text("\n".join(open(full).read().splitlines()[:4]))
     run_quant(source, tmp_path / "prefix", write(tmp_path / "p.yaml", process, str(prefix)))
-    early, reference = tensors(tmp_path / "early"), tensors(tmp_path / "prefix")
+    early, reference = saved_tensors(tmp_path / "early"), saved_tensors(tmp_path / "prefix")
     assert early.keys() == reference.keys()
     for name in early:
         assert torch.equal(early[name], reference[name]), name
@@ -278,7 +270,7 @@ def test_early_stop_off_and_unconverged_use_every_batch(tmp_path, caplog):
         run_quant(source, tmp_path / "strict", write(tmp_path / "s.yaml", process, data, strict))
     assert "calibration stopped" not in caplog.text
     assert "calibration used all 6 batches available" in caplog.text
-    off, strict_out = tensors(tmp_path / "off"), tensors(tmp_path / "strict")
+    off, strict_out = saved_tensors(tmp_path / "off"), saved_tensors(tmp_path / "strict")
     for name in off:
         assert torch.equal(off[name], strict_out[name]), name
 

@@ -8,11 +8,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from helpers import SCHEMES, run_quant
+from helpers import SCHEMES, run_quant, saved_tensors, output_file_bytes
 from msmodelslim.core.device import DeviceSpec
 from msmodelslim.core import runner
 from msmodelslim.core.calibration import ReducedPrecision
@@ -57,19 +56,6 @@ def quantize(source, tmp_path, name, process, calib, precision=None, runner_type
     out = tmp_path / name
     run_quant(source, out, write(tmp_path / f"{name}.yaml", process, calib, runner_type, precision), **kwargs)
     return out
-
-
-def tensors(out) -> dict[str, torch.Tensor]:
-    merged = {}
-    for f in out.glob("*.safetensors"):
-        merged.update(load_file(f))
-    return merged
-
-
-def file_bytes(out) -> dict[str, bytes]:
-    """Every output file but the run marker (.msmodelslim.json: pid, host and time of the run)."""
-    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
-            if p.is_file() and p.name != ".msmodelslim.json"}
 
 
 @pytest.fixture
@@ -120,7 +106,7 @@ def test_a_bad_precision_is_refused_before_any_weight_is_read(source, calib, tmp
 def test_float32_written_out_is_byte_identical_to_the_default(source, calib, tmp_path, forwards_seen):
     default = quantize(source, tmp_path, "default", [SMOOTH, STATIC], calib)
     explicit = quantize(source, tmp_path, "float32", [SMOOTH, STATIC], calib, precision="float32")
-    assert file_bytes(default) == file_bytes(explicit)
+    assert output_file_bytes(default) == output_file_bytes(explicit)
     # the saved practice (and the resume fingerprint hashing it) of a float32 run is the one written before the
     # field existed
     practice = yaml.safe_load((explicit / "Llama-2-7B_best_practice.yaml").read_text())
@@ -148,7 +134,7 @@ def test_range_only_forwards_run_in_bfloat16_and_stay_close(source, calib, tmp_p
     for block, autocast, inputs, outputs in forwards_seen:
         assert autocast and inputs == {torch.float32} and outputs == {torch.float32}, block
 
-    a, b = tensors(reduced), tensors(exact)
+    a, b = saved_tensors(reduced), saved_tensors(exact)
     assert a.keys() == b.keys()
     # the smoothing scales live in the float norm weights they were folded into; static ranges in input_scale
     folded = [n for n in b if n.endswith("layernorm.weight") and ".layers." in n]
@@ -180,10 +166,10 @@ def test_dp_layer_wise_ranks_calibrate_in_bfloat16_too(source, calib, tmp_path):
     """Max statistics merge exactly over ranks, so two CPU ranks write the single process's bytes: those of the
     bfloat16 run, which differ from the float32 run's (the setting reached every rank)."""
     process = [SMOOTH, STATIC]
-    single = tensors(quantize(source, tmp_path, "single", process, calib, "bfloat16"))
-    exact = tensors(quantize(source, tmp_path, "float32", process, calib))
-    ranks = tensors(quantize(source, tmp_path, "dp", process, calib, "bfloat16", "dp_layer_wise",
-                             device=DeviceSpec("cpu", (0, 1))))
+    single = saved_tensors(quantize(source, tmp_path, "single", process, calib, "bfloat16"))
+    exact = saved_tensors(quantize(source, tmp_path, "float32", process, calib))
+    ranks = saved_tensors(quantize(source, tmp_path, "dp", process, calib, "bfloat16", "dp_layer_wise",
+                                     device=DeviceSpec("cpu", (0, 1))))
     assert ranks.keys() == single.keys()
     for name in single:
         assert torch.equal(ranks[name], single[name]), name
@@ -233,7 +219,7 @@ def test_a_gptq_only_run_is_byte_identical_to_float32(source, calib, tmp_path, c
     with caplog.at_level(logging.INFO, logger="msmodelslim"):
         reduced = quantize(source, tmp_path, "bfloat16", [GPTQ], calib, precision="bfloat16")
     assert sum(DECLINED in r.getMessage() for r in caplog.records) == 1
-    exact_tensors, reduced_tensors = tensors(exact), tensors(reduced)
+    exact_tensors, reduced_tensors = saved_tensors(exact), saved_tensors(reduced)
     assert exact_tensors.keys() == reduced_tensors.keys()
     for name in exact_tensors:
         assert torch.equal(exact_tensors[name], reduced_tensors[name]), name

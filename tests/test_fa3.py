@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 from torch import nn
 
-from helpers import MODEL_TYPE, SCHEMES, outputs_of_both_runners, quantize_variants, run_quant, small_calib
+from helpers import MODEL_TYPE, SCHEMES, outputs_of_both_runners, quantize_variants, run_quant, small_calib, saved_tensors
 from msmodelslim.core.config import parse_config
 from msmodelslim.core.device import DeviceSpec
 from msmodelslim.core.distributed import spawn_ranks
@@ -39,13 +38,6 @@ def write_pipeline(path, process, runner="layer_wise", dataset=None, save="ascen
         spec["dataset"] = dataset
     path.write_text(yaml.safe_dump({"apiversion": "modelslim_v1", "spec": spec}))
     return path
-
-
-def tensors_of(out) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for shard in sorted(out.glob("*.safetensors")):
-        tensors.update(load_file(shard))
-    return tensors
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +168,7 @@ def test_dense_scales_are_the_range_of_the_cache_transformers_fills(models, tmp_
     calib = small_calib(tmp_path)
     out = tmp_path / "fa3"
     run_quant(models["llama"], out, write_pipeline(tmp_path / "c.yaml", [FA3], dataset=calib))
-    saved = tensors_of(out)
+    saved = saved_tensors(out)
     model, tokenizer = float_model(models["llama"]), AutoTokenizer.from_pretrained(models["llama"])
     maxima = {}
     for text in (json.loads(line)["text"] for line in open(calib)):
@@ -199,7 +191,7 @@ def test_mla_k_and_v_scales_are_the_range_of_the_latent_cache(models, tmp_path):
     calib = small_calib(tmp_path)
     out = tmp_path / "fa3"
     run_quant(models["deepseek_v3"], out, write_pipeline(tmp_path / "c.yaml", [FA3], dataset=calib), "DeepSeek-V3")
-    saved = tensors_of(out)
+    saved = saved_tensors(out)
     model, tokenizer = float_model(models["deepseek_v3"]), AutoTokenizer.from_pretrained(models["deepseek_v3"])
     k_max, v_max = {}, {}
     for text in (json.loads(line)["text"] for line in open(calib)):
@@ -225,7 +217,7 @@ def test_round_trip_through_both_readers(models, tmp_path, family):
     run_quant(models[family], out, write_pipeline(tmp_path / "c.yaml", process, dataset=small_calib(tmp_path)),
               FAMILIES[family])
     description = json.loads((out / "quant_model_description.json").read_text())
-    saved = tensors_of(out)
+    saved = saved_tensors(out)
     layers = float_model(models[family]).config.num_hidden_layers
     assert description["fa_quant_type"] == "FAKQuant"
     for i in range(layers):
@@ -280,7 +272,7 @@ def test_the_other_mla_families_round_trip(tmp_path, family):
     out = tmp_path / "fa3"
     run_quant(source, out, write_pipeline(tmp_path / "c.yaml", [FA3], dataset=small_calib(tmp_path)),
               OTHER_MLA[family])
-    saved = tensors_of(out)
+    saved = saved_tensors(out)
     assert saved["model.layers.0.self_attn.fa_k.scale"].shape == (1, 1)
     assert [f for f in check_ascendv1(out) if f.level == "error"] == []
     ours, reference = load_ascendv1(out), load_reference_model(out)
@@ -315,7 +307,7 @@ def test_per_token_writes_the_quant_type_string_only(models, tmp_path):
     run_quant(models["deepseek_v3"], out, write_pipeline(tmp_path / "c.yaml", [step]), "DeepSeek-V3")
     description = json.loads((out / "quant_model_description.json").read_text())
     assert "fa_quant_type" not in description
-    assert not any(".fa_" in k for k in tensors_of(out))
+    assert not any(".fa_" in k for k in saved_tensors(out))
     assert {k: v for k, v in description.items() if k.endswith(".quant_type")} == {
         f"model.layers.{i}.self_attn.quant_type": "INT8_DYNAMIC" for i in range(3)}
     assert [f for f in check_ascendv1(out) if f.level == "error"] == []
@@ -364,7 +356,7 @@ def test_dp_layer_wise_merges_to_the_single_process_bytes(models, tmp_path, fami
     outs = quantize_variants(models[family], tmp_path, [FA3], FAMILIES[family],
                              {"single": ("auto", DeviceSpec("cpu")), "dp": ("auto", DeviceSpec("cpu", (0, 1)))},
                              str(path))
-    single, dp = tensors_of(outs["single"]), tensors_of(outs["dp"])
+    single, dp = saved_tensors(outs["single"]), saved_tensors(outs["dp"])
     assert single.keys() == dp.keys() and any(".fa_k.scale" in k for k in single)
     for name in single:
         assert torch.equal(single[name], dp[name]), name

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from transformers.models.glm4_moe.modeling_glm4_moe import (Glm4MoeDecoderLayer, Glm4MoeRMSNorm,
                                                             Glm4MoeRotaryEmbedding)
 
-from helpers import SCHEMES, outputs_of_both_runners, run_quant, small_calib
+from helpers import SCHEMES, outputs_of_both_runners, run_quant, small_calib, saved_tensors
 from msmodelslim.cli.__main__ import main
 from msmodelslim.format.ascendv1.reader import load_ascendv1
 from msmodelslim.model.glm import Glm4MoeAdapter
@@ -124,13 +124,6 @@ def write(path, process, dataset=None, runner="layer_wise"):
     return path
 
 
-def tensors_of(directory) -> dict[str, torch.Tensor]:
-    out = {}
-    for shard in sorted(directory.glob("*.safetensors")):
-        out.update(load_file(shard))
-    return out
-
-
 def max_logit_change(source, out, family: str) -> tuple[float, float]:
     """(max |Δlogit|, max |logit|) of the output read back against the float source."""
     original = float_model(source, family)
@@ -155,7 +148,7 @@ def test_smoothing_alone_leaves_the_float_model_unchanged(sources, tmp_path, cap
     change, scale = max_logit_change(source, out, family)
     report(capsys, f"{family} {step}", change, scale)
     assert change < BOUND * scale
-    before, after = tensors_of(source), tensors_of(out)
+    before, after = saved_tensors(source), saved_tensors(out)
     # (Step-3.5's stacked experts are written per expert: compared by name where both have one)
     changed = {k for k in before if k in after and not torch.equal(before[k], after[k])}
     layer, moe = LAYER[family], MOE[family]
@@ -186,7 +179,7 @@ def test_rotation_alone_leaves_the_float_model_unchanged(sources, tmp_path, caps
     change, scale = max_logit_change(source, out, family)
     report(capsys, f"{family} quarot", change, scale)
     assert change < BOUND * scale
-    before, after = tensors_of(source), tensors_of(out)
+    before, after = saved_tensors(source), saved_tensors(out)
     layer, moe = LAYER[family], MOE[family]
     expert = f"{moe}.share_expert.down_proj.weight" if family == "step3p5" else f"{moe}.experts.2.{EXPERT_DOWN[family]}.weight"
     for name in (f"{moe}.gate.weight", expert,
@@ -389,7 +382,7 @@ def test_deepseek_v4_smoothing_alone_leaves_the_float_model_unchanged(v4_source,
     change, scale = v4_change(v4_source, out)
     report(capsys, f"deepseek_v4 {step}", change, scale)
     assert change < BOUND * scale
-    before, after = tensors_of(v4_source), tensors_of(out)
+    before, after = saved_tensors(v4_source), saved_tensors(out)
     assert set(before) == set(after), "the output keeps the native names"
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert "layers.1.attn_norm.weight" in changed, "nothing was smoothed"
@@ -413,7 +406,7 @@ def test_deepseek_v4_rotation_alone_leaves_the_float_model_unchanged(v4_source, 
     change, scale = v4_change(v4_source, out)
     report(capsys, "deepseek_v4 quarot", change, scale)
     assert change < BOUND * scale
-    before, after = tensors_of(v4_source), tensors_of(out)
+    before, after = saved_tensors(v4_source), saved_tensors(out)
     for name in ("embed.weight", "head.weight", "hc_head_fn", "layers.0.hc_attn_fn", "layers.2.hc_ffn_fn",
                  "layers.1.attn.wq_a.weight", "layers.1.attn.indexer.weights_proj.weight",
                  "layers.2.attn.compressor.wkv.weight", "layers.0.attn.wo_b.weight", "layers.1.ffn.gate.weight",
@@ -572,6 +565,6 @@ def test_deepseek_v4_quarot_with_an_mtp_layer_end_to_end(v4_source, tmp_path):
     out = tmp_path / "out"
     run_quant(source, out, write(tmp_path / "c.yaml", [{"type": "quarot"}, W8A8_DYNAMIC]), V4)
     assert main(["check", str(out), "--model_path", str(source)]) == 0
-    after = tensors_of(out)
+    after = saved_tensors(out)
     assert not torch.allclose(after["mtp.0.h_proj.weight"], mtp["mtp.0.h_proj.weight"])  # rotated, written float
     assert torch.equal(after["mtp.0.hc_head_base"], mtp["mtp.0.hc_head_base"])

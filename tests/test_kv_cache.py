@@ -13,7 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from helpers import MODEL_TYPE, SCHEMES, outputs_of_both_runners, quantize_variants, run_quant, small_calib
+from helpers import MODEL_TYPE, SCHEMES, outputs_of_both_runners, quantize_variants, run_quant, small_calib, saved_tensors
 from msmodelslim.app.convert import convert_ascendv1_to_compressed_tensors
 from msmodelslim.core.config import parse_config
 from msmodelslim.core.device import DeviceSpec
@@ -40,13 +40,6 @@ def write_pipeline(path, process, runner="layer_wise", dataset=None, save="ascen
         spec["dataset"] = dataset
     path.write_text(yaml.safe_dump({"apiversion": "modelslim_v1", "spec": spec}))
     return path
-
-
-def tensors_of(out) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for shard in sorted(out.glob("*.safetensors")):
-        tensors.update(load_file(shard))
-    return tensors
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +81,7 @@ def test_cache_fake_quantization_is_the_engine_arithmetic():
 def test_reader_simulates_the_cache_with_the_saved_scales(tiny_llama, tmp_path):
     out = tmp_path / "c8"
     run_quant(tiny_llama, out, write_pipeline(tmp_path / "c.yaml", [C8], dataset=small_calib(tmp_path)))
-    saved = tensors_of(out)
+    saved = saved_tensors(out)
     model = load_ascendv1(out)
     seen = []
     for i, layer in enumerate(model.model.layers):
@@ -135,7 +128,7 @@ def test_scales_are_the_range_of_the_cache_transformers_fills(models, tmp_path, 
     calib = small_calib(tmp_path)
     out = tmp_path / "c8"
     run_quant(models[family], out, write_pipeline(tmp_path / "c.yaml", [C8], dataset=calib), MODEL_TYPE[family])
-    saved = tensors_of(out)
+    saved = saved_tensors(out)
     texts = [json.loads(line)["text"] for line in open(calib)]
     for i, (key_max, value_max) in enumerate(cached_absmax(models[family], texts)):
         attn = f"model.layers.{i}.self_attn"
@@ -160,7 +153,7 @@ def test_round_trip_through_both_readers(models, tmp_path, family):
     assert "kv_cache_type" not in json.loads((without / "quant_model_description.json").read_text())
     config = json.loads((source / "config.json").read_text())
     channels = config["num_key_value_heads"] * config.get("head_dim", config["hidden_size"] // config["num_attention_heads"])
-    saved = tensors_of(out)
+    saved = saved_tensors(out)
     for i in range(config["num_hidden_layers"]):
         for proj in ("k_proj", "v_proj"):
             scale = saved[f"model.layers.{i}.self_attn.{proj}.kv_cache_scale"]
@@ -341,7 +334,7 @@ def test_dp_layer_wise_merges_to_the_single_process_bytes(tiny_llama, tmp_path, 
     outs = quantize_variants(tiny_llama, tmp_path, process, "Llama-2-7B",
                              {"single": ("auto", DeviceSpec("cpu")), "dp": ("auto", DeviceSpec("cpu", (0, 1)))},
                              str(path))
-    single, dp = tensors_of(outs["single"]), tensors_of(outs["dp"])
+    single, dp = saved_tensors(outs["single"]), saved_tensors(outs["dp"])
     assert single.keys() == dp.keys()
     assert any("kv_cache_scale" in k for k in single) == (C8 in process)
     for name in single:
@@ -429,7 +422,7 @@ def test_fp8_kv_cache_is_exported_to_compressed_tensors(models, tmp_path, family
     assert parsed.kv_cache_scheme is not None and parsed.config_groups == {}
     assert [f.message for f in check_compressed_tensors(out) if f.level == "error"] == []
 
-    saved = tensors_of(out)
+    saved = saved_tensors(out)
     texts = [json.loads(line)["text"] for line in open(calib)]
     for i, (key_max, value_max) in enumerate(cached_absmax(source, texts)):
         attn = f"model.layers.{i}.self_attn"
@@ -461,7 +454,7 @@ def test_fp8_kv_cache_with_w8a8_in_one_compressed_tensors_checkpoint(tiny_llama,
     quantization = json.loads((out / "config.json").read_text())["quantization_config"]
     vllm_accepts(quantization["kv_cache_scheme"])
     assert quantization["format"] == "int-quantized" and len(quantization["config_groups"]) == 1
-    saved = tensors_of(out)
+    saved = saved_tensors(out)
     assert {n for n in saved if n.endswith(("k_scale", "v_scale"))} == {
         f"model.layers.{i}.self_attn.{s}" for i in range(2) for s in ("k_scale", "v_scale")}
 
@@ -513,7 +506,7 @@ def test_fp8_kv_cache_under_dp_layer_wise_is_the_single_process_checkpoint(tiny_
         run_quant(tiny_llama, outs[name], write_pipeline(tmp_path / f"{name}.yaml", [KV_FP8], runner="auto",
                                                          dataset=str(path), save="compressed_tensors"),
                   device=device)
-    single, dp = tensors_of(outs["single"]), tensors_of(outs["dp"])
+    single, dp = saved_tensors(outs["single"]), saved_tensors(outs["dp"])
     assert single.keys() == dp.keys() and any(k.endswith("k_scale") for k in single)
     for name in single:
         assert torch.equal(single[name], dp[name]), name

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import msmodelslim.processor.flex_smooth_quant.processor as flex_module
-from helpers import SCHEMES, quantize_variants, run_quant, shard_bytes, small_calib
+from helpers import SCHEMES, quantize_variants, run_quant, shard_bytes, small_calib, saved_tensors
 from msmodelslim.cli.__main__ import main
 from msmodelslim.core.config import parse_config
 from msmodelslim.core.device import DeviceSpec
@@ -70,13 +70,6 @@ def write(path, process, dataset, runner="layer_wise"):
     path.write_text(yaml.safe_dump({"apiversion": "modelslim_v1",
                                     "spec": {"runner": runner, "process": process, "dataset": dataset}}))
     return path
-
-
-def tensors_of(directory) -> dict[str, torch.Tensor]:
-    out = {}
-    for shard in sorted(directory.glob("*.safetensors")):
-        out.update(load_file(shard))
-    return out
 
 
 def max_logit_change(source, smoothed_dir) -> float:
@@ -177,7 +170,7 @@ def test_smoothing_alone_leaves_the_float_model_unchanged(planted, tmp_path, fam
     change = max_logit_change(source, out)
     print(f"\nmax |Δlogit| {family} {step}: {change:.3g}")
     assert change < 1e-4
-    before, after = tensors_of(source), tensors_of(out)
+    before, after = saved_tensors(source), saved_tensors(out)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert "model.layers.0.input_layernorm.weight" in changed, "nothing was smoothed"
     if step == "awq":  # its grid holds α = 0 (s = 1), which a subgraph may pick: only exactness is certain
@@ -200,7 +193,7 @@ def test_mla_ov_scales_only_the_value_rows_of_kv_b_proj(planted, tmp_path):
     step = {"type": "smooth_quant", "alpha": 0.5, "enable_subgraph_type": ["ov"]}
     run_quant(source, out, write(tmp_path / "c.yaml", [step], small_calib(tmp_path)), "DeepSeek-V3")
     assert max_logit_change(source, out) < 1e-4
-    before, after = tensors_of(source), tensors_of(out)
+    before, after = saved_tensors(source), saved_tensors(out)
     name = "model.layers.1.self_attn.kv_b_proj.weight"
     rows_before, rows_after = before[name].reshape(4, 8 + 16, 16), after[name].reshape(4, 8 + 16, 16)  # [H, nope+v, r]
     assert torch.equal(rows_before[:, :8], rows_after[:, :8]), "key rows must keep scale 1"
@@ -228,7 +221,7 @@ def test_an_expert_without_tokens_keeps_scale_one_and_is_counted(planted, tmp_pa
     starved = [line for line in log_lines if "routed experts received no calibration tokens" in line]
     assert starved == ["model.layers.1: 1 of 4 routed experts received no calibration tokens; their iter_smooth "
                        "subgraphs (source mlp.experts.*.up_proj) keep scale 1"]
-    before, after = tensors_of(source), tensors_of(out)
+    before, after = saved_tensors(source), saved_tensors(out)
     down = "model.layers.1.mlp.experts.{}.down_proj.weight"
     assert torch.equal(before[down.format(2)], after[down.format(2)])
     assert not torch.equal(before[down.format(0)], after[down.format(0)])

@@ -6,9 +6,8 @@ import json
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
-from helpers import SCHEMES, run_quant
+from helpers import SCHEMES, run_quant, saved_tensors, output_file_bytes
 from msmodelslim.core import runner
 from msmodelslim.core.config import CalibrationConfig
 from msmodelslim.core.errors import ConfigError
@@ -48,18 +47,6 @@ def quantize(source, tmp_path, name, process, calib, next_block_inputs=None):
     return out
 
 
-def tensors(out) -> dict[str, torch.Tensor]:
-    merged = {}
-    for shard in out.glob("*.safetensors"):
-        merged.update(load_file(shard))
-    return merged
-
-
-def file_bytes(out) -> dict[str, bytes]:
-    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
-            if p.is_file() and p.name != ".msmodelslim.json"}
-
-
 @pytest.fixture
 def block_inputs(monkeypatch):
     """Per forward of a block: (block name, [(args, kwargs) of each batch], [hidden-state output of each batch])."""
@@ -97,7 +84,7 @@ def test_a_bad_value_is_refused_before_any_weight_is_read(source, calib, tmp_pat
 def test_float_written_out_is_byte_identical_to_the_default(source, calib, tmp_path):
     default = quantize(source, tmp_path, "default", [GPTQ_W4], calib)
     explicit = quantize(source, tmp_path, "float", [GPTQ_W4], calib, next_block_inputs="float")
-    assert file_bytes(default) == file_bytes(explicit)
+    assert output_file_bytes(default) == output_file_bytes(explicit)
     practice = yaml.safe_load((explicit / "Llama-2-7B_best_practice.yaml").read_text())
     assert "next_block_inputs" not in practice["spec"]["calibration"]
 
@@ -136,7 +123,7 @@ def test_quantized_next_block_inputs_are_the_saved_blocks_outputs(source, calib,
 def test_quantized_inputs_change_the_later_blocks_only(source, calib, tmp_path):
     plain = quantize(source, tmp_path, "plain", [GPTQ_W4], calib)
     fed = quantize(source, tmp_path, "fed", [GPTQ_W4], calib, next_block_inputs="quantized")
-    a, b = tensors(plain), tensors(fed)
+    a, b = saved_tensors(plain), saved_tensors(fed)
     first = [k for k in a if k.startswith("model.layers.0.") and k.endswith(".weight_packed")]
     later = [k for k in a if k.startswith("model.layers.1.") and k.endswith(".weight_packed")]
     assert first and later

@@ -7,19 +7,10 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from helpers import SCHEMES, run_quant
+from helpers import SCHEMES, run_quant, saved_tensors
 from msmodelslim.core.errors import FormatCheckError
 from msmodelslim.format.integrity import required_tensors, verify_complete
 from tiny_models import make_tiny_model
-
-
-def _tensors(out):
-    found = {}
-    for shard in sorted(out.glob("*.safetensors")):
-        with safe_open(shard, "pt") as f:
-            for key in f.keys():
-                found[key] = f.get_tensor(key)
-    return found
 
 
 def _config(path, save_type, scheme="w8a8_dynamic"):
@@ -45,7 +36,7 @@ def test_repeated_runs_write_every_tensor_with_the_same_bytes(six_layer_llama, t
     for i in range(4):
         out = tmp_path / f"out{i}"
         run_quant(six_layer_llama, out, config)
-        runs.append(_tensors(out))
+        runs.append(saved_tensors(out))
     names = set(runs[0])
     norms = {n for n in source_names if "norm" in n}
     assert len(norms) == 13 and norms <= names  # 6 layers x 2 + final norm
@@ -62,7 +53,7 @@ def test_tied_table_is_stored_once_in_compressed_tensors_and_twice_in_ascendv1(t
     for save_type, expect_head in (("compressed_tensors", False), ("ascendv1_saver", True)):
         out = tmp_path / save_type
         run_quant(tiny_qwen3_bf16_tied, out, _config(tmp_path / f"{save_type}.yaml", save_type), model_type="Qwen3-8B")
-        assert ("lm_head.weight" in _tensors(out)) == expect_head
+        assert ("lm_head.weight" in saved_tensors(out)) == expect_head
 
 
 def test_verify_complete_names_what_a_writer_dropped(tiny_llama, tmp_path):
@@ -74,7 +65,7 @@ def test_verify_complete_names_what_a_writer_dropped(tiny_llama, tmp_path):
     quantized = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
     required = required_tensors(model, quantized, tied_aliases=False)
     verify_complete(out, required)  # the real output is complete
-    tensors = _tensors(out)
+    tensors = saved_tensors(out)
     dropped = "model.layers.1.post_attention_layernorm.weight"
     del tensors[dropped]
     from safetensors.torch import save_file
@@ -111,7 +102,7 @@ def test_check_reports_non_finite_and_unreadable_tensors(tiny_llama, tmp_path, c
     out = tmp_path / "out"
     run_quant(tiny_llama, out, write_config(tmp_path / "c.yaml", SCHEMES[scheme], part_file_size=0))
     shard = out / "quant_model_weights.safetensors"
-    tensors = _tensors(out)
+    tensors = saved_tensors(out)
     target = "model.layers.1.mlp.down_proj"
     if damage == "nan_scale":
         tensors[f"{target}.weight_scale"][3, 0] = float("nan")
@@ -162,4 +153,4 @@ def test_checkpoint_tensors_the_model_does_not_read_are_named_and_kept(tmp_path,
     run_quant(model, tmp_path / "out", _config(tmp_path / "c.yaml", "ascendv1_saver"))
     assert any("model.layers.2 (multi-token-prediction layer, 1 tensor(s)) is written unchanged" in line and
                "model.layers.2.eh_proj.weight" in line for line in log_lines)
-    assert torch.equal(_tensors(tmp_path / "out")["model.layers.2.eh_proj.weight"], torch.zeros(4, 4))
+    assert torch.equal(saved_tensors(tmp_path / "out")["model.layers.2.eh_proj.weight"], torch.zeros(4, 4))

@@ -5,9 +5,8 @@ import json
 import pytest
 import torch
 import yaml
-from safetensors import safe_open
 
-from helpers import SCHEMES, run_quant, small_calib
+from helpers import SCHEMES, run_quant, small_calib, saved_tensors
 from msmodelslim.core.errors import UnsupportedError
 from msmodelslim.format.ascendv1.checker import check_ascendv1
 from msmodelslim.format.ascendv1.reader import load_ascendv1
@@ -24,14 +23,6 @@ def _config(path, act, save="ascendv1_saver"):
         "dataset": small_calib(path.parent), "save": [{"type": save}],
         "process": [{"type": "linear_quant", "qconfig": {"act": act, "weight": W8}, "exclude": ["lm_head"]}]}}))
     return path
-
-
-def _tensors(out):
-    found = {}
-    for file in out.glob("*.safetensors"):
-        with safe_open(file, "pt") as f:
-            found.update({k: f.get_tensor(k) for k in f.keys()})
-    return found
 
 
 def test_pd_mix_resolves_to_w8a8_mix_and_calibrates():
@@ -78,7 +69,7 @@ def test_w8a8_mix_round_trip_matches_static_w8a8_plus_the_dynamic_scale(tiny_lla
     assert description["model_quant_type"] == "W8A8_MIX"
     layer = "model.layers.1.mlp.down_proj"
     assert description[f"{layer}.weight"] == description[f"{layer}.weight_scale"] == "W8A8_MIX"
-    a, b = _tensors(mix), _tensors(static)
+    a, b = saved_tensors(mix), saved_tensors(static)
     for suffix in ("weight", "quant_bias", "input_scale", "input_offset", "deq_scale"):  # the decode half is W8A8
         assert torch.equal(a[f"{layer}.{suffix}"], b[f"{layer}.{suffix}"]), suffix
     deq, s_in = a[f"{layer}.deq_scale"], a[f"{layer}.input_scale"]

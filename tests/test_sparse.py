@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from safetensors import safe_open
 
-from helpers import SCHEMES, run_quant, small_calib
+from helpers import SCHEMES, run_quant, small_calib, saved_tensors
 from msmodelslim.app.practice import select_practice
 from msmodelslim.app.quantize import quantize
 from msmodelslim.app.quantize_request import QuantizeRequest
@@ -218,14 +217,6 @@ def _linear(weight, exclude=("lm_head",)):
     return {"type": "linear_quant", "qconfig": {"act": STATIC, "weight": weight}, "exclude": list(exclude)}
 
 
-def _tensors(out):
-    found = {}
-    for file in out.glob("*.safetensors"):
-        with safe_open(file, "pt") as f:
-            found.update({k: f.get_tensor(k) for k in f.keys()})
-    return found
-
-
 def _readers_agree(out):
     ids = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -241,7 +232,7 @@ def test_w8a8s_round_trip_is_the_static_w8a8_tensor_set(tiny_llama, tmp_path):
     description = json.loads((sparse / "quant_model_description.json").read_text())
     assert description["model_quant_type"] == "W8A8S"
     assert set(report.plan.values()) == {"W8A8S", "FLOAT"} and report.plan["lm_head"] == "FLOAT"
-    a, b = _tensors(sparse), _tensors(static)
+    a, b = saved_tensors(sparse), saved_tensors(static)
     assert {k: (v.dtype, v.shape) for k, v in a.items()} == {k: (v.dtype, v.shape) for k, v in b.items()}
     layer = "model.layers.1.mlp.down_proj"
     assert {description[f"{layer}.{s}"] for s in ("weight", "quant_bias", "input_scale", "deq_scale")} == {"W8A8S"}
@@ -280,7 +271,7 @@ def test_float_sparse_writes_w16a16s_at_the_requested_sparsity(tiny_llama, tmp_p
     assert {report.plan[n] for n in decoder} == {"W16A16S"} and report.plan["lm_head"] == "FLOAT"  # [] = all
     description = json.loads((out / "quant_model_description.json").read_text())
     assert description["model_quant_type"] == "W16A16S"
-    tensors = _tensors(out)
+    tensors = saved_tensors(out)
     for name in decoder:
         w = tensors[f"{name}.weight"]
         assert description[f"{name}.weight"] == "W16A16S" and w.dtype == torch.float32  # the model's dtype
