@@ -483,7 +483,9 @@ def v4_mtp_tensors(config, seed: int = 11) -> dict[str, torch.Tensor]:
                     "mtp.0.emb.tok_emb.weight": torch.empty(vocab, h), "mtp.0.hc_head_fn": torch.empty(hc, hc * h),
                     "mtp.0.hc_head_base": torch.empty(hc), "mtp.0.hc_head_scale": torch.ones(1)})
     for name, t in tensors.items():
-        if t.is_floating_point() and not name.endswith("scale"):
+        if name.endswith("scale"):  # hyper-connection scales: ones, as transformers initialises them (the bare
+            t.fill_(1.0)            # layer above leaves them as torch.empty's memory, sometimes NaN)
+        elif t.is_floating_point():
             t.copy_(0.5 + torch.rand(t.shape) if t.dim() == 1 else torch.randn(t.shape) * 0.08)
     return tensors
 
