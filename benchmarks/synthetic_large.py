@@ -68,7 +68,7 @@ def write_checkpoint(out: Path, shape: str, tokenizer_dir: Path, dtype: torch.dt
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                          max_position_embeddings=4096, tie_word_embeddings=False,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    config.torch_dtype = str(dtype).removeprefix("torch.")
+    config.dtype = str(dtype).removeprefix("torch.")
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(out)
     tokenizer.save_pretrained(out)
