@@ -343,3 +343,31 @@ def test_without_model_type_an_unserved_architecture_is_refused_naming_default(c
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "'olmo2', which no registered adapter serves" in err and "or --model_type default" in err, err
+
+
+def test_config_dtype_reads_both_spellings_without_the_deprecation_warning(tmp_path, caplog):
+    """`dtype`, a legacy `torch_dtype` key (transformers 5 reads it into `dtype`), none (float32); and no
+    "`torch_dtype` is deprecated" warning from reading a config without a dtype."""
+    import json
+    import logging
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import AutoConfig, LlamaConfig
+
+    from msmodelslim.model.transformers_model import config_dtype
+
+    LlamaConfig(dtype="bfloat16").save_pretrained(tmp_path / "new")
+    assert config_dtype(AutoConfig.from_pretrained(tmp_path / "new")) == torch.bfloat16
+    LlamaConfig().save_pretrained(tmp_path / "old")
+    legacy = json.loads((tmp_path / "old" / "config.json").read_text())
+    legacy.pop("dtype", None)
+    legacy["torch_dtype"] = "float16"
+    (tmp_path / "old" / "config.json").write_text(json.dumps(legacy))
+    assert config_dtype(AutoConfig.from_pretrained(tmp_path / "old")) == torch.float16
+    assert config_dtype(SimpleNamespace(torch_dtype="float16")) == torch.float16  # a config object of old
+    undeclared = LlamaConfig()
+    undeclared.dtype = None
+    with caplog.at_level(logging.WARNING):
+        assert config_dtype(undeclared) == torch.float32
+    assert "deprecated" not in caplog.text

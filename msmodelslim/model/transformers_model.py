@@ -101,8 +101,10 @@ def _float32(t: torch.Tensor) -> torch.Tensor:
 
 
 def config_dtype(config) -> torch.dtype:
-    """The dtype a Hugging Face config declares (`dtype`, formerly `torch_dtype`); float32 when it has none."""
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    """The dtype a Hugging Face config declares (`dtype`, formerly `torch_dtype`); float32 when it has none.
+    transformers 5 reads a legacy `torch_dtype` key into `dtype` and warns on every read of `torch_dtype`, so the
+    old name is read only from a config object without `dtype`."""
+    dtype = config.dtype if hasattr(config, "dtype") else getattr(config, "torch_dtype", None)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
