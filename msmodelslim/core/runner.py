@@ -17,10 +17,10 @@ forward would (core/calibration.py: smoothing then static min/max ranges costs o
 last forward's output, taken before that processor quantizes, becomes the next block's input: with the second
 forward saved, that is the output of the block before smoothing, equal in float to the smoothed one's up to
 rounding. With `spec.calibration.next_block_inputs: quantized` one more forward of the quantized block gives the
-next block's inputs instead (GPTQ's sequential order). A forward whose statistics are running extremes may stop early once they converge
-(`spec.calibration`); the next blocks then get the batches it forwarded. With `spec.calibration.precision:
-bfloat16` those same forwards run under bfloat16 autocast, their outputs cast back to the block's dtype. Pipelines
-that need no data run no forward.
+next block's inputs instead (GPTQ's sequential order). A forward whose statistics are running extremes may stop
+early once they converge (`spec.calibration`); the next blocks then get the batches it forwarded. With
+`spec.calibration.precision: bfloat16` those same forwards run under bfloat16 autocast, their outputs cast back to
+the block's dtype. Pipelines that need no data run no forward.
 
 Blocks before the first decoder layer (a vision-language model's vision tower, model/vlm.py) are processed like
 the others; they forward every batch (no early stop), and spilling is decided on the first decoder layer's inputs.
