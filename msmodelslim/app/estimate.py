@@ -212,23 +212,8 @@ def _checkpoint_seconds_per_byte(outputs: list, directory: Path) -> float:
     return seconds / max(size, 1)
 
 
-def estimate_run(job, request, startup_s: float, writer_factories: dict[str, Callable[[Path], object]],
-                 tied_aliases: dict[str, bool], scratch: Path) -> RunEstimate:
-    """Measure the first block of the real run and extrapolate (module docstring). `job`: the dry run's planned
-    job (app/quantize.py) with the meta-device model; `startup_s`: how long the command took to get here (imports,
-    checks, planning: the real run spends it too); `writer_factories`: per saver type, a writer into a given directory;
-    `scratch`: an empty directory on the save_path's disk for the throwaway writes (the caller removes it)."""
-    begun = time.perf_counter()
-    adapter, processors, plan = job.adapter, job.processors, job.plan
-    device = request.device.primary
-    block_names = adapter.block_names(job.model)
-    blocks = len(block_names)
-    # The measured block stands for the decoder layers; blocks before the first of them (a vision-language
-    # model's vision tower) are run once first, as the real run does, and count as they are.
-    structure = getattr(adapter, "structure", None)
-    decoder = [b for b in block_names if structure is None or structure.is_decoder_layer(b)] or block_names
-    leading = block_names[:block_names.index(decoder[0])]
-    layer_wise = job.runner != RunnerType.model_wise
+def _assumptions(job, decoder: list[str], leading: list[str], checkpoints: int, interval) -> list[str]:
+    """What the extrapolation takes for granted, printed with the estimate."""
     assumptions = ["every calibration batch is forwarded in every block (early stopping, spec.calibration, can "
                    "only make the run shorter)",
                    "a processor's memory beyond the calibration activations does not grow with the number of samples",
@@ -253,11 +238,33 @@ def estimate_run(job, request, startup_s: float, writer_factories: dict[str, Cal
     if os.environ.get("MSMODELSLIM_ACTIVATION_MEMORY_MIB"):
         assumptions.append("the activations stay in memory (MSMODELSLIM_ACTIVATION_MEMORY_MIB spilling is not "
                            "modelled)")
-    interval = checkpoint_interval()
-    checkpoints = 0 if interval is None or job.fingerprint is None else blocks  # at most one per block
     if checkpoints:
         assumptions.append(f"a resume checkpoint (every batch's activations, fsynced) after every block "
                            f"({INTERVAL_ENV}={interval:g}; a longer interval makes them fewer, 'off' none)")
+    return assumptions
+
+
+def estimate_run(job, request, startup_s: float, writer_factories: dict[str, Callable[[Path], object]],
+                 tied_aliases: dict[str, bool], scratch: Path) -> RunEstimate:
+    """Measure the first block of the real run and extrapolate (module docstring). `job`: the dry run's planned
+    job (app/quantize.py) with the meta-device model; `startup_s`: how long the command took to get here (imports,
+    checks, planning: the real run spends it too); `writer_factories`: per saver type, a writer into a given directory;
+    `scratch`: an empty directory on the save_path's disk for the throwaway writes (the caller removes it)."""
+    begun = time.perf_counter()
+    adapter, processors, plan = job.adapter, job.processors, job.plan
+    device = request.device.primary
+    block_names = adapter.block_names(job.model)
+    blocks = len(block_names)
+    # The measured block stands for the decoder layers; blocks before the first of them (a vision-language
+    # model's vision tower) are run once first, as the real run does, and count as they are.
+    structure = getattr(adapter, "structure", None)
+    decoder = [b for b in block_names if structure is None or structure.is_decoder_layer(b)] or block_names
+    leading = block_names[:block_names.index(decoder[0])]
+    layer_wise = job.runner != RunnerType.model_wise
+    interval = checkpoint_interval()
+    checkpoints = 0 if interval is None or job.fingerprint is None else blocks  # at most one per block
+    assumptions = _assumptions(job, decoder, leading, checkpoints, interval)
+    calibration = job.config.spec.calibration
 
     # 1. what the real run does first: the outside weights, the processors' model-wide preparation, the batches
     load_peak_known = reset_peak_rss()  # reading the checkpoint briefly holds its stored copy and the widened one
