@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import SCHEMES, run_quant, small_calib
+from helpers import SCHEMES, run_quant, small_calib, saved_tensors
 from msmodelslim.core.config import parse_config
 from msmodelslim.core.errors import ConfigError, UnsupportedError
 from msmodelslim.format.ascendv1.checker import check_ascendv1
@@ -24,7 +24,7 @@ from msmodelslim.processor.fa3_quant.config import FA3QuantConfig
 from msmodelslim.processor.fa3_quant.processor import quant_type_string
 from msmodelslim.quantizer.fa3 import fake_quantize_fp8_per_token, fake_quantize_mx_per_block
 from reference_reader import load_reference_model
-from test_fa3 import float_model, ids_of, tensors_of, write_pipeline
+from test_fa3 import float_model, ids_of, write_pipeline
 from tiny_models import make_tiny_model
 
 FP8 = {"dtype": "fp8_e4m3", "scope": "per_token", "symmetric": True, "method": "minmax"}
@@ -220,7 +220,7 @@ def test_dynamic_float_runs_through_check_and_both_readers(llama32, deepseek32, 
     assert {k: v for k, v in description.items() if k.endswith(".quant_type")} == {
         f"model.layers.{i}.self_attn.quant_type": quant_type for i in range(layers)}
     assert "fa_quant_type" not in description  # nothing static is saved
-    assert not any(".fa_" in k for k in tensors_of(out)) and not any(".fa_" in k for k in description)
+    assert not any(".fa_" in k for k in saved_tensors(out)) and not any(".fa_" in k for k in description)
     assert [f for f in check_ascendv1(out) if f.level == "error"] == []
 
     ours, reference = load_ascendv1(out), load_reference_model(out)
@@ -251,7 +251,7 @@ def test_later_steps_calibrate_on_the_quantized_attention(llama32, tmp_path):
     alone = tmp_path / "b" / "out"
     run_quant(llama32, alone, write_pipeline(tmp_path / "b" / "c.yaml", [w8a8], dataset=calib))
     key = "model.layers.1.self_attn.o_proj.input_scale"
-    a, b = tensors_of(with_fa3)[key], tensors_of(alone)[key]
+    a, b = saved_tensors(with_fa3)[key], saved_tensors(alone)[key]
     assert not torch.equal(a, b) and float((a - b).abs().max()) < 0.1 * float(b.abs().max())
 
 

@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from helpers import SCHEMES, quantize_variants, run_quant, shard_bytes, small_calib
+from helpers import SCHEMES, quantize_variants, run_quant, shard_bytes, small_calib, saved_tensors
 from msmodelslim.cli.__main__ import main
 from msmodelslim.core.device import DeviceSpec
 from msmodelslim.core.errors import UnsupportedError
@@ -18,7 +18,7 @@ from msmodelslim.format.ascendv1.reader import load_ascendv1
 from msmodelslim.model import longcat
 from msmodelslim.model.longcat import SHORTCUT_NORM, longcat_smoothing
 from test_families_text import float_reference
-from test_family_transforms import BOUND, STEPS, W8A8_DYNAMIC, plant_published, report, tensors_of, write
+from test_family_transforms import BOUND, STEPS, W8A8_DYNAMIC, plant_published, report, write
 from test_moe_smoothing import rank_threads, varied_calib  # noqa: F401  (a fixture)
 from tiny_models import make_tiny_model
 
@@ -50,7 +50,7 @@ def test_smoothing_alone_leaves_the_float_model_unchanged(sources, tmp_path, cap
     change, scale = max_logit_change(source, out)
     report(capsys, f"longcat_flash ({variant}) {step}", change, scale)
     assert change < BOUND * scale
-    before, after = tensors_of(source), tensors_of(out)
+    before, after = saved_tensors(source), saved_tensors(out)
     changed = {k for k in before if k in after and not torch.equal(before[k], after[k])}
     assert {f"{LAYER}.input_layernorm.0.weight", f"{LAYER}.input_layernorm.1.weight"} <= changed, "nothing smoothed"
     shortcut = f"{LAYER}.{SHORTCUT_NORM}.weight"
