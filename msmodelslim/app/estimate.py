@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -32,6 +31,7 @@ from torch import nn
 
 from msmodelslim.app.estimate_output import (block_output_bytes, checkpoint_bytes, dtype_bytes, file_bytes,
                                              measure_block_bytes, outside_bytes, side_file_bytes)
+from msmodelslim.app.estimate_report import RunEstimate
 from msmodelslim.core.config import RunnerType
 from msmodelslim.core.logging import get_logger
 from msmodelslim.core.memory import (bound_heap_growth, current_rss, peak_rss_since_reset, release_free_heap,
@@ -47,64 +47,6 @@ log = get_logger("app.estimate")
 
 TIMED_TOKENS = 2048  # the first block is calibrated on the first batches up to about this many tokens
 TIMED_BATCHES = 8
-
-
-# ---- the report ----------------------------------------------------------------------------------------------
-@dataclass
-class RunEstimate:
-    peak_rss_bytes: int
-    output_bytes: dict[str, int]  # per saver type
-    free_bytes: int
-    receiving_directory: Path
-    seconds: float
-    seconds_by_phase: dict[str, float]
-    timed_block: str
-    timed_batches: int
-    batches: int
-    blocks: int
-    assumptions: list[str] = field(default_factory=list)
-    measured_in_seconds: float = 0.0  # how long the estimate itself took
-
-    @property
-    def total_output_bytes(self) -> int:
-        return sum(self.output_bytes.values())
-
-    @property
-    def disk_has_room(self) -> bool:
-        return self.free_bytes >= self.total_output_bytes
-
-    def lines(self) -> list[str]:
-        """The estimate as printed by `quant --dry_run` (every line says it is an estimate)."""
-        outputs = ", ".join(f"{saver} {_size(size)}" for saver, size in self.output_bytes.items())
-        room = "has room" if self.disk_has_room else "does NOT have room"
-        phases = ", ".join(f"{phase} {seconds:.0f} s" for phase, seconds in self.seconds_by_phase.items())
-        lines = [
-            f"ESTIMATES for the real run (not measurements; from timing block {self.timed_block} on "
-            f"{self.timed_batches} of {self.batches} calibration batches, in {self.measured_in_seconds:.1f} s):",
-            f"  peak RAM (RSS): {_size(self.peak_rss_bytes)}",
-            f"  output on disk: {_size(self.total_output_bytes)} ({outputs}); {self.receiving_directory} "
-            f"{room} ({_size(self.free_bytes)} free)",
-            f"  wall time: {_duration(self.seconds)} ({phases}; {self.blocks} blocks)",
-            "  assuming:",
-        ]
-        return lines + [f"    - {a}" for a in self.assumptions]
-
-    def as_dict(self) -> dict:
-        return {"peak_rss_bytes": self.peak_rss_bytes, "output_bytes": dict(self.output_bytes),
-                "free_bytes": self.free_bytes, "disk_has_room": self.disk_has_room, "seconds": self.seconds,
-                "seconds_by_phase": dict(self.seconds_by_phase), "assumptions": list(self.assumptions)}
-
-
-def _size(size: float) -> str:
-    if size >= 2**30:
-        return f"{size / 2**30:.2f} GiB"
-    return f"{size / 2**20:.1f} MiB"
-
-
-def _duration(seconds: float) -> str:
-    if seconds >= 3600:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 60:.1f} min" if seconds >= 120 else f"{seconds:.0f} s"
 
 
 # ---- the measurement -----------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ from typing import Optional
 
 from torch import nn
 
-from msmodelslim.app.estimate import RunEstimate, estimate_run
+from msmodelslim.app.estimate import estimate_run
+from msmodelslim.app.estimate_report import RunEstimate
 from msmodelslim.app.plan import plan_layers, summarize_plan
 from msmodelslim.app.quantize_checks import (refuse_duplicate_savers, refuse_mismatched_modality,
                                              refuse_schemes_the_format_lacks, refuse_split_fused_groups,

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
-from msmodelslim.app.estimate import RunEstimate
+from msmodelslim.app.estimate_report import RunEstimate
 from msmodelslim.app.practice import require_one_practice_source, select_practice
 from msmodelslim.core.config import PracticeConfig, load_config
 from msmodelslim.core.device import DeviceSpec
