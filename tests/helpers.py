@@ -60,6 +60,19 @@ def write_config(path: Path, qconfig: dict, runner: str = "layer_wise", exclude=
     return path
 
 
+def write_pipeline(path: Path, process: list, dataset: str | None = None, runner: str = "layer_wise",
+                   calibration: dict | None = None) -> Path:
+    """A modelslim_v1 config of these spec.process steps (default saver), with spec.dataset and spec.calibration
+    when given."""
+    spec = {"runner": runner, "process": process}
+    if dataset:
+        spec["dataset"] = dataset
+    if calibration is not None:
+        spec["calibration"] = calibration
+    path.write_text(yaml.safe_dump({"apiversion": "modelslim_v1", "spec": spec}))
+    return path
+
+
 def run_quant(model: Path, out: Path, config: Path, model_type: str = "Llama-2-7B",
               device: DeviceSpec = DeviceSpec("cpu"), **kwargs):
     return quantize(QuantizeRequest(model_path=model, save_path=out, model_type=model_type, device=device,

@@ -6,11 +6,10 @@ import logging
 
 import pytest
 import torch
-import yaml
 from torch import nn
 from transformers import AutoTokenizer
 
-from helpers import SCHEMES, run_quant, saved_tensors
+from helpers import SCHEMES, run_quant, write_pipeline, saved_tensors
 from msmodelslim.core import runner
 from msmodelslim.core.calibration import BlockInputRanges, ChannelRange, Convergence, EarlyStop, relative_change
 from msmodelslim.core.config import CalibrationConfig
@@ -141,10 +140,7 @@ def many_calib(tmp_path, count=12) -> str:
 
 
 def write(path, process, dataset, calibration=None):
-    spec = {"runner": "layer_wise", "process": process, "dataset": dataset,
-            "calibration": calibration or {"early_stop": False}}
-    path.write_text(yaml.safe_dump({"apiversion": "modelslim_v1", "spec": spec}))
-    return path
+    return write_pipeline(path, process, dataset, calibration=calibration or {"early_stop": False})
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import yaml
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from helpers import SCHEMES, run_quant, saved_tensors, output_file_bytes
+from helpers import SCHEMES, run_quant, write_pipeline, saved_tensors, output_file_bytes
 from msmodelslim.core.device import DeviceSpec
 from msmodelslim.core import runner
 from msmodelslim.core.calibration import ReducedPrecision
@@ -47,9 +47,7 @@ def calib(tmp_path_factory) -> str:
 
 def write(path, process, dataset, runner_type="layer_wise", precision=None):
     calibration = {"early_stop": False} if precision is None else {"early_stop": False, "precision": precision}
-    spec = {"runner": runner_type, "process": process, "dataset": dataset, "calibration": calibration}
-    path.write_text(yaml.safe_dump({"apiversion": "modelslim_v1", "spec": spec}))
-    return path
+    return write_pipeline(path, process, dataset, runner_type, calibration)
 
 
 def quantize(source, tmp_path, name, process, calib, precision=None, runner_type="layer_wise", **kwargs):

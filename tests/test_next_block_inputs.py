@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import SCHEMES, run_quant, saved_tensors, output_file_bytes
+from helpers import SCHEMES, run_quant, write_pipeline, saved_tensors, output_file_bytes
 from msmodelslim.core import runner
 from msmodelslim.core.config import CalibrationConfig
 from msmodelslim.core.errors import ConfigError
@@ -39,11 +39,8 @@ def quantize(source, tmp_path, name, process, calib, next_block_inputs=None):
     calibration = {"early_stop": False}
     if next_block_inputs is not None:
         calibration["next_block_inputs"] = next_block_inputs
-    config = tmp_path / f"{name}.yaml"
-    config.write_text(yaml.safe_dump({"apiversion": "modelslim_v1", "spec": {
-        "runner": "layer_wise", "process": process, "dataset": calib, "calibration": calibration}}))
     out = tmp_path / name
-    run_quant(source, out, config)
+    run_quant(source, out, write_pipeline(tmp_path / f"{name}.yaml", process, calib, calibration=calibration))
     return out
 
 
@@ -132,10 +129,7 @@ def test_quantized_inputs_change_the_later_blocks_only(source, calib, tmp_path):
 
 
 def test_the_dry_run_times_the_extra_forward(source, calib, tmp_path, block_inputs):
-    config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({"apiversion": "modelslim_v1", "spec": {
-        "runner": "layer_wise", "process": [GPTQ_W4], "dataset": calib,
-        "calibration": {"next_block_inputs": "quantized"}}}))
+    config = write_pipeline(tmp_path / "c.yaml", [GPTQ_W4], calib, calibration={"next_block_inputs": "quantized"})
     estimate = run_quant(source, tmp_path / "dry", config, dry_run=True, estimate=True).estimate
     assert not (tmp_path / "dry").exists()
     assert any("next_block_inputs quantized" in a for a in estimate.assumptions)
