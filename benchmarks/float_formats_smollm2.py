@@ -20,7 +20,10 @@ dequantize=True: the library's decompressor, which rounds the weights to bf16).
 
 A trailing `+qin` on one of our schemes (before `+ct`) sets `spec.calibration.next_block_inputs: quantized`:
 each block calibrates on the quantized outputs of the block before it, as llm-compressor's sequential pipeline
-does.
+does. `+gptaq<alpha>` (e.g. `+gptaq0.25`, before `+qin`/`+ct`) sets GPTQ's `gptaq_alpha` (GPTAQ's asymmetric
+calibration, quantizer/gptaq.py) and implies `+qin`; `+seq` splits the GPTQ step into four steps run one after the
+other in each block (q/k/v, o_proj, gate/up, down_proj), so each later one calibrates on the earlier ones' quantized
+outputs (GPTQ's "true sequential").
 """
 from __future__ import annotations
 
@@ -77,6 +80,30 @@ def scheme_steps(name: str) -> list[dict]:
         if act_order and weight.get("method") == "gptq":
             weight["ext"] = {**weight.get("ext", {}), "act_order": True}
     return steps
+
+
+SEQUENTIAL_GROUPS = (["*q_proj", "*k_proj", "*v_proj"], ["*o_proj"], ["*gate_proj", "*up_proj"], ["*down_proj"])
+
+
+def split_gptaq(name: str) -> tuple[str, float]:
+    """`<scheme>+gptaq<alpha>` -> (scheme, alpha); no such suffix -> (name, 0.0)."""
+    head, mark, alpha = name.rpartition("+gptaq")
+    return (head, float(alpha)) if mark else (name, 0.0)
+
+
+def variant_steps(steps: list[dict], alpha: float, sequential: bool) -> list[dict]:
+    """GPTAQ's alpha on every GPTQ step; with `sequential` each GPTQ step split into SEQUENTIAL_GROUPS."""
+    out = []
+    for step in steps:
+        weight = step.get("qconfig", {}).get("weight", {})
+        if weight.get("method") != "gptq":
+            out.append(step)
+            continue
+        if alpha > 0:
+            weight["ext"] = {**weight.get("ext", {}), "gptaq_alpha": alpha}
+        groups = SEQUENTIAL_GROUPS if sequential else [step.get("include", ["*"])]
+        out.extend({**copy.deepcopy(step), "include": list(g)} for g in groups)
+    return out
 
 
 def load_nvfp4(out: Path, model_dir: Path):
@@ -169,10 +196,13 @@ def main() -> None:
         transformers the compressed-tensors one (weights decompressed; activations float in both for W4A16)."""
         scheme, both = name.removesuffix("+ct"), name.endswith("+ct")
         scheme, fed = scheme.removesuffix("+qin"), scheme.endswith("+qin")
+        scheme, alpha = split_gptaq(scheme)
+        scheme, sequential = scheme.removesuffix("+seq"), scheme.endswith("+seq")
+        fed = fed or alpha > 0
         config = args.work_dir / f"{name}.yaml"
         nvfp4 = scheme.removesuffix("+ao") in NVFP4_SCHEMES
         saver = "compressed_tensors" if nvfp4 else "ascendv1_saver+compressed_tensors" if both else "ascendv1_saver"
-        write_config(config, scheme_steps(scheme), str(calib), "layer_wise", saver,
+        write_config(config, variant_steps(scheme_steps(scheme), alpha, sequential), str(calib), "layer_wise", saver,
                      {"next_block_inputs": "quantized"} if fed else None)
         out = args.work_dir / f"smollm2-{name}"
         seconds, rss = quantize_in_child(model_dir, config, out)

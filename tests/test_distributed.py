@@ -23,6 +23,7 @@ from msmodelslim.format.ascendv1.reader import load_ascendv1
 from msmodelslim.processor.linear_quant.processor import InputRecord
 from msmodelslim.processor.sampling import RowSample
 from msmodelslim.processor.smooth_quant.base import InputStats
+from msmodelslim.quantizer.gptaq import accumulate_asymmetry
 from msmodelslim.quantizer.gptq import accumulate_hessian
 from msmodelslim.quantizer.observer import MinMaxObserver
 
@@ -91,6 +92,10 @@ def _rows(rank: int) -> torch.Tensor:
     return torch.randn(5 + 3 * rank, 4)
 
 
+def _float_rows(rank: int) -> torch.Tensor:
+    return 1.1 * _rows(rank) + 0.05
+
+
 def _merge_worker(collective: Collective) -> dict:
     """Rank r holds _rows(r); rank 1's min/max observer saw nothing. Rank 0 reports what the merges gave."""
     x = _rows(collective.rank)
@@ -98,13 +103,15 @@ def _merge_worker(collective: Collective) -> dict:
     if collective.rank == 0:
         observer.update(x)
     observer.merge(collective)
-    record = InputRecord(collect_hessian=True, sample=RowSample(stride=2))
+    record = InputRecord(collect_hessian=True, sample=RowSample(stride=2), collect_asymmetry=True)
+    record.references.append(_float_rows(collective.rank))  # GPTAQ: the float model's input of the same rows
     record.update(x)
     record.merge(collective, 4)
     stats = InputStats(keep_mean=True, keep_samples=True)
     stats.update(x)
     stats.merge(collective, 4)
     return {"min": observer.min, "max": observer.max, "hessian": record.hessian, "tokens": record.tokens,
+            "asymmetry": record.asymmetry,
             "sample": record.sample.take(100), "absmax": stats.absmax, "abs_mean": stats.abs_mean,
             "stat_rows": stats.samples(100), "gathered": collective.gather_rows(x), "sum": collective.sum(x.sum(0))}
 
@@ -120,6 +127,9 @@ def test_statistics_merged_by_two_ranks_equal_one_process_over_all_data(tmp_path
     assert got["tokens"] == single.tokens == len(everything)
     torch.testing.assert_close(got["hessian"], single.hessian, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(got["hessian"], accumulate_hessian(None, 0, everything)[0], rtol=1e-12, atol=1e-12)
+    float_rows = torch.cat([_float_rows(0), _float_rows(1)])
+    torch.testing.assert_close(got["asymmetry"], accumulate_asymmetry(None, 0, everything, float_rows), rtol=1e-12,
+                               atol=1e-12)
     assert torch.equal(got["sample"], single.sample.take(100))
     assert torch.equal(got["absmax"], everything.abs().amax(0))
     torch.testing.assert_close(got["abs_mean"], everything.abs().mean(0))

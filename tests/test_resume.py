@@ -51,9 +51,12 @@ def dataset(tmp_path_factory) -> str:
 
 
 def write_config(tmp_path: Path, dataset: str, process: list[dict], name: str = "config.yaml",
-                 save: str = "ascendv1_saver", part_file_size: float = 4, runner: str = "layer_wise") -> Path:
+                 save: str = "ascendv1_saver", part_file_size: float = 4, runner: str = "layer_wise",
+                 calibration: dict | None = None) -> Path:
     spec = {"runner": runner, "dataset": dataset, "process": process,
             "save": [{"type": save, "part_file_size": part_file_size}]}
+    if calibration is not None:
+        spec["calibration"] = calibration
     path = tmp_path / name
     path.write_text(yaml.safe_dump({"apiversion": "modelslim_v1", "spec": spec}))
     return path
@@ -282,3 +285,20 @@ def test_a_resumed_run_killed_again_resumes_again(code, model, dataset, referenc
     assert resumed.returncode == 0, resumed.stderr
     assert computed_blocks(resumed.stderr) == BLOCKS - 3
     assert snapshot(out) == reference["iter_smooth+w8a8_static"]
+
+
+def test_gptaq_resumes_with_the_float_models_hidden_states(code, model, dataset, tmp_path):
+    """GPTAQ carries a second stream (the float model's hidden states): the checkpoint keeps it, and the resumed
+    run gives the uninterrupted run's bytes."""
+    weight = {**SCHEMES["w4a16_g16"]["weight"], "method": "gptq"}
+    weight["ext"] = {**weight.get("ext", {}), "gptaq_alpha": 0.25}
+    process = [{"type": "linear_quant", "qconfig": {"weight": weight}, "exclude": ["lm_head"]}]
+    config = write_config(tmp_path, dataset, process, calibration={"next_block_inputs": "quantized"})
+    whole = quant(code, model, tmp_path / "whole", config)
+    assert whole.returncode == 0, whole.stderr
+    out = tmp_path / "out"
+    assert quant(code, model, out, config, fault="checkpoint:1").returncode == -signal.SIGKILL
+    resumed = quant(code, model, out, config, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert computed_blocks(resumed.stderr) == BLOCKS - 2
+    assert snapshot(out) == snapshot(tmp_path / "whole")

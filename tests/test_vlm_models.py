@@ -614,3 +614,40 @@ def test_quarot_refuses_an_unread_stream_writer_outside_every_block(vlms):
     model = adapter.load_weights(skeleton, CPU, load_layers=False)
     with pytest.raises(ProcessingError, match=r"visual\.merger\.mlp\.2 .*would never be rotated"):
         quarot.prepare_model(model)
+
+
+def test_gptaq_walks_the_float_model_with_its_deepstack_features(vlms, images, monkeypatch):
+    """GPTAQ's float stream (core/reference.py) goes through the adapter's own walk: each text layer's float-model
+    input is the float model's, DeepStack's visual features added after the first layers included."""
+    from msmodelslim.core.reference import ReferenceStream
+
+    seen = []
+    real = ReferenceStream.advance
+
+    def advance(self, outputs):
+        real(self, outputs)
+        seen.extend((r.name, r.args[0].clone()) for r in self.requests if r is not None)
+
+    monkeypatch.setattr(ReferenceStream, "advance", advance)
+    weight = {"dtype": "int4", "scope": "per_channel", "symmetric": True, "method": "gptq", "ext": {"gptaq_alpha": 0.25}}
+    config = parse_config({"apiversion": "modelslim_v1", "spec": {
+        "calibration": {"next_block_inputs": "quantized", "early_stop": False},
+        "process": [{"type": "linear_quant", "qconfig": {"weight": weight}, "include": ["*language_model.layers*"]}]}})
+    adapter = adapter_of("qwen3_vl", vlms["qwen3_vl"])
+    processors = build_pipeline(config.spec.process, ProcessorContext(type(adapter).__name__, adapter.structure,
+                                                                      adapter.attention_shape()))
+    model = adapter.load_weights(adapter.init_skeleton(), CPU, load_layers=True)
+    (batch,) = adapter.handle_dataset(image_samples(images[:1]), CPU)
+    run_blocks(adapter, model, processors, None, [batch], CPU, layer_wise=False, quantized_inputs=True)
+    expected, walk = [], adapter.generate_model_forward(original_model("qwen3_vl", vlms["qwen3_vl"]), batch)
+    request = next(walk)
+    with torch.no_grad():
+        while True:
+            try:
+                request = walk.send(request.module(*request.args, **request.kwargs))
+            except StopIteration:
+                break
+            expected.append((request.name, request.args[0]))
+    assert [n for n, _ in seen] == [n for n, _ in expected] and len(expected) >= 3
+    for (name, got), (_, want) in zip(seen, expected):
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max(), name

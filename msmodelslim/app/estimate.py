@@ -37,6 +37,7 @@ from msmodelslim.core.logging import get_logger
 from msmodelslim.core.memory import (bound_heap_growth, current_rss, peak_rss_since_reset, release_free_heap,
                                      reset_peak_rss)
 from msmodelslim.core.resume import INTERVAL_ENV, checkpoint_interval
+from msmodelslim.core.reference import ReferenceStream
 from msmodelslim.core.runner import process_block
 from msmodelslim.format.disk_space import receiving_directory
 from msmodelslim.format.shards import fsync_path
@@ -93,9 +94,10 @@ class _ForwardClock:
 def _run_processors(name: str, block: nn.Module, processors: list, requests: list, calibration) -> list:
     """The runner's per-block schedule (core/runner.py process_block) on `requests`, without early stopping, in
     the calibration precision of the real run, with its forward of the quantized block when the next block
-    calibrates on that (`calibration`: spec.calibration)."""
+    calibrates on that (`calibration`: spec.calibration), and with GPTAQ's forwards of the float block."""
+    reference = ReferenceStream.for_one_block(requests) if any(p.uses_reference for p in processors) else None
     return process_block(name, block, processors, requests, precision=calibration.reduced_precision(),
-                         quantized_outputs=calibration.next_block_inputs == "quantized") or []
+                         quantized_outputs=calibration.next_block_inputs == "quantized", reference=reference) or []
 
 
 def _tensor_bytes(value, seen: set[int]) -> int:
@@ -177,6 +179,9 @@ def _assumptions(job, decoder: list[str], leading: list[str], checkpoints: int, 
         assumptions.append("spec.calibration.next_block_inputs quantized: the forward of the quantized block that "
                            "feeds the next one is timed with the calibration forwards and counted for every block "
                            "(the last has none: a slight overestimate)")
+    if any(p.uses_reference for p in job.processors):
+        assumptions.append("GPTAQ (gptaq_alpha): the float block's forward beside each GPTQ step's is timed; the "
+                           "float model's hidden states it carries (one more per batch) are not counted in memory")
     if os.environ.get("MSMODELSLIM_ACTIVATION_MEMORY_MIB"):
         assumptions.append("the activations stay in memory (MSMODELSLIM_ACTIVATION_MEMORY_MIB spilling is not "
                            "modelled)")

@@ -176,6 +176,22 @@ class Spec(BaseModel):
                 quantized_at = i
         return self
 
+    @model_validator(mode="after")
+    def _gptaq_needs_quantized_inputs(self) -> "Spec":
+        """GPTAQ fits the quantized model, fed what it will be served, to the float one: without the quantized
+        model's activations there is no difference to correct."""
+        if self.calibration.next_block_inputs == "quantized":
+            return self
+        for i, step in enumerate(self.process):
+            for config in (step.configs if step.type == "group" else [step]):
+                weight = getattr(getattr(config, "qconfig", None), "weight", None)
+                if weight is not None and weight.method == "gptq" and weight.option("gptaq_alpha") > 0:
+                    raise ValueError(f"process[{i}] ({step.type}) sets weight.ext.gptaq_alpha: GPTAQ fits each layer "
+                                     f"fed the quantized model's activations to the float model's output, so it "
+                                     f"needs spec.calibration.next_block_inputs: quantized; add it, or set "
+                                     f"gptaq_alpha to 0 for plain GPTQ")
+        return self
+
 
 class VlmSpec(Spec):
     """`multimodal_vlm_modelslim_v1`'s spec: modelslim_v1's processors and savers, image calibration data, and the

@@ -136,6 +136,17 @@ class ResumePoint:
         tensors = load_file(self.inputs)
         return [tensors[f"batch{i}"].to(device) for i in range(self.live_batches)]
 
+    def load_reference(self, device: torch.device) -> list[torch.Tensor]:
+        """The float model's hidden states block `next_block` receives (GPTAQ, core/reference.py)."""
+        if self.inputs is None:
+            return []
+        tensors = load_file(self.inputs)
+        missing = [i for i in range(self.live_batches) if f"reference{i}" not in tensors]
+        if missing:
+            raise ConfigError(f"--resume: the checkpoint {self.inputs} holds no float-model hidden states, which "
+                              f"this run's GPTAQ needs; {START_OVER}")
+        return [tensors[f"reference{i}"].to(device) for i in range(self.live_batches)]
+
 
 def read_checkpoint(staging: Path, fingerprint: Fingerprint, block_names: list[str]) -> ResumePoint:
     """The checkpoint of `staging`, checked against this run; a ConfigError says why it cannot be continued."""
@@ -200,15 +211,18 @@ class BlockCheckpoints:
         last_block = index + 1 == len(self.block_names)  # always: it spares a resume all blocks if saving dies
         return last_block or time.monotonic() - self._last >= self.interval_s
 
-    def save(self, index: int, next_inputs: list[torch.Tensor], live_batches: int, writer) -> None:
+    def save(self, index: int, next_inputs: list[torch.Tensor], live_batches: int, writer,
+             reference: Optional[list[torch.Tensor]] = None) -> None:
         """Block `index` is finished and written: record it. `next_inputs`: block index+1's hidden states per
-        live batch (empty after the last block or without calibration)."""
+        live batch (empty after the last block or without calibration); `reference`: the float model's ones
+        (GPTAQ), saved beside them."""
         self.directory.mkdir(exist_ok=True)
         inputs = None
         if next_inputs:
             inputs = f"inputs-{index + 1:05d}.safetensors"
-            save_file({f"batch{i}": t.detach().to("cpu").contiguous() for i, t in enumerate(next_inputs)},
-                      self.directory / inputs)
+            tensors = {f"batch{i}": t.detach().to("cpu").contiguous() for i, t in enumerate(next_inputs)}
+            tensors.update({f"reference{i}": t.detach().to("cpu").contiguous() for i, t in enumerate(reference or [])})
+            save_file(tensors, self.directory / inputs)
             fsync_path(self.directory / inputs)
         state = {"format": FORMAT_VERSION, "next_block": index + 1, "live_batches": live_batches, "inputs": inputs,
                  "block_names": self.block_names, "fingerprint": self.fingerprint.to_json(),

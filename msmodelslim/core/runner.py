@@ -20,7 +20,8 @@ rounding. With `spec.calibration.next_block_inputs: quantized` one more forward 
 next block's inputs instead (GPTQ's sequential order). A forward whose statistics are running extremes may stop
 early once they converge (`spec.calibration`); the next blocks then get the batches it forwarded. With
 `spec.calibration.precision: bfloat16` those same forwards run under bfloat16 autocast, their outputs cast back to
-the block's dtype. Pipelines that need no data run no forward.
+the block's dtype. Pipelines that need no data run no forward. A processor that fits the quantized model to the
+float one (GPTAQ) gets the float model's activations beside the quantized ones (core/reference.py).
 
 Blocks before the first decoder layer (a vision-language model's vision tower, model/vlm.py) are processed like
 the others; they forward every batch (no early stop), and spilling is decided on the first decoder layer's inputs.
@@ -30,6 +31,7 @@ run skips the blocks a killed run finished, feeding the next block the hidden st
 """
 from __future__ import annotations
 
+import copy
 import math
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -46,6 +48,7 @@ from msmodelslim.core.distributed import LOCAL, Collective
 from msmodelslim.core.faults import fault_point
 from msmodelslim.core.logging import get_logger, progress_disabled
 from msmodelslim.core.memory import release_free_heap
+from msmodelslim.core.reference import Pairing, ReferenceStream
 from msmodelslim.core.passthrough import write_passthrough
 from msmodelslim.core.resume import BlockCheckpoints, ResumePoint
 from msmodelslim.format.ascendv1.writer import AscendV1Writer
@@ -166,13 +169,15 @@ def _autocast(block: nn.Module, block_dtype: Optional[torch.dtype], requests: li
 @torch.no_grad()
 def _forward_all(block_name: str, requests: list, spill: Optional[ActivationSpill],
                  convergence: Optional[Convergence] = None, block_dtype: Optional[torch.dtype] = None,
-                 autocast_dtype: Optional[torch.dtype] = None) -> list:
+                 autocast_dtype: Optional[torch.dtype] = None, pairing: Optional[Pairing] = None) -> list:
     """The block's outputs for the requests forwarded: all of them, or the first ones until `convergence`
     says the statistics have settled. Run under autocast (`autocast_dtype`), the outputs are cast back to
-    `block_dtype`."""
+    `block_dtype`. `pairing`: the float block's forward of the same batch, just before each."""
     outputs = []
-    for request in requests:
+    for index, request in enumerate(requests):
         assert request.name == block_name, f"forward generator out of step at {block_name}"
+        if pairing is not None:
+            pairing(index, request)
         output = request.module(*request.args, **request.kwargs)
         if autocast_dtype is not None and block_dtype is not None:
             output = _restore_dtype(output, autocast_dtype, block_dtype)
@@ -190,7 +195,7 @@ def _forward_all(block_name: str, requests: list, spill: Optional[ActivationSpil
 def _calibration_forward(block_name: str, block: nn.Module, processor: Processor, requests: list,
                          spill: Optional[ActivationSpill], early_stop: Optional[EarlyStop], collective: Collective,
                          keep_ranges: bool, index: int = 0, precision: Optional[ReducedPrecision] = None,
-                         ) -> tuple[list, Optional[BlockInputRanges]]:
+                         pairing: Optional[Pairing] = None) -> tuple[list, Optional[BlockInputRanges]]:
     """One forward of the block for `processor` (spec.process[`index`]; its hooks are attached): the outputs,
     and (when `keep_ranges`: a later step calibrates) the per-channel ranges of every linear input, merged over
     ranks. `precision`: spec.calibration.precision when not float32 (see `_autocast`)."""
@@ -201,7 +206,7 @@ def _calibration_forward(block_name: str, block: nn.Module, processor: Processor
     autocast, autocast_dtype = _autocast(block, block_dtype, requests, index, processor, precision)
     try:
         with autocast:
-            outputs = _forward_all(block_name, requests, spill, convergence, block_dtype, autocast_dtype)
+            outputs = _forward_all(block_name, requests, spill, convergence, block_dtype, autocast_dtype, pairing)
     finally:
         if ranges is not None:
             ranges.stop()
@@ -227,22 +232,33 @@ def _calibration_forward(block_name: str, block: nn.Module, processor: Processor
 def process_block(name: str, block: nn.Module, processors: list[Processor], requests: list,
                   spill: Optional[ActivationSpill] = None, early_stop: Optional[EarlyStop] = None,
                   collective: Collective = LOCAL, precision: Optional[ReducedPrecision] = None,
-                  quantized_outputs: bool = False) -> Optional[list]:
+                  quantized_outputs: bool = False, reference: Optional[ReferenceStream] = None) -> Optional[list]:
     """Every processor on one block, in config order: its hooks, its calibration forward over `requests` (or the
     per-channel ranges an earlier forward left, when they suffice), its rewrite of the block. Returns the last
     forward's outputs (None when no processor calibrates), or with `quantized_outputs` those of one more forward
     of the quantized block over the same batches. `precision`: spec.calibration.precision when not float32
-    (range-only forwards under autocast)."""
+    (range-only forwards under autocast). `reference`: the float model's hidden states (core/reference.py),
+    moved on to the next block's."""
     outputs, ranges = None, None  # ranges: the block's linear inputs as the processors so far left them
+    pairs = [reference is not None and p.needs_calibration and p.needs_reference(name, block) for p in processors]
+    float_block, reference_outputs = None, None
+    if reference is not None and not any(pairs):
+        reference_outputs = reference.forward_all()
     for i, processor in enumerate(processors):
         if processor.needs_calibration and ranges is not None and processor.ranges_suffice(name, block, ranges):
             processor.calibrate_from_ranges(name, block, ranges)
         else:
+            if pairs[i] and float_block is None:  # the block as the earlier steps left it, before any is quantized
+                float_block = copy.deepcopy(block)
             processor.before_forward(name, block)
             if processor.needs_calibration:
                 later = any(p.needs_calibration for p in processors[i + 1 :])
+                pairing = Pairing(reference, float_block, processor, name) if pairs[i] else None
                 outputs, ranges = _calibration_forward(name, block, processor, requests, spill, early_stop,
-                                                       collective, keep_ranges=later, index=i, precision=precision)
+                                                       collective, keep_ranges=later, index=i, precision=precision,
+                                                       pairing=pairing)
+                if pairing is not None and reference_outputs is None:
+                    reference_outputs = pairing.outputs
         processor.after_forward(name, block)
         if ranges is not None:
             ranges = ranges.scaled(processor.input_scaling(name, block))
@@ -251,16 +267,17 @@ def process_block(name: str, block: nn.Module, processors: list[Processor], requ
         outputs = None  # the float outputs go before the quantized ones are computed
         with decoded_weights_kept(block):  # each weight decoded once for all batches
             outputs = _forward_all(name, forwarded, spill)
+    if reference is not None:
+        reference.advance(reference_outputs)
     return outputs
 
 
-def _fast_forward(forwards: list, requests: list, resume: ResumePoint, device: torch.device) -> list:
+def _fast_forward(forwards: list, requests: list, resume: ResumePoint, inputs: list[torch.Tensor]) -> list:
     """Each live batch's request for block `resume.next_block`: its generator stepped past the finished blocks
-    with the hidden states the killed run saved (a step only swaps args[0]; no block is computed)."""
+    with the hidden states the killed run saved, `inputs` (a step only swaps args[0]; no block is computed)."""
     for generator in forwards[resume.live_batches:]:
         generator.close()
     del forwards[resume.live_batches:], requests[resume.live_batches:]
-    inputs = resume.load_inputs(device)
     if not inputs:  # no block left to calibrate (or no calibration at all)
         return [None] * len(requests)
     for i, generator in enumerate(forwards):
@@ -295,6 +312,7 @@ def run_blocks(
     `quantized_inputs`: the next block calibrates on this block's quantized outputs (spec.calibration
     next_block_inputs), not on its float ones."""
     needs_data = any(p.needs_calibration for p in processors)
+    reference = None  # the float model's hidden states, when a processor fits to them (core/reference.py)
     block_names = adapter.block_names(model)
     if any(p.changes_outside_blocks for p in processors):  # e.g. a head left unread at load: rotations change it
         deferred = [n for n, p in model.named_parameters() if p.is_meta and not _is_under(n, block_names)]
@@ -304,12 +322,21 @@ def run_blocks(
         processor.prepare_model(model)
     forwards, requests = [], []
     if needs_data:
+        if any(p.uses_reference for p in processors):
+            reference = ReferenceStream([], [])
         for batch in tqdm(batches, desc="embed calibration batches", unit="batch", disable=progress_disabled()):
             generator = adapter.generate_model_forward(model, batch)
             forwards.append(generator)
             requests.append(next(generator))
+            if reference is not None:  # the float model's own walk through the blocks
+                generator = adapter.generate_model_forward(model, batch)
+                reference.forwards.append(generator)
+                reference.requests.append(next(generator))
         if resume is not None:
-            requests = _fast_forward(forwards, requests, resume, device)
+            requests = _fast_forward(forwards, requests, resume, resume.load_inputs(device))
+            if reference is not None:
+                reference.requests = _fast_forward(reference.forwards, reference.requests, resume,
+                                                   resume.load_reference(device))
     # Spilling is decided on the first decoder layer's inputs: blocks before it (a vision-language model's vision
     # tower) take other inputs (pixel values), and their outputs are not hidden states.
     pending_spill, spill = (spill if needs_data else None), None
@@ -343,16 +370,21 @@ def run_blocks(
                 spill = pending_spill
                 for request in requests:
                     spill.move_to_disk(request.args[0])
+                if reference is not None:
+                    reference.move_to_disk(spill)
             pending_spill = None
         leading = structure is not None and not structure.is_decoder_layer(name)
         # a leading block (vision tower) forwards every batch: stopping early there would drop images for every
         # text layer after it
         outputs = process_block(name, block, processors, requests, spill, None if leading else early_stop, collective,
-                                precision, quantized_outputs=quantized_inputs and index + 1 < len(block_names))
+                                precision, quantized_outputs=quantized_inputs and index + 1 < len(block_names),
+                                reference=reference)
         if outputs is not None and len(outputs) < len(requests):  # stopped early: later blocks get these batches
             for generator in forwards[len(outputs):]:
                 generator.close()
             del forwards[len(outputs):], requests[len(outputs):]
+            if reference is not None:
+                reference.keep(len(outputs))
         if outputs is not None:  # the last forward's outputs feed the next block
             for i, (generator, output) in enumerate(zip(forwards, outputs)):
                 try:
@@ -363,7 +395,8 @@ def run_blocks(
             writer.add_module_tree(name, block)
             fault_point(f"block:{index}")
             if checkpoints is not None and checkpoints.due(index):
-                checkpoints.save(index, [r.args[0] for r in requests if r is not None], len(requests), writer)
+                checkpoints.save(index, [r.args[0] for r in requests if r is not None], len(requests), writer,
+                                 reference.hidden_states() if reference is not None else None)
                 fault_point(f"checkpoint:{index}")
         if layer_wise:
             adapter.release_block(model, name)

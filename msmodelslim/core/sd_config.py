@@ -115,6 +115,16 @@ class SdSpec(BaseModel):
     # a prompt set (lab_calib/ folder name or index.jsonl path) replacing inference_config.prompt
     dataset: Optional[str] = Field(None, min_length=1, max_length=4096)
 
+    @model_validator(mode="after")
+    def _no_gptaq(self) -> "SdSpec":
+        for i, step in enumerate(self.process):
+            weight = getattr(getattr(step, "qconfig", None), "weight", None)
+            if weight is not None and weight.method == "gptq" and weight.option("gptaq_alpha") > 0:
+                raise ValueError(f"process[{i}]: weight.ext.gptaq_alpha (GPTAQ) needs the float model's activations "
+                                 f"carried beside the quantized ones, which only the modelslim_v1 block runner does "
+                                 f"so far; the diffusion runner does not. Set gptaq_alpha to 0 (plain GPTQ)")
+        return self
+
 
 class SdPracticeConfig(BaseModel):
     """A parsed multimodal_sd_modelslim_v1 document."""

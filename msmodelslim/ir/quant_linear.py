@@ -23,7 +23,8 @@ Behind QuaRot's online rotation (ir/online_rotation.py) a QuantLinear also holds
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Mapping, Optional
+from functools import partial
+from typing import Callable, Iterator, Mapping, Optional
 
 import torch
 from torch import nn
@@ -54,6 +55,24 @@ NVFP4_SCHEMES = (Scheme.W4A16_NVFP4, Scheme.W4A4_NVFP4)
 INPUT_GLOBAL_SCALE = "input_global_scale"
 MX_ACT = {Scheme.W8A8_MXFP8: "fp8_e4m3", Scheme.W4A8_MXFP: "fp8_e4m3", Scheme.W4A4_MXFP4: "fp4_e2m1"}
 STATIC_ACT = (Scheme.W8A8, Scheme.W8A8_MIX, Scheme.W8A8S)  # schemes that carry a calibrated input range
+
+
+def run_time_input_quantizer(scheme: Scheme, dual_block_size: Optional[int] = None
+                             ) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+    """What the kernel does to the input of `scheme` at run time from the input alone (per token or per block,
+    nothing calibrated): a fake-quantizing function, or None when the input stays float or needs a calibrated
+    range (static int8, W8A8_MIX's decode path, NVFP4's global scale)."""
+    if scheme in (Scheme.W8A8_DYNAMIC, Scheme.W4A8_DYNAMIC):
+        return partial(quantize_per_token_dynamic, bits=8)
+    if scheme == Scheme.W4A4_DYNAMIC:  # s_t = max|x_t| / 7, codes clamped to -8..7
+        return partial(quantize_per_token_dynamic, bits=4)
+    if scheme == Scheme.W8A8FP8_DYNAMIC:
+        return fp8_fake_quantize_per_token
+    if scheme == Scheme.W4A4_MXFP4_DUALSCALE and dual_block_size is not None:
+        return partial(fake_quantize_act_dualscale, dual_block_size=dual_block_size)
+    if scheme in MX_ACT:
+        return partial(mx_fake_quantize, element=MX_ACT[scheme])
+    return None
 
 
 class QuantLinear(nn.Module):
@@ -181,19 +200,10 @@ class QuantLinear(nn.Module):
             return fake_quantize_input(x, self.input_scale, self.input_offset, 8)
         if self.scheme == Scheme.W8A8_MIX:
             return quantize_per_token_dynamic(x, 8)
-        if self.scheme in (Scheme.W8A8_DYNAMIC, Scheme.W4A8_DYNAMIC):
-            return quantize_per_token_dynamic(x, 8)
-        if self.scheme == Scheme.W4A4_DYNAMIC:  # s_t = max|x_t| / 7, codes clamped to -8..7
-            return quantize_per_token_dynamic(x, 4)
-        if self.scheme == Scheme.W8A8FP8_DYNAMIC:
-            return fp8_fake_quantize_per_token(x)
         if self.scheme == Scheme.W4A4_NVFP4:
             return fake_quantize_act_nvfp4(x, self.input_global_scale)
-        if self.scheme == Scheme.W4A4_MXFP4_DUALSCALE:
-            return fake_quantize_act_dualscale(x, self.dual_block_size)
-        if self.scheme in MX_ACT:
-            return mx_fake_quantize(x, MX_ACT[self.scheme])
-        return x
+        quantizer = run_time_input_quantizer(self.scheme, self.dual_block_size)
+        return x if quantizer is None else quantizer(x)
 
     def integer_kernel_applies(self, x: torch.Tensor) -> bool:
         """Per-token int8 inputs times symmetric per-channel int weights on a CPU: the layer computes what the

@@ -9,6 +9,7 @@ transform changes the non-block modules once, in `prepare_model`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable, Optional, Protocol, Sequence
 
@@ -81,6 +82,22 @@ class Processor(ABC):
     @abstractmethod
     def after_forward(self, block_name: str, block: nn.Module) -> None:
         """Called after the calibration forward; rewrite the block's modules here."""
+
+    @property
+    def uses_reference(self) -> bool:
+        """True when some block's calibration needs the float model's inputs beside those of the quantized
+        model (GPTAQ, quantizer/gptaq.py): the runner then carries both streams (core/reference.py)."""
+        return False
+
+    def needs_reference(self, block_name: str, block: nn.Module) -> bool:
+        """Whether this block's calibration forward must be paired with the float block's (`watch_reference`)."""
+        return False
+
+    def watch_reference(self, block_name: str, reference_block: nn.Module) -> AbstractContextManager:
+        """Hooks, while the context lasts, on `reference_block` (the block still in float, fed the float model's
+        inputs) that hand each batch's float-model activations to this processor; the forward of the block itself
+        on the same batch follows at once."""
+        return nullcontext()
 
     def ranges_suffice(self, block_name: str, block: nn.Module, ranges: "BlockInputRanges") -> bool:
         """Whether the per-channel min/max of the block's linear inputs, as the block is now, give this processor

@@ -14,7 +14,8 @@ ACT_METHODS = ("minmax", "histogram", "none", "dualscale")
 # ext keys each method accepts, with their defaults (group_size belongs to scope per_group).
 METHOD_EXT = {
     "ssz": {"step": 50},
-    "gptq": {"percdamp": 0.01, "block_size": 128, "act_order": False},
+    # gptaq_alpha > 0: GPTAQ's asymmetric calibration (quantizer/gptaq.py); 0 is plain GPTQ
+    "gptq": {"percdamp": 0.01, "block_size": 128, "act_order": False, "gptaq_alpha": 0.0},
     # W8A8S (quantizer/lowbit_sparse.py): the bulk on a w_bit grid, outliers (fraction, or sigma) kept in int8
     "lowbit_sparse": {"w_bit": 4, "fraction": 0.01, "use_sigma": False, "sigma_factor": 3.0, "nonuniform": False},
     "mse_round": {},
@@ -25,9 +26,11 @@ METHOD_EXT = {
 }
 
 
-def check_positive_ext(method: str, ext: dict) -> None:
-    """The usual ext options: booleans, or positive numbers of the default's type."""
+def check_positive_ext(method: str, ext: dict, skip: tuple[str, ...] = ()) -> None:
+    """The usual ext options: booleans, or positive numbers of the default's type (`skip`: checked elsewhere)."""
     for key, default in METHOD_EXT.get(method, {}).items():
+        if key in skip:
+            continue
         value = ext.get(key, default)
         if isinstance(default, bool):
             if not isinstance(value, bool):
@@ -84,6 +87,11 @@ def _check_dualscale_ext(method: str, ext: dict) -> None:
         raise ValueError(f"ext.dual_block_size must be a positive multiple of 32 (e.g. 512), got {size!r}")
 
 
-# methods whose ext the positive-number rule does not fit
-EXT_CHECKS = {"lowbit_sparse": _check_lowbit_sparse_ext, "ceil_x": _check_ceil_x_ext,
+def _check_gptq_ext(method: str, ext: dict) -> None:
+    check_positive_ext(method, ext, skip=("gptaq_alpha",))
+    _number(ext.get("gptaq_alpha", 0.0), "gptaq_alpha", 0.0, 1.0)
+
+
+# methods whose ext the positive-number rule does not fit (all of it, or some keys)
+EXT_CHECKS = {"gptq": _check_gptq_ext, "lowbit_sparse": _check_lowbit_sparse_ext, "ceil_x": _check_ceil_x_ext,
               "dualscale": _check_dualscale_ext}

@@ -1,7 +1,8 @@
 """`group`: run child processors side by side so one calibration forward per block serves them all."""
 from __future__ import annotations
 
-from typing import Optional
+from contextlib import ExitStack, contextmanager
+from typing import Iterator, Optional
 
 from torch import nn
 
@@ -70,6 +71,20 @@ class GroupProcessor(Processor):
     def after_forward(self, block_name: str, block: nn.Module) -> None:
         for child in self.children:
             child.after_forward(block_name, block)
+
+    @property
+    def uses_reference(self) -> bool:
+        return any(child.uses_reference for child in self.children)
+
+    def needs_reference(self, block_name: str, block: nn.Module) -> bool:
+        return any(child.needs_reference(block_name, block) for child in self.children)
+
+    @contextmanager
+    def watch_reference(self, block_name: str, reference_block: nn.Module) -> Iterator[None]:
+        with ExitStack() as stack:
+            for child in self.children:
+                stack.enter_context(child.watch_reference(block_name, reference_block))
+            yield
 
     @property
     def range_statistics(self) -> bool:

@@ -13,8 +13,9 @@ log line per expert and a count per MoE layer. Static activations on experts are
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -24,13 +25,14 @@ from msmodelslim.core.logging import get_logger
 from msmodelslim.ir.lowrank import LowRankResidualLinear
 from msmodelslim.ir.online_rotation import input_rotation
 from msmodelslim.ir.non_fusion_smooth import pattern_name
-from msmodelslim.ir.quant_linear import QuantLinear
+from msmodelslim.ir.quant_linear import QuantLinear, run_time_input_quantizer
 from msmodelslim.model.moe import routed_expert_linears
 from msmodelslim.processor.base import Processor, ProcessorContext, register_processor
 from msmodelslim.processor.linear_quant.config import LinearQuantConfig
 from msmodelslim.processor.matching import select
 from msmodelslim.processor.sampling import RowSample
-from msmodelslim.quantizer.dualscale import quantize_weight_dualscale
+from msmodelslim.quantizer.dualscale import effective_dual_block, quantize_weight_dualscale
+from msmodelslim.quantizer.gptaq import accumulate_asymmetry, asymmetric_target
 from msmodelslim.quantizer.gptq import accumulate_hessian
 from msmodelslim.quantizer.nvfp4 import global_scale
 from msmodelslim.quantizer.observer import HistogramObserver, MinMaxObserver
@@ -43,19 +45,38 @@ log = get_logger("linear_quant")
 
 @dataclass
 class InputRecord:
-    """What one linear's calibration inputs left behind: the activation observer and/or GPTQ's Hessian."""
+    """What one linear's calibration inputs left behind: the activation observer and/or GPTQ's Hessian (and
+    GPTAQ's asymmetry term, from the float model's inputs handed over in `references`)."""
 
     observer: Optional[MinMaxObserver | HistogramObserver] = None
     collect_hessian: bool = False
     hessian: Optional[torch.Tensor] = None
     tokens: int = 0
     sample: Optional[RowSample] = None  # input rows, for methods that tune on them (autoround)
+    collect_asymmetry: bool = False
+    asymmetry: Optional[torch.Tensor] = None
+    references: list = field(default_factory=list)  # the float model's inputs of the calls still to come
+    # GPTAQ: the kernel's run-time input quantization, applied to X̃ (the layer is fitted to what it will read)
+    input_quantizer: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    input_error: Optional[torch.Tensor] = None  # svd_res layers: 2·(X̃u − Q)·Qᵀ/n, their float pair reads X̃u
+    keep_input_error: bool = False
 
     def update(self, x: torch.Tensor) -> None:
         if self.observer is not None:
             self.observer.update(x)
         if self.collect_hessian:
-            self.hessian, self.tokens = accumulate_hessian(self.hessian, self.tokens, x.detach().float())
+            x = x.detach().float()
+            if self.collect_asymmetry:  # before the token count moves on
+                if self.input_quantizer is not None:
+                    unquantized, x = x, self.input_quantizer(x)
+                    if self.keep_input_error:
+                        self.input_error = accumulate_asymmetry(self.input_error, self.tokens, x, unquantized)
+                reference = self.references.pop(0) if self.references else None
+                if reference is not None and reference.shape != x.shape:
+                    raise ProcessingError(f"GPTAQ: the float model's input {tuple(reference.shape)} and the "
+                                          f"quantized model's {tuple(x.shape)} of a linear differ in shape")
+                self.asymmetry = accumulate_asymmetry(self.asymmetry, self.tokens, x, reference)
+            self.hessian, self.tokens = accumulate_hessian(self.hessian, self.tokens, x)
         if self.sample is not None:
             self.sample.add(x)
 
@@ -64,11 +85,20 @@ class InputRecord:
         if self.observer is not None:
             self.observer.merge(collective)
         if self.collect_hessian:  # H is a mean over tokens: sum n_r·H_r over ranks, divide by Σ n_r
+            local_tokens = self.tokens
             local = self.hessian * self.tokens if self.hessian is not None else torch.zeros(
                 features, features, dtype=torch.float64)
             total = collective.sum_int(self.tokens)
             summed = collective.sum(local)
             self.hessian, self.tokens = (summed / total if total else None), total
+            if self.collect_asymmetry:  # a mean over tokens too, weighted alike
+                local = self.asymmetry * local_tokens if self.asymmetry is not None else torch.zeros(
+                    features, features, dtype=torch.float64)
+                self.asymmetry = collective.sum(local) / total if total else None
+            if self.keep_input_error:
+                local = self.input_error * local_tokens if self.input_error is not None else torch.zeros(
+                    features, features, dtype=torch.float64)
+                self.input_error = collective.sum(local) / total if total else None
         if self.sample is not None:
             self.sample.merge(collective, features)
 
@@ -93,16 +123,21 @@ def linear_to_ir(linear: nn.Linear, config: LinearQuantConfig, record: Optional[
     `weight`: that is what is quantized, and its low-rank pair travels into the QuantLinear unchanged."""
     q = config.qconfig
     hessian = record.hessian if record is not None else None
+    source = linear.weight.detach()
+    if record is not None and record.asymmetry is not None and q.weight.option("gptaq_alpha") > 0:
+        lowrank = (linear.svd_lowrank_l2.float() @ linear.svd_lowrank_l1.float()
+                   if isinstance(linear, LowRankResidualLinear) else None)
+        source = asymmetric_target(source, hessian, record.asymmetry, q.weight.option("gptaq_alpha"),
+                                   q.weight.option("percdamp"), lowrank, record.input_error)
     dual = weight_global = None
     if weight is None and q.weight.dtype.value == "nvfp4":  # FP8 block scales and the global scale apart
-        qweight, scale, weight_global = quantize_weight_with_global(linear.weight.detach(), q.weight, hessian,
-                                                                   group_amax)
+        qweight, scale, weight_global = quantize_weight_with_global(source, q.weight, hessian, group_amax)
         offset = torch.zeros_like(scale)
     elif weight is None and q.weight.method == "dualscale":  # the E8M0 scales and the float32 dual ones apart
         qweight, scale, dual = quantize_weight_dualscale(linear.weight.detach(), q.weight.ext["dual_block_size"])
         offset = torch.zeros_like(scale)
     else:
-        qweight, scale, offset = weight or quantize_weight(linear.weight.detach(), q.weight, hessian)
+        qweight, scale, offset = weight or quantize_weight(source, q.weight, hessian)
     input_scale = input_offset = input_global = None
     if q.act.dtype == QDType.nvfp4:  # 448·6 / max|x| over the calibration inputs (llm-compressor's static_minmax)
         input_global = global_scale(torch.maximum(record.observer.min.abs(), record.observer.max.abs()))
@@ -169,10 +204,56 @@ class LinearQuantProcessor(Processor):
     def before_forward(self, block_name: str, block: nn.Module) -> None:
         if not self.needs_calibration:
             return
-        for name in self._targets(block_name, block):
+        paired = set(self._paired_targets(block_name, block))
+        targets = self._targets(block_name, block)
+        if paired and len(paired) < len(targets):
+            log.info("%s: %d routed-expert linears get plain GPTQ: GPTAQ pairs each token's float and quantized "
+                     "inputs, and the float model's router may send a token to other experts",
+                     block_name, len(targets) - len(paired))
+        for name in targets:
             record = self._records[name] = self.new_record()
             module = block.get_submodule(name[len(block_name) + 1 :])
+            if name in paired:
+                record.collect_asymmetry = True
+                record.input_quantizer = self._run_time_input_quantizer(module)
+                record.keep_input_error = record.input_quantizer is not None and isinstance(module, LowRankResidualLinear)
             self._hooks.append(module.register_forward_pre_hook(lambda _m, args, r=record: r.update(args[0])))
+
+    @property
+    def uses_reference(self) -> bool:
+        weight = self.config.qconfig.weight
+        return weight.method == "gptq" and weight.option("gptaq_alpha") > 0
+
+    def _paired_targets(self, block_name: str, block: nn.Module) -> list[str]:
+        """GPTAQ's targets: all but routed experts, whose router picks other tokens in the float model."""
+        if not self.uses_reference:
+            return []
+        experts = routed_expert_linears(block, block_name)
+        return [n for n in self._targets(block_name, block) if n not in experts]
+
+    def _run_time_input_quantizer(self, linear: nn.Module) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+        """The input quantization the kernel applies at run time, for GPTAQ's X̃ (None: the input stays float or
+        needs a calibrated range)."""
+        q = self.config.qconfig
+        dual = q.act.ext.get("dual_block_size") if q.act.method == "dualscale" else None
+        return run_time_input_quantizer(q.scheme, None if dual is None else effective_dual_block(linear.in_features, dual))
+
+    def needs_reference(self, block_name: str, block: nn.Module) -> bool:
+        return bool(self._paired_targets(block_name, block))
+
+    @contextmanager
+    def watch_reference(self, block_name: str, reference_block: nn.Module) -> Iterator[None]:
+        hooks = []
+        for name, record in self._records.items():
+            if record.collect_asymmetry:
+                module = reference_block.get_submodule(name[len(block_name) + 1 :])
+                hooks.append(module.register_forward_pre_hook(
+                    lambda _m, args, r=record: r.references.append(args[0].detach().float())))
+        try:
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()
 
     @property
     def range_statistics(self) -> bool:
