@@ -143,6 +143,7 @@ SCHEMES = {
 FP8 = {"dtype": "fp8_e4m3", "symmetric": True, "method": "minmax"}
 MXFP8 = {"dtype": "mxfp8", "scope": "per_block", "symmetric": True, "method": "minmax"}
 MXFP4 = {**MXFP8, "dtype": "mxfp4"}
+AR_FLOAT = {"method": "autoround", "ext": {"scale_dtype": "float32"}}  # FP8 scales are saved in f32
 SCHEMES.update({
     "fp8_dynamic": [linear({"act": {**FP8, "scope": "per_token"}, "weight": {**FP8, "scope": "per_channel"}})],
     "w8a8_mxfp8": [linear({"act": MXFP8, "weight": MXFP8})],
@@ -160,6 +161,12 @@ SCHEMES.update({
                                                "weight": {**FP8, "scope": "per_channel"}})],
     "w8a8_mxfp8_gptq": [linear({"act": MXFP8, "weight": {**MXFP8, "method": "gptq"}})],
     "w4a16_mxfp4_gptq": [linear({"weight": {**MXFP4, "method": "gptq"}})],
+    # AutoRound on the float grids (quantizer/autoround_float.py), 10 and 50 steps per linear
+    "autoround_fp8_dynamic": [autoround({"act": {**FP8, "scope": "per_token"},
+                                         "weight": {**FP8, "scope": "per_channel", **AR_FLOAT}})],
+    "autoround_w8a8_mxfp8": [autoround({"act": MXFP8, "weight": {**MXFP8, **AR_FLOAT}})],
+    "autoround_w4a16_mxfp4": [autoround({"weight": {**MXFP4, **AR_FLOAT}})],
+    "autoround50_w4a16_mxfp4": [autoround({"weight": {**MXFP4, **AR_FLOAT}}, iters=50)],
     "w4a4_mxfp4_gptq": [linear({"act": MXFP4, "weight": {**MXFP4, "method": "gptq"}})],
     "quarot+w4a4_mxfp4": [QUAROT, linear({"act": MXFP4, "weight": MXFP4})],
     "quarot+w4a4_mxfp4_gptq": [QUAROT, linear({"act": MXFP4, "weight": {**MXFP4, "method": "gptq"}})],

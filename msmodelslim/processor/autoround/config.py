@@ -10,7 +10,8 @@ SCALE_DTYPES = ("float16", "float32", "bfloat16")
 
 class AutoRoundStrategy(BaseModel):
     """One {qconfig, include, exclude} of `autoround_quant.strategies`. The weight `method` is `autoround`
-    (the established protocol does not check it; `minmax`, the starting point, is accepted too)."""
+    (the established protocol does not check it; `minmax`, the starting point, is accepted too). Integer
+    weights and the float grids with one scale per channel or per MX block (fp8_e4m3, mxfp8, mxfp4) are tuned."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -28,6 +29,12 @@ class AutoRoundStrategy(BaseModel):
         qconfig = dict(data["qconfig"])
         weight = dict(qconfig.get("weight") or {})
         method = weight.get("method", "autoround")
+        if weight.get("dtype") == "nvfp4" or weight.get("scope") == "dual_scale":
+            # two levels of scales (NVFP4's FP8 block scales under a global one, dual_scale's float32 scale over
+            # E8M0 ones): a different search from the one-scale grids the tuning models
+            raise ValueError(f"autoround_quant does not tune {weight.get('dtype')} {weight.get('scope')} weights "
+                             f"(two levels of scales); quantize them with linear_quant (minmax or gptq for nvfp4, "
+                             f"dualscale for dual_scale)")
         if method not in ("autoround", "minmax"):
             raise ValueError(f"autoround_quant tunes the weight rounding itself; weight.method {method!r} does not "
                              f"apply (use method: autoround)")
@@ -43,16 +50,6 @@ class AutoRoundStrategy(BaseModel):
         if scale_dtype is not None:
             result["scale_dtype"] = scale_dtype
         return result
-
-    @model_validator(mode="after")
-    def _integer_grid(self) -> "AutoRoundStrategy":
-        """The tuning rounds onto an integer grid with a float scale; an FP8/MX grid is a different search."""
-        dtype = self.qconfig.weight.dtype
-        if dtype.element is not None:
-            raise ValueError(f"autoround_quant on {dtype.value} weights is not implemented yet (it belongs to the "
-                             f"floating-point formats work); quantize them with linear_quant, method minmax")
-        return self
-
 
 class AutoRoundQuantConfig(BaseModel):
     """`type: autoround_quant`: quantize linears with AutoRound-tuned weight rounding and clipping."""

@@ -8,6 +8,9 @@ activation quantization the kernel applies. All strategies share one calibration
       strategies:
         - qconfig: {weight: {dtype: int4, scope: per_group, method: autoround, ext: {group_size: 64}}}
           exclude: ["lm_head"]
+
+Float weights (fp8_e4m3 per channel, mxfp8 / mxfp4 per block) are tuned on their element grid
+(quantizer/autoround_float.py).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from msmodelslim.processor.linear_quant.processor import InputRecord, LinearQuan
 from msmodelslim.processor.sampling import RowSample
 from msmodelslim.quantizer.activation import fake_quantize_act
 from msmodelslim.quantizer.autoround import AutoRoundSettings, autoround_quantize
+from msmodelslim.quantizer.autoround_float import autoround_quantize_float
 
 TUNE_TOKENS = 1024
 log = get_logger("autoround_quant")
@@ -55,9 +59,14 @@ class AutoRoundLinears(LinearQuantProcessor):
         q = self.config.qconfig
         x = record.sample.take(TUNE_TOKENS)
         static = record.observer.qparams(q.act.dtype.bits, q.act.symmetric) if q.static_act else None
-        codes, scale, offset, loss, start = autoround_quantize(
-            linear.weight.detach(), x, fake_quantize_act(x, q.act, static), q.weight.dtype.bits,
-            q.weight.symmetric, q.weight.group_size, self.settings)
+        x_quantized = fake_quantize_act(x, q.act, static)
+        if q.weight.dtype.element is not None:  # FP8 per channel, MXFP8, MXFP4: the element grid
+            codes, scale, offset, loss, start = autoround_quantize_float(
+                linear.weight.detach(), x, x_quantized, q.weight.dtype.value, self.settings)
+        else:
+            codes, scale, offset, loss, start = autoround_quantize(
+                linear.weight.detach(), x, x_quantized, q.weight.dtype.bits, q.weight.symmetric,
+                q.weight.group_size, self.settings)
         log.debug("%s: output MSE %.3e -> %.3e", name, start, loss)
         return linear_to_ir(linear, self.config, record, weight=(codes, scale, offset))
 
