@@ -48,12 +48,14 @@ SVD_RES = {"type": "svd_res", "rank": 32, "exclude": ["lm_head"]}
 
 def scheme_steps(name: str) -> list[dict]:
     """A scheme of smollm2_accuracy.py by name, or a variant of one: a trailing `+ao` sets GPTQ's
-    `act_order: true` (columns by decreasing Hessian diagonal, llm-compressor's default), a leading `quarot<n>+`
+    `act_order: true` (columns by decreasing Hessian diagonal, llm-compressor's default), `+ao+clip` (or `+clip`)
+    GPTQ's `clip_search: true` as well (integer ranges by the shrink search), a leading `quarot<n>+`
     rotates in blocks of n (`block_size: n`, e.g. 32 = one MX block) instead of the whole hidden size; `quarot+<scheme>`
     puts the rotation before any scheme, `quarot_online+<scheme>` (or `quarot<n>_online+`) adds the online rotations
     of o_proj's and every down_proj's input (max_tp_size 1: SmolLM2's 9 heads split into no power of 2 above 1),
     optionally followed by `svd_res+` (rank 32),
     `awq+<scheme>` AWQ scored with the scheme's weight format (round to nearest) before a weight-only scheme."""
+    name, clip = name.removesuffix("+clip"), name.endswith("+clip")
     base, act_order = name.removesuffix("+ao"), name.endswith("+ao")
     block = None
     head, _, rest = base.partition("+")
@@ -79,6 +81,8 @@ def scheme_steps(name: str) -> list[dict]:
         weight = step.get("qconfig", {}).get("weight", {})
         if act_order and weight.get("method") == "gptq":
             weight["ext"] = {**weight.get("ext", {}), "act_order": True}
+        if clip and weight.get("method") == "gptq":
+            weight["ext"] = {**weight.get("ext", {}), "clip_search": True}
     return steps
 
 

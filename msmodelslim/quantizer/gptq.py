@@ -10,7 +10,8 @@ H = 2·X·Xᵀ/n (X the layer inputs) and U the upper Cholesky factor of H⁻¹:
 
 Columns are processed in blocks (the updates to later blocks are applied in one matmul). Options: damping
 (percdamp·mean(diag H) added to the diagonal), act_order (process columns by decreasing diag H; group ranges
-are then fixed from the original weights so the saved layout stays plain groups).
+are then fixed from the original weights so the saved layout stays plain groups), clip_search (integer grids:
+each range shrunk by the grid search of quantizer/clip_search.py instead of min/max).
 
 The grid a column is rounded to is a parameter (`IntGrid`, `FloatGrid`): the error fed back is always the one
 of the quantizer the layer will really get. A group's parameters are fitted when its first column is reached,
@@ -25,6 +26,7 @@ import torch
 
 from msmodelslim.quantizer.float_formats import (ELEMENTS, FP8_E4M3_MAX, MX_BLOCK, MX_ELEMENT, encode_fp4_e2m1,
                                                  fp8_scale, power_of_two, round_fp4_e2m1)
+from msmodelslim.quantizer.clip_search import clip_search_range
 from msmodelslim.quantizer.mx_methods import mse_round_exponent
 from msmodelslim.quantizer import nvfp4
 from msmodelslim.quantizer.primitives import int_range, scale_offset_from_minmax
@@ -53,10 +55,12 @@ class ColumnGrid(Protocol):
 
 
 class IntGrid:
-    """Uniform integer grid, min/max range per row and group (asymmetric with an offset)."""
+    """Uniform integer grid, min/max range per row and group (asymmetric with an offset); with `clip_search`
+    the range shrunk by a grid search (quantizer/clip_search.py)."""
 
-    def __init__(self, out: int, cols: int, bits: int, symmetric: bool, group: int | None, device) -> None:
-        self.bits, self.symmetric, self.group = bits, symmetric, group or cols
+    def __init__(self, out: int, cols: int, bits: int, symmetric: bool, group: int | None, device,
+                 clip_search: bool = False) -> None:
+        self.bits, self.symmetric, self.group, self.clip_search = bits, symmetric, group or cols, clip_search
         self.qmin, self.qmax = int_range(bits)
         n_groups = cols // self.group
         self.scale = torch.zeros(out, n_groups, device=device)
@@ -64,6 +68,9 @@ class IntGrid:
         self.codes = torch.zeros(out, cols, dtype=torch.int8, device=device)
 
     def fit(self, g: int, columns: torch.Tensor) -> None:
+        if self.clip_search:
+            self.scale[:, g], self.offset[:, g] = clip_search_range(columns, self.bits, self.symmetric)
+            return
         self.scale[:, g], self.offset[:, g] = scale_offset_from_minmax(columns.amin(dim=1), columns.amax(dim=1),
                                                                        self.bits, self.symmetric)
 
@@ -170,10 +177,10 @@ def gptq_on_grid(weight: torch.Tensor, hessian: torch.Tensor, grid: ColumnGrid, 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, symmetric: bool,
                   group_size: int | None = None, block_size: int = 128, percdamp: float = 0.01,
-                  act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  act_order: bool = False, clip_search: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Integer GPTQ: (codes int8 [out, in], scale [out, n_groups], offset [out, n_groups]) in the layout of
     `quantize_weight_minmax`."""
-    grid = IntGrid(*weight.shape, bits, symmetric, group_size, weight.device)
+    grid = IntGrid(*weight.shape, bits, symmetric, group_size, weight.device, clip_search)
     return gptq_on_grid(weight, hessian, grid, block_size, percdamp, act_order)
 
 

@@ -14,8 +14,9 @@ ACT_METHODS = ("minmax", "histogram", "none", "dualscale")
 # ext keys each method accepts, with their defaults (group_size belongs to scope per_group).
 METHOD_EXT = {
     "ssz": {"step": 50},
-    # gptaq_alpha > 0: GPTAQ's asymmetric calibration (quantizer/gptaq.py); 0 is plain GPTQ
-    "gptq": {"percdamp": 0.01, "block_size": 128, "act_order": False, "gptaq_alpha": 0.0},
+    # gptaq_alpha > 0: GPTAQ's asymmetric calibration (quantizer/gptaq.py); 0 is plain GPTQ. clip_search: integer
+    # ranges from quantizer/clip_search.py
+    "gptq": {"percdamp": 0.01, "block_size": 128, "act_order": False, "gptaq_alpha": 0.0, "clip_search": False},
     # W8A8S (quantizer/lowbit_sparse.py): the bulk on a w_bit grid, outliers (fraction, or sigma) kept in int8
     "lowbit_sparse": {"w_bit": 4, "fraction": 0.01, "use_sigma": False, "sigma_factor": 3.0, "nonuniform": False},
     "mse_round": {},

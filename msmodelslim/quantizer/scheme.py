@@ -129,6 +129,9 @@ class QConfig(BaseModel):
                              f"not {self.scope.value}")
         if not self.symmetric:
             raise ValueError(f"dtype {name} is symmetric (a float grid has no zero point); set symmetric: true")
+        if self.method == "gptq" and self.ext.get("clip_search"):
+            raise ValueError(f"ext.clip_search shrinks integer ranges; dtype {name} takes its scales from its own "
+                             f"rule (drop clip_search)")
         allowed = ["minmax", *(m for m, d in MX_WEIGHT_METHODS.items() if d == name), "gptq"]
         if self.method not in allowed:
             raise ValueError(f"method {self.method!r} does not apply to dtype {name}, which takes method "

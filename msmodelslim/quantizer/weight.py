@@ -54,7 +54,7 @@ def quantize_weight(w: torch.Tensor, spec: QConfig, hessian: Optional[torch.Tens
                                       spec.option("sigma_factor"))
     if spec.method == "gptq":
         return gptq_quantize(w, hessian, bits, spec.symmetric, group, spec.option("block_size"),
-                             spec.option("percdamp"), spec.option("act_order"))
+                             spec.option("percdamp"), spec.option("act_order"), spec.option("clip_search"))
     return quantize_weight_minmax(w, bits, spec.symmetric, group)
 
 
