@@ -240,7 +240,7 @@ def test_a_data_free_rule_quantizes_the_vision_linears_and_the_plan_lists_them(t
 
 @pytest.mark.parametrize("family,finished", [("qwen2_5_vl", 0), ("qwen2_5_vl", 1), ("qwen3_vl", 2), ("qwen3_vl", 1)])
 def test_a_resumed_walk_continues_exactly_from_the_saved_hidden_states(vlms, images, family, finished):
-    """--resume fast-forwards each batch's walk (core/runner._fast_forward): the killed run's saved input of the
+    """--resume fast-forwards each batch's walk (core/walk.py BatchWalks.fast_forward): the killed run's saved input of the
     next block is sent once per finished block, the vision tower's included; the walk then goes on exactly. Inside
     Qwen3-VL's DeepStack layers (the first 2 here) it refuses by name: the features are not in a checkpoint."""
     adapter = adapter_of(family, vlms[family])

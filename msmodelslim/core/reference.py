@@ -22,18 +22,17 @@ import torch
 from torch import nn
 
 from msmodelslim.core.activations import ActivationSpill
+from msmodelslim.core.walk import BatchWalks
 from msmodelslim.model.interface import block_hidden_state
 from msmodelslim.processor.base import Processor
 
 
 @dataclass
-class ReferenceStream:
-    """Per live batch, the float model's own walk through the blocks: a generator of the adapter
-    (`generate_model_forward`, so whatever it adds between blocks, e.g. DeepStack's visual features, is added to
-    this stream too) and its current request, whose inputs are the float model's."""
+class ReferenceStream(BatchWalks):
+    """Per live batch, the float model's own walk through the blocks (an adapter generator, so whatever it adds
+    between blocks, e.g. DeepStack's visual features, is added to this stream too) and its current request, whose
+    inputs are the float model's; spilled to disk with the quantized stream when that is."""
 
-    forwards: list
-    requests: list
     spill: Optional[ActivationSpill] = None
 
     def forward(self, module: nn.Module, index: int) -> Any:
@@ -50,37 +49,14 @@ class ReferenceStream:
         """Each batch's output of the block as it is (float: before any processor ran)."""
         return [self.forward(r.module, i) for i, r in enumerate(self.requests)]
 
-    def advance(self, outputs: list) -> None:
-        """The next block's requests, from this block's float outputs."""
-        for i, output in enumerate(outputs):
-            if self.forwards[i] is None:  # a one-block stream (the dry run's timed block)
-                self.requests[i] = None
-                continue
-            try:
-                self.requests[i] = self.forwards[i].send(output)
-            except StopIteration:
-                self.requests[i] = None
-
     @classmethod
     def for_one_block(cls, requests: list) -> "ReferenceStream":
         """A stream over one block only, starting from its current inputs (the dry run's timed block)."""
         return cls([None] * len(requests), list(requests))
 
-    def keep(self, count: int) -> None:
-        """The first `count` batches live on (the others were dropped by an early stop)."""
-        for generator in self.forwards[count:]:
-            if generator is not None:
-                generator.close()
-        del self.forwards[count:], self.requests[count:]
-
-    def hidden_states(self) -> list[torch.Tensor]:
-        """The current block's float-model inputs, per live batch (what a resume checkpoint keeps)."""
-        return [r.args[0] for r in self.requests if r is not None]
-
     def move_to_disk(self, spill: ActivationSpill) -> None:
         self.spill = spill
-        for request in self.requests:
-            spill.move_to_disk(request.args[0])
+        super().move_to_disk(spill)
 
 
 @dataclass

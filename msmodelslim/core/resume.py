@@ -130,22 +130,20 @@ class ResumePoint:
     inputs: Optional[Path]  # the hidden states block `next_block` receives (None: no calibration, or no next block)
     writer_state: dict
 
-    def load_inputs(self, device: torch.device) -> list[torch.Tensor]:
+    def load_hidden_states(self, device: torch.device, with_reference: bool = False
+                           ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Block `next_block`'s inputs per live batch and, `with_reference`, the float model's (GPTAQ,
+        core/reference.py), from one read of the checkpoint."""
         if self.inputs is None:
-            return []
+            return [], []
         tensors = load_file(self.inputs)
-        return [tensors[f"batch{i}"].to(device) for i in range(self.live_batches)]
-
-    def load_reference(self, device: torch.device) -> list[torch.Tensor]:
-        """The float model's hidden states block `next_block` receives (GPTAQ, core/reference.py)."""
-        if self.inputs is None:
-            return []
-        tensors = load_file(self.inputs)
-        missing = [i for i in range(self.live_batches) if f"reference{i}" not in tensors]
-        if missing:
+        inputs = [tensors[f"batch{i}"].to(device) for i in range(self.live_batches)]
+        if not with_reference:
+            return inputs, []
+        if any(f"reference{i}" not in tensors for i in range(self.live_batches)):
             raise ConfigError(f"--resume: the checkpoint {self.inputs} holds no float-model hidden states, which "
                               f"this run's GPTAQ needs; {START_OVER}")
-        return [tensors[f"reference{i}"].to(device) for i in range(self.live_batches)]
+        return inputs, [tensors[f"reference{i}"].to(device) for i in range(self.live_batches)]
 
 
 def read_checkpoint(staging: Path, fingerprint: Fingerprint, block_names: list[str]) -> ResumePoint:

@@ -49,8 +49,10 @@ from msmodelslim.core.faults import fault_point
 from msmodelslim.core.logging import get_logger, progress_disabled
 from msmodelslim.core.memory import release_free_heap
 from msmodelslim.core.reference import Pairing, ReferenceStream
+from msmodelslim.core.outside_blocks import is_under, outside_entries, write_outside_blocks
 from msmodelslim.core.passthrough import write_passthrough
 from msmodelslim.core.resume import BlockCheckpoints, ResumePoint
+from msmodelslim.core.walk import BatchWalks
 from msmodelslim.format.ascendv1.writer import AscendV1Writer
 from msmodelslim.ir.quant_linear import decoded_weights_kept
 from msmodelslim.model.interface import block_hidden_state
@@ -67,51 +69,6 @@ class RunStats:
     calibration_tokens: int
     last_block_batches: Optional[int] = None  # batches the last block was calibrated on (fewer: early stop)
     processed_blocks: Optional[int] = None  # blocks this process computed (fewer than `blocks` when resumed)
-
-
-def _is_under(name: str, prefixes: list[str]) -> bool:
-    return any(name.startswith(p + ".") for p in prefixes)
-
-
-def _outside_entries(model: nn.Module, block_names: list[str]) -> list[tuple[str, str]]:
-    """(name, source) of every state-dict tensor outside the blocks (embeddings, final norm, head), in order; a
-    tied table appears under two names, the second with the first as its source. Equal addresses mean tying only
-    here, where every tensor compared is alive at once (across released blocks an address is reused by unrelated
-    tensors): so this is taken while they are all in memory."""
-    first_name: dict[int, str] = {}
-    entries = []
-    for name, tensor in model.state_dict().items():
-        if _is_under(name, block_names):
-            continue
-        alive = tensor.numel() and not tensor.is_meta  # an unread (meta) tensor has no address to compare
-        entries.append((name, first_name.setdefault(tensor.data_ptr(), name) if alive else name))
-    return entries
-
-
-def _outside_tensor(model: nn.Module, name: str) -> torch.Tensor:
-    owner, _, leaf = name.rpartition(".")
-    return getattr(model.get_submodule(owner), leaf)
-
-
-def _write_outside_blocks(model: nn.Module, block_names: list[str], entries: list[tuple[str, str]], writer,
-                          adapter, released: bool) -> None:
-    """Write the non-block tensors (`entries` from `_outside_entries`). When the adapter `released` them for the
-    walk, each table is read back from the checkpoint, written with its tied aliases and dropped again, so
-    that only one of them is in memory at a time."""
-    by_source: dict[str, list[str]] = {}
-    for name, source in entries:
-        by_source.setdefault(source, []).append(name)
-    for source, names in by_source.items():
-        tensor = _outside_tensor(model, source)
-        if released and tensor.is_meta:
-            adapter.load_outside(model, [source])
-            tensor = _outside_tensor(model, source)
-        writer.add_float(source, tensor)
-        for alias in names[1:]:
-            writer.add_tied(alias, source, tensor)
-        del tensor
-        if released:
-            adapter.release_outside(model, block_names)
 
 
 def _block_dtype(block: nn.Module) -> Optional[torch.dtype]:
@@ -272,20 +229,6 @@ def process_block(name: str, block: nn.Module, processors: list[Processor], requ
     return outputs
 
 
-def _fast_forward(forwards: list, requests: list, resume: ResumePoint, inputs: list[torch.Tensor]) -> list:
-    """Each live batch's request for block `resume.next_block`: its generator stepped past the finished blocks
-    with the hidden states the killed run saved, `inputs` (a step only swaps args[0]; no block is computed)."""
-    for generator in forwards[resume.live_batches:]:
-        generator.close()
-    del forwards[resume.live_batches:], requests[resume.live_batches:]
-    if not inputs:  # no block left to calibrate (or no calibration at all)
-        return [None] * len(requests)
-    for i, generator in enumerate(forwards):
-        for _ in range(resume.next_block):
-            requests[i] = generator.send(inputs[i])
-    return requests
-
-
 def run_blocks(
     adapter,
     model: nn.Module,
@@ -315,28 +258,24 @@ def run_blocks(
     reference = None  # the float model's hidden states, when a processor fits to them (core/reference.py)
     block_names = adapter.block_names(model)
     if any(p.changes_outside_blocks for p in processors):  # e.g. a head left unread at load: rotations change it
-        deferred = [n for n, p in model.named_parameters() if p.is_meta and not _is_under(n, block_names)]
+        deferred = [n for n, p in model.named_parameters() if p.is_meta and not is_under(n, block_names)]
         if deferred:
             adapter.load_outside(model, deferred)
     for processor in processors:
         processor.prepare_model(model)
-    forwards, requests = [], []
+    walks = BatchWalks()
     if needs_data:
         if any(p.uses_reference for p in processors):
-            reference = ReferenceStream([], [])
+            reference = ReferenceStream()
         for batch in tqdm(batches, desc="embed calibration batches", unit="batch", disable=progress_disabled()):
-            generator = adapter.generate_model_forward(model, batch)
-            forwards.append(generator)
-            requests.append(next(generator))
+            walks.start(adapter.generate_model_forward(model, batch))
             if reference is not None:  # the float model's own walk through the blocks
-                generator = adapter.generate_model_forward(model, batch)
-                reference.forwards.append(generator)
-                reference.requests.append(next(generator))
+                reference.start(adapter.generate_model_forward(model, batch))
         if resume is not None:
-            requests = _fast_forward(forwards, requests, resume, resume.load_inputs(device))
+            inputs, reference_inputs = resume.load_hidden_states(device, with_reference=reference is not None)
+            walks.fast_forward(resume.live_batches, resume.next_block, inputs)
             if reference is not None:
-                reference.requests = _fast_forward(reference.forwards, reference.requests, resume,
-                                                   resume.load_reference(device))
+                reference.fast_forward(resume.live_batches, resume.next_block, reference_inputs)
     # Spilling is decided on the first decoder layer's inputs: blocks before it (a vision-language model's vision
     # tower) take other inputs (pixel values), and their outputs are not hidden states.
     pending_spill, spill = (spill if needs_data else None), None
@@ -344,7 +283,7 @@ def run_blocks(
     # The blocks need the embeddings and the head no more (the batches are embedded): on large vocabularies their
     # float32 tables would double what one block needs, so they go until they are written, unless a processor
     # changed them (rotations), since then the checkpoint no longer holds them.
-    outside = _outside_entries(model, block_names)
+    outside = outside_entries(model, block_names)
     released = layer_wise and not any(p.changes_outside_blocks for p in processors) and \
         adapter.release_outside(model, block_names)
     start = 0
@@ -366,47 +305,40 @@ def run_blocks(
                 adapter.prefetch_outside(model, sorted({source for _, source in outside}))
         block = model.get_submodule(name)
         if pending_spill is not None and (structure is None or structure.is_decoder_layer(name)):
-            if pending_spill.engage(r.args[0] for r in requests if r is not None):
+            if pending_spill.engage(walks.hidden_states()):
                 spill = pending_spill
-                for request in requests:
-                    spill.move_to_disk(request.args[0])
+                walks.move_to_disk(spill)
                 if reference is not None:
                     reference.move_to_disk(spill)
             pending_spill = None
         leading = structure is not None and not structure.is_decoder_layer(name)
         # a leading block (vision tower) forwards every batch: stopping early there would drop images for every
         # text layer after it
-        outputs = process_block(name, block, processors, requests, spill, None if leading else early_stop, collective,
+        outputs = process_block(name, block, processors, walks.requests, spill, None if leading else early_stop, collective,
                                 precision, quantized_outputs=quantized_inputs and index + 1 < len(block_names),
                                 reference=reference)
-        if outputs is not None and len(outputs) < len(requests):  # stopped early: later blocks get these batches
-            for generator in forwards[len(outputs):]:
-                generator.close()
-            del forwards[len(outputs):], requests[len(outputs):]
+        if outputs is not None and len(outputs) < len(walks.requests):  # stopped early: later blocks get these
+            walks.keep(len(outputs))
             if reference is not None:
                 reference.keep(len(outputs))
         if outputs is not None:  # the last forward's outputs feed the next block
-            for i, (generator, output) in enumerate(zip(forwards, outputs)):
-                try:
-                    requests[i] = generator.send(output)
-                except StopIteration:
-                    requests[i] = None
+            walks.advance(outputs)
         if writer is not None:
             writer.add_module_tree(name, block)
             fault_point(f"block:{index}")
             if checkpoints is not None and checkpoints.due(index):
-                checkpoints.save(index, [r.args[0] for r in requests if r is not None], len(requests), writer,
+                checkpoints.save(index, walks.hidden_states(), len(walks.requests), writer,
                                  reference.hidden_states() if reference is not None else None)
                 fault_point(f"checkpoint:{index}")
         if layer_wise:
             adapter.release_block(model, name)
         release_free_heap()
     if writer is not None:
-        _write_outside_blocks(model, block_names, outside, writer, adapter, released)
+        write_outside_blocks(model, block_names, outside, writer, adapter, released)
         write_passthrough(adapter, unread or UnreadTensors(), processors, writer)
     processed = len(block_names) - start
     if not needs_data:
         return RunStats(len(block_names), 0, 0, processed_blocks=processed)
     tokens = collective.sum_int(sum(int(b["input_ids"].numel()) for b in batches))
-    return RunStats(len(block_names), collective.sum_int(len(batches)), tokens, collective.sum_int(len(requests)),
-                    processed)
+    return RunStats(len(block_names), collective.sum_int(len(batches)), tokens,
+                    collective.sum_int(len(walks.requests)), processed)
