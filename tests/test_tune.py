@@ -18,11 +18,11 @@ from tiny_models import make_tiny_model
 from msmodelslim.app import tune as tune_module
 from msmodelslim.app.practice import find_practice, parse_quant_type
 from msmodelslim.app.tune import MAX_ITERATION, TuneRequest, load_plan, parse_timeout, tune
-from msmodelslim.app.tune_evaluators import (Expectation, HeldOutSplit, ServiceOrientedEvaluation, judge,
-                                             last_number)
+from msmodelslim.app.tune_evaluators import HeldOutSplit, last_number
+from msmodelslim.app.tune_judge import Expectation, TuneResult, judge
+from msmodelslim.app.tune_service_config import ServiceOrientedEvaluation
 from msmodelslim.app.tune_strategies import (BinaryFallback, BinaryFallbackConfig, StandingHigh, StandingHighConfig,
                                              StandingHighWithExperienceConfig, experience_template, rollback_list)
-from msmodelslim.app.tune_evaluators import TuneResult
 from msmodelslim.cli.__main__ import main
 from msmodelslim.core.errors import ConfigError, SpecError, UnsupportedError
 

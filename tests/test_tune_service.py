@@ -23,7 +23,8 @@ from tiny_models import make_tiny_model
 from msmodelslim.app import tune as tune_module
 from msmodelslim.app import tune_service
 from msmodelslim.app.tune import TuneRequest, tune
-from msmodelslim.app.tune_evaluators import ServiceOrientedEvaluation, ServiceOrientedEvaluator
+from msmodelslim.app.tune_evaluators import ServiceOrientedEvaluator
+from msmodelslim.app.tune_service_config import ServiceOrientedEvaluation
 from msmodelslim.app.tune_aisbench import summary_accuracy
 from msmodelslim.app.tune_service import engine_flags, garbled_reasons
 from msmodelslim.core.errors import ConfigError, ProcessingError, UnsupportedError

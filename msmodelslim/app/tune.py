@@ -32,9 +32,10 @@ from msmodelslim.app.quantize import quantize
 from msmodelslim.app.quantize_request import QuantizeRequest
 from msmodelslim.app.tune_evaluators import (CommandEvaluation, CommandEvaluator, HeldOutSplit,
                                              PerplexityEvaluation, PerplexityEvaluator, ServiceOrientedEvaluator,
-                                             TuneResult, digest)
+                                             digest)
 from msmodelslim.app.tune_history import (History, TunePlan, load_plan, parse_timeout, read_yaml,
                                           write_yaml_atomically)
+from msmodelslim.app.tune_judge import TuneResult
 from msmodelslim.app.tune_practice import TunedOrigin, check_practice_repo, save_practice
 from msmodelslim.app.tune_strategies import Candidate, Proposal, build_strategy
 from msmodelslim.core.config import parse_config

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Optional
 
 from msmodelslim.app.process_group import log_tail, run_in_own_group
-from msmodelslim.app.tune_evaluators import AisBenchDataset, ServiceOrientedEvaluation, TuneResult, judge
+from msmodelslim.app.tune_judge import TuneResult, judge
+from msmodelslim.app.tune_service_config import AisBenchDataset, ServiceOrientedEvaluation
 from msmodelslim.core.errors import ProcessingError
 from msmodelslim.core.logging import get_logger
 

@@ -12,8 +12,8 @@
                     quantization, names what is missing: the serving entrypoint in this Python, the AISBench
                     binary on PATH, a free port.
 
-An expectation passes when `target - accuracy <= tolerance`, computed in Decimal as the established tool does
-(so 0.1 + 0.2 vs 0.3 is not a float accident).
+The demand and the judgement of scores are in app/tune_judge.py, the service_oriented plan section in
+app/tune_service_config.py.
 """
 from __future__ import annotations
 
@@ -30,50 +30,13 @@ from typing import Annotated, Any, Callable, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from msmodelslim.app.tune_judge import Demand, TuneResult, judge
+from msmodelslim.app.tune_service import entrypoint_problem, evaluate_served, port_in_use
+from msmodelslim.app.tune_service_config import ServiceOrientedEvaluation
 from msmodelslim.core.errors import ConfigError, ProcessingError, UnsupportedError
 from msmodelslim.core.logging import get_logger
 
 log = get_logger("app.tune")
-
-
-@dataclass
-class TuneResult:
-    """What one evaluation says. `goodness`: larger is better (ranks results that all pass, or all fail)."""
-
-    passed: bool
-    scores: dict[str, float]
-    goodness: float
-    detail: str = ""
-
-
-class Expectation(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    dataset: str = "score"
-    target: float = Field(gt=0)
-    tolerance: float = Field(0, ge=0)
-
-    def met_by(self, accuracy: float) -> bool:
-        return Decimal(str(self.target)) - Decimal(str(accuracy)) <= Decimal(str(self.tolerance))
-
-
-class Demand(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    expectations: list[Expectation] = Field(min_length=1)
-
-
-def judge(expectations: list[Expectation], scores: dict[str, float]) -> TuneResult:
-    """Fail-fast over the expectations, in order; goodness = the smallest margin (accuracy - target)."""
-    margins = []
-    for expectation in expectations:
-        accuracy = scores[expectation.dataset]
-        margins.append(accuracy - expectation.target)
-        if not expectation.met_by(accuracy):
-            return TuneResult(False, scores, min(margins),
-                              f"{expectation.dataset}: {accuracy:g} < target {expectation.target:g} "
-                              f"- tolerance {expectation.tolerance:g}")
-    return TuneResult(True, scores, min(margins), "all expectations met")
 
 
 # ---- perplexity (built in) -------------------------------------------------------------------------------------
@@ -229,132 +192,6 @@ class CommandEvaluator:
         return judge([expectation], {expectation.dataset: score})
 
 
-# ---- service_oriented (the established evaluator) --------------------------------------------------------------
-class ModelMeta(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    directory: str = ""
-    subdir: str = "vllm_api"
-    base_name: str = "vllm_api_general_chat"
-    name_suffix: str = "auto"
-    abbr: str = "vllm-api-general-chat"
-    attr: str = "service"
-
-
-class AisBenchSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    binary: str = "ais_bench"
-    mode: str = "all"
-    timeout: float = Field(7200, gt=0)
-    cleanup_model_config: bool = True
-    model_meta: ModelMeta = Field(default_factory=ModelMeta)
-    request_rate: float = Field(1.0, ge=0)
-    pred_postprocessor: str = "extract_non_reasoning_content"
-    retry: int = Field(2, ge=0)
-    batch_size: int = Field(1, ge=1)
-    max_out_len: int = Field(512, ge=1)
-    trust_remote_code: bool = False
-    generation_kwargs: dict[str, Any] = Field(default_factory=dict)
-    extra_args: list[str] = Field(default_factory=list)
-    log_dir: str = ""
-
-
-class AisBenchDataset(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    config_name: str = Field(min_length=1)
-    mode: str = ""
-    request_rate: float = Field(0.0, ge=0)
-    max_out_len: Optional[int] = Field(None, ge=1)
-    returns_tool_calls: Optional[bool] = None
-    api_chat_type: str = "VLLMCustomAPIChat"
-    extra_args: list[str] = Field(default_factory=list)
-
-
-class ExpectedAnswerCheck(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    type: Literal["expected_answer"]
-    test_cases: list[dict[str, Union[str, list[str]]]] = Field(default_factory=lambda: [{"What is 2+2?": "4"}])
-    max_tokens: int = Field(512, ge=1)
-    timeout: float = Field(60.0, gt=0)
-
-
-class GarbledTextCheck(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    type: Literal["garbled_text"]
-    test_cases: list[str] = Field(default_factory=lambda: ["How are you?"])
-    max_tokens: int = Field(512, ge=1)
-    timeout: float = Field(60.0, gt=0)
-
-
-PrecheckConfig = Annotated[Union[ExpectedAnswerCheck, GarbledTextCheck], Field(discriminator="type")]
-
-
-class AisBenchEvaluation(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    type: Literal["aisbench"] = "aisbench"
-    aisbench: AisBenchSettings = Field(default_factory=AisBenchSettings)
-    datasets: dict[str, AisBenchDataset] = Field(min_length=1)
-    host: str = "localhost"
-    port: int = Field(1234, ge=1, le=65535)
-    served_model_name: str = "served_model_name"
-
-
-class InferenceEngine(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    type: Literal["vllm-ascend"] = "vllm-ascend"
-    entrypoint: str = "vllm.entrypoints.openai.api_server"
-    env_vars: dict[str, str] = Field(default_factory=dict)
-    served_model_name: str = "served_model_name"
-    host: str = "localhost"
-    port: int = Field(1234, ge=1, le=65535)
-    health_check_endpoint: str = "/v1/models"
-    startup_timeout: float = Field(600, gt=0)
-    args: dict[str, Any] = Field(default_factory=dict)
-
-
-NO_ACCURACY_MODES = ("infer", "perf", "perf_viz")  # AISBench modes that write no accuracy summary
-ENGINE_OWNED_FLAGS = ("model", "host", "port", "served-model-name")  # set from the checkpoint and the fields
-
-
-class ServiceOrientedEvaluation(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    type: Literal["service_oriented"]
-    demand: Demand
-    evaluation: AisBenchEvaluation
-    inference_engine: InferenceEngine = Field(default_factory=InferenceEngine)
-    precheck: list[PrecheckConfig] = Field(default_factory=list)
-
-    @model_validator(mode="after")
-    def _check(self) -> "ServiceOrientedEvaluation":
-        unknown = [e.dataset for e in self.demand.expectations if e.dataset not in self.evaluation.datasets]
-        if unknown:
-            raise ValueError(f"demand.expectations name data set(s) {unknown} that evaluation.datasets does not "
-                             f"define ({sorted(self.evaluation.datasets)})")
-        engine, target = self.inference_engine, self.evaluation
-        for field in ("port", "served_model_name"):  # AISBench must benchmark the server tune starts
-            if field in target.model_fields_set and getattr(target, field) != getattr(engine, field):
-                raise ValueError(f"evaluation.{field} {getattr(target, field)!r} differs from inference_engine."
-                                 f"{field} {getattr(engine, field)!r}: AISBench would query another server; set "
-                                 f"inference_engine.{field} and leave evaluation.{field} out")
-        modes = {"evaluation.aisbench.mode": target.aisbench.mode,
-                 **{f"evaluation.datasets.{k}.mode": d.mode for k, d in target.datasets.items()}}
-        for where, mode in modes.items():
-            if mode in NO_ACCURACY_MODES:
-                raise ValueError(f"{where} {mode!r}: AISBench writes no accuracy in that mode; use all (or eval)")
-        owned = [k for k in engine.args if k.lstrip("-").replace("_", "-") in ENGINE_OWNED_FLAGS]
-        if owned:
-            raise ValueError(f"inference_engine.args {owned}: tune sets --model (the checkpoint), --host, --port "
-                             f"and --served-model-name itself; use inference_engine.host/port/served_model_name")
-        return self
-
-
 class ServiceOrientedEvaluator:
     """The established evaluator: serve the checkpoint, health-check it, ask the precheck questions, run AISBench
     per data set (app/tune_service.py). `precheck` runs before the first quantization: nothing is quantized for
@@ -366,8 +203,6 @@ class ServiceOrientedEvaluator:
 
     def missing(self) -> list[str]:
         """What this machine lacks for the evaluation, each with what to do."""
-        from msmodelslim.app.tune_service import entrypoint_problem, port_in_use  # it imports this module
-
         engine, bench = self.config.inference_engine, self.config.evaluation.aisbench
         found = []
         problem = entrypoint_problem(engine)
@@ -389,8 +224,6 @@ class ServiceOrientedEvaluator:
                                    "(built in) or command (any script that prints a score)")
 
     def evaluate(self, quant_path: Path) -> TuneResult:
-        from msmodelslim.app.tune_service import evaluate_served
-
         self.iterations += 1
         return evaluate_served(self.config, self.save_path, quant_path, self.iterations)
 

@@ -10,7 +10,8 @@ from typing import Any, Callable, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from msmodelslim.app.tune_evaluators import EvaluationConfig, TuneResult
+from msmodelslim.app.tune_evaluators import EvaluationConfig
+from msmodelslim.app.tune_judge import TuneResult
 from msmodelslim.app.tune_strategies import StrategyConfig
 from msmodelslim.core.yaml_reader import read_yaml_file
 from msmodelslim.core.errors import ConfigError

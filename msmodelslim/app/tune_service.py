@@ -1,5 +1,5 @@
 """Serving and benchmarking behind `evaluation.type: service_oriented` (protocol.md §7.2; the configuration
-classes live in app/tune_evaluators.py).
+classes live in app/tune_service_config.py).
 
 One iteration:
   1. start the inference engine (vLLM / vLLM-Ascend) on the quantized checkpoint, in its own process group:
@@ -36,8 +36,9 @@ from typing import Any, Optional
 
 from msmodelslim.app.process_group import log_tail, stop_process_group
 from msmodelslim.app.tune_aisbench import AisBench, Client, benchmark
-from msmodelslim.app.tune_evaluators import (ExpectedAnswerCheck, GarbledTextCheck,
-                                             InferenceEngine, ServiceOrientedEvaluation, TuneResult, judge)
+from msmodelslim.app.tune_judge import TuneResult, judge
+from msmodelslim.app.tune_service_config import (ExpectedAnswerCheck, GarbledTextCheck, InferenceEngine,
+                                                 ServiceOrientedEvaluation)
 from msmodelslim.core.errors import ProcessingError
 from msmodelslim.core.logging import get_logger
 

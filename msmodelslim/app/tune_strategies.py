@@ -29,7 +29,7 @@ from typing import Annotated, Any, Callable, Generator, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from msmodelslim.app.tune_evaluators import TuneResult
+from msmodelslim.app.tune_judge import TuneResult
 from msmodelslim.core.config import parse_config
 from msmodelslim.core.errors import ConfigError, SpecError, UnsupportedError
 from msmodelslim.core.logging import get_logger
