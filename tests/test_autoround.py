@@ -2,9 +2,8 @@
 round-to-nearest on the output error it minimises, and the processor end to end."""
 import pytest
 import torch
-import yaml
 
-from helpers import SCHEMES, outputs_of_both_runners, run_quant, small_calib
+from helpers import SCHEMES, outputs_of_both_runners, run_quant, small_calib, write_pipeline
 from msmodelslim.core.errors import ConfigError
 from msmodelslim.format.ascendv1.reader import load_ascendv1
 from msmodelslim.quantizer.autoround import AutoRoundSettings, autoround_quantize, fake_quantize_groups
@@ -68,12 +67,6 @@ def test_a_step_too_large_never_loses_to_round_to_nearest():
     assert loss <= start
 
 
-def write(path, process, dataset, runner="layer_wise"):
-    path.write_text(yaml.safe_dump({"apiversion": "modelslim_v1",
-                                    "spec": {"runner": runner, "process": process, "dataset": dataset}}))
-    return path
-
-
 W4_G16 = {"dtype": "int4", "scope": "per_group", "symmetric": True, "method": "autoround",
           "ext": {"group_size": 16, "scale_dtype": "float32"}}
 AUTOROUND = {"type": "autoround_quant", "iters": 20, "strategies": [
@@ -87,7 +80,7 @@ def test_processor_writes_both_strategies_and_beats_round_to_nearest(tiny_llama,
     from transformers import AutoModelForCausalLM
 
     calib = small_calib(tmp_path)
-    run_quant(tiny_llama, tmp_path / "ar", write(tmp_path / "ar.yaml", [AUTOROUND], calib))
+    run_quant(tiny_llama, tmp_path / "ar", write_pipeline(tmp_path / "ar.yaml", [AUTOROUND], calib))
     description = (tmp_path / "ar" / "quant_model_description.json").read_text()
     assert '"model.layers.0.self_attn.q_proj.weight_packed": "W4A16"' in description
     assert '"model.layers.0.mlp.down_proj.weight": "W4A8_DYNAMIC"' in description
@@ -95,7 +88,7 @@ def test_processor_writes_both_strategies_and_beats_round_to_nearest(tiny_llama,
         {"type": "linear_quant", "qconfig": {"weight": {**W4_G16, "method": "minmax", "ext": {"group_size": 16}}},
          "exclude": ["lm_head", "*down_proj"]},
         {"type": "linear_quant", "qconfig": SCHEMES["w4a8_dynamic"], "include": ["*down_proj"]}]}
-    run_quant(tiny_llama, tmp_path / "rtn", write(tmp_path / "rtn.yaml", [rtn], calib))
+    run_quant(tiny_llama, tmp_path / "rtn", write_pipeline(tmp_path / "rtn.yaml", [rtn], calib))
     ids = torch.randint(0, 300, (4, 24), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         reference = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)(input_ids=ids).logits
@@ -117,7 +110,7 @@ def test_layer_wise_equals_model_wise(tiny_qwen2, tmp_path):
 ])
 def test_bad_settings_are_reported_early(tiny_llama, tmp_path, change, needle):
     with pytest.raises(ConfigError, match=needle):
-        run_quant(tiny_llama, tmp_path / "out", write(tmp_path / "c.yaml", [{**AUTOROUND, **change}],
+        run_quant(tiny_llama, tmp_path / "out", write_pipeline(tmp_path / "c.yaml", [{**AUTOROUND, **change}],
                                                       small_calib(tmp_path)))
     assert not (tmp_path / "out").exists()
 
@@ -125,4 +118,4 @@ def test_bad_settings_are_reported_early(tiny_llama, tmp_path, change, needle):
 def test_a_layer_claimed_by_autoround_and_linear_quant_is_rejected(tiny_llama, tmp_path):
     twice = [{"type": "linear_quant", "qconfig": SCHEMES["w8a16"], "include": ["*q_proj"]}, AUTOROUND]
     with pytest.raises(ConfigError, match="matched by two rules"):
-        run_quant(tiny_llama, tmp_path / "out", write(tmp_path / "c.yaml", twice, small_calib(tmp_path)))
+        run_quant(tiny_llama, tmp_path / "out", write_pipeline(tmp_path / "c.yaml", twice, small_calib(tmp_path)))

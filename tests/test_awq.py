@@ -2,10 +2,9 @@
 runner independence, and the gain over plain 4-bit round-to-nearest."""
 import pytest
 import torch
-import yaml
 from transformers import AutoModelForCausalLM
 
-from helpers import SCHEMES, outputs_of_both_runners, run_quant, small_calib
+from helpers import SCHEMES, outputs_of_both_runners, run_quant, small_calib, write_pipeline
 from msmodelslim.core.errors import ConfigError
 from msmodelslim.format.ascendv1.reader import load_ascendv1
 from msmodelslim.processor.flex_awq_ssz.search import awq_scales, best_candidate, weight_mean
@@ -88,12 +87,6 @@ def test_rescoring_lets_the_real_quantizer_decide():
     assert best_candidate(scored, lambda a, b: real[(a, b)], 4) == ((0.3, 0.0), 0.1)
 
 
-def write(path, process, dataset, runner="layer_wise"):
-    path.write_text(yaml.safe_dump({"apiversion": "modelslim_v1",
-                                    "spec": {"runner": runner, "process": process, "dataset": dataset}}))
-    return path
-
-
 def outlier_model(path, family="llama"):
     source = make_tiny_model(path, family, seed=5)
     with torch.no_grad():
@@ -113,7 +106,7 @@ FLEX_AWQ = {"type": "flex_awq_ssz", "qconfig": {"act": SCHEMES["w4a8_dynamic"]["
 def test_transform_alone_leaves_the_float_model_unchanged(tmp_path, family, step):
     source, model = outlier_model(tmp_path / "src", family)
     out = tmp_path / "out"
-    run_quant(source, out, write(tmp_path / "c.yaml", [step], small_calib(tmp_path)),
+    run_quant(source, out, write_pipeline(tmp_path / "c.yaml", [step], small_calib(tmp_path)),
               {"llama": "Llama-2-7B", "qwen2": "Qwen2-7B", "qwen3": "Qwen3-8B"}[family])
     scaled = load_ascendv1(out)
     ids = torch.randint(0, model.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(1))
@@ -137,7 +130,7 @@ def test_awq_lowers_the_4bit_output_error_of_a_model_with_outliers(tmp_path):
         reference = model(input_ids=ids).logits
     errors = {}
     for name, process in {"rtn": [quant], "awq": [AWQ, quant]}.items():
-        run_quant(source, tmp_path / name, write(tmp_path / f"{name}.yaml", process, calib))
+        run_quant(source, tmp_path / name, write_pipeline(tmp_path / f"{name}.yaml", process, calib))
         with torch.no_grad():
             errors[name] = float((load_ascendv1(tmp_path / name)(input_ids=ids).logits - reference).norm())
     assert errors["awq"] < 0.9 * errors["rtn"], errors
@@ -150,5 +143,5 @@ def test_awq_lowers_the_4bit_output_error_of_a_model_with_outliers(tmp_path):
 ])
 def test_bad_settings_are_reported_early(tiny_llama, tmp_path, step, needle):
     with pytest.raises(ConfigError, match=needle):
-        run_quant(tiny_llama, tmp_path / "out", write(tmp_path / "c.yaml", [step], small_calib(tmp_path)))
+        run_quant(tiny_llama, tmp_path / "out", write_pipeline(tmp_path / "c.yaml", [step], small_calib(tmp_path)))
     assert not (tmp_path / "out").exists()

@@ -7,14 +7,13 @@ from dataclasses import replace
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM
 from transformers.models.glm4_moe.modeling_glm4_moe import (Glm4MoeDecoderLayer, Glm4MoeRMSNorm,
                                                             Glm4MoeRotaryEmbedding)
 
-from helpers import SCHEMES, outputs_of_both_runners, run_quant, small_calib, saved_tensors
+from helpers import SCHEMES, outputs_of_both_runners, run_quant, saved_tensors, small_calib, write_pipeline
 from msmodelslim.cli.__main__ import main
 from msmodelslim.format.ascendv1.reader import load_ascendv1
 from msmodelslim.model.glm import Glm4MoeAdapter
@@ -116,14 +115,6 @@ def step_for(family: str, step: str) -> dict:
     return config
 
 
-def write(path, process, dataset=None, runner="layer_wise"):
-    spec = {"runner": runner, "process": process}
-    if dataset:
-        spec["dataset"] = dataset
-    path.write_text(yaml.safe_dump({"apiversion": "modelslim_v1", "spec": spec}))
-    return path
-
-
 def max_logit_change(source, out, family: str) -> tuple[float, float]:
     """(max |Δlogit|, max |logit|) of the output read back against the float source."""
     original = float_model(source, family)
@@ -143,7 +134,7 @@ def report(capsys, what: str, change: float, scale: float) -> None:
 @pytest.mark.parametrize("step", list(STEPS))
 def test_smoothing_alone_leaves_the_float_model_unchanged(sources, tmp_path, capsys, family, step):
     source, out = sources[family], tmp_path / "out"
-    run_quant(source, out, write(tmp_path / "c.yaml", [step_for(family, step)], small_calib(tmp_path)),
+    run_quant(source, out, write_pipeline(tmp_path / "c.yaml", [step_for(family, step)], small_calib(tmp_path)),
               MODEL_TYPE[family])
     change, scale = max_logit_change(source, out, family)
     report(capsys, f"{family} {step}", change, scale)
@@ -175,7 +166,7 @@ def test_smoothing_alone_leaves_the_float_model_unchanged(sources, tmp_path, cap
 @pytest.mark.parametrize("family", list(MODEL_TYPE))
 def test_rotation_alone_leaves_the_float_model_unchanged(sources, tmp_path, capsys, family):
     source, out = sources[family], tmp_path / "out"
-    run_quant(source, out, write(tmp_path / "c.yaml", [{"type": "quarot", "seed": 3}]), MODEL_TYPE[family])
+    run_quant(source, out, write_pipeline(tmp_path / "c.yaml", [{"type": "quarot", "seed": 3}]), MODEL_TYPE[family])
     change, scale = max_logit_change(source, out, family)
     report(capsys, f"{family} quarot", change, scale)
     assert change < BOUND * scale
@@ -208,7 +199,8 @@ def test_a_structure_that_forgets_a_reader_changes_the_logits(sources, tmp_path,
     assert without(reader, described) != described
     monkeypatch.setattr(adapter, "structure", replace(adapter.structure, smooth_subgraphs=without(reader, described)))
     source, out = sources[family], tmp_path / "out"
-    run_quant(source, out, write(tmp_path / "c.yaml", [step_for(family, "smooth_quant")], small_calib(tmp_path)),
+    run_quant(source, out,
+              write_pipeline(tmp_path / "c.yaml", [step_for(family, "smooth_quant")], small_calib(tmp_path)),
               MODEL_TYPE[family])
     change, scale = max_logit_change(source, out, family)
     report(capsys, f"{family} smooth_quant WITHOUT {reader} (must break)", change, scale)
@@ -219,7 +211,7 @@ def test_qwen3_next_smoothing_needs_the_norm_offset(sources, tmp_path, monkeypat
     """Its norms scale by (1 + w): dividing w instead of 1 + w by s changes the model."""
     monkeypatch.setattr(Qwen3NextAdapter, "structure", replace(Qwen3NextAdapter.structure, norm_offset=0.0))
     source, out = sources["qwen3_next"], tmp_path / "out"
-    run_quant(source, out, write(tmp_path / "c.yaml", [STEPS["smooth_quant"]], small_calib(tmp_path)),
+    run_quant(source, out, write_pipeline(tmp_path / "c.yaml", [STEPS["smooth_quant"]], small_calib(tmp_path)),
               MODEL_TYPE["qwen3_next"])
     change, scale = max_logit_change(source, out, "qwen3_next")
     report(capsys, "qwen3_next smooth_quant WITHOUT norm_offset (must break)", change, scale)
@@ -233,7 +225,8 @@ def test_qwen3_next_value_heads_do_not_rotate_through_the_output_gate(sources, t
     with_heads = replace(rotation, heads=(HeadRotation("self_attn.v_proj", "self_attn.o_proj"),))
     monkeypatch.setattr(Qwen3NextAdapter, "structure", replace(Qwen3NextAdapter.structure, rotation=with_heads))
     source, out = sources["qwen3_next"], tmp_path / "out"
-    run_quant(source, out, write(tmp_path / "c.yaml", [{"type": "quarot", "seed": 3}]), MODEL_TYPE["qwen3_next"])
+    run_quant(source, out,
+              write_pipeline(tmp_path / "c.yaml", [{"type": "quarot", "seed": 3}]), MODEL_TYPE["qwen3_next"])
     change, scale = max_logit_change(source, out, "qwen3_next")
     report(capsys, "qwen3_next quarot WITH value-head rotation (must break)", change, scale)
     assert change > 100 * BOUND * scale
@@ -251,14 +244,15 @@ def test_layer_wise_equals_model_wise(sources, tmp_path, family, first):
 @pytest.mark.parametrize("family", list(MODEL_TYPE))
 def test_flex_smooth_quant_then_static_attention_checks(sources, tmp_path, family):
     source, out = sources[family], tmp_path / "out"
-    run_quant(source, out, write(tmp_path / "c.yaml", [{"type": "flex_smooth_quant"}, UPSTREAM_GROUP],
+    run_quant(source, out, write_pipeline(tmp_path / "c.yaml", [{"type": "flex_smooth_quant"}, UPSTREAM_GROUP],
                                  small_calib(tmp_path)), MODEL_TYPE[family])
     assert main(["check", str(out)]) == 0
 
 
 def test_minimax_quarot_then_w8a8_dynamic_checks(sources, tmp_path, capsys):
     source, out = sources["minimax_m2"], tmp_path / "out"
-    run_quant(source, out, write(tmp_path / "c.yaml", [{"type": "quarot"}, W8A8_DYNAMIC]), MODEL_TYPE["minimax_m2"])
+    run_quant(source, out,
+              write_pipeline(tmp_path / "c.yaml", [{"type": "quarot"}, W8A8_DYNAMIC]), MODEL_TYPE["minimax_m2"])
     assert main(["check", str(out)]) == 0
     original = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     ids = torch.randint(0, original.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(2))
@@ -378,7 +372,7 @@ def v4_step(step: str) -> dict:
 @pytest.mark.parametrize("step", list(STEPS))
 def test_deepseek_v4_smoothing_alone_leaves_the_float_model_unchanged(v4_source, tmp_path, capsys, step):
     out = tmp_path / "out"
-    run_quant(v4_source, out, write(tmp_path / "c.yaml", [v4_step(step)], small_calib(tmp_path)), V4)
+    run_quant(v4_source, out, write_pipeline(tmp_path / "c.yaml", [v4_step(step)], small_calib(tmp_path)), V4)
     change, scale = v4_change(v4_source, out)
     report(capsys, f"deepseek_v4 {step}", change, scale)
     assert change < BOUND * scale
@@ -402,7 +396,7 @@ def test_deepseek_v4_smoothing_alone_leaves_the_float_model_unchanged(v4_source,
 
 def test_deepseek_v4_rotation_alone_leaves_the_float_model_unchanged(v4_source, tmp_path, capsys):
     out = tmp_path / "out"
-    run_quant(v4_source, out, write(tmp_path / "c.yaml", [{"type": "quarot", "seed": 3}]), V4)
+    run_quant(v4_source, out, write_pipeline(tmp_path / "c.yaml", [{"type": "quarot", "seed": 3}]), V4)
     change, scale = v4_change(v4_source, out)
     report(capsys, "deepseek_v4 quarot", change, scale)
     assert change < BOUND * scale
@@ -429,7 +423,7 @@ def test_deepseek_v4_a_structure_that_forgets_a_reader_changes_the_logits(v4_sou
     monkeypatch.setattr(DeepseekV4Adapter, "structure",
                         replace(DeepseekV4Adapter.structure, smooth_subgraphs=without(reader, described)))
     out = tmp_path / "out"
-    run_quant(v4_source, out, write(tmp_path / "c.yaml", [v4_step("smooth_quant")], small_calib(tmp_path)), V4)
+    run_quant(v4_source, out, write_pipeline(tmp_path / "c.yaml", [v4_step("smooth_quant")], small_calib(tmp_path)), V4)
     change, scale = v4_change(v4_source, out)
     report(capsys, f"deepseek_v4 smooth_quant WITHOUT {reader} (must break)", change, scale)
     assert change > 100 * BOUND * scale
@@ -442,7 +436,7 @@ def test_deepseek_v4_rotation_needs_the_hyper_connection_streams(v4_source, tmp_
     rotation = replace(DeepseekV4Adapter.structure.rotation, stream_readers=())
     monkeypatch.setattr(DeepseekV4Adapter, "structure", replace(DeepseekV4Adapter.structure, rotation=rotation))
     out = tmp_path / "out"
-    run_quant(v4_source, out, write(tmp_path / "c.yaml", [{"type": "quarot", "seed": 3}]), V4)
+    run_quant(v4_source, out, write_pipeline(tmp_path / "c.yaml", [{"type": "quarot", "seed": 3}]), V4)
     change, scale = v4_change(v4_source, out)
     report(capsys, "deepseek_v4 quarot WITHOUT the hyper-connection weights (must break)", change, scale)
     assert change > 100 * BOUND * scale
@@ -459,7 +453,7 @@ def test_deepseek_v4_quarot_flex_smooth_then_static_attention_checks(v4_source, 
         {"type": "linear_quant", "qconfig": SCHEMES["w8a8_static"], "include": ["*.attn.*"]},
         {"type": "linear_quant", "qconfig": SCHEMES["w8a8_dynamic"], "exclude": ["*.attn.*"]}]}
     out = tmp_path / "out"
-    run_quant(v4_source, out, write(tmp_path / "c.yaml", [{"type": "quarot"}, {"type": "flex_smooth_quant"},
+    run_quant(v4_source, out, write_pipeline(tmp_path / "c.yaml", [{"type": "quarot"}, {"type": "flex_smooth_quant"},
                                                             static_attention], small_calib(tmp_path)), V4)
     assert main(["check", str(out)]) == 0
 
@@ -565,7 +559,7 @@ def test_deepseek_v4_quarot_with_an_mtp_layer_end_to_end(v4_source, tmp_path):
     mtp = v4_mtp_tensors(config)
     save_file({**load_file(weights), **mtp}, weights, metadata={"format": "pt"})
     out = tmp_path / "out"
-    run_quant(source, out, write(tmp_path / "c.yaml", [{"type": "quarot"}, W8A8_DYNAMIC]), V4)
+    run_quant(source, out, write_pipeline(tmp_path / "c.yaml", [{"type": "quarot"}, W8A8_DYNAMIC]), V4)
     assert main(["check", str(out), "--model_path", str(source)]) == 0
     after = saved_tensors(out)
     assert not torch.allclose(after["mtp.0.h_proj.weight"], mtp["mtp.0.h_proj.weight"])  # rotated, written float

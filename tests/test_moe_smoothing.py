@@ -10,13 +10,12 @@ from dataclasses import replace
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import msmodelslim.processor.flex_smooth_quant.processor as flex_module
-from helpers import SCHEMES, quantize_variants, run_quant, shard_bytes, small_calib, saved_tensors
+from helpers import SCHEMES, quantize_variants, run_quant, saved_tensors, shard_bytes, small_calib, write_pipeline
 from msmodelslim.cli.__main__ import main
 from msmodelslim.core.config import parse_config
 from msmodelslim.core.device import DeviceSpec
@@ -64,12 +63,6 @@ def recipe_group() -> dict:
         {"type": "linear_quant", "qconfig": SCHEMES["w8a8_static"], "include": [ATTENTION]},
         {"type": "linear_quant", "qconfig": W4A8_SSZ, "include": [EXPERTS]},
         {"type": "linear_quant", "qconfig": SCHEMES["w8a8_dynamic"], "exclude": ["lm_head", ATTENTION, EXPERTS]}]}
-
-
-def write(path, process, dataset, runner="layer_wise"):
-    path.write_text(yaml.safe_dump({"apiversion": "modelslim_v1",
-                                    "spec": {"runner": runner, "process": process, "dataset": dataset}}))
-    return path
 
 
 def max_logit_change(source, smoothed_dir) -> float:
@@ -166,7 +159,8 @@ def test_mla_value_rows_take_the_scale_and_key_rows_keep_one():
 @pytest.mark.parametrize("step", list(STEPS))
 def test_smoothing_alone_leaves_the_float_model_unchanged(planted, tmp_path, family, step):
     source, out = planted[family], tmp_path / "out"
-    run_quant(source, out, write(tmp_path / "c.yaml", [STEPS[step]], small_calib(tmp_path)), MODEL_TYPE[family])
+    run_quant(source, out,
+              write_pipeline(tmp_path / "c.yaml", [STEPS[step]], small_calib(tmp_path)), MODEL_TYPE[family])
     change = max_logit_change(source, out)
     print(f"\nmax |Δlogit| {family} {step}: {change:.3g}")
     assert change < 1e-4
@@ -191,7 +185,7 @@ def test_smoothing_alone_leaves_the_float_model_unchanged(planted, tmp_path, fam
 def test_mla_ov_scales_only_the_value_rows_of_kv_b_proj(planted, tmp_path):
     source, out = planted["deepseek_v3"], tmp_path / "out"
     step = {"type": "smooth_quant", "alpha": 0.5, "enable_subgraph_type": ["ov"]}
-    run_quant(source, out, write(tmp_path / "c.yaml", [step], small_calib(tmp_path)), "DeepSeek-V3")
+    run_quant(source, out, write_pipeline(tmp_path / "c.yaml", [step], small_calib(tmp_path)), "DeepSeek-V3")
     assert max_logit_change(source, out) < 1e-4
     before, after = saved_tensors(source), saved_tensors(out)
     name = "model.layers.1.self_attn.kv_b_proj.weight"
@@ -217,7 +211,8 @@ def starve_expert(source, dest, layer: int, expert: int):
 def test_an_expert_without_tokens_keeps_scale_one_and_is_counted(planted, tmp_path, log_lines):
     source = starve_expert(planted["deepseek_v3"], tmp_path / "starved", layer=1, expert=2)
     out = tmp_path / "out"
-    run_quant(source, out, write(tmp_path / "c.yaml", [STEPS["iter_smooth"]], small_calib(tmp_path)), "DeepSeek-V3")
+    run_quant(source, out,
+              write_pipeline(tmp_path / "c.yaml", [STEPS["iter_smooth"]], small_calib(tmp_path)), "DeepSeek-V3")
     starved = [line for line in log_lines if "routed experts received no calibration tokens" in line]
     assert starved == ["model.layers.1: 1 of 4 routed experts received no calibration tokens; their iter_smooth "
                        "subgraphs (source mlp.experts.*.up_proj) keep scale 1"]
@@ -316,7 +311,7 @@ def test_an_act_scope_that_contradicts_the_following_scheme_is_refused_before_an
     process = [{"type": "flex_smooth_quant", "act_scope": "per_token"}, recipe_group()]
     with pytest.raises(ConfigError, match=r"act_scope per_token contradicts the W8A8 a later step gives "
                                           r"model\.layers\.0\.self_attn\.q_proj; remove act_scope"):
-        run_quant(tiny_qwen3_moe, tmp_path / "out", write(tmp_path / "c.yaml", process, small_calib(tmp_path)),
+        run_quant(tiny_qwen3_moe, tmp_path / "out", write_pipeline(tmp_path / "c.yaml", process, small_calib(tmp_path)),
                   "Qwen3-30B-A3B")
     assert not (tmp_path / "out").exists()
 
@@ -327,7 +322,7 @@ def test_subgraph_names_the_model_lacks_are_refused_before_any_weight(tiny_qwen3
     monkeypatch.setattr(Qwen3MoeAdapter, "structure", replace(Qwen3MoeAdapter.structure, smooth_subgraphs=minimax_names))
     with pytest.raises(UnsupportedError, match="iter_smooth: none of the 2 smoothing subgraphs adapter Qwen3MoeAdapter "
                                                "describes exists in this model's decoder blocks"):
-        run_quant(tiny_qwen3_moe, tmp_path / "out", write(tmp_path / "c.yaml", [{"type": "iter_smooth"}],
+        run_quant(tiny_qwen3_moe, tmp_path / "out", write_pipeline(tmp_path / "c.yaml", [{"type": "iter_smooth"}],
                                                           small_calib(tmp_path)), "Qwen3-30B-A3B")
 
 

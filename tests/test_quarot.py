@@ -4,25 +4,16 @@ import json
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from helpers import SCHEMES, STATIC_W8A8_STEP, outputs_of_both_runners, run_quant
+from helpers import SCHEMES, STATIC_W8A8_STEP, outputs_of_both_runners, run_quant, write_pipeline
 from msmodelslim.core.errors import ConfigError, UnsupportedError
 from msmodelslim.format.ascendv1.reader import load_ascendv1
 from msmodelslim.processor.quarot.hadamard import hadamard, random_rotation
 from tiny_models import make_tiny_model
 
 MODEL_TYPE = {"llama": "Llama-2-7B", "qwen2": "Qwen2-7B", "qwen3": "Qwen3-8B"}
-
-
-def write(path, process, dataset=None, runner="layer_wise"):
-    spec = {"runner": runner, "process": process}
-    if dataset:
-        spec["dataset"] = dataset
-    path.write_text(yaml.safe_dump({"apiversion": "modelslim_v1", "spec": spec}))
-    return path
 
 
 def with_norm_weights(source):
@@ -71,7 +62,7 @@ def test_rotation_alone_leaves_the_float_model_unchanged(tmp_path, family, tie, 
     source = make_tiny_model(tmp_path / "src", family, tie=tie, seed=5, **overrides)
     model = with_norm_weights(source)
     out = tmp_path / "out"
-    run_quant(source, out, write(tmp_path / "c.yaml", [{"type": "quarot", "seed": 3}]), MODEL_TYPE[family])
+    run_quant(source, out, write_pipeline(tmp_path / "c.yaml", [{"type": "quarot", "seed": 3}]), MODEL_TYPE[family])
     rotated = load_ascendv1(out)
     assert torch.allclose(logits(model), logits(rotated), rtol=1e-4, atol=1e-4)
     config = json.loads((out / "config.json").read_text())
@@ -90,7 +81,7 @@ def test_keeping_the_tie_would_break_the_model(tmp_path):
     source = make_tiny_model(tmp_path / "src", "llama", tie=True, seed=5)
     model = with_norm_weights(source)
     out = tmp_path / "out"
-    run_quant(source, out, write(tmp_path / "c.yaml", [{"type": "quarot"}]))
+    run_quant(source, out, write_pipeline(tmp_path / "c.yaml", [{"type": "quarot"}]))
     rotated = load_ascendv1(out)
     with torch.no_grad():
         rotated.lm_head.weight = rotated.model.embed_tokens.weight
@@ -115,26 +106,29 @@ def test_rotation_lowers_w8a8_dynamic_error_on_residual_outliers(tmp_path):
     for name, process in {"rtn": [], "quarot": [{"type": "quarot"}]}.items():
         group = {"type": "linear_quant", "qconfig": SCHEMES["w8a8_dynamic"], "exclude": ["lm_head"]}
         out = tmp_path / name
-        run_quant(source, out, write(tmp_path / f"{name}.yaml", process + [group]))
+        run_quant(source, out, write_pipeline(tmp_path / f"{name}.yaml", process + [group]))
         errors[name] = (logits(load_ascendv1(out)) - reference).pow(2).mean().item()
     assert errors["quarot"] < 0.6 * errors["rtn"], errors
 
 
 def test_online_rotation_and_bad_block_sizes_are_refused(tiny_llama, tmp_path):
     with pytest.raises(ConfigError, match="down_proj_online_layers .* needs online: true"):
-        run_quant(tiny_llama, tmp_path / "o", write(tmp_path / "a.yaml", [{"type": "quarot",
+        run_quant(tiny_llama, tmp_path / "o", write_pipeline(tmp_path / "a.yaml", [{"type": "quarot",
                                                                            "down_proj_online_layers": [0]}]))
     with pytest.raises(ConfigError, match=r"block_size.*must be -1 or a power of 2"):
-        run_quant(tiny_llama, tmp_path / "o", write(tmp_path / "b.yaml", [{"type": "quarot", "block_size": 12}]))
+        run_quant(tiny_llama, tmp_path / "o",
+                  write_pipeline(tmp_path / "b.yaml", [{"type": "quarot", "block_size": 12}]))
     with pytest.raises(UnsupportedError, match="block_size 128 does not divide the hidden size 64"):
-        run_quant(tiny_llama, tmp_path / "o", write(tmp_path / "c.yaml", [{"type": "quarot", "block_size": 128}]))
+        run_quant(tiny_llama, tmp_path / "o",
+                  write_pipeline(tmp_path / "c.yaml", [{"type": "quarot", "block_size": 128}]))
     assert not (tmp_path / "o").exists()
 
 
 def test_block_rotation_is_exact(tiny_llama, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
     out = tmp_path / "out"
-    run_quant(tiny_llama, out, write(tmp_path / "c.yaml", [{"type": "quarot", "block_size": 16, "export_extra_info": False}]))
+    run_quant(tiny_llama, out,
+              write_pipeline(tmp_path / "c.yaml", [{"type": "quarot", "block_size": 16, "export_extra_info": False}]))
     assert torch.allclose(logits(model), logits(load_ascendv1(out)), rtol=1e-4, atol=1e-4)
     assert not (out / "optional").exists()
 

@@ -7,7 +7,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from helpers import SCHEMES, STATIC_W8A8_STEP, outputs_of_both_runners, run_quant, small_calib
+from helpers import SCHEMES, STATIC_W8A8_STEP, outputs_of_both_runners, run_quant, small_calib, write_pipeline
 from msmodelslim.core.errors import ConfigError, UnsupportedError
 from msmodelslim.format.ascendv1.reader import load_ascendv1
 from msmodelslim.processor.flex_smooth_quant.search import GRID, flex_scales, quantized_error, search_alpha_beta
@@ -20,12 +20,6 @@ STEPS = {
     "flex_smooth_quant": {"type": "flex_smooth_quant"},
     "flex_smooth_quant_static": {"type": "flex_smooth_quant", "act_scope": "per_tensor"},
 }
-
-
-def write(path, process, dataset, runner="layer_wise"):
-    spec = {"runner": runner, "process": process, "dataset": dataset}
-    path.write_text(yaml.safe_dump({"apiversion": "modelslim_v1", "spec": spec}))
-    return path
 
 
 def planted_outliers(source):
@@ -43,7 +37,8 @@ def test_transform_alone_leaves_the_float_model_unchanged(tmp_path, family, step
     source = make_tiny_model(tmp_path / "src", family, seed=3)
     model = planted_outliers(source)
     out = tmp_path / "out"
-    run_quant(source, out, write(tmp_path / "c.yaml", [STEPS[step]], small_calib(tmp_path)), MODEL_TYPE[family])
+    run_quant(source, out,
+              write_pipeline(tmp_path / "c.yaml", [STEPS[step]], small_calib(tmp_path)), MODEL_TYPE[family])
     smoothed = load_ascendv1(out)
     ids = torch.randint(0, model.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -66,7 +61,8 @@ def test_composes_with_group_and_w4a8(tiny_llama, tmp_path):
         {"type": "linear_quant", "qconfig": SCHEMES["w8a8_static"], "exclude": ["lm_head", "*down_proj"]},
         {"type": "linear_quant", "qconfig": SCHEMES["w4a8_dynamic"], "include": ["*down_proj"]}]}
     out = tmp_path / "out"
-    run_quant(tiny_llama, out, write(tmp_path / "c.yaml", [STEPS["iter_smooth"], STEPS["flex_smooth_quant"], group],
+    run_quant(tiny_llama, out,
+              write_pipeline(tmp_path / "c.yaml", [STEPS["iter_smooth"], STEPS["flex_smooth_quant"], group],
                                      small_calib(tmp_path)))
     description = (out / "quant_model_description.json").read_text()
     assert '"model.layers.0.mlp.down_proj.weight": "W4A8_DYNAMIC"' in description
@@ -86,13 +82,13 @@ def test_iter_smooth_scales_match_a_scalar_reference():
 def test_iter_smooth_refuses_a_requested_subgraph_the_adapter_lacks(tiny_llama, tmp_path):
     step = {"type": "iter_smooth", "enable_subgraph_type": ["linear-linear"]}
     with pytest.raises(UnsupportedError, match="LlamaAdapter describes no linear-linear subgraph"):
-        run_quant(tiny_llama, tmp_path / "o", write(tmp_path / "c.yaml", [step], small_calib(tmp_path)))
+        run_quant(tiny_llama, tmp_path / "o", write_pipeline(tmp_path / "c.yaml", [step], small_calib(tmp_path)))
 
 
 def test_iter_smooth_after_linear_quant_is_an_error(tiny_llama, tmp_path):
     process = [{"type": "linear_quant", "qconfig": SCHEMES["w8a16"]}, {"type": "iter_smooth"}]
     with pytest.raises(ConfigError, match=r"process\[1\] \(iter_smooth\) comes after process\[0\]"):
-        run_quant(tiny_llama, tmp_path / "o", write(tmp_path / "c.yaml", process, small_calib(tmp_path)))
+        run_quant(tiny_llama, tmp_path / "o", write_pipeline(tmp_path / "c.yaml", process, small_calib(tmp_path)))
 
 
 def _outlier_layer(seed=0):
