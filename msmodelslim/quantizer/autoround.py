@@ -17,7 +17,7 @@ tuning rows.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -55,6 +55,31 @@ def fake_quantize_groups(groups, v, a, b, bits, symmetric, scale_dtype):
     return (q - offset.unsqueeze(-1)) * scale.unsqueeze(-1)
 
 
+def signed_descent(loss_of: Callable[[], torch.Tensor], tensors: list[torch.Tensor],
+                   bounds: list[tuple[float, float]], settings: AutoRoundSettings
+                   ) -> tuple[float, float, list[torch.Tensor]]:
+    """Minimise loss_of() over the tensors that require grad by p <- clamp(p - lr * sign(dloss/dp), bounds), for
+    settings.iters steps; (the lowest loss seen, the step-0 loss, copies of all `tensors` at the lowest loss)."""
+    trainable = [t for t in tensors if t.requires_grad]
+    best, first = (float("inf"), [t.detach().clone() for t in tensors]), None
+    for step in range(settings.iters + 1):  # the last pass only scores the final update
+        with torch.enable_grad():  # the runner calls processors under no_grad
+            loss = loss_of()
+        value = float(loss.detach())
+        first = value if first is None else first
+        if value < best[0]:
+            best = (value, [t.detach().clone() for t in tensors])
+        if step == settings.iters or not trainable:
+            break
+        grads = torch.autograd.grad(loss, trainable)
+        with torch.no_grad():
+            for p, g in zip(trainable, grads):
+                p -= settings.lr * torch.sign(g)
+            for t, (low, high) in zip(tensors, bounds):
+                t.clamp_(low, high)
+    return best[0], first, best[1]
+
+
 def autoround_quantize(w: torch.Tensor, x: torch.Tensor, x_quantized: torch.Tensor, bits: int, symmetric: bool,
                        group_size: Optional[int], settings: AutoRoundSettings):
     """(codes int8 [out, in], scale [out, n_groups], offset [out, n_groups], the best loss and the step-0 loss).
@@ -65,32 +90,12 @@ def autoround_quantize(w: torch.Tensor, x: torch.Tensor, x_quantized: torch.Tens
     v = torch.zeros_like(groups, requires_grad=settings.tune_rounding)
     a = torch.ones(groups.shape[:2], requires_grad=settings.tune_range)
     b = torch.ones(groups.shape[:2], requires_grad=settings.tune_range and not symmetric)
-    params = [p for p in (v, a, b) if p.requires_grad]
-    lr = settings.lr
 
     def loss_of() -> torch.Tensor:
         w_hat = fake_quantize_groups(groups, v, a, b, bits, symmetric, settings.scale_dtype).reshape(w.shape)
         return (xq @ w_hat.T - reference).pow(2).mean()
 
-    best = (float("inf"), v.detach().clone(), a.detach().clone(), b.detach().clone())
-    first = None
-    for step in range(settings.iters + 1):  # the last pass only scores the final update
-        with torch.enable_grad():  # the runner calls processors under no_grad
-            loss = loss_of()
-        value = float(loss.detach())
-        first = value if first is None else first
-        if value < best[0]:
-            best = (value, v.detach().clone(), a.detach().clone(), b.detach().clone())
-        if step == settings.iters or not params:
-            break
-        grads = torch.autograd.grad(loss, params)
-        with torch.no_grad():
-            for p, g in zip(params, grads):
-                p -= lr * torch.sign(g)
-            v.clamp_(-0.5, 0.5)
-            a.clamp_(0.5, 1.0)
-            b.clamp_(0.5, 1.0)
-    loss, v, a, b = best
+    loss, first, (v, a, b) = signed_descent(loss_of, [v, a, b], [(-0.5, 0.5), (0.5, 1.0), (0.5, 1.0)], settings)
     with torch.no_grad():
         qmin, qmax = int_range(bits)
         scale, offset = _qparams(groups.amin(-1), groups.amax(-1), a, b, bits, symmetric, settings.scale_dtype)

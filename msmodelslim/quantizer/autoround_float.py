@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from msmodelslim.quantizer.autoround import AutoRoundSettings
+from msmodelslim.quantizer.autoround import AutoRoundSettings, signed_descent
 from msmodelslim.quantizer.float_formats import (E8M0_BIAS, ELEMENTS, MX_BLOCK, MX_ELEMENT, fp8_scale, mx_codes,
                                                  to_blocks, to_fp8_e4m3)
 
@@ -88,26 +88,12 @@ def autoround_quantize_float(w: torch.Tensor, x: torch.Tensor, x_quantized: torc
     xq = x_quantized.float()
     v = torch.zeros_like(w, requires_grad=settings.tune_rounding)
     a = torch.ones(_factors_shape(w, dtype), requires_grad=settings.tune_range)
-    params = [p for p in (v, a) if p.requires_grad]
-    low, high = (0.5, 1.0) if dtype == "fp8_e4m3" else (0.5, 2.0)
+    high = 1.0 if dtype == "fp8_e4m3" else 2.0
 
-    best, first = (float("inf"), v.detach().clone(), a.detach().clone()), None
-    for step in range(settings.iters + 1):  # the last pass only scores the final update
-        with torch.enable_grad():  # the runner calls processors under no_grad
-            loss = (xq @ fake_quantize_float(w, v, a, dtype, settings.scale_dtype)[0].T - reference).pow(2).mean()
-        value = float(loss.detach())
-        first = value if first is None else first
-        if value < best[0]:
-            best = (value, v.detach().clone(), a.detach().clone())
-        if step == settings.iters or not params:
-            break
-        grads = torch.autograd.grad(loss, params)
-        with torch.no_grad():
-            for p, g in zip(params, grads):
-                p -= settings.lr * torch.sign(g)
-            v.clamp_(-0.5, 0.5)
-            a.clamp_(low, high)
-    loss, v, a = best
+    def loss_of() -> torch.Tensor:
+        return (xq @ fake_quantize_float(w, v, a, dtype, settings.scale_dtype)[0].T - reference).pow(2).mean()
+
+    loss, first, (v, a) = signed_descent(loss_of, [v, a], [(-0.5, 0.5), (0.5, high)], settings)
     with torch.no_grad():
         elements = fake_quantize_float(w, v, a, dtype, settings.scale_dtype)[1]
         scale = _scales(w, dtype, a, settings.scale_dtype).float()
