@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from helpers import SCHEMES, quantize_variants, run_quant, shard_bytes, small_calib, saved_tensors
+from helpers import SCHEMES, quantize_variants, run_quant, saved_tensors, shard_bytes, small_calib, write_pipeline
 from msmodelslim.cli.__main__ import main
 from msmodelslim.core.device import DeviceSpec
 from msmodelslim.core.errors import UnsupportedError
@@ -18,7 +18,7 @@ from msmodelslim.format.ascendv1.reader import load_ascendv1
 from msmodelslim.model import longcat
 from msmodelslim.model.longcat import SHORTCUT_NORM, longcat_smoothing
 from test_families_text import float_reference
-from test_family_transforms import BOUND, STEPS, W8A8_DYNAMIC, plant_published, report, write
+from test_family_transforms import BOUND, STEPS, W8A8_DYNAMIC, plant_published, report
 from test_moe_smoothing import rank_threads, varied_calib  # noqa: F401  (a fixture)
 from tiny_models import make_tiny_model
 
@@ -46,7 +46,7 @@ def max_logit_change(source, out) -> tuple[float, float]:
 @pytest.mark.parametrize("step", list(STEPS))
 def test_smoothing_alone_leaves_the_float_model_unchanged(sources, tmp_path, capsys, variant, step):
     source, out = sources[variant], tmp_path / "out"
-    run_quant(source, out, write(tmp_path / "c.yaml", [STEPS[step]], small_calib(tmp_path)), MODEL_TYPE)
+    run_quant(source, out, write_pipeline(tmp_path / "c.yaml", [STEPS[step]], small_calib(tmp_path)), MODEL_TYPE)
     change, scale = max_logit_change(source, out)
     report(capsys, f"longcat_flash ({variant}) {step}", change, scale)
     assert change < BOUND * scale
@@ -79,7 +79,8 @@ def structure_patch(monkeypatch, subgraphs) -> None:
 def test_a_wrong_structure_changes_the_logits(sources, tmp_path, monkeypatch, capsys, variant, subgraphs, why):
     structure_patch(monkeypatch, subgraphs)
     source, out = sources[variant], tmp_path / "out"
-    run_quant(source, out, write(tmp_path / "c.yaml", [STEPS["smooth_quant"]], small_calib(tmp_path)), MODEL_TYPE)
+    run_quant(source, out,
+              write_pipeline(tmp_path / "c.yaml", [STEPS["smooth_quant"]], small_calib(tmp_path)), MODEL_TYPE)
     change, scale = max_logit_change(source, out)
     report(capsys, f"longcat_flash smooth_quant with {why} (must break)", change, scale)
     assert change > 100 * BOUND * scale
@@ -101,7 +102,7 @@ def test_every_runner_writes_the_same_bytes_and_the_output_checks(sources, tmp_p
 
 
 def test_quarot_is_refused_by_name_before_any_weight_is_read(sources, tmp_path):
-    config = write(tmp_path / "c.yaml", [{"type": "quarot"}, W8A8_DYNAMIC])
+    config = write_pipeline(tmp_path / "c.yaml", [{"type": "quarot"}, W8A8_DYNAMIC])
     with pytest.raises(UnsupportedError, match="quarot: adapter LongcatFlashAdapter does not describe where to rotate"):
         run_quant(sources["identity_experts"], tmp_path / "out", config, MODEL_TYPE)
     assert not (tmp_path / "out").exists()
