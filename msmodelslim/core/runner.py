@@ -48,9 +48,9 @@ from msmodelslim.core.distributed import LOCAL, Collective
 from msmodelslim.core.faults import fault_point
 from msmodelslim.core.logging import get_logger, progress_disabled
 from msmodelslim.core.memory import release_free_heap
-from msmodelslim.core.reference import Pairing, ReferenceStream
 from msmodelslim.core.outside_blocks import is_under, outside_entries, write_outside_blocks
 from msmodelslim.core.passthrough import write_passthrough
+from msmodelslim.core.reference import Pairing, ReferenceStream
 from msmodelslim.core.resume import BlockCheckpoints, ResumePoint
 from msmodelslim.core.walk import BatchWalks
 from msmodelslim.format.ascendv1.writer import AscendV1Writer
