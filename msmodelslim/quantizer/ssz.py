@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from msmodelslim.quantizer.primitives import int_range, scale_offset_from_minmax, to_groups
+from msmodelslim.quantizer.clip_search import best_shrunk_range
+from msmodelslim.quantizer.primitives import int_range, to_groups
 
 SHRINK = [round(0.30 + 0.02 * i, 2) for i in range(36)]  # 0.30 … 1.00
 
@@ -24,23 +25,15 @@ def ssz_quantize(w: torch.Tensor, bits: int, symmetric: bool, group_size: int | 
     `quantize_weight_minmax`."""
     groups = to_groups(w.detach().float(), group_size)  # [out, G, size]
     qmin, qmax = int_range(bits)
-    scale, offset = scale_offset_from_minmax(groups.amin(-1), groups.amax(-1), bits, symmetric)
     tiny = torch.finfo(torch.float32).tiny
 
     def codes_and_error(s: torch.Tensor, o: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q = (torch.round(groups / s.unsqueeze(-1)) + o.unsqueeze(-1)).clamp(qmin, qmax)
         return q, ((q - o.unsqueeze(-1)) * s.unsqueeze(-1) - groups).pow(2).sum(-1)
 
-    q, best_error = codes_and_error(scale, offset)
-    best_scale, best_offset = scale.clone(), offset.clone()
-    lo, hi = groups.amin(-1), groups.amax(-1)
-    for r in SHRINK:
-        s, o = scale_offset_from_minmax(lo * r, hi * r, bits, symmetric)
-        _, error = codes_and_error(s, o)
-        better = error < best_error
-        best_error = torch.where(better, error, best_error)
-        best_scale, best_offset = torch.where(better, s, best_scale), torch.where(better, o, best_offset)
-    q, _ = codes_and_error(best_scale, best_offset)
+    # min/max first, so that it wins ties (SHRINK ends at 1.00 too)
+    best_scale, best_offset = best_shrunk_range(groups, [1.0, *SHRINK], bits, symmetric, norm=2)
+    q, best_error = codes_and_error(best_scale, best_offset)
     scale, offset = best_scale.clone(), best_offset.clone()
     for _ in range(steps):
         if symmetric:
