@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 
 from msmodelslim.quantizer.autoround import AutoRoundSettings, signed_descent
-from msmodelslim.quantizer.float_formats import (E8M0_BIAS, ELEMENTS, MX_BLOCK, MX_ELEMENT, fp8_scale, mx_codes,
-                                                 to_blocks, to_fp8_e4m3)
+from msmodelslim.quantizer.float_formats import (E8M0_BIAS, ELEMENTS, MX_BLOCK, MX_ELEMENT, fp4_e2m1_step, fp8_scale,
+                                                 mx_codes, to_blocks, to_fp8_e4m3)
 
 FP8_MIN_STEP = 2.0 ** -9  # E4M3's subnormal step
 FP8_MANTISSA_BITS = 3
@@ -35,7 +35,7 @@ def element_step(y: torch.Tensor, element: str) -> torch.Tensor:
     """The spacing of the element grid at |y| (the step between the grid points around it)."""
     magnitude = y.abs()
     if element == "fp4_e2m1":
-        return torch.where(magnitude < 2, 0.5, torch.where(magnitude < 4, 1.0, 2.0))
+        return fp4_e2m1_step(magnitude)
     _, exponent = torch.frexp(magnitude)  # |y| = m · 2^exponent, m ∈ [0.5, 1): ⌊log2|y|⌋ = exponent − 1
     step = torch.ldexp(torch.ones_like(magnitude), (exponent - 1 - FP8_MANTISSA_BITS).to(torch.int32))
     return step.clamp(min=FP8_MIN_STEP)

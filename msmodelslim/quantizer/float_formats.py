@@ -45,8 +45,13 @@ def round_fp4_e2m1(x: torch.Tensor) -> torch.Tensor:
     the edge, which is the next binade's first value: the same answer."""
     x = x.float()
     magnitude = x.abs().clamp(max=FP4_E2M1_MAX)
-    step = torch.where(magnitude < 2, 0.5, torch.where(magnitude < 4, 1.0, 2.0))
+    step = fp4_e2m1_step(magnitude)
     return torch.copysign(torch.round(magnitude / step) * step, x)
+
+
+def fp4_e2m1_step(magnitude: torch.Tensor) -> torch.Tensor:
+    """The E2M1 grid's step at |x| = magnitude: 0.5 below 2, 1 in [2, 4), 2 from 4 on."""
+    return torch.where(magnitude < 2, 0.5, torch.where(magnitude < 4, 1.0, 2.0))
 
 
 def encode_fp4_e2m1(values: torch.Tensor) -> torch.Tensor:
