@@ -84,21 +84,21 @@ class InputRecord:
         """dp_layer_wise: combine with the other ranks' records of the same linear (`features` inputs)."""
         if self.observer is not None:
             self.observer.merge(collective)
-        if self.collect_hessian:  # H is a mean over tokens: sum n_r·H_r over ranks, divide by Σ n_r
-            local_tokens = self.tokens
-            local = self.hessian * self.tokens if self.hessian is not None else torch.zeros(
-                features, features, dtype=torch.float64)
+        if self.collect_hessian:  # means over tokens: sum n_r·M_r over ranks, divide by Σ n_r
             total = collective.sum_int(self.tokens)
-            summed = collective.sum(local)
-            self.hessian, self.tokens = (summed / total if total else None), total
-            if self.collect_asymmetry:  # a mean over tokens too, weighted alike
-                local = self.asymmetry * local_tokens if self.asymmetry is not None else torch.zeros(
-                    features, features, dtype=torch.float64)
-                self.asymmetry = collective.sum(local) / total if total else None
+
+            def merged(mean: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+                local = mean * self.tokens if mean is not None else torch.zeros(features, features,
+                                                                                 dtype=torch.float64)
+                summed = collective.sum(local)
+                return summed / total if total else None
+
+            self.hessian = merged(self.hessian)
+            if self.collect_asymmetry:
+                self.asymmetry = merged(self.asymmetry)
             if self.keep_input_error:
-                local = self.input_error * local_tokens if self.input_error is not None else torch.zeros(
-                    features, features, dtype=torch.float64)
-                self.input_error = collective.sum(local) / total if total else None
+                self.input_error = merged(self.input_error)
+            self.tokens = total
         if self.sample is not None:
             self.sample.merge(collective, features)
 
