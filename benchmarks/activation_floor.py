@@ -1,0 +1,139 @@
+"""What FP8 and MXFP8 cost on SmolLM2 before any weight method runs (issue #22; run by hand, not in CI).
+
+The issue asks FP8 dynamic W8A8 for <= 1.005 x float and MXFP8 W8A8 for <= 1.01 x float. A weight method (GPTQ,
+GPTAQ, AutoRound) can only move the weights; the activations are quantized at run time by the kernel. This probe
+splits the cost: the float model with every linear but lm_head wrapped so that its input, its weight or both go
+through the library's own quantizers (quantizer/float_formats.py: the functions our reader and scorers use), on
+the same 40 x 512 windows of the evaluation half as smollm2_accuracy.py. No setting is chosen from these numbers.
+
+Rows (each a perplexity ratio against float):
+- `act fp8`: activations E4M3 per token (s = max|x| / 448), weights float;
+- `act fp8 + hadamard`: the same after an exact rotation of every linear's input (x -> Hx, W -> W Hᵀ, H a
+  normalized Hadamard matrix of the input width, the rotation QuaRot's online variant applies), weights float;
+- `weight fp8`: E4M3 per output channel by round to nearest, activations float;
+- `fp8 both`: both, which must equal the saved fp8_dynamic checkpoint read back (17.8130 in docs/benchmarks.md);
+- the same four for MXFP8 (blocks of 32 along the input, the OCP shared-exponent rule the vLLM-Ascend kernel
+  uses for activations), with a block-diagonal Hadamard of 32 (one MX block) as the rotation, on every linear or
+  (`_offline`) on all but down_proj: what QuaRot in blocks of 32 reaches without run-time rotations.
+
+    python benchmarks/activation_floor.py [--windows 40] [--rows act_fp8,act_mxfp8]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPORA = ROOT.parent / "shared" / "corpora"
+DEMO_MODEL = Path.home() / ".cache" / "msmodelslim" / "demo" / "SmolLM2-135M-Instruct"
+Quantizer = Callable[[torch.Tensor], torch.Tensor]
+
+
+def fp8_per_row(x: torch.Tensor) -> torch.Tensor:
+    """E4M3 with one scale per row (a token of an activation, an output channel of a weight)."""
+    from msmodelslim.quantizer.float_formats import fp8_fake_quantize_per_token
+
+    return fp8_fake_quantize_per_token(x)
+
+
+def mxfp8(x: torch.Tensor) -> torch.Tensor:
+    from msmodelslim.quantizer.float_formats import mx_fake_quantize
+
+    return mx_fake_quantize(x, "fp8_e4m3")
+
+
+def rotation(width: int, block: Optional[int]) -> torch.Tensor:
+    """Normalized Hadamard of `width` (block None) or block-diagonal Hadamard blocks of `block`."""
+    from msmodelslim.processor.quarot.hadamard import block_diagonal, hadamard
+
+    size = width if block is None else block
+    h = hadamard(size)
+    if h is None:
+        raise SystemExit(f"no Hadamard matrix of order {size} is known to processor/quarot/hadamard.py")
+    h = h / size**0.5
+    return h if block is None else block_diagonal(h, width // block)
+
+
+ROWS: dict[str, tuple[Optional[Quantizer], Optional[Quantizer], Optional[str]]] = {
+    # name: (activation quantizer, weight quantizer, rotation: None, "full" or "block32" (every
+    # linear), "full_offline" or "block32_offline" (all but down_proj, whose input only an online rotation reaches))
+    "act_fp8": (fp8_per_row, None, None),
+    "act_fp8+hadamard": (fp8_per_row, None, "full"),
+    "act_fp8+hadamard_offline": (fp8_per_row, None, "full_offline"),
+    "act_fp8+hadamard32_offline": (fp8_per_row, None, "block32_offline"),
+    "weight_fp8": (None, fp8_per_row, None),
+    "fp8_both": (fp8_per_row, fp8_per_row, None),
+    "act_mxfp8": (mxfp8, None, None),
+    "act_mxfp8+hadamard32": (mxfp8, None, "block32"),
+    "act_mxfp8+hadamard32_offline": (mxfp8, None, "block32_offline"),
+    "weight_mxfp8": (None, mxfp8, None),
+    "mxfp8_both": (mxfp8, mxfp8, None),
+}
+
+
+def wrap_linears(model: nn.Module, act: Optional[Quantizer], weight: Optional[Quantizer],
+                 rotate: Optional[str]) -> None:
+    """In place: every nn.Linear but lm_head computes (weight(W Hᵀ)) · act(H x) (H = identity without rotate)."""
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or name.endswith("lm_head"):
+            continue
+        h = None
+        if rotate is not None and not (rotate.endswith("_offline") and name.endswith("down_proj")):
+            h = rotation(module.in_features, None if rotate.startswith("full") else 32).float()
+            module.weight.data = module.weight.data @ h.T
+        if weight is not None:
+            module.weight.data = weight(module.weight.data)
+
+        def pre_hook(mod, args, h=h):
+            x = args[0]
+            if h is not None:
+                x = x @ h.T
+            return (act(x) if act is not None else x,) + tuple(args[1:])
+
+        module.register_forward_pre_hook(pre_hook)
+
+
+def main() -> None:
+    from transformers import AutoTokenizer
+
+    from msmodelslim.app.evaluate import load_float_model, perplexity, token_windows
+    from msmodelslim.core.dataset import read_texts
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--windows", type=int, default=40)
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from: {', '.join(ROWS)}")
+    parser.add_argument("--model", type=Path, default=DEMO_MODEL)
+    args = parser.parse_args()
+    rows = args.rows.split(",")
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        raise SystemExit(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    windows = token_windows(tokenizer, read_texts(CORPORA / "debian-reference.eval.txt"), 512, args.windows)
+    started = time.perf_counter()
+    float_ppl = perplexity(load_float_model(args.model, False), windows, torch.device("cpu"), "float").perplexity
+    print(f"float: {float_ppl:.4f} ({time.perf_counter() - started:.1f} s)", flush=True)
+    results = []
+    for row in rows:
+        model = load_float_model(args.model, False)
+        started = time.perf_counter()
+        with torch.no_grad():
+            wrap_linears(model, *ROWS[row])
+        ppl = perplexity(model, windows, torch.device("cpu"), row).perplexity
+        results.append((row, ppl))
+        print(f"{row}: {ppl:.4f} (x{ppl / float_ppl:.4f}, {time.perf_counter() - started:.1f} s)", flush=True)
+    print(f"\n| probe ({len(windows)} x 512 eval windows, every linear but lm_head) | perplexity | vs float |")
+    print("|---|---|---|")
+    print(f"| float (fp32) | {float_ppl:.4f} | 1 |")
+    for row, ppl in results:
+        print(f"| {row} | {ppl:.4f} | {ppl / float_ppl:.4f} |")
+
+
+if __name__ == "__main__":
+    main()
