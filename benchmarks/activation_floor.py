@@ -28,29 +28,21 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from msmodelslim.processor.quarot.hadamard import block_diagonal, hadamard
+from msmodelslim.quantizer.float_formats import fp8_fake_quantize_per_token, mx_fake_quantize
+
 ROOT = Path(__file__).resolve().parents[1]
 CORPORA = ROOT.parent / "shared" / "corpora"
 DEMO_MODEL = Path.home() / ".cache" / "msmodelslim" / "demo" / "SmolLM2-135M-Instruct"
 Quantizer = Callable[[torch.Tensor], torch.Tensor]
 
 
-def fp8_per_row(x: torch.Tensor) -> torch.Tensor:
-    """E4M3 with one scale per row (a token of an activation, an output channel of a weight)."""
-    from msmodelslim.quantizer.float_formats import fp8_fake_quantize_per_token
-
-    return fp8_fake_quantize_per_token(x)
-
-
 def mxfp8(x: torch.Tensor) -> torch.Tensor:
-    from msmodelslim.quantizer.float_formats import mx_fake_quantize
-
     return mx_fake_quantize(x, "fp8_e4m3")
 
 
 def rotation(width: int, block: Optional[int]) -> torch.Tensor:
     """Normalized Hadamard of `width` (block None) or block-diagonal Hadamard blocks of `block`."""
-    from msmodelslim.processor.quarot.hadamard import block_diagonal, hadamard
-
     size = width if block is None else block
     h = hadamard(size)
     if h is None:
@@ -60,14 +52,15 @@ def rotation(width: int, block: Optional[int]) -> torch.Tensor:
 
 
 ROWS: dict[str, tuple[Optional[Quantizer], Optional[Quantizer], Optional[str]]] = {
-    # name: (activation quantizer, weight quantizer, rotation: None, "full" or "block32" (every
-    # linear), "full_offline" or "block32_offline" (all but down_proj, whose input only an online rotation reaches))
-    "act_fp8": (fp8_per_row, None, None),
-    "act_fp8+hadamard": (fp8_per_row, None, "full"),
-    "act_fp8+hadamard_offline": (fp8_per_row, None, "full_offline"),
-    "act_fp8+hadamard32_offline": (fp8_per_row, None, "block32_offline"),
-    "weight_fp8": (None, fp8_per_row, None),
-    "fp8_both": (fp8_per_row, fp8_per_row, None),
+    # name: (activation quantizer, weight quantizer (fp8: one scale per row, i.e. per output channel), rotation:
+    # None, "full" or "block32" (every linear), "full_offline" or "block32_offline" (all but down_proj, whose input
+    # only an online rotation reaches))
+    "act_fp8": (fp8_fake_quantize_per_token, None, None),
+    "act_fp8+hadamard": (fp8_fake_quantize_per_token, None, "full"),
+    "act_fp8+hadamard_offline": (fp8_fake_quantize_per_token, None, "full_offline"),
+    "act_fp8+hadamard32_offline": (fp8_fake_quantize_per_token, None, "block32_offline"),
+    "weight_fp8": (None, fp8_fake_quantize_per_token, None),
+    "fp8_both": (fp8_fake_quantize_per_token, fp8_fake_quantize_per_token, None),
     "act_mxfp8": (mxfp8, None, None),
     "act_mxfp8+hadamard32": (mxfp8, None, "block32"),
     "act_mxfp8+hadamard32_offline": (mxfp8, None, "block32_offline"),
