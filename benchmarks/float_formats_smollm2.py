@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from side_by_side import protocol, run_peer  # noqa: E402
-from smollm2_accuracy import SCHEMES, linear, quantize_in_child, write_config  # noqa: E402
+from smollm2_accuracy import SCHEMES, linear, quantize_in_child, smooth, write_config  # noqa: E402
 
 NVFP4 = {"dtype": "nvfp4", "scope": "per_block", "symmetric": True, "method": "minmax"}
 NVFP4_SCHEMES = {"w4a16_nvfp4": [linear({"weight": NVFP4})],
@@ -54,7 +54,8 @@ def scheme_steps(name: str) -> list[dict]:
     puts the rotation before any scheme, `quarot_online+<scheme>` (or `quarot<n>_online+`) adds the online rotations
     of o_proj's and every down_proj's input (max_tp_size 1: SmolLM2's 9 heads split into no power of 2 above 1),
     optionally followed by `svd_res+` (rank 32),
-    `awq+<scheme>` AWQ scored with the scheme's weight format (round to nearest) before a weight-only scheme."""
+    `awq+<scheme>` AWQ scored with the scheme's weight format (round to nearest) before a weight-only scheme,
+    `sq<alpha>+<scheme>` SmoothQuant with that alpha before any scheme."""
     name, clip = name.removesuffix("+clip"), name.endswith("+clip")
     base, act_order = name.removesuffix("+ao"), name.endswith("+ao")
     block = None
@@ -69,6 +70,9 @@ def scheme_steps(name: str) -> list[dict]:
         rest = base.removeprefix("quarot_online+")
         svd = [SVD_RES] if rest.startswith("svd_res+") else []  # SVDQuant's rank-32 float branch behind the rotation
         steps = copy.deepcopy([online, *svd, *SCHEMES[rest.removeprefix("svd_res+")]])
+    elif base not in SCHEMES and base.startswith("sq") and "+" in base:  # e.g. sq0.5+w8a8_mxfp8_gptq
+        alpha, _, rest = base.removeprefix("sq").partition("+")
+        steps = copy.deepcopy([smooth(float(alpha)), *SCHEMES[rest]])
     elif base not in SCHEMES and base.startswith("awq+"):  # AWQ scored with the scheme's own weight format
         steps = copy.deepcopy(SCHEMES[base.removeprefix("awq+")])
         weight = next(s["qconfig"]["weight"] for s in steps if s.get("type") == "linear_quant")
