@@ -7,20 +7,22 @@ through the library's own quantizers (quantizer/float_formats.py: the functions 
 the same 40 x 512 windows of the evaluation half as smollm2_accuracy.py. No setting is chosen from these numbers.
 
 Rows (each a perplexity ratio against float):
-- `act fp8`: activations E4M3 per token (s = max|x| / 448), weights float;
-- `act fp8 + hadamard`: the same after an exact rotation of every linear's input (x -> Hx, W -> W Hᵀ, H a
+- `act_fp8`: activations E4M3 per token (s = max|x| / 448), weights float;
+- `act_fp8+hadamard`: the same after an exact rotation of every linear's input (x -> Hx, W -> W Hᵀ, H a
   normalized Hadamard matrix of the input width, the rotation QuaRot's online variant applies), weights float;
-- `weight fp8`: E4M3 per output channel by round to nearest, activations float;
-- `fp8 both`: both, which must equal the saved fp8_dynamic checkpoint read back (17.8130 in docs/benchmarks.md);
+- `weight_fp8`: E4M3 per output channel by round to nearest, activations float;
+- `fp8_both`: both, which must equal the saved fp8_dynamic checkpoint read back (17.8130 in docs/benchmarks.md);
 - the same four for MXFP8 (blocks of 32 along the input, the OCP shared-exponent rule the vLLM-Ascend kernel
   uses for activations), with a block-diagonal Hadamard of 32 (one MX block) as the rotation, on every linear or
-  (`_offline`) on all but down_proj: what QuaRot in blocks of 32 reaches without run-time rotations.
+  (`_but_down`) on all but down_proj. In blocks of 32 the latter is what QuaRot reaches without run-time
+  rotations (the residual stream, and o_proj's input through v_proj per head); whole-width, o_proj's part is not.
 
     python benchmarks/activation_floor.py [--windows 40] [--rows act_fp8,act_mxfp8]
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -41,6 +43,7 @@ def mxfp8(x: torch.Tensor) -> torch.Tensor:
     return mx_fake_quantize(x, "fp8_e4m3")
 
 
+@functools.lru_cache(maxsize=None)
 def rotation(width: int, block: Optional[int]) -> torch.Tensor:
     """Normalized Hadamard of `width` (block None) or block-diagonal Hadamard blocks of `block`."""
     size = width if block is None else block
@@ -53,17 +56,17 @@ def rotation(width: int, block: Optional[int]) -> torch.Tensor:
 
 ROWS: dict[str, tuple[Optional[Quantizer], Optional[Quantizer], Optional[str]]] = {
     # name: (activation quantizer, weight quantizer (fp8: one scale per row, i.e. per output channel), rotation:
-    # None, "full" or "block32" (every linear), "full_offline" or "block32_offline" (all but down_proj, whose input
-    # only an online rotation reaches))
+    # None, "full" or "block32" (every linear), "full_but_down" or "block32_but_down" (all but down_proj, whose
+    # input only a run-time rotation reaches))
     "act_fp8": (fp8_fake_quantize_per_token, None, None),
     "act_fp8+hadamard": (fp8_fake_quantize_per_token, None, "full"),
-    "act_fp8+hadamard_offline": (fp8_fake_quantize_per_token, None, "full_offline"),
-    "act_fp8+hadamard32_offline": (fp8_fake_quantize_per_token, None, "block32_offline"),
+    "act_fp8+hadamard_but_down": (fp8_fake_quantize_per_token, None, "full_but_down"),
+    "act_fp8+hadamard32_but_down": (fp8_fake_quantize_per_token, None, "block32_but_down"),
     "weight_fp8": (None, fp8_fake_quantize_per_token, None),
     "fp8_both": (fp8_fake_quantize_per_token, fp8_fake_quantize_per_token, None),
     "act_mxfp8": (mxfp8, None, None),
     "act_mxfp8+hadamard32": (mxfp8, None, "block32"),
-    "act_mxfp8+hadamard32_offline": (mxfp8, None, "block32_offline"),
+    "act_mxfp8+hadamard32_but_down": (mxfp8, None, "block32_but_down"),
     "weight_mxfp8": (None, mxfp8, None),
     "mxfp8_both": (mxfp8, mxfp8, None),
 }
@@ -76,7 +79,7 @@ def wrap_linears(model: nn.Module, act: Optional[Quantizer], weight: Optional[Qu
         if not isinstance(module, nn.Linear) or name.endswith("lm_head"):
             continue
         h = None
-        if rotate is not None and not (rotate.endswith("_offline") and name.endswith("down_proj")):
+        if rotate is not None and not (rotate.endswith("_but_down") and name.endswith("down_proj")):
             h = rotation(module.in_features, None if rotate.startswith("full") else 32).float()
             module.weight.data = module.weight.data @ h.T
         if weight is not None:
