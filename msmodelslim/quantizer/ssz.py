@@ -31,8 +31,9 @@ def ssz_quantize(w: torch.Tensor, bits: int, symmetric: bool, group_size: int | 
         q = (torch.round(groups / s.unsqueeze(-1)) + o.unsqueeze(-1)).clamp(qmin, qmax)
         return q, ((q - o.unsqueeze(-1)) * s.unsqueeze(-1) - groups).pow(2).sum(-1)
 
-    # min/max first, so that it wins ties (SHRINK ends at 1.00 too)
-    best_scale, best_offset = best_shrunk_range(groups, [1.0, *SHRINK], bits, symmetric, norm=2)
+    # min/max (r = 1) first, so that it wins ties; then the shrunk ranges
+    best_scale, best_offset = best_shrunk_range(groups, [1.0, *(r for r in SHRINK if r != 1.0)], bits, symmetric,
+                                                norm=2)
     q, best_error = codes_and_error(best_scale, best_offset)
     scale, offset = best_scale.clone(), best_offset.clone()
     for _ in range(steps):
