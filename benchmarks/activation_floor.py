@@ -14,10 +14,15 @@ Rows (each a perplexity ratio against float):
 - `fp8_both`: both, which must equal the saved fp8_dynamic checkpoint read back (17.8130 in docs/benchmarks.md);
 - the same four for MXFP8 (blocks of 32 along the input, the OCP shared-exponent rule the vLLM-Ascend kernel
   uses for activations), with a block-diagonal Hadamard of 32 (one MX block) as the rotation, on every linear or
-  (`_but_down`) on all but down_proj. In blocks of 32 the latter is what QuaRot reaches without run-time
-  rotations (the residual stream, and o_proj's input through v_proj per head); whole-width, o_proj's part is not.
+  (`_but_down`) on all but down_proj, and `weight_mxfp8`/`mxfp8_both` with that rotation too.
 
-    python benchmarks/activation_floor.py [--windows 40] [--rows act_fp8,act_mxfp8]
+The rotated rows rotate each linear's input as the model computes it, i.e. after the RMSNorm's weight γ. QuaRot
+cannot: a rotation commutes with the norm only once γ is folded into the following linears, so behind QuaRot
+q/k/v and gate/up see x / rms(x) without γ, rotated. `--fold_norms` does that fold first (float outputs
+unchanged), so that its `_but_down` rows in blocks of 32 are what QuaRot in blocks of 32 reaches without
+run-time rotations (the residual stream, and o_proj's input through v_proj per head).
+
+    python benchmarks/activation_floor.py [--windows 40] [--rows act_fp8,act_mxfp8] [--fold_norms]
 """
 from __future__ import annotations
 
@@ -68,7 +73,9 @@ ROWS: dict[str, tuple[Optional[Quantizer], Optional[Quantizer], Optional[str]]] 
     "act_mxfp8+hadamard32": (mxfp8, None, "block32"),
     "act_mxfp8+hadamard32_but_down": (mxfp8, None, "block32_but_down"),
     "weight_mxfp8": (None, mxfp8, None),
+    "weight_mxfp8+hadamard32_but_down": (None, mxfp8, "block32_but_down"),
     "mxfp8_both": (mxfp8, mxfp8, None),
+    "mxfp8_both+hadamard32_but_down": (mxfp8, mxfp8, "block32_but_down"),
 }
 
 
@@ -94,6 +101,18 @@ def wrap_linears(model: nn.Module, act: Optional[Quantizer], weight: Optional[Qu
         module.register_forward_pre_hook(pre_hook)
 
 
+def fold_norms(model: nn.Module) -> None:
+    """In place: each decoder layer's RMSNorm weight γ moved into the linears it feeds (W -> W·diag(γ), γ -> 1).
+    Float outputs are unchanged; the inputs those linears see become x / rms(x) without γ, which is what they see
+    behind QuaRot (a rotation commutes with the norm only once γ is folded away)."""
+    for layer in model.model.layers:
+        for norm, linears in ((layer.input_layernorm, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                              (layer.post_attention_layernorm, ("mlp.gate_proj", "mlp.up_proj"))):
+            for name in linears:
+                layer.get_submodule(name).weight.data *= norm.weight.data.float()
+            norm.weight.data.fill_(1.0)
+
+
 def main() -> None:
     from transformers import AutoTokenizer
 
@@ -104,6 +123,8 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=40)
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from: {', '.join(ROWS)}")
     parser.add_argument("--model", type=Path, default=DEMO_MODEL)
+    parser.add_argument("--fold_norms", action="store_true",
+                        help="move every decoder norm's weight into the linears it feeds before wrapping them")
     args = parser.parse_args()
     rows = args.rows.split(",")
     unknown = [r for r in rows if r not in ROWS]
@@ -120,11 +141,14 @@ def main() -> None:
         model = load_float_model(args.model, False)
         started = time.perf_counter()
         with torch.no_grad():
+            if args.fold_norms:
+                fold_norms(model)
             wrap_linears(model, *ROWS[row])
         ppl = perplexity(model, windows, torch.device("cpu"), row).perplexity
         results.append((row, ppl))
         print(f"{row}: {ppl:.4f} (x{ppl / float_ppl:.4f}, {time.perf_counter() - started:.1f} s)", flush=True)
-    print(f"\n| probe ({len(windows)} x 512 eval windows, every linear but lm_head) | perplexity | vs float |")
+    folded = ", norms folded into the linears" if args.fold_norms else ""
+    print(f"\n| probe ({len(windows)} x 512 eval windows, every linear but lm_head{folded}) | perplexity | vs float |")
     print("|---|---|---|")
     print(f"| float (fp32) | {float_ppl:.4f} | 1 |")
     for row, ppl in results:

@@ -55,7 +55,8 @@ def scheme_steps(name: str) -> list[dict]:
     of o_proj's and every down_proj's input (max_tp_size 1: SmolLM2's 9 heads split into no power of 2 above 1),
     optionally followed by `svd_res+` (rank 32),
     `awq+<scheme>` AWQ scored with the scheme's weight format (round to nearest) before a weight-only scheme,
-    `sq<alpha>+<scheme>` SmoothQuant with that alpha before any scheme."""
+    `sq<alpha>+<scheme>` SmoothQuant with that alpha before any scheme, `flex+<scheme>` flex_smooth_quant (alpha and
+    beta searched per subgraph on the calibration data, scored with the scheme's own quantizers) before any scheme."""
     name, clip = name.removesuffix("+clip"), name.endswith("+clip")
     base, act_order = name.removesuffix("+ao"), name.endswith("+ao")
     block = None
@@ -73,6 +74,8 @@ def scheme_steps(name: str) -> list[dict]:
     elif base not in SCHEMES and base.startswith("sq") and "+" in base:  # e.g. sq0.5+w8a8_mxfp8_gptq
         alpha, _, rest = base.removeprefix("sq").partition("+")
         steps = copy.deepcopy([smooth(float(alpha)), *SCHEMES[rest]])
+    elif base not in SCHEMES and base.startswith("flex+"):  # e.g. flex+w8a8_mxfp8_gptq
+        steps = copy.deepcopy([{"type": "flex_smooth_quant"}, *SCHEMES[base.removeprefix("flex+")]])
     elif base not in SCHEMES and base.startswith("awq+"):  # AWQ scored with the scheme's own weight format
         steps = copy.deepcopy(SCHEMES[base.removeprefix("awq+")])
         weight = next(s["qconfig"]["weight"] for s in steps if s.get("type") == "linear_quant")
