@@ -20,6 +20,7 @@ EXAMPLES = sorted((REPO / "docs" / "examples").glob("*.yaml"))
 # What each example gives model.layers.0's q_proj and down_proj in quant_model_description.json (ascendv1).
 ASCENDV1_TYPES = {
     "flex_smooth_w8a8_static.yaml": ("W8A8", "W8A8_DYNAMIC"),
+    "fp8_dynamic.yaml": ("W8A8FP8_DYNAMIC", "W8A8FP8_DYNAMIC"),
     "mixed_group.yaml": ("W8A8", "W8A8_DYNAMIC"),
     "quarot_w4a8_dynamic.yaml": ("W4A8_DYNAMIC", "W4A8_DYNAMIC"),
     "smooth_w8a8_static.yaml": ("W8A8", "W8A8_DYNAMIC"),

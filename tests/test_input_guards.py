@@ -352,6 +352,24 @@ def test_eval_checks_the_quant_path_before_the_float_model(tiny_llama, tmp_path,
     assert code == 2 and "quant_model_description.json is missing" in err
 
 
+def test_eval_names_the_way_out_for_the_other_layouts_quant_writes(tiny_llama, tmp_path, capsys, eval_text,
+                                                                    monkeypatch):
+    import msmodelslim.app.evaluate as evaluate
+
+    monkeypatch.setattr(evaluate, "load_float_model", lambda *a: pytest.fail("the float model was loaded"))
+    both = tmp_path / "both"  # what spec.save with two savers writes: one folder per format
+    (both / "ascendv1").mkdir(parents=True)
+    (both / "ascendv1" / "quant_model_description.json").write_text("{}")
+    code, err = run_cli(capsys, "eval", "--model_path", tiny_llama, "--quant_path", both, "--dataset", eval_text)
+    assert code == 2 and f"--quant_path {both / 'ascendv1'}" in err
+    ct = tmp_path / "ct"
+    ct.mkdir()
+    config = json.loads((tiny_llama / "config.json").read_text())
+    (ct / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "compressed-tensors"}}))
+    code, err = run_cli(capsys, "eval", "--model_path", tiny_llama, "--quant_path", ct, "--dataset", eval_text)
+    assert code == 2 and "is a compressed-tensors checkpoint" in err and "ascendv1_saver" in err
+
+
 def test_a_quantized_layer_missing_a_tensor_is_named(quantized, tmp_path, capsys):
     broken = copy_model(quantized, tmp_path / "q")
     rewrite = next(broken.glob("*.safetensors"))
