@@ -11,7 +11,7 @@ from torch import nn
 from tqdm import tqdm
 
 from msmodelslim.core.dataset import read_texts, resolve_eval_dataset
-from msmodelslim.core.errors import ConfigError, InvalidDatasetError, InvalidModelError
+from msmodelslim.core.errors import ConfigError, InvalidDatasetError
 from msmodelslim.core.logging import get_logger, progress_disabled
 from msmodelslim.model.hf_config import load_hf_config, model_load_errors, require_local_dir
 
@@ -83,26 +83,6 @@ def _check_same_architecture(model_config, quant_config, model_path: Path, quant
                               f"config.json {key} is {b!r} there and {a!r} here")
 
 
-def refuse_other_layouts(quant_path: Path) -> None:
-    """eval reads ascendv1 checkpoints; for the other layouts `quant` writes, say what to pass instead."""
-    from msmodelslim.format.ascendv1.reader import DESCRIPTION
-    from msmodelslim.format.compressed_tensors.checker import is_compressed_tensors
-    from msmodelslim.format.fan_out import SUBFOLDERS
-
-    if (quant_path / DESCRIPTION).is_file():
-        return
-    inner = quant_path / SUBFOLDERS["ascendv1_saver"]
-    if (inner / DESCRIPTION).is_file():
-        raise InvalidModelError(f"--quant_path {quant_path} holds one folder per saved format; pass its ascendv1 "
-                                f"folder: --quant_path {inner}")
-    if is_compressed_tensors(quant_path):
-        raise InvalidModelError(
-            f"--quant_path {quant_path} is a compressed-tensors checkpoint; eval reads ascendv1 checkpoints (it "
-            f"quantizes the activations at run time as the serving kernels do). Save both formats from one run "
-            f"(spec.save: [{{type: ascendv1_saver}}, {{type: compressed_tensors}}]: each folder holds exactly what "
-            f"that saver alone writes) and evaluate the ascendv1 folder")
-
-
 def check_eval_inputs(model_path: Path, quant_path: Path, dataset: str, window: int, max_windows: int,
                       trust_remote_code: bool) -> tuple[Path, Path, list[str]]:
     """Every argument, before any weight is read: (model dir, checkpoint dir, evaluation texts)."""
@@ -111,7 +91,6 @@ def check_eval_inputs(model_path: Path, quant_path: Path, dataset: str, window: 
     check_window(window, max_windows)
     model_path = require_local_dir(model_path, "--model_path")
     quant_path = require_local_dir(quant_path, "--quant_path")
-    refuse_other_layouts(quant_path)
     description = read_valid_description(quant_path)
     require_described_tensors(quant_path, description, "--quant_path")  # headers only
     model_config = load_hf_config(model_path, trust_remote_code)

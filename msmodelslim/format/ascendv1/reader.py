@@ -47,8 +47,25 @@ def read_description(path: Path) -> dict:
     """The description as a JSON object (the checker judges its entries; `validate_description` for reading)."""
     file = path / DESCRIPTION
     if not file.is_file():
-        raise InvalidModelError(f"{path} is not an ascendv1 checkpoint: {DESCRIPTION} is missing")
+        raise InvalidModelError(f"{path} is not an ascendv1 checkpoint: {DESCRIPTION} is missing"
+                                f"{other_layout_hint(path)}")
     return read_json(file)
+
+
+def other_layout_hint(path: Path) -> str:
+    """What to pass instead when `path` is another layout `quant` writes ("" for anything else)."""
+    from msmodelslim.format.compressed_tensors.checker import is_compressed_tensors
+    from msmodelslim.format.fan_out import SUBFOLDERS
+
+    inner = path / SUBFOLDERS["ascendv1_saver"]
+    if (inner / DESCRIPTION).is_file():
+        return f"; {path} holds one folder per saved format: pass its ascendv1 folder, {inner}"
+    if is_compressed_tensors(path):
+        return (f"; {path} is a compressed-tensors checkpoint (transformers and vLLM load it; msmodelslim reads "
+                f"ascendv1). Save both formats from one run (spec.save: [{{type: ascendv1_saver}}, "
+                f"{{type: compressed_tensors}}]: each folder holds exactly what that saver alone writes) and pass the "
+                f"ascendv1 folder")
+    return ""
 
 
 QUANTIZED_TAGS = (*(s.value for s in Scheme if s.value in REQUIRED_SUFFIXES), *TAG_ALIASES)  # not W4A16_NVFP4
