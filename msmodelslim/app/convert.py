@@ -19,6 +19,7 @@ from msmodelslim.core.errors import ConfigError, FormatCheckError, InvalidModelE
 from msmodelslim.core.logging import get_logger
 from msmodelslim.format.ascendv1.reader import (
     load_ascendv1,
+    other_layout_hint,
     outside_architecture,
     read_valid_description,
     require_described_tensors,
@@ -69,7 +70,8 @@ def convert_ascendv1_to_compressed_tensors(source: Path, save_path: Path, overwr
                           f"{MAX_PART_FILE_SIZE_GB}")
     source = require_local_dir(source, "--model_path")
     if not (source / DESCRIPTION).is_file() or not (source / "config.json").is_file():
-        raise InvalidModelError(f"{source} is not an ascendv1 checkpoint (needs {DESCRIPTION} and config.json)")
+        raise InvalidModelError(f"{source} is not an ascendv1 checkpoint (needs {DESCRIPTION} and config.json)"
+                                f"{other_layout_hint(source)}")
     # a malformed description, or a shard it names missing, fails before anything is loaded or written
     description = read_valid_description(source)
     require_described_tensors(source, description, "--model_path")
