@@ -31,20 +31,11 @@ def recipe(name: str):
         return [SmoothQuantModifier(smoothing_strength=0.8),
                 GPTQModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"])]
     if name in ("sq0.8_gptq_w8a8_static", "sq0.8_gptq_w8a8_static_down_dynamic"):
-        from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-
-        weight = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="channel")
-        static = QuantizationArgs(num_bits=8, type="int", symmetric=False, strategy="tensor", dynamic=False)
-        dynamic = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)
-        if name.endswith("down_dynamic"):
-            groups = {"static": QuantizationScheme(targets=["re:.*(q|k|v|o|gate|up)_proj$"], weights=weight,
-                                                   input_activations=static),
-                      "down": QuantizationScheme(targets=["re:.*down_proj$"], weights=weight,
-                                                 input_activations=dynamic)}
-        else:
-            groups = {"static": QuantizationScheme(targets=["Linear"], weights=weight, input_activations=static)}
+        groups = static_split_groups() if name.endswith("down_dynamic") else static_split_groups(split=False)
         return [SmoothQuantModifier(smoothing_strength=0.8),
                 GPTQModifier(config_groups=groups, ignore=["lm_head"])]
+    if name == "rtn_w8a8_static_down_dynamic":  # the split below without SmoothQuant and GPTQ: static ranges only
+        return [QuantizationModifier(config_groups=static_split_groups(), ignore=["lm_head"])]
     if name in ("gptq_w4a16_g64", "awq_w4a16_g64", "gptq_w4a16_channel"):
         from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
         from llmcompressor.modifiers.awq import AWQModifier
@@ -63,6 +54,21 @@ def recipe(name: str):
     if name.startswith("gptq_") and name[5:].lower() in FLOAT_PRESETS:
         return [GPTQModifier(targets="Linear", scheme=FLOAT_PRESETS[name[5:].lower()], ignore=["lm_head"])]
     raise SystemExit(f"unknown recipe {name}")
+
+
+def static_split_groups(split: bool = True) -> dict:
+    """Static asymmetric per-tensor int8 inputs, per-channel int8 weights; with `split`, down_proj's inputs dynamic
+    per token instead (the `static_split` scheme of side_by_side.py)."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    weight = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="channel")
+    static = QuantizationArgs(num_bits=8, type="int", symmetric=False, strategy="tensor", dynamic=False)
+    dynamic = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)
+    if not split:
+        return {"static": QuantizationScheme(targets=["Linear"], weights=weight, input_activations=static)}
+    return {"static": QuantizationScheme(targets=["re:.*(q|k|v|o|gate|up)_proj$"], weights=weight,
+                                         input_activations=static),
+            "down": QuantizationScheme(targets=["re:.*down_proj$"], weights=weight, input_activations=dynamic)}
 
 
 # recipe name: compressed-tensors preset (FP8: per-channel weights, per-token dynamic activations; MX: E2M1
@@ -94,6 +100,8 @@ def main() -> None:
     parser.add_argument("--eval", type=Path, required=True)
     parser.add_argument("--recipe", required=True)
     parser.add_argument("--windows", type=int, default=40)
+    parser.add_argument("--save", type=Path, help="also save the quantized model there (compressed-tensors, as "
+                                                  "llm-compressor writes it for vLLM), after the timed part")
     args = parser.parse_args()
 
     if args.recipe.startswith("awq"):
@@ -109,6 +117,9 @@ def main() -> None:
     seconds = time.perf_counter() - started
     windows = token_windows(tokenizer, read_texts(args.eval), 512, args.windows)
     ppl = perplexity(model, windows, torch.device("cpu"), args.recipe)
+    if args.save is not None:
+        model.save_pretrained(args.save, save_compressed=True)
+        tokenizer.save_pretrained(args.save)
     print(json.dumps({"recipe": args.recipe, "ppl": ppl.perplexity, "seconds": seconds,
                       "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 

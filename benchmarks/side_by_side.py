@@ -54,11 +54,14 @@ def protocol(work_dir: Path, windows: int, calib_windows: int = 128, float_ppl: 
     return model_dir, eval_path, eval_windows, float_ppl, calib
 
 
-def run_peer(peer_python: Path, model_dir: Path, calib: Path, eval_path: Path, recipe: str, windows: int) -> dict:
-    """One llm-compressor recipe in its own environment: {ppl, seconds, peak_rss_mib}."""
-    proc = subprocess.run([str(peer_python), str(Path(__file__).with_name("llmcompressor_worker.py")),
-                           "--model", str(model_dir), "--calib", str(calib), "--eval", str(eval_path),
-                           "--recipe", recipe, "--windows", str(windows)], capture_output=True, text=True)
+def run_peer(peer_python: Path, model_dir: Path, calib: Path, eval_path: Path, recipe: str, windows: int,
+             save: Path | None = None) -> dict:
+    """One llm-compressor recipe in its own environment: {ppl, seconds, peak_rss_mib}; `save`: where it also writes
+    its compressed-tensors checkpoint (after the timed part)."""
+    command = [str(peer_python), str(Path(__file__).with_name("llmcompressor_worker.py")), "--model", str(model_dir),
+               "--calib", str(calib), "--eval", str(eval_path), "--recipe", recipe, "--windows", str(windows)]
+    proc = subprocess.run(command + (["--save", str(save)] if save is not None else []), capture_output=True,
+                          text=True)
     if proc.returncode:
         raise SystemExit(f"llm-compressor run {recipe} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

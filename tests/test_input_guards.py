@@ -367,6 +367,8 @@ def test_eval_names_the_way_out_for_the_other_layouts_quant_writes(tiny_llama, t
     config = json.loads((tiny_llama / "config.json").read_text())
     (ct / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "compressed-tensors"}}))
     code, err = run_cli(capsys, "eval", "--model_path", tiny_llama, "--quant_path", ct, "--dataset", eval_text)
+    assert code == 2 and f"{ct}: quantization_config does not validate: config_groups: Field required" in err
+    code, err = run_cli(capsys, "convert", "--model_path", ct, "--save_path", tmp_path / "out")
     assert code == 2 and f"{ct} is a compressed-tensors checkpoint" in err and "ascendv1_saver" in err
 
 

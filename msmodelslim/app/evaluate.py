@@ -1,4 +1,5 @@
-"""Use case: perplexity of the float model and of a quantized ascendv1 checkpoint on the same text windows."""
+"""Use case: perplexity of the float model and of a quantized checkpoint (ascendv1 or compressed-tensors) on the same
+text windows."""
 from __future__ import annotations
 
 import math
@@ -86,13 +87,12 @@ def _check_same_architecture(model_config, quant_config, model_path: Path, quant
 def check_eval_inputs(model_path: Path, quant_path: Path, dataset: str, window: int, max_windows: int,
                       trust_remote_code: bool) -> tuple[Path, Path, list[str]]:
     """Every argument, before any weight is read: (model dir, checkpoint dir, evaluation texts)."""
-    from msmodelslim.format.ascendv1.reader import read_valid_description, require_described_tensors
+    from msmodelslim.format.readers import check_quantized_checkpoint
 
     check_window(window, max_windows)
     model_path = require_local_dir(model_path, "--model_path")
     quant_path = require_local_dir(quant_path, "--quant_path")
-    description = read_valid_description(quant_path)
-    require_described_tensors(quant_path, description, "--quant_path")  # headers only
+    check_quantized_checkpoint(quant_path, "--quant_path")  # ascendv1 or compressed-tensors; headers only
     model_config = load_hf_config(model_path, trust_remote_code)
     _check_same_architecture(model_config, load_hf_config(quant_path, trust_remote_code), model_path, quant_path)
     return model_path, quant_path, load_eval_texts(dataset)
@@ -102,7 +102,7 @@ def evaluate(model_path: Path, quant_path: Path, dataset: str, device: torch.dev
              max_windows: int = 40, trust_remote_code: bool = False) -> dict[str, PerplexityResult]:
     from transformers import AutoTokenizer
 
-    from msmodelslim.format.ascendv1.reader import load_ascendv1
+    from msmodelslim.format.readers import load_quantized_checkpoint
     from msmodelslim.ir.quant_linear import keep_decoded_weights
 
     model_path, quant_path, texts = check_eval_inputs(model_path, quant_path, dataset, window, max_windows,
@@ -112,6 +112,6 @@ def evaluate(model_path: Path, quant_path: Path, dataset: str, device: torch.dev
                                                   local_files_only=True)
     windows = token_windows(tokenizer, texts, window, max_windows)
     results = {"float": perplexity(load_float_model(model_path, trust_remote_code), windows, device, "float")}
-    quantized = keep_decoded_weights(load_ascendv1(quant_path, trust_remote_code))  # decode once: float speed
+    quantized = keep_decoded_weights(load_quantized_checkpoint(quant_path, trust_remote_code))  # decoded once
     results["quantized"] = perplexity(quantized, windows, device, "quantized")
     return results

@@ -165,9 +165,14 @@ def adapter_class(model_type: str, table: dict[str, AdapterEntry] | None = None)
 
 
 def create_adapter(model_type: str, model_path: str, trust_remote_code: bool, entry: AdapterEntry | None = None):
-    """The adapter for `model_type` (resolved against the checkpoint unless `entry` is given)."""
+    """The adapter for `model_type` (resolved against the checkpoint unless `entry` is given), its checkpoint opened
+    as the source to quantize: a quantization_config the package cannot read is refused now, before any weight."""
     entry = resolve(model_type, Path(model_path)) if entry is None else entry
-    return adapter_class_of(entry, model_type)(model_type, model_path, trust_remote_code)
+    adapter = adapter_class_of(entry, model_type)(model_type, model_path, trust_remote_code)
+    open_source = getattr(adapter, "open_source", None)
+    if open_source is not None:
+        open_source()
+    return adapter
 
 
 # ---- --model_type inferred from config.json ---------------------------------------------------------------

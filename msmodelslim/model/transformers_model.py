@@ -17,7 +17,7 @@ from msmodelslim.core.errors import InvalidModelError
 from msmodelslim.core.logging import get_logger
 from msmodelslim.core.memory import empty_on_huge_pages
 from msmodelslim.format.edits import OutputEdits
-from msmodelslim.model.checkpoint import fp8_block_size
+from msmodelslim.model.checkpoint import SafetensorsCheckpoint, fp8_block_size
 from msmodelslim.quantizer.primitives import all_finite, one_thread
 from msmodelslim.model.hf_config import load_hf_config, model_load_errors, require_local_dir
 from msmodelslim.model.interface import (
@@ -125,7 +125,7 @@ class TransformersModel(ModelSlimPipelineInterfaceV1):
                 f"--model_type {model_type} expects a checkpoint of type {'/'.join(families)}, but "
                 f"{self.model_path}/config.json says {self.config.model_type!r}; pick the matching --model_type"
             )
-        self.checkpoint = open_checkpoint(self.model_path, self.config)  # int4 pack-quantized: unpacked on load
+        self._checkpoint: Optional[SafetensorsCheckpoint] = None  # opened on first use (`checkpoint`)
         self._fp8_block = fp8_block_size(self.config)
         self._tokenizer = None
         # Read now: building the float32 working model rewrites config.dtype.
@@ -203,6 +203,23 @@ class TransformersModel(ModelSlimPipelineInterfaceV1):
             for start in range(0, len(rows), MAX_CALIB_BATCH):
                 batches.append({"input_ids": torch.stack(rows[start : start + MAX_CALIB_BATCH]).to(device)})
         return batches
+
+    @property
+    def checkpoint(self) -> SafetensorsCheckpoint:
+        """The source checkpoint's tensors (int4 pack-quantized ones unpacked on load), opened on first use: a reader
+        that only builds the skeleton of a written output (model/rebuild.py) never opens that output as a source."""
+        if self._checkpoint is None:
+            self._checkpoint = open_checkpoint(self.model_path, self.config)
+        return self._checkpoint
+
+    @checkpoint.setter
+    def checkpoint(self, reader: SafetensorsCheckpoint) -> None:
+        self._checkpoint = reader
+
+    def open_source(self) -> None:
+        """Open the checkpoint as the source to quantize now (model/registry.py create_adapter): a quantization_config
+        this package cannot unpack is refused before any weight is read."""
+        _ = self.checkpoint
 
     # ---- model -------------------------------------------------------------------------------------------
     def init_skeleton(self) -> nn.Module:

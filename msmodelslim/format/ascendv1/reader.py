@@ -8,8 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from accelerate import init_empty_weights
-from safetensors import safe_open
 from torch import nn
 
 from msmodelslim.core.errors import InvalidModelError
@@ -19,16 +17,15 @@ from msmodelslim.format.ascendv1.fa3 import (FA_QUANT, STATIC_TOKEN, dynamic_fa3
 from msmodelslim.format.ascendv1.kv_cache import C8, kv_cache_by_attention, kv_cache_from_tensors
 from msmodelslim.format.ascendv1.tensors import FLOAT, REQUIRED_SUFFIXES, TAG_ALIASES, linear_from_tensors, svd_tag
 from msmodelslim.format.ascendv1.writer import DESCRIPTION
+from msmodelslim.format.read_back import empty_model, load_float_tensors, read_tensors, tensor_names
 from msmodelslim.format.staging import incomplete_reason
 from msmodelslim.ir.sparse_linear import W16A16S
 from msmodelslim.model.checkpoint import read_json
 from msmodelslim.ir.fa3 import FA3HeadQuant
 from msmodelslim.ir.kv_cache import KVCacheQuant
 from msmodelslim.model.fa3 import install_fa3, mla_layout
-from msmodelslim.model.hf_config import load_hf_config, model_load_errors, require_local_dir
+from msmodelslim.model.hf_config import require_local_dir
 from msmodelslim.model.kv_cache import cache_argument, install_kv_cache_quant
-from msmodelslim.model.moe import unfuse_experts
-from msmodelslim.model.rebuild import family_skeleton
 from msmodelslim.quantizer.scheme import Scheme
 
 log = get_logger("format.ascendv1.reader")
@@ -61,10 +58,10 @@ def other_layout_hint(path: Path) -> str:
     if (inner / DESCRIPTION).is_file():
         return f"; {path} holds one folder per saved format: pass its ascendv1 folder, {inner}"
     if is_compressed_tensors(path):
-        return (f"; {path} is a compressed-tensors checkpoint (transformers and vLLM load it; msmodelslim reads "
-                f"ascendv1). Save both formats from one run (spec.save: [{{type: ascendv1_saver}}, "
-                f"{{type: compressed_tensors}}]: each folder holds exactly what that saver alone writes) and pass the "
-                f"ascendv1 folder")
+        return (f"; {path} is a compressed-tensors checkpoint (transformers and vLLM load it; `msmodelslim eval` of a "
+                f"text model reads it too, this command reads ascendv1). Save both formats from one run (spec.save: "
+                f"[{{type: ascendv1_saver}}, {{type: compressed_tensors}}]: each folder holds exactly what that saver "
+                f"alone writes) and pass the ascendv1 folder")
     return ""
 
 
@@ -95,21 +92,6 @@ def read_valid_description(path: Path) -> dict:
     return description
 
 
-def tensor_names(path: Path, flag: str) -> set[str]:
-    """Names of the tensors in `path`'s shards, from their headers only (no tensor data is read)."""
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise InvalidModelError(f"{flag} {path} holds no *.safetensors files; the checkpoint is incomplete")
-    names: set[str] = set()
-    for file in files:
-        try:
-            with safe_open(file, framework="pt") as f:
-                names.update(f.keys())
-        except Exception as exc:  # safetensors raises its own SafetensorError (and OSError) for a damaged file
-            raise InvalidModelError(f"{file} is not a readable safetensors file: {exc}") from None
-    return names
-
-
 def require_described_tensors(path: Path, description: dict, flag: str) -> None:
     """Every tensor the description names is in the shards (headers only): a missing or damaged shard fails
     before any model is loaded (for eval: before the float model's whole run)."""
@@ -125,18 +107,6 @@ def require_described_tensors(path: Path, description: dict, flag: str) -> None:
                                 f"checkpoint is incomplete")
     raise InvalidModelError(f"{flag} {path} lacks {len(missing)} tensor(s) its {DESCRIPTION} names (e.g. "
                             f"{missing[0]}); the checkpoint is incomplete")
-
-
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for file in sorted(path.glob("*.safetensors")):
-        try:
-            with safe_open(file, framework="pt") as f:
-                for key in f.keys():
-                    tensors[key] = f.get_tensor(key)
-        except Exception as exc:  # safetensors raises its own SafetensorError (and OSError) for a damaged file
-            raise InvalidModelError(f"{file} is not a readable safetensors file: {exc}") from None
-    return tensors
 
 
 def quantized_layers(description: dict) -> dict[str, str]:
@@ -273,22 +243,10 @@ def install_fa3_quants(path: Path, model: nn.Module, quants: dict[str, dict[str,
 
 
 def load_ascendv1(path: str | Path, trust_remote_code: bool = False) -> nn.Module:
-    from transformers import AutoModelForCausalLM
-
     path = require_local_dir(path, "the ascendv1 checkpoint")
     description = read_valid_description(path)
     dynamic = dynamic_fa3(path, description)  # a string it cannot simulate is refused before any tensor is read
-    # The family's adapter builds the model the writer wrote from (experts per expert under their on-disk names,
-    # renamed modules, extra buffers); the generic build serves a model_type no registered adapter claims.
-    built = family_skeleton(path, trust_remote_code)
-    if built is not None:
-        config, model = built
-    else:
-        config = load_hf_config(path, trust_remote_code)
-        with model_load_errors(path), init_empty_weights():
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=torch.float32)
-        unfuse_experts(model)  # ascendv1 stores one tensor set per expert (formats.md A.5)
-    model.eval()
+    config, model = empty_model(path, trust_remote_code)
     tensors = read_tensors(path)
     kv_caches = take_kv_caches(path, description, tensors)
     fa3_quants: dict[str, dict[str, nn.Module]] = {**take_fa3(path, description, tensors), **dynamic}
@@ -315,19 +273,7 @@ def load_ascendv1(path: str | Path, trust_remote_code: bool = False) -> nn.Modul
                  len(extra), ", ".join(extra[:4]), " ..." if len(extra) > 4 else "")
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in tensors.items()
              if k not in consumed and k not in extra}
-    try:
-        result = model.load_state_dict(state, strict=False, assign=True)
-    except RuntimeError as exc:  # e.g. a float tensor whose shape is not the architecture's
-        detail = " ".join(str(exc).split())[:400]
-        raise InvalidModelError(f"{path}: tensors do not match the model architecture: {detail}") from None
-    missing = [k for k in result.missing_keys if k.rpartition(".")[0] not in layers]
-    if result.unexpected_keys or missing:
-        raise InvalidModelError(
-            f"{path}: tensors do not match the model architecture "
-            f"(missing {missing[:5]}, unexpected {result.unexpected_keys[:5]})"
-        )
-    if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" not in state:
-        model.tie_weights()
+    load_float_tensors(path, model, config, state, layers)
     install_kv_caches(path, model, kv_caches)
     install_fa3_quants(path, model, fa3_quants)
     return model

@@ -22,6 +22,8 @@ SUFFIXES = {INT_QUANTIZED: ("weight", "weight_scale"), FLOAT_QUANTIZED: ("weight
             NVFP4_PACK_QUANTIZED: ("weight_packed", "weight_scale", "weight_global_scale"),
             MXFP4_PACK_QUANTIZED: ("weight_packed", "weight_scale"), MXFP8_QUANTIZED: ("weight", "weight_scale")}
 
+# Keys of quantization_config that QuantizationConfig does not model (the writer's bookkeeping).
+UNMODELLED_KEYS = ("version", "sparsity_config", "transform_config")
 EXPERT = re.compile(r"\.experts\.\d+\.")
 # transformers 5.24's loader treats every 8-bit float experts group as per-channel FP8
 # (integrations/compressed_tensors.py:98-115): it multiplies the float8 codes [N, K] by the stored E8M0 bytes
@@ -54,8 +56,7 @@ def check_compressed_tensors(path: Path) -> list[Finding]:
     if raw is None:
         return findings + [Finding("warning", "C.2.1: nothing was quantized, so config.json has no quantization_config")]
     try:
-        parsed = QuantizationConfig.model_validate({k: v for k, v in raw.items()
-                                                     if k not in ("version", "sparsity_config", "transform_config")})
+        parsed = QuantizationConfig.model_validate({k: v for k, v in raw.items() if k not in UNMODELLED_KEYS})
     except ValidationError as exc:
         return findings + [Finding("error", f"C.2.1: quantization_config does not validate: {exc.errors()[0]['msg']}")]
     findings += kv_cache_findings(path, names, parsed.kv_cache_scheme)
