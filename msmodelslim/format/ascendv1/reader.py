@@ -17,7 +17,7 @@ from msmodelslim.format.ascendv1.fa3 import (FA_QUANT, STATIC_TOKEN, dynamic_fa3
 from msmodelslim.format.ascendv1.kv_cache import C8, kv_cache_by_attention, kv_cache_from_tensors
 from msmodelslim.format.ascendv1.tensors import FLOAT, REQUIRED_SUFFIXES, TAG_ALIASES, linear_from_tensors, svd_tag
 from msmodelslim.format.ascendv1.writer import DESCRIPTION
-from msmodelslim.format.read_back import empty_model, load_float_tensors, read_tensors, tensor_names
+from msmodelslim.format.read_back import empty_model, has_module, load_float_tensors, read_tensors, tensor_names
 from msmodelslim.format.staging import incomplete_reason
 from msmodelslim.ir.sparse_linear import W16A16S
 from msmodelslim.model.checkpoint import read_json
@@ -149,15 +149,7 @@ def outside_architecture(model: nn.Module, description: dict, names) -> list[str
     layer (`model.layers.<num_hidden_layers>.*`) that quant writes through unchanged: not part of the model this
     reader builds; `convert` carries them over as they are. A misspelled tensor of an existing module is not
     among them (loading then fails, naming it)."""
-    extra = []
-    for name in names:
-        if description.get(name) != FLOAT:
-            continue
-        try:
-            model.get_submodule(name.rpartition(".")[0])
-        except AttributeError:
-            extra.append(name)
-    return sorted(extra)
+    return sorted(n for n in names if description.get(n) == FLOAT and not has_module(model, n.rpartition(".")[0]))
 
 
 def _take_by_attention(path: Path, groups: dict[str, list[str]], build, tag: str,

@@ -40,7 +40,7 @@ from msmodelslim.format.compressed_tensors.checker import UNMODELLED_KEYS
 from msmodelslim.format.compressed_tensors.kv_cache import SUFFIXES as KV_SUFFIXES
 from msmodelslim.format.compressed_tensors.tensors import (FLOAT_QUANTIZED, INT_QUANTIZED, MXFP4_PACK_QUANTIZED,
                                                            NVFP4_PACK_QUANTIZED, PACK_QUANTIZED)
-from msmodelslim.format.read_back import empty_model, load_float_tensors, read_tensors, tensor_names
+from msmodelslim.format.read_back import empty_model, has_module, load_float_tensors, read_tensors, tensor_names
 from msmodelslim.ir.kv_cache import FP8KVCacheQuant
 from msmodelslim.ir.quant_linear import QuantLinear
 from msmodelslim.model.hf_config import require_local_dir
@@ -206,7 +206,7 @@ def take_kv_caches(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, FP
 
 def install_kv_caches(path: Path, model: nn.Module, caches: dict[str, FP8KVCacheQuant]) -> None:
     for name, cache in caches.items():
-        if not _has_module(model, name) or cache_argument(model.get_submodule(name)) is None:
+        if not has_module(model, name) or cache_argument(model.get_submodule(name)) is None:
             raise InvalidModelError(f"{path}: {name} has FP8 KV-cache scales, but the architecture in config.json has "
                                     f"no attention there that takes a cache")
         install_kv_cache_quant(model.get_submodule(name), cache)
@@ -224,14 +224,6 @@ def require_quantized_tensors(path: Path, config: QuantizationConfig, flag: str)
             if missing:
                 raise InvalidModelError(f"{path}: quantized layer {target} ({group_name}) lacks tensor(s) "
                                         f"{', '.join(missing)}; the checkpoint is incomplete")
-
-
-def _has_module(model: nn.Module, name: str) -> bool:
-    try:
-        model.get_submodule(name)
-    except AttributeError:
-        return False
-    return True
 
 
 def load_compressed_tensors(path: str | Path, trust_remote_code: bool = False) -> nn.Module:
@@ -263,7 +255,7 @@ def load_compressed_tensors(path: str | Path, trust_remote_code: bool = False) -
             raise InvalidModelError(f"{path}: quantized layer {name} is [{linear.out_features}, {linear.in_features}], "
                                     f"but config.json gives [{original.out_features}, {original.in_features}]")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
-    extra = sorted(k for k in tensors if not _has_module(model, k.rpartition(".")[0]))
+    extra = sorted(k for k in tensors if not has_module(model, k.rpartition(".")[0]))
     if extra:  # e.g. the multi-token-prediction layer quant passes through; vLLM loads it into its draft model
         log.info("%s: %d tensor(s) outside the architecture config.json describes are not loaded: %s%s", path,
                  len(extra), ", ".join(extra[:4]), " ..." if len(extra) > 4 else "")
