@@ -60,15 +60,23 @@ def logits(model) -> torch.Tensor:
 
 
 def assert_same_model(ours, reference) -> None:
-    """Same quantized layers with the same scheme and decoded weight, and the same logits."""
+    """Same quantized layers with the same scheme, decoded weight and output on the same input, and the same logits.
+    Static W8A8 in ascendv1 stores deq_scale = s_in·s_w, from which its reader recovers s_w to an ulp; such a
+    difference can flip an int8 code of a later layer's input, so whole-model logits are compared only where both
+    formats hold the same scales."""
     layers = {n: m for n, m in reference.named_modules() if isinstance(m, QuantLinear)}
     read = {n: m for n, m in ours.named_modules() if isinstance(m, QuantLinear)}
     assert read.keys() == layers.keys() and layers
+    generator = torch.Generator().manual_seed(0)
     for name, layer in layers.items():
         assert read[name].scheme == layer.scheme, name
         torch.testing.assert_close(read[name].dequantized_weight(), layer.dequantized_weight(), rtol=1e-6, atol=1e-7)
-    a, b = logits(ours), logits(reference)
-    assert float((a - b).abs().max() / b.abs().max()) < 1e-5
+        x = torch.randn(5, layer.in_features, generator=generator)
+        with torch.no_grad():
+            torch.testing.assert_close(read[name](x), layer(x), rtol=1e-5, atol=1e-6)
+    if all(torch.equal(read[n].weight_scale, layer.weight_scale) for n, layer in layers.items()):
+        a, b = logits(ours), logits(reference)
+        assert float((a - b).abs().max() / b.abs().max()) < 1e-5
 
 
 @pytest.mark.parametrize("scheme", sorted(QCONFIGS))

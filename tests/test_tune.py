@@ -369,6 +369,28 @@ def test_perplexity_evaluator_end_to_end(model, tmp_path, monkeypatch):
     assert tune(request).evaluated == 0
 
 
+@pytest.mark.parametrize("save", [[{"type": "compressed_tensors"}],
+                                  [{"type": "ascendv1_saver"}, {"type": "compressed_tensors"}]])
+def test_perplexity_scores_compressed_tensors_and_two_format_outputs_as_ascendv1(model, tmp_path, save):
+    calib = small_calib(tmp_path)
+    scores = {}
+    for name, savers in (("ascendv1", [{"type": "ascendv1_saver"}]), ("other", save)):
+        spec_template = template(calib)
+        spec_template["spec"]["save"] = savers
+        # dynamic: both formats store the same weight scales (static W8A8 in ascendv1 keeps s_in·s_w, from which the
+        # reader recovers s_w to an ulp, which may flip an int8 code downstream)
+        spec_template["spec"]["process"][0]["qconfig"] = SCHEMES["w8a8_dynamic"]
+        plan = {"strategy": {"type": "binary_fallback", "template": spec_template,
+                             "rollback_path": "spec.process.0.exclude", "rollback_candidates": CANDIDATES},
+                "evaluation": {"type": "perplexity", "demand": {"max_ratio": 50}, "window": 16, "max_windows": 2}}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(plan))
+        report = tune(TuneRequest(model_path=model, save_path=tmp_path / name, config_path=path,
+                                  model_type=MODEL_TYPE))
+        scores[name] = report.chosen["scores"]["perplexity"]
+    assert scores["other"] == pytest.approx(scores["ascendv1"], rel=1e-6)
+
+
 def test_perplexity_refuses_the_calibration_set_as_evaluation_text(model, tmp_path, no_weights):
     calib = small_calib(tmp_path)
     plan = {"strategy": {"type": "binary_fallback", "template": template(calib),

@@ -100,10 +100,6 @@ def _check_paths(request: TuneRequest) -> None:
 
 
 def _check_perplexity_plan(config: PerplexityEvaluation, template: dict, plan_dir: Path) -> None:
-    saver = template["spec"].get("save", [{"type": "ascendv1_saver"}])
-    if any(s.get("type") != "ascendv1_saver" for s in saver):
-        raise ConfigError("evaluation perplexity reads the checkpoint back with the ascendv1 reader: the "
-                          "template's spec.save must be ascendv1_saver")
     if config.dataset is not None:
         eval_file = resolve_eval_dataset(config.dataset)
         calibration_file = resolve_dataset(template["spec"].get("dataset", "mix_calib.jsonl"), plan_dir)

@@ -116,11 +116,12 @@ class PerplexityEvaluator:
 
     def evaluate(self, quant_path: Path) -> TuneResult:
         from msmodelslim.app.evaluate import perplexity
-        from msmodelslim.format.ascendv1.reader import load_ascendv1
+        from msmodelslim.format.readers import load_quantized_checkpoint, own_output_folder
         from msmodelslim.ir.quant_linear import keep_decoded_weights
 
         reference = self.float_perplexity()
-        quantized_model = keep_decoded_weights(load_ascendv1(quant_path, self.trust_remote_code))
+        quantized_model = keep_decoded_weights(load_quantized_checkpoint(own_output_folder(quant_path),
+                                                                         self.trust_remote_code))
         quantized = perplexity(quantized_model, self.windows, self.device, "quantized").perplexity
         ratio = quantized / reference
         passed = Decimal(str(ratio)) <= Decimal(str(self.config.demand.max_ratio))

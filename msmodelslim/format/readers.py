@@ -13,6 +13,7 @@ from msmodelslim.format.ascendv1.writer import DESCRIPTION
 from msmodelslim.format.compressed_tensors.checker import is_compressed_tensors
 from msmodelslim.format.compressed_tensors.reader import (load_compressed_tensors, read_quantization_config,
                                                           require_quantized_tensors)
+from msmodelslim.format.fan_out import SUBFOLDERS
 from msmodelslim.format.staging import incomplete_reason
 
 
@@ -37,3 +38,12 @@ def load_quantized_checkpoint(path: Path, trust_remote_code: bool = False) -> nn
     if _is_compressed_tensors(path):
         return load_compressed_tensors(path, trust_remote_code)
     return load_ascendv1(path, trust_remote_code)
+
+
+def own_output_folder(path: Path) -> Path:
+    """The folder to score in an output `quant` wrote: `path` itself, or where it saved several formats (one folder
+    each), the ascendv1 one (else the compressed-tensors one); both hold the same quantization."""
+    for folder in SUBFOLDERS.values():  # ascendv1 first
+        if (path / folder).is_dir():
+            return path / folder
+    return path
