@@ -30,30 +30,20 @@ from msmodelslim.format.compressed_tensors.checker import check_compressed_tenso
 from msmodelslim.format.compressed_tensors.writer import CompressedTensorsWriter
 from msmodelslim.format.disk_space import check_free_space, estimate_output_bytes
 from msmodelslim.format.integrity import required_tensors, verify_complete, verify_source_tensors
+from msmodelslim.format.read_back import empty_model
 from msmodelslim.format.staging import check_save_path, staged_directory
 from msmodelslim.ir.quant_linear import QuantLinear
 from msmodelslim.model.checkpoint import SafetensorsCheckpoint
-from msmodelslim.model.hf_config import load_hf_config, model_load_errors, require_local_dir
-from msmodelslim.model.moe import unfuse_experts
-from msmodelslim.model.rebuild import family_skeleton
+from msmodelslim.model.hf_config import load_hf_config, require_local_dir
 from msmodelslim.model.transformers_model import config_dtype
 
 log = get_logger("app.convert")
 
 
-def _drop_folded_zero_biases(model: nn.Module, config, source: Path, trust_remote_code: bool) -> None:
+def _drop_folded_zero_biases(model: nn.Module, source: Path, trust_remote_code: bool) -> None:
     """ascendv1 W8A8 always stores a (folded) bias; where the architecture has none it reads back as zeros
     and must not be written as a tensor the architecture does not expect."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    built = family_skeleton(source, trust_remote_code)  # the model the reader built, by the family's adapter
-    if built is not None:
-        skeleton = built[1]
-    else:
-        with model_load_errors(source), init_empty_weights():
-            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-        unfuse_experts(skeleton)  # same per-expert names as the model the reader built
+    _, skeleton = empty_model(source, trust_remote_code)  # the model the reader built, names and all
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear) and module.bias is not None:
             if getattr(skeleton.get_submodule(name), "bias", None) is None:
@@ -98,7 +88,7 @@ def convert_ascendv1_to_compressed_tensors(source: Path, save_path: Path, overwr
     check_free_space(save_path, estimate_output_bytes(source), overwrite)
     dtype = config_dtype(config)
     model = load_ascendv1(source, trust_remote_code)
-    _drop_folded_zero_biases(model, config, source, trust_remote_code)
+    _drop_folded_zero_biases(model, source, trust_remote_code)
     checkpoint = SafetensorsCheckpoint(source)
     # FLOAT tensors the architecture has no module for (e.g. a multi-token-prediction layer): carried over as they are
     extra = outside_architecture(model, description, checkpoint.names())
