@@ -22,14 +22,17 @@ CPU = torch.device("cpu")
 MODEL_TYPE = "Qwen2.5-VL-7B-Instruct"
 W8 = {"dtype": "int8", "scope": "per_channel", "symmetric": True, "method": "minmax"}
 W8A8 = {"act": {"dtype": "int8", "scope": "per_tensor", "symmetric": False, "method": "minmax"}, "weight": W8}
+# both formats store exactly the same numbers for it (static W8A8's bias is folded into ascendv1's int32 quant_bias)
+W8A8_DYNAMIC = {"act": {"dtype": "int8", "scope": "per_token", "symmetric": True, "method": "minmax"}, "weight": W8}
 
 
-def quantize_cli(model: Path, out: Path, images: Path, tmp_path: Path, include: list[str]) -> Path:
+def quantize_cli(model: Path, out: Path, images: Path, tmp_path: Path, include: list[str],
+                 savers: tuple[str, ...] = ("ascendv1_saver",), qconfig: dict = W8A8) -> Path:
     config = tmp_path / f"{out.name}.yaml"
     config.write_text(yaml.safe_dump({"apiversion": "multimodal_vlm_modelslim_v1", "spec": {
-        "process": [{"type": "linear_quant", "qconfig": W8A8, "include": include,
+        "process": [{"type": "linear_quant", "qconfig": qconfig, "include": include,
                      "exclude": ["lm_head", "*merger*"]}],
-        "save": [{"type": "ascendv1_saver", "part_file_size": 4}], "dataset": str(images)}}))
+        "save": [{"type": saver, "part_file_size": 4} for saver in savers], "dataset": str(images)}}))
     assert main(["quant", "--model_path", str(model), "--save_path", str(out), "--device", "cpu",
                  "--model_type", MODEL_TYPE, "--config_path", str(config)]) == 0
     return out
@@ -43,7 +46,9 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     return {"model": model,
             "w8a8": quantize_cli(model, root / "w8a8", images, root, ["*"]),
             # a rule that matches no layer (warned): every tensor written in float
-            "float": quantize_cli(model, root / "float", images, root, ["no_such_layer"])}
+            "float": quantize_cli(model, root / "float", images, root, ["no_such_layer"]),
+            "both": quantize_cli(model, root / "both", images, root, ["*"], ("ascendv1_saver", "compressed_tensors"),
+                                 W8A8_DYNAMIC)}
 
 
 def test_vlm_checkpoints_are_routed_to_the_vlm_eval(runs, tmp_path):
@@ -76,6 +81,42 @@ def test_an_all_float_checkpoint_agrees_to_rounding(runs):
     assert q.kl < 1e-9 and abs(q.answer_ce - report.float.answer_ce) < 1e-6 and q.top1 == 1.0
 
 
+def test_a_compressed_tensors_output_scores_as_its_ascendv1_twin(runs, tmp_path):
+    """One run saving both formats. Qwen2.5-VL keeps its published tensor names while compressed-tensors targets name
+    the modules transformers renames on load (model.language_model.*, model.visual.*): our reader maps one to the
+    other, so eval of either folder builds the same layers and gives the same rows."""
+    from safetensors.torch import load_file, save_file
+
+    rows = {}
+    for folder in ("ascendv1", "compressed_tensors"):
+        report = evaluate_vlm(runs["model"], runs["both"] / folder, None, CPU, max_samples=2, max_new_tokens=4)
+        rows[folder] = (report.quantized.answer_ce, report.quantized.kl, report.quantized.top1)
+    print(rows)
+    assert rows["compressed_tensors"] == rows["ascendv1"] and rows["ascendv1"][1] > 0
+    targets = [t for group in json.loads((runs["both"] / "compressed_tensors" / "config.json").read_text())[
+        "quantization_config"]["config_groups"].values() for t in group["targets"]]
+    assert "model.language_model.layers.0.self_attn.q_proj" in targets
+    # a target's tensor missing on disk (under its published name) is named before any weight is read
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for file in (runs["both"] / "compressed_tensors").iterdir():
+        tensors = load_file(file) if file.suffix == ".safetensors" else None
+        if tensors is not None and tensors.pop("model.layers.0.self_attn.q_proj.weight_scale", None) is not None:
+            save_file(tensors, damaged / file.name, metadata={"format": "pt"})
+        else:
+            (damaged / file.name).write_bytes(file.read_bytes())
+    # convert of the ascendv1 folder writes the same targets (transformers' names) over the published tensor names
+    converted = tmp_path / "converted"
+    assert main(["convert", "--model_path", str(runs["both"] / "ascendv1"), "--save_path", str(converted)]) == 0
+    config = json.loads((converted / "config.json").read_text())["quantization_config"]
+    assert sorted(t for group in config["config_groups"].values() for t in group["targets"]) == sorted(targets)
+    report = evaluate_vlm(runs["model"], converted, None, CPU, max_samples=2, max_new_tokens=4)
+    assert (report.quantized.answer_ce, report.quantized.kl, report.quantized.top1) == rows["ascendv1"]
+    with pytest.raises(InvalidModelError, match=r"model\.language_model\.layers\.0\.self_attn\.q_proj \(stored as "
+                                                r"model\.layers\.0\.self_attn\.q_proj\).*weight_scale"):
+        evaluate_vlm(runs["model"], damaged, None, CPU)
+
+
 def test_cli_prints_the_before_after_table(runs, capsys):
     assert main(["eval", "--model_path", str(runs["model"]), "--quant_path", str(runs["w8a8"]),
                  "--max_samples", "2", "--max_new_tokens", "3"]) == 0
@@ -97,6 +138,7 @@ def no_weights_read(monkeypatch):
     monkeypatch.setattr("msmodelslim.model.checkpoint.SafetensorsCheckpoint.load", refuse)
     monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", refuse)
     monkeypatch.setattr("msmodelslim.format.ascendv1.reader.load_ascendv1", refuse)
+    monkeypatch.setattr("msmodelslim.format.readers.load_quantized_checkpoint", refuse)
 
 
 def test_bad_arguments_fail_before_any_weight_is_read(runs, tmp_path, no_weights_read):

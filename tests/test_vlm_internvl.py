@@ -17,8 +17,8 @@ import torch
 from msmodelslim.core.errors import UnsupportedError
 from msmodelslim.model import registry
 from msmodelslim.model.vlm_internvl import InternVl35Adapter
-from test_vlm_models import (CPU, FLOAT_BOUND, PROCESSOR_FILES, W8A8_DYNAMIC, W8A8_STATIC, finish_walk, logits,
-                             stored, transformed, walked_logits, write_ascendv1)
+from test_vlm_models import (CPU, FLOAT_BOUND, PROCESSOR_FILES, W8A8_DYNAMIC, W8A8_STATIC, assert_our_readers_agree,
+                             finish_walk, logits, stored, transformed, walked_logits, write_ascendv1)
 from tiny_vlm import PROMPT, image_samples, make_tiny_vlm
 
 FAMILIES = {"internvl": "InternVL3_5-38B", "internvl_moe": "InternVL3_5-241B-A28B"}
@@ -282,6 +282,8 @@ def test_compressed_tensors_loads_in_transformers_and_equals_our_reader(tmp_path
     assert "model.language_model.layers.0.self_attn.q_proj" in targets
     assert "model.vision_tower.encoder.layer.0.mlp.fc1" in targets
     assert "model.multi_modal_projector.linear_1" in config["ignore"]
+    assert_our_readers_agree(tmp_path / "ct", tmp_path / "ascendv1",
+                             adapter_of("internvl", source).handle_dataset(image_samples(images[:2]), CPU))
     theirs = AutoModelForImageTextToText.from_pretrained(tmp_path / "ct", dtype=torch.float32,
                                                          local_files_only=True).eval()
     ours = load_ascendv1(tmp_path / "ascendv1")

@@ -48,6 +48,21 @@ def logits(model, batch) -> torch.Tensor:
         return model(**batch, use_cache=False).logits.float()
 
 
+def assert_our_readers_agree(compressed_tensors: Path, ascendv1: Path, batches) -> None:
+    """One run's two formats, read back by our two readers, build the same layers: equal logits. The compressed-
+    tensors targets name transformers' loaded modules; the reader (and `msmodelslim check`) map them to the tensors'
+    own names."""
+    from msmodelslim.app.check import check_checkpoint
+    from msmodelslim.format.ascendv1.reader import load_ascendv1
+    from msmodelslim.format.compressed_tensors.reader import load_compressed_tensors
+
+    _, findings = check_checkpoint(compressed_tensors)
+    assert not [f.message for f in findings if f.level == "error"]
+    from_ascendv1, from_compressed = load_ascendv1(ascendv1), load_compressed_tensors(compressed_tensors)
+    for batch in batches:
+        assert torch.equal(logits(from_compressed, batch), logits(from_ascendv1, batch))
+
+
 def walked_logits(adapter, model, batch) -> torch.Tensor:
     """The adapter's block-by-block forward (what calibration sees), then the final norm and the head."""
     forward = adapter.generate_model_forward(model, batch)
@@ -478,6 +493,8 @@ def test_compressed_tensors_loads_in_transformers_generates_from_an_image_and_eq
     process = [{"type": "linear_quant", "qconfig": dynamic, "include": ["*"], "exclude": UPSTREAM_EXCLUDES}]
     write_ascendv1(adapter_of(family, source), process, [], tmp_path / "ct", True, compressed_tensors=True)
     write_ascendv1(adapter_of(family, source), process, [], tmp_path / "ascendv1", True)
+    assert_our_readers_agree(tmp_path / "ct", tmp_path / "ascendv1",
+                             adapter_of(family, source).handle_dataset(image_samples(images), CPU))
     theirs = AutoModelForImageTextToText.from_pretrained(tmp_path / "ct", dtype=torch.float32,
                                                          local_files_only=True).eval()
     ours = load_ascendv1(tmp_path / "ascendv1")

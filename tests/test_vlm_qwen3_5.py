@@ -20,7 +20,8 @@ from msmodelslim.core.errors import UnsupportedError
 from msmodelslim.model import registry
 from msmodelslim.model.interface import block_hidden_state
 from msmodelslim.model.vlm_qwen3_5 import LINEAR_ATTENTION_READERS, Qwen35VlAdapter
-from test_vlm_models import W8A8_DYNAMIC, W8A8_STATIC, stored, transformed, write_ascendv1
+from test_vlm_models import (W8A8_DYNAMIC, W8A8_STATIC, assert_our_readers_agree, stored, transformed,
+                             write_ascendv1)
 from tiny_vlm import image_samples, make_tiny_vlm
 
 CPU = torch.device("cpu")
@@ -401,6 +402,8 @@ def test_compressed_tensors_loads_in_transformers_and_equals_our_reader(tmp_path
     process = [{"type": "linear_quant", "qconfig": W8A8_DYNAMIC, "include": ["*"], "exclude": UPSTREAM_EXCLUDES}]
     write_ascendv1(adapter_of(family, source), process, [], tmp_path / "ct", True, compressed_tensors=True)
     write_ascendv1(adapter_of(family, source), process, [], tmp_path / "ascendv1", True)
+    assert_our_readers_agree(tmp_path / "ct", tmp_path / "ascendv1",
+                             adapter_of(family, source).handle_dataset(image_samples(images[:2]), CPU))
     theirs = AutoModelForImageTextToText.from_pretrained(tmp_path / "ct", dtype=torch.float32,
                                                          local_files_only=True).eval()
     ours = load_ascendv1(tmp_path / "ascendv1")

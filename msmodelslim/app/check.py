@@ -16,6 +16,7 @@ from msmodelslim.format.integrity import unaccounted_source_tensors
 from msmodelslim.format.staging import incomplete_reason, recover
 from msmodelslim.model.packed_checkpoint import open_checkpoint
 from msmodelslim.model.hf_config import require_local_dir
+from msmodelslim.model.rebuild import loader_module_names
 
 
 def _require_directory(path: Path) -> None:
@@ -54,7 +55,7 @@ def check_checkpoint(path: Path, model_path: Optional[Path] = None) -> tuple[lis
     if (path / DESCRIPTION).is_file():
         findings = check_ascendv1(path)
     elif is_compressed_tensors(path):
-        findings = check_compressed_tensors(path)
+        findings = check_compressed_tensors(path, loader_module_names(path, False))  # targets use loaded names
     elif formats and not (path / "config.json").exists():  # one run's several formats (spec.save, two savers)
         findings = []
         for folder in formats:

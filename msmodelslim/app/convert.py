@@ -35,6 +35,7 @@ from msmodelslim.format.staging import check_save_path, staged_directory
 from msmodelslim.ir.quant_linear import QuantLinear
 from msmodelslim.model.checkpoint import SafetensorsCheckpoint
 from msmodelslim.model.hf_config import load_hf_config, require_local_dir
+from msmodelslim.model.rebuild import loader_module_names
 from msmodelslim.model.transformers_model import config_dtype
 
 log = get_logger("app.convert")
@@ -94,14 +95,15 @@ def convert_ascendv1_to_compressed_tensors(source: Path, save_path: Path, overwr
     extra = outside_architecture(model, description, checkpoint.names())
     float_linears = [n for n, m in model.named_modules() if type(m) is nn.Linear]
     with staged_directory(save_path, overwrite) as staging:
-        writer = CompressedTensorsWriter(staging, part_file_size_gb, dtype, lambda _name: dtype)
+        loaded_name = loader_module_names(source, trust_remote_code)  # targets use the names transformers loads
+        writer = CompressedTensorsWriter(staging, part_file_size_gb, dtype, lambda _name: dtype, loaded_name)
         for name, child in model.named_children():
             writer.add_module_tree(name, child)
         for name in extra:  # one tensor in memory at a time
             writer.add_passthrough(name, checkpoint.load([name])[name])
         writer.finish(source, float_linears=float_linears)
         (staging / DESCRIPTION).unlink(missing_ok=True)  # copied with the other *.json files; not part of this format
-        findings = check_compressed_tensors(staging)
+        findings = check_compressed_tensors(staging, loaded_name)
         errors = [f.message for f in findings if f.level == "error"]
         if errors:
             raise FormatCheckError("the converted checkpoint fails the compressed-tensors checklist:\n  " + "\n  ".join(errors))

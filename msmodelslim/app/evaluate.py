@@ -92,7 +92,7 @@ def check_eval_inputs(model_path: Path, quant_path: Path, dataset: str, window: 
     check_window(window, max_windows)
     model_path = require_local_dir(model_path, "--model_path")
     quant_path = require_local_dir(quant_path, "--quant_path")
-    check_quantized_checkpoint(quant_path, "--quant_path")  # ascendv1 or compressed-tensors; headers only
+    check_quantized_checkpoint(quant_path, "--quant_path", trust_remote_code)  # ascendv1 or compressed-tensors
     model_config = load_hf_config(model_path, trust_remote_code)
     _check_same_architecture(model_config, load_hf_config(quant_path, trust_remote_code), model_path, quant_path)
     return model_path, quant_path, load_eval_texts(dataset)

@@ -148,16 +148,16 @@ class VlmEvalInputs:
 def check_vlm_eval_inputs(model_path: Path, quant_path: Path, dataset: Optional[str], max_samples: int,
                           max_new_tokens: int, trust_remote_code: bool = False,
                           default_text: str = DEFAULT_TEXT) -> VlmEvalInputs:
-    """Every argument, before any weight is read: numbers, both directories, the checkpoint's description and
-    tensor headers, the architectures, every image decoded, the processor built."""
-    from msmodelslim.format.ascendv1.reader import read_valid_description, require_described_tensors
+    """Every argument, before any weight is read: numbers, both directories, the checkpoint (ascendv1 description or
+    compressed-tensors quantization_config, and tensor headers), the architectures, every image decoded, the
+    processor built."""
+    from msmodelslim.format.readers import check_quantized_checkpoint
     from msmodelslim.model.registry import create_adapter, infer_model_type
 
     check_generation(max_samples, max_new_tokens)
     model_path = require_local_dir(model_path, "--model_path")
     quant_path = require_local_dir(quant_path, "--quant_path")
-    description = read_valid_description(quant_path)
-    require_described_tensors(quant_path, description, "--quant_path")  # headers only
+    check_quantized_checkpoint(quant_path, "--quant_path", trust_remote_code)  # ascendv1 or compressed-tensors
     check_same_vlm(model_path, quant_path, trust_remote_code)
     found = resolve_eval_images(dataset)
     samples = load_vlm_samples(str(found), default_text)[:max_samples]
@@ -267,7 +267,7 @@ def quantized_pass(model: nn.Module, count: int, device: torch.device, store: Pa
 def evaluate_vlm(model_path: Path, quant_path: Path, dataset: Optional[str], device: torch.device,
                  max_samples: int = 8, max_new_tokens: int = 32, trust_remote_code: bool = False,
                  default_text: str = DEFAULT_TEXT) -> VlmEvalReport:
-    from msmodelslim.format.ascendv1.reader import load_ascendv1
+    from msmodelslim.format.readers import load_quantized_checkpoint
     from msmodelslim.ir.quant_linear import keep_decoded_weights
 
     inputs = check_vlm_eval_inputs(model_path, quant_path, dataset, max_samples, max_new_tokens, trust_remote_code,
@@ -278,6 +278,6 @@ def evaluate_vlm(model_path: Path, quant_path: Path, dataset: Optional[str], dev
         float_model = load_float_vlm(inputs.model_path, trust_remote_code)
         float_row = float_pass(float_model, batches, max_new_tokens, device, store)
         del float_model  # never both models at once
-        quantized = keep_decoded_weights(load_ascendv1(inputs.quant_path, trust_remote_code))
+        quantized = keep_decoded_weights(load_quantized_checkpoint(inputs.quant_path, trust_remote_code))
         quantized_row = quantized_pass(quantized, len(batches), device, store, "quantized")
     return VlmEvalReport(str(inputs.dataset), len(batches), max_new_tokens, float_row, quantized_row)

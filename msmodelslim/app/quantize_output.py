@@ -18,6 +18,7 @@ from msmodelslim.format.edits import OutputEdits
 from msmodelslim.format.fan_out import SUBFOLDERS
 from msmodelslim.format.integrity import verify_complete, verify_source_tensors
 from msmodelslim.format.staging import DIR_MODE
+from msmodelslim.model.rebuild import same_name
 
 if TYPE_CHECKING:
     from msmodelslim.app.quantize import _Job
@@ -67,7 +68,7 @@ def finish_one(job: _Job, request: QuantizeRequest, save, writer, directory: Pat
     if save.type == "compressed_tensors":
         written = writer.finish(request.model_path, edits, [n for n, s in job.plan.items() if s == "FLOAT"])
         description = {"model_quant_type": written.get("format", "dense")}
-        findings = check_compressed_tensors(directory)
+        findings = check_compressed_tensors(directory, getattr(job.adapter, "loader_module_name", same_name))
     else:
         description = writer.finish(request.model_path, edits)
         findings = check_ascendv1(directory, list(job.plan), job.adapter.structure.fused_groups)

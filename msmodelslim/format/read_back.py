@@ -43,14 +43,6 @@ def tensor_names(path: Path, flag: str) -> set[str]:
     return names
 
 
-def has_module(model: nn.Module, name: str) -> bool:
-    try:
-        model.get_submodule(name)
-    except AttributeError:
-        return False
-    return True
-
-
 def empty_model(path: Path, trust_remote_code: bool) -> tuple[Any, nn.Module]:
     """(config, meta-device model) as the writer's model was shaped. The family's adapter builds it where one is
     registered (experts per expert under their on-disk names, renamed modules, extra buffers); the generic build

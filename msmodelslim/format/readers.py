@@ -15,13 +15,14 @@ from msmodelslim.format.compressed_tensors.reader import (load_compressed_tensor
                                                           require_quantized_tensors)
 from msmodelslim.format.fan_out import SUBFOLDERS
 from msmodelslim.format.staging import incomplete_reason
+from msmodelslim.model.rebuild import loader_module_names
 
 
 def _is_compressed_tensors(path: Path) -> bool:
     return not (path / DESCRIPTION).is_file() and is_compressed_tensors(path)
 
 
-def check_quantized_checkpoint(path: Path, flag: str) -> None:
+def check_quantized_checkpoint(path: Path, flag: str, trust_remote_code: bool = False) -> None:
     """Before any model is loaded: the checkpoint is complete, its description or quantization_config is one this
     package rebuilds, and its shards hold the tensors they name (headers only)."""
     if not _is_compressed_tensors(path):
@@ -30,7 +31,7 @@ def check_quantized_checkpoint(path: Path, flag: str) -> None:
     reason = incomplete_reason(path)
     if reason:  # e.g. the staging directory of a killed run
         raise InvalidModelError(f"{path} is not a complete checkpoint: {reason}")
-    require_quantized_tensors(path, read_quantization_config(path), flag)
+    require_quantized_tensors(path, read_quantization_config(path), flag, loader_module_names(path, trust_remote_code))
 
 
 def load_quantized_checkpoint(path: Path, trust_remote_code: bool = False) -> nn.Module:

@@ -9,23 +9,47 @@ config.json's model_type for its skeleton.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from torch import nn
 
 from msmodelslim.model.checkpoint import read_json
 
 
-def family_skeleton(path: Path, trust_remote_code: bool) -> Optional[tuple[Any, nn.Module]]:
-    """(config, meta-device skeleton) from the adapter registered for `path`'s config.json model_type (the first
-    name of that family in adapters.ini), or None when no registered adapter serves that model_type."""
+def family_adapter(path: Path, trust_remote_code: bool):
+    """The adapter registered for `path`'s config.json model_type (the first name of that family in adapters.ini),
+    built on `path` without opening it as a quantization source, or None when no registered adapter serves it."""
     from msmodelslim.model.registry import adapter_class, hf_families
 
     model_type = read_json(Path(path) / "config.json").get("model_type")
     names = hf_families().get(model_type) if isinstance(model_type, str) else None
     if not names:
         return None
-    adapter = adapter_class(names[0])(names[0], path, trust_remote_code)
-    if not hasattr(adapter, "init_skeleton"):
+    return adapter_class(names[0])(names[0], path, trust_remote_code)
+
+
+def family_skeleton(path: Path, trust_remote_code: bool) -> Optional[tuple[Any, nn.Module]]:
+    """(config, meta-device skeleton) from the family's adapter, or None when no registered adapter serves `path`'s
+    model_type or the adapter builds no skeleton of its own."""
+    adapter = family_adapter(path, trust_remote_code)
+    if adapter is None or not hasattr(adapter, "init_skeleton"):
         return None
     return adapter.config, adapter.init_skeleton()
+
+
+def loader_module_names(path: Path, trust_remote_code: bool) -> Callable[[str], str]:
+    """Skeleton module name -> the module name transformers gives that layer on load, which compressed-tensors
+    targets name (a family whose published names transformers renames: several VLMs); the identity otherwise, also
+    when the family's adapter cannot be built on `path` (what reads the model then says why)."""
+    from msmodelslim.core.errors import MsModelSlimError
+
+    try:
+        adapter = family_adapter(path, trust_remote_code)
+    except MsModelSlimError:
+        return same_name
+    rename = getattr(adapter, "loader_module_name", None)
+    return rename if callable(rename) else same_name
+
+
+def same_name(name: str) -> str:
+    return name

@@ -22,6 +22,16 @@ import torch
 from torch import nn
 
 
+def has_module(root: nn.Module, name: str) -> bool:
+    """Whether `root` has a submodule at dotted `name` (what the edits below, the readers and the smoothing
+    subgraphs ask before touching one)."""
+    try:
+        root.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
 @lru_cache(maxsize=None)
 def _aliased(cls: type, old: str, new: str) -> type:
     """`cls` with attribute `old` reading the child registered as `new` (one class per (cls, old, new))."""

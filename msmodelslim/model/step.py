@@ -132,7 +132,7 @@ class Step35FlashAdapter(EveryBlockArguments, TransformersModel):
             raise UnsupportedError(f"--model_type {model_type}: {problem}. Nothing was read")
         register_causal_lm()
         super().__init__(model_type, model_path, trust_remote_code)
-        self._stored = set(self.checkpoint.names())
+        self._stored = set(self.stored_names())
 
     def read_config(self) -> Any:
         """transformers' own Step3p7TextConfig, never the checkpoint's configuration code (auto_map is dropped, so

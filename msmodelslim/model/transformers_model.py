@@ -216,6 +216,11 @@ class TransformersModel(ModelSlimPipelineInterfaceV1):
     def checkpoint(self, reader: SafetensorsCheckpoint) -> None:
         self._checkpoint = reader
 
+    def stored_names(self) -> list[str]:
+        """The checkpoint's tensor names from its headers, without opening it as a quantization source: what a
+        constructor reads to tell a layout, so that the skeleton of a written output (model/rebuild.py) builds."""
+        return (self._checkpoint or SafetensorsCheckpoint(self.model_path)).names()
+
     def open_source(self) -> None:
         """Open the checkpoint as the source to quantize now (model/registry.py create_adapter): a quantization_config
         this package cannot unpack is refused before any weight is read."""

@@ -98,7 +98,7 @@ class VlmAdapter(TransformersModel):
 
     # ---- names -------------------------------------------------------------------------------------------
     def _checkpoint_layout(self) -> VlmLayout:
-        names = self.checkpoint.names()
+        names = self.stored_names()
         for layout in (TRANSFORMERS_5, PUBLISHED_QWEN2_VL):
             if any(n.startswith(f"{layout.decoder_layers}.") for n in names) and \
                     any(n.startswith(f"{layout.vision}.") for n in names):

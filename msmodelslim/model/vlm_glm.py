@@ -60,7 +60,7 @@ class Glm46VAdapter(VlmAdapter):
                                    f"text decoder (GLM-4.1V, GLM-4.6V-Flash) is not supported yet. Nothing was read")
 
     def _checkpoint_layout(self) -> VlmLayout:
-        names = self.checkpoint.names()
+        names = self.stored_names()
         if not all(any(n.startswith(f"{p}.") for n in names) for p in (TRANSFORMERS_5.decoder_layers,
                                                                           TRANSFORMERS_5.vision)):
             raise InvalidModelError(f"{self.model_path}: a GLM-4.6V checkpoint has model.language_model.layers.* "

@@ -109,7 +109,7 @@ class InternVl35Adapter(VlmAdapter):
         return super().read_config()
 
     def _checkpoint_layout(self) -> VlmLayout:
-        names = self.checkpoint.names()
+        names = self.stored_names()
         if any(n.startswith(CUSTOM_CODE_PREFIXES) for n in names):
             raise UnsupportedError(_custom_code_refusal(self.model_path))
         for prefix in (f"{INTERNVL_HF.decoder_layers}.", f"{INTERNVL_HF.vision}.", f"{PROJECTOR}."):

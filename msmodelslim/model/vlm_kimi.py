@@ -129,7 +129,7 @@ class KimiK25Adapter(VlmAdapter):
     def __init__(self, model_type: str, model_path, trust_remote_code: bool = False) -> None:
         super().__init__(model_type, model_path, trust_remote_code)
         self.structure = kimi_k25_structure()
-        self.config.tie_word_embeddings = f"{LM_HEAD}.weight" not in self.checkpoint.names()
+        self.config.tie_word_embeddings = f"{LM_HEAD}.weight" not in self.stored_names()
 
     def read_config(self) -> Any:
         """config.json as data into transformers' Kimi_K25Config (never the checkpoint's own code)."""
@@ -152,7 +152,7 @@ class KimiK25Adapter(VlmAdapter):
             return Kimi_K25Config.from_dict(data)
 
     def _checkpoint_layout(self) -> VlmLayout:
-        names = self.checkpoint.names()
+        names = self.stored_names()
         for prefix in (f"{KIMI_PUBLISHED.decoder_layers}.", "vision_tower.encoder.blocks.", f"{PROJECTOR}.proj."):
             if not any(n.startswith(prefix) for n in names):
                 raise InvalidModelError(f"{self.model_path}: the checkpoint has no {prefix}* tensors; a Kimi-K2.5/"

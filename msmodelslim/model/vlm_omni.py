@@ -133,7 +133,7 @@ class OmniThinkerAdapter(VlmAdapter):
         self.structure = omni_structure(self.family)
 
     def _checkpoint_layout(self) -> VlmLayout:
-        names = self.checkpoint.names()
+        names = self.stored_names()
         needed = (PUBLISHED_THINKER.decoder_layers, PUBLISHED_THINKER.vision)
         if not all(any(n.startswith(f"{p}.") for n in names) for p in needed):
             raise InvalidModelError(

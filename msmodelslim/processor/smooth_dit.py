@@ -20,6 +20,7 @@ from msmodelslim.core.logging import get_logger
 from msmodelslim.ir.non_fusion_smooth import wrap_with_division
 from msmodelslim.model.diffusion.smoothing import DitSmoothing
 from msmodelslim.model.interface import AttentionShape
+from msmodelslim.model.skeleton_edits import has_module
 from msmodelslim.processor.base import PROCESSORS, ProcessorContext
 from msmodelslim.processor.matching import select
 from msmodelslim.processor.smooth_quant.base import InputStats, SubgraphSmoother
@@ -57,7 +58,7 @@ class OnDitBlocks(SubgraphSmoother):
             if described.kind not in self.config.enable_subgraph_type:
                 continue
             names = [*described.targets, *([described.source] if described.source else [])]
-            if not all(_has(block, n) for n in names):
+            if not all(has_module(block, n) for n in names):
                 continue
             targets = [f"{block_name}.{t}" for t in described.targets]
             if len(select(targets, self.config.include or ["*"], self.config.exclude or [])) != len(targets):
@@ -103,14 +104,6 @@ class OnDitBlocks(SubgraphSmoother):
             return
         for name in graph.targets:  # W[:, j] *= s_j; the input is divided by s at run time
             wrap_with_division(block, name, s.float())
-
-
-def _has(block: nn.Module, name: str) -> bool:
-    try:
-        block.get_submodule(name)
-    except AttributeError:
-        return False
-    return True
 
 
 def _heads(block: nn.Module, attention: Optional[str], source: str) -> AttentionShape:

@@ -17,7 +17,7 @@ from msmodelslim.format.ascendv1.fa3 import (FA_QUANT, STATIC_TOKEN, dynamic_fa3
 from msmodelslim.format.ascendv1.kv_cache import C8, kv_cache_by_attention, kv_cache_from_tensors
 from msmodelslim.format.ascendv1.tensors import FLOAT, REQUIRED_SUFFIXES, TAG_ALIASES, linear_from_tensors, svd_tag
 from msmodelslim.format.ascendv1.writer import DESCRIPTION
-from msmodelslim.format.read_back import empty_model, has_module, load_float_tensors, read_tensors, tensor_names
+from msmodelslim.format.read_back import empty_model, load_float_tensors, read_tensors, tensor_names
 from msmodelslim.format.staging import incomplete_reason
 from msmodelslim.ir.sparse_linear import W16A16S
 from msmodelslim.model.checkpoint import read_json
@@ -26,6 +26,7 @@ from msmodelslim.ir.kv_cache import KVCacheQuant
 from msmodelslim.model.fa3 import install_fa3, mla_layout
 from msmodelslim.model.hf_config import require_local_dir
 from msmodelslim.model.kv_cache import cache_argument, install_kv_cache_quant
+from msmodelslim.model.skeleton_edits import has_module
 from msmodelslim.quantizer.scheme import Scheme
 
 log = get_logger("format.ascendv1.reader")
@@ -59,7 +60,7 @@ def other_layout_hint(path: Path) -> str:
         return f"; {path} holds one folder per saved format: pass its ascendv1 folder, {inner}"
     if is_compressed_tensors(path):
         return (f"; {path} is a compressed-tensors checkpoint (transformers and vLLM load it; `msmodelslim eval` of a "
-                f"text model reads it too, this command reads ascendv1). Save both formats from one run (spec.save: "
+                f"text or vision-language model reads it too, this command reads ascendv1). Save both formats from one run (spec.save: "
                 f"[{{type: ascendv1_saver}}, {{type: compressed_tensors}}]: each folder holds exactly what that saver "
                 f"alone writes) and pass the ascendv1 folder")
     return ""

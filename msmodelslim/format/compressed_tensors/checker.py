@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Callable
 
 import torch
 from compressed_tensors.quantization import QuantizationConfig
@@ -16,6 +17,7 @@ from msmodelslim.format.compressed_tensors.tensors import (FLOAT_QUANTIZED, INT_
                                                            MXFP8_QUANTIZED, NVFP4_PACK_QUANTIZED, PACK_QUANTIZED)
 from msmodelslim.format.findings import Finding
 from msmodelslim.format.integrity import read_checked_tensors
+from msmodelslim.model.rebuild import same_name
 
 SUFFIXES = {INT_QUANTIZED: ("weight", "weight_scale"), FLOAT_QUANTIZED: ("weight", "weight_scale"),
             PACK_QUANTIZED: ("weight_packed", "weight_scale", "weight_shape"),
@@ -44,7 +46,32 @@ def is_compressed_tensors(path: Path) -> bool:
     return isinstance(quant, dict) and quant.get("quant_method") == "compressed-tensors"
 
 
-def check_compressed_tensors(path: Path) -> list[Finding]:
+def missing_target_tensors(names: set[str], config: QuantizationConfig, loader_name: Callable[[str], str] = same_name
+                           ) -> list[tuple[str, str, str, list[str]]]:
+    """(group, target, its on-disk name, missing suffixes) for each exact-name target whose tensors are not all in
+    `names`. Targets name modules as transformers loads them; `loader_name` maps an on-disk module name to that name
+    (the tensors of a published layout keep their own names). Class names and `re:` patterns match modules of a
+    built model, not names, so they are not checked here."""
+    on_disk = {loader_name(prefix): prefix for prefix in {name.rpartition(".")[0] for name in names}}
+    found = []
+    for group_name, group in config.config_groups.items():
+        for target in group.targets:
+            if target.startswith("re:") or "." not in target:
+                continue
+            stored = on_disk.get(target, target)
+            missing = [s for s in SUFFIXES[group.format or config.format] if f"{stored}.{s}" not in names]
+            if missing:
+                found.append((group_name, target, stored, missing))
+    return found
+
+
+def named_target(target: str, stored: str) -> str:
+    return target if stored == target else f"{target} (stored as {stored})"
+
+
+def check_compressed_tensors(path: Path, loader_name: Callable[[str], str] = same_name) -> list[Finding]:
+    """`loader_name`: on-disk module name -> the name transformers loads it under (model/rebuild.py
+    loader_module_names), which the targets use."""
     findings: list[Finding] = []
     err = lambda m: findings.append(Finding("error", m))
     names = set(read_checked_tensors(path, err, keep=False))
@@ -62,11 +89,9 @@ def check_compressed_tensors(path: Path) -> list[Finding]:
     findings += kv_cache_findings(path, names, parsed.kv_cache_scheme)
     if "lm_head" not in parsed.ignore and "lm_head.weight" in names:
         findings.append(Finding("error", "C.2.5: lm_head is not in ignore"))
+    for group, target, stored, missing in missing_target_tensors(names, parsed, loader_name):
+        findings.append(Finding("error", f"C.2.3: {named_target(target, stored)} ({group}) lacks {', '.join(missing)}"))
     for group, scheme in parsed.config_groups.items():
-        for target in scheme.targets:
-            missing = [s for s in SUFFIXES[scheme.format] if f"{target}.{s}" not in names]
-            if missing:
-                findings.append(Finding("error", f"C.2.3: {target} ({group}) lacks {', '.join(missing)}"))
         w, act = scheme.weights, scheme.input_activations
         if act is not None and not w.symmetric:
             findings.append(Finding("warning", f"B.6: {group}: vLLM accepts asymmetric weights only for weight-only "

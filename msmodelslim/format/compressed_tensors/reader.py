@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
@@ -36,15 +36,17 @@ from torch import nn
 from msmodelslim.core.errors import InvalidModelError
 from msmodelslim.core.logging import get_logger
 from msmodelslim.format.compressed_tensors.checker import SUFFIXES as REQUIRED
-from msmodelslim.format.compressed_tensors.checker import UNMODELLED_KEYS
+from msmodelslim.format.compressed_tensors.checker import UNMODELLED_KEYS, missing_target_tensors, named_target
 from msmodelslim.format.compressed_tensors.kv_cache import SUFFIXES as KV_SUFFIXES
 from msmodelslim.format.compressed_tensors.tensors import (FLOAT_QUANTIZED, INT_QUANTIZED, MXFP4_PACK_QUANTIZED,
                                                            NVFP4_PACK_QUANTIZED, PACK_QUANTIZED)
-from msmodelslim.format.read_back import empty_model, has_module, load_float_tensors, read_tensors, tensor_names
+from msmodelslim.format.read_back import empty_model, load_float_tensors, read_tensors, tensor_names
 from msmodelslim.ir.kv_cache import FP8KVCacheQuant
 from msmodelslim.ir.quant_linear import QuantLinear
 from msmodelslim.model.hf_config import require_local_dir
 from msmodelslim.model.kv_cache import cache_argument, install_kv_cache_quant
+from msmodelslim.model.rebuild import loader_module_names, same_name
+from msmodelslim.model.skeleton_edits import has_module
 from msmodelslim.quantizer.float_formats import e8m0_to_scale, unpack_fp4_pairs
 from msmodelslim.quantizer.scheme import Scheme
 
@@ -174,9 +176,10 @@ def linear_from_tensors(scheme: Scheme, w: QuantizationArgs, t: dict[str, torch.
     return QuantLinear(scheme, codes, scale, offset, bias, input_scale, input_offset)
 
 
-def quantized_linears(path: Path, model: nn.Module, config: QuantizationConfig
-                      ) -> dict[str, tuple[Scheme, QuantizationArgs, str]]:
-    """{linear name: (scheme, weight args, format)} for every nn.Linear a config group targets and `ignore` spares."""
+def quantized_linears(path: Path, model: nn.Module, config: QuantizationConfig, loader_name: Callable[[str], str]
+                      = same_name) -> dict[str, tuple[Scheme, QuantizationArgs, str]]:
+    """{linear name: (scheme, weight args, format)} for every nn.Linear a config group targets and `ignore` spares.
+    Targets name modules as transformers loads them: `loader_name` maps a module of `model` to that name."""
     groups = [(scheme_of(path, n, g, config.format), g.weights, g.format or config.format, g.targets)
               for n, g in config.config_groups.items()]
     layers = {}
@@ -184,7 +187,7 @@ def quantized_linears(path: Path, model: nn.Module, config: QuantizationConfig
         if not isinstance(module, nn.Linear):
             continue
         for scheme, weights, fmt, targets in groups:
-            if is_match(name, module, targets, config.ignore or ()):
+            if is_match(loader_name(name), module, targets, config.ignore or ()):
                 layers[name] = (scheme, weights, fmt)
                 break
     return layers
@@ -212,18 +215,13 @@ def install_kv_caches(path: Path, model: nn.Module, caches: dict[str, FP8KVCache
         install_kv_cache_quant(model.get_submodule(name), cache)
 
 
-def require_quantized_tensors(path: Path, config: QuantizationConfig, flag: str) -> None:
+def require_quantized_tensors(path: Path, config: QuantizationConfig, flag: str,
+                              loader_name: Callable[[str], str] = same_name) -> None:
     """Headers only: every exact-name target holds its format's tensors (class and pattern targets are matched
     against the model when it is built)."""
-    present = tensor_names(path, flag)
-    for group_name, group in config.config_groups.items():
-        for target in group.targets:
-            if target.startswith("re:") or "." not in target:
-                continue  # a pattern or a class name
-            missing = [s for s in REQUIRED[group.format or config.format] if f"{target}.{s}" not in present]
-            if missing:
-                raise InvalidModelError(f"{path}: quantized layer {target} ({group_name}) lacks tensor(s) "
-                                        f"{', '.join(missing)}; the checkpoint is incomplete")
+    for group_name, target, stored, missing in missing_target_tensors(tensor_names(path, flag), config, loader_name):
+        raise InvalidModelError(f"{path}: quantized layer {named_target(target, stored)} ({group_name}) lacks tensor(s) "
+                                f"{', '.join(missing)}; the checkpoint is incomplete")
 
 
 def load_compressed_tensors(path: str | Path, trust_remote_code: bool = False) -> nn.Module:
@@ -232,7 +230,7 @@ def load_compressed_tensors(path: str | Path, trust_remote_code: bool = False) -
     config, model = empty_model(path, trust_remote_code)
     tensors = read_tensors(path)
     caches = take_kv_caches(path, tensors) if quantization.kv_cache_scheme is not None else {}
-    layers = quantized_linears(path, model, quantization)
+    layers = quantized_linears(path, model, quantization, loader_module_names(path, trust_remote_code))
     own_tensors: dict[str, dict[str, torch.Tensor]] = {name: {} for name in layers}
     for key in list(tensors):
         prefix, _, suffix = key.rpartition(".")

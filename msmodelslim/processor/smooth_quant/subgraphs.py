@@ -15,6 +15,7 @@ from torch import nn
 
 from msmodelslim.core.errors import UnsupportedError
 from msmodelslim.model.interface import EVERY_EXPERT, OPTIONAL, SmoothSubgraph
+from msmodelslim.model.skeleton_edits import has_module
 
 
 @dataclass(frozen=True)
@@ -30,21 +31,13 @@ class BlockSubgraph:
     expert: Optional[int] = None
 
 
-def _has(block: nn.Module, name: str) -> bool:
-    try:
-        block.get_submodule(name)
-    except AttributeError:
-        return False
-    return True
-
-
 def _expert_count(block: nn.Module, name: str) -> Optional[int]:
     """How many experts the list before the `*` of `name` holds; None when the block has no such list."""
     head, star, _ = name.partition(f".{EVERY_EXPERT}")
     if not star or name.count(EVERY_EXPERT) != 1:
         raise UnsupportedError(f"smoothing subgraph name {name!r}: '{EVERY_EXPERT}' must appear once, as a "
                                f"whole name part (experts.{EVERY_EXPERT}.up_proj)")
-    if not _has(block, head):
+    if not has_module(block, head):
         return None
     experts = block.get_submodule(head)
     if not isinstance(experts, nn.ModuleList):
@@ -62,7 +55,7 @@ def resolve(graph: SmoothSubgraph, block: nn.Module) -> list[BlockSubgraph]:
     """The subgraph's instances in this block (none when a module it names is absent; an optional target, named
     with a trailing `?`, is left out where the block lacks it)."""
     targets = tuple(t.removesuffix(OPTIONAL) for t in graph.targets
-                    if not t.endswith(OPTIONAL) or _has(block, t.removesuffix(OPTIONAL)))
+                    if not t.endswith(OPTIONAL) or has_module(block, t.removesuffix(OPTIONAL)))
     graph = SmoothSubgraph(graph.kind, graph.source, targets, graph.layout)
     names = (graph.source, *graph.targets)
     counts = {_expert_count(block, n) for n in names if EVERY_EXPERT in n}
@@ -79,7 +72,7 @@ def resolve(graph: SmoothSubgraph, block: nn.Module) -> list[BlockSubgraph]:
     else:
         targets = tuple(name for t in graph.targets for name in _every(t, count))
         found = [BlockSubgraph(graph.kind, graph.source, targets, graph.layout)]
-    if not all(_has(block, n) for g in found for n in (g.source, *g.targets)):
+    if not all(has_module(block, n) for g in found for n in (g.source, *g.targets)):
         return []
     return found
 
