@@ -23,7 +23,7 @@ from msmodelslim.core.vlm_dataset import VlmCalibSample, load_vlm_samples
 from msmodelslim.model import registry
 from msmodelslim.model.interface import block_hidden_state
 from msmodelslim.model.vlm_omni import OmniThinkerAdapter, Qwen3OmniMoeThinkerAdapter
-from test_vlm_models import W8A8_DYNAMIC, W8A8_STATIC, stored, transformed, write_ascendv1
+from test_vlm_models import W8A8_DYNAMIC, W8A8_STATIC, assert_our_readers_agree, stored, transformed, write_ascendv1
 from tiny_vlm import PROMPT, image_samples, make_tiny_omni
 
 CPU = torch.device("cpu")
@@ -326,6 +326,27 @@ def test_w8a8_writes_the_same_bytes_both_ways_keeps_the_towers_and_reads_back(tm
         agreement = ((got - ref).abs().max() / ref.abs().max()).item()
         print(f"{family} {process} W8A8 read back: relative logit error {error:.3f}; readers differ by {agreement:.1e}")
         assert error < READ_BACK_BOUND and agreement < READER_AGREEMENT
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compressed_tensors_names_the_loaded_thinker_and_reads_back_as_ascendv1(tmp_path, omnis, images, family):
+    """The thinker's tensors keep their published names (thinker.model.layers.*, thinker.visual.*); compressed-tensors
+    targets name the modules of transformers' thinker class (model.language_model.*, model.visual.*). Our reader and
+    `msmodelslim check` map one to the other: the output passes the checklist and reads back to exactly the layers
+    the ascendv1 output of the same run gives."""
+    import json
+
+    source = omnis[family]
+    process = [{"type": "linear_quant", "qconfig": W8A8_DYNAMIC, "include": ["*"], "exclude": UPSTREAM_EXCLUDES}]
+    data = image_samples(images)
+    write_ascendv1(adapter_of(family, source), process, data, tmp_path / "ct", True, compressed_tensors=True)
+    write_ascendv1(adapter_of(family, source), process, data, tmp_path / "ascendv1", True)
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    targets = {t for group in config["config_groups"].values() for t in group["targets"]}
+    assert "model.language_model.layers.1.self_attn.q_proj" in targets and "model.visual.blocks.0.attn.proj" in targets
+    assert f"{TEXT}.1.self_attn.q_proj.weight" in stored(tmp_path / "ct")
+    assert_our_readers_agree(tmp_path / "ct", tmp_path / "ascendv1",
+                             adapter_of(family, source).handle_dataset(image_samples(images[1:]), CPU))
 
 
 # ---- calibration media -------------------------------------------------------------------------------------------

@@ -208,7 +208,7 @@ class DeepseekV4Adapter(TransformersModel):
 
     def __init__(self, model_type: str, model_path, trust_remote_code: bool = False) -> None:
         super().__init__(model_type, model_path, trust_remote_code)
-        if release_scaled_weights(set(self.checkpoint.names())):  # DeepSeek's FP8 / FP4 weights: dequantized on load
+        if release_scaled_weights(set(self.stored_names())):  # DeepSeek's FP8 / FP4 weights: dequantized on load
             self.checkpoint = DeepseekV4ReleaseCheckpoint(self.model_path, self._fp8_block)
 
     def attention_shape(self):
