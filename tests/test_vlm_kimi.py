@@ -274,6 +274,36 @@ def test_cli_quant_type_picks_the_practice_and_check_passes(tmp_path, source, im
     assert main(["check", str(out)]) == 0
 
 
+def test_compressed_tensors_output_passes_check_and_reads_back_as_ascendv1(tmp_path, source, images):
+    """One CLI run writing both formats (W8A8 dynamic text linears, W4A8 dynamic experts): the published tensor names
+    (language_model.model.layers.*) stay, the targets name the loaded modules (model.language_model.*); quant's own
+    checklist and `check` pass, and our two readers build the same layers (equal logits on image+prompt inputs)."""
+    import yaml
+
+    from msmodelslim.cli.__main__ import main
+    from test_vlm_models import W8A8_DYNAMIC, assert_our_readers_agree
+
+    w4a8 = {**W8A8_DYNAMIC, "weight": {**W8A8_DYNAMIC["weight"], "dtype": "int4"}}
+    excluded = ["vision_tower*", "mm_projector*", "*lm_head", "*kv_b_proj", "*mlp.gate"]
+    config = {"apiversion": "multimodal_vlm_modelslim_v1", "spec": {
+        "process": [{"type": "linear_quant", "qconfig": w4a8, "include": ["*experts.*"], "exclude": excluded},
+                    {"type": "linear_quant", "qconfig": W8A8_DYNAMIC, "include": ["*"],
+                     "exclude": [*excluded, "*experts.*"]}],
+        "save": [{"type": "ascendv1_saver"}, {"type": "compressed_tensors"}], "dataset": str(images[0].parent)}}
+    path = tmp_path / "both.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "out"
+    assert main(["quant", "--model_path", str(source), "--save_path", str(out), "--device", "cpu",
+                 "--model_type", "Kimi-K2.5", "--config_path", str(path)]) == 0
+    assert main(["check", str(out)]) == 0
+    quantization = json.loads((out / "compressed_tensors" / "config.json").read_text())["quantization_config"]
+    targets = {t for group in quantization["config_groups"].values() for t in group["targets"]}
+    assert "model.language_model.layers.1.mlp.experts.3.up_proj" in targets
+    assert f"{TEXT}.1.mlp.experts.3.up_proj.weight" in stored(out / "compressed_tensors")
+    assert_our_readers_agree(out / "compressed_tensors", out / "ascendv1",
+                             adapter_of(source).handle_dataset(image_samples(images[:2]), CPU))
+
+
 # ---- refusals -------------------------------------------------------------------------------------------------
 def _copy(source: Path, dest: Path) -> Path:
     shutil.copytree(source, dest)
