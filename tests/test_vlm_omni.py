@@ -345,8 +345,15 @@ def test_compressed_tensors_names_the_loaded_thinker_and_reads_back_as_ascendv1(
     targets = {t for group in config["config_groups"].values() for t in group["targets"]}
     assert "model.language_model.layers.1.self_attn.q_proj" in targets and "model.visual.blocks.0.attn.proj" in targets
     assert f"{TEXT}.1.self_attn.q_proj.weight" in stored(tmp_path / "ct")
-    assert_our_readers_agree(tmp_path / "ct", tmp_path / "ascendv1",
-                             adapter_of(family, source).handle_dataset(image_samples(images[1:]), CPU))
+    probe = adapter_of(family, source).handle_dataset(image_samples(images[1:]), CPU)
+    assert_our_readers_agree(tmp_path / "ct", tmp_path / "ascendv1", probe)
+    # `msmodelslim convert` of the ascendv1 folder gives the same targets and the same layers
+    from msmodelslim.cli.__main__ import main
+
+    assert main(["convert", "--model_path", str(tmp_path / "ascendv1"), "--save_path", str(tmp_path / "converted")]) == 0
+    converted = json.loads((tmp_path / "converted" / "config.json").read_text())["quantization_config"]
+    assert {t for group in converted["config_groups"].values() for t in group["targets"]} == targets
+    assert_our_readers_agree(tmp_path / "converted", tmp_path / "ascendv1", probe)
 
 
 # ---- calibration media -------------------------------------------------------------------------------------------
