@@ -94,7 +94,7 @@ def test_both_names_are_registered_under_upstream_keys_and_rebuild_by_model_type
         assert registry.adapter_class(name) is InternVl35Adapter and InternVl35Adapter.is_vlm
     from msmodelslim.model.rebuild import family_skeleton
 
-    _, skeleton = family_skeleton(vlms["internvl_moe"], False)  # the reader's rebuild: the MoE text decoder
+    skeleton = family_skeleton(vlms["internvl_moe"], False).model  # the reader's rebuild: the MoE text decoder
     assert "language_model.model.layers.0.mlp.experts.3.down_proj.weight" in skeleton.state_dict()
 
 

@@ -44,7 +44,7 @@ log = get_logger("app.convert")
 def _drop_folded_zero_biases(model: nn.Module, source: Path, trust_remote_code: bool) -> None:
     """ascendv1 W8A8 always stores a (folded) bias; where the architecture has none it reads back as zeros
     and must not be written as a tensor the architecture does not expect."""
-    _, skeleton = empty_model(source, trust_remote_code)  # the model the reader built, names and all
+    skeleton = empty_model(source, trust_remote_code).model  # the model the reader built, names and all
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear) and module.bias is not None:
             if getattr(skeleton.get_submodule(name), "bias", None) is None:

@@ -13,7 +13,7 @@ from torch import nn
 from msmodelslim.core.errors import InvalidModelError
 from msmodelslim.model.hf_config import load_hf_config, model_load_errors
 from msmodelslim.model.moe import unfuse_experts
-from msmodelslim.model.rebuild import family_skeleton
+from msmodelslim.model.rebuild import Rebuilt, family_skeleton, same_name
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -43,21 +43,20 @@ def tensor_names(path: Path, flag: str) -> set[str]:
     return names
 
 
-def empty_model(path: Path, trust_remote_code: bool) -> tuple[Any, nn.Module]:
-    """(config, meta-device model) as the writer's model was shaped. The family's adapter builds it where one is
-    registered (experts per expert under their on-disk names, renamed modules, extra buffers); the generic build
-    serves a model_type no registered adapter claims, with experts one per expert as both formats store them."""
+def empty_model(path: Path, trust_remote_code: bool) -> Rebuilt:
+    """The meta-device model as the writer's model was shaped. The family's adapter builds it where one is registered
+    (experts per expert under their on-disk names, renamed modules, extra buffers); the generic build serves a
+    model_type no registered adapter claims, with experts one per expert as both formats store them."""
     from transformers import AutoModelForCausalLM
 
     built = family_skeleton(path, trust_remote_code)
     if built is not None:
-        config, model = built
-    else:
-        config = load_hf_config(path, trust_remote_code)
-        with model_load_errors(path), init_empty_weights():
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=torch.float32)
-        unfuse_experts(model)
-    return config, model.eval()
+        return built._replace(model=built.model.eval())
+    config = load_hf_config(path, trust_remote_code)
+    with model_load_errors(path), init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=torch.float32)
+    unfuse_experts(model)
+    return Rebuilt(config, model.eval(), same_name)
 
 
 def load_float_tensors(path: Path, model: nn.Module, config: Any, state: dict[str, torch.Tensor],

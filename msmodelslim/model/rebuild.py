@@ -9,7 +9,7 @@ config.json's model_type for its skeleton.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 from torch import nn
 
@@ -28,25 +28,37 @@ def family_adapter(path: Path, trust_remote_code: bool):
     return adapter_class(names[0])(names[0], path, trust_remote_code)
 
 
-def family_skeleton(path: Path, trust_remote_code: bool) -> Optional[tuple[Any, nn.Module]]:
-    """(config, meta-device skeleton) from the family's adapter, or None when no registered adapter serves `path`'s
-    model_type or the adapter builds no skeleton of its own."""
+class Rebuilt(NamedTuple):
+    """The model a written checkpoint is read back into."""
+    config: Any
+    model: nn.Module  # on the meta device
+    loaded_name: Callable[[str], str]  # module name -> the name transformers loads (compressed-tensors targets use it)
+
+
+def family_skeleton(path: Path, trust_remote_code: bool) -> Optional[Rebuilt]:
+    """The family adapter's skeleton, or None when no registered adapter serves `path`'s model_type or the adapter
+    builds no skeleton of its own."""
     adapter = family_adapter(path, trust_remote_code)
     if adapter is None or not hasattr(adapter, "init_skeleton"):
         return None
-    return adapter.config, adapter.init_skeleton()
+    return Rebuilt(adapter.config, adapter.init_skeleton(), loaded_names_of(adapter))
 
 
 def loader_module_names(path: Path, trust_remote_code: bool) -> Callable[[str], str]:
-    """Skeleton module name -> the module name transformers gives that layer on load, which compressed-tensors
-    targets name (a family whose published names transformers renames: several VLMs); the identity otherwise, also
-    when the family's adapter cannot be built on `path` (what reads the model then says why)."""
+    """`loaded_names_of` the adapter for `path`, without building a skeleton; the identity also when the family's
+    adapter cannot be built on `path` (what reads the model then says why)."""
     from msmodelslim.core.errors import MsModelSlimError
 
     try:
         adapter = family_adapter(path, trust_remote_code)
     except MsModelSlimError:
         return same_name
+    return loaded_names_of(adapter)
+
+
+def loaded_names_of(adapter) -> Callable[[str], str]:
+    """Skeleton module name -> the module name transformers gives that layer on load, which compressed-tensors
+    targets name (a family whose published names transformers renames: several VLMs); the identity otherwise."""
     rename = getattr(adapter, "loader_module_name", None)
     return rename if callable(rename) else same_name
 

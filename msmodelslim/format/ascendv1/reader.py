@@ -60,7 +60,8 @@ def other_layout_hint(path: Path) -> str:
         return f"; {path} holds one folder per saved format: pass its ascendv1 folder, {inner}"
     if is_compressed_tensors(path):
         return (f"; {path} is a compressed-tensors checkpoint (transformers and vLLM load it; `msmodelslim eval` of a "
-                f"text or vision-language model reads it too, this command reads ascendv1). Save both formats from one run (spec.save: "
+                f"text or vision-language model reads it too, this command reads ascendv1). Save both formats from "
+                f"one run (spec.save: "
                 f"[{{type: ascendv1_saver}}, {{type: compressed_tensors}}]: each folder holds exactly what that saver "
                 f"alone writes) and pass the ascendv1 folder")
     return ""
@@ -239,7 +240,7 @@ def load_ascendv1(path: str | Path, trust_remote_code: bool = False) -> nn.Modul
     path = require_local_dir(path, "the ascendv1 checkpoint")
     description = read_valid_description(path)
     dynamic = dynamic_fa3(path, description)  # a string it cannot simulate is refused before any tensor is read
-    config, model = empty_model(path, trust_remote_code)
+    config, model, _ = empty_model(path, trust_remote_code)
     tensors = read_tensors(path)
     kv_caches = take_kv_caches(path, description, tensors)
     fa3_quants: dict[str, dict[str, nn.Module]] = {**take_fa3(path, description, tensors), **dynamic}

@@ -45,7 +45,7 @@ from msmodelslim.ir.kv_cache import FP8KVCacheQuant
 from msmodelslim.ir.quant_linear import QuantLinear
 from msmodelslim.model.hf_config import require_local_dir
 from msmodelslim.model.kv_cache import cache_argument, install_kv_cache_quant
-from msmodelslim.model.rebuild import loader_module_names, same_name
+from msmodelslim.model.rebuild import same_name
 from msmodelslim.model.skeleton_edits import has_module
 from msmodelslim.quantizer.float_formats import e8m0_to_scale, unpack_fp4_pairs
 from msmodelslim.quantizer.scheme import Scheme
@@ -220,17 +220,17 @@ def require_quantized_tensors(path: Path, config: QuantizationConfig, flag: str,
     """Headers only: every exact-name target holds its format's tensors (class and pattern targets are matched
     against the model when it is built)."""
     for group_name, target, stored, missing in missing_target_tensors(tensor_names(path, flag), config, loader_name):
-        raise InvalidModelError(f"{path}: quantized layer {named_target(target, stored)} ({group_name}) lacks tensor(s) "
-                                f"{', '.join(missing)}; the checkpoint is incomplete")
+        raise InvalidModelError(f"{path}: quantized layer {named_target(target, stored)} ({group_name}) lacks "
+                                f"tensor(s) {', '.join(missing)}; the checkpoint is incomplete")
 
 
 def load_compressed_tensors(path: str | Path, trust_remote_code: bool = False) -> nn.Module:
     path = require_local_dir(path, "the compressed-tensors checkpoint")
     quantization = read_quantization_config(path)
-    config, model = empty_model(path, trust_remote_code)
+    config, model, loaded_name = empty_model(path, trust_remote_code)
     tensors = read_tensors(path)
     caches = take_kv_caches(path, tensors) if quantization.kv_cache_scheme is not None else {}
-    layers = quantized_linears(path, model, quantization, loader_module_names(path, trust_remote_code))
+    layers = quantized_linears(path, model, quantization, loaded_name)
     own_tensors: dict[str, dict[str, torch.Tensor]] = {name: {} for name in layers}
     for key in list(tensors):
         prefix, _, suffix = key.rpartition(".")
