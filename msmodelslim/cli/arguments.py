@@ -161,13 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--overwrite", action="store_true", help="replace a non-empty --save_path once the output is complete")
     conv.add_argument("--trust_remote_code", type=str_to_bool, default=False, metavar="True|False")
 
-    ev = sub.add_parser("eval", help="float model vs a quantized checkpoint: perplexity (text models; ascendv1 or "
-                                     "compressed-tensors); agreement on held-out image+prompt pairs (vision-language "
-                                     "models, ascendv1; docs/vlm.md)")
+    ev = sub.add_parser("eval", help="float model vs a quantized checkpoint (ascendv1 or compressed-tensors): "
+                                     "perplexity (text models); agreement on held-out image+prompt pairs "
+                                     "(vision-language models; docs/vlm.md)")
     _add_model_args(ev)
     ev.add_argument("--quant_path", required=True, type=Path,
-                    help="checkpoint written by 'quant': its ascendv1 folder, or (text models) its compressed-tensors "
-                         "folder; a compressed-tensors checkpoint of another tool reads too")
+                    help="checkpoint written by 'quant': its ascendv1 or its compressed-tensors folder; a "
+                         "compressed-tensors checkpoint of another tool reads too")
     ev.add_argument("--dataset", default=None,
                     help="text model (required): text file (.txt/.jsonl/.json) or a built-in name: "
                          + ", ".join(builtin_eval_sets()) + ". Vision-language model: an image dataset (index.jsonl, "
