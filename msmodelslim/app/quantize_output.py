@@ -18,7 +18,7 @@ from msmodelslim.format.edits import OutputEdits
 from msmodelslim.format.fan_out import SUBFOLDERS
 from msmodelslim.format.integrity import verify_complete, verify_source_tensors
 from msmodelslim.format.staging import DIR_MODE
-from msmodelslim.model.rebuild import same_name
+from msmodelslim.model.rebuild import loaded_names_of
 
 if TYPE_CHECKING:
     from msmodelslim.app.quantize import _Job
@@ -42,7 +42,7 @@ def make_writer(job: _Job, save, directory: Path):
     adapter = job.adapter
     if save.type == "compressed_tensors":
         return CompressedTensorsWriter(directory, save.part_file_size, adapter.global_dtype(), adapter.original_dtype,
-                                       config_name=getattr(adapter, "loader_module_name", None))
+                                       config_name=loaded_names_of(adapter))
     return AscendV1Writer(
         directory,
         save.part_file_size,
@@ -68,7 +68,7 @@ def finish_one(job: _Job, request: QuantizeRequest, save, writer, directory: Pat
     if save.type == "compressed_tensors":
         written = writer.finish(request.model_path, edits, [n for n, s in job.plan.items() if s == "FLOAT"])
         description = {"model_quant_type": written.get("format", "dense")}
-        findings = check_compressed_tensors(directory, getattr(job.adapter, "loader_module_name", same_name))
+        findings = check_compressed_tensors(directory, loaded_names_of(job.adapter))
     else:
         description = writer.finish(request.model_path, edits)
         findings = check_ascendv1(directory, list(job.plan), job.adapter.structure.fused_groups)
