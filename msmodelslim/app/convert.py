@@ -35,16 +35,15 @@ from msmodelslim.format.staging import check_save_path, staged_directory
 from msmodelslim.ir.quant_linear import QuantLinear
 from msmodelslim.model.checkpoint import SafetensorsCheckpoint
 from msmodelslim.model.hf_config import load_hf_config, require_local_dir
-from msmodelslim.model.rebuild import loader_module_names
 from msmodelslim.model.transformers_model import config_dtype
 
 log = get_logger("app.convert")
 
 
-def _drop_folded_zero_biases(model: nn.Module, source: Path, trust_remote_code: bool) -> None:
-    """ascendv1 W8A8 always stores a (folded) bias; where the architecture has none it reads back as zeros
-    and must not be written as a tensor the architecture does not expect."""
-    skeleton = empty_model(source, trust_remote_code).model  # the model the reader built, names and all
+def _drop_folded_zero_biases(model: nn.Module, skeleton: nn.Module, source: Path) -> None:
+    """ascendv1 W8A8 always stores a (folded) bias; where the architecture (`skeleton`, the model the reader built,
+    names and all) has none it reads back as zeros and must not be written as a tensor the architecture does not
+    expect."""
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear) and module.bias is not None:
             if getattr(skeleton.get_submodule(name), "bias", None) is None:
@@ -89,13 +88,14 @@ def convert_ascendv1_to_compressed_tensors(source: Path, save_path: Path, overwr
     check_free_space(save_path, estimate_output_bytes(source), overwrite)
     dtype = config_dtype(config)
     model = load_ascendv1(source, trust_remote_code)
-    _drop_folded_zero_biases(model, source, trust_remote_code)
+    rebuilt = empty_model(source, trust_remote_code)
+    _drop_folded_zero_biases(model, rebuilt.model, source)
     checkpoint = SafetensorsCheckpoint(source)
     # FLOAT tensors the architecture has no module for (e.g. a multi-token-prediction layer): carried over as they are
     extra = outside_architecture(model, description, checkpoint.names())
     float_linears = [n for n, m in model.named_modules() if type(m) is nn.Linear]
     with staged_directory(save_path, overwrite) as staging:
-        loaded_name = loader_module_names(source, trust_remote_code)  # targets use the names transformers loads
+        loaded_name = rebuilt.loaded_name  # targets use the names transformers loads
         writer = CompressedTensorsWriter(staging, part_file_size_gb, dtype, lambda _name: dtype, loaded_name)
         for name, child in model.named_children():
             writer.add_module_tree(name, child)

@@ -126,6 +126,7 @@ class TransformersModel(ModelSlimPipelineInterfaceV1):
                 f"{self.model_path}/config.json says {self.config.model_type!r}; pick the matching --model_type"
             )
         self._checkpoint: Optional[SafetensorsCheckpoint] = None  # opened on first use (`checkpoint`)
+        self._headers: Optional[SafetensorsCheckpoint] = None  # the headers alone (`stored_names`)
         self._fp8_block = fp8_block_size(self.config)
         self._tokenizer = None
         # Read now: building the float32 working model rewrites config.dtype.
@@ -219,7 +220,11 @@ class TransformersModel(ModelSlimPipelineInterfaceV1):
     def stored_names(self) -> list[str]:
         """The checkpoint's tensor names from its headers, without opening it as a quantization source: what a
         constructor reads to tell a layout, so that the skeleton of a written output (model/rebuild.py) builds."""
-        return (self._checkpoint or SafetensorsCheckpoint(self.model_path)).names()
+        if self._checkpoint is not None:
+            return self._checkpoint.names()
+        if self._headers is None:
+            self._headers = SafetensorsCheckpoint(self.model_path)
+        return self._headers.names()
 
     def open_source(self) -> None:
         """Open the checkpoint as the source to quantize now (model/registry.py create_adapter): a quantization_config

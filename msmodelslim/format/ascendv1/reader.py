@@ -61,9 +61,8 @@ def other_layout_hint(path: Path) -> str:
     if is_compressed_tensors(path):
         return (f"; {path} is a compressed-tensors checkpoint (transformers and vLLM load it; `msmodelslim eval` of a "
                 f"text or vision-language model reads it too, this command reads ascendv1). Save both formats from "
-                f"one run (spec.save: "
-                f"[{{type: ascendv1_saver}}, {{type: compressed_tensors}}]: each folder holds exactly what that saver "
-                f"alone writes) and pass the ascendv1 folder")
+                f"one run (spec.save: [{{type: ascendv1_saver}}, {{type: compressed_tensors}}]: each folder holds "
+                f"exactly what that saver alone writes) and pass the ascendv1 folder")
     return ""
 
 

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from safetensors import safe_open
 
 from msmodelslim.format.compressed_tensors.kv_cache import SUFFIXES as KV_SUFFIXES
+from msmodelslim.format.compressed_tensors.kv_cache import is_vllm_fp8_cache
 from msmodelslim.format.compressed_tensors.tensors import (FLOAT_QUANTIZED, INT_QUANTIZED, MXFP4_PACK_QUANTIZED,
                                                            MXFP8_QUANTIZED, NVFP4_PACK_QUANTIZED, PACK_QUANTIZED)
 from msmodelslim.format.findings import Finding
@@ -122,7 +123,7 @@ def kv_cache_findings(path: Path, names: set[str], scheme) -> list[Finding]:
         return [Finding("error", f"C.2.7: {stray[0]} is saved but config.json has no kv_cache_scheme: vLLM would "
                                  f"not read it")] if stray else []
     findings = []
-    if not (scheme.type == "float" and scheme.num_bits == 8 and scheme.strategy == "tensor" and scheme.symmetric):
+    if not is_vllm_fp8_cache(scheme):
         findings.append(Finding("error", f"C.2.7: kv_cache_scheme is {scheme.type} {scheme.num_bits}-bit, strategy "
                                          f"{scheme.strategy}, symmetric {scheme.symmetric}; vLLM loads only float "
                                          f"8-bit, strategy tensor, symmetric"))

@@ -39,6 +39,11 @@ def kv_cache_scheme() -> QuantizationArgs:
                             observer="minmax", scale_dtype=torch.float32)
 
 
+def is_vllm_fp8_cache(scheme: QuantizationArgs) -> bool:
+    """The only kv_cache_scheme vLLM loads: float 8-bit, one scale per tensor, symmetric."""
+    return scheme.type == "float" and scheme.num_bits == 8 and scheme.strategy == "tensor" and scheme.symmetric
+
+
 def kv_cache_tensors(attention: str, quant: FP8KVCacheQuant) -> dict[str, torch.Tensor]:
     """{`<attn>.k_scale`: [1], `<attn>.v_scale`: [1]}, float32."""
     return {f"{attention}.k_scale": quant.key_scale.float().reshape(1).contiguous(),

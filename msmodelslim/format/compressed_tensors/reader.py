@@ -38,6 +38,7 @@ from msmodelslim.core.logging import get_logger
 from msmodelslim.format.compressed_tensors.checker import SUFFIXES as REQUIRED
 from msmodelslim.format.compressed_tensors.checker import UNMODELLED_KEYS, missing_target_tensors, named_target
 from msmodelslim.format.compressed_tensors.kv_cache import SUFFIXES as KV_SUFFIXES
+from msmodelslim.format.compressed_tensors.kv_cache import is_vllm_fp8_cache
 from msmodelslim.format.compressed_tensors.tensors import (FLOAT_QUANTIZED, INT_QUANTIZED, MXFP4_PACK_QUANTIZED,
                                                            NVFP4_PACK_QUANTIZED, PACK_QUANTIZED)
 from msmodelslim.format.read_back import empty_model, load_float_tensors, read_tensors, tensor_names
@@ -51,7 +52,6 @@ from msmodelslim.quantizer.float_formats import e8m0_to_scale, unpack_fp4_pairs
 from msmodelslim.quantizer.scheme import Scheme
 
 log = get_logger("format.compressed_tensors.reader")
-
 
 
 def read_quantization_config(path: Path) -> QuantizationConfig:
@@ -78,7 +78,7 @@ def read_quantization_config(path: Path) -> QuantizationConfig:
     for name, group in config.config_groups.items():
         scheme_of(path, name, group, config.format)
     kv = config.kv_cache_scheme
-    if kv is not None and not (kv.type == "float" and kv.num_bits == 8 and kv.strategy == "tensor" and kv.symmetric):
+    if kv is not None and not is_vllm_fp8_cache(kv):
         raise InvalidModelError(f"{path}: kv_cache_scheme is {kv.type} {kv.num_bits}-bit, strategy {kv.strategy}; this "
                                 f"reader simulates vLLM's FP8 cache with one scale per tensor only")
     return config
