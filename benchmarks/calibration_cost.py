@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 # label: spec.calibration (None: leave it out, as the code before the change requires)
 VARIANTS = {
     "before": None,
+    "before_bf16": {"precision": "bfloat16"},  # the code under --before, range-only forwards in bfloat16
     "after_no_early_stop": {"early_stop": False},
     "after_default": {},
     # range-only calibration forwards (smoothing, static min/max) under bfloat16 autocast (spec.calibration.precision)
@@ -88,22 +89,22 @@ def main() -> None:
     from msmodelslim.format.ascendv1.reader import load_ascendv1
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--before", type=Path, help="a checkout of msmodelslim before the change (variant 'before')")
+    parser.add_argument("--before", type=Path, help="a checkout of msmodelslim before the change (variants 'before*')")
     parser.add_argument("--schemes", default="sq0.8+w8a8_static_down_dynamic,sq0.5+w8a8_dynamic")
     parser.add_argument("--variants", default="before,after_default", help=", ".join(VARIANTS))
     parser.add_argument("--work_dir", type=Path, default=Path.home() / ".cache" / "msmodelslim" / "calibration_cost")
     parser.add_argument("--windows", type=int, default=40, help="evaluation windows of 512 tokens")
     parser.add_argument("--calib_windows", type=int, default=128, help="calibration windows of 512 tokens")
     args = parser.parse_args()
-    if "before" in args.variants.split(",") and args.before is None:
-        parser.error("variant 'before' needs --before (a checkout of the code before the change)")
+    if any(v.startswith("before") for v in args.variants.split(",")) and args.before is None:
+        parser.error("the variants 'before*' need --before (a checkout of the code before the change)")
     args.work_dir.mkdir(parents=True, exist_ok=True)
     model_dir, windows, float_ppl, calib = protocol(args.work_dir, args.windows, args.calib_windows)
 
     rows = []
     for scheme in args.schemes.split(","):
         for variant in args.variants.split(","):
-            root = args.before if variant == "before" else REPO
+            root = args.before if variant.startswith("before") else REPO
             config = args.work_dir / f"{scheme}.{variant}.yaml"
             write_config(config, SCHEMES[scheme], str(calib), VARIANTS[variant])
             out = args.work_dir / f"smollm2-{scheme}-{variant}"

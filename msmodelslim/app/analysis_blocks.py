@@ -27,7 +27,7 @@ from tqdm import tqdm
 from msmodelslim.app.analysis_metrics import InputStatistics, MeanSquaredError, mean_of
 from msmodelslim.core.errors import ProcessingError
 from msmodelslim.core.logging import get_logger, progress_disabled
-from msmodelslim.core.memory import release_free_heap
+from msmodelslim.core.memory import heap_reused, release_free_heap
 from msmodelslim.processor.base import Processor
 
 log = get_logger("app.analyze")
@@ -60,7 +60,8 @@ def walk_blocks(adapter, model: nn.Module, batches: list[dict], device: torch.de
             adapter.load_block(model, name, device)
             if index + 1 < len(block_names):
                 adapter.prefetch_block(model, block_names[index + 1])
-        outputs = visit(name, model.get_submodule(name), requests)
+        with heap_reused():  # every batch allocates the same temporaries (core/memory.py)
+            outputs = visit(name, model.get_submodule(name), requests)
         for i, (generator, output) in enumerate(zip(forwards, outputs)):
             try:
                 requests[i] = generator.send(output)

@@ -14,6 +14,7 @@ from tqdm import tqdm
 from msmodelslim.core.dataset import read_texts, resolve_eval_dataset
 from msmodelslim.core.errors import ConfigError, InvalidDatasetError
 from msmodelslim.core.logging import get_logger, progress_disabled
+from msmodelslim.core.memory import heap_reused
 from msmodelslim.model.hf_config import load_hf_config, model_load_errors, require_local_dir
 
 log = get_logger("app.evaluate")
@@ -41,12 +42,13 @@ def perplexity(model: nn.Module, windows: list[torch.Tensor], device: torch.devi
     started = time.perf_counter()
     model.to(device)
     total_nll, total_tokens = 0.0, 0
-    for ids in tqdm(windows, desc=f"perplexity ({label})", unit="window", disable=progress_disabled()):
-        ids = ids.unsqueeze(0).to(device)
-        logits = model(input_ids=ids, use_cache=False).logits.float()
-        nll = nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum")
-        total_nll += nll.item()
-        total_tokens += ids.shape[1] - 1
+    with heap_reused():  # every window allocates the same logits and activations (core/memory.py)
+        for ids in tqdm(windows, desc=f"perplexity ({label})", unit="window", disable=progress_disabled()):
+            ids = ids.unsqueeze(0).to(device)
+            logits = model(input_ids=ids, use_cache=False).logits.float()
+            nll = nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum")
+            total_nll += nll.item()
+            total_tokens += ids.shape[1] - 1
     return PerplexityResult(math.exp(total_nll / total_tokens), len(windows), total_tokens, time.perf_counter() - started)
 
 

@@ -9,7 +9,13 @@ peak on the 7B shape. Fixing the mmap threshold (which also stops it adjusting) 
 it to its own mapping, returned to the system when freed; `release_free_heap` hands back what is still free
 in the heap after each block.
 
-Both are no-ops where the C library is not glibc. A threshold the user set in MALLOC_MMAP_THRESHOLD_ wins.
+That bound has a price inside a block: a calibration forward allocates the same activation-sized temporaries
+batch after batch, and with every one of them a fresh mapping, each batch faults all of them in again, 4 KiB at a
+time. `heap_reused` lifts the bound while one block is processed (or an evaluation runs) and puts it
+back, trimming the heap, when it is done.
+
+All are no-ops where the C library is not glibc. A threshold the user set in MALLOC_MMAP_THRESHOLD_ or
+MALLOC_TRIM_THRESHOLD_ wins.
 
 Also the probes of resident memory that the dry-run estimate (app/estimate.py) measures with.
 """
@@ -19,9 +25,10 @@ import ctypes
 import ctypes.util
 import os
 import resource
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -29,8 +36,11 @@ from msmodelslim.core.logging import get_logger
 
 log = get_logger("memory")
 
-M_MMAP_THRESHOLD = -3  # mallopt parameter number, from glibc's malloc.h
+M_TRIM_THRESHOLD = -1  # mallopt parameter numbers, from glibc's malloc.h
+M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_BYTES = 1 << 20
+TRIM_THRESHOLD_BYTES = 128 << 10  # glibc's default
+REUSE_THRESHOLD_BYTES = 1 << 30  # both thresholds inside heap_reused (mallopt takes a C int: below 2 GiB)
 
 
 @lru_cache(maxsize=1)
@@ -47,14 +57,48 @@ def _glibc() -> Optional[ctypes.CDLL]:
     return libc
 
 
+def _tunable_libc() -> Optional[ctypes.CDLL]:
+    """glibc, unless the user tuned its thresholds in the environment (theirs win)."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
+        return None
+    return _glibc()
+
+
 def bound_heap_growth() -> bool:
     """Fix glibc's mmap threshold at 1 MiB for this process. True when it took effect."""
-    libc = _glibc()
-    if libc is None or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+    libc = _tunable_libc()
+    if libc is None:
         return False
     done = bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
     log.debug("glibc mmap threshold fixed at %d bytes: %s", MMAP_THRESHOLD_BYTES, done)
     return done
+
+
+@contextmanager
+def heap_reused() -> Iterator[None]:
+    """While a loop repeats forwards whose temporaries have the same sizes every time (a block's calibration
+    batches, an evaluation's windows), serve every allocation from glibc's heap and keep what is freed there, so
+    the next repeat reuses pages already faulted in; on the way out, the bound of `bound_heap_growth` again and
+    the heap's free pages handed back (malloc_trim releases free pages anywhere in the heap, so what stays
+    resident is what is still alive: a block's outputs, its quantized weights).
+
+    Measured on one SmolLM2-135M decoder layer, 8 batches of 16 x 512 tokens under bfloat16 autocast (two
+    cores): 4.3-4.6 s and ~1.05 M minor page faults with every allocation above 1 MiB its own mapping; 2.6-2.7 s
+    and no faults with the heap kept. A no-op where the C library is not glibc or the user set the thresholds;
+    leaves the allocator as `bound_heap_growth` sets it."""
+    libc = _tunable_libc()
+    if libc is None:
+        yield
+        return
+    libc.mallopt(M_TRIM_THRESHOLD, REUSE_THRESHOLD_BYTES)
+    libc.mallopt(M_MMAP_THRESHOLD, REUSE_THRESHOLD_BYTES)
+    try:
+        yield
+    finally:
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+        libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
+        libc.malloc_trim(0)
 
 
 HUGE_PAGE_BYTES = 2 << 20  # x86-64 and most arm64 kernels: transparent huge pages of 2 MiB

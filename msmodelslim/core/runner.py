@@ -47,7 +47,7 @@ from msmodelslim.core.device import cpu_has_native_bfloat16
 from msmodelslim.core.distributed import LOCAL, Collective
 from msmodelslim.core.faults import fault_point
 from msmodelslim.core.logging import get_logger, progress_disabled
-from msmodelslim.core.memory import release_free_heap
+from msmodelslim.core.memory import heap_reused, release_free_heap
 from msmodelslim.core.outside_blocks import is_under, outside_entries, write_outside_blocks
 from msmodelslim.core.passthrough import write_passthrough
 from msmodelslim.core.reference import Pairing, ReferenceStream
@@ -195,7 +195,17 @@ def process_block(name: str, block: nn.Module, processors: list[Processor], requ
     forward's outputs (None when no processor calibrates), or with `quantized_outputs` those of one more forward
     of the quantized block over the same batches. `precision`: spec.calibration.precision when not float32
     (range-only forwards under autocast). `reference`: the float model's hidden states (core/reference.py),
-    moved on to the next block's."""
+    moved on to the next block's. The forwards' temporaries are reused from the heap, not mapped afresh for
+    every batch (core/memory.py heap_reused)."""
+    with heap_reused():
+        return _process_block(name, block, processors, requests, spill, early_stop, collective, precision,
+                              quantized_outputs, reference)
+
+
+def _process_block(name: str, block: nn.Module, processors: list[Processor], requests: list,
+                   spill: Optional[ActivationSpill], early_stop: Optional[EarlyStop], collective: Collective,
+                   precision: Optional[ReducedPrecision], quantized_outputs: bool,
+                   reference: Optional[ReferenceStream]) -> Optional[list]:
     outputs, ranges = None, None  # ranges: the block's linear inputs as the processors so far left them
     pairs = [reference is not None and p.needs_calibration and p.needs_reference(name, block) for p in processors]
     float_block, reference_outputs = None, None
