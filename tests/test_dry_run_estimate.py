@@ -93,3 +93,18 @@ def test_a_refusal_still_comes_before_any_weight_is_read(tiny_llama, tmp_path, m
         "process": [{"type": "linear_quant", "qconfig": pd_mix, "exclude": ["lm_head"]}]}}))
     with pytest.raises(UnsupportedError, match="compressed_tensors cannot hold"):
         run_quant(tiny_llama, tmp_path / "dry", config, dry_run=True, estimate=True)
+
+
+@pytest.mark.parametrize("schedule, want", [("0", "=0: after every block"), ("off", None),
+                                            ("auto", "MSMODELSLIM_CHECKPOINT_SECONDS=auto")])
+def test_the_checkpoints_counted_follow_the_schedule(tiny_llama, tmp_path, monkeypatch, schedule, want):
+    """Every block (2 here), none, or as many as the default rule gives for the measured block (the first and the
+    last at least: both, on a two-block model)."""
+    monkeypatch.setenv("MSMODELSLIM_CHECKPOINT_SECONDS", schedule)
+    config = write_config(tmp_path / "c.yaml", SCHEMES["w8a8_static"], dataset=small_calib(tmp_path))
+    estimate = run_quant(tiny_llama, tmp_path / "dry", config, dry_run=True, estimate=True).estimate
+    lines = [a for a in estimate.assumptions if "resume checkpoint" in a]
+    if want is None:
+        assert lines == []
+    else:
+        assert len(lines) == 1 and want in lines[0] and lines[0].startswith("2 resume checkpoints"), lines

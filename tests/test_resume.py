@@ -18,6 +18,7 @@ import yaml
 
 from helpers import SCHEMES, small_calib
 from tiny_models import make_tiny_model
+from msmodelslim.core.resume import INTERVAL_ENV
 from msmodelslim.format.staging import MARKER, RESUME_STATE
 
 PYTHON = [sys.executable, "-m", "msmodelslim"]
@@ -27,6 +28,13 @@ PIPELINES = {
     "iter_smooth+w8a8_static": [{"type": "iter_smooth", "alpha": 0.9}, STATIC],
     "quarot+w8a8_static": [{"type": "quarot"}, STATIC],
 }
+
+
+@pytest.fixture(autouse=True)
+def checkpoint_every_block(monkeypatch):
+    """The named fault points need a checkpoint after each block; the default schedule ("auto") writes fewer where
+    blocks are quick beside a checkpoint (tests of it: test_checkpoint_schedule.py, and the random kill below)."""
+    monkeypatch.setenv(INTERVAL_ENV, "0")
 
 
 @pytest.fixture(scope="module")
@@ -153,11 +161,13 @@ def _wait_for(condition, process: subprocess.Popen, seconds: float = 120) -> boo
     return True
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("seed,schedule", [(1, "0"), (2, "0"), (3, "auto")])
 def test_sigkill_at_a_random_moment_then_resume_gives_identical_bytes(code, model, dataset, reference, tmp_path,
-                                                                      seed):
+                                                                      monkeypatch, seed, schedule):
     """SIGKILL at a random moment after the first checkpoint: among the blocks, inside a checkpoint, or while
-    saving (the tiny model's blocks take milliseconds; benchmarks/resume_smollm2.py does this on SmolLM2)."""
+    saving (the tiny model's blocks take milliseconds; benchmarks/resume_smollm2.py does this on SmolLM2). With
+    the default schedule the checkpoint after block 0 may be the only one before the kill."""
+    monkeypatch.setenv(INTERVAL_ENV, schedule)
     config, out = write_config(tmp_path, dataset, PIPELINES["iter_smooth+w8a8_static"]), tmp_path / "out"
     env = {**os.environ, "MSMODELSLIM_LOG_LEVEL": "warning", "PYTHONPATH": str(code)}
     argv = ["quant", "--model_path", str(model), "--save_path", str(out), "--device", "cpu", "--model_type",

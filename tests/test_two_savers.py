@@ -13,6 +13,7 @@ import yaml
 
 from helpers import SCHEMES, run_quant, small_calib
 from msmodelslim.core.errors import ConfigError, UnsupportedError
+from msmodelslim.core.resume import INTERVAL_ENV
 from msmodelslim.format.staging import MARKER, RESUME_STATE
 from tiny_models import make_tiny_model
 
@@ -149,7 +150,8 @@ def code(tmp_path_factory) -> Path:
 
 def _quant(code: Path, model: Path, out: Path, config: Path, *extra: str, fault: str | None = None
            ) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MSMODELSLIM_LOG_LEVEL": "info", "PYTHONPATH": str(code)}
+    # the named fault points need a checkpoint after each block (the default schedule may skip some)
+    env = {**os.environ, "MSMODELSLIM_LOG_LEVEL": "info", "PYTHONPATH": str(code), INTERVAL_ENV: "0"}
     if fault:
         env["MSMODELSLIM_FAULT_AT"] = fault
     argv = ["quant", "--model_path", str(model), "--save_path", str(out), "--device", "cpu", "--model_type",

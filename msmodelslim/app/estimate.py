@@ -36,7 +36,7 @@ from msmodelslim.core.config import RunnerType
 from msmodelslim.core.logging import get_logger
 from msmodelslim.core.memory import (bound_heap_growth, current_rss, peak_rss_since_reset, release_free_heap,
                                      reset_peak_rss)
-from msmodelslim.core.resume import INTERVAL_ENV, checkpoint_interval
+from msmodelslim.core.resume import CheckpointSchedule
 from msmodelslim.core.reference import ReferenceStream
 from msmodelslim.core.runner import process_block
 from msmodelslim.format.disk_space import receiving_directory
@@ -156,7 +156,8 @@ def _checkpoint_seconds_per_byte(outputs: list, directory: Path) -> float:
     return seconds / max(size, 1)
 
 
-def _assumptions(job, decoder: list[str], leading: list[str], checkpoints: int, interval) -> list[str]:
+def _assumptions(job, decoder: list[str], leading: list[str], checkpoints: int, schedule: CheckpointSchedule
+                 ) -> list[str]:
     """What the extrapolation takes for granted, printed with the estimate."""
     assumptions = ["every calibration batch is forwarded in every block (early stopping, spec.calibration, can "
                    "only make the run shorter)",
@@ -186,8 +187,8 @@ def _assumptions(job, decoder: list[str], leading: list[str], checkpoints: int, 
         assumptions.append("the activations stay in memory (MSMODELSLIM_ACTIVATION_MEMORY_MIB spilling is not "
                            "modelled)")
     if checkpoints:
-        assumptions.append(f"a resume checkpoint (every batch's activations, fsynced) after every block "
-                           f"({INTERVAL_ENV}={interval:g}; a longer interval makes them fewer, 'off' none)")
+        assumptions.append(f"{checkpoints} resume checkpoints (every batch's activations, fsynced), each costing what "
+                           f"the measured one did ({schedule.describe()})")
     return assumptions
 
 
@@ -208,9 +209,8 @@ def estimate_run(job, request, startup_s: float, writer_factories: dict[str, Cal
     decoder = [b for b in block_names if structure is None or structure.is_decoder_layer(b)] or block_names
     leading = block_names[:block_names.index(decoder[0])]
     layer_wise = job.runner != RunnerType.model_wise
-    interval = checkpoint_interval()
-    checkpoints = 0 if interval is None or job.fingerprint is None else blocks  # at most one per block
-    assumptions = _assumptions(job, decoder, leading, checkpoints, interval)
+    schedule = CheckpointSchedule.from_env()
+    checkpointing = schedule.enabled and job.fingerprint is not None
     calibration = job.config.spec.calibration
 
     # 1. what the real run does first: the outside weights, the processors' model-wide preparation, the batches
@@ -278,7 +278,7 @@ def estimate_run(job, request, startup_s: float, writer_factories: dict[str, Cal
     peak = peak_rss_since_reset() if peak_known else None
     block_extra = max((peak if peak is not None else current_rss()) - before, 0)
     timed_output_bytes = sum(_tensor_bytes(block_hidden_state(o), set()) for o in outputs)
-    checkpoint_rate = _checkpoint_seconds_per_byte(outputs, scratch) if checkpoints else 0.0
+    checkpoint_rate = _checkpoint_seconds_per_byte(outputs, scratch) if checkpointing else 0.0
     for generator in forwards:
         generator.close()
     del outputs, requests, forwards
@@ -339,9 +339,15 @@ def estimate_run(job, request, startup_s: float, writer_factories: dict[str, Cal
         "calibration forwards": (forward_clock.seconds_per_token() * total_tokens * forwards_per_block
                                  * (blocks - len(leading))),
         "processing": max(process_s - forward_clock.seconds, 0.0) * by_weights + leading_s,
-        "writing": write_s + (sync_s + checkpoint_rate * hidden_bytes) * checkpoints,
+        "writing": write_s,
         "checking": check_s,
     }
+    # the checkpoints: as many as the schedule gives for blocks of the estimated length
+    block_s = sum(phases[p] for p in ("loading", "calibration forwards", "processing", "writing")) / max(blocks, 1)
+    checkpoint_s = sync_s + checkpoint_rate * hidden_bytes
+    checkpoints = schedule.count(blocks, block_s, checkpoint_s) if checkpointing else 0
+    phases["writing"] += checkpoint_s * checkpoints
+    assumptions = _assumptions(job, decoder, leading, checkpoints, schedule)
     resident = rss_blocks
     if not layer_wise:  # model_wise: every block resident, widened to float32 as loaded
         resident += 4 * sum(t.numel() for b in block_names[1:] for t in meta.get_submodule(b).state_dict().values())

@@ -2,8 +2,9 @@
 
 Everything that can be checked cheaply is checked before any weight is read: paths, device, config, model
 type, dataset, the layer plan (which rule matches which linear, group sizes). The output is written into a
-staging directory and moved into place only after it passed the format checklist. After each finished block a
-checkpoint is recorded there (core/resume.py), so that a killed run continues with `--resume`.
+staging directory and moved into place only after it passed the format checklist. After finished blocks (by
+default once the blocks since the last checkpoint took 20x its cost, and after the last) a checkpoint is recorded
+there (core/resume.py), so that a killed run continues with `--resume`.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ from msmodelslim.core.faults import fault_point
 from msmodelslim.core.logging import get_logger, level_from_env, setup_logging
 from msmodelslim.core.memory import bound_heap_growth
 from msmodelslim.core.passthrough import log_unread, refuse_inconsistent_passthrough
-from msmodelslim.core.resume import (BlockCheckpoints, Fingerprint, ResumePoint, checkpoint_interval, describe,
+from msmodelslim.core.resume import (BlockCheckpoints, CheckpointSchedule, Fingerprint, ResumePoint, describe,
                                      read_checkpoint)
 from msmodelslim.core.runner import RunStats, run_blocks
 from msmodelslim.core.vlm_dataset import MEDIA, CalibrationData, load_vlm_samples
@@ -197,7 +198,7 @@ def _resume_point(request: QuantizeRequest, config: PracticeConfig, runner: Runn
                                    "keeps no block checkpoints (its ranks hold their own shares of the calibration "
                                    "activations). Run without --resume, or with spec.runner layer_wise")
         return None, None
-    checkpoint_interval()  # a typo in MSMODELSLIM_CHECKPOINT_SECONDS fails here, before any weight is read
+    CheckpointSchedule.from_env()  # a typo in MSMODELSLIM_CHECKPOINT_SECONDS fails here, before any weight is read
     fingerprint = Fingerprint.of_run(saved_practice(config), request.model_type, request.model_path, calibration,
                                      runner.value, str(request.device.primary))
     if not request.resume:

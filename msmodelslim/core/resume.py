@@ -1,6 +1,7 @@
-"""Resume a killed layer_wise (or model_wise) run from its last finished block (`quant --resume`, issue #23).
+"""Resume a killed layer_wise (or model_wise) run from its last checkpointed block (`quant --resume`, issue #23).
 
-After each finished block the runner records a checkpoint in the staging directory (`.resume/` inside it):
+After a finished block (which ones: `CheckpointSchedule`) the runner records a checkpoint in the staging directory
+(`.resume/` inside it):
 - `inputs-NNNNN.safetensors`: the calibration hidden states every live batch feeds block NNNNN (the next one), as
   the previous block's forward produced them: the only state that passes between blocks;
 - `state.json`, replaced atomically (write, fsync, rename, fsync the directory) after the inputs are durable: the
@@ -12,7 +13,8 @@ Nothing else crosses blocks: the processors' cross-block state is rebuilt exactl
 comes from the plan), and each processor's statistics are per block. So `--resume` plans and loads as a fresh run
 does, fast-forwards every batch's forward generator to the next block with the saved hidden states, restores the
 writer (cutting off what the killed run appended after the checkpoint) and goes on: the output is byte-identical to
-an uninterrupted run and no finished block is computed or written again.
+an uninterrupted run and no checkpointed block is computed or written again (the blocks the killed run finished
+after its last checkpoint are).
 
 The fingerprint covers what decides the bytes: the normalized config and the model type, the model files (content of the small ones:
 config, tokenizer, index; name, size and mtime of the weights), the calibration data (the texts; a VLM run's prompts
@@ -45,7 +47,7 @@ log = get_logger("resume")
 FORMAT_VERSION = 1
 START_OVER = "rerun without --resume to start over"
 SMALL_FILE_BYTES = 16 << 20  # model files up to this size are hashed by content (config, tokenizer, index)
-INTERVAL_ENV = "MSMODELSLIM_CHECKPOINT_SECONDS"  # least seconds between two checkpoints; "off": none
+INTERVAL_ENV = "MSMODELSLIM_CHECKPOINT_SECONDS"  # "auto", least seconds between two checkpoints, or "off"
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
 
@@ -173,47 +175,103 @@ def describe(point: ResumePoint, total_blocks: int) -> str:
 
 
 # ---- writing checkpoints -------------------------------------------------------------------------------------
-def checkpoint_interval() -> Optional[float]:
-    """Least seconds between two block checkpoints (None: no checkpoints), from the environment."""
-    raw = os.environ.get(INTERVAL_ENV, "0").strip().lower()
-    if raw == "off":
-        return None
-    try:
-        seconds = float(raw)
-    except ValueError:
-        seconds = -1.0
-    if not seconds >= 0:
-        raise ConfigError(f"{INTERVAL_ENV}={raw!r}: expected a number of seconds >= 0 (0: after every block) or "
-                          f"'off' (no checkpoints: a killed run cannot be resumed)")
-    return seconds
+AUTO_COST_RATIO = 20.0  # "auto": blocks worth 20x a checkpoint's cost between two, so they take <= ~5 % of a run
+
+
+@dataclass(frozen=True)
+class CheckpointSchedule:
+    """Which finished blocks get a checkpoint, from `MSMODELSLIM_CHECKPOINT_SECONDS`:
+    - "auto" (the default): the first block's, then one once the blocks since the last checkpoint took at least
+      `AUTO_COST_RATIO` times what that checkpoint cost. Checkpoints then cost about 1/20 of the run whatever the
+      model, and a kill loses at most about 20 checkpoints' time of work (or one block, where a block takes longer):
+      a large model, whose block computes for minutes, gets one after every block; a small one, whose block is
+      quick beside the write of its activations, one every few blocks;
+    - S >= 0 seconds: one once S seconds passed since the last (0: after every block);
+    - "off": none (a killed run cannot be resumed).
+    The last block's is always written: it spares a resume every block if saving dies."""
+
+    least_seconds: Optional[float] = None  # fixed interval; None with auto False: never
+    auto: bool = True
+
+    @classmethod
+    def from_env(cls) -> "CheckpointSchedule":
+        raw = os.environ.get(INTERVAL_ENV, "auto").strip().lower()
+        if raw in ("auto", ""):
+            return cls()
+        if raw == "off":
+            return cls(None, auto=False)
+        try:
+            seconds = float(raw)
+        except ValueError:
+            seconds = -1.0
+        if not seconds >= 0:
+            raise ConfigError(f"{INTERVAL_ENV}={raw!r}: expected 'auto' (the default: checkpoints take about 1/"
+                              f"{AUTO_COST_RATIO:g} of the run), a number of seconds >= 0 (the least time between two "
+                              f"checkpoints; 0: after every block) or 'off' (no checkpoints: a killed run cannot be "
+                              f"resumed)")
+        return cls(seconds, auto=False)
+
+    @property
+    def enabled(self) -> bool:
+        return self.auto or self.least_seconds is not None
+
+    def due(self, last_block: bool, since_last_s: float, last_cost_s: Optional[float]) -> bool:
+        """`since_last_s`: seconds since the last checkpoint ended (or the blocks began); `last_cost_s`: what the
+        last checkpoint took (None: none written yet)."""
+        if not self.enabled:
+            return False
+        if last_block:
+            return True
+        if self.auto:
+            return last_cost_s is None or since_last_s >= AUTO_COST_RATIO * last_cost_s
+        return since_last_s >= self.least_seconds
+
+    def count(self, blocks: int, block_s: float, checkpoint_s: float) -> int:
+        """How many checkpoints a run of `blocks` blocks, each taking `block_s` and each checkpoint `checkpoint_s`,
+        writes (the dry run's estimate)."""
+        written, since, cost = 0, 0.0, None
+        for index in range(blocks):
+            since += block_s
+            if self.due(index + 1 == blocks, since, cost):
+                written, since, cost = written + 1, 0.0, checkpoint_s
+        return written
+
+    def describe(self) -> str:
+        if self.auto:
+            return (f"{INTERVAL_ENV}=auto: after the first block, then once the blocks since the last took "
+                    f"{AUTO_COST_RATIO:g}x its cost, and after the last")
+        if self.least_seconds is None:
+            return f"{INTERVAL_ENV}=off: none"
+        if self.least_seconds == 0:
+            return f"{INTERVAL_ENV}=0: after every block"
+        return f"{INTERVAL_ENV}={self.least_seconds:g}: at most one per {self.least_seconds:g} s, and after the last"
 
 
 class BlockCheckpoints:
-    """Writes the checkpoint after a finished block (at most one per `MSMODELSLIM_CHECKPOINT_SECONDS`)."""
+    """Writes the checkpoint after a finished block, when its `CheckpointSchedule` says so."""
 
     def __init__(self, staging: Path, fingerprint: Fingerprint, block_names: list[str],
-                 interval_s: Optional[float] = 0.0) -> None:
+                 schedule: CheckpointSchedule = CheckpointSchedule(0.0, auto=False)) -> None:
         self.directory = staging / RESUME_STATE.parent
         self.fingerprint = fingerprint
         self.block_names = block_names
-        self.interval_s = interval_s
+        self.schedule = schedule
         self._last = time.monotonic()
+        self._last_cost: Optional[float] = None
 
     @classmethod
     def from_env(cls, staging: Path, fingerprint: Fingerprint, block_names: list[str]) -> "BlockCheckpoints":
-        return cls(staging, fingerprint, block_names, checkpoint_interval())
+        return cls(staging, fingerprint, block_names, CheckpointSchedule.from_env())
 
     def due(self, index: int) -> bool:
-        if self.interval_s is None:
-            return False
-        last_block = index + 1 == len(self.block_names)  # always: it spares a resume all blocks if saving dies
-        return last_block or time.monotonic() - self._last >= self.interval_s
+        return self.schedule.due(index + 1 == len(self.block_names), time.monotonic() - self._last, self._last_cost)
 
     def save(self, index: int, next_inputs: list[torch.Tensor], live_batches: int, writer,
              reference: Optional[list[torch.Tensor]] = None) -> None:
         """Block `index` is finished and written: record it. `next_inputs`: block index+1's hidden states per
         live batch (empty after the last block or without calibration); `reference`: the float model's ones
         (GPTAQ), saved beside them."""
+        begun = time.monotonic()
         self.directory.mkdir(exist_ok=True)
         inputs = None
         if next_inputs:
@@ -236,6 +294,7 @@ class BlockCheckpoints:
             if stale.name != inputs:
                 stale.unlink()
         self._last = time.monotonic()
+        self._last_cost = self._last - begun
 
     def discard_later_work(self, staging: Path, point: ResumePoint, subfolders: Sequence[Path] = ()) -> None:
         """Before continuing in a killed run's staging directory: remove whatever it wrote after its checkpoint

@@ -26,8 +26,9 @@ float one (GPTAQ) gets the float model's activations beside the quantized ones (
 Blocks before the first decoder layer (a vision-language model's vision tower, model/vlm.py) are processed like
 the others; they forward every batch (no early stop), and spilling is decided on the first decoder layer's inputs.
 
-Resume (core/resume.py): given `checkpoints`, the state after each finished block is recorded; given `resume`, the
-run skips the blocks a killed run finished, feeding the next block the hidden states that run saved.
+Resume (core/resume.py): given `checkpoints`, the state after a finished block is recorded when their schedule
+says so; given `resume`, the run skips the blocks a killed run checkpointed, feeding the next block the hidden
+states that run saved.
 """
 from __future__ import annotations
 
@@ -260,7 +261,8 @@ def run_blocks(
     `spill`, when given, moves the activations between blocks to disk if they exceed its budget. `unread`: the
     checkpoint tensors the model does not read; its pass-through groups are written after everything else.
     `early_stop`: the convergence rule that may end a calibration forward early (None: every batch).
-    `checkpoints`: records each finished block for --resume; `resume`: a killed run's last checkpoint, continued.
+    `checkpoints`: records finished blocks for --resume (on their schedule); `resume`: a killed run's last
+    checkpoint, continued.
     `precision`: spec.calibration.precision when not float32 (range-only calibration forwards under autocast).
     `quantized_inputs`: the next block calibrates on this block's quantized outputs (spec.calibration
     next_block_inputs), not on its float ones."""
