@@ -58,12 +58,19 @@ class _SharedInputBlock(torch.nn.Module):
         return self.b(y)
 
 
-def test_block_ranges_reduce_a_shared_input_once_and_see_in_place_changes(monkeypatch):
+def _counting_reductions(monkeypatch) -> list:
     from msmodelslim.core import calibration
 
     calls = []
-    real = calibration.channel_extremes
-    monkeypatch.setattr(calibration, "channel_extremes", lambda x: calls.append(x.shape) or real(x))
+    real = calibration.reduce_channels
+    monkeypatch.setattr(calibration, "reduce_channels", lambda x: calls.append(tuple(x.shape)) or real(x))
+    return calls
+
+
+def test_block_ranges_reduce_a_shared_input_once_and_see_in_place_changes(monkeypatch):
+    from msmodelslim.core import calibration
+
+    calls = _counting_reductions(monkeypatch)
     torch.manual_seed(0)
     block, xs = _SharedInputBlock(), batches(torch.float32)
     recorder = calibration.BlockInputRanges.record(block)
@@ -80,4 +87,55 @@ def test_block_ranges_reduce_a_shared_input_once_and_see_in_place_changes(monkey
         for name, inputs in (("a", ys), ("b", [-3 * y for y in ys])):
             rows = torch.cat([y.reshape(-1, 8) for y in inputs])
             assert torch.equal(recorder[name].min, rows.amin(0)) and torch.equal(recorder[name].max, rows.amax(0))
-    assert recorder._shared.tensor is None  # stop() keeps no activation alive
+
+
+def test_smoothing_statistics_and_block_ranges_share_one_reduction(monkeypatch):
+    """The smoothing step's max |X_j| and the runner's per-channel ranges of the same activation, in one forward:
+    reduced once, and each still equal to its own reference."""
+    import weakref
+
+    from msmodelslim.core import calibration
+
+    calls = _counting_reductions(monkeypatch)
+    torch.manual_seed(0)
+    block, stats = _SharedInputBlock(), InputStats()
+    hook = block.q.register_forward_pre_hook(lambda _m, args: stats.update(args[0]))  # before the ranges' hook
+    recorder = calibration.BlockInputRanges.record(block)
+    xs = batches(torch.bfloat16)
+    block.to(torch.bfloat16)
+    with torch.no_grad():
+        for x in xs:
+            block(x)
+    recorder.stop()
+    hook.remove()
+    assert len(calls) == 3 * 2  # per batch: x (for q/k/v and the smoothing statistics), y, y changed in place
+    rows = torch.cat([x.reshape(-1, 8).float() for x in xs])
+    assert torch.equal(stats.absmax, rows.abs().amax(0)) and stats.tokens == len(rows)
+    assert torch.equal(recorder["q"].min, rows.amin(0)) and torch.equal(recorder["q"].max, rows.amax(0))
+    # the memo lives on the activation: nothing keeps the activation itself alive
+    probe = weakref.ref(xs[0])
+    del xs, x
+    assert probe() is None
+
+
+@pytest.mark.parametrize("shape", [(4, 8, 8), (5, 7, 8), (1, 16, 8), (3, 1, 8)])  # whole groups, a tail, one, none
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_reduction_equals_a_row_by_row_reference(shape, dtype):
+    from msmodelslim.core.calibration import reduce_channels
+
+    g = torch.Generator().manual_seed(sum(shape))
+    x = (torch.randn(*shape, generator=g) * 100).to(dtype)
+    rows = x.reshape(-1, 8).float()
+    rows[-1, 2] = 1e6  # extremes in the last rows (the tail when there is one)
+    rows[-1, 4] = -1e6
+    x = rows.reshape(shape).to(dtype)
+    low, high = reduce_channels(x)
+    want_low, want_high = rows[0].clone(), rows[0].clone()
+    for row in x.reshape(-1, 8).float():  # one row at a time
+        for j in range(8):
+            want_low[j] = min(want_low[j], row[j])
+            want_high[j] = max(want_high[j], row[j])
+    assert torch.equal(low, want_low) and torch.equal(high, want_high) and low.dtype == torch.float32
+    x.reshape(-1, 8)[len(rows) // 2, 6] = float("nan")
+    low, high = reduce_channels(x)
+    assert torch.isnan(low[6]) and torch.isnan(high[6]) and not torch.isnan(low[5])

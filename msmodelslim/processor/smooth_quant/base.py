@@ -39,10 +39,10 @@ class InputStats:
     sample: RowSample = field(default_factory=RowSample)  # token rows (only with keep_samples)
 
     def update(self, x: torch.Tensor) -> None:
-        flat = x.detach().reshape(-1, x.shape[-1])
-        extremes = channel_extremes(flat)
+        extremes = channel_extremes(x)  # x itself: the runner's ranges of the same activation reuse the reduction
         if extremes is None:
             return
+        flat = x.detach().reshape(-1, x.shape[-1])
         # max |x| = max(max x, -min x), reduced in x's own dtype: no full-size float32 |x| copy
         absmax = torch.maximum(extremes[1], extremes[0].neg())
         self.absmax = absmax if self.absmax is None else torch.maximum(self.absmax, absmax)
