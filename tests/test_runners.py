@@ -69,9 +69,9 @@ def test_layer_wise_holds_one_block_at_a_time(tiny_llama, tmp_path, monkeypatch)
     seen = {}
     original_load, original_add = TransformersModel.load_block, AscendV1Writer.add_module_tree
 
-    def load_block(self, model, name, device):
+    def load_block(self, model, name, device, as_stored=False):
         seen["model"] = model
-        return original_load(self, model, name, device)
+        return original_load(self, model, name, device, as_stored)
 
     def add_module_tree(self, prefix, root):
         if prefix.startswith("model.layers."):

@@ -85,6 +85,20 @@ def test_a_full_disk_keeps_the_previous_checkpoint(tiny_llama, tmp_path, capsys,
     assert not list(tmp_path.glob(".out.*"))
 
 
+def test_a_write_failing_on_the_writer_thread_keeps_the_previous_checkpoint(tiny_llama, tmp_path, capsys, monkeypatch,
+                                                                            config):
+    """Shard data is written behind the work, on a thread: its error still ends the run, cleanly."""
+    out = tmp_path / "out"
+    assert quant(capsys, tiny_llama, str(out), config)[0] == 0
+    previous = _tree(out)
+    monkeypatch.setattr("msmodelslim.format.shards._append",
+                        lambda file, tensor: OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    code, err = quant(capsys, tiny_llama, str(out), config, "--overwrite")
+    assert code == 6 and "no space left" in err and "was not changed" in err, err
+    assert _tree(out) == previous
+    assert not list(tmp_path.glob(".out.*"))
+
+
 def test_a_really_full_disk_keeps_the_previous_checkpoint(tiny_llama, tmp_path, capsys, config):
     """The same on a real 2 MB file system: one checkpoint fits, the old and the new together do not."""
     with mounted_tmpfs(tmp_path / "disk", "2m") as disk:

@@ -38,7 +38,7 @@ from msmodelslim.core.memory import (bound_heap_growth, current_rss, peak_rss_si
                                      reset_peak_rss)
 from msmodelslim.core.resume import CheckpointSchedule
 from msmodelslim.core.reference import ReferenceStream
-from msmodelslim.core.runner import process_block
+from msmodelslim.core.runner import blocks_as_stored, process_block
 from msmodelslim.format.disk_space import receiving_directory
 from msmodelslim.format.shards import fsync_path
 from msmodelslim.model.interface import block_hidden_state
@@ -113,6 +113,31 @@ def _tensor_bytes(value, seen: set[int]) -> int:
     if isinstance(value, dict):
         return sum(_tensor_bytes(v, seen) for v in value.values())
     return 0
+
+
+def writing_seconds(cached_s: float, disk_s: float, output_bytes: int, synced: bool) -> float:
+    """The output's writing time. Writes land in the page cache (`cached_s`: the measured block's rate, scaled to
+    the output) until the kernel's budget of unwritten data fills, and from then on go at the disk's speed
+    (`disk_s`: the block written and fsynced, scaled); resume checkpoints (`synced`) fsync every block's shards,
+    so with them all of it goes at the disk's speed. Counted as if the shard writer's thread did not overlap the
+    work: on the 7B shape the sum is what the run took (docs/benchmarks.md)."""
+    through = output_bytes if synced else max(output_bytes - dirty_page_budget(), 0)
+    return max(cached_s, disk_s * through / max(output_bytes, 1))
+
+
+def dirty_page_budget() -> int:
+    """Bytes of written data Linux lets pile up unwritten before it throttles a writer to the disk: vm.dirty_bytes,
+    else vm.dirty_ratio percent of the available memory (about what the kernel counts); 0 where unknown."""
+    try:
+        fixed = int(Path("/proc/sys/vm/dirty_bytes").read_text())
+        if fixed:
+            return fixed
+        ratio = int(Path("/proc/sys/vm/dirty_ratio").read_text())
+        meminfo = Path("/proc/meminfo").read_text().splitlines()
+        available = next(int(line.split()[1]) << 10 for line in meminfo if line.startswith("MemAvailable:"))
+    except (OSError, ValueError, StopIteration):
+        return 0
+    return available * ratio // 100
 
 
 def _check_seconds(directory: Path) -> float:
@@ -244,7 +269,7 @@ def estimate_run(job, request, startup_s: float, writer_factories: dict[str, Cal
     head_read_s = 0.0
     if deferred and released:  # the real run reads the deferred head when it writes it: time that read
         clock = time.perf_counter()
-        adapter.load_outside(model, deferred)
+        adapter.load_outside(model, deferred, as_stored=True)  # as write_outside_blocks reads it
         head_read_s = time.perf_counter() - clock
         adapter.release_outside(model, block_names)
         release_free_heap()
@@ -255,8 +280,9 @@ def estimate_run(job, request, startup_s: float, writer_factories: dict[str, Cal
     timed = _timed_batches(batches) if batches else 0
     timed_tokens = sum(int(b["input_ids"].numel()) for b in batches[:timed])
     clock = time.perf_counter()
+    as_stored = layer_wise and blocks_as_stored(processors)  # as the real run loads the blocks
     for lead in leading:
-        adapter.load_block(model, lead, device)
+        adapter.load_block(model, lead, device, as_stored=as_stored)
         lead_outputs = _run_processors(lead, model.get_submodule(lead), processors, requests[:timed], calibration)
         requests[: len(lead_outputs)] = [f.send(o) for f, o in zip(forwards, lead_outputs)]
         adapter.release_block(model, lead)
@@ -267,7 +293,7 @@ def estimate_run(job, request, startup_s: float, writer_factories: dict[str, Cal
     peak_known = reset_peak_rss()
     before = current_rss()
     clock = time.perf_counter()
-    adapter.load_block(model, name, device)
+    adapter.load_block(model, name, device, as_stored=as_stored)
     load_block_s = time.perf_counter() - clock
     block = model.get_submodule(name)
     forward_clock = _ForwardClock(block)
@@ -287,7 +313,7 @@ def estimate_run(job, request, startup_s: float, writer_factories: dict[str, Cal
     block_input_bytes = [checkpoint_bytes(adapter, [f"{b}.{n}" for n in meta.get_submodule(b).state_dict()])
                          for b in block_names]
     stored_bytes = dtype_bytes(adapter.global_dtype())
-    output_bytes, write_s, sync_s, check_s, finish_peak = {}, 0.0, 0.0, 0.0, 0
+    output_bytes, write_s, disk_s, sync_s, check_s, finish_peak = {}, 0.0, 0.0, 0.0, 0.0, 0
     for saver, factory in writer_factories.items():
         directory = scratch / saver
         directory.mkdir()
@@ -297,7 +323,8 @@ def estimate_run(job, request, startup_s: float, writer_factories: dict[str, Cal
         block_write_s = time.perf_counter() - clock
         clock = time.perf_counter()
         writer.shards.sync()  # what each block checkpoint does to the shards written since the last one
-        sync_s += time.perf_counter() - clock
+        block_sync_s = time.perf_counter() - clock
+        sync_s += block_sync_s
         check_rate = _check_seconds(directory) / max(measured.total, 1)  # per output byte
         block_touched = _touched_fraction(directory)
         blocks_out = sum(block_output_bytes(b, meta, plan, measured, stored_bytes) for b in block_names)
@@ -308,6 +335,7 @@ def estimate_run(job, request, startup_s: float, writer_factories: dict[str, Cal
         output_bytes[saver] = (file_bytes(blocks_out + outside, tensors, measured)
                                + side_file_bytes(request.model_path))
         write_s += block_write_s / max(measured.total, 1) * output_bytes[saver]  # the outside tensors at that rate
+        disk_s += (block_write_s + block_sync_s) / max(measured.total, 1) * output_bytes[saver]  # written and fsynced
         check_s += check_rate * output_bytes[saver]
         # the checklist reads the written shards back through a memory map, touching only what it checks (the
         # non-block tables are all float): ascendv1's keeps every tensor until it is done, compressed-tensors' one
@@ -321,7 +349,7 @@ def estimate_run(job, request, startup_s: float, writer_factories: dict[str, Cal
     # the first load also pays one-time costs (opening the shards): a second block says what a load is
     if first + 1 < blocks:
         clock = time.perf_counter()
-        adapter.load_block(model, block_names[first + 1], device)
+        adapter.load_block(model, block_names[first + 1], device, as_stored=as_stored)
         load_block_s = min(load_block_s, (time.perf_counter() - clock) * block_input_bytes[first]
                            / max(block_input_bytes[first + 1], 1))
         adapter.release_block(model, block_names[first + 1])
@@ -339,14 +367,15 @@ def estimate_run(job, request, startup_s: float, writer_factories: dict[str, Cal
         "calibration forwards": (forward_clock.seconds_per_token() * total_tokens * forwards_per_block
                                  * (blocks - len(leading))),
         "processing": max(process_s - forward_clock.seconds, 0.0) * by_weights + leading_s,
-        "writing": write_s,
+        "writing": writing_seconds(write_s, disk_s, sum(output_bytes.values()), checkpointing),
         "checking": check_s,
     }
     # the checkpoints: as many as the schedule gives for blocks of the estimated length
     block_s = sum(phases[p] for p in ("loading", "calibration forwards", "processing", "writing")) / max(blocks, 1)
     checkpoint_s = sync_s + checkpoint_rate * hidden_bytes
     checkpoints = schedule.count(blocks, block_s, checkpoint_s) if checkpointing else 0
-    phases["writing"] += checkpoint_s * checkpoints
+    # the blocks' shards reach the disk once, counted in "writing"; each checkpoint adds the activations it saves
+    phases["writing"] += checkpoint_rate * hidden_bytes * checkpoints
     assumptions = _assumptions(job, decoder, leading, checkpoints, schedule)
     resident = rss_blocks
     if not layer_wise:  # model_wise: every block resident, widened to float32 as loaded

@@ -41,7 +41,7 @@ def write_outside_blocks(model: nn.Module, block_names: list[str], entries: list
     for source, names in by_source.items():
         tensor = _outside_tensor(model, source)
         if released and tensor.is_meta:
-            adapter.load_outside(model, [source])
+            adapter.load_outside(model, [source], as_stored=True)  # only written, in its checkpoint dtype
             tensor = _outside_tensor(model, source)
         writer.add_float(source, tensor)
         for alias in names[1:]:

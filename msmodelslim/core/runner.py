@@ -72,6 +72,13 @@ class RunStats:
     processed_blocks: Optional[int] = None  # blocks this process computed (fewer than `blocks` when resumed)
 
 
+def blocks_as_stored(processors: list[Processor]) -> bool:
+    """Whether the blocks may be loaded in the checkpoint's bf16/fp16 (no float32 copy): only when no processor
+    runs a calibration forward or computes with the weights beyond quantizing them (`takes_stored_weights`).
+    On a 7B checkpoint that copy was half of a data-free run's time (docs/benchmarks.md)."""
+    return bool(processors) and all(p.takes_stored_weights and not p.needs_calibration for p in processors)
+
+
 def _block_dtype(block: nn.Module) -> Optional[torch.dtype]:
     """The dtype the block computes in without autocast: that of its first floating-point parameter."""
     return next((p.dtype for p in block.parameters() if p.is_floating_point()), None)
@@ -267,6 +274,7 @@ def run_blocks(
     `quantized_inputs`: the next block calibrates on this block's quantized outputs (spec.calibration
     next_block_inputs), not on its float ones."""
     needs_data = any(p.needs_calibration for p in processors)
+    as_stored = blocks_as_stored(processors)
     reference = None  # the float model's hidden states, when a processor fits to them (core/reference.py)
     block_names = adapter.block_names(model)
     if any(p.changes_outside_blocks for p in processors):  # e.g. a head left unread at load: rotations change it
@@ -310,7 +318,7 @@ def run_blocks(
         if index < start:
             continue
         if layer_wise:
-            adapter.load_block(model, name, device)
+            adapter.load_block(model, name, device, as_stored=as_stored)
             if index + 1 < len(block_names):
                 adapter.prefetch_block(model, block_names[index + 1])
             elif released:  # the tables are read back next, to be written (a cold 7B head: 0.4 GB from disk)

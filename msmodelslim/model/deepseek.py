@@ -83,9 +83,10 @@ class SparseIndexerMixin:
     def _generated(self, name: str) -> bool:
         return name.rpartition(".")[0].endswith(f".{INDEXER}") and name.rpartition(".")[2] in ROTATIONS
 
-    def _materialise(self, root: nn.Module, prefix: str, names: list[str], device: torch.device) -> None:
+    def _materialise(self, root: nn.Module, prefix: str, names: list[str], device: torch.device,
+                     as_stored: bool = False) -> None:
         generated = [n for n in names if self._generated(n)]
-        super()._materialise(root, prefix, [n for n in names if not self._generated(n)], device)
+        super()._materialise(root, prefix, [n for n in names if not self._generated(n)], device, as_stored)
         rotation = normalized_hadamard(self.config.index_head_dim).to(device)
         for name in generated:  # the skeleton's values; after a release to meta they are made again
             owner, _, buffer = name[len(prefix):].rpartition(".")

@@ -190,8 +190,9 @@ class ModelSlimPipelineInterfaceV1(ABC):
         and `load_outside` must then bring each back to be written. By default they stay (False)."""
         return False
 
-    def load_outside(self, model: nn.Module, names: list[str]) -> None:
-        """Read the non-block tensors `names` back from the checkpoint, as `init_model` first read them."""
+    def load_outside(self, model: nn.Module, names: list[str], as_stored: bool = False) -> None:
+        """Read the non-block tensors `names` back from the checkpoint, as `init_model` first read them (or, with
+        `as_stored`, bf16/fp16 ones in the checkpoint's dtype: for tensors that are only written)."""
         raise NotImplementedError(f"{type(self).__name__} does not release its non-block weights")
 
     def init_skeleton(self) -> nn.Module:

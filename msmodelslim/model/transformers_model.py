@@ -88,6 +88,11 @@ def _to_device(value: Any, device: torch.device) -> Any:
     return value
 
 
+# The dtypes `as_stored` loading keeps: every value widens to float32 exactly, so whatever is computed from a
+# float32 copy (min/max, codes) comes out the same when each piece is widened as it is used.
+STORED_HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
 def _float32(t: torch.Tensor) -> torch.Tensor:
     # Calibration and quantization run in float32: exact for bf16/fp16 weights and more accurate.
     if not t.is_floating_point() or t.dtype == torch.float32:
@@ -295,10 +300,12 @@ class TransformersModel(ModelSlimPipelineInterfaceV1):
         """Reshape the freshly built (meta-device) model before any weight is loaded, so that its state-dict
         names are the checkpoint's. Nothing by default; MoE adapters split fused experts here."""
 
-    def _materialise(self, root: nn.Module, prefix: str, names: list[str], device: torch.device) -> None:
+    def _materialise(self, root: nn.Module, prefix: str, names: list[str], device: torch.device,
+                     as_stored: bool = False) -> None:
         """Load `names` (full tensor names) from the checkpoint into `root` (which lives at `prefix`).
 
         A per-expert weight the checkpoint lacks is cut from the layer's stacked expert tensor when there is one.
+        `as_stored`: bf16/fp16 tensors keep their dtype instead of being widened to float32 (see `load_block`).
         """
         available = set(self.checkpoint.names())
         absent = [n for n in names if n not in available]
@@ -314,7 +321,8 @@ class TransformersModel(ModelSlimPipelineInterfaceV1):
         for name in list(loaded):  # widen one tensor at a time, dropping its checkpoint-dtype copy as we go
             tensor = loaded.pop(name)
             self._check_tensor(name, tensor, expected.get(name[len(prefix) :]))
-            state[name[len(prefix) :]] = _float32(tensor).to(device)
+            kept = as_stored and tensor.dtype in STORED_HALF_DTYPES
+            state[name[len(prefix) :]] = (tensor if kept else _float32(tensor)).to(device)
         root.load_state_dict(state, strict=False, assign=True)
         if tie and len(absent) > len(stacked):
             root.tie_weights()
@@ -352,10 +360,13 @@ class TransformersModel(ModelSlimPipelineInterfaceV1):
             out[name] = tensor
         return out
 
-    def load_block(self, model: nn.Module, block_name: str, device: torch.device) -> nn.Module:
+    def load_block(self, model: nn.Module, block_name: str, device: torch.device, as_stored: bool = False) -> nn.Module:
+        """Read the block's weights, widened to float32 for calibration and quantization. With `as_stored`, bf16
+        and fp16 weights stay in the checkpoint's dtype: for a run whose processors only quantize and write them
+        (`takes_stored_weights`), which gives the same codes without a float32 copy of the whole block."""
         block = model.get_submodule(block_name)
         names = [f"{block_name}.{n}" for n in block.state_dict()]
-        self._materialise(block, block_name + ".", names, device)
+        self._materialise(block, block_name + ".", names, device, as_stored)
         return block
 
     def prefetch_block(self, model: nn.Module, block_name: str) -> None:
@@ -376,8 +387,8 @@ class TransformersModel(ModelSlimPipelineInterfaceV1):
             module._parameters[leaf] = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
         return True
 
-    def load_outside(self, model: nn.Module, names: list[str]) -> None:
-        self._materialise(model, "", names, torch.device("cpu"))
+    def load_outside(self, model: nn.Module, names: list[str], as_stored: bool = False) -> None:
+        self._materialise(model, "", names, torch.device("cpu"), as_stored)
 
     def release_block(self, model: nn.Module, block_name: str) -> None:
         """Drop a processed block's tensors (back to the meta device) so memory stays bounded by one block."""

@@ -50,6 +50,14 @@ class Processor(ABC):
     changes_outside_blocks: bool = False
 
     @property
+    def takes_stored_weights(self) -> bool:
+        """True when this processor reads a block's weights only to quantize or write them, widening each to
+        float32 where its method needs that: the runner may then load bf16/fp16 blocks as stored, without a
+        float32 copy of every weight (same outputs, byte for byte). Anything that computes with the weights
+        (calibration forwards, smoothing, rotations) needs the float32 copy: False by default."""
+        return False
+
+    @property
     @abstractmethod
     def needs_calibration(self) -> bool: ...
 

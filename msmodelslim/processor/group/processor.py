@@ -48,6 +48,10 @@ class GroupProcessor(Processor):
     def changes_outside_blocks(self) -> bool:
         return any(child.changes_outside_blocks for child in self.children)
 
+    @property
+    def takes_stored_weights(self) -> bool:
+        return all(child.takes_stored_weights for child in self.children)
+
     def prepare_model(self, model: nn.Module) -> None:
         for child in self.children:
             child.prepare_model(model)

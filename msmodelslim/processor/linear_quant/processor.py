@@ -37,7 +37,7 @@ from msmodelslim.quantizer.gptq import accumulate_hessian
 from msmodelslim.quantizer.nvfp4 import global_scale
 from msmodelslim.quantizer.observer import HistogramObserver, MinMaxObserver
 from msmodelslim.quantizer.primitives import quantize_weight_minmax
-from msmodelslim.quantizer.scheme import LinearQConfig, QDType, QScope
+from msmodelslim.quantizer.scheme import LinearQConfig, QConfig, QDType, QScope
 from msmodelslim.quantizer.weight import quantize_weight, quantize_weight_with_global
 
 log = get_logger("linear_quant")
@@ -115,6 +115,14 @@ def new_record(q: LinearQConfig) -> InputRecord:
     return InputRecord(observer, collect_hessian=q.weight.method == "gptq")
 
 
+def quantization_source(weight: torch.Tensor, spec: QConfig) -> torch.Tensor:
+    """The weight a method quantizes, in float32; except that integer min/max rounding takes a bf16/fp16 weight
+    as loaded (`takes_stored_weights`): its min/max are exact in any float dtype and quantize_in_row_chunks
+    widens the rows piece by piece, so the codes are those of the float32 copy, which is never made."""
+    integer_minmax = spec.method == "minmax" and spec.dtype in (QDType.int8, QDType.int4)
+    return weight if integer_minmax else weight.float()
+
+
 def linear_to_ir(linear: nn.Linear, config: LinearQuantConfig, record: Optional[InputRecord],
                  weight: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
                  group_amax: Optional[torch.Tensor] = None) -> QuantLinear:
@@ -123,7 +131,7 @@ def linear_to_ir(linear: nn.Linear, config: LinearQuantConfig, record: Optional[
     `weight`: that is what is quantized, and its low-rank pair travels into the QuantLinear unchanged."""
     q = config.qconfig
     hessian = record.hessian if record is not None else None
-    source = linear.weight.detach()
+    source = quantization_source(linear.weight.detach(), q.weight)
     if record is not None and record.asymmetry is not None and q.weight.option("gptaq_alpha") > 0:
         lowrank = (linear.svd_lowrank_l2.float() @ linear.svd_lowrank_l1.float()
                    if isinstance(linear, LowRankResidualLinear) else None)
@@ -134,7 +142,7 @@ def linear_to_ir(linear: nn.Linear, config: LinearQuantConfig, record: Optional[
         qweight, scale, weight_global = quantize_weight_with_global(source, q.weight, hessian, group_amax)
         offset = torch.zeros_like(scale)
     elif weight is None and q.weight.method == "dualscale":  # the E8M0 scales and the float32 dual ones apart
-        qweight, scale, dual = quantize_weight_dualscale(linear.weight.detach(), q.weight.ext["dual_block_size"])
+        qweight, scale, dual = quantize_weight_dualscale(source, q.weight.ext["dual_block_size"])
         offset = torch.zeros_like(scale)
     else:
         qweight, scale, offset = weight or quantize_weight(source, q.weight, hessian)
@@ -143,7 +151,7 @@ def linear_to_ir(linear: nn.Linear, config: LinearQuantConfig, record: Optional[
         input_global = global_scale(torch.maximum(record.observer.min.abs(), record.observer.max.abs()))
     elif q.static_act:
         input_scale, input_offset = record.observer.qparams(q.act.dtype.bits, q.act.symmetric)
-    bias = None if linear.bias is None else linear.bias.detach()
+    bias = None if linear.bias is None else linear.bias.detach().float()
     split = isinstance(linear, LowRankResidualLinear)
     lowrank = (linear.svd_lowrank_l1, linear.svd_lowrank_l2) if split else (None, None)
     return QuantLinear(q.scheme, qweight, scale, offset, bias, input_scale, input_offset, *lowrank, weight_dual_scale=dual,
@@ -190,6 +198,10 @@ class LinearQuantProcessor(Processor):
     @property
     def needs_calibration(self) -> bool:
         return self.config.qconfig.needs_calibration
+
+    @property
+    def takes_stored_weights(self) -> bool:
+        return not self.needs_calibration  # linear_to_ir widens what its method needs in float32
 
     def _targets(self, block_name: str, block: nn.Module) -> list[str]:
         # a linear wrapped by non-fusion smoothing (`<p>.linear`) is matched by the patterns as `<p>`
