@@ -394,7 +394,8 @@ def estimate_run(job, request, startup_s: float, writer_factories: dict[str, Cal
                            sum(phases.values()), phases, name, timed, len(batches), blocks, assumptions)
     estimate.measured_in_seconds = time.perf_counter() - begun
     log.debug("estimate: load peak %d, rss embedded %d, resident in blocks %d, activations %d, block extra %d "
-              "(peak known: %s); block 0: load %.3f s, processing %.3f s of which forwards %.3f s on %d of %d tokens",
+              "(peak known: %s); block 0: load %.3f s, processing %.3f s of which forwards %.3f s on %d of %d tokens "
+              "(forward calls (s, tokens): %s)",
               load_peak, rss_embedded, resident, hidden_bytes, block_extra, peak_known, load_block_s, process_s,
-              forward_clock.seconds, timed_tokens, total_tokens)
+              forward_clock.seconds, timed_tokens, total_tokens, [(round(s, 4), t) for s, t in forward_clock.calls])
     return estimate
