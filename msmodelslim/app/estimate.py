@@ -382,12 +382,13 @@ def estimate_run(job, request, startup_s: float, writer_factories: dict[str, Cal
         resident += 4 * sum(t.numel() for b in block_names[1:] for t in meta.get_submodule(b).state_dict().values())
     # in a block: every batch's input and output activations, the block, its processors' temporaries
     in_block = resident + hidden_bytes + max(block_extra - timed_output_bytes, 0)
-    # saving: the activations are gone; the non-block tables are read again (stored and widened copies) and
-    # converted back one at a time, then the checklist maps the output
+    # saving: the activations are gone; the non-block tables are written one at a time in the checkpoint's dtype
+    # (read back as stored when released, converted from float32 otherwise), one of them possibly still queued for
+    # the shard writer while the next is read; then the checklist maps the output
     largest_outside = max((t.numel() for n, t in meta.state_dict().items()
                            if not any(n.startswith(b + ".") for b in block_names)), default=0)
     after_blocks = max(resident - hidden_bytes, 0)
-    saving = after_blocks + max(largest_outside * (2 * stored_bytes + 4 if released else stored_bytes), finish_peak)
+    saving = after_blocks + max(2 * largest_outside * stored_bytes, finish_peak)
     peak_rss = max(load_peak, in_block, saving)
     receiving = receiving_directory(request.save_path)
     estimate = RunEstimate(int(peak_rss), output_bytes, shutil.disk_usage(receiving).free, receiving,
