@@ -120,7 +120,7 @@ def writing_seconds(cached_s: float, disk_s: float, output_bytes: int, synced: b
     the output) until the kernel's budget of unwritten data fills, and from then on go at the disk's speed
     (`disk_s`: the block written and fsynced, scaled); resume checkpoints (`synced`) fsync every block's shards,
     so with them all of it goes at the disk's speed. Counted as if the shard writer's thread did not overlap the
-    work: on the 7B shape the sum is what the run took (docs/benchmarks.md)."""
+    work: on the 7B shape it hid about a third of the writing (docs/benchmarks.md)."""
     through = output_bytes if synced else max(output_bytes - dirty_page_budget(), 0)
     return max(cached_s, disk_s * through / max(output_bytes, 1))
 
