@@ -10,12 +10,12 @@ import yaml
 
 from helpers import SCHEMES, run_quant, small_calib
 from msmodelslim.core.runner import blocks_as_stored
+from msmodelslim.format.staging import MARKER
 from msmodelslim.model.transformers_model import TransformersModel
 from msmodelslim.processor.base import PROCESSORS, ProcessorContext
 from msmodelslim.processor.linear_quant.config import LinearQuantConfig
 from msmodelslim.processor.linear_quant.processor import quantization_source
 from msmodelslim.quantizer.scheme import QConfig
-from msmodelslim.format.staging import MARKER
 from tiny_models import make_tiny_model
 
 FP8 = {"dtype": "fp8_e4m3", "symmetric": True, "method": "minmax"}
@@ -76,7 +76,8 @@ def test_stored_blocks_write_the_bytes_of_widened_ones(half_models, model, schem
     outputs = {}
     for runner in ("layer_wise", "model_wise"):
         outputs[runner] = tmp_path / runner
-        run_quant(source, outputs[runner], write_config(tmp_path / f"{runner}.yaml", runner, qconfig, savers), model_type)
+        config = write_config(tmp_path / f"{runner}.yaml", runner, qconfig, savers)
+        run_quant(source, outputs[runner], config, model_type)
     stored = torch.bfloat16 if model == "bf16_qwen2" else torch.float16
     assert block_dtypes and all(d == {stored} for d in block_dtypes), block_dtypes  # layer_wise kept them as stored
     layer, reference = files(outputs["layer_wise"]), files(outputs["model_wise"])
@@ -101,7 +102,8 @@ def test_stored_tables_are_read_back_as_stored(tiny_qwen3_bf16_tied, tmp_path, m
 
 
 def linear_quant(qconfig: dict):
-    return PROCESSORS["linear_quant"](LinearQuantConfig.model_validate({"type": "linear_quant", "qconfig": qconfig}), ProcessorContext())
+    config = LinearQuantConfig.model_validate({"type": "linear_quant", "qconfig": qconfig})
+    return PROCESSORS["linear_quant"](config, ProcessorContext())
 
 
 def test_blocks_stay_widened_when_anything_computes_with_the_weights(tiny_llama, tmp_path, monkeypatch):
