@@ -108,3 +108,15 @@ def test_the_checkpoints_counted_follow_the_schedule(tiny_llama, tmp_path, monke
         assert lines == []
     else:
         assert len(lines) == 1 and want in lines[0] and lines[0].startswith("2 resume checkpoints"), lines
+
+
+def test_writing_goes_at_the_disks_speed_past_the_dirty_budget_or_when_checkpoints_fsync(monkeypatch):
+    """10 s into the page cache or 40 s to the disk for 8 GB: a 2 GB budget leaves 6 GB for the disk (30 s);
+    checkpoints fsync all 8 GB (40 s); an output inside the budget costs the cached time."""
+    from msmodelslim.app import estimate_output
+
+    monkeypatch.setattr(estimate_output, "dirty_page_budget", lambda: 2 << 30)
+    gb8 = 8 << 30
+    assert estimate_output.writing_seconds(10.0, 40.0, gb8, synced=False) == pytest.approx(30.0)
+    assert estimate_output.writing_seconds(10.0, 40.0, gb8, synced=True) == pytest.approx(40.0)
+    assert estimate_output.writing_seconds(10.0, 40.0, 1 << 30, synced=False) == pytest.approx(10.0)

@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from msmodelslim.app.estimate_output import (block_output_bytes, checkpoint_bytes, dtype_bytes, file_bytes,
-                                             measure_block_bytes, outside_bytes, side_file_bytes)
+                                             measure_block_bytes, outside_bytes, side_file_bytes, writing_seconds)
 from msmodelslim.app.estimate_report import RunEstimate
 from msmodelslim.core.config import RunnerType
 from msmodelslim.core.logging import get_logger
@@ -115,31 +115,6 @@ def _tensor_bytes(value, seen: set[int]) -> int:
     return 0
 
 
-def writing_seconds(cached_s: float, disk_s: float, output_bytes: int, synced: bool) -> float:
-    """The output's writing time. Writes land in the page cache (`cached_s`: the measured block's rate, scaled to
-    the output) until the kernel's budget of unwritten data fills, and from then on go at the disk's speed
-    (`disk_s`: the block written and fsynced, scaled); resume checkpoints (`synced`) fsync every block's shards,
-    so with them all of it goes at the disk's speed. Counted as if the shard writer's thread did not overlap the
-    work: on the 7B shape it hid about a third of the writing (docs/benchmarks.md)."""
-    through = output_bytes if synced else max(output_bytes - dirty_page_budget(), 0)
-    return max(cached_s, disk_s * through / max(output_bytes, 1))
-
-
-def dirty_page_budget() -> int:
-    """Bytes of written data Linux lets pile up unwritten before it throttles a writer to the disk: vm.dirty_bytes,
-    else vm.dirty_ratio percent of the available memory (about what the kernel counts); 0 where unknown."""
-    try:
-        fixed = int(Path("/proc/sys/vm/dirty_bytes").read_text())
-        if fixed:
-            return fixed
-        ratio = int(Path("/proc/sys/vm/dirty_ratio").read_text())
-        meminfo = Path("/proc/meminfo").read_text().splitlines()
-        available = next(int(line.split()[1]) << 10 for line in meminfo if line.startswith("MemAvailable:"))
-    except (OSError, ValueError, StopIteration):
-        return 0
-    return available * ratio // 100
-
-
 def _check_seconds(directory: Path) -> float:
     """Reading back and checking (finite values) what a writer put in `directory`: the format checklist's pass
     over every output tensor (format/integrity.py read_checked_tensors), timed on the block's shard."""
@@ -212,8 +187,8 @@ def _assumptions(job, decoder: list[str], leading: list[str], checkpoints: int, 
         assumptions.append("the activations stay in memory (MSMODELSLIM_ACTIVATION_MEMORY_MIB spilling is not "
                            "modelled)")
     if checkpoints:
-        assumptions.append(f"{checkpoints} resume checkpoints (every batch's activations, fsynced), each costing what "
-                           f"the measured one did ({schedule.describe()})")
+        assumptions.append(f"{checkpoints} resume checkpoints (every batch's activations, fsynced, at the measured "
+                           f"rate; the shards they fsync are counted in writing) ({schedule.describe()})")
     return assumptions
 
 

@@ -1,6 +1,7 @@
 """Output size of the real run, for the dry-run estimate (app/estimate.py): the timed block is written by each
 saver into a throwaway writer, giving the bytes per weight element of each scheme; the other blocks and the
-outside-block tensors are extrapolated from their shapes and stored dtypes (safetensors headers, nothing read)."""
+outside-block tensors are extrapolated from their shapes and stored dtypes (safetensors headers, nothing read).
+And how long writing that output takes once it outgrows what the kernel keeps unwritten (`writing_seconds`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -122,3 +123,28 @@ def block_output_bytes(block_name: str, skeleton: nn.Module, plan: dict[str, str
         total += linear.weight.numel() * measured.per_element.get(plan[name], original_bytes)
     other = sum(t.numel() for t in block.state_dict().values()) - linear_elements
     return int(total + other * measured.other_per_element)
+
+
+def writing_seconds(cached_s: float, disk_s: float, output_bytes: int, synced: bool) -> float:
+    """The output's writing time. Writes land in the page cache (`cached_s`: the measured block's rate, scaled to
+    the output) until the kernel's budget of unwritten data fills, and from then on go at the disk's speed
+    (`disk_s`: the block written and fsynced, scaled); resume checkpoints (`synced`) fsync every block's shards,
+    so with them all of it goes at the disk's speed. Counted as if the shard writer's thread did not overlap the
+    work: on the 7B shape it hid about a third of the writing (docs/benchmarks.md)."""
+    through = output_bytes if synced else max(output_bytes - dirty_page_budget(), 0)
+    return max(cached_s, disk_s * through / max(output_bytes, 1))
+
+
+def dirty_page_budget() -> int:
+    """Bytes of written data Linux lets pile up unwritten before it throttles a writer to the disk: vm.dirty_bytes,
+    else vm.dirty_ratio percent of the available memory (about what the kernel counts); 0 where unknown."""
+    try:
+        fixed = int(Path("/proc/sys/vm/dirty_bytes").read_text())
+        if fixed:
+            return fixed
+        ratio = int(Path("/proc/sys/vm/dirty_ratio").read_text())
+        meminfo = Path("/proc/meminfo").read_text().splitlines()
+        available = next(int(line.split()[1]) << 10 for line in meminfo if line.startswith("MemAvailable:"))
+    except (OSError, ValueError, StopIteration):
+        return 0
+    return available * ratio // 100
