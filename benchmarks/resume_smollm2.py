@@ -10,7 +10,7 @@ when x >= blocks). For each: which phase the kill hit
 one, the resumed run's wall time against the fresh run's, and the time the fresh run spent on the blocks the
 resumed run did not compute (from the moments the fresh run's checkpoints appeared).
 
-    python benchmarks/resume_smollm2.py --kills 10
+    python benchmarks/resume_smollm2.py --kills 10 [--checkpoint_seconds auto|0|S]
 
 Every run imports a copy of msmodelslim taken at the start, compiled to bytecode before the first run (the
 fingerprint covers the source files: a working tree edited meanwhile would make the resumes refuse).
@@ -62,13 +62,15 @@ def finished_blocks(out: Path) -> int:
 
 
 class Run:
+    schedule = "auto"  # MSMODELSLIM_CHECKPOINT_SECONDS of every run (--checkpoint_seconds)
+
     def __init__(self, work: Path, model: Path, config: Path, out: Path, resume: bool = False) -> None:
         argv = [sys.executable, "-m", "msmodelslim", "quant", "--model_path", str(model), "--save_path", str(out),
                 "--device", "cpu", "--model_type", "SmolLM2-135M-Instruct", "--config_path", str(config)]
-        # a checkpoint after every block: the kills are drawn in units of checkpointed blocks (the default schedule
-        # writes fewer where blocks are quick; a kill then loses the blocks since the last one)
+        # the kills are drawn in units of checkpointed blocks; where a schedule skips blocks, a kill loses the
+        # blocks since the last checkpoint
         env = {**os.environ, "PYTHONPATH": str(work / "code"), "MSMODELSLIM_LOG_LEVEL": "info",
-               "MSMODELSLIM_CHECKPOINT_SECONDS": "0"}
+               "MSMODELSLIM_CHECKPOINT_SECONDS": self.schedule}
         self.log = open(work / f"{out.name}{'-resume' if resume else ''}.log", "w")
         self.started = time.perf_counter()
         self.cpu_before = children_cpu_seconds()
@@ -139,7 +141,10 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=DEMO_MODEL)
     parser.add_argument("--work_dir", type=Path, default=Path("/tmp/msmodelslim-resume-bench"))
     parser.add_argument("--seed", type=int, default=23)
+    parser.add_argument("--checkpoint_seconds", default="auto",
+                        help="MSMODELSLIM_CHECKPOINT_SECONDS of every run (the default: the user's default)")
     args = parser.parse_args()
+    Run.schedule = args.checkpoint_seconds
     work = args.work_dir
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)

@@ -83,8 +83,12 @@ class _Writer:
     def __init__(self, clock: _Clock, seconds: float) -> None:
         self.clock, self.seconds = clock, seconds
 
-    def resume_state(self) -> dict:  # where a real writer fsyncs its shards: the checkpoint's cost
-        self.clock.now += self.seconds
+    def sync_behind(self):
+        def wait() -> None:  # where a real writer's shards are fsynced, on the checkpoint's thread
+            self.clock.now += self.seconds
+        return wait
+
+    def resume_state(self) -> dict:
         return {}
 
 
@@ -100,6 +104,7 @@ def test_block_checkpoints_measure_each_write_and_follow_the_schedule(tmp_path, 
         if checkpoints.due(index):
             checkpoints.save(index, [torch.full((1, 2, 3), float(index))], 1, writer)
             written.append(index)
+        checkpoints.wait()  # as the runner does before the next block: the checkpoint's 2 s block the run
     # 2 s per checkpoint: one once 40 s of blocks passed (7 s each: after 6 blocks), and the last
     assert written == [0, 6, 9]
     assert resume.read_checkpoint(tmp_path, fingerprint, checkpoints.block_names).next_block == 10

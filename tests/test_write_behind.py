@@ -99,3 +99,50 @@ def test_the_thread_ends_when_the_queue_runs_empty():
     writes.submit(file, torch.ones(8, dtype=torch.uint8))  # and a new one starts for the next write
     writes.drain()
     assert file.getvalue() == bytes(8) + bytes([1]) * 8
+
+
+def test_a_barrier_runs_after_the_writes_before_it_and_not_after_later_ones():
+    writes = WriteBehind()
+    file = SlowFile(writes)
+    seen = []
+    writes.submit(file, torch.ones(100, dtype=torch.uint8))
+    wait = writes.barrier(lambda: seen.append(len(file.getvalue())))
+    writes.submit(file, torch.ones(50, dtype=torch.uint8))  # queued behind the barrier
+    assert seen == []  # the first write is still held
+    file.release.set()
+    wait()
+    writes.drain()
+    assert seen == [100] and len(file.getvalue()) == 150
+
+
+def test_a_failed_barrier_is_raised_by_its_wait_and_in_the_callers_thread():
+    writes, file = WriteBehind(), io.BytesIO()
+
+    def fsync_fails() -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    wait = writes.barrier(fsync_fails)
+    with pytest.raises(OSError) as raised:
+        wait()
+    assert raised.value.errno == errno.EIO
+    with pytest.raises(OSError):
+        writes.submit(file, torch.zeros(8, dtype=torch.uint8))
+    assert file.getvalue() == b""
+
+
+def test_a_barrier_after_a_failed_write_does_not_run_and_its_wait_raises_the_write_error():
+    writes = WriteBehind()
+    file = SlowFile(writes)
+    ran = []
+
+    def full_disk(data) -> int:
+        file.release.wait(10)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    file.write = full_disk
+    writes.submit(file, torch.zeros(8, dtype=torch.uint8))
+    wait = writes.barrier(lambda: ran.append(True))  # queued while the write is held, before it fails
+    file.release.set()
+    with pytest.raises(OSError) as raised:
+        wait()
+    assert raised.value.errno == errno.ENOSPC and ran == []

@@ -188,7 +188,8 @@ def _assumptions(job, decoder: list[str], leading: list[str], checkpoints: int, 
                            "modelled)")
     if checkpoints:
         assumptions.append(f"{checkpoints} resume checkpoints (every batch's activations, fsynced, at the measured "
-                           f"rate; the shards they fsync are counted in writing) ({schedule.describe()})")
+                           f"rate, behind the next block: only what outlasts it is counted; the shards they fsync "
+                           f"are counted in writing) ({schedule.describe()})")
     return assumptions
 
 
@@ -347,10 +348,12 @@ def estimate_run(job, request, startup_s: float, writer_factories: dict[str, Cal
     }
     # the checkpoints: as many as the schedule gives for blocks of the estimated length
     block_s = sum(phases[p] for p in ("loading", "calibration forwards", "processing", "writing")) / max(blocks, 1)
+    # each is written behind the next block (core/resume.py): the run waits only for what outlasts that block
     checkpoint_s = sync_s + checkpoint_rate * hidden_bytes
-    checkpoints = schedule.count(blocks, block_s, checkpoint_s) if checkpointing else 0
-    # the blocks' shards reach the disk once, counted in "writing"; each checkpoint adds the activations it saves
-    phases["writing"] += checkpoint_rate * hidden_bytes * checkpoints
+    stall_s = max(checkpoint_s - block_s, 0.0)
+    checkpoints = schedule.count(blocks, block_s, stall_s) if checkpointing else 0
+    # the blocks' shards reach the disk once, counted in "writing"
+    phases["writing"] += stall_s * checkpoints
     assumptions = _assumptions(job, decoder, leading, checkpoints, schedule)
     resident = rss_blocks
     if not layer_wise:  # model_wise: every block resident, widened to float32 as loaded

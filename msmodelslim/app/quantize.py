@@ -242,10 +242,14 @@ def _execute(job: _Job, request: QuantizeRequest, collective: Collective, stagin
                 checkpoints.discard_later_work(staging, resume, subfolders(job, staging))
             for directory in subfolders(job, staging):  # each format's shard-rename journal survives a kill too
                 (directory / RESUME_STATE.parent).mkdir(exist_ok=True)
-        stats = run_blocks(job.adapter, job.model, job.processors, writer, batches, device, layer_wise, collective,
-                           job.spill, job.unread, job.config.spec.calibration.early_stop_rule(), checkpoints, resume,
-                           job.config.spec.calibration.reduced_precision(),
-                           quantized_inputs=job.config.spec.calibration.next_block_inputs == "quantized")
+        try:
+            stats = run_blocks(job.adapter, job.model, job.processors, writer, batches, device, layer_wise,
+                               collective, job.spill, job.unread, job.config.spec.calibration.early_stop_rule(),
+                               checkpoints, resume, job.config.spec.calibration.reduced_precision(),
+                               quantized_inputs=job.config.spec.calibration.next_block_inputs == "quantized")
+        finally:
+            if checkpoints is not None:
+                checkpoints.settle()  # a checkpoint still being written ends before its directory may be removed
         if writes:
             description, warnings = finish_outputs(job, request, writers, staging)
             if checkpoints is not None:

@@ -4,9 +4,11 @@ After a finished block (which ones: `CheckpointSchedule`) the runner records a c
 (`.resume/` inside it):
 - `inputs-NNNNN.safetensors`: the calibration hidden states every live batch feeds block NNNNN (the next one), as
   the previous block's forward produced them: the only state that passes between blocks;
-- `state.json`, replaced atomically (write, fsync, rename, fsync the directory) after the inputs are durable: the
-  index of the next block, how many batches are still live (early stopping drops batches), the writer's state
-  (shards closed so far, the open shard's length, its description/scheme bookkeeping) and the run's fingerprint.
+- `state.json`, replaced atomically (write, fsync, rename, fsync the directory) after the inputs and the shard
+  bytes it counts are durable: the index of the next block, how many batches are still live (early stopping drops
+  batches), the writer's state (shards closed so far, the open shard's length, its description/scheme
+  bookkeeping) and the run's fingerprint.
+Both are written on a thread of their own while the next block computes (`BlockCheckpoints`).
 
 Nothing else crosses blocks: the processors' cross-block state is rebuilt exactly by a fresh run's planning and
 `prepare_model` (quarot's rotation is a function of its seed and the float embeddings; fa3_quant's attention list
@@ -28,6 +30,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +40,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from msmodelslim.core.errors import ConfigError
+from msmodelslim.core.faults import fault_point
 from msmodelslim.core.logging import get_logger
 from msmodelslim.core.vlm_dataset import CalibrationData, calibration_digest
 from msmodelslim.format.shards import fsync_path
@@ -182,10 +186,12 @@ AUTO_COST_RATIO = 20.0  # "auto": blocks worth 20x a checkpoint's cost between t
 class CheckpointSchedule:
     """Which finished blocks get a checkpoint, from `MSMODELSLIM_CHECKPOINT_SECONDS`:
     - "auto" (the default): the first block's, then one once the blocks since the last checkpoint took at least
-      `AUTO_COST_RATIO` times what that checkpoint cost. Checkpoints then cost about 1/20 of the run whatever the
-      model, and a kill loses at most about 20 checkpoints' time of work (or one block, where a block takes longer):
-      a large model, whose block computes for minutes, gets one after every block; a small one, whose block is
-      quick beside the write of its activations, one every few blocks;
+      `AUTO_COST_RATIO` times what that checkpoint cost the run (the time it blocked it: checkpoints are written
+      behind the next block, `BlockCheckpoints`). Checkpoints then cost about 1/20 of the run at most, whatever
+      the model, and a kill loses at most about 20 checkpoints' cost of work (or one block, where a block takes
+      longer): where a checkpoint is written within the next block's time (a large model's block computes for
+      minutes; SmolLM2's 151 MB take less than its 1–3 s blocks) that is one after every block, and one every
+      few blocks only where blocks are quick beside the write of their activations;
     - S >= 0 seconds: one once S seconds passed since the last (0: after every block);
     - "off": none (a killed run cannot be resumed).
     The last block's is always written: it spares a resume every block if saving dies."""
@@ -248,7 +254,13 @@ class CheckpointSchedule:
 
 
 class BlockCheckpoints:
-    """Writes the checkpoint after a finished block, when its `CheckpointSchedule` says so."""
+    """Writes the checkpoint after a finished block, when its `CheckpointSchedule` says so, behind the next block:
+    `save` takes a snapshot (the hidden states, which the next block only reads, and the writer's state) and a
+    thread of its own writes it, fsyncs it and names it in `state.json` once the shards it counts are durable
+    too, while the run computes on. One is written at a time; `wait()` returns once it is recorded (raising its
+    error), and the runner calls it before the hidden states it holds would be freed, so a checkpoint never
+    keeps more memory alive than the run does. What a checkpoint costs the run is the time `save` and `wait`
+    block it: the schedule's "auto" spaces checkpoints by that."""
 
     def __init__(self, staging: Path, fingerprint: Fingerprint, block_names: list[str],
                  schedule: CheckpointSchedule = CheckpointSchedule(0.0, auto=False)) -> None:
@@ -258,6 +270,8 @@ class BlockCheckpoints:
         self.schedule = schedule
         self._last = time.monotonic()
         self._last_cost: Optional[float] = None
+        self._writing: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
 
     @classmethod
     def from_env(cls, staging: Path, fingerprint: Fingerprint, block_names: list[str]) -> "BlockCheckpoints":
@@ -268,33 +282,61 @@ class BlockCheckpoints:
 
     def save(self, index: int, next_inputs: list[torch.Tensor], live_batches: int, writer,
              reference: Optional[list[torch.Tensor]] = None) -> None:
-        """Block `index` is finished and written: record it. `next_inputs`: block index+1's hidden states per
-        live batch (empty after the last block or without calibration); `reference`: the float model's ones
-        (GPTAQ), saved beside them."""
+        """Block `index` is finished and handed to `writer`: record it. `next_inputs`: block index+1's hidden
+        states per live batch (empty after the last block or without calibration), not changed afterwards;
+        `reference`: the float model's ones (GPTAQ), saved beside them."""
         begun = time.monotonic()
+        self.wait()
         self.directory.mkdir(exist_ok=True)
-        inputs = None
-        if next_inputs:
-            inputs = f"inputs-{index + 1:05d}.safetensors"
-            tensors = {f"batch{i}": t.detach().to("cpu").contiguous() for i, t in enumerate(next_inputs)}
-            tensors.update({f"reference{i}": t.detach().to("cpu").contiguous() for i, t in enumerate(reference or [])})
-            save_file(tensors, self.directory / inputs)
-            fsync_path(self.directory / inputs)
-        state = {"format": FORMAT_VERSION, "next_block": index + 1, "live_batches": live_batches, "inputs": inputs,
-                 "block_names": self.block_names, "fingerprint": self.fingerprint.to_json(),
-                 "writer": writer.resume_state()}
-        tmp = self.directory / (RESUME_STATE.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as file:
-            json.dump(state, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, self.directory / RESUME_STATE.name)
-        fsync_path(self.directory)
-        for stale in self.directory.glob("inputs-*.safetensors"):  # the previous block's, no longer named
-            if stale.name != inputs:
-                stale.unlink()
+        inputs = f"inputs-{index + 1:05d}.safetensors" if next_inputs else None
+        tensors = {f"batch{i}": t.detach().to("cpu").contiguous() for i, t in enumerate(next_inputs)}
+        tensors.update({f"reference{i}": t.detach().to("cpu").contiguous() for i, t in enumerate(reference or [])})
+        shards_durable = writer.sync_behind()
+        state = json.dumps({"format": FORMAT_VERSION, "next_block": index + 1, "live_batches": live_batches,
+                            "inputs": inputs, "block_names": self.block_names,
+                            "fingerprint": self.fingerprint.to_json(), "writer": writer.resume_state()})
+        self._writing = threading.Thread(target=self._record, args=(index, tensors, inputs, state, shards_durable),
+                                         name="msmodelslim-checkpoint")
+        self._writing.start()
         self._last = time.monotonic()
         self._last_cost = self._last - begun
+        log.debug("checkpoint after block %d: %.3f s before it was handed to its thread", index, self._last_cost)
+
+    def wait(self) -> None:
+        """Return once the checkpoint being written is recorded; its error (a full disk) is raised here."""
+        if self._writing is None:
+            return
+        begun = time.monotonic()
+        self._writing.join()
+        self._writing = None
+        waited = time.monotonic() - begun
+        self._last_cost = (self._last_cost or 0.0) + waited
+        if waited > 0.01:
+            log.debug("waited %.3f s for a checkpoint's thread", waited)
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _record(self, index: int, tensors: dict, inputs: Optional[str], state: str, shards_durable) -> None:
+        try:
+            if inputs is not None:
+                save_file(tensors, self.directory / inputs)
+                fsync_path(self.directory / inputs)
+            shards_durable()  # the state names the shards' bytes: they reach the disk first
+            tmp = self.directory / (RESUME_STATE.name + ".tmp")
+            with open(tmp, "w", encoding="utf-8") as file:
+                file.write(state)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(tmp, self.directory / RESUME_STATE.name)
+            fsync_path(self.directory)
+            for stale in self.directory.glob("inputs-*.safetensors"):  # the previous block's, no longer named
+                if stale.name != inputs:
+                    stale.unlink()
+        except BaseException as exc:  # raised in the run's thread by wait()
+            self._error = exc
+            return
+        fault_point(f"checkpoint:{index}")
 
     def discard_later_work(self, staging: Path, point: ResumePoint, subfolders: Sequence[Path] = ()) -> None:
         """Before continuing in a killed run's staging directory: remove whatever it wrote after its checkpoint
@@ -310,6 +352,14 @@ class BlockCheckpoints:
             if entry.name != RESUME_STATE.name and (point.inputs is None or entry.name != point.inputs.name):
                 entry.unlink()
 
+    def settle(self) -> None:
+        """Let the checkpoint being written end (after an error, before the staging directory may go); its own
+        error, if any, is dropped: the run's is the one to report."""
+        if self._writing is not None:
+            self._writing.join()
+            self._writing = None
+
     def remove(self) -> None:
         """The output is complete: the checkpoint is not part of it."""
+        self.settle()
         shutil.rmtree(self.directory, ignore_errors=True)

@@ -326,6 +326,8 @@ def run_blocks(
         block = model.get_submodule(name)
         if pending_spill is not None and (structure is None or structure.is_decoder_layer(name)):
             if pending_spill.engage(walks.hidden_states()):
+                if checkpoints is not None:
+                    checkpoints.wait()  # spilling swaps the storage of the hidden states it may be reading
                 spill = pending_spill
                 walks.move_to_disk(spill)
                 if reference is not None:
@@ -342,6 +344,8 @@ def run_blocks(
             if reference is not None:
                 reference.keep(len(outputs))
         if outputs is not None:  # the last forward's outputs feed the next block
+            if checkpoints is not None:
+                checkpoints.wait()  # the checkpoint behind this block holds its inputs, which advancing frees
             walks.advance(outputs)
         if writer is not None:
             writer.add_module_tree(name, block)
@@ -349,10 +353,11 @@ def run_blocks(
             if checkpoints is not None and checkpoints.due(index):
                 checkpoints.save(index, walks.hidden_states(), len(walks.requests), writer,
                                  reference.hidden_states() if reference is not None else None)
-                fault_point(f"checkpoint:{index}")
         if layer_wise:
             adapter.release_block(model, name)
         release_free_heap()
+    if checkpoints is not None:
+        checkpoints.wait()  # the last block's: recorded before the shards are finished and named
     if writer is not None:
         write_outside_blocks(model, block_names, outside, writer, adapter, released)
         write_passthrough(adapter, unread or UnreadTensors(), processors, writer)

@@ -6,6 +6,8 @@ With one saver the output is `save_path` itself (unchanged); with several, each 
 `save_path` (SUBFOLDERS), all written inside the one staging directory and moved into place together."""
 from __future__ import annotations
 
+from typing import Callable
+
 from torch import nn
 
 SUBFOLDERS = {"ascendv1_saver": "ascendv1", "compressed_tensors": "compressed_tensors"}
@@ -35,6 +37,15 @@ class FanOutWriter:
             writer.add_module_tree(prefix, root)
 
     # ---- resume (core/resume.py): one checkpoint records every writer's state --------------------------------
+    def sync_behind(self) -> Callable[[], None]:
+        waits = [writer.sync_behind() for writer in self.writers.values()]
+
+        def wait_all() -> None:
+            for wait in waits:
+                wait()
+
+        return wait_all
+
     def resume_state(self) -> dict:
         return {saver: writer.resume_state() for saver, writer in self.writers.items()}
 

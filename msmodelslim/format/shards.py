@@ -58,13 +58,15 @@ class WriteBehind:
     """Writes tensors' bytes to open files on a thread of their own, in the order submitted, while the caller goes
     on computing: once the kernel's dirty pages pile up it throttles a writer to the disk's speed, and on a 7B
     checkpoint those writes were a third of a data-free run (docs/benchmarks.md). At most `limit` bytes wait at a
-    time (a larger tensor waits alone). `drain()` returns once everything submitted is written; the first error of
-    a write (a full disk: OSError ENOSPC) is raised in the caller's thread by the next `submit` or `drain`, and
-    nothing submitted after it is written. The thread exits whenever the queue runs empty."""
+    time (a larger tensor waits alone). `drain()` returns once everything submitted is written; `barrier(action)`
+    queues an action (fsyncs) that runs on the thread after everything submitted before it, and returns a wait
+    for it that any thread may call. The first error of a write or an action (a full disk: OSError ENOSPC) is
+    raised in the caller's thread by the next `submit` or `drain`, and by the wait of every later barrier; nothing
+    submitted after it is written or run. The thread exits whenever the queue runs empty."""
 
     def __init__(self, limit: int = WRITE_BEHIND_BYTES) -> None:
         self.limit = limit
-        self._jobs: deque[tuple[object, torch.Tensor, int]] = deque()
+        self._jobs: deque[tuple[object, object, int]] = deque()  # (file, tensor, size) or (None, _Barrier, 0)
         self._pending = 0
         self._error: Optional[BaseException] = None
         self._running = False
@@ -80,9 +82,21 @@ class WriteBehind:
                 self._raise_error()
             self._jobs.append((file, tensor, size))
             self._pending += size
-            if not self._running:
-                self._running = True
-                threading.Thread(target=self._write_all, name="msmodelslim-shard-writer", daemon=True).start()
+            self._start()
+
+    def barrier(self, action: Callable[[], None]) -> Callable[[], None]:
+        """Run `action` on the writer thread once everything submitted so far is written; returns the wait."""
+        barrier = _Barrier(action)
+        with self._changed:
+            self._raise_error()
+            self._jobs.append((None, barrier, 0))
+            self._start()
+        return barrier.wait
+
+    def _start(self) -> None:  # with self._changed held
+        if not self._running:
+            self._running = True
+            threading.Thread(target=self._write_all, name="msmodelslim-shard-writer", daemon=True).start()
 
     def drain(self) -> None:
         with self._changed:
@@ -100,14 +114,41 @@ class WriteBehind:
                 if not self._jobs:
                     self._running = False
                     return
-                file, tensor, size = self._jobs[0]
-                skip = self._error is not None  # nothing after a failed write
-            error = None if skip else _append(file, tensor)
+                file, job, size = self._jobs[0]
+                earlier = self._error  # nothing is written or run after a failure
+            error = earlier or (job.run() if file is None else _append(file, job))
             with self._changed:
                 self._error = self._error or error
                 self._jobs.popleft()
                 self._pending -= size
                 self._changed.notify_all()
+            if file is None:
+                job.finish(error)
+
+
+class _Barrier:
+    """An action queued among the writes, and the event its waiters wait on."""
+
+    def __init__(self, action: Callable[[], None]) -> None:
+        self.action = action
+        self.error: Optional[BaseException] = None
+        self._done = threading.Event()
+
+    def run(self) -> Optional[BaseException]:
+        try:
+            self.action()
+        except BaseException as exc:
+            return exc
+        return None
+
+    def finish(self, error: Optional[BaseException]) -> None:
+        self.error = error
+        self._done.set()
+
+    def wait(self) -> None:
+        self._done.wait()
+        if self.error is not None:
+            raise self.error
 
 
 def _append(file, tensor: torch.Tensor) -> Optional[BaseException]:
@@ -220,6 +261,7 @@ class ShardStream:
         """Rename shard i of n (1-based) to shard_name(i, n); write {index_name} unless it is None.
         Returns the weight map {tensor name: file name}."""
         self.flush()
+        self._writes.drain()  # a queued sync_behind() fsyncs the shards by their temporary names
         weight_map: dict[str, str] = {}
         count = len(self._shards)
         renames = [(path.name, shard_name(i, count)) for i, (path, _) in enumerate(self._shards, start=1)]
@@ -237,6 +279,21 @@ class ShardStream:
         return weight_map
 
     # ---- resume --------------------------------------------------------------------------------------------
+    def sync_behind(self) -> Callable[[], None]:
+        """`sync()` on the writer thread, after the writes queued so far, while the caller goes on adding: returns
+        the wait for it (a checkpoint written behind the next block waits before naming these bytes)."""
+        closed, self._unsynced = self._unsynced, []
+        file = self._open.file if self._open is not None else None  # closed only after the writes drain
+
+        def make_durable() -> None:
+            if file is not None:
+                file.flush()
+                os.fsync(file.fileno())
+            for path in closed:
+                fsync_path(path)
+
+        return self._writes.barrier(make_durable)
+
     def sync(self) -> None:
         """Everything added so far on disk for good (called before a checkpoint names it)."""
         self._writes.drain()

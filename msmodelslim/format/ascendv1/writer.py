@@ -129,9 +129,12 @@ class AscendV1Writer(DescribedTensors):
                 self.add_float(tensor_name, tensor)
 
     # ---- resume (core/resume.py) ------------------------------------------------------------------------
+    def sync_behind(self) -> Callable[[], None]:
+        """Make the bytes handed over so far durable, behind the caller; returns the wait for it."""
+        return self.shards.sync_behind()
+
     def resume_state(self) -> dict:
-        """Everything this writer has accumulated, as JSON, after its bytes were made durable."""
-        self.shards.sync()
+        """Everything this writer has accumulated, as JSON (`sync_behind` makes its bytes durable)."""
         return {"shards": self.shards.state(), "description": self.description, "group_sizes": sorted(self.group_sizes)}
 
     def restore_state(self, state: dict) -> None:

@@ -122,9 +122,12 @@ class CompressedTensorsWriter:
                 self.add_float(tensor_name, tensor)
 
     # ---- resume (core/resume.py) ------------------------------------------------------------------------
+    def sync_behind(self) -> Callable[[], None]:
+        """Make the bytes handed over so far durable, behind the caller; returns the wait for it."""
+        return self.shards.sync_behind()
+
     def resume_state(self) -> dict:
-        """Everything this writer has accumulated, as JSON, after its bytes were made durable."""
-        self.shards.sync()
+        """Everything this writer has accumulated, as JSON (`sync_behind` makes its bytes durable)."""
         groups = [[key, scheme.model_dump(mode="json"), names] for key, (scheme, names) in self.groups.items()]
         return {"shards": self.shards.state(), "groups": groups, "passthrough_linears": self.passthrough_linears,
                 "kv_cache": self.kv_cache}

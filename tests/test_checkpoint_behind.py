@@ -1,0 +1,95 @@
+"""core/resume.py BlockCheckpoints writes each checkpoint behind the next block (issue #23, #26 item 5): what it
+records is the snapshot taken when the block finished, it is named in state.json only once the shards it counts
+are durable, and a failure on its thread is raised in the run's thread."""
+import errno
+import json
+import threading
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from msmodelslim.core import resume
+from msmodelslim.core.resume import BlockCheckpoints, read_checkpoint
+from msmodelslim.format.shards import ShardStream
+from msmodelslim.format.staging import RESUME_STATE
+
+BLOCKS = [f"model.layers.{i}" for i in range(3)]
+FINGERPRINT = resume.Fingerprint("c", {}, "d", "code", "runtime")
+
+
+class HeldWriter:
+    """A writer whose shards become durable only when the test says so."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.durable, self.fail = threading.Event(), fail
+        self.state = {"names": ["a"]}
+
+    def sync_behind(self):
+        def wait() -> None:
+            assert self.durable.wait(10)
+            if self.fail:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return wait
+
+    def resume_state(self) -> dict:
+        return self.state
+
+
+def test_the_state_is_named_after_the_shards_are_durable_and_is_the_snapshot_of_the_finished_block(tmp_path):
+    checkpoints = BlockCheckpoints(tmp_path, FINGERPRINT, BLOCKS)
+    writer = HeldWriter()
+    hidden = torch.randn(2, 5, 8)
+    checkpoints.save(0, [hidden], 1, writer)
+    writer.state["names"].append("b")  # the run goes on handing the writer the next block
+    assert not (tmp_path / RESUME_STATE).exists()
+    writer.durable.set()
+    checkpoints.wait()
+    point = read_checkpoint(tmp_path, FINGERPRINT, BLOCKS)
+    assert point.next_block == 1 and point.writer_state == {"names": ["a"]}
+    inputs, _ = point.load_hidden_states(torch.device("cpu"))
+    assert torch.equal(inputs[0], hidden)
+
+
+def test_a_failure_behind_the_run_is_raised_by_wait_and_names_nothing(tmp_path):
+    checkpoints = BlockCheckpoints(tmp_path, FINGERPRINT, BLOCKS)
+    writer = HeldWriter(fail=True)
+    checkpoints.save(0, [torch.zeros(1, 2, 8)], 1, writer)
+    writer.durable.set()
+    with pytest.raises(OSError) as raised:
+        checkpoints.wait()
+    assert raised.value.errno == errno.ENOSPC
+    assert not (tmp_path / RESUME_STATE).exists()
+    checkpoints.wait()  # raised once
+
+
+class ShardWriter:
+    def __init__(self, directory) -> None:
+        self.shards = ShardStream(directory, 0)
+
+    def sync_behind(self):
+        return self.shards.sync_behind()
+
+    def resume_state(self) -> dict:
+        return {"shards": self.shards.state()}
+
+
+def test_a_real_shard_stream_is_recorded_at_the_block_and_cut_back_there(tmp_path):
+    writer = ShardWriter(tmp_path)
+    checkpoints = BlockCheckpoints(tmp_path, FINGERPRINT, BLOCKS)
+    first = torch.arange(1000, dtype=torch.float32)
+    writer.shards.add("model.layers.0.w", first)
+    checkpoints.save(0, [], 0, writer)
+    writer.shards.add("model.layers.1.w", torch.ones(5000))  # appended while the checkpoint is written
+    checkpoints.wait()
+    state = json.loads((tmp_path / RESUME_STATE).read_text())["writer"]["shards"]
+    assert state["names"] == ["model.layers.0.w"] and state["open"]["offset"] == first.numel() * 4
+    writer.shards.sync()
+    writer.shards._open.file.close()  # the killed run's handle
+    again = ShardStream(tmp_path, 0)
+    again.restore(state)  # what --resume does: the later block's bytes are cut off
+    assert again.names == ["model.layers.0.w"]
+    again.add("model.layers.1.w", torch.full((3,), 2.0))
+    again.finish(lambda i, n: "out.safetensors", None)
+    loaded = load_file(tmp_path / "out.safetensors")
+    assert torch.equal(loaded["model.layers.0.w"], first) and torch.equal(loaded["model.layers.1.w"], torch.full((3,), 2.0))
