@@ -7,7 +7,7 @@ one decoder block (plus embeddings and head) in memory at a time.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Generator, Iterator, Optional
+from typing import Any, Generator, Iterator, Optional
 
 import torch
 from accelerate import init_empty_weights
@@ -18,6 +18,7 @@ from msmodelslim.core.logging import get_logger
 from msmodelslim.core.memory import empty_on_huge_pages
 from msmodelslim.format.edits import OutputEdits
 from msmodelslim.model.checkpoint import SafetensorsCheckpoint, fp8_block_size
+from msmodelslim.model.forward_capture import forward_until, to_device
 from msmodelslim.quantizer.primitives import all_finite, one_thread
 from msmodelslim.model.hf_config import load_hf_config, model_load_errors, require_local_dir
 from msmodelslim.model.interface import (
@@ -36,56 +37,6 @@ log = get_logger("model")
 
 MAX_CALIB_TOKENS = 2048  # longer calibration samples are truncated (memory is proportional to length)
 MAX_CALIB_BATCH = 16  # samples of equal length share a forward
-
-
-class _StopBeforeFirstBlock(Exception):
-    """Raised from a hook to end a model forward once the first block's inputs are known."""
-
-
-def forward_until(model: nn.Module, first: nn.Module, call: dict[str, Any],
-                  substitutes: Optional[dict[nn.Module, Callable[..., Any]]] = None,
-                  observe: Optional[dict[str, nn.Module]] = None) -> tuple[tuple, dict, dict[str, dict]]:
-    """Run the model's own forward on `call` (use_cache off, no grad) until `first` would start: its args and kwargs,
-    exactly as the model computes them (embeddings, masks, position encodings, any family). `substitutes`: modules
-    whose forward is replaced for this call only (e.g. an embedding table already dropped, a vision tower already
-    run and quantized); `observe`: {label: module} whose call kwargs are recorded, returned by label."""
-    captured: dict[str, Any] = {}
-    observed: dict[str, dict] = {}
-
-    def stop(_module, args, kwargs):
-        captured["args"], captured["kwargs"] = args, kwargs
-        raise _StopBeforeFirstBlock
-
-    def recorder(label: str):
-        def hook(_module, _args, kwargs):
-            observed[label] = kwargs
-        return hook
-
-    handles = [m.register_forward_pre_hook(recorder(label), with_kwargs=True) for label, m in (observe or {}).items()]
-    handles.append(first.register_forward_pre_hook(stop, with_kwargs=True))
-    for module, forward in (substitutes or {}).items():
-        module.forward = forward
-    try:
-        with torch.no_grad():
-            model(**call, use_cache=False)
-    except _StopBeforeFirstBlock:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module in substitutes or {}:
-            module.__dict__.pop("forward", None)  # back to the class's forward
-    return captured["args"], captured["kwargs"], observed
-
-
-def _to_device(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to_device(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
-    return value
 
 
 # The dtypes `as_stored` loading keeps: every value widens to float32 exactly, so whatever is computed from a
@@ -410,7 +361,7 @@ class TransformersModel(ModelSlimPipelineInterfaceV1):
     ) -> Generator[ProcessRequest, Any, None]:
         args, kwargs = self.capture_first_block_inputs(model, inputs)
         device = inputs["input_ids"].device
-        args, kwargs = _to_device(args, device), _to_device(kwargs, device)
+        args, kwargs = to_device(args, device), to_device(kwargs, device)
         for name in self.block_names(model):
             output = yield ProcessRequest(name, model.get_submodule(name), args, kwargs)
             args = (block_hidden_state(output),) + tuple(args[1:])

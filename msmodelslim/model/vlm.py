@@ -46,7 +46,8 @@ from msmodelslim.model.interface import AttentionShape, ProcessRequest, block_hi
 from msmodelslim.model.moe import StackedSlice, stacked_source, unfuse_experts
 from msmodelslim.model.passthrough import UnreadTensors, classify_unread
 from msmodelslim.model.skeleton_edits import renamed_prefix
-from msmodelslim.model.transformers_model import TransformersModel, _to_device, forward_until
+from msmodelslim.model.forward_capture import forward_until, to_device
+from msmodelslim.model.transformers_model import TransformersModel
 from msmodelslim.model.vlm_processor import load_auto_processor, load_image, processor_without
 from msmodelslim.model.vlm_structure import (
     PUBLISHED_QWEN2_VL,
@@ -286,7 +287,7 @@ class VlmAdapter(TransformersModel):
             vision_output = (self._placeholder_vision_output(vision, tower_inputs[1]) if resumed is not None
                              else self._served_vision_output(vision, request, output))
         args, kwargs, text_kwargs = self._text_layer_inputs(model, inputs, token_embeddings, vision_output)
-        args, kwargs = _to_device(args, device), _to_device(kwargs, device)
+        args, kwargs = to_device(args, device), to_device(kwargs, device)
         if resumed is not None:  # the saved input of the next block (the first text layer's when only the tower ran)
             args = (resumed,) + tuple(args[1:])
         deepstack = text_kwargs.get("deepstack_visual_embeds") or []

@@ -39,7 +39,7 @@ from msmodelslim.core.errors import InvalidModelError, UnsupportedError
 from msmodelslim.model.interface import ModelStructure, ProcessRequest, block_hidden_state
 from msmodelslim.model.moe import StackedSlice, stacked_source, unfuse_experts
 from msmodelslim.model.skeleton_edits import relocate, renamed_prefix
-from msmodelslim.model.transformers_model import _to_device
+from msmodelslim.model.forward_capture import to_device
 from msmodelslim.model.vlm import VlmAdapter, _NoImage, projector_fed_inputs
 from msmodelslim.model.vlm_structure import VlmFamily, VlmLayout, vlm_structure
 
@@ -203,7 +203,7 @@ class InternVl35Adapter(VlmAdapter):
             image_embeddings = served_output(projector, request, output)
         with torch.no_grad():
             args, kwargs = self._text_inputs(model, inputs, token_embeddings, image_embeddings)
-        args, kwargs = _to_device(args, device), _to_device(kwargs, device)
+        args, kwargs = to_device(args, device), to_device(kwargs, device)
         if resumed is not None:  # the saved input of the next block: the first text layer's, or passed on below
             args = (resumed,) + tuple(args[1:])
         for name in self.text_block_names(model):

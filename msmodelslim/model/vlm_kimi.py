@@ -42,7 +42,7 @@ from msmodelslim.model.hf_config import model_load_errors
 from msmodelslim.model.interface import MlaShape, ModelStructure, ProcessRequest, block_hidden_state
 from msmodelslim.model.moe import StackedSlice, stacked_source, unfuse_experts
 from msmodelslim.model.skeleton_edits import relocate, renamed_prefix
-from msmodelslim.model.transformers_model import _to_device
+from msmodelslim.model.forward_capture import to_device
 from msmodelslim.model.vlm import VlmAdapter, _NoImage, projector_fed_inputs
 from msmodelslim.model.vlm_internvl import served_output
 from msmodelslim.model.vlm_structure import VlmFamily, VlmLayout
@@ -274,7 +274,7 @@ class KimiK25Adapter(VlmAdapter):
             image_embeddings = served_output(projector, request, output).squeeze(1)
         with torch.no_grad():
             args, kwargs = self._text_inputs(model, inputs, token_embeddings, image_embeddings)
-        args, kwargs = _to_device(args, device), _to_device(kwargs, device)
+        args, kwargs = to_device(args, device), to_device(kwargs, device)
         if resumed is not None:  # the saved input of the next block: the first text layer's, or passed on below
             args = (resumed,) + tuple(args[1:])
         for name in self.text_block_names(model):
