@@ -4,13 +4,16 @@ are durable, and a failure on its thread is raised in the run's thread."""
 import errno
 import json
 import threading
+import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import SCHEMES, run_quant, small_calib, write_config
 from msmodelslim.core import resume
-from msmodelslim.core.resume import BlockCheckpoints, read_checkpoint
+from msmodelslim.core.resume import INTERVAL_ENV, BlockCheckpoints, read_checkpoint
+from msmodelslim.core.walk import BatchWalks
 from msmodelslim.format.shards import ShardStream
 from msmodelslim.format.staging import RESUME_STATE
 
@@ -93,3 +96,32 @@ def test_a_real_shard_stream_is_recorded_at_the_block_and_cut_back_there(tmp_pat
     again.finish(lambda i, n: "out.safetensors", None)
     loaded = load_file(tmp_path / "out.safetensors")
     assert torch.equal(loaded["model.layers.0.w"], first) and torch.equal(loaded["model.layers.1.w"], torch.full((3,), 2.0))
+
+
+def test_a_run_does_not_free_the_hidden_states_a_checkpoint_is_still_writing(tiny_llama, tmp_path, monkeypatch):
+    """The runner waits for the checkpoint written behind a block before the next block's outputs replace the
+    hidden states it saves: with a slow disk (each checkpoint 0.2 s, a tiny block far less) checkpoint i is recorded
+    before the walks advance past block i + 1, so a checkpoint never holds memory the run would have freed."""
+    monkeypatch.setenv(INTERVAL_ENV, "0")
+    events = []
+    record, advance = BlockCheckpoints._record, BatchWalks.advance
+
+    def slow_record(self, index, *args):
+        time.sleep(0.2)
+        record(self, index, *args)
+        events.append(("recorded", index))
+
+    def logged_advance(self, outputs):
+        events.append(("advance", None))
+        advance(self, outputs)
+
+    monkeypatch.setattr(BlockCheckpoints, "_record", slow_record)
+    monkeypatch.setattr(BatchWalks, "advance", logged_advance)
+    config = write_config(tmp_path / "c.yaml", SCHEMES["w8a8_static"], dataset=small_calib(tmp_path))
+    run_quant(tiny_llama, tmp_path / "out", config)
+    advances = [i for i, (kind, _) in enumerate(events) if kind == "advance"]
+    recorded = {index: i for i, (kind, index) in enumerate(events) if kind == "recorded"}
+    assert len(advances) >= 2 and sorted(recorded) == list(range(len(advances)))
+    for index, position in recorded.items():
+        if index + 1 < len(advances):
+            assert position < advances[index + 1], events
