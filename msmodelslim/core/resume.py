@@ -358,6 +358,7 @@ class BlockCheckpoints:
         if self._writing is not None:
             self._writing.join()
             self._writing = None
+        self._error = None
 
     def remove(self) -> None:
         """The output is complete: the checkpoint is not part of it."""
