@@ -223,7 +223,7 @@ class ShardStream:
         self.total_bytes = 0
         self._open: Optional[_OpenShard] = None
         self._shards: list[tuple[Path, list[str]]] = []
-        self._unsynced: list[Path] = []  # shards closed since the last sync()
+        self._unsynced: list[Path] = []  # shards closed since the last sync_behind()
         self._writes = WriteBehind()
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
@@ -280,8 +280,9 @@ class ShardStream:
 
     # ---- resume --------------------------------------------------------------------------------------------
     def sync_behind(self) -> Callable[[], None]:
-        """`sync()` on the writer thread, after the writes queued so far, while the caller goes on adding: returns
-        the wait for it (a checkpoint written behind the next block waits before naming these bytes)."""
+        """Make everything added so far durable, on the writer thread after the writes queued so far, while the
+        caller goes on adding: returns the wait for it (a checkpoint written behind the next block waits before
+        naming these bytes)."""
         closed, self._unsynced = self._unsynced, []
         file = self._open.file if self._open is not None else None  # closed only after the writes drain
 
@@ -295,14 +296,8 @@ class ShardStream:
         return self._writes.barrier(make_durable)
 
     def sync(self) -> None:
-        """Everything added so far on disk for good (called before a checkpoint names it)."""
-        self._writes.drain()
-        if self._open is not None:
-            self._open.file.flush()
-            os.fsync(self._open.file.fileno())
-        for path in self._unsynced:
-            fsync_path(path)
-        self._unsynced = []
+        """Everything added so far on disk for good, before returning (`sync_behind`, waited for)."""
+        self.sync_behind()()
 
     def state(self) -> dict:
         """What is on disk now, as JSON: enough for `restore` to continue after a kill."""
