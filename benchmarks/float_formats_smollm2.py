@@ -53,10 +53,21 @@ def scheme_steps(name: str) -> list[dict]:
     rotates in blocks of n (`block_size: n`, e.g. 32 = one MX block) instead of the whole hidden size; `quarot+<scheme>`
     puts the rotation before any scheme, `quarot_online+<scheme>` (or `quarot<n>_online+`) adds the online rotations
     of o_proj's and every down_proj's input (max_tp_size 1: SmolLM2's 9 heads split into no power of 2 above 1),
-    optionally followed by `svd_res+` (rank 32),
+    optionally followed by `svd_res+` (rank 32), `adapt_online+<scheme>` the same with the rotation learned by
+    adapt_rotation (stage 1 in spec.prior, int4 per token, up_proj's inputs, 20 steps; `prior_of`) instead of the
+    random Hadamard one, `adapt+<scheme>` that without the online rotations, `<rotation>@<n>+<scheme>` (e.g.
+    `quarot_online@1+w4a4_int`) the rotation's random signs from seed n (stage 1 starts from the same),
     `awq+<scheme>` AWQ scored with the scheme's weight format (round to nearest) before a weight-only scheme,
     `sq<alpha>+<scheme>` SmoothQuant with that alpha before any scheme, `flex+<scheme>` flex_smooth_quant (alpha and
     beta searched per subgraph on the calibration data, scored with the scheme's own quantizers) before any scheme."""
+    head_seed, _, rest_seed = name.partition("@")  # quarot_online@1+...: that seed of the rotation (and stage 1)
+    if rest_seed:
+        seed_text, _, tail = rest_seed.partition("+")
+        steps = scheme_steps(f"{head_seed}+{tail}")
+        for step in steps:
+            if step.get("type") in ("quarot", "adapt_rotation"):
+                step["seed"] = int(seed_text)
+        return steps
     name, clip = name.removesuffix("+clip"), name.endswith("+clip")
     base, act_order = name.removesuffix("+ao"), name.endswith("+ao")
     block = None
@@ -64,7 +75,13 @@ def scheme_steps(name: str) -> list[dict]:
     online = "_online" if head.endswith("_online") else ""
     if head.startswith("quarot") and head[len("quarot"):].removesuffix(online).isdigit():  # quarot32+, quarot32_online+
         block, base = int(head[len("quarot"):].removesuffix(online)), f"quarot{online}+" + rest
-    if base not in SCHEMES and base.startswith("quarot+"):  # any scheme behind the whole-size rotation
+    if head in ("adapt", "adapt_online"):  # adapt_rotation stage 2; prior_of adds stage 1
+        stage_2 = {"type": "adapt_rotation", "stage": 2}
+        if head == "adapt_online":
+            stage_2.update(online=True, down_proj_online_layers=list(range(30)), max_tp_size=1)
+        svd = [SVD_RES] if rest.startswith("svd_res+") else []
+        steps = copy.deepcopy([stage_2, *svd, *SCHEMES[rest.removeprefix("svd_res+")]])
+    elif base not in SCHEMES and base.startswith("quarot+"):  # any scheme behind the whole-size rotation
         steps = copy.deepcopy([{"type": "quarot"}, *SCHEMES[base.removeprefix("quarot+")]])
     elif base.startswith("quarot_online+"):  # SmolLM2-135M has 30 decoder layers
         online = {"type": "quarot", "online": True, "down_proj_online_layers": list(range(30)), "max_tp_size": 1}
@@ -91,6 +108,14 @@ def scheme_steps(name: str) -> list[dict]:
         if clip and weight.get("method") == "gptq":
             weight["ext"] = {**weight.get("ext", {}), "clip_search": True}
     return steps
+
+
+def prior_of(steps: list[dict]) -> list[dict]:
+    """spec.prior for these steps: adapt_rotation's stage 1 (its defaults) where stage 2 is among them."""
+    for step in steps:
+        if step.get("type") == "adapt_rotation":
+            return [{"process": [{"type": "adapt_rotation", "stage": 1, "seed": step.get("seed", 0)}]}]
+    return []
 
 
 SEQUENTIAL_GROUPS = (["*q_proj", "*k_proj", "*v_proj"], ["*o_proj"], ["*gate_proj", "*up_proj"], ["*down_proj"])
@@ -213,8 +238,9 @@ def main() -> None:
         config = args.work_dir / f"{name}.yaml"
         nvfp4 = scheme.removesuffix("+ao") in NVFP4_SCHEMES
         saver = "compressed_tensors" if nvfp4 else "ascendv1_saver+compressed_tensors" if both else "ascendv1_saver"
-        write_config(config, variant_steps(scheme_steps(scheme), alpha, sequential), str(calib), "layer_wise", saver,
-                     {"next_block_inputs": "quantized"} if fed else None)
+        steps = variant_steps(scheme_steps(scheme), alpha, sequential)
+        write_config(config, steps, str(calib), "layer_wise", saver,
+                     {"next_block_inputs": "quantized"} if fed else None, prior_of(steps))
         out = args.work_dir / f"smollm2-{name}"
         seconds, rss = quantize_in_child(model_dir, config, out)
         ours = out / "ascendv1" if both else out

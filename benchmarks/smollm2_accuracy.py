@@ -184,6 +184,13 @@ SCHEMES.update({
     "w4a4_int_gptq": [linear({"act": ACT_INT4, "weight": {**WEIGHT_INT4, "method": "gptq"}})],
     "quarot+w4a4_int": [QUAROT, linear({"act": ACT_INT4, "weight": WEIGHT_INT4})],
     "quarot+w4a4_int_gptq": [QUAROT, linear({"act": ACT_INT4, "weight": {**WEIGHT_INT4, "method": "gptq"}})],
+    # the LAOS recipe's quantization (qwen3-w4a4 practice) with the protocol's 10 AutoRound steps instead of 400:
+    # W4A4_DYNAMIC gate/up, W8A8_DYNAMIC attention and down_proj
+    "laos_mix": [{"type": "autoround_quant", "iters": 10, "strategies": [
+        {"qconfig": {"act": DYNAMIC, "weight": {**WEIGHT_INT8, "method": "autoround"}},
+         "include": ["*self_attn*", "*.down_proj"]},
+        {"qconfig": {"act": ACT_INT4, "weight": {**WEIGHT_INT4, "method": "autoround"}},
+         "include": ["*.up_proj", "*.gate_proj"]}]}],
 })
 DEFAULT_SCHEMES = "w8a16,w8a8_dynamic,w8a8_static,w4a16_g64,w4a16_channel"
 
@@ -217,13 +224,14 @@ def weight_zeros(out: Path) -> str:
 
 
 def write_config(path: Path, process: list, dataset: str, runner: str, saver: str = "ascendv1_saver",
-                 calibration: dict | None = None) -> None:
+                 calibration: dict | None = None, prior: list | None = None) -> None:
     """`saver`: one saver type, or several joined by "+" (one run writes each into its own subfolder).
-    `calibration`: spec.calibration, when not the defaults."""
+    `calibration`: spec.calibration, when not the defaults. `prior`: spec.prior's stages, when any."""
     import yaml
 
     config = {"apiversion": "modelslim_v1", "spec": {
         "runner": runner,
+        **({"prior": prior} if prior else {}),
         "process": process,
         "save": [{"type": kind, "part_file_size": 4} for kind in saver.split("+")],
         "dataset": dataset}}

@@ -73,7 +73,8 @@ def test_quant_type_alone_quantizes(family_models, tmp_path, model_type, quant_t
     report = quantize(QuantizeRequest(model_path=source, save_path=tmp_path / "out", model_type=model_type,
                                       device=DeviceSpec("cpu"), quant_type=quant_type))
     expected = {"w8a8": "W8A8_DYNAMIC", "w8a16": "W8A16", "w4a8": "W4A8_DYNAMIC", "w8a8s": "W8A8S",
-                "w16a16s": "W16A16S", "w8a8c8": "W8A8_DYNAMIC", "w4a8c8": "W4A8_DYNAMIC"}[quant_type]
+                "w16a16s": "W16A16S", "w8a8c8": "W8A8_DYNAMIC", "w4a8c8": "W4A8_DYNAMIC",
+                "w4a4": "W4A4_DYNAMIC"}[quant_type]
     if pedigree in VLM_PEDIGREES:  # --quant_type on a VLM resolves to its multimodal_vlm_modelslim_v1 practice
         expected = VLM_PEDIGREES[pedigree]
         saved = (tmp_path / "out" / f"{model_type}_best_practice.yaml").read_text()

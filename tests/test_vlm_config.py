@@ -70,7 +70,10 @@ def test_errors_name_the_field_and_vlm_fields_belong_to_vlm_configs():
     assert "spec.process[0].qconfig.act.scope: 'per_tokn' is not one of" in error_of(vlm({"process": [
         {**LINEAR, "qconfig": {**W8A8_DYNAMIC, "act": {**W8A8_DYNAMIC["act"], "scope": "per_tokn"}}}]}))
     assert "spec.images: unknown key" in error_of(vlm({"images": "x"}))
-    assert "spec.prior: spec field 'prior' is not implemented yet" in error_of(vlm({"prior": [{"process": []}]}))
+    prior = {"prior": [{"process": [{"type": "adapt_rotation", "stage": 1}]}],
+             "process": [{"type": "adapt_rotation", "stage": 2}]}
+    assert "spec.prior: spec.prior (adapt_rotation stage 1) is not implemented yet for vision-language models" in \
+        error_of(vlm(prior))
     message = error_of({"apiversion": "modelslim_v1", "spec": {"default_text": "Describe."}})
     assert f"spec.default_text: a field of apiversion {VLM_APIVERSION}" in message
     assert "unknown saver type" in error_of(vlm({"save": [{"type": "safetensors_saver"}]}))

@@ -23,7 +23,6 @@ KV = "attention and KV-cache quantization"
 FLOAT_FORMATS = "floating-point formats"
 VLM = "vision-language"
 DIFFUSION = "diffusion"
-ROTATIONS = "adapt_rotation"
 # Runs on the diffusion service, on a tiny random diffusers pipeline of its family (not a language model checkpoint):
 # tests/test_diffusion_wan.py runs the row's YAML (msmodelslim/model/diffusion/).
 RUNS_DIFFUSION = "runs on a tiny pipeline of its family (tests/test_diffusion_*.py)"
@@ -109,7 +108,7 @@ ROWS: list[RecipeRow] = [
     _row("qwen3/qwen3-14b-dense-w8a8.yaml|modelslim_v0|w8a8|Qwen3-14B|anti=m4 → w8a8 pdmix||mix_calib.jsonl"),
     _row("qwen3/qwen3-14b-w8a8s.yaml|modelslim_v0|w8a8s|Qwen3-14B|anti=m4 → w4a8 lowbit+co_sparse||calib_prompt.jsonl"),
     _row("qwen3/qwen3-32b-dense-w16a16s.yaml|modelslim_v1|w16a16s|Qwen3-32B|float_sparse||long_calib.jsonl"),
-    _row("qwen3/qwen3-32b-dense-w4a4.yaml|modelslim_v1|w4a4|Qwen3-32B|prior: adapt_rotation(1) → adapt_rotation(2) → autoround_quant|int4/per_token→int4/per_channel/autoround; int8/per_token→int8/per_channel/autoround|laos_calib.jsonl", ROTATIONS),
+    _row("qwen3/qwen3-32b-dense-w4a4.yaml|modelslim_v1|w4a4|Qwen3-32B|prior: adapt_rotation(1) → adapt_rotation(2) → autoround_quant|int4/per_token→int4/per_channel/autoround; int8/per_token→int8/per_channel/autoround|laos_calib.jsonl"),
     _row("qwen3/qwen3-32b-dense-w8a8.yaml|modelslim_v0|w8a8|Qwen3-32B|anti=m4 → w8a8 pdmix||mix_calib.jsonl"),
     _row("qwen3/qwen3-32b-dense-w8a8c8.yaml|modelslim_v1|w8a8c8|Qwen3-32B|iter_smooth → linear_quant → dynamic_cache|C8:int8/per_channel; int8/pd_mix→int8/per_channel/minmax|qwen3_cot.json"),
     _row("qwen3/qwen3-32b-w8a8s.yaml|modelslim_v0|w8a8s|Qwen3-32B|calib w4a8 lowbit+co_sparse||cn_en.jsonl"),
@@ -259,7 +258,7 @@ def v1_process(row: RecipeRow, moe: bool) -> list[dict]:
         elif name == "adapt_rotation":
             process.append({"type": "adapt_rotation", "stage": int(arg)})
         elif name == "autoround_quant":
-            strategies = [{"qconfig": s.qconfig()} for s in linear]
+            strategies = [{"qconfig": s.qconfig(), "include": inc, "exclude": exc} for s, inc, exc in _targets(linear, moe)]
             process.append({"type": "autoround_quant", "strategies": strategies})
         else:  # online_quarot and the like
             process.append({"type": name})
@@ -273,8 +272,13 @@ def dataset_of(row: RecipeRow) -> str:
 
 
 def v1_config(row: RecipeRow, moe: bool) -> dict:
-    spec = {"process": v1_process(row, moe), "dataset": dataset_of(row),
+    """A `prior: ` pipeline's adapt_rotation stage 1 goes into spec.prior (on spec.dataset), as upstream writes it."""
+    steps = v1_process(row, moe)
+    prior = [s for s in steps if s["type"] == "adapt_rotation" and s["stage"] == 1]
+    spec = {"process": [s for s in steps if s not in prior], "dataset": dataset_of(row),
             "save": [{"type": "ascendv1_saver", "part_file_size": 4}]}
+    if prior:
+        spec = {"prior": [{"process": prior}], **spec}
     return {"apiversion": APIVERSION.get(row.apiversion, row.apiversion), "spec": spec}
 
 

@@ -57,6 +57,7 @@ MXFP4_LABEL = "W4A4_MXFP4 (mxfp4 activations and weights per block of 32, minmax
 # Steps a layer-scope scheme may not hold: the analysis compares one block's linear outputs, in isolation.
 REFUSED_STEPS = {
     "quarot": "it rotates the whole model (embeddings and head too), so one block cannot be scored alone",
+    "adapt_rotation": "it rotates the whole model (embeddings and head too), so one block cannot be scored alone",
     "dynamic_cache": "it quantizes the KV cache, not linears (score attention with 'analyze attn')",
     "kv_smooth": "it rescales K against the KV cache, not linears",
     "fa3_quant": "it quantizes attention Q/K/V, not linears (score it with 'analyze attn')",

@@ -31,6 +31,7 @@ from torch import nn
 
 from msmodelslim.app.estimate_output import (block_output_bytes, checkpoint_bytes, dtype_bytes, file_bytes,
                                              measure_block_bytes, outside_bytes, side_file_bytes, writing_seconds)
+from msmodelslim.app.estimate_prior import PriorCost, measure_prior
 from msmodelslim.app.estimate_report import RunEstimate
 from msmodelslim.core.config import RunnerType
 from msmodelslim.core.logging import get_logger
@@ -183,6 +184,10 @@ def _assumptions(job, decoder: list[str], leading: list[str], checkpoints: int, 
     if any(p.uses_reference for p in job.processors):
         assumptions.append("GPTAQ (gptaq_alpha): the float block's forward beside each GPTQ step's is timed; the "
                            "float model's hidden states it carries (one more per batch) are not counted in memory")
+    if job.prior:
+        assumptions.append(f"spec.prior ({len(job.prior)} stage(s)): one forward per block on each stage's data, "
+                           "timed on the last decoder block, and the learning measured on one chunk of rows; the "
+                           "main stage timed with QuaRot's starting rotation in place of the learned one")
     if os.environ.get("MSMODELSLIM_ACTIVATION_MEMORY_MIB"):
         assumptions.append("the activations stay in memory (MSMODELSLIM_ACTIVATION_MEMORY_MIB spilling is not "
                            "modelled)")
@@ -235,6 +240,8 @@ def estimate_run(job, request, startup_s: float, writer_factories: dict[str, Cal
         requests.append(next(forwards[-1]))
     embed_s = time.perf_counter() - clock
     rss_embedded = current_rss()
+    # spec.prior: timed on the last decoder block, so that the first one's load below is still a cold one
+    prior = measure_prior(job, model, decoder[-1], device, len(decoder)) if job.prior else PriorCost()
     load_peak = (peak_rss_since_reset() if load_peak_known else None) or rss_embedded
     total_tokens = sum(int(b["input_ids"].numel()) for b in batches)
     hidden_bytes = sum(_tensor_bytes(r.args[0], set()) for r in requests)  # one copy of every batch's activations
@@ -346,6 +353,8 @@ def estimate_run(job, request, startup_s: float, writer_factories: dict[str, Cal
         "writing": writing_seconds(write_s, disk_s, sum(output_bytes.values()), checkpointing),
         "checking": check_s,
     }
+    if job.prior:
+        phases["spec.prior stages"] = prior.seconds
     # the checkpoints: as many as the schedule gives for blocks of the estimated length
     block_s = sum(phases[p] for p in ("loading", "calibration forwards", "processing", "writing")) / max(blocks, 1)
     # each is written behind the next block (core/resume.py): the run waits only for what outlasts that block
@@ -367,7 +376,7 @@ def estimate_run(job, request, startup_s: float, writer_factories: dict[str, Cal
                            if not any(n.startswith(b + ".") for b in block_names)), default=0)
     after_blocks = max(resident - hidden_bytes, 0)
     saving = after_blocks + max(2 * largest_outside * stored_bytes, finish_peak)
-    peak_rss = max(load_peak, in_block, saving)
+    peak_rss = max(load_peak, in_block, saving, rss_embedded + prior.memory_bytes)
     receiving = receiving_directory(request.save_path)
     estimate = RunEstimate(int(peak_rss), output_bytes, shutil.disk_usage(receiving).free, receiving,
                            sum(phases.values()), phases, name, timed, len(batches), blocks, assumptions)

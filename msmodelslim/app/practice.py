@@ -43,8 +43,11 @@ KNOWN_QUANT_TYPES = ("w8a8", "w8a16", "w4a8", "w4a16", "w4a4", "w8a8s", "w16a16s
 _MISSING = {
     "w4a8": "no dense W4A8 recipe has been measured yet (MoE families have one), and vLLM-Ascend loads "
             "W4A8 only for MoE experts; write a config with method ssz or gptq",
-    "w4a4": "its recipe needs a learned rotation (adapt_rotation) before autoround_quant",
+    "w4a4": "its recipe, LAOS (a rotation learned by adapt_rotation, then autoround_quant), is verified for Qwen3-32B "
+            "only: lab_practice/qwen3/qwen3-w4a4.yaml; copy it into a config for another model",
 }
+# Reasons that are not a missing feature: the refusal does not say "not implemented".
+_NOT_VERIFIED = ("w4a8", "w4a4")
 
 
 class PracticeNeedsConsent(MsModelSlimError):
@@ -189,8 +192,9 @@ def select_practice(
     fallback = find_practice(model_type, DEFAULT_PEDIGREE, label)
     if fallback is None:
         reason = _MISSING.get(name, "KV-cache / attention quantization" if name[-2:] in ("c8", "f4", "f8") else "")
+        missing = "" if name in _NOT_VERIFIED else "; not implemented in this version"
         raise UnsupportedError(
-            f"--quant_type {name} has no practice yet ({reason}; not implemented in this version). "
+            f"--quant_type {name} has no practice yet ({reason}{missing}). "
             f"Run 'msmodelslim practices' for what is available, or write a config and pass --config_path"
         )
     question = (f"No verified {name} practice for {model_type}. The generic one is {fallback.path}; "

@@ -14,7 +14,7 @@ import shutil
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -29,6 +29,7 @@ from msmodelslim.app.quantize_checks import (refuse_duplicate_savers, refuse_mis
                                              refuse_steps_the_format_lacks, refuse_undistributable,
                                              writer_class_of)
 from msmodelslim.app.quantize_output import finish_outputs, make_writer, make_writers, saved_practice, subfolders
+from msmodelslim.app.quantize_prior import PriorRun, prior_runs, run_prior
 from msmodelslim.app.quantize_request import (QuantizeReport, QuantizeRequest, load_practice, peak_rss_mib,
                                             require_model_dir, with_model_type)
 from msmodelslim.core.activations import ActivationSpill
@@ -52,7 +53,7 @@ from msmodelslim.format.staging import (RESUME_STATE, check_save_path, discard_r
                                         staged_directory)
 from msmodelslim.model.passthrough import UnreadTensors
 from msmodelslim.model.registry import create_adapter, resolve
-from msmodelslim.processor.base import Processor, ProcessorContext, build_pipeline
+from msmodelslim.processor.base import PriorResults, Processor, ProcessorContext, build_pipeline
 
 log = get_logger("app.quantize")
 
@@ -91,6 +92,8 @@ class _Job:
     source_tensors: list[str]  # every tensor of the input checkpoint (the output must account for each)
     fingerprint: Optional[Fingerprint] = None  # what the block checkpoints are tied to (None: dp_layer_wise)
     resume_from: Optional[ResumePoint] = None  # --resume: the killed run's last checkpoint (writer state unread yet)
+    prior: list[PriorRun] = field(default_factory=list)  # spec.prior, run before the main walk
+    prior_results: PriorResults = field(default_factory=PriorResults)  # what they hand to the main stage
 
 
 def _launches_ranks(runner: RunnerType) -> bool:
@@ -150,20 +153,27 @@ def _prepare(request: QuantizeRequest, in_rank: bool = False) -> _Job:
     refuse_smoothing_after_online_rotation(config)
     adapter = create_adapter(request.model_type, str(request.model_path), request.trust_remote_code, entry)
     refuse_mismatched_modality(config, adapter, request.model_type)
+    prior_results = PriorResults(estimating=request.dry_run)
     context = ProcessorContext(type(adapter).__name__, adapter.structure, adapter.attention_shape(),
-                               mla=adapter.mla_shape())
+                               mla=adapter.mla_shape(), prior=prior_results)
     processors = build_pipeline(config.spec.process, context)
     if runner == RunnerType.dp_layer_wise:
         refuse_undistributable(config, processors)
     needs_data = any(p.needs_calibration for p in processors)
     calibration = load_calibration(config, adapter) if needs_data else []
+    prior = prior_runs(config, runner, context)
     device = request.device.primary
     ranks = f" x {data_parallel_world(request.device)} ranks" if runner == RunnerType.dp_layer_wise else ""
     # Planned on the empty (meta-device) model: a rule or scheme problem fails before any weight is read.
     skeleton = adapter.init_skeleton()
     plan = plan_layers(config, processors, skeleton, adapter.block_names(skeleton))
+    for stage in prior:
+        for processor in stage.processors:
+            processor.check_model(skeleton, adapter.block_names(skeleton))
     unread = adapter.unread_tensors(skeleton)  # names and headers only
-    fingerprint, resume_from = _resume_point(request, config, runner, calibration, adapter.block_names(skeleton))
+    # the prior stages' data shape the main stage too (a learned rotation): a change of it refuses --resume
+    fingerprinted = calibration + [sample for stage in prior for sample in stage.calibration] if prior else calibration
+    fingerprint, resume_from = _resume_point(request, config, runner, fingerprinted, adapter.block_names(skeleton))
     refuse_inconsistent_passthrough(processors, unread, request.model_path)
     if not in_rank:  # never silently: the user sees what the output holds beyond the model, and what it omits
         log_unread(unread)
@@ -184,8 +194,11 @@ def _prepare(request: QuantizeRequest, in_rank: bool = False) -> _Job:
         if len(config.spec.save) > 1:
             log.info("%d output formats from one calibration: %s", len(config.spec.save),
                      ", ".join(f"{save.type} in {request.save_path / SUBFOLDERS[save.type]}" for save in config.spec.save))
+        for i, stage in enumerate(prior):
+            log.info("spec.prior[%d]: %s on %d calibration samples, before the main stage", i,
+                     ", ".join(type(p).__name__ for p in stage.processors), len(stage.calibration))
     return _Job(config, runner, adapter, processors, calibration, model, plan, spill, required, unread,
-                adapter.checkpoint.names(), fingerprint, resume_from)
+                adapter.checkpoint.names(), fingerprint, resume_from, prior, prior_results)
 
 
 def _resume_point(request: QuantizeRequest, config: PracticeConfig, runner: RunnerType, calibration: CalibrationData,
@@ -227,6 +240,7 @@ def _execute(job: _Job, request: QuantizeRequest, collective: Collective, stagin
     layer_wise = job.runner != RunnerType.model_wise
     writes = collective.rank == 0
     description, warnings = {}, []
+    run_prior(job, device)
     resume = job.resume_from
     staged = staged_directory(request.save_path, request.overwrite, resume.staging if resume else None)
     with staged if writes else nullcontext() as staging:

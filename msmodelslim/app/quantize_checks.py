@@ -14,6 +14,11 @@ def process_steps(configs) -> list:
     return [s for c in configs for s in (process_steps(c.configs) if c.type == "group" else [c])]
 
 
+def rotates_online(step) -> bool:
+    """quarot, or adapt_rotation's stage 2 (quarot with a learned rotation), with online: true."""
+    return step.type in ("quarot", "adapt_rotation") and bool(getattr(step, "online", False))
+
+
 def writer_class_of(saver_type: str):
     return CompressedTensorsWriter if saver_type == "compressed_tensors" else AscendV1Writer
 
@@ -41,7 +46,7 @@ def refuse_steps_the_format_lacks(config: PracticeConfig) -> None:
             reason = getattr(writer_class, "UNSUPPORTED_STEPS", {}).get(step.type)
             if step.type == "dynamic_cache":  # which KV cache the engine reads depends on the format
                 reason = kv_cache_refusals.get(step.qconfig.dtype.value)
-            if step.type == "quarot" and step.online:
+            if rotates_online(step):
                 reason = getattr(writer_class, "UNSUPPORTED_ONLINE_ROTATION", None)
             if reason:
                 raise UnsupportedError(f"spec.process: {step.type} cannot be saved as {save.type}: {reason}")
@@ -58,7 +63,7 @@ def refuse_smoothing_after_online_rotation(config: PracticeConfig) -> None:
     at run time (a scale on X is not one on T·X): named before any work, with the order that works."""
     rotated: set[str] = set()
     for step in process_steps(config.spec.process):
-        if step.type == "quarot" and step.online:
+        if rotates_online(step):
             rotated = online_rotated_subgraphs(step)
             continue
         kinds = [k for k in getattr(step, "enable_subgraph_type", None) or [] if k in rotated]

@@ -28,6 +28,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, SerializerFunct
 from msmodelslim.core.calibration import EarlyStop, ReducedPrecision
 from msmodelslim.core.errors import ConfigError, MsModelSlimError
 from msmodelslim.core.logging import get_logger
+from msmodelslim.core.prior import PriorStage, check_stages
 from msmodelslim.core.roadmap import not_yet
 from msmodelslim.core.v0 import Translation, translate_document
 from msmodelslim.core.yaml_reader import read_yaml_file
@@ -79,7 +80,7 @@ SAVER_TYPES = ("ascendv1_saver", "compressed_tensors")
 
 # Processors that rewrite float weights (exactly, in float) and so must see them before quantization.
 FLOAT_TRANSFORMS = ("smooth_quant", "iter_smooth", "flex_smooth_quant", "flex_awq_ssz", "awq", "quarot", "kv_smooth",
-                    "svd_res")
+                    "svd_res", "adapt_rotation")
 
 
 # Steps that replace linears, or fix KV-cache ranges that a later change of V or K would invalidate.
@@ -144,10 +145,16 @@ class Spec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     runner: RunnerType = RunnerType.auto
+    prior: list[PriorStage] = Field(default_factory=list)
     process: list[ProcessorConfig] = Field(default_factory=list)
     save: list[SaverConfig] = Field(default_factory=_default_save)
     dataset: str = Field("mix_calib.jsonl", max_length=4096)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+
+    @model_validator(mode="after")
+    def _prior_stages(self) -> "Spec":
+        check_stages(self.prior, self.process)
+        return self
 
     @model_validator(mode="after")
     def _transforms_before_quantization(self) -> "Spec":
@@ -210,6 +217,14 @@ class VlmSpec(Spec):
             log.warning("spec.runner %s: a multimodal_vlm_modelslim_v1 run is always layer_wise (the vision tower "
                         "as one block, the text decoder one layer at a time); running layer_wise", runner.value)
         return RunnerType.layer_wise
+
+    @field_validator("prior")
+    @classmethod
+    def _no_prior_yet(cls, prior: list) -> list:
+        if prior:
+            raise ValueError("spec.prior (adapt_rotation stage 1) is not implemented yet for vision-language models "
+                             "(apiversion multimodal_vlm_modelslim_v1); it runs for text models (modelslim_v1)")
+        return prior
 
     @field_validator("default_text")
     @classmethod

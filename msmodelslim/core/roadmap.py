@@ -21,13 +21,11 @@ MINDIE_TEXT = ("the MindIE-SD layout for text and vision-language models; this v
 
 NOT_YET: dict[str, dict[str, str]] = {
     "processor": {
-        "online_quarot": ONLINE_ROTATION_TEXT, "adapt_rotation": ROTATIONS, "flatquant": ROTATIONS,
+        "online_quarot": ONLINE_ROTATION_TEXT, "flatquant": ROTATIONS,
     },
     "dtype": {"hifloat8": FLOAT_FORMATS},
     "saver": {"mindie_format_saver": MINDIE_TEXT},
     "apiversion": {"modelslim_convert": FLOAT_FORMATS},
-    # spec.prior: stages run before the main one (the established tool's two-stage adapt_rotation recipe)
-    "spec field": {"prior": ROTATIONS},
 }
 
 

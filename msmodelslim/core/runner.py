@@ -263,6 +263,7 @@ def run_blocks(
     resume: Optional[ResumePoint] = None,
     precision: Optional[ReducedPrecision] = None,
     quantized_inputs: bool = False,
+    label: str = "quantize blocks",
 ) -> RunStats:
     """Quantize every block; `batches` are this rank's share, `writer` is None on ranks that do not write.
     `spill`, when given, moves the activations between blocks to disk if they exceed its budget. `unread`: the
@@ -272,7 +273,7 @@ def run_blocks(
     checkpoint, continued.
     `precision`: spec.calibration.precision when not float32 (range-only calibration forwards under autocast).
     `quantized_inputs`: the next block calibrates on this block's quantized outputs (spec.calibration
-    next_block_inputs), not on its float ones."""
+    next_block_inputs), not on its float ones. `label`: the progress bar's."""
     needs_data = any(p.needs_calibration for p in processors)
     as_stored = blocks_as_stored(processors)
     reference = None  # the float model's hidden states, when a processor fits to them (core/reference.py)
@@ -311,7 +312,7 @@ def run_blocks(
         start = resume.next_block  # the writer was restored to that point (app/quantize.py)
         log.info("resumed: blocks %s to %s were finished by the interrupted run; continuing with block %d of %d",
                  block_names[0], block_names[start - 1], start, len(block_names))
-    bar = tqdm(adapter.generate_model_visit(model), total=len(block_names), desc="quantize blocks", unit="block",
+    bar = tqdm(adapter.generate_model_visit(model), total=len(block_names), desc=label, unit="block",
                disable=progress_disabled())
     for index, visit in enumerate(bar):
         name = visit.name

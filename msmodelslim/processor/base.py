@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Callable, Optional, Protocol, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -128,6 +128,16 @@ class Processor(ABC):
         """Config keys, extra files and description entries the saved checkpoint needs from this processor."""
         return OutputEdits()
 
+    def publish(self) -> dict[str, Any]:
+        """A spec.prior stage's processor, once its walk over the blocks is done: what it learned, by name, for the
+        main stage's processors (PriorResults). Main-stage processors publish nothing."""
+        return {}
+
+    def publish_cost(self, tokens: int) -> tuple[float, int]:
+        """A dry run's estimate of `publish` after a walk over `tokens` calibration tokens: (seconds, bytes of what
+        the walk kept for it). Measured on a small piece, never by running it."""
+        return 0.0, 0
+
     def changes_passthrough(self, group: PassThroughGroup) -> bool:
         """Whether `transform_passthrough` changes this group of checkpoint tensors the model does not read (e.g.
         one multi-token-prediction layer). Only such a group is read whole, in float32; the others are copied
@@ -162,6 +172,22 @@ def quant_rules(configs: Sequence) -> tuple[QuantRule, ...]:
     return tuple(out)
 
 
+class PriorResults:
+    """What the spec.prior stages learned (e.g. adapt_rotation's rotation), by name, handed to the main stage: the
+    established tool's shared context. One per run. In a dry run no prior stage runs (`estimating`): a main-stage
+    processor then times itself with a stand-in of the same shape."""
+
+    def __init__(self, estimating: bool = False) -> None:
+        self.estimating = estimating
+        self._values: dict[str, Any] = {}
+
+    def put(self, name: str, value: Any) -> None:
+        self._values[name] = value
+
+    def get(self, name: str) -> Optional[Any]:
+        return self._values.get(name)
+
+
 @dataclass(frozen=True)
 class ProcessorContext:
     """What a processor may know about the model and the pipeline: the model's structure as data (never the
@@ -174,6 +200,7 @@ class ProcessorContext:
     # The rules of every later step (later siblings in a group, then the steps after the group): what the
     # linears this processor sees will be quantized with. Empty: nothing after this step quantizes.
     following: tuple[QuantRule, ...] = ()
+    prior: PriorResults = field(default_factory=PriorResults)  # shared by the prior stages and the main one
 
     def scheme_of(self, linear_name: str) -> Optional[LinearQConfig]:
         """The qconfig a later step gives this linear (full name), None when it stays float in this run. The

@@ -6,6 +6,8 @@ from typing import Annotated, Union
 from pydantic import Field
 
 from msmodelslim.processor.base import PROCESSORS, build_processor  # noqa: F401 - re-exported
+from msmodelslim.processor.adapt_rotation import processor as _adapt_rotation  # noqa: F401 - "adapt_rotation"
+from msmodelslim.processor.adapt_rotation.config import AdaptRotationConfig
 from msmodelslim.processor.autoround import processor as _autoround  # noqa: F401 - registers "autoround_quant"
 from msmodelslim.processor.autoround.config import AutoRoundQuantConfig
 from msmodelslim.processor.dynamic_cache import processor as _dynamic_cache  # noqa: F401 - registers "dynamic_cache"
@@ -36,7 +38,7 @@ from msmodelslim.processor.svd_res.config import SvdResConfig
 ProcessorConfig = Annotated[
     Union[LinearQuantConfig, GroupConfig, SmoothQuantConfig, IterSmoothConfig, FlexSmoothQuantConfig, QuaRotConfig,
           FlexAwqSszConfig, AwqConfig, AutoRoundQuantConfig, FloatSparseConfig, DynamicCacheConfig, KVSmoothConfig,
-          FA3QuantConfig, SvdResConfig],
+          FA3QuantConfig, SvdResConfig, AdaptRotationConfig],
     Field(discriminator="type"),
 ]
 GroupConfig.model_rebuild(_types_namespace={"ProcessorConfig": ProcessorConfig})

@@ -1,0 +1,70 @@
+"""The dry-run estimate of spec.prior's stages (app/estimate.py): each walks the float model once on its own data
+before the main stage, then learns from what it kept (adapt_rotation stage 1).
+
+Measured like the main stage: one decoder block is loaded and runs the stage's processors on its first batches;
+the forward time is scaled by the stage's tokens and the blocks, the learning's by the processors' own measure
+(`publish_cost`). The memory beyond the main run's resident set: a second copy of the non-block tables (the stage
+walks a model of its own), the stage's activations in and out of a block, and the rows kept."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from msmodelslim.core.runner import process_block
+from msmodelslim.model.interface import ProcessRequest
+
+TIMED_TOKENS = 2048
+TIMED_BATCHES = 8
+
+
+@dataclass
+class PriorCost:
+    seconds: float = 0.0
+    memory_bytes: int = 0
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def measure_prior(job, model: nn.Module, block_name: str, device: torch.device, blocks: int) -> PriorCost:
+    """`model`: the dry run's model with its non-block tables loaded; `block_name`: a decoder block (loaded, run and
+    released here); `blocks`: how many the real walk visits."""
+    adapter = job.adapter
+    block_names = adapter.block_names(model)
+    # the stage's own model loads the non-block tables again (the dry run's copy of them is what it reads)
+    outside = sum(_tensor_bytes(p) for n, p in model.named_parameters()
+                  if not p.is_meta and not any(n.startswith(b + ".") for b in block_names))
+    cost = PriorCost()
+    for stage in job.prior:
+        batches = adapter.handle_dataset(stage.calibration, device)
+        tokens = sum(int(b["input_ids"].numel()) for b in batches)
+        timed, timed_tokens = 0, 0
+        while timed < min(len(batches), TIMED_BATCHES) and timed_tokens < TIMED_TOKENS:
+            timed_tokens += int(batches[timed]["input_ids"].numel())
+            timed += 1
+        forwards = [adapter.generate_model_forward(model, batch) for batch in batches[:timed]]
+        requests = [next(f) for f in forwards]
+        hidden = sum(_tensor_bytes(r.args[0]) for r in requests) * tokens // max(timed_tokens, 1)
+        clock = time.perf_counter()
+        adapter.load_block(model, block_name, device)
+        load_s = time.perf_counter() - clock
+        block = model.get_submodule(block_name)
+        # the first block's inputs, fed to this one (decoder layers take the same shapes)
+        requests = [ProcessRequest(block_name, block, r.args, r.kwargs) for r in requests]
+        clock = time.perf_counter()
+        process_block(block_name, block, stage.processors, requests)
+        forward_s = time.perf_counter() - clock
+        adapter.release_block(model, block_name)
+        for generator in forwards:
+            generator.close()
+        learn_s, kept = 0.0, 0
+        for processor in stage.processors:
+            seconds, held = processor.publish_cost(tokens)
+            learn_s, kept = learn_s + seconds, kept + held
+        cost.seconds += (load_s + forward_s * tokens / max(timed_tokens, 1)) * blocks + learn_s
+        cost.memory_bytes = max(cost.memory_bytes, outside + 2 * hidden + kept)
+    return cost
