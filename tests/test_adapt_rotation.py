@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from helpers import SCHEMES, run_quant, small_calib
+from test_quarot import with_norm_weights  # norm gains far from 1: a gain kept in stage 1's rows would show
 from msmodelslim.core.config import parse_config
 from msmodelslim.core.errors import ConfigError, InvalidDatasetError, UnsupportedError
 from msmodelslim.core.resume import INTERVAL_ENV
@@ -168,18 +169,6 @@ def write(path: Path, dataset: str, process: list, prior: list | None = None, ru
         fields["prior"] = prior
     path.write_text(yaml.safe_dump(spec(**fields)))
     return path
-
-
-def with_norm_weights(source: Path):
-    """Norm gains far from 1: a stage 1 that kept them in its rows, or a missing fold, would show."""
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.copy_(0.5 + torch.rand(param.shape, generator=g))
-    model.save_pretrained(source)
-    return model
 
 
 def logits(model, seed: int = 1) -> torch.Tensor:
