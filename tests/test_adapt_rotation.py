@@ -254,20 +254,34 @@ def test_a_prior_stage_on_its_own_dataset_is_read_before_any_weight(tmp_path, mo
     assert not read and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("prior,runner,words", [
-    ([{"process": [{**STAGE_1, "layer_type": ["down_proj"]}]}], "layer_wise", "which do(es) not read the residual"),
-    ([{"process": [{**STAGE_1, "layer_type": ["no_such_linear"]}]}], "layer_wise", "names no linear"),
-    ([{"process": [STAGE_1]}], "dp_layer_wise", "spec.prior runs with spec.runner layer_wise or model_wise"),
+@pytest.mark.parametrize("layer_type,words", [
+    (["down_proj"], "which do(es) not read the residual"),
+    (["no_such_linear"], "names no linear"),
 ])
-def test_what_stage_1_cannot_do_is_refused_by_name_before_any_weight(tmp_path, prior, runner, words):
+def test_what_stage_1_cannot_do_is_refused_by_name_before_any_weight(tmp_path, layer_type, words):
     source = make_tiny_model(tmp_path / "src", "llama", seed=3)
-    config = write(tmp_path / "c.yaml", small_calib(tmp_path), [STAGE_2], prior, runner)
-    from msmodelslim.core.device import DeviceSpec
+    prior = [{"process": [{**STAGE_1, "layer_type": layer_type}]}]
+    config = write(tmp_path / "c.yaml", small_calib(tmp_path), [STAGE_2], prior)
     with pytest.raises(UnsupportedError) as caught:
-        run_quant(source, tmp_path / "out", config, device=DeviceSpec("cpu", (0, 1)) if runner.startswith("dp")
-                  else DeviceSpec("cpu"))
+        run_quant(source, tmp_path / "out", config)
     assert words in str(caught.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_two_data_parallel_ranks_write_what_one_process_writes(tmp_path):
+    """Each rank forwards its share of the prior stage's data and the rows are gathered in rank order: with no rank
+    over 2·max_samples tokens, the rows, and so the rotation and every byte, are one process's."""
+    from msmodelslim.core.device import DeviceSpec
+
+    source = make_tiny_model(tmp_path / "src", "llama", seed=3)
+    dataset = small_calib(tmp_path)
+    steps = [STAGE_2, {"type": "linear_quant", "qconfig": SCHEMES["w8a8_dynamic"], "exclude": ["lm_head"]}]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_quant(source, one, write(tmp_path / "one.yaml", dataset, steps, [{"process": [STAGE_1]}]))
+    run_quant(source, two, write(tmp_path / "two.yaml", dataset, steps, [{"process": [STAGE_1]}], "dp_layer_wise"),
+              device=DeviceSpec("cpu", (0, 1)))
+    files = lambda out: {p.name: p.read_bytes() for p in sorted(out.rglob("*.safetensors"))}
+    assert files(one) == files(two) and "quarot.safetensors" in files(one)
 
 
 def test_a_dry_run_plans_without_learning(tmp_path):
@@ -333,3 +347,22 @@ def test_the_laos_practice_serves_qwen3_32b_and_runs(tmp_path):
     assert description["model.layers.0.mlp.down_proj.weight"] == "W8A8_DYNAMIC"
     assert description["model.layers.0.self_attn.q_proj.weight"] == "W8A8_DYNAMIC"
     assert "global_rotation" in load_file(tmp_path / "out" / "optional" / "quarot.safetensors")
+
+
+@pytest.mark.parametrize("family,model_type", [("qwen3_moe", "Qwen3-30B-A3B"), ("deepseek_v3", "DeepSeek-V3")])
+def test_moe_and_latent_attention_families_learn_and_stay_exact(tmp_path, family, model_type):
+    """up_proj names the routed and shared experts' up projections: their norm is collected once per layer; the
+    rotation reaches the router and every expert as quarot's does."""
+    from test_quarot_moe import randomize_gains
+
+    source = make_tiny_model(tmp_path / "src", family, seed=5)
+    model = randomize_gains(source)
+    run_quant(source, tmp_path / "out", write(tmp_path / "c.yaml", small_calib(tmp_path), [STAGE_2],
+                                              [{"process": [STAGE_1]}]), model_type)
+    rotated = load_ascendv1(tmp_path / "out")
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        delta = (model(input_ids=ids).logits - rotated(input_ids=ids).logits).abs().max().item()
+    assert delta < 1e-4
+    q = load_file(tmp_path / "out" / "optional" / "quarot.safetensors")["global_rotation"].double()
+    assert not torch.allclose(q, starting_rotation(model.config.hidden_size, -1, 0), atol=1e-3)

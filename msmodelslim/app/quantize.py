@@ -240,7 +240,7 @@ def _execute(job: _Job, request: QuantizeRequest, collective: Collective, stagin
     layer_wise = job.runner != RunnerType.model_wise
     writes = collective.rank == 0
     description, warnings = {}, []
-    run_prior(job, device)
+    run_prior(job, device, collective)
     resume = job.resume_from
     staged = staged_directory(request.save_path, request.overwrite, resume.staging if resume else None)
     with staged if writes else nullcontext() as staging:

@@ -8,6 +8,7 @@ import torch
 
 from msmodelslim.core.config import PracticeConfig, RunnerType
 from msmodelslim.core.dataset import load_texts
+from msmodelslim.core.distributed import LOCAL, Collective, contiguous_share
 from msmodelslim.core.errors import MsModelSlimError, UnsupportedError
 from msmodelslim.core.runner import run_blocks
 from msmodelslim.core.vlm_dataset import CalibrationData
@@ -25,10 +26,6 @@ class PriorRun:
 def prior_runs(config: PracticeConfig, runner: RunnerType, context: ProcessorContext) -> list[PriorRun]:
     """spec.prior's stages, each with its processors and its calibration data (spec.dataset unless it names its
     own), read now so that a bad dataset is named before any weight is read."""
-    if config.spec.prior and runner == RunnerType.dp_layer_wise:
-        raise UnsupportedError("spec.prior runs with spec.runner layer_wise or model_wise; under dp_layer_wise its "
-                               "steps (adapt_rotation stage 1) cannot merge what each rank collects yet. Set "
-                               "spec.runner: layer_wise, or use one device")
     runs = []
     for i, stage in enumerate(config.spec.prior):
         try:
@@ -36,11 +33,18 @@ def prior_runs(config: PracticeConfig, runner: RunnerType, context: ProcessorCon
         except MsModelSlimError as exc:
             where = f"spec.prior[{i}].dataset" if stage.dataset else f"spec.dataset (spec.prior[{i}] calibrates on it)"
             raise type(exc)(f"{where}: {exc}") from None
-        runs.append(PriorRun(build_pipeline(stage.process, context), texts))
+        processors = build_pipeline(stage.process, context)
+        if runner == RunnerType.dp_layer_wise:
+            for j, processor in enumerate(processors):
+                reason = processor.data_parallel_refusal()
+                if reason:
+                    raise UnsupportedError(f"spec.prior[{i}].process[{j}] cannot run under dp_layer_wise: {reason}. "
+                                           f"Use spec.runner: layer_wise (one device)")
+        runs.append(PriorRun(processors, texts))
     return runs
 
 
-def run_prior(job, device: torch.device) -> None:
+def run_prior(job, device: torch.device, collective: Collective = LOCAL) -> None:
     """Each spec.prior stage walks the float model once (no writer: it changes no weight), then hands what it
     learned to the main stage. layer_wise reads the blocks again afterwards; a fresh model holds the stage's
     embeddings, since a layer_wise walk releases the tables of the model it walks."""
@@ -48,8 +52,10 @@ def run_prior(job, device: torch.device) -> None:
         model_wise = job.runner == RunnerType.model_wise
         model = job.model if model_wise else job.adapter.load_weights(job.adapter.init_skeleton(), device,
                                                                       load_layers=False, defer_output_head=True)
-        batches = job.adapter.handle_dataset(stage.calibration, device)
-        run_blocks(job.adapter, model, stage.processors, None, batches, device, not model_wise,
+        # dp_layer_wise: each rank forwards its contiguous share, and the processors gather what they kept
+        batches = contiguous_share(job.adapter.handle_dataset(stage.calibration, device), collective.rank,
+                                   collective.world)
+        run_blocks(job.adapter, model, stage.processors, None, batches, device, not model_wise, collective,
                    label=f"spec.prior[{i}] blocks")
         del model, batches
         for processor in stage.processors:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,9 @@ from msmodelslim.processor.quarot.config import QuaRotConfig
 from msmodelslim.processor.quarot.hadamard import block_diagonal, random_rotation
 from msmodelslim.processor.quarot.processor import QuaRotProcessor
 from msmodelslim.processor.sampling import ThinnedRowSample
+
+if TYPE_CHECKING:
+    from msmodelslim.core.distributed import Collective
 
 log = get_logger("adapt_rotation")
 RESULT = "adapt_rotation"  # the name stage 1 publishes the rotation under
@@ -131,6 +134,19 @@ class AdaptRotationLearner(Processor):
             # the norm without its gain: what the linears read once QuaRot folded the gain into them
             sample.add(F.rms_norm(x.float(), (x.shape[-1],), eps=eps))
         return hook
+
+    def data_parallel_refusal(self) -> Optional[str]:
+        return None  # synchronize gathers every rank's rows
+
+    def synchronize(self, block_name: str, block: nn.Module, collective: "Collective") -> None:
+        """dp_layer_wise: every rank's rows in rank order (contiguous data shares: a single process's order),
+        thinned again to max_samples; every rank then learns the same rotation from the same rows. Where no rank
+        thinned (at most 2·max_samples tokens each) these are exactly the rows one process keeps."""
+        for norm_name, sample in self._samples.items():
+            rows = torch.cat(sample.rows) if sample.rows else torch.zeros(0, self.hidden)
+            merged = ThinnedRowSample(self.config.max_samples)
+            merged.add(collective.gather_rows(rows))
+            self._samples[norm_name] = merged
 
     def after_forward(self, block_name: str, block: nn.Module) -> None:
         for hook in self._hooks:
