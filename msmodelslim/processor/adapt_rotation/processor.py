@@ -94,6 +94,7 @@ class AdaptRotationLearner(Processor):
         the stream's."""
         s = self.context.structure.rotation
         self.hidden = model.get_submodule(s.embedding).weight.shape[1]
+        self.norms = {}
         wanted = self.config.layer_type
         off_stream: set[str] = set()
         for block_name in block_names:
@@ -168,7 +169,6 @@ class AdaptRotationLearner(Processor):
                  "Hadamard, %.4g learned (step %d of %d)", len(rows), len(self.norms), self.config.quant_dtype,
                  learned.errors[0], learned.errors[learned.best_step], learned.best_step, self.config.steps)
         return {RESULT: learned.rotation}
-
 
     def publish_cost(self, tokens: int) -> tuple[float, int]:
         """The rows kept (at most max_samples per collected norm) and the learning's time: a step and an error pass
