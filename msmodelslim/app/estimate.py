@@ -33,6 +33,7 @@ from msmodelslim.app.estimate_output import (block_output_bytes, checkpoint_byte
                                              measure_block_bytes, outside_bytes, side_file_bytes, writing_seconds)
 from msmodelslim.app.estimate_prior import PriorCost, measure_prior
 from msmodelslim.app.estimate_report import RunEstimate
+from msmodelslim.app.estimate_sample import tensor_bytes, timed_batches
 from msmodelslim.core.config import RunnerType
 from msmodelslim.core.logging import get_logger
 from msmodelslim.core.memory import (bound_heap_growth, current_rss, peak_rss_since_reset, release_free_heap,
@@ -47,20 +48,9 @@ from msmodelslim.quantizer.primitives import all_finite
 
 log = get_logger("app.estimate")
 
-TIMED_TOKENS = 2048  # the first block is calibrated on the first batches up to about this many tokens
-TIMED_BATCHES = 8
 
 
 # ---- the measurement -----------------------------------------------------------------------------------------
-def _timed_batches(batches: list[dict]) -> int:
-    tokens = 0
-    for i, batch in enumerate(batches):
-        tokens += int(batch["input_ids"].numel())
-        if tokens >= TIMED_TOKENS or i + 1 >= TIMED_BATCHES:
-            return i + 1
-    return len(batches)
-
-
 class _ForwardClock:
     """Seconds and tokens of each call of a module's forward (the calibration forwards: what grows with the
     samples). The first call pays one-time costs (allocator, kernels' first use), so the rate leaves it out."""
@@ -99,21 +89,6 @@ def _run_processors(name: str, block: nn.Module, processors: list, requests: lis
     reference = ReferenceStream.for_one_block(requests) if any(p.uses_reference for p in processors) else None
     return process_block(name, block, processors, requests, precision=calibration.reduced_precision(),
                          quantized_outputs=calibration.next_block_inputs == "quantized", reference=reference) or []
-
-
-def _tensor_bytes(value, seen: set[int]) -> int:
-    """Bytes of the tensors in a nested args/kwargs structure, each storage once."""
-    if isinstance(value, torch.Tensor):
-        key = value.untyped_storage().data_ptr()
-        if key in seen:
-            return 0
-        seen.add(key)
-        return value.untyped_storage().nbytes()
-    if isinstance(value, (list, tuple)):
-        return sum(_tensor_bytes(v, seen) for v in value)
-    if isinstance(value, dict):
-        return sum(_tensor_bytes(v, seen) for v in value.values())
-    return 0
 
 
 def _check_seconds(directory: Path) -> float:
@@ -244,7 +219,7 @@ def estimate_run(job, request, startup_s: float, writer_factories: dict[str, Cal
     prior = measure_prior(job, model, decoder[-1], device, len(decoder)) if job.prior else PriorCost()
     load_peak = (peak_rss_since_reset() if load_peak_known else None) or rss_embedded
     total_tokens = sum(int(b["input_ids"].numel()) for b in batches)
-    hidden_bytes = sum(_tensor_bytes(r.args[0], set()) for r in requests)  # one copy of every batch's activations
+    hidden_bytes = sum(tensor_bytes(r.args[0], set()) for r in requests)  # one copy of every batch's activations
     released = (layer_wise and not any(getattr(p, "changes_outside_blocks", False) for p in processors)
                 and hasattr(adapter, "release_outside") and adapter.release_outside(model, block_names))
     release_free_heap()
@@ -260,7 +235,7 @@ def estimate_run(job, request, startup_s: float, writer_factories: dict[str, Cal
     # 2. the first decoder block, on the first batches: its memory beyond what is resident, its load and processing
     # times (after the leading blocks, loaded, processed and released once on those batches)
     name = decoder[0]
-    timed = _timed_batches(batches) if batches else 0
+    timed = timed_batches(batches) if batches else 0
     timed_tokens = sum(int(b["input_ids"].numel()) for b in batches[:timed])
     clock = time.perf_counter()
     as_stored = layer_wise and blocks_as_stored(processors)  # as the real run loads the blocks
@@ -271,7 +246,7 @@ def estimate_run(job, request, startup_s: float, writer_factories: dict[str, Cal
         adapter.release_block(model, lead)
     leading_s = (time.perf_counter() - clock) * (len(batches) / timed if timed else 1)  # forwards: every batch
     if leading and timed:  # the decoder blocks' activations, from the batches advanced (scaled by tokens)
-        hidden_bytes = sum(_tensor_bytes(r.args[0], set()) for r in requests[:timed]) * total_tokens // max(
+        hidden_bytes = sum(tensor_bytes(r.args[0], set()) for r in requests[:timed]) * total_tokens // max(
             timed_tokens, 1)
     peak_known = reset_peak_rss()
     before = current_rss()
@@ -286,7 +261,7 @@ def estimate_run(job, request, startup_s: float, writer_factories: dict[str, Cal
     forward_clock.remove()
     peak = peak_rss_since_reset() if peak_known else None
     block_extra = max((peak if peak is not None else current_rss()) - before, 0)
-    timed_output_bytes = sum(_tensor_bytes(block_hidden_state(o), set()) for o in outputs)
+    timed_output_bytes = sum(tensor_bytes(block_hidden_state(o), set()) for o in outputs)
     checkpoint_rate = _checkpoint_seconds_per_byte(outputs, scratch) if checkpointing else 0.0
     for generator in forwards:
         generator.close()

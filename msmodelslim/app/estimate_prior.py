@@ -13,21 +13,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from msmodelslim.app.estimate_sample import tensor_bytes, timed_batches
 from msmodelslim.core.runner import process_block
 from msmodelslim.model.interface import ProcessRequest
-
-TIMED_TOKENS = 2048
-TIMED_BATCHES = 8
-
 
 @dataclass
 class PriorCost:
     seconds: float = 0.0
     memory_bytes: int = 0
-
-
-def _tensor_bytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
 
 
 def measure_prior(job, model: nn.Module, block_name: str, device: torch.device, blocks: int) -> PriorCost:
@@ -36,19 +29,17 @@ def measure_prior(job, model: nn.Module, block_name: str, device: torch.device, 
     adapter = job.adapter
     block_names = adapter.block_names(model)
     # the stage's own model loads the non-block tables again (the dry run's copy of them is what it reads)
-    outside = sum(_tensor_bytes(p) for n, p in model.named_parameters()
+    outside = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                   if not p.is_meta and not any(n.startswith(b + ".") for b in block_names))
     cost = PriorCost()
     for stage in job.prior:
         batches = adapter.handle_dataset(stage.calibration, device)
         tokens = sum(int(b["input_ids"].numel()) for b in batches)
-        timed, timed_tokens = 0, 0
-        while timed < min(len(batches), TIMED_BATCHES) and timed_tokens < TIMED_TOKENS:
-            timed_tokens += int(batches[timed]["input_ids"].numel())
-            timed += 1
+        timed = timed_batches(batches)
+        timed_tokens = sum(int(b["input_ids"].numel()) for b in batches[:timed])
         forwards = [adapter.generate_model_forward(model, batch) for batch in batches[:timed]]
         requests = [next(f) for f in forwards]
-        hidden = sum(_tensor_bytes(r.args[0]) for r in requests) * tokens // max(timed_tokens, 1)
+        hidden = sum(tensor_bytes(r.args[0]) for r in requests) * tokens // max(timed_tokens, 1)
         clock = time.perf_counter()
         adapter.load_block(model, block_name, device)
         load_s = time.perf_counter() - clock
