@@ -158,7 +158,7 @@ def _prepare(request: QuantizeRequest, in_rank: bool = False) -> _Job:
                                mla=adapter.mla_shape(), prior=prior_results)
     processors = build_pipeline(config.spec.process, context)
     if runner == RunnerType.dp_layer_wise:
-        refuse_undistributable(config, processors)
+        refuse_undistributable(config.spec.process, processors)
     needs_data = any(p.needs_calibration for p in processors)
     calibration = load_calibration(config, adapter) if needs_data else []
     prior = prior_runs(config, runner, context)

@@ -83,13 +83,14 @@ def refuse_schemes_the_format_lacks(config: PracticeConfig, plan: dict[str, str]
                 raise UnsupportedError(f"{name} would be {scheme}, which {save.type} cannot hold: {unsupported[scheme]}")
 
 
-def refuse_undistributable(config: PracticeConfig, processors: list[Processor]) -> None:
-    """dp_layer_wise runs only processors that merge their statistics across ranks; say which one does not."""
+def refuse_undistributable(configs: list, processors: list[Processor], where: str = "spec.process") -> None:
+    """dp_layer_wise runs only processors that merge their statistics across ranks; say which one does not.
+    `configs`: the steps the processors were built from, listed at `where` (spec.process, or a prior stage's)."""
     for i, processor in enumerate(processors):
         reason = processor.data_parallel_refusal()
         if reason:
             raise UnsupportedError(
-                f"spec.process[{i}] ({config.spec.process[i].type}) cannot run under dp_layer_wise: {reason}. "
+                f"{where}[{i}] ({configs[i].type}) cannot run under dp_layer_wise: {reason}. "
                 f"Use spec.runner: layer_wise (one device), or change that step"
             )
 

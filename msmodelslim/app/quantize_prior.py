@@ -6,10 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
+from msmodelslim.app.quantize_checks import refuse_undistributable
 from msmodelslim.core.config import PracticeConfig, RunnerType
 from msmodelslim.core.dataset import load_texts
 from msmodelslim.core.distributed import LOCAL, Collective, contiguous_share
-from msmodelslim.core.errors import MsModelSlimError, UnsupportedError
+from msmodelslim.core.errors import MsModelSlimError
 from msmodelslim.core.runner import run_blocks
 from msmodelslim.core.vlm_dataset import CalibrationData
 from msmodelslim.processor.base import Processor, ProcessorContext, build_pipeline
@@ -35,11 +36,7 @@ def prior_runs(config: PracticeConfig, runner: RunnerType, context: ProcessorCon
             raise type(exc)(f"{where}: {exc}") from None
         processors = build_pipeline(stage.process, context)
         if runner == RunnerType.dp_layer_wise:
-            for j, processor in enumerate(processors):
-                reason = processor.data_parallel_refusal()
-                if reason:
-                    raise UnsupportedError(f"spec.prior[{i}].process[{j}] cannot run under dp_layer_wise: {reason}. "
-                                           f"Use spec.runner: layer_wise (one device)")
+            refuse_undistributable(stage.process, processors, f"spec.prior[{i}].process")
         runs.append(PriorRun(processors, texts))
     return runs
 

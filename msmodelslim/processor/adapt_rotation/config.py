@@ -1,14 +1,12 @@
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from msmodelslim.processor.quarot.config import QuaRotConfig, is_power_of_two
 
 STAGE_1_KEYS = ("steps", "quant_dtype", "layer_type", "max_samples")
 STAGE_2_KEYS = ("online", "down_proj_online_layers", "max_tp_size")
 # block_size and seed belong to both stages
-
-
-def _power_of_two(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
 
 
 class AdaptRotationConfig(BaseModel):
@@ -58,26 +56,28 @@ class AdaptRotationConfig(BaseModel):
             self.max_samples = 2048 if self.max_samples is None else self.max_samples
             if not self.layer_type or not all(isinstance(t, str) and t.strip() for t in self.layer_type):
                 raise ValueError("layer_type must list at least one non-empty linear name part, e.g. ['up_proj']")
-        else:
-            self.online = bool(self.online)
-            self.down_proj_online_layers = list(self.down_proj_online_layers or [])
-            self.max_tp_size = 4 if self.max_tp_size is None else self.max_tp_size
-            if not _power_of_two(self.max_tp_size):
-                raise ValueError("max_tp_size must be 1 or a power of 2")
-            if self.down_proj_online_layers and not self.online:
-                raise ValueError("down_proj_online_layers rotates down_proj's input at run time, which needs "
-                                 "online: true")
-            if any(i < 0 for i in self.down_proj_online_layers) or \
-                    len(set(self.down_proj_online_layers)) != len(self.down_proj_online_layers):
-                raise ValueError("down_proj_online_layers must list distinct decoder layer indices (0, 1, ...)")
+        else:  # quarot's own checks of these settings, its messages named by field
+            try:
+                quarot = self.quarot_config()
+            except ValidationError as exc:
+                raise ValueError("; ".join(" ".join([*map(str, e["loc"]), e["msg"].removeprefix("Value error, ")])
+                                           for e in exc.errors())) from None
+            self.online, self.max_tp_size = quarot.online, quarot.max_tp_size
+            self.down_proj_online_layers = quarot.down_proj_online_layers
         return self
 
     @field_validator("block_size")
     @classmethod
     def _block(cls, value: int) -> int:
-        if value != -1 and not _power_of_two(value):
+        if value != -1 and not is_power_of_two(value):
             raise ValueError("block_size must be -1 or a power of 2")
         return value
+
+    def quarot_config(self) -> QuaRotConfig:
+        """Stage 2 as the quarot step it is: the learned rotation aside, every setting is quarot's."""
+        return QuaRotConfig(type="quarot", online=bool(self.online), block_size=self.block_size,
+                            down_proj_online_layers=list(self.down_proj_online_layers or []),
+                            max_tp_size=4 if self.max_tp_size is None else self.max_tp_size, seed=self.seed)
 
     @property
     def bits(self) -> int:

@@ -34,7 +34,6 @@ from msmodelslim.processor.adapt_rotation.learn import (ROWS_PER_CHUNK, learn_ro
                                                         quantization_error)
 from msmodelslim.processor.base import Processor, ProcessorContext, register_processor
 from msmodelslim.processor.quarot import rotate
-from msmodelslim.processor.quarot.config import QuaRotConfig
 from msmodelslim.processor.quarot.hadamard import block_diagonal, random_rotation
 from msmodelslim.processor.quarot.processor import QuaRotProcessor
 from msmodelslim.processor.sampling import ThinnedRowSample
@@ -198,9 +197,7 @@ class AdaptRotationApplier(QuaRotProcessor):
     """Stage 2: quarot, its residual-stream rotation the one stage 1 learned."""
 
     def __init__(self, config: AdaptRotationConfig, context: ProcessorContext) -> None:
-        super().__init__(QuaRotConfig(type="quarot", online=config.online, block_size=config.block_size,
-                                      down_proj_online_layers=config.down_proj_online_layers,
-                                      max_tp_size=config.max_tp_size, seed=config.seed), context)
+        super().__init__(config.quarot_config(), context)
 
     def _rotation(self, hidden: int) -> torch.Tensor:
         learned = self.context.prior.get(RESULT)

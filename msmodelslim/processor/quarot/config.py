@@ -3,7 +3,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
-def _power_of_two(n: int) -> bool:
+def is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
@@ -38,13 +38,13 @@ class QuaRotConfig(BaseModel):
     @field_validator("block_size")
     @classmethod
     def _block(cls, value: int) -> int:
-        if value != -1 and not _power_of_two(value):
+        if value != -1 and not is_power_of_two(value):
             raise ValueError("must be -1 or a power of 2")
         return value
 
     @field_validator("max_tp_size")
     @classmethod
     def _tp(cls, value: int) -> int:
-        if not _power_of_two(value):
+        if not is_power_of_two(value):
             raise ValueError("must be 1 or a power of 2")
         return value
