@@ -49,17 +49,26 @@ def quantization_error(x: torch.Tensor, q: torch.Tensor, bits: int) -> float:
     return error / max(total, 1e-30)
 
 
-def procrustes_step(x: torch.Tensor, q: torch.Tensor, bits: int, block: int) -> torch.Tensor:
-    """One alternation: B = quant(X·Q), then Q·R with R the (block-diagonal) polar factor of (X·Q)ᵀ·B, the sum of
-    its blocks' products accumulated over chunks of rows."""
+def _alternation(x: torch.Tensor, q: torch.Tensor, bits: int, block: int) -> tuple[float, torch.Tensor]:
+    """(E(Q)/‖X·Q‖², Q·R): B = quant(X·Q), the relative error of Q read off the same codes, and Q·R with R the
+    (block-diagonal) polar factor of (X·Q)ᵀ·B, the sum of its blocks' products accumulated over chunks of rows."""
     size = q.shape[0]
     products = torch.zeros(size // block, block, block, dtype=torch.float64)
+    error = total = 0.0
     for chunk in _chunks(x):
         a = chunk @ q
         b = quantize_per_token_dynamic(a, bits)
+        error += float((a - b).square().sum())
+        total += float(a.square().sum())
         a, b = a.reshape(len(a), size // block, block), b.reshape(len(b), size // block, block)
         products += torch.einsum("tki,tkj->kij", a, b).double()
-    return (q.double() @ torch.block_diag(*[polar_factor(m) for m in products])).to(q.dtype)
+    following = (q.double() @ torch.block_diag(*[polar_factor(m) for m in products])).to(q.dtype)
+    return error / max(total, 1e-30), following
+
+
+def procrustes_step(x: torch.Tensor, q: torch.Tensor, bits: int, block: int) -> torch.Tensor:
+    """One alternation: B = quant(X·Q), then Q·R with R the (block-diagonal) polar factor of (X·Q)ᵀ·B."""
+    return _alternation(x, q, bits, block)[1]
 
 
 @dataclass
@@ -74,12 +83,15 @@ def learn_rotation(x: torch.Tensor, start: torch.Tensor, bits: int, steps: int, 
     block diagonal with blocks of `block`), on the rows `x` [tokens, hidden]."""
     x = x.float()
     q = start.float()
-    best, errors, best_step = start.double(), [quantization_error(x, q, bits)], 0
-    for step in range(1, steps + 1):
-        q = procrustes_step(x, q, bits, block)
-        errors.append(quantization_error(x, q, bits))
-        if errors[-1] < errors[best_step]:
+    errors: list[float] = []
+    best, best_step = start.double(), 0
+    for step in range(steps + 1):
+        # each pass reads the error of Q and the next Q off the same codes; the last Q needs only its error
+        error, following = _alternation(x, q, bits, block) if step < steps else (quantization_error(x, q, bits), q)
+        errors.append(error)
+        if error < errors[best_step]:
             best, best_step = q.double(), step
+        q = following
     return LearnedRotation(_reorthogonalised(best, block), errors, best_step)
 
 

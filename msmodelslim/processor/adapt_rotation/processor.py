@@ -170,9 +170,9 @@ class AdaptRotationLearner(Processor):
         return {RESULT: learned.rotation}
 
     def publish_cost(self, tokens: int) -> tuple[float, int]:
-        """The rows kept (at most max_samples per collected norm) and the learning's time: a step and an error pass
-        timed on one chunk of rows (after one untimed step), less the step's polar factor, which is taken once per
-        step whatever the rows; scaled by the chunks and the steps."""
+        """The rows kept (at most max_samples per collected norm) and the learning's time: a step (which also reads
+        off the error) and the last error pass timed on one chunk of rows (after one untimed step), less the step's
+        polar factor, which is taken once per step whatever the rows; scaled by the chunks and the steps."""
         norms = sum(len(n) for n in self.norms.values())
         rows = min(self.config.max_samples, tokens) * norms
         block = self.hidden if self.config.block_size == -1 else self.config.block_size
@@ -189,7 +189,7 @@ class AdaptRotationLearner(Processor):
         quantization_error(chunk, q, self.config.bits)
         error_s = time.perf_counter() - clock
         chunks = math.ceil(rows / max(len(chunk), 1))
-        per_step = chunks * (max(step_s - polar_s, 0.0) + error_s) + polar_s
+        per_step = chunks * max(step_s - polar_s, 0.0) + polar_s
         return self.config.steps * per_step + chunks * error_s, rows * self.hidden * 4
 
 
