@@ -72,8 +72,8 @@ def test_errors_name_the_field_and_vlm_fields_belong_to_vlm_configs():
     assert "spec.images: unknown key" in error_of(vlm({"images": "x"}))
     prior = {"prior": [{"process": [{"type": "adapt_rotation", "stage": 1}]}],
              "process": [{"type": "adapt_rotation", "stage": 2}]}
-    assert "spec.prior: spec.prior (adapt_rotation stage 1) is not implemented yet for vision-language models" in \
-        error_of(vlm(prior))
+    assert len(parse_config(vlm(prior)).spec.prior) == 1  # the LAOS stages, as in modelslim_v1
+    assert "put adapt_rotation in spec.process" in error_of(vlm({"prior": [{"process": [{"type": "adapt_rotation", "stage": 2}]}]}))
     message = error_of({"apiversion": "modelslim_v1", "spec": {"default_text": "Describe."}})
     assert f"spec.default_text: a field of apiversion {VLM_APIVERSION}" in message
     assert "unknown saver type" in error_of(vlm({"save": [{"type": "safetensors_saver"}]}))

@@ -216,7 +216,7 @@ def estimate_run(job, request, startup_s: float, writer_factories: dict[str, Cal
     embed_s = time.perf_counter() - clock
     rss_embedded = current_rss()
     # spec.prior: timed on the last decoder block, so that the first one's load below is still a cold one
-    prior = measure_prior(job, model, decoder[-1], device, len(decoder)) if job.prior else PriorCost()
+    prior = measure_prior(job, model, decoder[-1], device, len(decoder), leading) if job.prior else PriorCost()
     load_peak = (peak_rss_since_reset() if load_peak_known else None) or rss_embedded
     total_tokens = sum(int(b["input_ids"].numel()) for b in batches)
     hidden_bytes = sum(tensor_bytes(r.args[0], set()) for r in requests)  # one copy of every batch's activations

@@ -23,9 +23,12 @@ class PriorCost:
     memory_bytes: int = 0
 
 
-def measure_prior(job, model: nn.Module, block_name: str, device: torch.device, blocks: int) -> PriorCost:
+def measure_prior(job, model: nn.Module, block_name: str, device: torch.device, blocks: int,
+                  leading: list[str]) -> PriorCost:
     """`model`: the dry run's model with its non-block tables loaded; `block_name`: a decoder block (loaded, run and
-    released here); `blocks`: how many the real walk visits."""
+    released here); `blocks`: how many decoder blocks the real walk visits; `leading`: the blocks before the first
+    of them (a vision-language model's vision tower), run once here on the timed batches, as the walk runs them
+    once, to give the decoder blocks their inputs."""
     adapter = job.adapter
     block_names = adapter.block_names(model)
     # the stage's own model loads the non-block tables again (the dry run's copy of them is what it reads)
@@ -39,12 +42,19 @@ def measure_prior(job, model: nn.Module, block_name: str, device: torch.device, 
         timed_tokens = sum(int(b["input_ids"].numel()) for b in batches[:timed])
         forwards = [adapter.generate_model_forward(model, batch) for batch in batches[:timed]]
         requests = [next(f) for f in forwards]
+        clock = time.perf_counter()
+        for lead in leading:
+            adapter.load_block(model, lead, device)
+            outputs = process_block(lead, model.get_submodule(lead), stage.processors, requests)
+            requests = [f.send(o) for f, o in zip(forwards, outputs)]
+            adapter.release_block(model, lead)
+        leading_s = time.perf_counter() - clock
         hidden = sum(tensor_bytes(r.args[0]) for r in requests) * tokens // max(timed_tokens, 1)
         clock = time.perf_counter()
         adapter.load_block(model, block_name, device)
         load_s = time.perf_counter() - clock
         block = model.get_submodule(block_name)
-        # the first block's inputs, fed to this one (decoder layers take the same shapes)
+        # the first decoder block's inputs, fed to this one (decoder layers take the same shapes)
         requests = [ProcessRequest(block_name, block, r.args, r.kwargs) for r in requests]
         process_block(block_name, block, stage.processors, requests[:1])  # first calls pay one-time costs
         clock = time.perf_counter()
@@ -57,6 +67,7 @@ def measure_prior(job, model: nn.Module, block_name: str, device: torch.device, 
         for processor in stage.processors:
             seconds, held = processor.publish_cost(tokens)
             learn_s, kept = learn_s + seconds, kept + held
-        cost.seconds += (load_s + forward_s * tokens / max(timed_tokens, 1)) * blocks + learn_s
+        scale = tokens / max(timed_tokens, 1)
+        cost.seconds += (load_s + forward_s * scale) * blocks + leading_s * scale + learn_s
         cost.memory_bytes = max(cost.memory_bytes, outside + 2 * hidden + kept)
     return cost

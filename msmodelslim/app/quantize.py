@@ -111,17 +111,20 @@ class _Written:
     peak_rss_mib: float
 
 
-def load_calibration(config: PracticeConfig, adapter: object = None) -> CalibrationData:
-    """The config's calibration data: texts for a text model, image+prompt samples for a VLM config (every image
-    decoded here, so a broken one is named before any weight is read; audio or video that `adapter`'s calibration
-    does not take, or that this environment cannot decode, is refused here too)."""
+def load_calibration(config: PracticeConfig, adapter: object = None, dataset: Optional[str] = None
+                     ) -> CalibrationData:
+    """The config's calibration data (`dataset`, spec.dataset unless given: a spec.prior stage's own): texts for a
+    text model, image+prompt samples for a VLM config (every image decoded here, so a broken one is named before
+    any weight is read; audio or video that `adapter`'s calibration does not take, or that this environment
+    cannot decode, is refused here too)."""
+    dataset = dataset or config.spec.dataset
     if config.is_vlm:
         model = getattr(adapter, "model_type", None) or "the model"
-        samples = load_vlm_samples(config.spec.dataset, config.spec.default_text, config.source_dir,
+        samples = load_vlm_samples(dataset, config.spec.default_text, config.source_dir,
                                    accepts=getattr(adapter, "calibration_media", MEDIA), model=model)
         getattr(adapter, "processor", None)  # built now (files only): a missing dependency is named before any weight
         return samples
-    return load_texts(config.spec.dataset, config.source_dir)
+    return load_texts(dataset, config.source_dir)
 
 
 def _check_output(request: QuantizeRequest, formats: int = 1) -> None:
@@ -161,7 +164,7 @@ def _prepare(request: QuantizeRequest, in_rank: bool = False) -> _Job:
         refuse_undistributable(config.spec.process, processors)
     needs_data = any(p.needs_calibration for p in processors)
     calibration = load_calibration(config, adapter) if needs_data else []
-    prior = prior_runs(config, runner, context)
+    prior = prior_runs(config, runner, context, lambda dataset: load_calibration(config, adapter, dataset))
     device = request.device.primary
     ranks = f" x {data_parallel_world(request.device)} ranks" if runner == RunnerType.dp_layer_wise else ""
     # Planned on the empty (meta-device) model: a rule or scheme problem fails before any weight is read.

@@ -3,12 +3,12 @@ walked over the float model before the main stage, handing what it learned to it
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
 from msmodelslim.app.quantize_checks import refuse_undistributable
 from msmodelslim.core.config import PracticeConfig, RunnerType
-from msmodelslim.core.dataset import load_texts
 from msmodelslim.core.distributed import LOCAL, Collective, contiguous_share
 from msmodelslim.core.errors import MsModelSlimError
 from msmodelslim.core.runner import run_blocks
@@ -24,20 +24,22 @@ class PriorRun:
     calibration: CalibrationData
 
 
-def prior_runs(config: PracticeConfig, runner: RunnerType, context: ProcessorContext) -> list[PriorRun]:
+def prior_runs(config: PracticeConfig, runner: RunnerType, context: ProcessorContext,
+               load: Callable[[Optional[str]], CalibrationData]) -> list[PriorRun]:
     """spec.prior's stages, each with its processors and its calibration data (spec.dataset unless it names its
-    own), read now so that a bad dataset is named before any weight is read."""
+    own; `load` reads either, as the main stage reads its own: texts, or a VLM config's images and prompts), read
+    now so that a bad dataset is named before any weight is read."""
     runs = []
     for i, stage in enumerate(config.spec.prior):
         try:
-            texts = load_texts(stage.dataset or config.spec.dataset, config.source_dir)
+            samples = load(stage.dataset)
         except MsModelSlimError as exc:
             where = f"spec.prior[{i}].dataset" if stage.dataset else f"spec.dataset (spec.prior[{i}] calibrates on it)"
             raise type(exc)(f"{where}: {exc}") from None
         processors = build_pipeline(stage.process, context)
         if runner == RunnerType.dp_layer_wise:
             refuse_undistributable(stage.process, processors, f"spec.prior[{i}].process")
-        runs.append(PriorRun(processors, texts))
+        runs.append(PriorRun(processors, samples))
     return runs
 
 

@@ -218,14 +218,6 @@ class VlmSpec(Spec):
                         "as one block, the text decoder one layer at a time); running layer_wise", runner.value)
         return RunnerType.layer_wise
 
-    @field_validator("prior")
-    @classmethod
-    def _no_prior_yet(cls, prior: list) -> list:
-        if prior:
-            raise ValueError("spec.prior (adapt_rotation stage 1) is not implemented yet for vision-language models "
-                             "(apiversion multimodal_vlm_modelslim_v1); it runs for text models (modelslim_v1)")
-        return prior
-
     @field_validator("default_text")
     @classmethod
     def _a_real_prompt(cls, text: str) -> str:
