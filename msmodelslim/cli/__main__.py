@@ -40,10 +40,31 @@ def _eval_vlm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace, config) -> int:
+    from msmodelslim.app.convert_weights import convert_checkpoint
+    from msmodelslim.core.errors import ConfigError
+
+    if args.resume:
+        raise ConfigError("--resume: a modelslim_convert run keeps no checkpoints to resume from (it streams one "
+                          "tensor at a time); run it again without --resume")
+    if args.model_type is not None:
+        log.info("--model_type %s: a modelslim_convert run reads no model code and does not use it", args.model_type)
+    report = convert_checkpoint(config, args.config_path, args.model_path, args.save_path, args.overwrite,
+                                args.dry_run)
+    if args.dry_run:
+        print("\n".join(report.plan.lines()))
+    return 0
+
+
 def _run(args: argparse.Namespace, started_at: float) -> int:
     from msmodelslim.core.device import parse_device
 
     if args.command == "quant":
+        from msmodelslim.core.convert_config import read_convert_config
+
+        convert = read_convert_config(args.config_path)
+        if convert is not None:  # offline weight conversion: its own use case, no model code (app/convert_weights.py)
+            return _convert(args, convert)
         from msmodelslim.app.diffusion import diffusion_model_type, run_diffusion_quant_cli
 
         sd_model_type = diffusion_model_type(args.model_type, args.model_path, args.config_path)

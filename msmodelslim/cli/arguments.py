@@ -106,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--quant_type", help="use the best practice for --model_type, e.g. w8a8 or w8a16 "
                       "('msmodelslim practices' lists them)")
     what.add_argument("--config_path", type=Path, help="YAML config (apiversion: modelslim_v1, or modelslim_v0, "
-                                                          "translated to v1: --dry_run prints the translation)")
+                                                          "translated to v1: --dry_run prints the translation; "
+                                                          "modelslim_convert: offline weight conversion, no "
+                                                          "--model_type needed)")
     quant.add_argument("--overwrite", action="store_true", help="replace a non-empty --save_path once the new output is complete")
     quant.add_argument("--dry_run", action="store_true",
                        help="validate everything, print the per-layer plan and estimates of the real run's peak RAM, "

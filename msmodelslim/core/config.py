@@ -333,6 +333,9 @@ def parse_config(data: Any, source: str = "<config>") -> PracticeConfig:
     if api == "multimodal_sd_modelslim_v1":  # diffusion transformers: their own spec (core/sd_config.py)
         from msmodelslim.core.sd_config import parse_sd_config
         return parse_sd_config(data, source)
+    if api == "modelslim_convert":  # its own protocol and use case (core/convert_config.py, app/convert_weights.py)
+        raise ConfigError(f"{source}: apiversion modelslim_convert converts weights offline; run it as "
+                          f"'msmodelslim quant --model_path M --save_path S --config_path <this file>'")
     if api not in SUPPORTED_APIVERSIONS:
         planned = not_yet("apiversion", api)
         if planned:

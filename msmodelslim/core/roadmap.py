@@ -25,7 +25,6 @@ NOT_YET: dict[str, dict[str, str]] = {
     },
     "dtype": {"hifloat8": FLOAT_FORMATS},
     "saver": {"mindie_format_saver": MINDIE_TEXT},
-    "apiversion": {"modelslim_convert": FLOAT_FORMATS},
 }
 
 

@@ -32,6 +32,7 @@ class SafetensorsCheckpoint:
         self.path = Path(model_path)
         self._file_of: dict[str, str] = {}
         self._dtype_of: dict[str, torch.dtype] = {}
+        self._shape_of: dict[str, tuple[int, ...]] = {}
         self._span_of: dict[str, tuple[int, int]] = {}  # absolute [start, end) of a tensor's bytes in its file
         present = sorted(p.name for p in self.path.glob("*.safetensors"))
         index_file, index = self._read_index()
@@ -61,7 +62,9 @@ class SafetensorsCheckpoint:
                                 f"remove the stray file (or add the model.safetensors.index.json that names the "
                                 f"right one)")
                         self._file_of[key] = name
-                        self._dtype_of[key] = f.get_slice(key).get_dtype()
+                        stored = f.get_slice(key)
+                        self._dtype_of[key] = stored.get_dtype()
+                        self._shape_of[key] = tuple(stored.get_shape())
                 self._span_of.update({k: v for k, v in _byte_spans(self.path / name).items()
                                       if self._file_of.get(k) == name})
             except InvalidModelError:
@@ -103,6 +106,10 @@ class SafetensorsCheckpoint:
         """The dtype as the safetensors header spells it (e.g. "BF16", "F8_E4M3"); None when absent."""
         return self._dtype_of.get(name)
 
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        """The stored shape (from the header); None when absent."""
+        return self._shape_of.get(name)
+
     def original_dtype(self, name: str) -> torch.dtype | None:
         """The stored dtype; None when absent or float8 (dequantized on load, so the model dtype applies)."""
         return _DTYPES.get(self._dtype_of.get(name))
@@ -129,6 +136,10 @@ class SafetensorsCheckpoint:
         for name in fp8:
             out[name] = dequantize_fp8_blocks(out[name], scales[f"{name}_scale_inv"], fp8_block, name)
         return out
+
+    def read_stored(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The named tensors exactly as stored (float8 ones not dequantized)."""
+        return self._read(names)
 
     def _read(self, names: list[str]) -> dict[str, torch.Tensor]:
         by_file: dict[str, list[str]] = {}
