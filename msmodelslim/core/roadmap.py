@@ -25,6 +25,7 @@ NOT_YET: dict[str, dict[str, str]] = {
     },
     "dtype": {"hifloat8": FLOAT_FORMATS},
     "saver": {"mindie_format_saver": MINDIE_TEXT},
+    "apiversion": {},  # every apiversion of the established protocol is served
 }
 
 
