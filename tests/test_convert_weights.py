@@ -176,7 +176,7 @@ def test_rename_with_wildcards_and_a_dry_run_that_writes_nothing(tmp_path, check
 @pytest.mark.parametrize("case,words", [
     ("mxfp8_as_hf", "only the ascendv1 format holds"),
     ("unknown_target", "no implemented conversion reaches it"),
-    ("int4_route", "INT4_PACKED -> FLOAT is not implemented yet"),
+    ("backward_route", "the step FLOAT -> FP8_BLOCK is no conversion of the IR graph"),
     ("fused_split", "type convert (splitting or merging fused gate/up weights) is not implemented yet"),
     ("matches_nothing", "names no weight of the checkpoint"),
     ("fp8_left_in_ascendv1", "no rule converts"),
@@ -188,7 +188,7 @@ def test_what_cannot_be_done_is_refused_before_anything_is_written(tmp_path, che
     config = {
         "mxfp8_as_hf": lambda p: convert_yaml(p, "W8A8_MXFP8", "hf"),
         "unknown_target": lambda p: convert_yaml(p, "NVFP4_MODELOPT", "hf"),
-        "int4_route": lambda p: convert_yaml(p, "FLOAT", "hf", route=["INT4_PACKED", "FLOAT"]),
+        "backward_route": lambda p: convert_yaml(p, "FP8_BLOCK", "ascend_v1", route=["FLOAT", "FP8_BLOCK"]),
         "fused_split": lambda p: convert_yaml(p, "FLOAT", "hf", preprocess=[{"type": "convert", "source": ["a"],
                                                                               "target": ["b"], "ops": [{"type": "chunk"}]}]),
         "matches_nothing": lambda p: convert_yaml(p, "FLOAT", "hf", match=["model.layers.*.mlp.experts.*"]),
@@ -204,3 +204,33 @@ def test_what_cannot_be_done_is_refused_before_anything_is_written(tmp_path, che
     assert run_convert(model, out, config, *extra) != 0
     assert words in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_pack_quantized_int4_dequantizes_as_the_library_does_and_goes_on_to_mxfp8(tmp_path):
+    """INT4_PACKED (compressed-tensors pack-quantized, Kimi-K2-Thinking's experts) -> FLOAT equals the library's
+    dequantization; -> W8A8_MXFP8 goes through that float weight; converting only some of them is refused."""
+    from test_families_int4 import compress_experts
+
+    float_source = make_tiny_model(tmp_path / "float", "kimi_k2")
+    source = tmp_path / "int4"
+    meant = compress_experts(float_source, source)
+    experts = ["model.layers.*.mlp.experts.*.*_proj"]
+    as_float = tmp_path / "float_out"
+    assert run_convert(source, as_float, convert_yaml(tmp_path / "f.yaml", "FLOAT", "hf", match=experts)) == 0
+    written = stored(as_float)
+    dtype = written["model.embed_tokens.weight"].dtype
+    for name, (_, fake_quantized, _) in meant.items():
+        assert torch.equal(written[name], fake_quantized.to(dtype)), name
+    assert not any(n.endswith(("weight_packed", "weight_scale", "weight_shape")) for n in written)
+    assert "quantization_config" not in json.loads((as_float / "config.json").read_text())
+    direct, two_steps = tmp_path / "direct", tmp_path / "two"
+    assert run_convert(source, direct, convert_yaml(tmp_path / "m.yaml", "W8A8_MXFP8", "ascend_v1", match=experts)) == 0
+    assert run_convert(as_float, two_steps, convert_yaml(tmp_path / "n.yaml", "W8A8_MXFP8", "ascend_v1",
+                                                         match=experts)) == 0
+    one, two = stored(direct), stored(two_steps)
+    assert one.keys() == two.keys() and all(torch.equal(one[n], two[n]) for n in one)
+    description = json.loads((direct / "quant_model_description.json").read_text())
+    assert all(description[name] == "W8A8_MXFP8" for name in meant)
+    assert run_convert(source, tmp_path / "part", convert_yaml(tmp_path / "p.yaml", "FLOAT", "hf",
+                                                              match=["model.layers.*.mlp.experts.*.gate_proj"])) != 0
+    assert not (tmp_path / "part").exists()

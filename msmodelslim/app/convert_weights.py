@@ -39,6 +39,7 @@ from msmodelslim.format.hf_files import copy_model_files
 from msmodelslim.format.shards import ShardStream
 from msmodelslim.format.staging import check_save_path, staged_directory
 from msmodelslim.model.checkpoint import SafetensorsCheckpoint, dequantize_fp8_blocks
+from msmodelslim.model.packed_checkpoint import open_checkpoint
 from msmodelslim.processor.linear_quant.config import LinearQuantConfig
 from msmodelslim.processor.linear_quant.processor import linear_to_ir
 
@@ -59,8 +60,12 @@ BEST_PRACTICE = "convert_best_practice.yaml"  # as the established tool names a 
 @dataclass(frozen=True)
 class StoredTensor:
     key: str  # its name in the checkpoint (before preprocess renames it)
-    dtype: torch.dtype
+    dtype: Optional[torch.dtype]  # None: a pack-quantized weight (its parts read together)
     shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) // 2 if self.dtype is None else math.prod(self.shape) * self.dtype.itemsize
 
 
 @dataclass
@@ -92,9 +97,13 @@ class ConvertPlan:
 
 
 def read_catalog(checkpoint: SafetensorsCheckpoint) -> dict[str, StoredTensor]:
-    """Every tensor of the checkpoint (headers only)."""
+    """Every tensor of the checkpoint (headers only; a pack-quantized weight as one `X.weight`, its shape from
+    `X.weight_shape`)."""
     catalog = {}
     for key in checkpoint.names():
+        if checkpoint.is_packed(key):
+            catalog[key] = StoredTensor(key, None, checkpoint.shape(key))
+            continue
         dtype = _DTYPES.get(checkpoint.stored_dtype(key))
         if dtype is None:
             raise InvalidModelError(f"tensor {key} is stored as {checkpoint.stored_dtype(key)}, which this version "
@@ -150,6 +159,8 @@ def source_ir(module: str, tensors: dict[str, StoredTensor], block: tuple[int, i
     if len(weight.shape) != 2:
         raise UnsupportedError(f"{module}.weight has shape {list(weight.shape)}; a linear's weight is 2-D (fused "
                                f"expert tensors need preprocess type convert, not implemented yet)")
+    if weight.dtype is None:
+        return IRKind.INT4_PACKED
     scale = tensors.get(f"{module}{SCALE}")
     if weight.dtype in FP8_DTYPES or scale is not None:
         if scale is None or weight.dtype not in FP8_DTYPES:
@@ -163,13 +174,14 @@ def source_ir(module: str, tensors: dict[str, StoredTensor], block: tuple[int, i
     if weight.dtype in FLOAT_DTYPES:
         return IRKind.FLOAT
     raise UnsupportedError(f"{module}.weight is {weight.dtype}: no source IR this version reads (FLOAT: bf16/fp16/"
-                           f"fp32; FP8_BLOCK: float8 with weight_scale_inv)")
+                           f"fp32; FP8_BLOCK: float8 with weight_scale_inv; INT4_PACKED: compressed-tensors "
+                           f"pack-quantized)")
 
 
 def plan_conversion(config: ConvertConfig, model_path: Path) -> ConvertPlan:
     """Everything decided from the headers: which linear goes which route (ConfigError/UnsupportedError else)."""
     float_dtype, block = _float_dtype(model_path)
-    checkpoint = SafetensorsCheckpoint(model_path)
+    checkpoint = open_checkpoint(model_path)  # config.json read as JSON: no model code
     plan = ConvertPlan(checkpoint, apply_preprocess(read_catalog(checkpoint), config), float_dtype=float_dtype,
                        fp8_block=block)
     # a linear's weight is 2-D: norms and other vectors a broad pattern names are not linears and stay as they are
@@ -193,13 +205,16 @@ def plan_conversion(config: ConvertConfig, model_path: Path) -> ConvertPlan:
     return plan
 
 
-def _refuse_leftover_fp8(plan: ConvertPlan, ascendv1: bool) -> None:
-    """An ascendv1 output has no type for FP8 block weights: every one must be converted."""
-    left = [n.removesuffix(SCALE) for n in plan.tensors if n.endswith(SCALE) and n.removesuffix(SCALE)
-            not in plan.conversions]
-    if ascendv1 and left:
-        raise UnsupportedError(f"{len(left)} FP8 block linear(s) no rule converts ({', '.join(left[:3])}...): "
-                               f"ascendv1 has no type for them; add them to a linears match")
+def _refuse_partial_conversion(plan: ConvertPlan) -> None:
+    """Quantized linears (FP8 block, pack-quantized int4) that no rule converts would stay under a config.json
+    quantization_config that no longer describes the checkpoint, and ascendv1 has no type for them."""
+    modules = [n.removesuffix(".weight") for n, t in plan.tensors.items() if n.endswith(".weight") and
+               len(t.shape) == 2 and (t.dtype is None or t.dtype in FP8_DTYPES)]
+    left = [m for m in modules if m not in plan.conversions]
+    if left:
+        raise UnsupportedError(f"{len(left)} quantized linear(s) of the checkpoint no rule converts "
+                               f"({', '.join(left[:3])}...): a partly converted checkpoint would keep a "
+                               f"quantization_config that no longer describes it; add them to a linears match")
 
 
 def output_bytes(plan: ConvertPlan) -> int:
@@ -213,24 +228,35 @@ def output_bytes(plan: ConvertPlan) -> int:
             elements * torch.finfo(plan.float_dtype).bits // 8
     for name, stored in plan.tensors.items():
         if name not in consumed:
-            total += math.prod(stored.shape) * stored.dtype.itemsize
+            total += stored.nbytes
     return total
 
 
-def _converted(c: Conversion, weight: torch.Tensor, scale_inv: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-               plan: ConvertPlan):
-    """The linear at the end of its route: a float tensor (FLOAT) or a QuantLinear (W8A8_MXFP8)."""
-    value = weight
-    for step in c.route[1:]:
-        if step == IRKind.FLOAT:  # the FLOAT IR is the checkpoint's float dtype, as a FLOAT checkpoint stores it
-            value = dequantize_fp8_blocks(value, scale_inv, plan.fp8_block, c.module).to(plan.float_dtype)
-        elif step == IRKind.W8A8_MXFP8:
-            linear = nn.Linear(c.in_features, c.out_features, bias=bias is not None, device="meta")
-            linear.weight = nn.Parameter(value, requires_grad=False)
-            if bias is not None:
-                linear.bias = nn.Parameter(bias, requires_grad=False)
-            value = linear_to_ir(linear, W8A8_MXFP8_CONFIG, None)
-    return value
+def _as_float(c: Conversion, plan: ConvertPlan) -> torch.Tensor:
+    """The linear's FLOAT IR: its weight in the checkpoint's float dtype, as a float checkpoint stores it
+    (dequantized in float32 first where it is stored quantized)."""
+    name = f"{c.module}.weight"
+    if c.route[0] == IRKind.FP8_BLOCK:
+        weight = dequantize_fp8_blocks(_read(plan, name), _read(plan, f"{c.module}{SCALE}"), plan.fp8_block, c.module)
+        return weight.to(plan.float_dtype)
+    if c.route[0] == IRKind.INT4_PACKED:  # compressed-tensors' own decompressor (model/packed_checkpoint.py)
+        key = plan.tensors[name].key
+        return plan.checkpoint.load([key])[key].to(plan.float_dtype)
+    return _read(plan, name)
+
+
+def _converted(c: Conversion, plan: ConvertPlan, bias: Optional[torch.Tensor]):
+    """The linear at the end of its route: a float tensor (FLOAT) or a QuantLinear (W8A8_MXFP8). Every route is
+    the source, FLOAT (unless it is the source), then W8A8_MXFP8 if that is the target (core/convert_config.py
+    EDGES)."""
+    value = _as_float(c, plan)
+    if c.route[-1] != IRKind.W8A8_MXFP8:
+        return value
+    linear = nn.Linear(c.in_features, c.out_features, bias=bias is not None, device="meta")
+    linear.weight = nn.Parameter(value, requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias, requires_grad=False)
+    return linear_to_ir(linear, W8A8_MXFP8_CONFIG, None)
 
 
 def _read(plan: ConvertPlan, name: str) -> torch.Tensor:
@@ -275,9 +301,8 @@ def write_converted(plan: ConvertPlan, ascendv1: bool, part_file_size_gb: int, o
         if conversion is None:
             add_float(name, _read(plan, name))
             continue
-        scale = _read(plan, f"{module}{SCALE}") if f"{module}{SCALE}" in plan.tensors else None
         bias = _read(plan, f"{module}.bias") if f"{module}.bias" in plan.tensors else None
-        result = _converted(conversion, _read(plan, name), scale, bias, plan)
+        result = _converted(conversion, plan, bias)
         if isinstance(result, torch.Tensor):
             add_float(name, result)
             if bias is not None:
@@ -313,7 +338,7 @@ def convert_checkpoint(config: ConvertConfig, config_path: Path, model_path: Pat
                                "spec.linears")
     save = spec.save[0]
     plan = plan_conversion(config, model_path)
-    _refuse_leftover_fp8(plan, save.ascendv1)
+    _refuse_partial_conversion(plan)
     check_free_space(save_path, output_bytes(plan), overwrite)
     for line in plan.lines():
         log.info("convert plan: %s", line.strip())
@@ -332,12 +357,7 @@ def convert_checkpoint(config: ConvertConfig, config_path: Path, model_path: Pat
                                        "\n  ".join(errors[:20]))
         else:
             write_converted(plan, False, save.part_file_size, staging, model_path)
-            fp8_left = any(n.endswith(SCALE) for n in plan.tensors) and any(
-                n.removesuffix(SCALE) not in plan.conversions for n in plan.tensors if n.endswith(SCALE))
-            source_config = json.loads((model_path / "config.json").read_text()) \
-                if (model_path / "config.json").is_file() else {}
-            copy_model_files(model_path, staging, quantization_config=source_config.get("quantization_config")
-                             if fp8_left else None)
+            copy_model_files(model_path, staging)  # every quantized linear is float now: no quantization_config
         shutil.copyfile(config_path, staging / BEST_PRACTICE)
     log.info("converted %d linears into %s", len(plan.conversions), save_path)
     return report

@@ -110,6 +110,10 @@ class SafetensorsCheckpoint:
         """The stored shape (from the header); None when absent."""
         return self._shape_of.get(name)
 
+    def is_packed(self, name: str) -> bool:
+        """Whether `name` is stored pack-quantized (packed_checkpoint.py); never in a plain checkpoint."""
+        return False
+
     def original_dtype(self, name: str) -> torch.dtype | None:
         """The stored dtype; None when absent or float8 (dequantized on load, so the model dtype applies)."""
         return _DTYPES.get(self._dtype_of.get(name))

@@ -80,6 +80,17 @@ class PackQuantizedCheckpoint(SafetensorsCheckpoint):
     def names(self) -> list[str]:
         return list(self._names)
 
+    def is_packed(self, name: str) -> bool:
+        """Whether `name` (an `X.weight`) is stored pack-quantized, i.e. dequantized by `load`."""
+        return name in self._packed
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        prefix = self._packed.get(name)
+        if prefix is None:
+            return super().shape(name)
+        shape = self._read([f"{prefix}.weight_shape"])[f"{prefix}.weight_shape"]  # [N, K]: a two-element tensor
+        return tuple(int(v) for v in shape.reshape(-1).tolist())
+
     def file_of(self, name: str) -> str | None:
         prefix = self._packed.get(name)
         return super().file_of(prefix + PACKED if prefix is not None else name)
