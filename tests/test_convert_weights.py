@@ -161,7 +161,8 @@ def test_fp8_to_mxfp8_goes_through_the_float_checkpoint(tmp_path, checkpoints):
 def test_rename_with_wildcards_and_a_dry_run_that_writes_nothing(tmp_path, checkpoints, capsys):
     config = convert_yaml(tmp_path / "c.yaml", "W8A8_MXFP8", "ascend_v1", match=["model.layers.*.mlp.down"],
                           preprocess=[{"type": "rename", "patterns": [
-                              {"from": "model.layers.*.mlp.down_proj.weight", "to": "model.layers.*.mlp.down.weight"}]}])
+                              {"from": "model.layers.*.mlp.down_proj.weight",
+                               "to": "model.layers.*.mlp.down.weight"}]}])
     out = tmp_path / "out"
     assert run_convert(checkpoints["bf16"], out, config, "--dry_run") == 0
     printed = capsys.readouterr().out
@@ -177,7 +178,7 @@ def test_rename_with_wildcards_and_a_dry_run_that_writes_nothing(tmp_path, check
     ("mxfp8_as_hf", "only the ascendv1 format holds"),
     ("unknown_target", "no implemented conversion reaches it"),
     ("backward_route", "the step FLOAT -> FP8_BLOCK is no conversion of the IR graph"),
-    ("fused_split", "type convert (splitting or merging fused gate/up weights) is not implemented yet"),
+    ("merge", "merge, the fusing of per-expert weights, is not implemented yet"),
     ("matches_nothing", "names no weight of the checkpoint"),
     ("fp8_left_in_ascendv1", "no rule converts"),
     ("float_source_for_fp8_route", "is FLOAT in the checkpoint; route starts at FP8_BLOCK"),
@@ -189,8 +190,9 @@ def test_what_cannot_be_done_is_refused_before_anything_is_written(tmp_path, che
         "mxfp8_as_hf": lambda p: convert_yaml(p, "W8A8_MXFP8", "hf"),
         "unknown_target": lambda p: convert_yaml(p, "NVFP4_MODELOPT", "hf"),
         "backward_route": lambda p: convert_yaml(p, "FP8_BLOCK", "ascend_v1", route=["FLOAT", "FP8_BLOCK"]),
-        "fused_split": lambda p: convert_yaml(p, "FLOAT", "hf", preprocess=[{"type": "convert", "source": ["a"],
-                                                                              "target": ["b"], "ops": [{"type": "chunk"}]}]),
+        "merge": lambda p: convert_yaml(p, "FLOAT", "hf", preprocess=[
+            {"type": "convert", "source": ["a.*.b", "a.*.c"], "target": ["d.*"],
+             "ops": [{"type": "merge"}]}]),
         "matches_nothing": lambda p: convert_yaml(p, "FLOAT", "hf", match=["model.layers.*.mlp.experts.*"]),
         "fp8_left_in_ascendv1": lambda p: convert_yaml(p, "W8A8_MXFP8", "ascend_v1", match=["model.layers.0.*"]),
         "float_source_for_fp8_route": lambda p: convert_yaml(p, "FLOAT", "hf", route=["FP8_BLOCK", "FLOAT"]),
@@ -234,3 +236,49 @@ def test_pack_quantized_int4_dequantizes_as_the_library_does_and_goes_on_to_mxfp
     assert run_convert(source, tmp_path / "part", convert_yaml(tmp_path / "p.yaml", "FLOAT", "hf",
                                                               match=["model.layers.*.mlp.experts.*.gate_proj"])) != 0
     assert not (tmp_path / "part").exists()
+
+
+def stack_experts(source: Path, target: Path) -> Path:
+    """`source` (experts stored one tensor set per expert) with each layer's experts stacked as transformers holds
+    them in memory: `experts.gate_up_proj` [E, 2I, H] (each expert's gate rows, then its up rows) and
+    `experts.down_proj` [E, H, I]."""
+    target.mkdir()
+    for file in source.iterdir():
+        if file.is_file() and not file.name.endswith(".safetensors"):
+            target.joinpath(file.name).write_bytes(file.read_bytes())
+    tensors = load_file(source / "model.safetensors")
+    experts = json.loads((source / "config.json").read_text())["num_local_experts"]
+    layers = {n.split(".mlp.experts.")[0] for n in tensors if ".mlp.experts." in n}
+    for layer in layers:
+        one = [f"{layer}.mlp.experts.{e}" for e in range(experts)]
+        tensors[f"{layer}.mlp.experts.gate_up_proj"] = torch.stack(
+            [torch.cat([tensors.pop(f"{p}.gate_proj.weight"), tensors.pop(f"{p}.up_proj.weight")]) for p in one])
+        tensors[f"{layer}.mlp.experts.down_proj"] = torch.stack([tensors.pop(f"{p}.down_proj.weight") for p in one])
+    save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
+    return target
+
+
+def test_stacked_experts_are_chunked_per_expert_then_converted(tmp_path):
+    """preprocess convert/chunk: stacked gate_up_proj and down_proj become the per-expert weights they stack, read
+    one expert at a time; converted, they equal the conversion of the per-expert checkpoint."""
+    per_expert = make_tiny_model(tmp_path / "moe", "qwen3_moe", dtype=torch.bfloat16, seed=2)
+    stacked = stack_experts(per_expert, tmp_path / "stacked")
+    experts = ["model.layers.*.mlp.experts.*.*_proj"]
+    split = [{"type": "convert", "source": ["model.layers.*.mlp.experts.gate_up_proj"],
+              "target": ["model.layers.*.mlp.experts.*.gate_proj.weight", "model.layers.*.mlp.experts.*.up_proj.weight"],
+              "ops": [{"type": "chunk", "dim": 1, "projections": ["gate_proj", "up_proj"]}]},
+             {"type": "convert", "source": ["model.layers.*.mlp.experts.down_proj"],
+              "target": ["model.layers.*.mlp.experts.*.down_proj.weight"],
+              "ops": [{"type": "chunk", "projections": ["down_proj"]}]}]
+    as_float, from_stacked, from_per_expert = tmp_path / "float", tmp_path / "a", tmp_path / "b"
+    assert run_convert(stacked, as_float, convert_yaml(tmp_path / "f.yaml", "FLOAT", "hf", match=experts,
+                                                       preprocess=split)) == 0
+    original, written = load_file(per_expert / "model.safetensors"), stored(as_float)
+    assert written.keys() == original.keys()
+    assert all(torch.equal(written[n], original[n]) for n in original)
+    assert run_convert(stacked, from_stacked, convert_yaml(tmp_path / "s.yaml", "W8A8_MXFP8", "ascend_v1",
+                                                           match=experts, preprocess=split)) == 0
+    assert run_convert(per_expert, from_per_expert, convert_yaml(tmp_path / "p.yaml", "W8A8_MXFP8", "ascend_v1",
+                                                                 match=experts)) == 0
+    one, two = stored(from_stacked), stored(from_per_expert)
+    assert one.keys() == two.keys() and all(torch.equal(one[n], two[n]) for n in one)

@@ -1,20 +1,22 @@
 """Use case: `msmodelslim quant --config_path <apiversion: modelslim_convert>`: convert a checkpoint's linear
 weights offline, with no model code and no calibration data (core/convert_config.py has the protocol).
 
-The source is read as safetensors headers first (the catalog), renamed by `preprocess`, and every linear that a
-`match` names gets its source IR from what is stored: a float8 weight, or one with a `weight_scale_inv` beside
-it, is FP8_BLOCK (block-scaled, the block from config.json's quantization_config.weight_block_size, 128 x 128
-by default); a bf16/fp16/fp32 weight is FLOAT. Every check (paths, the plan, a route for every linear, the
-disk's room) runs before a tensor is read. Then the tensors stream through, one at a time, into a staged
-output that is moved into place only when complete and checked:
-- FP8_BLOCK -> FLOAT: w · scale_inv of its block, computed in float32 and stored in the checkpoint's float
-  dtype (config.json torch_dtype; bfloat16 when it names none), as the engines' own dequantization does;
+The source is read as safetensors headers first (the catalog; a compressed-tensors pack-quantized weight is one
+`X.weight` there), reshaped by `preprocess` (renamed keys; stacked experts chunked into one weight per expert and
+projection, read one expert at a time), and every linear that a `match` names gets its source IR from what is
+stored: pack-quantized is INT4_PACKED; a float8 weight, or one with a `weight_scale_inv` beside it, is FP8_BLOCK
+(the block from config.json's quantization_config.weight_block_size, 128 x 128 by default); bf16/fp16/fp32 is
+FLOAT. Every check (paths, the plan, a route for every linear, the disk's room) runs before a tensor is read.
+Then the tensors stream through, one at a time, into a staged output that is moved into place only when
+complete and checked:
+- FP8_BLOCK / INT4_PACKED -> FLOAT: dequantized in float32 (w · scale_inv of its block; compressed-tensors' own
+  decompressor) and stored in the checkpoint's float dtype (config.json dtype; bfloat16 when it names none);
 - FLOAT -> W8A8_MXFP8: the MXFP8 round to nearest of linear_quant (weight_scale in E8M0, blocks of 32 along the
   input), the same codes `quant` writes for that scheme;
 - tensors that no rule matches are written unchanged.
-ascendv1 output: quant_model_description.json (converted linears tagged with their type, the rest FLOAT);
-Hugging Face output: model*.safetensors, config.json without the source's quantization_config once no FP8
-weight is left."""
+ascendv1 output: quant_model_description.json (converted linears tagged with their type, the rest FLOAT, a tied
+head described as lm_head.weight); Hugging Face output: model*.safetensors and config.json without the source's
+quantization_config (every quantized linear must be converted)."""
 from __future__ import annotations
 
 import fnmatch
@@ -29,7 +31,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from msmodelslim.core.convert_config import ConvertConfig, IRKind, RenameStep, shortest_route
+from msmodelslim.core.convert_config import Chunk, ConvertConfig, IRKind, StructureStep, shortest_route
 from msmodelslim.core.errors import ConfigError, FormatCheckError, InvalidModelError, UnsupportedError
 from msmodelslim.core.logging import get_logger
 from msmodelslim.format.ascendv1.checker import check_ascendv1
@@ -52,9 +54,21 @@ _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "
            "I16": torch.int16, "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool}
 DEFAULT_FP8_BLOCK = (128, 128)
 MXFP8 = {"dtype": "mxfp8", "scope": "per_block", "symmetric": True, "method": "minmax"}
-W8A8_MXFP8_CONFIG = LinearQuantConfig.model_validate({"type": "linear_quant", "qconfig": {"weight": MXFP8, "act": MXFP8}})
+W8A8_MXFP8_CONFIG = LinearQuantConfig.model_validate({"type": "linear_quant",
+                                                      "qconfig": {"weight": MXFP8, "act": MXFP8}})
 SCALE = ".weight_scale_inv"
 BEST_PRACTICE = "convert_best_practice.yaml"  # as the established tool names a convert run's saved practice
+
+
+@dataclass(frozen=True)
+class ExpertPart:
+    """One expert's part of a stacked experts tensor [E, A, B] (preprocess chunk): [expert], split along `dim`
+    (1 or 2, of the stacked tensor) into `parts`, part `index`."""
+
+    expert: int
+    index: int
+    parts: int
+    dim: int
 
 
 @dataclass(frozen=True)
@@ -62,6 +76,7 @@ class StoredTensor:
     key: str  # its name in the checkpoint (before preprocess renames it)
     dtype: Optional[torch.dtype]  # None: a pack-quantized weight (its parts read together)
     shape: tuple[int, ...]
+    part: Optional[ExpertPart] = None  # a slice of the stacked tensor `key`
 
     @property
     def nbytes(self) -> int:
@@ -112,28 +127,82 @@ def read_catalog(checkpoint: SafetensorsCheckpoint) -> dict[str, StoredTensor]:
     return catalog
 
 
-def _rename(name: str, source: str, target: str) -> Optional[str]:
-    """`name` renamed by one pattern ('*' matches any run of characters, taken over in order), None if no match."""
-    regex = "^" + ".*?".join(re.escape(part) for part in source.split("*")).replace(".*?", "(.*?)") + "$"
+def _captures(name: str, pattern: str) -> Optional[tuple[str, ...]]:
+    """What each '*' of `pattern` matched in `name` (any run of characters), None when it does not match."""
+    regex = "^" + "(.*?)".join(re.escape(part) for part in pattern.split("*")) + "$"
     found = re.match(regex, name)
-    if found is None:
-        return None
-    pieces = target.split("*")
-    return pieces[0] + "".join(g + p for g, p in zip(found.groups(), pieces[1:]))
+    return found.groups() if found else None
 
 
-def apply_preprocess(catalog: dict[str, StoredTensor], config: ConvertConfig) -> dict[str, StoredTensor]:
+def _filled(pattern: str, values: tuple[str, ...]) -> str:
+    """`pattern` with its '*'s replaced by `values` in order."""
+    pieces = pattern.split("*")
+    if len(values) != len(pieces) - 1:
+        raise ConfigError(f"pattern {pattern!r} has {len(pieces) - 1} '*', but {len(values)} value(s) fill it")
+    return pieces[0] + "".join(v + p for v, p in zip(values, pieces[1:]))
+
+
+def _num_experts(model_path: Path) -> int:
+    config_file = model_path / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    config = {**(config.get("text_config") or {}), **config}
+    for key in ("num_experts", "num_local_experts", "n_routed_experts"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    raise InvalidModelError(f"{config_file}: no num_experts (nor num_local_experts, n_routed_experts); splitting "
+                            f"stacked experts needs it")
+
+
+def _chunked(tensors: dict[str, StoredTensor], step: StructureStep, where: str, model_path: Path
+             ) -> dict[str, StoredTensor]:
+    """preprocess convert with one chunk: every stacked tensor a source pattern names, as per-expert parts."""
+    if len(step.ops) != 1 or not isinstance(step.ops[0], Chunk):
+        kinds = [op.type for op in step.ops]
+        raise UnsupportedError(f"{where}: ops {kinds}: this version runs one chunk per convert step (merge, the "
+                               f"fusing of per-expert weights, is not implemented yet); write one step per chunk")
+    chunk = step.ops[0]
+    out: dict[str, StoredTensor] = {}
+    matched = False
+    for name, stored in tensors.items():
+        captures = next((c for pattern in step.source if (c := _captures(name, pattern)) is not None), None)
+        if captures is None:
+            out[name] = stored
+            continue
+        matched = True
+        experts = _num_experts(model_path)
+        if len(stored.shape) != 3 or stored.shape[0] != experts or stored.dtype is None or stored.part is not None \
+                or stored.shape[chunk.dim] % len(chunk.projections):
+            raise UnsupportedError(f"{where}: {name} has shape {list(stored.shape)}; chunk splits a stacked experts "
+                                   f"tensor [{experts} experts, A, B] along dim {chunk.dim} into "
+                                   f"{len(chunk.projections)} equal parts")
+        shape = list(stored.shape[1:])
+        shape[chunk.dim - 1] //= len(chunk.projections)
+        for expert in range(experts):
+            for index, target in enumerate(step.target):
+                new = _filled(target, captures + (str(expert),))
+                if new in out or new in tensors:
+                    raise ConfigError(f"{where}: two tensors would be named {new!r}")
+                out[new] = StoredTensor(stored.key, stored.dtype, tuple(shape),
+                                        ExpertPart(expert, index, len(chunk.projections), chunk.dim))
+    if not matched:
+        raise ConfigError(f"{where}: source {step.source} names no tensor of the checkpoint")
+    return out
+
+
+def apply_preprocess(catalog: dict[str, StoredTensor], config: ConvertConfig, model_path: Path
+                     ) -> dict[str, StoredTensor]:
     tensors = dict(catalog)
     for i, step in enumerate(config.spec.preprocess):
-        if not isinstance(step, RenameStep):
-            raise UnsupportedError(f"spec.preprocess[{i}]: type convert (splitting or merging fused gate/up weights) "
-                                   f"is not implemented yet; rename keys with type rename, or convert the fused "
-                                   f"weights first")
+        where = f"spec.preprocess[{i}]"
+        if isinstance(step, StructureStep):
+            tensors = _chunked(tensors, step, where, model_path)
+            continue
         renamed: dict[str, StoredTensor] = {}
         for name, stored in tensors.items():
-            new = next((n for p in step.patterns if (n := _rename(name, p.source, p.to)) is not None), name)
+            matched = next(((p, c) for p in step.patterns if (c := _captures(name, p.source)) is not None), None)
+            new = _filled(matched[0].to, matched[1]) if matched else name
             if new in renamed:
-                raise ConfigError(f"spec.preprocess[{i}]: two tensors would be named {new!r}")
+                raise ConfigError(f"{where}: two tensors would be named {new!r}")
             renamed[new] = stored
         tensors = renamed
     return tensors
@@ -182,8 +251,8 @@ def plan_conversion(config: ConvertConfig, model_path: Path) -> ConvertPlan:
     """Everything decided from the headers: which linear goes which route (ConfigError/UnsupportedError else)."""
     float_dtype, block = _float_dtype(model_path)
     checkpoint = open_checkpoint(model_path)  # config.json read as JSON: no model code
-    plan = ConvertPlan(checkpoint, apply_preprocess(read_catalog(checkpoint), config), float_dtype=float_dtype,
-                       fp8_block=block)
+    plan = ConvertPlan(checkpoint, apply_preprocess(read_catalog(checkpoint), config, model_path),
+                       float_dtype=float_dtype, fp8_block=block)
     # a linear's weight is 2-D: norms and other vectors a broad pattern names are not linears and stay as they are
     modules = [n.removesuffix(".weight") for n, t in plan.tensors.items() if n.endswith(".weight") and len(t.shape) > 1]
     for i, rule in enumerate(config.spec.linears):
@@ -260,7 +329,12 @@ def _converted(c: Conversion, plan: ConvertPlan, bias: Optional[torch.Tensor]):
 
 
 def _read(plan: ConvertPlan, name: str) -> torch.Tensor:
-    return plan.checkpoint.read_stored([plan.tensors[name].key])[plan.tensors[name].key]
+    stored = plan.tensors[name]
+    if stored.part is not None:  # one expert's part of a stacked tensor
+        part = stored.part
+        expert = plan.checkpoint.read_index(stored.key, part.expert)
+        return expert.chunk(part.parts, part.dim - 1)[part.index].contiguous()
+    return plan.checkpoint.read_stored([stored.key])[stored.key]
 
 
 def _describe_tied_head(plan: ConvertPlan, writer: AscendV1Writer, model_path: Path) -> None:
@@ -273,8 +347,9 @@ def _describe_tied_head(plan: ConvertPlan, writer: AscendV1Writer, model_path: P
         return
     tables = [n for n in plan.tensors if n.endswith("embed_tokens.weight")]
     if len(tables) != 1:
+        found = "no *embed_tokens.weight is stored" if not tables else f"{len(tables)} are stored"
         log.warning("config.json ties the output head to the input embedding, but %s; the description names no "
-                    "lm_head.weight", "no *embed_tokens.weight is stored" if not tables else f"{len(tables)} are stored")
+                    "lm_head.weight", found)
         return
     writer.add_tied("lm_head.weight", tables[0], _read(plan, tables[0]))
 

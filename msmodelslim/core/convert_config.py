@@ -91,11 +91,42 @@ class RenameStep(BaseModel):
     patterns: list[Rename] = Field(min_length=1)
 
 
-class StructureStep(BaseModel):
-    """`type: convert` (fused gate/up split or merge): accepted as written, refused when run (not implemented)."""
+class Chunk(BaseModel):
+    """Split a stacked experts tensor [E, A, B] along `dim` (1 or 2) into one part per projection, and over the
+    experts: `<layer>.mlp.experts.gate_up_proj` -> `<layer>.mlp.experts.<e>.{gate,up}_proj.weight`."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["chunk"]
+    dim: int = Field(1, ge=1, le=2)
+    projections: list[str] = Field(default_factory=lambda: ["gate_proj", "up_proj"], min_length=1)
+
+
+class Merge(BaseModel):
+    """The inverse of chunk: accepted as written, refused when run (not implemented yet)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["merge"]
+    dim: int = 0
+
+
+class StructureStep(BaseModel):
+    """`type: convert`: per `source` pattern (each '*' a layer or similar), the `ops` on the tensors it names; the
+    outputs are named by `target` (one pattern per chunk projection: its '*'s take the source's, then the expert
+    index)."""
+
+    model_config = ConfigDict(extra="forbid")
     type: Literal["convert"]
+    source: list[str] = Field(min_length=1)
+    target: list[str] = Field(min_length=1)
+    ops: list[Annotated[Union[Chunk, Merge], Field(discriminator="type")]] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _targets_per_projection(self) -> "StructureStep":
+        for op in self.ops:
+            if isinstance(op, Chunk) and len(op.projections) != len(self.target):
+                raise ValueError(f"chunk into {op.projections} needs one target pattern per projection, got "
+                                 f"{len(self.target)}")
+        return self
 
 
 class LinearRule(BaseModel):

@@ -141,6 +141,14 @@ class SafetensorsCheckpoint:
             out[name] = dequantize_fp8_blocks(out[name], scales[f"{name}_scale_inv"], fp8_block, name)
         return out
 
+    def read_index(self, name: str, index: int) -> torch.Tensor:
+        """`name`[index] along its first dimension (e.g. one expert of a stacked experts tensor), reading only that
+        part of the file."""
+        if name not in self._file_of:
+            raise InvalidModelError(f"tensor {name!r} is missing from the checkpoint in {self.path}")
+        with safe_open(self.path / self._file_of[name], framework="pt") as f:
+            return f.get_slice(name)[index:index + 1][0].contiguous()
+
     def read_stored(self, names: list[str]) -> dict[str, torch.Tensor]:
         """The named tensors exactly as stored (float8 ones not dequantized)."""
         return self._read(names)
