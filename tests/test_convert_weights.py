@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from helpers import run_quant
+from test_moe import read_tensors as stored  # every tensor of a directory's safetensors files
 from msmodelslim.cli.__main__ import main
 from tiny_models import make_tiny_model
 
@@ -69,14 +69,6 @@ def convert_yaml(path: Path, target: str, save: str, match=LINEARS, **spec) -> P
 
 def run_convert(model: Path, out: Path, config: Path, *extra: str) -> int:
     return main(["quant", "--model_path", str(model), "--save_path", str(out), "--config_path", str(config), *extra])
-
-
-def stored(directory: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        with safe_open(file, framework="pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 @pytest.fixture(scope="module")
