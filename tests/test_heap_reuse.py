@@ -100,3 +100,62 @@ def test_thresholds_the_user_set_win(monkeypatch):
     assert calls[2:] == [("mallopt", (memory.M_MMAP_THRESHOLD, memory.MMAP_THRESHOLD_BYTES)),
                          ("mallopt", (memory.M_TRIM_THRESHOLD, memory.TRIM_THRESHOLD_BYTES)),
                          ("malloc_trim", (0,))]
+
+
+CAP_PROBE = """
+import torch
+from msmodelslim.core.memory import bound_heap_growth, current_rss, heap_reused
+MIB = 1 << 20
+bound_heap_growth()
+baseline = current_rss()
+# a 1 MiB tensor kept after each piece (too large for the heap's earlier small holes, so it lands right after it):
+# a freed heap piece is then a hole, not the heap's top, which the trim threshold would hand back
+survivors = []
+
+def pieces(mib, count):
+    out = []
+    for _ in range(count):
+        out.append(torch.ones(mib * MIB // 4))
+        survivors.append(torch.ones(MIB // 4))
+    return out
+
+with heap_reused():
+    big = pieces(16, 8)  # 128 MiB in pieces above the cap
+    del big
+    after_big = current_rss() - baseline
+    small = pieces(4, 32)  # 128 MiB in pieces below it
+    del small
+    after_small = current_rss() - baseline
+print(after_big // MIB, after_small // MIB)
+"""
+
+
+def test_a_cap_sends_larger_temporaries_to_mappings_of_their_own():
+    """MSMODELSLIM_HEAP_REUSE_MIB=8: what is above the cap goes back to the system as soon as it is freed, what is
+    below stays in the heap until the block ends (in a fresh process: this one's heap holds earlier tests')."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env[memory.REUSE_ENV] = "8"
+    done = subprocess.run([sys.executable, "-c", CAP_PROBE], capture_output=True, text=True, env=env, check=True)
+    after_big, after_small = map(int, done.stdout.split()[-2:])
+    assert after_big < 32, after_big  # the 8 survivors and little else
+    assert after_small > 128, after_small  # the 40 survivors and the freed small pieces
+
+
+@pytest.mark.parametrize("raw,expected", [(None, 1 << 30), ("32", 32 * MIB), ("1024", 1 << 30)])
+def test_the_cap_is_read_from_the_environment(monkeypatch, raw, expected):
+    if raw is None:
+        monkeypatch.delenv(memory.REUSE_ENV, raising=False)
+    else:
+        monkeypatch.setenv(memory.REUSE_ENV, raw)
+    assert memory.reuse_threshold_bytes() == expected
+
+
+@pytest.mark.parametrize("raw", ["0", "2048", "1.5", "lots"])
+def test_a_bad_cap_is_refused_before_any_weight_is_read(monkeypatch, tmp_path, capsys, tiny_llama, raw):
+    from msmodelslim.cli.__main__ import main
+
+    monkeypatch.setenv(memory.REUSE_ENV, raw)
+    assert main(["quant", "--model_path", str(tiny_llama), "--save_path", str(tmp_path / "out"), "--device", "cpu",
+                 "--model_type", "Llama-2-7B", "--quant_type", "w8a16", "--allow_default_practice"]) != 0
+    assert f"{memory.REUSE_ENV}={raw!r}: expected a whole number of MiB from 1 to 1024" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -40,7 +40,7 @@ from msmodelslim.core.distributed import LOCAL, Collective, contiguous_share, sp
 from msmodelslim.core.errors import UnsupportedError
 from msmodelslim.core.faults import fault_point
 from msmodelslim.core.logging import get_logger, level_from_env, setup_logging
-from msmodelslim.core.memory import bound_heap_growth
+from msmodelslim.core.memory import bound_heap_growth, reuse_threshold_bytes
 from msmodelslim.core.passthrough import log_unread, refuse_inconsistent_passthrough
 from msmodelslim.core.resume import (BlockCheckpoints, CheckpointSchedule, Fingerprint, ResumePoint, describe,
                                      read_checkpoint)
@@ -147,8 +147,10 @@ def _prepare(request: QuantizeRequest, in_rank: bool = False) -> _Job:
     if config.translation is not None and not in_rank:
         config.translation.log(log)  # what every modelslim_v0 key became
     _check_output(request, len(config.spec.save))
-    # a bad MSMODELSLIM_ACTIVATION_MEMORY_MIB or MSMODELSLIM_SPILL_DIR fails here, before any weight is read
+    # a bad MSMODELSLIM_ACTIVATION_MEMORY_MIB, MSMODELSLIM_SPILL_DIR or MSMODELSLIM_HEAP_REUSE_MIB fails here,
+    # before any weight is read
     spill = ActivationSpill.from_env(request.save_path)
+    reuse_threshold_bytes()
     spill = None if request.dry_run else spill  # checked in a dry run too, used only by a real one
     runner = choose_runner(config, request.device)
     refuse_duplicate_savers(config)

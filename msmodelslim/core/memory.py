@@ -32,6 +32,7 @@ from typing import Iterator, Optional
 
 import torch
 
+from msmodelslim.core.errors import ConfigError
 from msmodelslim.core.logging import get_logger
 
 log = get_logger("memory")
@@ -41,6 +42,23 @@ M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_BYTES = 1 << 20
 TRIM_THRESHOLD_BYTES = 128 << 10  # glibc's default
 REUSE_THRESHOLD_BYTES = 1 << 30  # both thresholds inside heap_reused (mallopt takes a C int: below 2 GiB)
+REUSE_ENV = "MSMODELSLIM_HEAP_REUSE_MIB"
+
+
+def reuse_threshold_bytes() -> int:
+    """The largest allocation `heap_reused` serves from the heap: MSMODELSLIM_HEAP_REUSE_MIB (1 to 1024), 1 GiB
+    by default. A ConfigError names a value out of range."""
+    raw = os.environ.get(REUSE_ENV)
+    if raw is None:
+        return REUSE_THRESHOLD_BYTES
+    try:
+        mib = int(raw)
+    except ValueError:
+        mib = 0
+    if not 1 <= mib <= REUSE_THRESHOLD_BYTES >> 20:
+        raise ConfigError(f"{REUSE_ENV}={raw!r}: expected a whole number of MiB from 1 to 1024 (the largest block "
+                          f"temporary served from the heap; smaller values trade time for memory)")
+    return mib << 20
 
 
 @lru_cache(maxsize=1)
@@ -85,14 +103,21 @@ def heap_reused() -> Iterator[None]:
 
     Measured on one SmolLM2-135M decoder layer, 8 batches of 16 x 512 tokens under bfloat16 autocast (two
     cores): 4.3-4.6 s and ~1.05 M minor page faults with every allocation above 1 MiB its own mapping; 2.6-2.7 s
-    and no faults with the heap kept. A no-op where the C library is not glibc or the user set the thresholds;
-    leaves the allocator as `bound_heap_growth` sets it."""
+    and no faults with the heap kept. The price is memory: block after block the heap fragments (small
+    long-lived allocations land in the holes the large temporaries leave), so later blocks touch more of it than
+    the first. On SmolLM2 with GPTQ W4A4 (online rotations, 4 batches of 16 x 512) the heap held 310 MiB in use
+    throughout while its size grew from 834 to 1032 MiB, and the peak RSS per block from 1.42 to 1.80 GiB.
+    MSMODELSLIM_HEAP_REUSE_MIB caps what is served from the heap (`reuse_threshold_bytes`; larger temporaries
+    get mappings of their own): docs/benchmarks.md, "Heap reuse inside a block", has the time and memory of
+    several caps. A no-op where the C library is not glibc or the user set the thresholds; leaves the allocator
+    as `bound_heap_growth` sets it."""
     libc = _tunable_libc()
     if libc is None:
         yield
         return
-    libc.mallopt(M_TRIM_THRESHOLD, REUSE_THRESHOLD_BYTES)
-    libc.mallopt(M_MMAP_THRESHOLD, REUSE_THRESHOLD_BYTES)
+    reuse = reuse_threshold_bytes()
+    libc.mallopt(M_TRIM_THRESHOLD, reuse)
+    libc.mallopt(M_MMAP_THRESHOLD, reuse)
     try:
         yield
     finally:
