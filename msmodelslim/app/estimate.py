@@ -163,6 +163,10 @@ def _assumptions(job, decoder: list[str], leading: list[str], checkpoints: int, 
         assumptions.append(f"spec.prior ({len(job.prior)} stage(s)): one forward per block on each stage's data, "
                            "timed on the last decoder block, and the learning measured on one chunk of rows; the "
                            "main stage timed with QuaRot's starting rotation in place of the learned one")
+    if any(p.needs_calibration for p in job.processors):
+        assumptions.append("the C heap as the first block leaves it: where the blocks' temporaries fragment it, "
+                           "later blocks peak higher (27 % on SmolLM2 with GPTQ W4A4, docs/benchmarks.md; "
+                           "MSMODELSLIM_HEAP_REUSE_MIB trades time for a steadier peak)")
     if os.environ.get("MSMODELSLIM_ACTIVATION_MEMORY_MIB"):
         assumptions.append("the activations stay in memory (MSMODELSLIM_ACTIVATION_MEMORY_MIB spilling is not "
                            "modelled)")
