@@ -226,8 +226,8 @@ def source_ir(module: str, tensors: dict[str, StoredTensor], block: tuple[int, i
     """What the checkpoint stores for `module` (route: auto), checked against its scale's shape."""
     weight = tensors[f"{module}.weight"]
     if len(weight.shape) != 2:
-        raise UnsupportedError(f"{module}.weight has shape {list(weight.shape)}; a linear's weight is 2-D (fused "
-                               f"expert tensors need preprocess type convert, not implemented yet)")
+        raise UnsupportedError(f"{module}.weight has shape {list(weight.shape)}; a linear's weight is 2-D (split "
+                               f"stacked experts first with a preprocess step of type convert, op chunk)")
     if weight.dtype is None:
         return IRKind.INT4_PACKED
     scale = tensors.get(f"{module}{SCALE}")

@@ -105,8 +105,9 @@ def heap_reused() -> Iterator[None]:
     cores): 4.3-4.6 s and ~1.05 M minor page faults with every allocation above 1 MiB its own mapping; 2.6-2.7 s
     and no faults with the heap kept. The price is memory: block after block the heap fragments (small
     long-lived allocations land in the holes the large temporaries leave), so later blocks touch more of it than
-    the first. On SmolLM2 with GPTQ W4A4 (online rotations, 4 batches of 16 x 512) the heap held 310 MiB in use
-    throughout while its size grew from 834 to 1032 MiB, and the peak RSS per block from 1.42 to 1.80 GiB.
+    the first. On SmolLM2 with GPTQ W4A4 (online rotations, 4 batches of 16 x 512) the per-block peak RSS grew
+    from 1.42 to 1.80 GiB over the 30 blocks; on a 10-layer truncation the heap held 310 MiB in use throughout
+    while its size grew from 834 to 1032 MiB.
     MSMODELSLIM_HEAP_REUSE_MIB caps what is served from the heap (`reuse_threshold_bytes`; larger temporaries
     get mappings of their own): docs/benchmarks.md, "Heap reuse inside a block", has the time and memory of
     several caps. A no-op where the C library is not glibc or the user set the thresholds; leaves the allocator
