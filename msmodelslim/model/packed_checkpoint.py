@@ -76,6 +76,7 @@ class PackQuantizedCheckpoint(SafetensorsCheckpoint):
                 self._packed[f"{prefix}.weight"] = prefix
         parts = {f"{p}.{s}" for p in self._packed.values() for s in PARTS}
         self._names = [n for n in stored if n not in parts] + list(self._packed)
+        self._packed_shapes: Optional[dict[str, tuple[int, ...]]] = None  # read on the first shape() asked
 
     def names(self) -> list[str]:
         return list(self._names)
@@ -88,8 +89,11 @@ class PackQuantizedCheckpoint(SafetensorsCheckpoint):
         prefix = self._packed.get(name)
         if prefix is None:
             return super().shape(name)
-        shape = self._read([f"{prefix}.weight_shape"])[f"{prefix}.weight_shape"]  # [N, K]: a two-element tensor
-        return tuple(int(v) for v in shape.reshape(-1).tolist())
+        if self._packed_shapes is None:  # every [N, K] at once: one pass over each file, not one per weight
+            stored = self._read([f"{p}.weight_shape" for p in self._packed.values()])
+            self._packed_shapes = {key.removesuffix(".weight_shape"): tuple(int(v) for v in t.reshape(-1).tolist())
+                                   for key, t in stored.items()}
+        return self._packed_shapes[prefix]
 
     def file_of(self, name: str) -> str | None:
         prefix = self._packed.get(name)
