@@ -170,7 +170,7 @@ def test_rename_with_wildcards_and_a_dry_run_that_writes_nothing(tmp_path, check
     ("mxfp8_as_hf", "only the ascendv1 format holds"),
     ("unknown_target", "no implemented conversion reaches it"),
     ("backward_route", "the step FLOAT -> FP8_BLOCK is no conversion of the IR graph"),
-    ("merge", "merge, the fusing of per-expert weights, is not implemented yet"),
+    ("two_ops", "2 ops in one convert step: write one step per op"),
     ("matches_nothing", "names no weight of the checkpoint"),
     ("fp8_left_in_ascendv1", "no rule converts"),
     ("float_source_for_fp8_route", "is FLOAT in the checkpoint; route starts at FP8_BLOCK"),
@@ -182,9 +182,9 @@ def test_what_cannot_be_done_is_refused_before_anything_is_written(tmp_path, che
         "mxfp8_as_hf": lambda p: convert_yaml(p, "W8A8_MXFP8", "hf"),
         "unknown_target": lambda p: convert_yaml(p, "NVFP4_MODELOPT", "hf"),
         "backward_route": lambda p: convert_yaml(p, "FP8_BLOCK", "ascend_v1", route=["FLOAT", "FP8_BLOCK"]),
-        "merge": lambda p: convert_yaml(p, "FLOAT", "hf", preprocess=[
+        "two_ops": lambda p: convert_yaml(p, "FLOAT", "hf", preprocess=[
             {"type": "convert", "source": ["a.*.b", "a.*.c"], "target": ["d.*"],
-             "ops": [{"type": "merge"}]}]),
+             "ops": [{"type": "merge"}, {"type": "merge"}]}]),
         "matches_nothing": lambda p: convert_yaml(p, "FLOAT", "hf", match=["model.layers.*.mlp.experts.*"]),
         "fp8_left_in_ascendv1": lambda p: convert_yaml(p, "W8A8_MXFP8", "ascend_v1", match=["model.layers.0.*"]),
         "float_source_for_fp8_route": lambda p: convert_yaml(p, "FLOAT", "hf", route=["FP8_BLOCK", "FLOAT"]),
@@ -274,3 +274,24 @@ def test_stacked_experts_are_chunked_per_expert_then_converted(tmp_path):
                                                                  match=experts)) == 0
     one, two = stored(from_stacked), stored(from_per_expert)
     assert one.keys() == two.keys() and all(torch.equal(one[n], two[n]) for n in one)
+
+
+def test_per_expert_weights_merge_into_the_stacked_layout(tmp_path):
+    """preprocess convert/merge (chunk's inverse): each layer's experts concatenated (gate rows, then up rows) and
+    stacked, as transformers holds them; the linears still named are converted as usual."""
+    per_expert = make_tiny_model(tmp_path / "moe", "qwen3_moe", dtype=torch.bfloat16, seed=3)
+    want = load_file(stack_experts(per_expert, tmp_path / "stacked") / "model.safetensors")
+    experts = "model.layers.*.mlp.experts.*"
+    merge = [{"type": "convert", "source": [f"{experts}.gate_proj.weight", f"{experts}.up_proj.weight"],
+              "target": ["model.layers.*.mlp.experts.gate_up_proj"], "ops": [{"type": "merge", "dim": 0}]},
+             {"type": "convert", "source": [f"{experts}.down_proj.weight"],
+              "target": ["model.layers.*.mlp.experts.down_proj"], "ops": [{"type": "merge"}]}]
+    out = tmp_path / "out"
+    assert run_convert(per_expert, out, convert_yaml(tmp_path / "m.yaml", "FLOAT", "hf",
+                                                     match=["model.layers.*.self_attn.*_proj"], preprocess=merge)) == 0
+    written = stored(out)
+    assert written.keys() == want.keys()
+    assert all(torch.equal(written[n], want[n]) for n in want)
+    incomplete = [{**merge[0], "source": [f"{experts}.gate_proj.weight", "model.layers.*.mlp.experts.0.*.weight"]}]
+    assert run_convert(per_expert, tmp_path / "bad", convert_yaml(tmp_path / "b.yaml", "FLOAT", "hf",
+                                                                  preprocess=incomplete)) != 0

@@ -2,13 +2,13 @@
 weights offline, with no model code and no calibration data (core/convert_config.py has the protocol).
 
 The source is read as safetensors headers first (the catalog; a compressed-tensors pack-quantized weight is one
-`X.weight` there), reshaped by `preprocess` (renamed keys; stacked experts chunked into one weight per expert and
-projection, read one expert at a time), and every linear that a `match` names gets its source IR from what is
-stored: pack-quantized is INT4_PACKED; a float8 weight, or one with a `weight_scale_inv` beside it, is FP8_BLOCK
-(the block from config.json's quantization_config.weight_block_size, 128 x 128 by default); bf16/fp16/fp32 is
-FLOAT. Every check (paths, the plan, a route for every linear, the disk's room) runs before a tensor is read.
-Then the tensors stream through, one at a time, into a staged output that is moved into place only when
-complete and checked:
+`X.weight` there), reshaped by `preprocess` (renamed keys; stacked experts chunked into one weight per expert
+and projection, read one expert at a time, or per-expert weights merged into stacked ones), and every linear
+that a `match` names gets its source IR from what is stored: pack-quantized is INT4_PACKED; a float8 weight, or
+one with a `weight_scale_inv` beside it, is FP8_BLOCK (the block from config.json's
+quantization_config.weight_block_size, 128 x 128 by default); bf16/fp16/fp32 is FLOAT. Every check (paths,
+the plan, a route for every linear, the disk's room) runs before a tensor is read. Then the tensors stream
+through, one at a time, into a staged output that is moved into place only when complete and checked:
 - FP8_BLOCK / INT4_PACKED -> FLOAT: dequantized in float32 (w · scale_inv of its block; compressed-tensors' own
   decompressor) and stored in the checkpoint's float dtype (config.json dtype; bfloat16 when it names none);
 - FLOAT -> W8A8_MXFP8: the MXFP8 round to nearest of linear_quant (weight_scale in E8M0, blocks of 32 along the
@@ -77,6 +77,9 @@ class StoredTensor:
     dtype: Optional[torch.dtype]  # None: a pack-quantized weight (its parts read together)
     shape: tuple[int, ...]
     part: Optional[ExpertPart] = None  # a slice of the stacked tensor `key`
+    # preprocess merge: per expert, the tensors concatenated along `merge_dim`; the experts stacked
+    merged: tuple[tuple["StoredTensor", ...], ...] = ()
+    merge_dim: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -155,11 +158,7 @@ def _num_experts(model_path: Path) -> int:
 
 def _chunked(tensors: dict[str, StoredTensor], step: StructureStep, where: str, model_path: Path
              ) -> dict[str, StoredTensor]:
-    """preprocess convert with one chunk: every stacked tensor a source pattern names, as per-expert parts."""
-    if len(step.ops) != 1 or not isinstance(step.ops[0], Chunk):
-        kinds = [op.type for op in step.ops]
-        raise UnsupportedError(f"{where}: ops {kinds}: this version runs one chunk per convert step (merge, the "
-                               f"fusing of per-expert weights, is not implemented yet); write one step per chunk")
+    """preprocess convert with a chunk: every stacked tensor a source pattern names, as per-expert parts."""
     chunk = step.ops[0]
     out: dict[str, StoredTensor] = {}
     matched = False
@@ -171,7 +170,7 @@ def _chunked(tensors: dict[str, StoredTensor], step: StructureStep, where: str, 
         matched = True
         experts = _num_experts(model_path)
         if len(stored.shape) != 3 or stored.shape[0] != experts or stored.dtype is None or stored.part is not None \
-                or stored.shape[chunk.dim] % len(chunk.projections):
+                or stored.merged or stored.shape[chunk.dim] % len(chunk.projections):
             raise UnsupportedError(f"{where}: {name} has shape {list(stored.shape)}; chunk splits a stacked experts "
                                    f"tensor [{experts} experts, A, B] along dim {chunk.dim} into "
                                    f"{len(chunk.projections)} equal parts")
@@ -189,13 +188,59 @@ def _chunked(tensors: dict[str, StoredTensor], step: StructureStep, where: str, 
     return out
 
 
+def _merged(tensors: dict[str, StoredTensor], step: StructureStep, where: str, model_path: Path
+            ) -> dict[str, StoredTensor]:
+    """preprocess convert with a merge: per layer, the per-expert weights the source patterns name (their last '*'
+    the expert index), concatenated along the op's dim and stacked over the experts under the target's name."""
+    merge = step.ops[0]
+    groups: dict[tuple[str, ...], dict[int, list[Optional[StoredTensor]]]] = {}
+    out: dict[str, StoredTensor] = {}
+    for name, stored in tensors.items():
+        found = next(((i, c) for i, pattern in enumerate(step.source)
+                      if (c := _captures(name, pattern)) is not None), None)
+        if found is None:
+            out[name] = stored
+            continue
+        index, captures = found
+        if not captures or not captures[-1].isdigit():
+            raise ConfigError(f"{where}: the last '*' of {step.source[index]!r} must match the expert index; in "
+                              f"{name} it matched {captures[-1] if captures else 'nothing'!r}")
+        parts = groups.setdefault(captures[:-1], {}).setdefault(int(captures[-1]), [None] * len(step.source))
+        parts[index] = stored
+    if not groups:
+        raise ConfigError(f"{where}: source {step.source} names no tensor of the checkpoint")
+    experts = _num_experts(model_path)
+    for captures, by_expert in groups.items():
+        new = _filled(step.target[0], captures)
+        lacking = sorted(set(range(experts)) - set(by_expert)) or [e for e, p in by_expert.items() if None in p]
+        if lacking or len(by_expert) != experts:
+            raise UnsupportedError(f"{where}: {new} needs every pattern of {step.source} for experts 0 to "
+                                   f"{experts - 1}; expert {lacking[0] if lacking else max(by_expert)} is incomplete "
+                                   f"or out of range")
+        stacked = tuple(tuple(by_expert[e]) for e in range(experts))
+        pieces = [p for parts in stacked for p in parts]
+        if any(len(p.shape) != 2 or p.dtype is None or p.dtype != pieces[0].dtype for p in pieces):
+            raise UnsupportedError(f"{where}: {new}: merge stacks 2-D weights of one float dtype")
+        shape = list(stacked[0][0].shape)
+        shape[merge.dim] = sum(p.shape[merge.dim] for p in stacked[0])
+        if any(p.shape[1 - merge.dim] != shape[1 - merge.dim] for p in pieces) or \
+                any(sum(p.shape[merge.dim] for p in parts) != shape[merge.dim] for parts in stacked):
+            raise UnsupportedError(f"{where}: {new}: the weights do not line up along dim {merge.dim}")
+        if new in out:
+            raise ConfigError(f"{where}: two tensors would be named {new!r}")
+        out[new] = StoredTensor(pieces[0].key, pieces[0].dtype, (experts, *shape), merged=stacked,
+                                merge_dim=merge.dim)
+    return out
+
+
 def apply_preprocess(catalog: dict[str, StoredTensor], config: ConvertConfig, model_path: Path
                      ) -> dict[str, StoredTensor]:
     tensors = dict(catalog)
     for i, step in enumerate(config.spec.preprocess):
         where = f"spec.preprocess[{i}]"
         if isinstance(step, StructureStep):
-            tensors = _chunked(tensors, step, where, model_path)
+            reshape = _chunked if isinstance(step.ops[0], Chunk) else _merged
+            tensors = reshape(tensors, step, where, model_path)
             continue
         renamed: dict[str, StoredTensor] = {}
         for name, stored in tensors.items():
@@ -329,12 +374,18 @@ def _converted(c: Conversion, plan: ConvertPlan, bias: Optional[torch.Tensor]):
 
 
 def _read(plan: ConvertPlan, name: str) -> torch.Tensor:
-    stored = plan.tensors[name]
+    return _read_stored(plan.checkpoint, plan.tensors[name])
+
+
+def _read_stored(checkpoint: SafetensorsCheckpoint, stored: StoredTensor) -> torch.Tensor:
+    if stored.merged:  # per-expert weights concatenated, then stacked over the experts
+        return torch.stack([torch.cat([_read_stored(checkpoint, p) for p in parts], stored.merge_dim)
+                            for parts in stored.merged])
     if stored.part is not None:  # one expert's part of a stacked tensor
         part = stored.part
-        expert = plan.checkpoint.read_index(stored.key, part.expert)
+        expert = checkpoint.read_index(stored.key, part.expert)
         return expert.chunk(part.parts, part.dim - 1)[part.index].contiguous()
-    return plan.checkpoint.read_stored([stored.key])[stored.key]
+    return checkpoint.read_stored([stored.key])[stored.key]
 
 
 def _describe_tied_head(plan: ConvertPlan, writer: AscendV1Writer, model_path: Path) -> None:

@@ -102,11 +102,13 @@ class Chunk(BaseModel):
 
 
 class Merge(BaseModel):
-    """The inverse of chunk: accepted as written, refused when run (not implemented yet)."""
+    """The inverse of chunk: per layer, each expert's weights named by the source patterns (their last '*' the
+    expert index) concatenated along `dim` (0 or 1, of the 2-D weights), stacked over the experts:
+    `<layer>.mlp.experts.<e>.{gate,up}_proj.weight` -> `<layer>.mlp.experts.gate_up_proj` [E, 2I, H]."""
 
     model_config = ConfigDict(extra="forbid")
     type: Literal["merge"]
-    dim: int = 0
+    dim: int = Field(0, ge=0, le=1)
 
 
 class StructureStep(BaseModel):
@@ -126,6 +128,11 @@ class StructureStep(BaseModel):
             if isinstance(op, Chunk) and len(op.projections) != len(self.target):
                 raise ValueError(f"chunk into {op.projections} needs one target pattern per projection, got "
                                  f"{len(self.target)}")
+            if isinstance(op, Merge) and len(self.target) != 1:
+                raise ValueError(f"merge writes one stacked tensor per layer: give one target pattern, got "
+                                 f"{len(self.target)}")
+        if len(self.ops) != 1:
+            raise ValueError(f"{len(self.ops)} ops in one convert step: write one step per op (they run in order)")
         return self
 
 
