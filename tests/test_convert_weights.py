@@ -287,8 +287,9 @@ def test_per_expert_weights_merge_into_the_stacked_layout(tmp_path):
              {"type": "convert", "source": [f"{experts}.down_proj.weight"],
               "target": ["model.layers.*.mlp.experts.down_proj"], "ops": [{"type": "merge"}]}]
     out = tmp_path / "out"
-    assert run_convert(per_expert, out, convert_yaml(tmp_path / "m.yaml", "FLOAT", "hf",
-                                                     match=["model.layers.*.self_attn.*_proj"], preprocess=merge)) == 0
+    config = convert_yaml(tmp_path / "m.yaml", "FLOAT", "hf", match=["model.layers.*.self_attn.*_proj"],
+                          preprocess=merge)
+    assert run_convert(per_expert, out, config) == 0
     written = stored(out)
     assert written.keys() == want.keys()
     assert all(torch.equal(written[n], want[n]) for n in want)
