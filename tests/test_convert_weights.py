@@ -257,7 +257,8 @@ def test_stacked_experts_are_chunked_per_expert_then_converted(tmp_path):
     stacked = stack_experts(per_expert, tmp_path / "stacked")
     experts = ["model.layers.*.mlp.experts.*.*_proj"]
     split = [{"type": "convert", "source": ["model.layers.*.mlp.experts.gate_up_proj"],
-              "target": ["model.layers.*.mlp.experts.*.gate_proj.weight", "model.layers.*.mlp.experts.*.up_proj.weight"],
+              "target": ["model.layers.*.mlp.experts.*.gate_proj.weight",
+                         "model.layers.*.mlp.experts.*.up_proj.weight"],
               "ops": [{"type": "chunk", "dim": 1, "projections": ["gate_proj", "up_proj"]}]},
              {"type": "convert", "source": ["model.layers.*.mlp.experts.down_proj"],
               "target": ["model.layers.*.mlp.experts.*.down_proj.weight"],
