@@ -20,7 +20,6 @@ quantization_config (every quantized linear must be converted)."""
 from __future__ import annotations
 
 import fnmatch
-import json
 import math
 import re
 import shutil
@@ -40,7 +39,8 @@ from msmodelslim.format.disk_space import check_free_space
 from msmodelslim.format.hf_files import copy_model_files
 from msmodelslim.format.shards import ShardStream
 from msmodelslim.format.staging import check_save_path, staged_directory
-from msmodelslim.model.checkpoint import SafetensorsCheckpoint, dequantize_fp8_blocks
+from msmodelslim.model.checkpoint import (FP8_DTYPES, STORED_DTYPES, SafetensorsCheckpoint, dequantize_fp8_blocks,
+                                         read_json)
 from msmodelslim.model.packed_checkpoint import open_checkpoint
 from msmodelslim.processor.linear_quant.config import LinearQuantConfig
 from msmodelslim.processor.linear_quant.processor import linear_to_ir
@@ -48,10 +48,6 @@ from msmodelslim.processor.linear_quant.processor import linear_to_ir
 log = get_logger("app.convert_weights")
 
 FLOAT_DTYPES = {torch.bfloat16, torch.float16, torch.float32}
-FP8_DTYPES = {torch.float8_e4m3fn, torch.float8_e5m2}
-_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I8": torch.int8, "U8": torch.uint8,
-           "I16": torch.int16, "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool}
 DEFAULT_FP8_BLOCK = (128, 128)
 MXFP8 = {"dtype": "mxfp8", "scope": "per_block", "symmetric": True, "method": "minmax"}
 W8A8_MXFP8_CONFIG = LinearQuantConfig.model_validate({"type": "linear_quant",
@@ -99,6 +95,7 @@ class Conversion:
 @dataclass
 class ConvertPlan:
     checkpoint: SafetensorsCheckpoint
+    config: dict  # config.json, as JSON
     tensors: dict[str, StoredTensor]  # by their names after preprocess
     conversions: dict[str, Conversion] = field(default_factory=dict)  # by module name
     float_dtype: torch.dtype = torch.bfloat16
@@ -122,7 +119,7 @@ def read_catalog(checkpoint: SafetensorsCheckpoint) -> dict[str, StoredTensor]:
         if checkpoint.is_packed(key):
             catalog[key] = StoredTensor(key, None, checkpoint.shape(key))
             continue
-        dtype = _DTYPES.get(checkpoint.stored_dtype(key))
+        dtype = STORED_DTYPES.get(checkpoint.stored_dtype(key))
         if dtype is None:
             raise InvalidModelError(f"tensor {key} is stored as {checkpoint.stored_dtype(key)}, which this version "
                                     f"does not read")
@@ -145,30 +142,29 @@ def _filled(pattern: str, values: tuple[str, ...]) -> str:
     return pieces[0] + "".join(v + p for v, p in zip(values, pieces[1:]))
 
 
-def _num_experts(model_path: Path) -> int:
-    config_file = model_path / "config.json"
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+def _num_experts(config: dict) -> int:
     config = {**(config.get("text_config") or {}), **config}
     for key in ("num_experts", "num_local_experts", "n_routed_experts"):
         if isinstance(config.get(key), int):
             return config[key]
-    raise InvalidModelError(f"{config_file}: no num_experts (nor num_local_experts, n_routed_experts); splitting "
-                            f"stacked experts needs it")
+    raise InvalidModelError("config.json has no num_experts (nor num_local_experts, n_routed_experts); splitting "
+                            "stacked experts needs it")
 
 
-def _chunked(tensors: dict[str, StoredTensor], step: StructureStep, where: str, model_path: Path
+def _chunked(tensors: dict[str, StoredTensor], step: StructureStep, where: str, config: dict
              ) -> dict[str, StoredTensor]:
     """preprocess convert with a chunk: every stacked tensor a source pattern names, as per-expert parts."""
     chunk = step.ops[0]
     out: dict[str, StoredTensor] = {}
     matched = False
+    experts = None
     for name, stored in tensors.items():
         captures = next((c for pattern in step.source if (c := _captures(name, pattern)) is not None), None)
         if captures is None:
             out[name] = stored
             continue
         matched = True
-        experts = _num_experts(model_path)
+        experts = experts or _num_experts(config)
         if len(stored.shape) != 3 or stored.shape[0] != experts or stored.dtype is None or stored.part is not None \
                 or stored.merged or stored.shape[chunk.dim] % len(chunk.projections):
             raise UnsupportedError(f"{where}: {name} has shape {list(stored.shape)}; chunk splits a stacked experts "
@@ -188,7 +184,7 @@ def _chunked(tensors: dict[str, StoredTensor], step: StructureStep, where: str, 
     return out
 
 
-def _merged(tensors: dict[str, StoredTensor], step: StructureStep, where: str, model_path: Path
+def _merged(tensors: dict[str, StoredTensor], step: StructureStep, where: str, config: dict
             ) -> dict[str, StoredTensor]:
     """preprocess convert with a merge: per layer, the per-expert weights the source patterns name (their last '*'
     the expert index), concatenated along the op's dim and stacked over the experts under the target's name."""
@@ -209,7 +205,7 @@ def _merged(tensors: dict[str, StoredTensor], step: StructureStep, where: str, m
         parts[index] = stored
     if not groups:
         raise ConfigError(f"{where}: source {step.source} names no tensor of the checkpoint")
-    experts = _num_experts(model_path)
+    experts = _num_experts(config)
     for captures, by_expert in groups.items():
         new = _filled(step.target[0], captures)
         lacking = sorted(set(range(experts)) - set(by_expert)) or [e for e, p in by_expert.items() if None in p]
@@ -233,14 +229,14 @@ def _merged(tensors: dict[str, StoredTensor], step: StructureStep, where: str, m
     return out
 
 
-def apply_preprocess(catalog: dict[str, StoredTensor], config: ConvertConfig, model_path: Path
+def apply_preprocess(catalog: dict[str, StoredTensor], config: ConvertConfig, model_config: dict
                      ) -> dict[str, StoredTensor]:
     tensors = dict(catalog)
     for i, step in enumerate(config.spec.preprocess):
         where = f"spec.preprocess[{i}]"
         if isinstance(step, StructureStep):
             reshape = _chunked if isinstance(step.ops[0], Chunk) else _merged
-            tensors = reshape(tensors, step, where, model_path)
+            tensors = reshape(tensors, step, where, model_config)
             continue
         renamed: dict[str, StoredTensor] = {}
         for name, stored in tensors.items():
@@ -253,10 +249,8 @@ def apply_preprocess(catalog: dict[str, StoredTensor], config: ConvertConfig, mo
     return tensors
 
 
-def _float_dtype(model_path: Path) -> tuple[torch.dtype, tuple[int, int]]:
+def _float_dtype(config: dict) -> tuple[torch.dtype, tuple[int, int]]:
     """The checkpoint's float dtype (config.json torch_dtype/dtype; bfloat16 otherwise) and its FP8 block."""
-    config_file = model_path / "config.json"
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
     name = config.get("torch_dtype") or config.get("dtype") or "bfloat16"
     dtype = getattr(torch, str(name), None)
     dtype = dtype if dtype in FLOAT_DTYPES else torch.bfloat16
@@ -294,9 +288,11 @@ def source_ir(module: str, tensors: dict[str, StoredTensor], block: tuple[int, i
 
 def plan_conversion(config: ConvertConfig, model_path: Path) -> ConvertPlan:
     """Everything decided from the headers: which linear goes which route (ConfigError/UnsupportedError else)."""
-    float_dtype, block = _float_dtype(model_path)
-    checkpoint = open_checkpoint(model_path)  # config.json read as JSON: no model code
-    plan = ConvertPlan(checkpoint, apply_preprocess(read_catalog(checkpoint), config, model_path),
+    config_file = model_path / "config.json"
+    model_config = read_json(config_file) if config_file.is_file() else {}  # as JSON: no model code
+    float_dtype, block = _float_dtype(model_config)
+    checkpoint = open_checkpoint(model_path)
+    plan = ConvertPlan(checkpoint, model_config, apply_preprocess(read_catalog(checkpoint), config, model_config),
                        float_dtype=float_dtype, fp8_block=block)
     # a linear's weight is 2-D: norms and other vectors a broad pattern names are not linears and stay as they are
     modules = [n.removesuffix(".weight") for n, t in plan.tensors.items() if n.endswith(".weight") and len(t.shape) > 1]
@@ -388,11 +384,10 @@ def _read_stored(checkpoint: SafetensorsCheckpoint, stored: StoredTensor) -> tor
     return checkpoint.read_stored([stored.key])[stored.key]
 
 
-def _describe_tied_head(plan: ConvertPlan, writer: AscendV1Writer, model_path: Path) -> None:
+def _describe_tied_head(plan: ConvertPlan, writer: AscendV1Writer) -> None:
     """The engines look up lm_head.weight in the description even where it is the input embedding (tied): a tied
     checkpoint, which stores no head, gets the table a second time under that name, as `quant` writes it."""
-    config_file = model_path / "config.json"
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    config = plan.config
     tied = config.get("tie_word_embeddings", (config.get("text_config") or {}).get("tie_word_embeddings"))
     if not tied or "lm_head.weight" in plan.tensors:
         return
@@ -436,7 +431,7 @@ def write_converted(plan: ConvertPlan, ascendv1: bool, part_file_size_gb: int, o
         else:  # a QuantLinear, written as `quant` writes one (the description's group size included)
             writer.add_module_tree(module, result)
     if writer is not None:
-        _describe_tied_head(plan, writer, model_path)
+        _describe_tied_head(plan, writer)
         return writer.finish(model_path)
     if shards.limit == 0:
         shards.finish(lambda i, n: "model.safetensors", None)

@@ -116,7 +116,8 @@ class SafetensorsCheckpoint:
 
     def original_dtype(self, name: str) -> torch.dtype | None:
         """The stored dtype; None when absent or float8 (dequantized on load, so the model dtype applies)."""
-        return _DTYPES.get(self._dtype_of.get(name))
+        dtype = STORED_DTYPES.get(self._dtype_of.get(name))
+        return None if dtype in FP8_DTYPES else dtype
 
     def prefetch(self, names: list[str]) -> None:
         """Start reading these tensors into the page cache and return at once, so that the next block's read
@@ -221,8 +222,9 @@ def fp8_block_size(config) -> tuple[int, int]:
     return (int(block[0]), int(block[1])) if block else (128, 128)
 
 
-_DTYPES = {
+STORED_DTYPES = {  # the safetensors header's dtype names
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }
 
