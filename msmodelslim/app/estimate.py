@@ -33,7 +33,7 @@ from msmodelslim.app.estimate_output import (block_output_bytes, checkpoint_byte
                                              measure_block_bytes, outside_bytes, side_file_bytes, writing_seconds)
 from msmodelslim.app.estimate_prior import PriorCost, measure_prior
 from msmodelslim.app.estimate_report import RunEstimate
-from msmodelslim.app.estimate_sample import tensor_bytes, timed_batches
+from msmodelslim.app.estimate_sample import tensor_bytes, through_leading_blocks, timed_batches
 from msmodelslim.core.config import RunnerType
 from msmodelslim.core.logging import get_logger
 from msmodelslim.core.memory import (bound_heap_growth, current_rss, peak_rss_since_reset, release_free_heap,
@@ -243,11 +243,9 @@ def estimate_run(job, request, startup_s: float, writer_factories: dict[str, Cal
     timed_tokens = sum(int(b["input_ids"].numel()) for b in batches[:timed])
     clock = time.perf_counter()
     as_stored = layer_wise and blocks_as_stored(processors)  # as the real run loads the blocks
-    for lead in leading:
-        adapter.load_block(model, lead, device, as_stored=as_stored)
-        lead_outputs = _run_processors(lead, model.get_submodule(lead), processors, requests[:timed], calibration)
-        requests[: len(lead_outputs)] = [f.send(o) for f, o in zip(forwards, lead_outputs)]
-        adapter.release_block(model, lead)
+    requests = through_leading_blocks(adapter, model, leading, device, forwards, requests,
+                                      lambda n, b, r: _run_processors(n, b, processors, r[:timed], calibration),
+                                      as_stored)
     leading_s = (time.perf_counter() - clock) * (len(batches) / timed if timed else 1)  # forwards: every batch
     if leading and timed:  # the decoder blocks' activations, from the batches advanced (scaled by tokens)
         hidden_bytes = sum(tensor_bytes(r.args[0], set()) for r in requests[:timed]) * total_tokens // max(

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from msmodelslim.app.estimate_sample import tensor_bytes, timed_batches
+from msmodelslim.app.estimate_sample import tensor_bytes, through_leading_blocks, timed_batches
 from msmodelslim.core.runner import process_block
 from msmodelslim.model.interface import ProcessRequest
 
@@ -43,11 +43,8 @@ def measure_prior(job, model: nn.Module, block_name: str, device: torch.device, 
         forwards = [adapter.generate_model_forward(model, batch) for batch in batches[:timed]]
         requests = [next(f) for f in forwards]
         clock = time.perf_counter()
-        for lead in leading:
-            adapter.load_block(model, lead, device)
-            outputs = process_block(lead, model.get_submodule(lead), stage.processors, requests)
-            requests = [f.send(o) for f, o in zip(forwards, outputs)]
-            adapter.release_block(model, lead)
+        requests = through_leading_blocks(adapter, model, leading, device, forwards, requests,
+                                          lambda n, b, r: process_block(n, b, stage.processors, r))
         leading_s = time.perf_counter() - clock
         hidden = sum(tensor_bytes(r.args[0]) for r in requests) * tokens // max(timed_tokens, 1)
         clock = time.perf_counter()

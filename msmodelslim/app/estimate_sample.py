@@ -2,7 +2,7 @@
 TIMED_TOKENS tokens or TIMED_BATCHES batches, and the bytes of the tensors they hold."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -34,3 +34,16 @@ def tensor_bytes(value, seen: Optional[set[int]] = None) -> int:
     if isinstance(value, dict):
         return sum(tensor_bytes(v, seen) for v in value.values())
     return 0
+
+
+def through_leading_blocks(adapter, model, leading: list[str], device, forwards: list, requests: list,
+                           run: Callable[[str, object, list], list], as_stored: bool = False) -> list:
+    """The requests advanced through the blocks before the first decoder layer (a vision-language model's vision
+    tower): each loaded, run on the requests by `run(name, block, requests)`, and released, as the real walk does
+    once. `forwards`: the batches' walks, one per request, sent each block's outputs."""
+    for lead in leading:
+        adapter.load_block(model, lead, device, as_stored=as_stored)
+        outputs = run(lead, model.get_submodule(lead), requests)
+        requests = [f.send(o) for f, o in zip(forwards, outputs)] + requests[len(outputs):]
+        adapter.release_block(model, lead)
+    return requests
