@@ -4,9 +4,9 @@ weights offline, with no model code and no calibration data (core/convert_config
 The source is read as safetensors headers first (the catalog, app/convert_catalog.py; a compressed-tensors
 pack-quantized weight is one `X.weight` there), reshaped by `preprocess` (renamed keys; stacked experts chunked
 into one weight per expert and projection, read one expert at a time, or per-expert weights merged into stacked
-ones), and every linear that a `match` names gets its source IR from what is stored: pack-quantized is INT4_PACKED; a float8 weight, or
-one with a `weight_scale_inv` beside it, is FP8_BLOCK (the block from config.json's
-quantization_config.weight_block_size, 128 x 128 by default); bf16/fp16/fp32 is FLOAT. Every check (paths,
+ones), and every linear that a `match` names gets its source IR from what is stored: pack-quantized is
+INT4_PACKED; a float8 weight, or one with a `weight_scale_inv` beside it, is FP8_BLOCK (the block from
+config.json's quantization_config.weight_block_size, 128 x 128 by default); bf16/fp16/fp32 is FLOAT. Every check (paths,
 the plan, a route for every linear, the disk's room) runs before a tensor is read. Then the tensors stream
 through, one at a time, into a staged output that is moved into place only when complete and checked:
 - FP8_BLOCK / INT4_PACKED -> FLOAT: dequantized in float32 (w · scale_inv of its block; compressed-tensors' own
