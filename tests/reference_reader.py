@@ -67,8 +67,10 @@ def _expand(param: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def dequantized_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
-    """(float state dict, {layer prefix: activation info}) from an ascendv1 directory."""
-    desc = json.loads((path / "quant_model_description.json").read_text())
+    """(float state dict, {layer prefix: activation info}) from an ascendv1 directory, or a MindIE one (the same
+    entries and tensors, described in quant_model_description_<type>.json)."""
+    files = [path / "quant_model_description.json"] + sorted(path.glob("quant_model_description_*.json"))
+    desc = json.loads(next(f for f in files if f.is_file()).read_text())
     t = _tensors(path)
     state: dict[str, torch.Tensor] = {}
     acts: dict[str, dict] = {}

@@ -27,13 +27,15 @@ def _refusal(spec: dict, apiversion: str = "modelslim_v1") -> str:
      "dtype 'hifloat8' is not implemented yet (it belongs to the floating-point formats"),
     ({"process": [{"type": "linear_quant", "qconfig": {"weight": W8, "act": {**W8, "scope": "per_head"}}}]},
      "scope 'per_head' (one scale per attention head) is fa3_quant's"),
-    ({"save": [{"type": "mindie_format_saver"}]}, "saver 'mindie_format_saver' is not implemented yet (it belongs to "
-                                                  "the MindIE-SD layout for text and vision-language models; this "
-                                                  "version writes it for diffusion transformers"),
     ({"save": [{"type": "safetensors_saver"}]}, "unknown saver type 'safetensors_saver'; available: ascendv1_saver"),
 ])
 def test_planned_features_are_named_not_implemented_yet(spec, needle):
     assert needle in _refusal(spec)
+
+
+def test_every_upstream_saver_is_served():
+    config = parse_config({"apiversion": "modelslim_v1", "spec": {"save": [{"type": "mindie_format_saver"}]}})
+    assert [s.type for s in config.spec.save] == ["mindie_format_saver"]  # for text models too (format/mindie.py)
 
 
 def test_every_upstream_apiversion_is_served():

@@ -11,6 +11,7 @@ from msmodelslim.format.ascendv1.checker import check_ascendv1
 from msmodelslim.format.ascendv1.writer import DESCRIPTION
 from msmodelslim.format.compressed_tensors.checker import check_compressed_tensors, is_compressed_tensors
 from msmodelslim.format.fan_out import SUBFOLDERS
+from msmodelslim.format.mindie_checker import check_mindie, is_mindie
 from msmodelslim.format.findings import Finding
 from msmodelslim.format.integrity import unaccounted_source_tensors
 from msmodelslim.format.staging import incomplete_reason, recover
@@ -52,7 +53,9 @@ def check_checkpoint(path: Path, model_path: Optional[Path] = None) -> tuple[lis
     recovered = recover(path)  # first: it may put a checkpoint back at a path that does not exist yet
     _require_directory(path)
     formats = [path / folder for folder in SUBFOLDERS.values() if (path / folder).is_dir()]
-    if (path / DESCRIPTION).is_file():
+    if is_mindie(path):
+        findings = check_mindie(path)
+    elif (path / DESCRIPTION).is_file():
         findings = check_ascendv1(path)
     elif is_compressed_tensors(path):
         findings = check_compressed_tensors(path, loader_module_names(path, False))  # targets use loaded names
@@ -63,8 +66,9 @@ def check_checkpoint(path: Path, model_path: Optional[Path] = None) -> tuple[lis
             findings.extend(Finding(f.level, f"{folder.name}/: {f.message}") for f in found)
         model_path = None  # checked per folder
     else:
-        raise ConfigError(f"{path} is neither an ascendv1 checkpoint ({DESCRIPTION} is missing) nor a "
-                          f"compressed-tensors one (no quantization_config in config.json)")
+        raise ConfigError(f"{path} is neither an ascendv1 checkpoint ({DESCRIPTION} is missing), a MindIE one "
+                          f"(no quant_model_description_<type>.json) nor a compressed-tensors one (no "
+                          f"quantization_config in config.json)")
     reason = incomplete_reason(path)
     if reason:  # e.g. a staging directory whose run was killed after writing the description
         findings.insert(0, Finding("error", f"the checkpoint is not complete: {reason}"))

@@ -1,5 +1,5 @@
 """The output side of a diffusion quantize run (app/diffusion.py): each DiT expert quantized layer-wise and written
-into its folder (ascendv1 or mindie, online rotations included, checked against the ascendv1 checklist), and the
+into its folder (ascendv1 or mindie, online rotations included, checked against the format's checklist), and the
 pipeline's other components copied unchanged."""
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from msmodelslim.format.ascendv1.tensors import FLOAT
 from msmodelslim.format.ascendv1.writer import AscendV1Writer
 from msmodelslim.format.edits import OutputEdits
 from msmodelslim.format.mindie import MindIEWriter
+from msmodelslim.format.mindie_checker import check_mindie
 from msmodelslim.ir.non_fusion_smooth import wrapper_name
 from msmodelslim.model.diffusion.dit import block_list_names, block_walk, is_row_parallel, next_block_inputs
 from msmodelslim.model.diffusion.wan import DiffusionFamily, Expert, stored_dtype
@@ -92,10 +93,10 @@ def quantize_and_write_expert(denoiser: nn.Module, family: DiffusionFamily, expe
     for param_name, param in denoiser.named_parameters(recurse=False):
         writer.add_float(param_name, param.detach())
     description = writer.finish(model_path / expert.component, processor_edits(processors))
-    if saver.type == "ascendv1_saver":
-        errors = [f.message for f in check_ascendv1(out_dir) if f.level == "error"]
-        if errors:
-            raise FormatCheckError(f"the written DiT fails the ascendv1 checklist: {'; '.join(errors[:5])}")
+    check = check_ascendv1 if saver.type == "ascendv1_saver" else check_mindie
+    errors = [f.message for f in check(out_dir) if f.level == "error"]
+    if errors:
+        raise FormatCheckError(f"the written DiT fails the {saver.type} checklist: {'; '.join(errors[:5])}")
     return description
 
 

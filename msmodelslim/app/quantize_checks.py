@@ -7,7 +7,8 @@ from msmodelslim.core.errors import ConfigError, UnsupportedError
 from msmodelslim.format.ascendv1.kv_cache import UNSUPPORTED_KV_CACHE as ASCENDV1_UNSUPPORTED_KV_CACHE
 from msmodelslim.format.ascendv1.writer import AscendV1Writer
 from msmodelslim.format.compressed_tensors.writer import CompressedTensorsWriter
-from msmodelslim.processor.base import Processor
+from msmodelslim.format.mindie import MindIEWriter, refuse_unsupported_schemes
+from msmodelslim.processor.base import Processor, quant_rules
 
 
 def process_steps(configs) -> list:
@@ -19,20 +20,25 @@ def rotates_online(step) -> bool:
     return step.type in ("quarot", "adapt_rotation") and bool(getattr(step, "online", False))
 
 
+WRITER_CLASSES = {"ascendv1_saver": AscendV1Writer, "compressed_tensors": CompressedTensorsWriter,
+                  "mindie_format_saver": MindIEWriter}
+
+
 def writer_class_of(saver_type: str):
-    return CompressedTensorsWriter if saver_type == "compressed_tensors" else AscendV1Writer
+    return WRITER_CLASSES[saver_type]
 
 
 def refuse_duplicate_savers(config: PracticeConfig) -> None:
     """One saver, or one of each format: two savers of one type would write the same files twice."""
     types = [save.type for save in config.spec.save]
     if not types:
-        raise ConfigError("spec.save is empty; give one saver (ascendv1_saver or compressed_tensors), or one of each")
+        raise ConfigError("spec.save is empty; give one saver (ascendv1_saver, compressed_tensors or "
+                          "mindie_format_saver), or one of each")
     repeated = sorted({t for t in types if types.count(t) > 1})
     if repeated:
         raise ConfigError(f"spec.save holds {types.count(repeated[0])} savers of type {repeated[0]}; one run writes "
-                          f"each format once. Keep one {repeated[0]} entry (with two formats, give one ascendv1_saver "
-                          f"and one compressed_tensors: each is written to its own subfolder of --save_path)")
+                          f"each format once. Keep one {repeated[0]} entry (with several formats, give one saver "
+                          f"of each type: each is written to its own subfolder of --save_path)")
 
 
 def refuse_steps_the_format_lacks(config: PracticeConfig) -> None:
@@ -40,14 +46,15 @@ def refuse_steps_the_format_lacks(config: PracticeConfig) -> None:
     with two savers, each format's refusals apply."""
     for save in config.spec.save:
         writer_class = writer_class_of(save.type)
-        kv_cache_refusals = (CompressedTensorsWriter.UNSUPPORTED_KV_CACHE if save.type == "compressed_tensors"
-                             else ASCENDV1_UNSUPPORTED_KV_CACHE)
+        kv_cache_refusals = getattr(writer_class, "UNSUPPORTED_KV_CACHE", ASCENDV1_UNSUPPORTED_KV_CACHE)
         for step in process_steps(config.spec.process):
             reason = getattr(writer_class, "UNSUPPORTED_STEPS", {}).get(step.type)
             if step.type == "dynamic_cache":  # which KV cache the engine reads depends on the format
                 reason = kv_cache_refusals.get(step.qconfig.dtype.value)
             if rotates_online(step):
                 reason = getattr(writer_class, "UNSUPPORTED_ONLINE_ROTATION", None)
+            step_refusal = getattr(writer_class, "step_refusal", None)
+            reason = reason or (step_refusal(step) if step_refusal else None)
             if reason:
                 raise UnsupportedError(f"spec.process: {step.type} cannot be saved as {save.type}: {reason}")
 
@@ -77,6 +84,8 @@ def refuse_smoothing_after_online_rotation(config: PracticeConfig) -> None:
 def refuse_schemes_the_format_lacks(config: PracticeConfig, plan: dict[str, str]) -> None:
     """A layer whose planned scheme a chosen format has no layout for (e.g. W8A8_MIX in compressed-tensors)."""
     for save in config.spec.save:
+        if save.type == "mindie_format_saver":  # its layout has no per-group weights either
+            refuse_unsupported_schemes(quant_rules(config.spec.process))
         unsupported = writer_class_of(save.type).UNSUPPORTED
         for name, scheme in plan.items():
             if scheme in unsupported:

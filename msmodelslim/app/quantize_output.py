@@ -17,6 +17,8 @@ from msmodelslim.format.compressed_tensors.writer import CompressedTensorsWriter
 from msmodelslim.format.edits import OutputEdits
 from msmodelslim.format.fan_out import SUBFOLDERS
 from msmodelslim.format.integrity import verify_complete, verify_source_tensors
+from msmodelslim.format.mindie import MindIEWriter
+from msmodelslim.format.mindie_checker import check_mindie
 from msmodelslim.format.staging import DIR_MODE
 from msmodelslim.model.rebuild import loaded_names_of
 
@@ -43,6 +45,8 @@ def make_writer(job: _Job, save, directory: Path):
     if save.type == "compressed_tensors":
         return CompressedTensorsWriter(directory, save.part_file_size, adapter.global_dtype(), adapter.original_dtype,
                                        config_name=loaded_names_of(adapter))
+    if save.type == "mindie_format_saver":
+        return MindIEWriter(directory, save.part_file_size, adapter.original_dtype)
     return AscendV1Writer(
         directory,
         save.part_file_size,
@@ -69,6 +73,9 @@ def finish_one(job: _Job, request: QuantizeRequest, save, writer, directory: Pat
         written = writer.finish(request.model_path, edits, [n for n, s in job.plan.items() if s == "FLOAT"])
         description = {"model_quant_type": written.get("format", "dense")}
         findings = check_compressed_tensors(directory, loaded_names_of(job.adapter))
+    elif save.type == "mindie_format_saver":
+        description = writer.finish(request.model_path, edits)
+        findings = check_mindie(directory, list(job.plan), job.adapter.structure.fused_groups)
     else:
         description = writer.finish(request.model_path, edits)
         findings = check_ascendv1(directory, list(job.plan), job.adapter.structure.fused_groups)

@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(vision-language models; docs/vlm.md)")
     _add_model_args(ev)
     ev.add_argument("--quant_path", required=True, type=Path,
-                    help="checkpoint written by 'quant': its ascendv1 or its compressed-tensors folder; a "
+                    help="checkpoint written by 'quant': its ascendv1, MindIE or compressed-tensors folder; a "
                          "compressed-tensors checkpoint of another tool reads too")
     ev.add_argument("--dataset", default=None,
                     help="text model (required): text file (.txt/.jsonl/.json) or a built-in name: "

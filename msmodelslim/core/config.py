@@ -74,8 +74,21 @@ class CompressedTensorsSaverConfig(BaseModel):
                                   description="shard size in GB; 0 writes a single file")
 
 
-SaverConfig = Annotated[Union[AscendV1SaverConfig, CompressedTensorsSaverConfig], Field(discriminator="type")]
-SAVER_TYPES = ("ascendv1_saver", "compressed_tensors")
+class MindIESaverConfig(BaseModel):
+    """`type: mindie_format_saver`: the MindIE(-SD) layout (format/mindie.py): quant_model_description_<type>.json
+    and quant_model_weight_<type>.safetensors, for the schemes that layout holds."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["mindie_format_saver"]
+    part_file_size: float = Field(4, ge=0, le=MAX_PART_FILE_SIZE_GB,
+                                  description="shard size in GB; 0 writes a single file")
+    ext: dict[str, Any] = Field(default_factory=dict)
+
+
+SaverConfig = Annotated[Union[AscendV1SaverConfig, CompressedTensorsSaverConfig, MindIESaverConfig],
+                        Field(discriminator="type")]
+SAVER_TYPES = ("ascendv1_saver", "compressed_tensors", "mindie_format_saver")
 
 
 # Processors that rewrite float weights (exactly, in float) and so must see them before quantization.

@@ -14,17 +14,12 @@ ROTATIONS = "the low-bit activation (W4A4 with rotations) work"
 ONLINE_ROTATION_TEXT = ("the online rotations of text models; for now it runs on diffusion transformers' attention, "
                         "apiversion multimodal_sd_modelslim_v1")
 
-# mindie_format_saver exists for diffusion transformers (multimodal_sd_modelslim_v1) only
-MINDIE_TEXT = ("the MindIE-SD layout for text and vision-language models; this version writes it for diffusion "
-               "transformers (apiversion multimodal_sd_modelslim_v1), and MindIE and vLLM-Ascend load a text or "
-               "vision-language model from ascendv1_saver's output")
-
 NOT_YET: dict[str, dict[str, str]] = {
     "processor": {
         "online_quarot": ONLINE_ROTATION_TEXT, "flatquant": ROTATIONS,
     },
     "dtype": {"hifloat8": FLOAT_FORMATS},
-    "saver": {"mindie_format_saver": MINDIE_TEXT},
+    "saver": {},  # every saver of the established protocol is served
     "apiversion": {},  # every apiversion of the established protocol is served
 }
 

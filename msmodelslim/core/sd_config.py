@@ -29,6 +29,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from msmodelslim.core.config import MindIESaverConfig
 from msmodelslim.core.errors import ConfigError, UnsupportedError
 from msmodelslim.core.roadmap import not_yet
 from msmodelslim.processor.registry import PROCESSORS
@@ -84,16 +85,6 @@ class AscendV1SdSaverConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["ascendv1_saver"]
-    part_file_size: float = Field(4, ge=0, le=1_000_000, description="shard size in GB; 0 writes a single file")
-    ext: dict[str, Any] = Field(default_factory=dict)
-
-
-class MindIESaverConfig(BaseModel):
-    """`type: mindie_format_saver`: the MindIE-SD layout (format/mindie.py)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    type: Literal["mindie_format_saver"]
     part_file_size: float = Field(4, ge=0, le=1_000_000, description="shard size in GB; 0 writes a single file")
     ext: dict[str, Any] = Field(default_factory=dict)
 

@@ -1,4 +1,4 @@
-"""Several output formats from one run (`spec.save` with one ascendv1_saver and one compressed_tensors): every
+"""Several output formats from one run (`spec.save` with one saver of each type wanted): every
 finished block, float tensor and pass-through tensor goes to each format's writer, in the same order a one-format
 run gives it to its only writer, so each format's files are byte-identical to that run's.
 
@@ -10,7 +10,7 @@ from typing import Callable
 
 from torch import nn
 
-SUBFOLDERS = {"ascendv1_saver": "ascendv1", "compressed_tensors": "compressed_tensors"}
+SUBFOLDERS = {"ascendv1_saver": "ascendv1", "compressed_tensors": "compressed_tensors", "mindie_format_saver": "mindie"}
 
 
 class FanOutWriter:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -286,6 +287,26 @@ def check_ascendv1(
     findings: list[Finding] = []
     err = lambda m: findings.append(Finding("error", m))
     description = read_description(path)
+    config = checked_output_config(path, err)
+    if description.get("version") != "1.0.0":
+        err("description 'version' must be \"1.0.0\"")
+    if not isinstance(description.get("group_size"), int):
+        err("description 'group_size' must be an integer")
+    for key in ("metadata", "optional"):
+        if not isinstance(description.get(key), dict):
+            err(f"description '{key}' must be an object")
+    if "model_quant_type" not in description:
+        err("description lacks 'model_quant_type'")
+    layers = quantized_layers(description)
+    if {split_svd_tag(t)[0] for t in layers.values()} & MX_ELEMENT_BITS.keys() and description.get("group_size") != 32:
+        err(f"description 'group_size' is {description.get('group_size')!r}; MX layers need 32 (their block size)")
+    model_dtype = config.get("dtype") or config.get("torch_dtype")
+    return findings + check_described_tensors(path, description, model_dtype, expected_linears, fused_groups)
+
+
+def checked_output_config(path: Path, err: Callable[[str], None]) -> dict:
+    """The output's config.json (an error when it is missing, still carries a quantization_config, or sits beside
+    the source model's own weight files)."""
     config_path = path / "config.json"
     config = json.loads(config_path.read_text()) if config_path.is_file() else None
     if config is None:
@@ -296,16 +317,18 @@ def check_ascendv1(
     for stale in ("model.safetensors.index.json", "model.safetensors"):
         if (path / stale).exists():
             err(f"{stale} from the source model is in the output")
-    if description.get("version") != "1.0.0":
-        err("description 'version' must be \"1.0.0\"")
-    if not isinstance(description.get("group_size"), int):
-        err("description 'group_size' must be an integer")
-    for key in ("metadata", "optional"):
-        if not isinstance(description.get(key), dict):
-            err(f"description '{key}' must be an object")
-    if "model_quant_type" not in description:
-        err("description lacks 'model_quant_type'")
+    return config
 
+
+def check_described_tensors(path: Path, description: dict, model_dtype: str | None,
+                            expected_linears: list[str] | None = None,
+                            fused_groups: tuple[tuple[str, ...], ...] = ()) -> list[Finding]:
+    """What the ascendv1 and the MindIE layouts share: every tensor has its entry and every entry its tensor, each
+    quantized linear's tensors are those of its type (`model_dtype` picks deq_scale's dtype), online rotations,
+    MoE experts, KV cache and FA3 entries are consistent, every linear the engine instantiates is described,
+    fused layers share one type."""
+    findings: list[Finding] = []
+    err = lambda m: findings.append(Finding("error", m))
     tensors = read_checked_tensors(path, err)
     if not tensors:
         err("no *.safetensors weights")
@@ -317,9 +340,6 @@ def check_ascendv1(
     for key in sorted(entries - set(tensors))[:20]:
         err(f"description entry {key} has no tensor")
 
-    model_dtype = config.get("dtype") or config.get("torch_dtype")
-    if {split_svd_tag(t)[0] for t in layers.values()} & MX_ELEMENT_BITS.keys() and description.get("group_size") != 32:
-        err(f"description 'group_size' is {description.get('group_size')!r}; MX layers need 32 (their block size)")
     in_features = {}
     for prefix, own in tensors_by_layer(tensors, layers).items():
         findings.extend(_check_linear(prefix, layers[prefix], own, model_dtype, expert_of(prefix) is not None))

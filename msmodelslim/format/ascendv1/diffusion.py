@@ -22,10 +22,7 @@ from torch import nn
 
 from msmodelslim.core.errors import InvalidModelError
 from msmodelslim.format.ascendv1.reader import (dynamic_fa3, quantized_layers, read_tensors, read_valid_description,
-                                                require_described_tensors, take_fa3, tensors_by_layer,
-                                                validate_description)
-from msmodelslim.format.ascendv1.writer import DESCRIPTION
-from msmodelslim.model.checkpoint import read_json
+                                                require_described_tensors, take_fa3, tensors_by_layer)
 from msmodelslim.format.ascendv1.tensors import REQUIRED_SUFFIXES, linear_from_tensors
 from msmodelslim.format.staging import incomplete_reason
 from msmodelslim.ir.non_fusion_smooth import DIVISION, NonFusionSmooth
@@ -35,26 +32,12 @@ from msmodelslim.model.diffusion.wan import DiffusionFamily, dtype_kwargs, store
 from msmodelslim.processor.online_quarot.rotation import OnlineRotation
 
 
-def _read_description(folder: Path) -> dict:
-    """ascendv1's quant_model_description.json, or MindIE's quant_model_description_<type>.json (format/mindie.py):
-    the folder holds one saver's files."""
-    if (folder / DESCRIPTION).is_file():
-        return read_valid_description(folder)
-    found = sorted(folder.glob("quant_model_description_*.json"))
-    if len(found) != 1:
-        raise InvalidModelError(f"{folder} holds {len(found)} MindIE descriptions and no {DESCRIPTION}; a quantized "
-                                f"DiT folder holds exactly one description")
-    description = read_json(found[0])
-    validate_description(folder, description)
-    return description
-
-
 def load_quantized_denoiser(folder: Path, family: DiffusionFamily) -> nn.Module:
     """The DiT saved in `folder` (save_path/transformer), quantized linears as QuantLinear."""
     import diffusers
     from accelerate import init_empty_weights
 
-    description = _read_description(folder)
+    description = read_valid_description(folder)  # ascendv1's, or the folder's one MindIE description
     require_described_tensors(folder, description, "--quant_path")
     cls = getattr(diffusers, family.components[family.denoiser][1][0])
     try:

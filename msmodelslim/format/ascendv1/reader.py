@@ -17,6 +17,7 @@ from msmodelslim.format.ascendv1.fa3 import (FA_QUANT, STATIC_TOKEN, dynamic_fa3
 from msmodelslim.format.ascendv1.kv_cache import C8, kv_cache_by_attention, kv_cache_from_tensors
 from msmodelslim.format.ascendv1.tensors import FLOAT, REQUIRED_SUFFIXES, TAG_ALIASES, linear_from_tensors, svd_tag
 from msmodelslim.format.ascendv1.writer import DESCRIPTION
+from msmodelslim.format.mindie import mindie_descriptions
 from msmodelslim.format.read_back import empty_model, load_float_tensors, read_tensors, tensor_names
 from msmodelslim.format.staging import incomplete_reason
 from msmodelslim.ir.sparse_linear import W16A16S
@@ -41,13 +42,25 @@ def attention_entry(key: str) -> bool:
     return key.endswith(".quant_type")
 
 
+def description_file(path: Path) -> Path:
+    """ascendv1's quant_model_description.json, else the folder's one MindIE description
+    (quant_model_description_<type>.json, format/mindie.py: the same entries, the same tensors)."""
+    file = path / DESCRIPTION
+    if file.is_file():
+        return file
+    found = mindie_descriptions(path)
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise InvalidModelError(f"{path} holds {len(found)} MindIE descriptions ({', '.join(f.name for f in found)}); "
+                                f"a checkpoint folder holds one saver's output, with one description")
+    raise InvalidModelError(f"{path} is not an ascendv1 checkpoint: {DESCRIPTION} is missing"
+                            f"{other_layout_hint(path)}")
+
+
 def read_description(path: Path) -> dict:
     """The description as a JSON object (the checker judges its entries; `validate_description` for reading)."""
-    file = path / DESCRIPTION
-    if not file.is_file():
-        raise InvalidModelError(f"{path} is not an ascendv1 checkpoint: {DESCRIPTION} is missing"
-                                f"{other_layout_hint(path)}")
-    return read_json(file)
+    return read_json(description_file(path))
 
 
 def other_layout_hint(path: Path) -> str:
@@ -76,11 +89,11 @@ def validate_description(path: Path, description: dict) -> None:
         if key in GLOBAL_KEYS or (attention_entry(key) and isinstance(tag, str)):
             continue
         if not isinstance(tag, str):
-            raise InvalidModelError(f"{path / DESCRIPTION}: entry {key!r} has type tag {tag!r}; tags are strings "
+            raise InvalidModelError(f"{description_file(path)}: entry {key!r} has type tag {tag!r}; tags are strings "
                                     f"such as {', '.join(READABLE_TAGS)}")
         if tag not in READABLE_TAGS:
-            raise InvalidModelError(f"{path / DESCRIPTION}: entry {key!r} has type {tag!r}, which this reader cannot "
-                                    f"rebuild (known: {', '.join(READABLE_TAGS)})")
+            raise InvalidModelError(f"{description_file(path)}: entry {key!r} has type {tag!r}, which this reader "
+                                    f"cannot rebuild (known: {', '.join(READABLE_TAGS)})")
 
 
 def read_valid_description(path: Path) -> dict:
@@ -106,7 +119,7 @@ def require_described_tensors(path: Path, description: dict, flag: str) -> None:
         own = [k for k in missing if k.rpartition(".")[0] == prefix]
         raise InvalidModelError(f"{path}: quantized layer {prefix} ({tag}) lacks tensor(s) {', '.join(own)}; the "
                                 f"checkpoint is incomplete")
-    raise InvalidModelError(f"{flag} {path} lacks {len(missing)} tensor(s) its {DESCRIPTION} names (e.g. "
+    raise InvalidModelError(f"{flag} {path} lacks {len(missing)} tensor(s) its description names (e.g. "
                             f"{missing[0]}); the checkpoint is incomplete")
 
 
@@ -182,7 +195,7 @@ def _described_attention(path: Path, model: nn.Module, name: str, tag: str) -> n
     try:
         return model.get_submodule(name)
     except AttributeError:
-        raise InvalidModelError(f"{path}: {DESCRIPTION} has {tag} tensors for {name}, which the architecture in "
+        raise InvalidModelError(f"{path}: the description has {tag} tensors for {name}, which the architecture in "
                                 f"config.json does not have") from None
 
 
@@ -252,7 +265,7 @@ def load_ascendv1(path: str | Path, trust_remote_code: bool = False) -> nn.Modul
         try:
             parent = model.get_submodule(parent_name)
         except AttributeError:
-            raise InvalidModelError(f"{path}: {DESCRIPTION} names layer {prefix}, which the architecture in "
+            raise InvalidModelError(f"{path}: the description names layer {prefix}, which the architecture in "
                                     f"config.json does not have") from None
         linear, original = _quant_linear(path, prefix, tag, own), getattr(parent, child, None)
         if isinstance(original, nn.Linear) and (linear.in_features, linear.out_features) != (

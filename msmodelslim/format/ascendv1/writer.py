@@ -62,6 +62,28 @@ class DescribedTensors:
         dtype = self.dtype_for(name) if tensor.is_floating_point() else tensor.dtype
         self.add(name, tensor.to(dtype), FLOAT)
 
+    def add_tied(self, name: str, source: str, tensor: torch.Tensor) -> None:
+        """The engines look up every linear's weight in the description, lm_head included: a tied table goes in
+        twice."""
+        self.add_float(name, tensor)
+
+    def add_passthrough(self, name: str, tensor: torch.Tensor) -> None:
+        """A checkpoint tensor the model does not read (e.g. of an MTP layer), written as given, tagged FLOAT."""
+        self.add(name, tensor, FLOAT)
+
+    # ---- resume (core/resume.py) ------------------------------------------------------------------------
+    def sync_behind(self) -> Callable[[], None]:
+        """Make the bytes handed over so far durable, behind the caller; returns the wait for it."""
+        return self.shards.sync_behind()
+
+    def resume_state(self) -> dict:
+        """Everything this writer has accumulated, as JSON (`sync_behind` makes its bytes durable)."""
+        return {"shards": self.shards.state(), "description": self.description}
+
+    def restore_state(self, state: dict) -> None:
+        self.shards.restore(state["shards"])
+        self.description = dict(state["description"])
+
 
 class AscendV1Writer(DescribedTensors):
     def __init__(
@@ -87,13 +109,6 @@ class AscendV1Writer(DescribedTensors):
         "W4A4_NVFP4": "dtype nvfp4 (E2M1 with FP8 block scales of 16 and float32 global scales, NVIDIA's FP4) is a "
                       "protocol extension with no ascendv1 type; save it with the compressed_tensors saver "
                       "(nvfp4-pack-quantized), or use dtype mxfp4 for ascendv1 (W4A4_MXFP4)"}
-
-    def add_tied(self, name: str, source: str, tensor: torch.Tensor) -> None:
-        self.add_float(name, tensor)
-
-    def add_passthrough(self, name: str, tensor: torch.Tensor) -> None:
-        """A checkpoint tensor the model does not read (e.g. of an MTP layer), written as given, tagged FLOAT."""
-        self.add(name, tensor, FLOAT)
 
     def add_module_tree(self, prefix: str, root: nn.Module) -> None:
         """Every tensor under `root`: quantized linears in their ascendv1 layout, the rest as FLOAT."""
@@ -129,17 +144,11 @@ class AscendV1Writer(DescribedTensors):
                 self.add_float(tensor_name, tensor)
 
     # ---- resume (core/resume.py) ------------------------------------------------------------------------
-    def sync_behind(self) -> Callable[[], None]:
-        """Make the bytes handed over so far durable, behind the caller; returns the wait for it."""
-        return self.shards.sync_behind()
-
     def resume_state(self) -> dict:
-        """Everything this writer has accumulated, as JSON (`sync_behind` makes its bytes durable)."""
-        return {"shards": self.shards.state(), "description": self.description, "group_sizes": sorted(self.group_sizes)}
+        return {**super().resume_state(), "group_sizes": sorted(self.group_sizes)}
 
     def restore_state(self, state: dict) -> None:
-        self.shards.restore(state["shards"])
-        self.description = dict(state["description"])
+        super().restore_state(state)
         self.group_sizes = set(state["group_sizes"])
 
     # ---- files -------------------------------------------------------------------------------------------
