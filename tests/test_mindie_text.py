@@ -6,7 +6,6 @@ any weight is read, naming it."""
 from __future__ import annotations
 
 import json
-import signal
 
 import pytest
 import torch
@@ -16,9 +15,8 @@ from helpers import SCHEMES, run_quant, saved_tensors, small_calib
 from msmodelslim.core.errors import UnsupportedError
 from msmodelslim.format.ascendv1.tensors import decode_deq_scale
 from msmodelslim.format.readers import load_quantized_checkpoint
-from msmodelslim.format.staging import RESUME_STATE
 from reference_reader import load_reference_model
-from test_two_savers import _quant, code, files, write_config  # noqa: F401  (code: the fixture _quant runs)
+from test_two_savers import assert_killed_run_resumes_to_identical_bytes, code, write_config  # noqa: F401
 from tiny_models import make_tiny_model
 
 MINDIE = {"type": "mindie_format_saver", "part_file_size": 4}
@@ -142,20 +140,7 @@ def test_what_the_mindie_layout_cannot_hold_is_refused_before_any_weight_is_read
 
 @pytest.mark.parametrize("fault", ["block:2", "description"])
 def test_killed_mindie_run_resumes_to_identical_bytes(code, tmp_path, fault):  # noqa: F811  (code: the fixture)
-    model = make_tiny_model(tmp_path / "model", "llama", num_hidden_layers=4)
-    small = [{**MINDIE, "part_file_size": 0.00003}]  # several shards: cut back and renamed back
-    config = write_config(tmp_path / "c.yaml", small_calib(tmp_path), linear_quant(SCHEMES["w8a8_static"]), small)
-    fresh = _quant(code, model, tmp_path / "fresh", config)
-    assert fresh.returncode == 0, fresh.stderr
-    out = tmp_path / "out"
-    assert _quant(code, model, out, config, fault=fault).returncode == -signal.SIGKILL
-    resumed = _quant(code, model, out, config, "--resume")
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resumed run: computed" in resumed.stderr
-    expected = files(tmp_path / "fresh")
-    assert sum(name.startswith("quant_model_weight_w8a8-") for name in expected) > 3
-    assert files(out) == expected
-    assert not any(out.rglob(RESUME_STATE.parent.name))
+    assert_killed_run_resumes_to_identical_bytes(code, tmp_path, [MINDIE], fault)
 
 
 def test_vision_language_model_through_the_cli_check_and_read_back(tmp_path, images):
