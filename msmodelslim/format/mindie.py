@@ -63,11 +63,6 @@ def refuse_unsupported_schemes(rules: Iterable) -> None:
                                    f"{SUPPORTED_NAMES}); save it with ascendv1_saver")
 
 
-def mindie_descriptions(folder: Path) -> list[Path]:
-    """The MindIE description files in `folder` (one per output)."""
-    return sorted(folder.glob(f"{DESCRIPTION}_*.json"))
-
-
 def file_names(model_quant_type: str | None) -> tuple[str, str]:
     """(description file, weight file stem) for the recorded type."""
     suffix = f"_{model_quant_type.lower()}" if model_quant_type else ""

@@ -8,11 +8,11 @@ import json
 from pathlib import Path
 
 from msmodelslim.format.ascendv1.checker import check_described_tensors, checked_output_config
-from msmodelslim.format.ascendv1.reader import quantized_layers
+from msmodelslim.format.ascendv1.reader import mindie_descriptions, quantized_layers
 from msmodelslim.format.ascendv1.tensors import FLOAT
 from msmodelslim.format.ascendv1.writer import DESCRIPTION as ASCENDV1_DESCRIPTION
 from msmodelslim.format.findings import Finding
-from msmodelslim.format.mindie import SUPPORTED, SUPPORTED_NAMES, file_names, mindie_descriptions
+from msmodelslim.format.mindie import SUPPORTED, SUPPORTED_NAMES, file_names
 from msmodelslim.model.checkpoint import read_json
 
 WRITTEN_TAGS = {s.value for s in SUPPORTED}

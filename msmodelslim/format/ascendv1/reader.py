@@ -17,7 +17,6 @@ from msmodelslim.format.ascendv1.fa3 import (FA_QUANT, STATIC_TOKEN, dynamic_fa3
 from msmodelslim.format.ascendv1.kv_cache import C8, kv_cache_by_attention, kv_cache_from_tensors
 from msmodelslim.format.ascendv1.tensors import FLOAT, REQUIRED_SUFFIXES, TAG_ALIASES, linear_from_tensors, svd_tag
 from msmodelslim.format.ascendv1.writer import DESCRIPTION
-from msmodelslim.format.mindie import mindie_descriptions
 from msmodelslim.format.read_back import empty_model, load_float_tensors, read_tensors, tensor_names
 from msmodelslim.format.staging import incomplete_reason
 from msmodelslim.ir.sparse_linear import W16A16S
@@ -40,6 +39,12 @@ def attention_entry(key: str) -> bool:
     """`<attn>.quant_type` / `<attn>.indexer.quant_type`: an attention layer's quantization type (formats.md A.2,
     A.6), an entry that names no tensor."""
     return key.endswith(".quant_type")
+
+
+def mindie_descriptions(folder: Path) -> list[Path]:
+    """The MindIE descriptions in `folder` (format/mindie.py: `quant_model_description_<type>.json`, one per
+    output)."""
+    return sorted(folder.glob(f"{DESCRIPTION.removesuffix('.json')}_*.json"))
 
 
 def description_file(path: Path) -> Path:
