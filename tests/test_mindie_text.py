@@ -77,6 +77,21 @@ def test_mindie_holds_the_ascendv1_tensors_under_its_names_and_reads_back_alike(
     assert ((independent - want).norm() / want.norm()).item() < 2e-3
 
 
+def test_convert_reads_a_mindie_folder_as_it_reads_ascendv1(tiny_llama, tmp_path):
+    """`msmodelslim convert` of the MindIE folder writes the compressed-tensors tensors that converting the ascendv1
+    folder of the same run writes."""
+    from msmodelslim.cli.__main__ import main
+
+    out = tmp_path / "out"
+    process = linear_quant(WRITTEN["w8a8_static"][0])
+    run_quant(tiny_llama, out, write_config(tmp_path / "c.yaml", small_calib(tmp_path), process, BOTH))
+    for folder in ("ascendv1", "mindie"):
+        assert main(["convert", "--model_path", str(out / folder), "--save_path", str(tmp_path / f"ct-{folder}")]) == 0
+    assert not list((tmp_path / "ct-mindie").glob("quant_model_description*"))
+    ours, theirs = saved_tensors(tmp_path / "ct-mindie"), saved_tensors(tmp_path / "ct-ascendv1")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
 def test_check_finds_a_missing_shard_and_a_description_named_after_another_type(tiny_llama, tmp_path):
     from msmodelslim.app.check import check_checkpoint
 

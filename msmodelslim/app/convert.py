@@ -1,5 +1,5 @@
-"""Use case: convert an ascendv1 checkpoint into compressed-tensors, so a model quantized for Ascend NPUs can
-be served by vLLM on GPUs (or loaded by transformers).
+"""Use case: convert an ascendv1 checkpoint (or a MindIE one: the same tensors) into compressed-tensors, so a model
+quantized for Ascend NPUs can be served by vLLM on GPUs (or loaded by transformers).
 
 The ascendv1 directory is read by our reader (formats.md C.3) into QuantLinear modules, which the
 compressed-tensors writer stores as if they had just been quantized; the integer codes and scales are carried
@@ -18,7 +18,9 @@ from msmodelslim.core.config import MAX_PART_FILE_SIZE_GB
 from msmodelslim.core.errors import ConfigError, FormatCheckError, InvalidModelError, UnsupportedError
 from msmodelslim.core.logging import get_logger
 from msmodelslim.format.ascendv1.reader import (
+    description_file,
     load_ascendv1,
+    mindie_descriptions,
     other_layout_hint,
     outside_architecture,
     read_valid_description,
@@ -59,9 +61,11 @@ def convert_ascendv1_to_compressed_tensors(source: Path, save_path: Path, overwr
         raise ConfigError(f"--part_file_size {part_file_size_gb}: expected a number of GB from 0 to "
                           f"{MAX_PART_FILE_SIZE_GB}")
     source = require_local_dir(source, "--model_path")
-    if not (source / DESCRIPTION).is_file() or not (source / "config.json").is_file():
-        raise InvalidModelError(f"{source} is not an ascendv1 checkpoint (needs {DESCRIPTION} and config.json)"
-                                f"{other_layout_hint(source)}")
+    # ascendv1's description, or a MindIE one (format/mindie.py: the same entries and tensors)
+    described = (source / DESCRIPTION).is_file() or len(mindie_descriptions(source)) == 1
+    if not described or not (source / "config.json").is_file():
+        raise InvalidModelError(f"{source} is not an ascendv1 or MindIE checkpoint (needs {DESCRIPTION} or one "
+                                f"quant_model_description_<type>.json, and config.json){other_layout_hint(source)}")
     # a malformed description, or a shard it names missing, fails before anything is loaded or written
     description = read_valid_description(source)
     require_described_tensors(source, description, "--model_path")
@@ -102,7 +106,8 @@ def convert_ascendv1_to_compressed_tensors(source: Path, save_path: Path, overwr
         for name in extra:  # one tensor in memory at a time
             writer.add_passthrough(name, checkpoint.load([name])[name])
         writer.finish(source, float_linears=float_linears)
-        (staging / DESCRIPTION).unlink(missing_ok=True)  # copied with the other *.json files; not part of this format
+        # copied with the other *.json files; not part of this format
+        (staging / description_file(source).name).unlink(missing_ok=True)
         findings = check_compressed_tensors(staging, loaded_name)
         errors = [f.message for f in findings if f.level == "error"]
         if errors:

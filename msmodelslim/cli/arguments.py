@@ -155,8 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "every one of its tensors must be in PATH, as itself or as its linear's quantized "
                             "tensors, or be a documented consumed tensor (e.g. block-FP8 scales)")
 
-    conv = sub.add_parser("convert", help="convert an ascendv1 checkpoint into compressed-tensors (vLLM on GPUs)")
-    conv.add_argument("--model_path", required=True, type=Path, help="ascendv1 checkpoint directory")
+    conv = sub.add_parser("convert", help="convert an ascendv1 (or MindIE) checkpoint into compressed-tensors (vLLM on "
+                                          "GPUs)")
+    conv.add_argument("--model_path", required=True, type=Path, help="ascendv1 or MindIE checkpoint directory")
     conv.add_argument("--save_path", required=True, type=Path, help="output directory (must be new or empty)")
     conv.add_argument("--format", default="compressed_tensors", choices=["compressed_tensors"])
     conv.add_argument("--part_file_size", type=float, default=4, help="shard size in GB (default 4)")
