@@ -64,8 +64,8 @@ def convert_ascendv1_to_compressed_tensors(source: Path, save_path: Path, overwr
     # ascendv1's description, or a MindIE one (format/mindie.py: the same entries and tensors)
     described = (source / DESCRIPTION).is_file() or len(mindie_descriptions(source)) == 1
     if not described or not (source / "config.json").is_file():
-        raise InvalidModelError(f"{source} is not an ascendv1 or MindIE checkpoint (needs {DESCRIPTION} or one "
-                                f"quant_model_description_<type>.json, and config.json){other_layout_hint(source)}")
+        raise InvalidModelError(f"{source} is not an ascendv1 checkpoint, nor a MindIE one (needs {DESCRIPTION} or "
+                                f"one quant_model_description_<type>.json, and config.json){other_layout_hint(source)}")
     # a malformed description, or a shard it names missing, fails before anything is loaded or written
     description = read_valid_description(source)
     require_described_tensors(source, description, "--model_path")
