@@ -94,16 +94,6 @@ def convert_config(path: Path, target: str, save: str) -> Path:
     return path
 
 
-def stored(directory: Path) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    out = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        with safe_open(file, framework="pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--float_ppl", type=float, default=None)
@@ -111,6 +101,7 @@ def main() -> None:
     args = parser.parse_args()
     from msmodelslim.app.evaluate import load_float_model, perplexity
     from msmodelslim.format.ascendv1.reader import load_ascendv1
+    from msmodelslim.format.read_back import read_tensors
 
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="convert-smollm2-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -139,7 +130,7 @@ def main() -> None:
         del model
         rows.append((label, wall, rss, ppl))
         print(f"{label}: {wall:.1f} s, {rss:.0f} MiB, ppl {ppl:.4f} (x{ppl / float_ppl:.4f})", flush=True)
-    converted, quantized = stored(work / "convert_mxfp8"), stored(work / "quant_mxfp8")
+    converted, quantized = read_tensors(work / "convert_mxfp8"), read_tensors(work / "quant_mxfp8")
     same = converted.keys() == quantized.keys() and all(torch.equal(converted[k], quantized[k]) for k in quantized)
     print(f"\nfloat ppl {float_ppl:.4f}; convert and quant MXFP8 outputs tensor-identical: {same}")
     print("| run | wall s | peak RSS MiB | perplexity | x float |")
