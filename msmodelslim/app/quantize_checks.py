@@ -7,8 +7,8 @@ from msmodelslim.core.errors import ConfigError, UnsupportedError
 from msmodelslim.format.ascendv1.kv_cache import UNSUPPORTED_KV_CACHE as ASCENDV1_UNSUPPORTED_KV_CACHE
 from msmodelslim.format.ascendv1.writer import AscendV1Writer
 from msmodelslim.format.compressed_tensors.writer import CompressedTensorsWriter
-from msmodelslim.format.mindie import MindIEWriter, refuse_unsupported_schemes
-from msmodelslim.processor.base import Processor, quant_rules
+from msmodelslim.format.mindie import MindIEWriter
+from msmodelslim.processor.base import Processor
 
 
 def process_steps(configs) -> list:
@@ -84,8 +84,6 @@ def refuse_smoothing_after_online_rotation(config: PracticeConfig) -> None:
 def refuse_schemes_the_format_lacks(config: PracticeConfig, plan: dict[str, str]) -> None:
     """A layer whose planned scheme a chosen format has no layout for (e.g. W8A8_MIX in compressed-tensors)."""
     for save in config.spec.save:
-        if save.type == "mindie_format_saver":  # its layout has no per-group weights either
-            refuse_unsupported_schemes(quant_rules(config.spec.process))
         unsupported = writer_class_of(save.type).UNSUPPORTED
         for name, scheme in plan.items():
             if scheme in unsupported:

@@ -53,14 +53,23 @@ def _not_written(what: str) -> str:
     return f"the MindIE layout holds {SUPPORTED_NAMES}, not {what}; {INSTEAD}"
 
 
-def refuse_unsupported_schemes(rules: Iterable) -> None:
-    """Called while planning: every linear_quant rule's scheme must have a MindIE layout here."""
+def unsupported_scheme_reason(rules: Iterable) -> Optional[str]:
+    """Why a quantization rule's scheme has no MindIE layout here (another type, or per-group weights); None when
+    every rule's has one."""
     for rule in rules:
         q = rule.qconfig
         if q.scheme not in SUPPORTED or q.weight.group_size is not None:
             what = f"{q.scheme.value}{' per-group' if q.weight.group_size is not None else ''}"
-            raise UnsupportedError(f"mindie_format_saver does not write {what} in this version (it writes "
-                                   f"{SUPPORTED_NAMES}); save it with ascendv1_saver")
+            return (f"mindie_format_saver does not write {what} in this version (it writes {SUPPORTED_NAMES}); save "
+                    f"it with ascendv1_saver")
+    return None
+
+
+def refuse_unsupported_schemes(rules: Iterable) -> None:
+    """Called while planning: every linear_quant rule's scheme must have a MindIE layout here."""
+    reason = unsupported_scheme_reason(rules)
+    if reason:
+        raise UnsupportedError(reason)
 
 
 def file_names(model_quant_type: str | None) -> tuple[str, str]:
@@ -72,7 +81,7 @@ def file_names(model_quant_type: str | None) -> tuple[str, str]:
 class MindIEWriter(DescribedTensors):
     # MindIE looks a linear's weight up in the description as vLLM-Ascend does: a tied table goes in twice.
     TIED_ALIASES = True
-    # Schemes with no MindIE layout, refused while planning (per-group ones by `refuse_unsupported_schemes`).
+    # Schemes with no MindIE layout (each rule's scheme, per-group ones too, is refused first by `step_refusal`).
     UNSUPPORTED: dict[str, str] = {s.value: _not_written(s.value) for s in Scheme if s not in SUPPORTED}
     # Steps of a text or vision-language pipeline whose output this layout cannot hold (the diffusion service
     # checks its own steps: FA3 and online rotations of DiT attention are written).
@@ -90,8 +99,11 @@ class MindIEWriter(DescribedTensors):
 
     @classmethod
     def step_refusal(cls, step) -> Optional[str]:
-        """What this layout lacks for a step beyond its type: QuaRot's extra info (optional/quarot.safetensors and
-        its `optional` entry), which the established MindIE saver refuses too."""
+        """What this layout lacks for a step beyond its type: a quantization rule's scheme (another type, or
+        per-group weights), or QuaRot's extra info (optional/quarot.safetensors and its `optional` entry), which
+        the established MindIE saver refuses too."""
+        if step.type in ("linear_quant", "autoround_quant"):  # autoround_quant's rules are its strategies
+            return unsupported_scheme_reason([step] if step.type == "linear_quant" else step.strategies)
         if step.type in ("quarot", "adapt_rotation") and getattr(step, "export_extra_info", False):
             return (f"the MindIE layout has no place for QuaRot's extra info (optional/quarot.safetensors, the global "
                     f"rotation); set export_extra_info: false (the rotation is folded into the weights either way), "
