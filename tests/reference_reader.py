@@ -118,6 +118,13 @@ def dequantized_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, di
             b = t.get(f"{p}.bias")
             acts[p] = {"kind": "dynamic_int4"}
             used |= {f"{p}.{s}" for s in ("weight", "weight_scale", "weight_offset")}
+        elif tag == "W4A4_FLATQUANT_DYNAMIC":  # A.4.8, as vLLM-Ascend loads it: P1 = left_trans^T, P2 = right_trans
+            w = t[f"{p}.weight"].float() * t[f"{p}.weight_scale"].float()
+            b = t.get(f"{p}.bias")
+            acts[p] = {"kind": "flatquant", "p1": t[f"{p}.left_trans"].float().t().contiguous(),
+                       "p2": t[f"{p}.right_trans"].float(), "clip": float(t[f"{p}.clip_ratio"].reshape(-1)[0])}
+            used |= {f"{p}.{s}" for s in ("weight", "weight_scale", "weight_offset", "left_trans", "right_trans",
+                                          "clip_ratio")}
         elif tag == "W4A8_DYNAMIC":
             q = _unpack_rows(t[f"{p}.weight"])
             w = q * t[f"{p}.weight_scale"].float()
@@ -383,6 +390,14 @@ def _per_token_int4(x: torch.Tensor) -> torch.Tensor:
     """W4A4_DYNAMIC (formats.md A.4.7): s_t = max|x_t| / 7, codes round(x / s_t) clamped to -8..7."""
     s = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-30) / 7
     return torch.clamp(torch.round(x / s), -8, 7) * s
+
+
+def _kronecker_quant(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, clip: float) -> torch.Tensor:
+    """aclnnFlatQuant: each token as X [a, b], X'' = P1 @ (X @ P2); s_t = max|X''|·clip / 7; int4 codes -8..7."""
+    tokens = x.reshape(-1, p1.shape[0], p2.shape[0])
+    y = torch.matmul(p1, torch.matmul(tokens, p2)).reshape(x.shape)
+    s = y.abs().amax(dim=-1, keepdim=True).clamp(min=1e-30) * clip / 7
+    return torch.clamp(torch.round(y / s), -8, 7) * s
 
 
 RUNTIME_QUANT = {"dynamic": _per_token_int8, "dynamic_int4": _per_token_int4, "dynamic_fp8": _per_token_fp8,
@@ -652,6 +667,8 @@ def load_reference_model(path: Path):
             quant = lambda x, s=s, o=o: (torch.clamp(torch.round(x * (1.0 / s) + o), -128, 127) - o) * s
         elif info["kind"] == "dynamic_mxfp4_dual":
             quant = lambda x, d=info["dual_block"]: _mxfp4_dual(x, d)
+        elif info["kind"] == "flatquant":
+            quant = lambda x, i=info: _kronecker_quant(x, i["p1"], i["p2"], i["clip"])
         else:
             quant = RUNTIME_QUANT.get(info["kind"], lambda x: x)  # "float": a weight-only layer with a low-rank pair
         if "rotate" in info:  # the online rotation comes first; quantization and the low-rank branch read its output

@@ -26,7 +26,7 @@ from msmodelslim.format.ascendv1.reader import (
     read_valid_description,
     require_described_tensors,
 )
-from msmodelslim.format.ascendv1.tensors import split_svd_tag
+from msmodelslim.format.ascendv1.tensors import split_flat_tag, split_svd_tag
 from msmodelslim.format.ascendv1.writer import DESCRIPTION
 from msmodelslim.format.compressed_tensors.checker import check_compressed_tensors
 from msmodelslim.format.compressed_tensors.writer import CompressedTensorsWriter
@@ -78,6 +78,10 @@ def convert_ascendv1_to_compressed_tensors(source: Path, save_path: Path, overwr
     if lowrank:  # SVDQuant (svd_res): the low-rank pair has nowhere to go
         raise UnsupportedError(f"{source} holds {lowrank[0]} layers (a quantized residual plus svd_lowrank_l1/l2): "
                                f"{CompressedTensorsWriter.UNSUPPORTED_STEPS['svd_res']}")
+    flat = sorted(tag for tag in tags if split_flat_tag(tag)[1])
+    if flat:  # FlatQuant: the run-time transform has nowhere to go
+        raise UnsupportedError(f"{source} holds {flat[0]} layers (a run-time transform left_trans/right_trans and "
+                               f"clip_ratio): {CompressedTensorsWriter.UNSUPPORTED_STEPS['flatquant']}")
     quarot = (description.get("metadata") or {}).get("quarot") if isinstance(description.get("metadata"), dict) else None
     if quarot:  # online rotations: compressed-tensors has no tensors for them
         raise UnsupportedError(f"{source} rotates layer inputs online (description metadata.quarot): "

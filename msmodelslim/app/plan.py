@@ -11,7 +11,7 @@ from torch import nn
 from msmodelslim.core.config import PracticeConfig
 from msmodelslim.core.errors import ConfigError
 from msmodelslim.core.logging import get_logger
-from msmodelslim.format.ascendv1.tensors import svd_tag
+from msmodelslim.format.ascendv1.tensors import flat_tag, svd_tag
 from msmodelslim.ir.sparse_linear import W16A16S
 from msmodelslim.model.moe import routed_expert_linears
 from msmodelslim.processor.base import Processor, quant_rules
@@ -19,6 +19,7 @@ from msmodelslim.processor.matching import select, unused_patterns
 from msmodelslim.processor.registry import DoubleMatchError, merge_claims
 from msmodelslim.quantizer.float_formats import MX_BLOCK
 from msmodelslim.quantizer.nvfp4 import NVFP4_BLOCK
+from msmodelslim.quantizer.scheme import Scheme
 
 log = get_logger("app.plan")
 
@@ -80,6 +81,35 @@ def _mark_svd_splits(configs, plan: dict[str, str], names: list[str], outside: s
             log.warning("pattern %r of an svd_res step matches no linear layer", pattern)
 
 
+def _mark_flat_transforms(configs, plan: dict[str, str], names: list[str], outside: set[str], model: nn.Module) -> None:
+    """A linear that a flatquant step selects is written with the _FLATQUANT variant of its type (formats.md
+    A.4.8). Only W4A4_DYNAMIC behind it is implemented (per-channel int4 weights, per-token int4 activations, as
+    the training assumes): anything else, a float layer included, is refused here, before any weight is read."""
+    steps = _leaf_steps(configs)
+    for i, step in enumerate(steps):
+        if step.type != "flatquant":
+            continue
+        for name in select(names, step.include, step.exclude):
+            if name in outside:
+                continue
+            in_features = model.get_submodule(name).in_features
+            if in_features % 4 == 2:
+                raise ConfigError(f"flatquant cannot transform layer {name}: its input size {in_features} has no "
+                                  f"factor pair of equal parity, which vLLM-Ascend's loader needs (sizes 2 mod 4 "
+                                  f"have none); exclude the layer from flatquant")
+            if plan[name] != Scheme.W4A4_DYNAMIC.value:
+                later = [r for r in quant_rules(steps[i + 1 :]) if select([name], r.include, r.exclude)]
+                what = "no later rule quantizes it" if not later else f"a later rule makes it {plan[name]}"
+                raise ConfigError(
+                    f"flatquant selects layer {name}, but {what}: FlatQuant is implemented for W4A4_DYNAMIC behind it "
+                    f"(linear_quant after flatquant with int4 per_channel symmetric weights and int4 per_token "
+                    f"activations); W4A4_MXFP4_FLATQUANT and float layers behind a transform are not implemented yet. "
+                    f"Quantize the layer so, or exclude it from flatquant")
+            plan[name] = flat_tag(plan[name])
+        for pattern in unused_patterns(names, step.include + step.exclude):
+            log.warning("pattern %r of a flatquant step matches no linear layer", pattern)
+
+
 def plan_layers(config: PracticeConfig, processors: list[Processor], model: nn.Module,
                 blocks: list[str]) -> dict[str, str]:
     """{linear name: scheme} for every linear, as it will be written (FLOAT when no rule matches, and for linears
@@ -139,6 +169,7 @@ def plan_layers(config: PracticeConfig, processors: list[Processor], model: nn.M
     if len(group_sizes) > 1:
         raise ConfigError(f"ascendv1 stores one group_size per model, but the config uses {sorted(group_sizes)}")
     _mark_svd_splits(config.spec.process, plan, names, outside)
+    _mark_flat_transforms(config.spec.process, plan, names, outside, model)
     for rule in _sparse_rules(config.spec.process):  # its empty include means every decoder-layer linear
         include, exclude = rule.selection
         for name in select(names, include, exclude):

@@ -25,7 +25,7 @@ from msmodelslim.app.estimate_report import RunEstimate
 from msmodelslim.app.plan import plan_layers, summarize_plan
 from msmodelslim.app.quantize_checks import (refuse_duplicate_savers, refuse_mismatched_modality,
                                              refuse_schemes_the_format_lacks, refuse_split_fused_groups,
-                                             refuse_smoothing_after_online_rotation,
+                                             refuse_smoothing_after_online_rotation, refuse_steps_around_flatquant,
                                              refuse_steps_the_format_lacks, refuse_undistributable,
                                              writer_class_of)
 from msmodelslim.app.quantize_output import finish_outputs, make_writer, make_writers, saved_practice, subfolders
@@ -156,11 +156,12 @@ def _prepare(request: QuantizeRequest, in_rank: bool = False) -> _Job:
     refuse_duplicate_savers(config)
     refuse_steps_the_format_lacks(config)
     refuse_smoothing_after_online_rotation(config)
+    refuse_steps_around_flatquant(config)
     adapter = create_adapter(request.model_type, str(request.model_path), request.trust_remote_code, entry)
     refuse_mismatched_modality(config, adapter, request.model_type)
     prior_results = PriorResults(estimating=request.dry_run)
     context = ProcessorContext(type(adapter).__name__, adapter.structure, adapter.attention_shape(),
-                               mla=adapter.mla_shape(), prior=prior_results)
+                               mla=adapter.mla_shape(), prior=prior_results, model_dtype=adapter.global_dtype())
     processors = build_pipeline(config.spec.process, context)
     if runner == RunnerType.dp_layer_wise:
         refuse_undistributable(config.spec.process, processors)

@@ -81,6 +81,30 @@ def refuse_smoothing_after_online_rotation(config: PracticeConfig) -> None:
                                    f"{', '.join(kinds)} out of its enable_subgraph_type")
 
 
+# What may follow flatquant: steps that quantize the transformed linears or leave them alone.
+AFTER_FLATQUANT = ("linear_quant", "dynamic_cache", "fa3_quant")
+
+
+def refuse_steps_around_flatquant(config: PracticeConfig) -> None:
+    """flatquant learns each layer's run-time transform against the block as it stands, for the W4A4 rounding that
+    follows: a later step that changes the linears (smoothing, rotations, other weight methods) would undo what
+    it learned, and a layer takes one run-time transform (no online rotation beside it). Named before any work."""
+    steps = process_steps(config.spec.process)
+    first = next((i for i, step in enumerate(steps) if step.type == "flatquant"), None)
+    if first is None:
+        return
+    late = [s.type for s in steps[first + 1 :] if s.type not in AFTER_FLATQUANT]
+    if late:
+        raise UnsupportedError(f"spec.process: {', '.join(late)} after flatquant is not supported: flatquant learns "
+                               f"each layer's transform against the block as it stands; put {late[0]} before "
+                               f"flatquant, and only {', '.join(AFTER_FLATQUANT)} after it")
+    online = [s.type for s in steps if rotates_online(s)]
+    if online:
+        raise UnsupportedError(f"spec.process: {online[0]} with online: true beside flatquant is not supported: a "
+                               f"layer takes one run-time transform; use {online[0]} with online: false before "
+                               f"flatquant")
+
+
 def refuse_schemes_the_format_lacks(config: PracticeConfig, plan: dict[str, str]) -> None:
     """A layer whose planned scheme a chosen format has no layout for (e.g. W8A8_MIX in compressed-tensors)."""
     for save in config.spec.save:

@@ -9,14 +9,13 @@ FLOAT_FORMATS = "the floating-point formats (FP8, MXFP8, MXFP4) work"
 KV_ATTENTION = "the attention and KV-cache quantization work"
 VLM = "the vision-language model work"
 DIFFUSION = "the diffusion transformer work"
-ROTATIONS = "the low-bit activation (W4A4 with rotations) work"
 # online_quarot exists for the attention of diffusion transformers (multimodal_sd_modelslim_v1) only
 ONLINE_ROTATION_TEXT = ("the online rotations of text models; for now it runs on diffusion transformers' attention, "
                         "apiversion multimodal_sd_modelslim_v1")
 
 NOT_YET: dict[str, dict[str, str]] = {
     "processor": {
-        "online_quarot": ONLINE_ROTATION_TEXT, "flatquant": ROTATIONS,
+        "online_quarot": ONLINE_ROTATION_TEXT,
     },
     "dtype": {"hifloat8": FLOAT_FORMATS},
     "saver": {},  # every saver of the established protocol is served

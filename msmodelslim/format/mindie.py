@@ -89,6 +89,7 @@ class MindIEWriter(DescribedTensors):
         "fa3_quant": f"this version writes the MindIE layout's FA3 entries for diffusion transformers only; {INSTEAD}",
         "float_sparse": _not_written("W16A16S (float_sparse)"),
         "svd_res": _not_written("SVDQuant's low-rank branch (svd_res, the _SVD types)"),
+        "flatquant": _not_written("FlatQuant's transforms (flatquant, the _FLATQUANT types)"),
     }
     UNSUPPORTED_KV_CACHE = {d.value: _not_written("a quantized KV cache (C8, dynamic_cache)") for d in QDType}
     UNSUPPORTED_ONLINE_ROTATION = _not_written("QuaRot's run-time rotations (online: true)")

@@ -19,6 +19,9 @@ computes Q_act(x)·deq(Q(R))ᵀ + b + (x l1ᵀ) l2ᵀ: the low-rank branch reads
 
 Behind QuaRot's online rotation (ir/online_rotation.py) a QuantLinear also holds `heads_rotation` or the pair
 `kronecker_rotation_m`/`kronecker_rotation_n` (float32), and everything above reads the rotated input T·x.
+
+Behind FlatQuant's transform (ir/flat_transform.py, W4A4_DYNAMIC only) it holds `left_trans`, `right_trans` and
+`clip_ratio` (float32): the input is transformed to Lᵀ·X·R, then quantized per token with the clipped range.
 """
 from __future__ import annotations
 
@@ -29,6 +32,8 @@ from typing import Callable, Iterator, Mapping, Optional
 import torch
 from torch import nn
 
+from msmodelslim.ir.flat_transform import (CLIP_RATIO, FLAT_TENSORS, LEFT_TRANS, RIGHT_TRANS, check_flat_transform,
+                                           clipped_per_token_int4, flat_transform, transform_input)
 from msmodelslim.ir.lowrank import LOWRANK_L1, LOWRANK_L2, check_lowrank_pair, lowrank_output
 from msmodelslim.ir.online_rotation import ROTATION_TENSORS, check_rotation, input_rotation, rotate_input
 from msmodelslim.quantizer.dualscale import dequantize_dualscale, fake_quantize_act_dualscale
@@ -91,6 +96,7 @@ class QuantLinear(nn.Module):
         weight_global_scale: Optional[torch.Tensor] = None,
         input_global_scale: Optional[torch.Tensor] = None,
         rotation: Optional[Mapping[str, torch.Tensor]] = None,
+        flat: Optional[Mapping[str, torch.Tensor]] = None,
     ) -> None:
         super().__init__()
         code_dtype = CODE_DTYPE.get(scheme, torch.int8)
@@ -120,6 +126,11 @@ class QuantLinear(nn.Module):
             check_lowrank_pair(svd_lowrank_l1, svd_lowrank_l2, qweight.shape[0], qweight.shape[1])
         if rotation:
             check_rotation(rotation, qweight.shape[1])
+        if flat:
+            if scheme != Scheme.W4A4_DYNAMIC or rotation or svd_lowrank_l1 is not None:
+                raise ValueError(f"a FlatQuant transform goes with W4A4_DYNAMIC alone (no online rotation, no "
+                                 f"low-rank branch), not {scheme.value}")
+            check_flat_transform(flat, qweight.shape[1])
         self.scheme = scheme
         self.in_features, self.out_features = qweight.shape[1], qweight.shape[0]
         self.register_buffer("qweight", qweight)
@@ -138,6 +149,10 @@ class QuantLinear(nn.Module):
         for name in ROTATION_TENSORS:
             matrix = (rotation or {}).get(name)
             self.register_buffer(name, None if matrix is None else matrix.float().contiguous())
+        for name in FLAT_TENSORS:
+            tensor = (flat or {}).get(name)
+            self.register_buffer(name, None if tensor is None else tensor.float().reshape(
+                (1,) if name == CLIP_RATIO else tensor.shape).contiguous())
         # W8A8_MIX runs two kernels: decode nodes quantize inputs with the static range, the others per token.
         # Prefill (and perplexity, which scores whole sequences at once) is the dynamic path, the default here.
         self.decode_path = False
@@ -196,6 +211,9 @@ class QuantLinear(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        flat = flat_transform(self)
+        if flat:  # aclnnFlatQuant: per-token int4 on the transformed input, its range clipped
+            return clipped_per_token_int4(x, flat[CLIP_RATIO]).to(x.dtype)
         if self.scheme in (Scheme.W8A8, Scheme.W8A8S) or (self.scheme == Scheme.W8A8_MIX and self.decode_path):
             return fake_quantize_input(x, self.input_scale, self.input_offset, 8)
         if self.scheme == Scheme.W8A8_MIX:
@@ -239,6 +257,9 @@ class QuantLinear(nn.Module):
         if self.integer_kernel_applies(x):
             return self._integer_forward(x).to(out_dtype)
         x = rotate_input(x.float(), input_rotation(self))
+        flat = flat_transform(self)
+        if flat:
+            x = transform_input(x, flat[LEFT_TRANS], flat[RIGHT_TRANS])
         out = nn.functional.linear(self.quantize_input(x), self.dequantized_weight(), self.bias)
         if self.svd_lowrank_l1 is not None:  # SVDQuant: the high-precision branch sees the float input
             out = out + lowrank_output(x, self.svd_lowrank_l1, self.svd_lowrank_l2)
@@ -247,7 +268,7 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         group = "per_channel" if self.group_size is None else f"group_size={self.group_size}"
         lowrank = "" if self.svd_rank is None else f", svd_rank={self.svd_rank}"
-        rotated = "".join(f", {name}" for name in input_rotation(self))
+        rotated = "".join(f", {name}" for name in (*input_rotation(self), *flat_transform(self)))
         return f"{self.scheme.value}, in={self.in_features}, out={self.out_features}, {group}{lowrank}{rotated}"
 
 

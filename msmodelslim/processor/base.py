@@ -201,6 +201,9 @@ class ProcessorContext:
     # linears this processor sees will be quantized with. Empty: nothing after this step quantizes.
     following: tuple[QuantRule, ...] = ()
     prior: PriorResults = field(default_factory=PriorResults)  # shared by the prior stages and the main one
+    # The dtype the engine runs in (the checkpoint's): tensors the engine reads in it are rounded to it before
+    # anything is fitted to them (FlatQuant's transforms).
+    model_dtype: torch.dtype = torch.float32
 
     def scheme_of(self, linear_name: str) -> Optional[LinearQConfig]:
         """The qconfig a later step gives this linear (full name), None when it stays float in this run. The

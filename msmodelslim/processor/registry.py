@@ -18,6 +18,8 @@ from msmodelslim.processor.flex_awq_ssz import processor as _flex_awq  # noqa: F
 from msmodelslim.processor.flex_awq_ssz.config import AwqConfig, FlexAwqSszConfig
 from msmodelslim.processor.flex_smooth_quant import processor as _flex  # noqa: F401 - registers "flex_smooth_quant"
 from msmodelslim.processor.flex_smooth_quant.config import FlexSmoothQuantConfig
+from msmodelslim.processor.flatquant import processor as _flatquant  # noqa: F401 - registers "flatquant"
+from msmodelslim.processor.flatquant.config import FlatQuantConfig
 from msmodelslim.processor.float_sparse import processor as _float_sparse  # noqa: F401 - registers "float_sparse"
 from msmodelslim.processor.float_sparse.config import FloatSparseConfig
 from msmodelslim.processor.group import processor as _group  # noqa: F401 - registers "group"
@@ -38,7 +40,7 @@ from msmodelslim.processor.svd_res.config import SvdResConfig
 ProcessorConfig = Annotated[
     Union[LinearQuantConfig, GroupConfig, SmoothQuantConfig, IterSmoothConfig, FlexSmoothQuantConfig, QuaRotConfig,
           FlexAwqSszConfig, AwqConfig, AutoRoundQuantConfig, FloatSparseConfig, DynamicCacheConfig, KVSmoothConfig,
-          FA3QuantConfig, SvdResConfig, AdaptRotationConfig],
+          FA3QuantConfig, SvdResConfig, AdaptRotationConfig, FlatQuantConfig],
     Field(discriminator="type"),
 ]
 GroupConfig.model_rebuild(_types_namespace={"ProcessorConfig": ProcessorConfig})

@@ -20,10 +20,11 @@ from msmodelslim.format.ascendv1.reader import (GLOBAL_KEYS, attention_entry, qu
 from msmodelslim.format.ascendv1.fa3 import check_fa3
 from msmodelslim.format.ascendv1.kv_cache import check_kv_cache
 from msmodelslim.format.ascendv1.rotation_check import check_online_rotations, rotation_tensor_names
-from msmodelslim.format.ascendv1.tensors import (FLOAT, decode_deq_scale, split_svd_tag, unpack_int4_int32,
-                                                 unpack_int4_rows)
+from msmodelslim.format.ascendv1.tensors import (FLOAT, decode_deq_scale, split_flat_tag, split_svd_tag,
+                                                 unpack_int4_int32, unpack_int4_rows)
 from msmodelslim.format.findings import Finding
 from msmodelslim.format.integrity import read_checked_tensors
+from msmodelslim.ir.flat_transform import CLIP_RATIO, FLAT_TENSORS, LEFT_TRANS, RIGHT_TRANS, check_flat_transform
 from msmodelslim.ir.lowrank import LOWRANK_L1, LOWRANK_L2
 from msmodelslim.model.moe import expert_of
 from msmodelslim.quantizer.primitives import all_finite
@@ -96,8 +97,36 @@ def _check_lowrank(prefix: str, inner: str, t: dict[str, torch.Tensor]) -> list[
     return f
 
 
+def _check_flat_transform(prefix: str, t: dict[str, torch.Tensor], in_features: int | None) -> list[Finding]:
+    """FlatQuant's tensors (formats.md A.4.8): left_trans [a, a] and right_trans [b, b] float with (a, b) the factor
+    pair of K closest to its square root (vLLM-Ascend's loader derives it so), invertible; clip_ratio float32 [1]
+    in (0, 1] (the kernel takes it as the ratio itself)."""
+    missing = [s for s in FLAT_TENSORS if s not in t]
+    if missing:
+        return [Finding("error", f"{prefix}: W4A4_FLATQUANT_DYNAMIC needs tensor(s) {', '.join(map(repr, missing))}")]
+    f = [Finding("error", f"{prefix}: '{s}' must be a float tensor, got {t[s].dtype}")
+         for s in (LEFT_TRANS, RIGHT_TRANS) if t[s].dtype not in FLOAT_WEIGHT_DTYPES]
+    if t[CLIP_RATIO].dtype != torch.float32:
+        f.append(Finding("error", f"{prefix}: '{CLIP_RATIO}' is {t[CLIP_RATIO].dtype}, expected torch.float32"))
+    if f or in_features is None:
+        return f
+    try:
+        check_flat_transform({name: t[name].float() for name in FLAT_TENSORS}, in_features)
+    except ValueError as exc:
+        f.append(Finding("error", f"{prefix}: {exc}"))
+    return f
+
+
 def _check_linear(prefix: str, tag: str, t: dict[str, torch.Tensor], model_dtype: str | None,
                   is_expert: bool = False) -> list[Finding]:
+    inner, flat = split_flat_tag(tag)
+    if flat:  # the inner type's checks on its own tensors, then the transform's
+        if inner != "W4A4_DYNAMIC":
+            return [Finding("error", f"{prefix}: unknown type {tag!r} (FlatQuant is read for W4A4_DYNAMIC only)")]
+        own = {k: v for k, v in t.items() if k not in FLAT_TENSORS}
+        shape = _layer_shape(inner, own)
+        return (_check_linear(prefix, inner, own, model_dtype, is_expert)
+                + _check_flat_transform(prefix, t, None if shape is None else shape[1]))
     inner, lowrank = split_svd_tag(tag)
     if lowrank:  # the inner type's checks, the pair's, and: no engine loads it (formats.md A.4.10)
         found = _check_linear(prefix, inner, t, model_dtype, is_expert) + _check_lowrank(prefix, inner, t)
@@ -343,7 +372,7 @@ def check_described_tensors(path: Path, description: dict, model_dtype: str | No
     in_features = {}
     for prefix, own in tensors_by_layer(tensors, layers).items():
         findings.extend(_check_linear(prefix, layers[prefix], own, model_dtype, expert_of(prefix) is not None))
-        shape = _layer_shape(split_svd_tag(layers[prefix])[0], own)
+        shape = _layer_shape(split_flat_tag(split_svd_tag(layers[prefix])[0])[0], own)
         in_features[prefix] = None if shape is None else shape[1]
     findings.extend(check_online_rotations(description, tensors, in_features))
     findings.extend(check_moe_experts(description))
@@ -380,4 +409,8 @@ def check_described_tensors(path: Path, description: dict, model_dtype: str | No
             scales = [tensors.get(f"{m}.input_scale") for m in members]
             if all(s is not None for s in scales) and not all(torch.equal(scales[0], s) for s in scales[1:]):
                 err(f"fused layers {members} have different input_scale; the engine keeps only the last")
+            for name in FLAT_TENSORS:  # one transform per fused layer in the engine (FlatQuant, formats.md A.4.8)
+                shared = [tensors.get(f"{m}.{name}") for m in members]
+                if all(s is not None for s in shared) and not all(torch.equal(shared[0], s) for s in shared[1:]):
+                    err(f"fused layers {members} have different {name}; the engine keeps one for all of them")
     return findings

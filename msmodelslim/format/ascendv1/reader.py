@@ -15,7 +15,8 @@ from msmodelslim.core.logging import get_logger
 from msmodelslim.format.ascendv1.fa3 import (FA_QUANT, STATIC_TOKEN, dynamic_fa3_branches, fa3_by_attention,
                                              fa3_from_tensors, fa3_quant_types)
 from msmodelslim.format.ascendv1.kv_cache import C8, kv_cache_by_attention, kv_cache_from_tensors
-from msmodelslim.format.ascendv1.tensors import FLOAT, REQUIRED_SUFFIXES, TAG_ALIASES, linear_from_tensors, svd_tag
+from msmodelslim.format.ascendv1.tensors import (FLOAT, REQUIRED_SUFFIXES, TAG_ALIASES, flat_tag, linear_from_tensors,
+                                                svd_tag)
 from msmodelslim.format.ascendv1.writer import DESCRIPTION
 from msmodelslim.format.read_back import empty_model, load_float_tensors, read_tensors, tensor_names
 from msmodelslim.format.staging import incomplete_reason
@@ -85,7 +86,8 @@ def other_layout_hint(path: Path) -> str:
 
 
 QUANTIZED_TAGS = (*(s.value for s in Scheme if s.value in REQUIRED_SUFFIXES), *TAG_ALIASES)  # not W4A16_NVFP4
-READABLE_TAGS = (FLOAT, *QUANTIZED_TAGS, *(svd_tag(t) for t in QUANTIZED_TAGS), W16A16S, C8, FA_QUANT)
+READABLE_TAGS = (FLOAT, *QUANTIZED_TAGS, *(svd_tag(t) for t in QUANTIZED_TAGS), flat_tag(Scheme.W4A4_DYNAMIC.value),
+                 W16A16S, C8, FA_QUANT)
 
 
 def validate_description(path: Path, description: dict) -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from msmodelslim.ir.flat_transform import (CLIP_RATIO, FLAT_TENSORS, LEFT_TRANS, RIGHT_TRANS, check_flat_transform,
+                                           flat_transform)
 from msmodelslim.ir.lowrank import LOWRANK_L1, LOWRANK_L2, check_lowrank_pair
 from msmodelslim.ir.online_rotation import ROTATION_TENSORS, check_rotation, input_rotation
 from msmodelslim.ir.quant_linear import CODE_DTYPE, DUAL_SCALE, MX_SCHEMES, QuantLinear
@@ -22,6 +24,21 @@ def svd_tag(tag: str) -> str:
     """`X_DYNAMIC` -> `X_SVD_DYNAMIC`, any other `X` -> `X_SVD` (e.g. W4A4_MXFP4_SVD), as the established writer
     renames the type of a linear that holds svd_lowrank_l1/l2."""
     return tag[: -len("_DYNAMIC")] + "_SVD_DYNAMIC" if tag.endswith("_DYNAMIC") else tag + "_SVD"
+
+
+def flat_tag(tag: str) -> str:
+    """`X_DYNAMIC` -> `X_FLATQUANT_DYNAMIC`, any other `X` -> `X_FLATQUANT` (formats.md A.4.8): the type of a linear
+    behind FlatQuant's transform (left_trans, right_trans, clip_ratio beside its own tensors)."""
+    return tag[: -len("_DYNAMIC")] + "_FLATQUANT_DYNAMIC" if tag.endswith("_DYNAMIC") else tag + "_FLATQUANT"
+
+
+def split_flat_tag(tag: str) -> tuple[str, bool]:
+    """(inner type, whether the layer carries FlatQuant's transform): the inverse of `flat_tag`."""
+    if tag.endswith("_FLATQUANT_DYNAMIC"):
+        return tag[: -len("_FLATQUANT_DYNAMIC")] + "_DYNAMIC", True
+    if tag.endswith("_FLATQUANT"):
+        return tag[: -len("_FLATQUANT")], True
+    return tag, False
 
 
 def split_svd_tag(tag: str) -> tuple[str, bool]:
@@ -151,6 +168,15 @@ def linear_tensors(ir: QuantLinear, model_dtype: torch.dtype,
         out[LOWRANK_L2] = (ir.svd_lowrank_l2.to(model_dtype), FLOAT)
     for suffix, matrix in input_rotation(ir).items():  # float32, without a description entry (protocol.md §4.4)
         out[suffix] = (matrix.float().contiguous(), None)
+    flat = flat_transform(ir)
+    # formats.md A.4.8: the layer's tensors get the _FLATQUANT type (a float bias stays FLOAT); L and R are written
+    # in the model's dtype, in which the engine holds them
+    if flat:
+        out = {suffix: (tensor, t if t == FLOAT else flat_tag(t)) for suffix, (tensor, t) in out.items()}
+        tag = flat_tag(ir.scheme.value)
+        out[LEFT_TRANS] = (flat[LEFT_TRANS].to(model_dtype).contiguous(), tag)
+        out[RIGHT_TRANS] = (flat[RIGHT_TRANS].to(model_dtype).contiguous(), tag)
+        out[CLIP_RATIO] = (flat[CLIP_RATIO].float().reshape(1), tag)
     return out
 
 
@@ -187,6 +213,9 @@ REQUIRED_SUFFIXES.update({alias: REQUIRED_SUFFIXES[tag] for alias, tag in TAG_AL
 # Every quantized type with the low-rank pair (W16A16S is a float layer: no SVD variant).
 REQUIRED_SUFFIXES.update({svd_tag(tag): needed | {LOWRANK_L1, LOWRANK_L2}
                           for tag, needed in list(REQUIRED_SUFFIXES.items()) if tag != W16A16S})
+# FlatQuant: the int4 dynamic type behind the transform (W4A4_MXFP4_FLATQUANT is not implemented).
+REQUIRED_SUFFIXES[flat_tag(Scheme.W4A4_DYNAMIC.value)] = (REQUIRED_SUFFIXES[Scheme.W4A4_DYNAMIC.value]
+                                                           | set(FLAT_TENSORS))
 
 
 def linear_from_tensors(tag: str, t: dict[str, torch.Tensor]) -> QuantLinear | SparseFloatLinear:
@@ -195,6 +224,14 @@ def linear_from_tensors(tag: str, t: dict[str, torch.Tensor]) -> QuantLinear | S
     if tag == W16A16S:
         bias = t.get("bias")
         return SparseFloatLinear(t["weight"].float(), None if bias is None else bias.float())
+    inner, flat = split_flat_tag(tag)
+    if flat:  # the inner type's layer behind the transform
+        ir = _linear_from_own_tensors(inner, t)
+        transform = {name: t[name].float() for name in FLAT_TENSORS}
+        check_flat_transform(transform, ir.in_features)
+        ir.left_trans, ir.right_trans = transform[LEFT_TRANS], transform[RIGHT_TRANS]
+        ir.clip_ratio = transform[CLIP_RATIO].reshape(1)
+        return ir
     inner, lowrank = split_svd_tag(tag)
     if lowrank:  # the inner type's layer, computing the float low-rank branch on top
         ir = linear_from_tensors(inner, t)

@@ -67,7 +67,10 @@ class CompressedTensorsWriter:
                                       "attention kernel (FA3); save with ascendv1_saver, or remove fa3_quant",
                          "svd_res": "vLLM has no compressed-tensors scheme for a quantized layer plus a float low-rank "
                                     "branch (SVDQuant's svd_lowrank_l1/l2), and compressed-tensors no such tensors; "
-                                    "save with ascendv1_saver, or remove svd_res"}
+                                    "save with ascendv1_saver, or remove svd_res",
+                         "flatquant": "vLLM has no compressed-tensors scheme that applies FlatQuant's per-layer "
+                                      "Kronecker transform and clip ratio to the input at run time; save with "
+                                      "ascendv1_saver, or remove flatquant"}
 
     # quarot with online: true (checked by app/quantize_checks.py beside UNSUPPORTED_STEPS).
     UNSUPPORTED_ONLINE_ROTATION = ("vLLM's compressed-tensors schemes do not rotate a layer's input at run time with "

@@ -23,6 +23,7 @@ from torch import nn
 from msmodelslim.core.errors import ProcessingError
 from msmodelslim.core.logging import get_logger
 from msmodelslim.ir.lowrank import LowRankResidualLinear
+from msmodelslim.ir.flat_transform import flat_transform
 from msmodelslim.ir.online_rotation import input_rotation
 from msmodelslim.ir.non_fusion_smooth import pattern_name
 from msmodelslim.ir.quant_linear import QuantLinear, run_time_input_quantizer
@@ -156,7 +157,7 @@ def linear_to_ir(linear: nn.Linear, config: LinearQuantConfig, record: Optional[
     lowrank = (linear.svd_lowrank_l1, linear.svd_lowrank_l2) if split else (None, None)
     return QuantLinear(q.scheme, qweight, scale, offset, bias, input_scale, input_offset, *lowrank, weight_dual_scale=dual,
                        weight_global_scale=weight_global, input_global_scale=input_global,
-                       rotation=input_rotation(linear))
+                       rotation=input_rotation(linear), flat=flat_transform(linear))
 
 
 def minmax_fallback_ir(linear: nn.Linear, config: LinearQuantConfig) -> QuantLinear:
