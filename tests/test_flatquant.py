@@ -8,7 +8,6 @@ import torch
 import yaml
 
 from helpers import SCHEMES, run_quant, saved_tensors, small_calib, write_pipeline
-from msmodelslim.core.errors import ConfigError
 from msmodelslim.format.ascendv1.checker import check_ascendv1
 from msmodelslim.format.ascendv1.reader import load_ascendv1
 from msmodelslim.ir.flat_transform import (CLIP_RATIO, LEFT_TRANS, RIGHT_TRANS, attach_flat_transform,
