@@ -237,6 +237,15 @@ def test_the_checker_names_fused_layers_with_different_transforms_and_bad_shapes
     assert any("down_proj: clip_ratio must be one value in (0, 1]" in e for e in errors)
 
 
+def test_routed_experts_are_refused_by_name_before_any_weight_is_read(tiny_qwen3_moe, tmp_path):
+    from msmodelslim.core.errors import ConfigError
+
+    config = write_pipeline(tmp_path / "moe.yaml", FLAT_STEPS, dataset=small_calib(tmp_path))
+    with pytest.raises(ConfigError, match=r"flatquant selects model\.layers\.0\.mlp\.experts\.0\.\w+, a routed expert"):
+        run_quant(tiny_qwen3_moe, tmp_path / "out", config, model_type="Qwen3-30B-A3B")
+    assert not (tmp_path / "out").exists()
+
+
 def test_converting_a_flatquant_checkpoint_to_compressed_tensors_is_refused(flat_run, tmp_path):
     from msmodelslim.app.convert import convert_ascendv1_to_compressed_tensors
     from msmodelslim.core.errors import UnsupportedError
@@ -247,11 +256,15 @@ def test_converting_a_flatquant_checkpoint_to_compressed_tensors_is_refused(flat
     assert not (tmp_path / "ct").exists()
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3_bf16_tied"])
-def test_other_families_read_back_equal_in_both_readers(family, request, tmp_path):
+GPTQ_W4A4 = {**SCHEMES["w4a4_dynamic"], "weight": {**SCHEMES["w4a4_dynamic"]["weight"], "method": "gptq"}}
+
+
+@pytest.mark.parametrize("family,weights", [("qwen2", "minmax"), ("qwen3_bf16_tied", "minmax"), ("llama", "gptq")])
+def test_other_families_and_gptq_read_back_equal_in_both_readers(family, weights, request, tmp_path):
     source = request.getfixturevalue(f"tiny_{family}")
-    model_type = {"qwen2": "Qwen2.5-7B-Instruct", "qwen3_bf16_tied": "Qwen3-8B"}[family]
-    config = write_pipeline(tmp_path / "flat.yaml", FLAT_STEPS, dataset=small_calib(tmp_path))
+    model_type = {"qwen2": "Qwen2.5-7B-Instruct", "qwen3_bf16_tied": "Qwen3-8B", "llama": "Llama-2-7B"}[family]
+    steps = FLAT_STEPS if weights == "minmax" else [FLAT_STEPS[0], {**FLAT_STEPS[1], "qconfig": GPTQ_W4A4}]
+    config = write_pipeline(tmp_path / "flat.yaml", steps, dataset=small_calib(tmp_path))
     out = tmp_path / "out"
     run_quant(source, out, config, model_type=model_type)
     tensors = saved_tensors(out)

@@ -89,9 +89,14 @@ def _mark_flat_transforms(configs, plan: dict[str, str], names: list[str], outsi
     for i, step in enumerate(steps):
         if step.type != "flatquant":
             continue
+        experts = routed_expert_linears(model)
         for name in select(names, step.include, step.exclude):
             if name in outside:
                 continue
+            if name in experts:
+                raise ConfigError(f"flatquant selects {name}, a routed expert: FlatQuant is implemented for dense "
+                                  f"linears (the engine's fused MoE kernels take no transform); add the experts to "
+                                  f"flatquant's exclude, e.g. \"*experts*\"")
             in_features = model.get_submodule(name).in_features
             if in_features % 4 == 2:
                 raise ConfigError(f"flatquant cannot transform layer {name}: its input size {in_features} has no "
