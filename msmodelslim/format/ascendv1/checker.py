@@ -99,8 +99,8 @@ def _check_lowrank(prefix: str, inner: str, t: dict[str, torch.Tensor]) -> list[
 
 def _check_flat_transform(prefix: str, t: dict[str, torch.Tensor], in_features: int | None) -> list[Finding]:
     """FlatQuant's tensors (formats.md A.4.8): left_trans [a, a] and right_trans [b, b] float with (a, b) the factor
-    pair of K closest to its square root (vLLM-Ascend's loader derives it so), invertible; clip_ratio float32 [1]
-    in (0, 1] (the kernel takes it as the ratio itself)."""
+    pair of K that vLLM-Ascend's loader derives (ir/flat_transform.decompose_dim), invertible; clip_ratio float32
+    [1] in (0, 1] (the kernel takes it as the ratio itself)."""
     missing = [s for s in FLAT_TENSORS if s not in t]
     if missing:
         return [Finding("error", f"{prefix}: W4A4_FLATQUANT_DYNAMIC needs tensor(s) {', '.join(map(repr, missing))}")]
