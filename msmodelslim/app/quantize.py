@@ -46,6 +46,7 @@ from msmodelslim.core.resume import (BlockCheckpoints, CheckpointSchedule, Finge
                                      read_checkpoint)
 from msmodelslim.core.runner import RunStats, run_blocks
 from msmodelslim.core.vlm_dataset import MEDIA, CalibrationData, load_vlm_samples
+from msmodelslim.format.ascendv1.tensors import split_flat_tag
 from msmodelslim.format.disk_space import check_free_space, estimate_output_bytes, receiving_directory
 from msmodelslim.format.integrity import required_tensors
 from msmodelslim.format.fan_out import SUBFOLDERS, FanOutWriter
@@ -379,6 +380,9 @@ def quantize(request: QuantizeRequest) -> QuantizeReport:
         log.info("calibration stopped early (spec.calibration): the last block was calibrated on %d of the %d batches",
                  stats.last_block_batches, stats.calibration_batches)
     if report.description:
-        log.info("saved %s (%s) in %.1f s, peak RSS %.0f MiB (largest rank)", request.save_path,
-                 report.description["model_quant_type"], report.seconds, report.peak_rss_mib)
+        # FlatQuant's types never set model_quant_type (formats.md A.2): named beside it, or a W4A4 model reads FLOAT
+        unranked = sorted({t for t in report.description.values() if isinstance(t, str) and split_flat_tag(t)[1]})
+        kind = report.description["model_quant_type"] + "".join(f", {t} layers" for t in unranked)
+        log.info("saved %s (%s) in %.1f s, peak RSS %.0f MiB (largest rank)", request.save_path, kind,
+                 report.seconds, report.peak_rss_mib)
     return report
