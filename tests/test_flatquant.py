@@ -279,11 +279,12 @@ def test_other_families_and_gptq_read_back_equal_in_both_readers(family, weights
     assert torch.allclose(ours, reference, atol=2e-3 * float(reference.abs().max()))
 
 
-def test_training_is_deterministic(flat_run, tmp_path):
+def test_training_is_deterministic(flat_run, tmp_path, log_lines):
     source, out = flat_run
     config = write_pipeline(tmp_path / "flat.yaml", FLAT_STEPS, dataset=small_calib(tmp_path))
     again = tmp_path / "again"
     run_quant(source, again, config)
+    assert any("(FLOAT, W4A4_FLATQUANT_DYNAMIC layers)" in line for line in log_lines)
     first, second = saved_tensors(out), saved_tensors(again)
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
