@@ -19,35 +19,40 @@ from msmodelslim.quantizer.scheme import Scheme
 FLOAT = "FLOAT"
 
 
-# ---- SVDQuant tags (formats.md A.4.4): the inner type of a layer with a low-rank pair gets `_SVD` ----------------
-def svd_tag(tag: str) -> str:
-    """`X_DYNAMIC` -> `X_SVD_DYNAMIC`, any other `X` -> `X_SVD` (e.g. W4A4_MXFP4_SVD), as the established writer
-    renames the type of a linear that holds svd_lowrank_l1/l2."""
-    return tag[: -len("_DYNAMIC")] + "_SVD_DYNAMIC" if tag.endswith("_DYNAMIC") else tag + "_SVD"
+# ---- Derived tags: the established writer renames the type of a layer that carries extra tensors, `X_DYNAMIC` ->
+# `X_<MARK>_DYNAMIC` and any other `X` -> `X_<MARK>`: SVDQuant's low-rank pair (formats.md A.4.4) and FlatQuant's
+# transform (A.4.8) ----------------------------------------------------------------------------------------------
+def _marked(tag: str, mark: str) -> str:
+    return tag[: -len("_DYNAMIC")] + f"_{mark}_DYNAMIC" if tag.endswith("_DYNAMIC") else f"{tag}_{mark}"
 
 
-def flat_tag(tag: str) -> str:
-    """`X_DYNAMIC` -> `X_FLATQUANT_DYNAMIC`, any other `X` -> `X_FLATQUANT` (formats.md A.4.8): the type of a linear
-    behind FlatQuant's transform (left_trans, right_trans, clip_ratio beside its own tensors)."""
-    return tag[: -len("_DYNAMIC")] + "_FLATQUANT_DYNAMIC" if tag.endswith("_DYNAMIC") else tag + "_FLATQUANT"
-
-
-def split_flat_tag(tag: str) -> tuple[str, bool]:
-    """(inner type, whether the layer carries FlatQuant's transform): the inverse of `flat_tag`."""
-    if tag.endswith("_FLATQUANT_DYNAMIC"):
-        return tag[: -len("_FLATQUANT_DYNAMIC")] + "_DYNAMIC", True
-    if tag.endswith("_FLATQUANT"):
-        return tag[: -len("_FLATQUANT")], True
+def _split_marked(tag: str, mark: str) -> tuple[str, bool]:
+    if tag.endswith(f"_{mark}_DYNAMIC"):
+        return tag[: -len(f"_{mark}_DYNAMIC")] + "_DYNAMIC", True
+    if tag.endswith(f"_{mark}"):
+        return tag[: -len(f"_{mark}")], True
     return tag, False
+
+
+def svd_tag(tag: str) -> str:
+    """The type of a linear that holds svd_lowrank_l1/l2 (e.g. W4A4_MXFP4_SVD, W8A8_SVD_DYNAMIC)."""
+    return _marked(tag, "SVD")
 
 
 def split_svd_tag(tag: str) -> tuple[str, bool]:
     """(inner type, whether the layer carries the low-rank pair): the inverse of `svd_tag`."""
-    if tag.endswith("_SVD_DYNAMIC"):
-        return tag[: -len("_SVD_DYNAMIC")] + "_DYNAMIC", True
-    if tag.endswith("_SVD"):
-        return tag[: -len("_SVD")], True
-    return tag, False
+    return _split_marked(tag, "SVD")
+
+
+def flat_tag(tag: str) -> str:
+    """The type of a linear behind FlatQuant's transform (W4A4_FLATQUANT_DYNAMIC: left_trans, right_trans and
+    clip_ratio beside its own tensors)."""
+    return _marked(tag, "FLATQUANT")
+
+
+def split_flat_tag(tag: str) -> tuple[str, bool]:
+    """(inner type, whether the layer carries FlatQuant's transform): the inverse of `flat_tag`."""
+    return _split_marked(tag, "FLATQUANT")
 
 
 # ---- int4 packing ------------------------------------------------------------------------------------------
