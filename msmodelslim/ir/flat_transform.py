@@ -18,6 +18,9 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from msmodelslim.ir.online_rotation import kronecker_input
+from msmodelslim.quantizer.primitives import per_token_codes
+
 LEFT_TRANS = "left_trans"
 RIGHT_TRANS = "right_trans"
 CLIP_RATIO = "clip_ratio"
@@ -43,10 +46,8 @@ def decompose_dim(n: int) -> tuple[int, int]:
 
 
 def transform_input(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """Lᵀ·X·R for every token X [a, b] of x (last dimension a·b); differentiable in all three."""
-    shape = x.shape
-    grid = x.reshape(-1, left.shape[0], right.shape[0])
-    return torch.matmul(left.T, torch.matmul(grid, right)).reshape(shape)
+    """Lᵀ·X·R for every token X [a, b] of x: the Kronecker product QuaRot's online rotation computes too."""
+    return kronecker_input(x, left, right)
 
 
 def transform_weight(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
@@ -57,9 +58,8 @@ def transform_weight(weight: torch.Tensor, left: torch.Tensor, right: torch.Tens
 def clipped_per_token_int4(x: torch.Tensor, clip_ratio: torch.Tensor) -> torch.Tensor:
     """What aclnnFlatQuant does to the transformed input: s_t = max|x_t|·c / 7, codes clamp(round(x / s_t), −8, 7),
     returned dequantized (codes · s_t) in float32."""
-    x32 = x.float()
-    scale = (x32.abs().amax(dim=-1, keepdim=True) * clip_ratio.float() / 7).clamp_(min=torch.finfo(torch.float32).tiny)
-    return x32.div(scale).round_().clamp_(-8, 7).mul_(scale)
+    codes, scale = per_token_codes(x, 4, clip_ratio)
+    return codes.mul_(scale)
 
 
 def check_flat_transform(transform: Mapping[str, torch.Tensor], in_features: int) -> None:

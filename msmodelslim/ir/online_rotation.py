@@ -32,6 +32,14 @@ ROTATION_TENSORS = (HEADS_ROTATION, KRONECKER_M, KRONECKER_N)
 ORTHOGONALITY_TOLERANCE = 1e-4  # max |R·Rᵀ − I| of a float32 rotation
 
 
+def kronecker_input(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """Lᵀ·X·R for every row X [a, b] of x (last dimension a·b), i.e. x·(L ⊗ R): QuaRot's Kronecker rotation and
+    FlatQuant's transform alike; differentiable in all three."""
+    shape = x.shape
+    grid = x.reshape(-1, left.shape[0], right.shape[0])
+    return torch.matmul(left.T, torch.matmul(grid, right)).reshape(shape)
+
+
 def rotate_input(x: torch.Tensor, rotation: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """T·x over the last dimension of x (rows of a weight alike); x unchanged when `rotation` is empty."""
     if not rotation:
@@ -41,9 +49,7 @@ def rotate_input(x: torch.Tensor, rotation: Mapping[str, torch.Tensor]) -> torch
         r = rotation[HEADS_ROTATION].to(x.dtype)
         heads = x.reshape(-1, r.shape[0], shape[-1] // r.shape[0])
         return torch.matmul(r.T, heads).reshape(shape)
-    r_m, r_n = rotation[KRONECKER_M].to(x.dtype), rotation[KRONECKER_N].to(x.dtype)
-    grid = x.reshape(-1, r_m.shape[0], r_n.shape[0])
-    return torch.matmul(r_m.T, torch.matmul(grid, r_n)).reshape(shape)
+    return kronecker_input(x, rotation[KRONECKER_M].to(x.dtype), rotation[KRONECKER_N].to(x.dtype))
 
 
 def inverse(rotation: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 import torch
 
-from msmodelslim.quantizer.primitives import int_range, scale_offset_from_minmax, to_groups
+from msmodelslim.quantizer.primitives import int_range, round_ste, scale_offset_from_minmax, to_groups
 
 
 @dataclass(frozen=True)
@@ -33,10 +33,6 @@ class AutoRoundSettings:
     tune_rounding: bool = True
     tune_range: bool = True
     scale_dtype: torch.dtype = torch.bfloat16
-
-
-def _round_ste(x: torch.Tensor) -> torch.Tensor:
-    return x + (torch.round(x) - x).detach()
 
 
 def _qparams(lo, hi, a, b, bits, symmetric, scale_dtype):
@@ -51,7 +47,7 @@ def fake_quantize_groups(groups, v, a, b, bits, symmetric, scale_dtype):
     qmin, qmax = int_range(bits)
     lo, hi = groups.amin(-1), groups.amax(-1)
     scale, offset = _qparams(lo, hi, a, b, bits, symmetric, scale_dtype)
-    q = torch.clamp(_round_ste(groups / scale.unsqueeze(-1) + v) + offset.unsqueeze(-1), qmin, qmax)
+    q = torch.clamp(round_ste(groups / scale.unsqueeze(-1) + v) + offset.unsqueeze(-1), qmin, qmax)
     return (q - offset.unsqueeze(-1)) * scale.unsqueeze(-1)
 
 

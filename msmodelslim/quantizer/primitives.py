@@ -137,14 +137,24 @@ def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, offset: torch.
     return dequantize(groups, scale.unsqueeze(-1), offset.unsqueeze(-1)).reshape(out_features, in_features)
 
 
-def per_token_codes(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric dynamic per-token quantization as the kernels do it at run time: s_t = max|x_t| / qmax and
-    codes clamp(round(x / s_t)), returned as (float32 integer codes, float32 scales [..., 1]). Four passes over x;
-    abs().amax because torch's vector_norm(ord=inf) gives the same max 6x slower on CPU (measured, 512 x 1536)."""
+def per_token_codes(x: torch.Tensor, bits: int,
+                    clip_ratio: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric dynamic per-token quantization as the kernels do it at run time: s_t = max|x_t| / qmax (times
+    `clip_ratio` when given: FlatQuant's clipped range) and codes clamp(round(x / s_t)), returned as (float32
+    integer codes, float32 scales [..., 1]). Four passes over x; abs().amax because torch's vector_norm(ord=inf)
+    gives the same max 6x slower on CPU (measured, 512 x 1536)."""
     qmin, qmax = int_range(bits)
     x32 = x.float()
-    scale = (x32.abs().amax(dim=-1, keepdim=True) / qmax).clamp_(min=torch.finfo(torch.float32).tiny)
+    amax = x32.abs().amax(dim=-1, keepdim=True)
+    if clip_ratio is not None:
+        amax = amax * clip_ratio.float()
+    scale = (amax / qmax).clamp_(min=torch.finfo(torch.float32).tiny)
     return x32.div(scale).round_().clamp_(qmin, qmax), scale
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) forward, the identity's gradient backward (the straight-through estimator of learned rounding)."""
+    return x + (torch.round(x) - x).detach()
 
 
 def quantize_per_token_dynamic(x: torch.Tensor, bits: int) -> torch.Tensor:

@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 
 from msmodelslim.ir.flat_transform import CLIP_RATIO, LEFT_TRANS, RIGHT_TRANS, decompose_dim, transform_input
+from msmodelslim.quantizer.primitives import round_ste
 
 TINY = torch.finfo(torch.float32).tiny
 
@@ -27,10 +28,6 @@ def random_orthogonal(size: int, generator: torch.Generator) -> torch.Tensor:
     """A Haar-random orthogonal matrix (QR of a Gaussian, signs fixed by R's diagonal), float32: FlatQuant's start."""
     q, r = torch.linalg.qr(torch.randn(size, size, generator=generator, dtype=torch.float64))
     return (q * torch.sign(torch.diagonal(r))).float()
-
-
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    return x + (x.round() - x).detach()
 
 
 def fake_quant_tokens(x: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
