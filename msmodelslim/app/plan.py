@@ -81,7 +81,8 @@ def _mark_svd_splits(configs, plan: dict[str, str], names: list[str], outside: s
             log.warning("pattern %r of an svd_res step matches no linear layer", pattern)
 
 
-def _mark_flat_transforms(configs, plan: dict[str, str], names: list[str], outside: set[str], model: nn.Module) -> None:
+def _mark_flat_transforms(configs, plan: dict[str, str], names: list[str], outside: set[str], model: nn.Module,
+                          experts: dict[str, tuple[str, int]]) -> None:
     """A linear that a flatquant step selects is written with the _FLATQUANT variant of its type (formats.md
     A.4.8). Only W4A4_DYNAMIC behind it is implemented (per-channel int4 weights, per-token int4 activations, as
     the training assumes): anything else, a float layer included, is refused here, before any weight is read."""
@@ -89,7 +90,6 @@ def _mark_flat_transforms(configs, plan: dict[str, str], names: list[str], outsi
     for i, step in enumerate(steps):
         if step.type != "flatquant":
             continue
-        experts = routed_expert_linears(model)
         for name in select(names, step.include, step.exclude):
             if name in outside:
                 continue
@@ -174,7 +174,7 @@ def plan_layers(config: PracticeConfig, processors: list[Processor], model: nn.M
     if len(group_sizes) > 1:
         raise ConfigError(f"ascendv1 stores one group_size per model, but the config uses {sorted(group_sizes)}")
     _mark_svd_splits(config.spec.process, plan, names, outside)
-    _mark_flat_transforms(config.spec.process, plan, names, outside, model)
+    _mark_flat_transforms(config.spec.process, plan, names, outside, model, experts)
     for rule in _sparse_rules(config.spec.process):  # its empty include means every decoder-layer linear
         include, exclude = rule.selection
         for name in select(names, include, exclude):
