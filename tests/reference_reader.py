@@ -125,6 +125,13 @@ def dequantized_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, di
                        "p2": t[f"{p}.right_trans"].float(), "clip": float(t[f"{p}.clip_ratio"].reshape(-1)[0])}
             used |= {f"{p}.{s}" for s in ("weight", "weight_scale", "weight_offset", "left_trans", "right_trans",
                                           "clip_ratio")}
+        elif tag == "W4A4_MXFP4_FLATQUANT":  # A.4.8 over A.4.10, as vLLM-Ascend's scheme of that name loads it
+            stored = t[f"{p}.weight"]
+            w = _fp4_values(stored) * _expand(_e8m0(t[f"{p}.weight_scale"]), stored.shape[1] * 2)
+            b = t.get(f"{p}.bias")
+            acts[p] = {"kind": "flatquant_mxfp4", "p1": t[f"{p}.left_trans"].float().t().contiguous(),
+                       "p2": t[f"{p}.right_trans"].float(), "clip": float(t[f"{p}.clip_ratio"].reshape(-1)[0])}
+            used |= {f"{p}.{s}" for s in ("weight", "weight_scale", "left_trans", "right_trans", "clip_ratio")}
         elif tag == "W4A8_DYNAMIC":
             q = _unpack_rows(t[f"{p}.weight"])
             w = q * t[f"{p}.weight_scale"].float()
@@ -400,6 +407,14 @@ def _kronecker_quant(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, clip: 
     return torch.clamp(torch.round(y / s), -8, 7) * s
 
 
+def _kronecker_quant_mxfp4(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, clip: float) -> torch.Tensor:
+    """The same with dst_dtype float4_e2m1: X'' clipped per token to ±clip·max|X''|, then MXFP4 per 32 values."""
+    tokens = x.reshape(-1, p1.shape[0], p2.shape[0])
+    y = torch.matmul(p1, torch.matmul(tokens, p2)).reshape(x.shape)
+    bound = y.abs().amax(dim=-1, keepdim=True) * clip
+    return _mx(torch.maximum(torch.minimum(y, bound), -bound), "e2m1")
+
+
 RUNTIME_QUANT = {"dynamic": _per_token_int8, "dynamic_int4": _per_token_int4, "dynamic_fp8": _per_token_fp8,
                  "dynamic_mxfp8": lambda x: _mx(x, "e4m3"), "dynamic_mxfp4": lambda x: _mx(x, "e2m1")}
 MX_ACT_KIND = {"W8A8_MXFP8": "dynamic_mxfp8", "W4A8_MXFP": "dynamic_mxfp8", "W4A4_MXFP4": "dynamic_mxfp4",
@@ -669,6 +684,8 @@ def load_reference_model(path: Path):
             quant = lambda x, d=info["dual_block"]: _mxfp4_dual(x, d)
         elif info["kind"] == "flatquant":
             quant = lambda x, i=info: _kronecker_quant(x, i["p1"], i["p2"], i["clip"])
+        elif info["kind"] == "flatquant_mxfp4":
+            quant = lambda x, i=info: _kronecker_quant_mxfp4(x, i["p1"], i["p2"], i["clip"])
         else:
             quant = RUNTIME_QUANT.get(info["kind"], lambda x: x)  # "float": a weight-only layer with a low-rank pair
         if "rotate" in info:  # the online rotation comes first; quantization and the low-rank branch read its output

@@ -11,7 +11,8 @@ from helpers import SCHEMES, run_quant, saved_tensors, small_calib, write_pipeli
 from msmodelslim.format.ascendv1.checker import check_ascendv1
 from msmodelslim.format.ascendv1.reader import load_ascendv1
 from msmodelslim.ir.flat_transform import (CLIP_RATIO, LEFT_TRANS, RIGHT_TRANS, attach_flat_transform,
-                                           clipped_per_token_int4, decompose_dim, transform_input, transform_weight)
+                                           clipped_per_token_int4, decompose_dim, flat_dims, transform_input,
+                                           transform_weight)
 from msmodelslim.processor.flatquant.train import FlatTrainLinear, GroupTransform, fake_quant_rows
 from reference_reader import load_reference_model
 
@@ -101,7 +102,7 @@ def test_a_transformed_linear_computes_the_same_in_float_and_its_hooks_see_the_t
 def test_the_trained_parameterisation_is_invertible_and_its_weight_rounding_is_min_max_of_the_clamped_weight():
     torch.manual_seed(0)
     linear = torch.nn.Linear(12, 6)
-    group = GroupTransform(12, torch.Generator().manual_seed(0), clip_init=4.0)
+    group = GroupTransform(flat_dims(12), torch.Generator().manual_seed(0), clip_init=4.0)
     with torch.no_grad():  # move away from the orthogonal start: the inverse must still be exact
         group.left.sigma.mul_(torch.tensor([0.5, 2.0]))
     wrapped = FlatTrainLinear(linear, group, clip_init=4.0)
@@ -256,6 +257,16 @@ def test_converting_a_flatquant_checkpoint_to_compressed_tensors_is_refused(flat
     assert not (tmp_path / "ct").exists()
 
 
+def assert_checked_and_both_readers_agree(out) -> None:
+    """The checker finds no error, and our reader's logits equal the reference reader's (the kernels' view)."""
+    assert [f for f in check_ascendv1(out) if f.level == "error"] == []
+    ids = torch.randint(0, 100, (1, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ours = load_ascendv1(out).eval()(ids).logits.float()
+        reference = load_reference_model(out).eval()(ids).logits.float()
+    assert torch.allclose(ours, reference, atol=2e-3 * float(reference.abs().max()))
+
+
 GPTQ_W4A4 = {**SCHEMES["w4a4_dynamic"], "weight": {**SCHEMES["w4a4_dynamic"]["weight"], "method": "gptq"}}
 
 
@@ -271,12 +282,7 @@ def test_other_families_and_gptq_read_back_equal_in_both_readers(family, weights
     dtype = json.loads((source / "config.json").read_text()).get("torch_dtype") or json.loads(
         (source / "config.json").read_text()).get("dtype")
     assert str(tensors["model.layers.0.mlp.down_proj.left_trans"].dtype) == f"torch.{dtype}"
-    assert [f for f in check_ascendv1(out) if f.level == "error"] == []
-    ids = torch.randint(0, 100, (1, 12), generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        ours = load_ascendv1(out).eval()(ids).logits.float()
-        reference = load_reference_model(out).eval()(ids).logits.float()
-    assert torch.allclose(ours, reference, atol=2e-3 * float(reference.abs().max()))
+    assert_checked_and_both_readers_agree(out)
 
 
 def test_training_is_deterministic(flat_run, tmp_path, log_lines):
@@ -302,8 +308,9 @@ ONLINE = {"type": "quarot", "online": True, "max_tp_size": 1}
       {"type": "linear_quant", "qconfig": SCHEMES["w8a8_dynamic"], "exclude": ["lm_head"]}], None, None,
      "a later rule makes it W8A8_DYNAMIC"),
     ([{"type": "flatquant", "exclude": ["lm_head"]},
-      {"type": "linear_quant", "qconfig": MXFP4_W4A4, "exclude": ["lm_head"]}], None, None,
-     "W4A4_MXFP4_FLATQUANT and float layers behind a transform are not implemented yet"),
+      {"type": "linear_quant", "qconfig": {side: {**MXFP4_W4A4[side], "dtype": "mxfp8"} for side in MXFP4_W4A4},
+       "exclude": ["lm_head"]}], None, None,
+     "a later rule makes it W8A8_MXFP8"),
     ([{"type": "flatquant", "exclude": ["lm_head"]},
       {"type": "linear_quant", "qconfig": SCHEMES["w4a4_dynamic"], "exclude": ["lm_head", "*down_proj"]}], None, None,
      "no later rule quantizes it"),
@@ -350,3 +357,133 @@ def test_batched_calibration_samples_are_split_into_steps_of_cali_bsz_sequences(
     assert third.kwargs["attention_mask"].shape == (4, 1, 3, 3)
     assert third.kwargs["position_embeddings"][0].shape == (1, 3, 4)  # broadcast over the batch: kept whole
     assert torch.equal(third.kwargs["cache_position"], torch.arange(3)) and third.kwargs["use_cache"] is False
+
+
+# ---- W4A4_MXFP4_FLATQUANT ------------------------------------------------------------------------------------
+def slow_mxfp4_pair(n: int, shards: int) -> tuple[int, int] | None:
+    """vLLM-Ascend's get_decompose_dim for the MXFP4 scheme, spelled out: p from ceil(sqrt n) up until p² − n is a
+    square q²; None where the loader raises (a side above 256)."""
+    p = 1
+    while p * p < n:
+        p += 1
+    while True:
+        q = 0
+        while q * q < p * p - n:
+            q += 1
+        if q * q == p * p - n:
+            break
+        p += 1
+    if p + q > 256:
+        return None
+    return (256, shards * n // 256) if (p - q) * shards > 256 else (p - q, p + q)
+
+
+@pytest.mark.parametrize("n", [64, 96, 576, 1536, 2048, 3072, 4096, 11008, 12288, 14336, 17408, 20480])
+def test_mxfp4_factor_pairs_follow_the_loader(n):
+    from msmodelslim.ir.flat_transform import mxfp4_decompose_dim
+
+    expected = slow_mxfp4_pair(n, 1)
+    if expected is None:
+        with pytest.raises(ValueError, match="above 256"):
+            mxfp4_decompose_dim(n)
+    else:
+        assert mxfp4_decompose_dim(n) == expected
+        assert flat_dims(n, mxfp4=True) == type(flat_dims(n))(*expected)
+    row = slow_mxfp4_pair(n // 4, 4)  # the loader: right side of K / max_supported_tp, left = K / right
+    if row is not None and n % row[1] == 0 and (n // row[1]) % 4 == 0:
+        dims = flat_dims(n, mxfp4=True, row_parallel=True)
+        assert (dims.left, dims.right, dims.left_blocks) == (n // row[1], row[1], 4)
+
+
+def test_clipped_mxfp4_equals_the_reference_kernel_and_the_training_fake_quant():
+    from msmodelslim.ir.flat_transform import clipped_mxfp4
+    from msmodelslim.processor.flatquant.train import fake_mxfp4_tokens
+    from reference_reader import _kronecker_quant_mxfp4
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 7, 96, generator=g) * torch.logspace(-2, 2, 96)
+    clip = torch.tensor([0.8])
+    eye_a, eye_b = torch.eye(8), torch.eye(12)
+    expected = _kronecker_quant_mxfp4(x, eye_a, eye_b, 0.8)
+    assert torch.equal(clipped_mxfp4(x, clip), expected)
+    assert torch.equal(fake_mxfp4_tokens(x, clip), expected)
+    assert not torch.equal(expected, clipped_mxfp4(x, torch.tensor([1.0])))  # the clip does act
+
+
+def test_the_mxfp4_weight_fake_quant_is_mxfp4_minmax_of_the_clamped_weight():
+    from msmodelslim.processor.flatquant.train import fake_mxfp4_rows
+    from msmodelslim.quantizer.float_formats import mx_dequantize, mx_quantize
+
+    w = torch.randn(6, 64, generator=torch.Generator().manual_seed(1))
+    clip = torch.linspace(0.6, 1.0, 6)
+    bound = w.abs().amax(dim=1, keepdim=True) * clip.reshape(-1, 1)
+    clamped = torch.maximum(torch.minimum(w, bound), -bound)
+    assert torch.equal(fake_mxfp4_rows(w, clip), mx_dequantize(*mx_quantize(clamped, "fp4_e2m1")))
+
+
+MXFP4_FLAT_STEPS = [FLAT_STEPS[0], {**FLAT_STEPS[1], "qconfig": MXFP4_W4A4}]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3_bf16_tied"])
+def test_mxfp4_flatquant_layout_checker_and_both_readers(family, request, tmp_path):
+    from msmodelslim.ir.flat_transform import is_block_diagonal
+
+    source = request.getfixturevalue(f"tiny_{family}")
+    model_type = {"qwen2": "Qwen2.5-7B-Instruct", "qwen3_bf16_tied": "Qwen3-8B", "llama": "Llama-2-7B"}[family]
+    config = write_pipeline(tmp_path / "flat.yaml", MXFP4_FLAT_STEPS, dataset=small_calib(tmp_path))
+    out = tmp_path / "out"
+    run_quant(source, out, config, model_type=model_type)
+    description = json.loads((out / "quant_model_description.json").read_text())
+    tensors = saved_tensors(out)
+    assert description["max_supported_tp"] == 4 and description["group_size"] == 32
+    layer = "model.layers.0"
+    for name, row_parallel in (("self_attn.q_proj", False), ("mlp.up_proj", False), ("self_attn.o_proj", True),
+                               ("mlp.down_proj", True)):
+        prefix = f"{layer}.{name}"
+        assert description[f"{prefix}.weight"] == "W4A4_MXFP4_FLATQUANT"
+        assert tensors[f"{prefix}.weight"].dtype == tensors[f"{prefix}.weight_scale"].dtype == torch.uint8
+        k = tensors[f"{prefix}.weight"].shape[1] * 2
+        dims = flat_dims(k, mxfp4=True, row_parallel=row_parallel)
+        assert tensors[f"{prefix}.left_trans"].shape == (dims.left, dims.left)
+        assert tensors[f"{prefix}.right_trans"].shape == (dims.right, dims.right)
+        assert is_block_diagonal(tensors[f"{prefix}.left_trans"], dims.left_blocks)
+        if row_parallel:  # the rank blocks are learned: not one block repeated, not the identity
+            left = tensors[f"{prefix}.left_trans"].float()
+            step = dims.left // dims.left_blocks
+            assert not torch.equal(left[:step, :step], left[step:2 * step, step:2 * step])
+    assert_checked_and_both_readers_agree(out)
+
+
+def test_the_checker_wants_row_parallel_mxfp4_transforms_block_diagonal(tiny_llama, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    config = write_pipeline(tmp_path / "flat.yaml", MXFP4_FLAT_STEPS, dataset=small_calib(tmp_path))
+    out = tmp_path / "out"
+    run_quant(tiny_llama, out, config)
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    for shard in bad.glob("*.safetensors"):
+        tensors = load_file(shard)
+        key = "model.layers.0.mlp.down_proj.left_trans"
+        if key in tensors:
+            tensors[key] = tensors[key] + 0.01 * torch.ones_like(tensors[key])
+            save_file(tensors, shard, metadata={"format": "pt"})
+    errors = [f.message for f in check_ascendv1(bad) if f.level == "error"]
+    assert any("down_proj: 'left_trans' has the row-parallel shape but is not block-diagonal" in e for e in errors)
+
+
+def test_an_mxfp4_transform_the_loader_cannot_shape_is_refused_before_any_weight_is_read(tiny_llama, tmp_path,
+                                                                                       monkeypatch):
+    from msmodelslim.core.errors import ConfigError
+    from msmodelslim.model import transformers_model
+
+    monkeypatch.setattr(transformers_model.TransformersModel, "load_block",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("a weight was read")))
+    monkeypatch.setattr("msmodelslim.ir.flat_transform.MAX_SUPPORT_DIM", 4)  # tiny sides stand for 256
+    config = write_pipeline(tmp_path / "flat.yaml", MXFP4_FLAT_STEPS, dataset=small_calib(tmp_path))
+    with pytest.raises(ConfigError, match=r"flatquant cannot transform layer model\.layers\.0\.\w+\.\w+ for "
+                                          r"W4A4_MXFP4_FLATQUANT: .*above 4"):
+        run_quant(tiny_llama, tmp_path / "out", config)
+    assert not (tmp_path / "out").exists()

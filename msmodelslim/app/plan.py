@@ -11,8 +11,10 @@ from torch import nn
 from msmodelslim.core.config import PracticeConfig
 from msmodelslim.core.errors import ConfigError
 from msmodelslim.core.logging import get_logger
-from msmodelslim.format.ascendv1.tensors import flat_tag, svd_tag
+from msmodelslim.format.ascendv1.tensors import FLAT_INNER_TAGS, flat_tag, svd_tag
+from msmodelslim.ir.flat_transform import flat_dims
 from msmodelslim.ir.sparse_linear import W16A16S
+from msmodelslim.model.interface import ModelStructure
 from msmodelslim.model.moe import routed_expert_linears
 from msmodelslim.processor.base import Processor, quant_rules
 from msmodelslim.processor.matching import select, unused_patterns
@@ -82,10 +84,11 @@ def _mark_svd_splits(configs, plan: dict[str, str], names: list[str], outside: s
 
 
 def _mark_flat_transforms(configs, plan: dict[str, str], names: list[str], outside: set[str], model: nn.Module,
-                          experts: dict[str, tuple[str, int]]) -> None:
+                          experts: dict[str, tuple[str, int]], row_parallel: tuple[str, ...]) -> None:
     """A linear that a flatquant step selects is written with the _FLATQUANT variant of its type (formats.md
-    A.4.8). Only W4A4_DYNAMIC behind it is implemented (per-channel int4 weights, per-token int4 activations, as
-    the training assumes): anything else, a float layer included, is refused here, before any weight is read."""
+    A.4.8): W4A4_DYNAMIC or W4A4_MXFP4 behind it, as the training assumes. Anything else, a float layer included,
+    and an input size for which the engine's loader has no transform shape (ir/flat_transform.flat_dims; for a
+    row-parallel layer, a name ending in one of `row_parallel`) are refused here, before any weight is read."""
     steps = _leaf_steps(configs)
     for i, step in enumerate(steps):
         if step.type != "flatquant":
@@ -97,26 +100,29 @@ def _mark_flat_transforms(configs, plan: dict[str, str], names: list[str], outsi
                 raise ConfigError(f"flatquant selects {name}, a routed expert: FlatQuant is implemented for dense "
                                   f"linears (the engine's fused MoE kernels take no transform); add the experts to "
                                   f"flatquant's exclude, e.g. \"*experts*\"")
-            in_features = model.get_submodule(name).in_features
-            if in_features % 4 == 2:
-                raise ConfigError(f"flatquant cannot transform layer {name}: its input size {in_features} has no "
-                                  f"factor pair of equal parity, which vLLM-Ascend's loader needs (sizes 2 mod 4 "
-                                  f"have none); exclude the layer from flatquant")
-            if plan[name] != Scheme.W4A4_DYNAMIC.value:
+            if plan[name] not in FLAT_INNER_TAGS:
                 later = [r for r in quant_rules(steps[i + 1 :]) if select([name], r.include, r.exclude)]
                 what = "no later rule quantizes it" if not later else f"a later rule makes it {plan[name]}"
                 raise ConfigError(
-                    f"flatquant selects layer {name}, but {what}: FlatQuant is implemented for W4A4_DYNAMIC behind it "
-                    f"(linear_quant after flatquant with int4 per_channel symmetric weights and int4 per_token "
-                    f"activations); W4A4_MXFP4_FLATQUANT and float layers behind a transform are not implemented yet. "
-                    f"Quantize the layer so, or exclude it from flatquant")
+                    f"flatquant selects layer {name}, but {what}: FlatQuant is implemented for W4A4_DYNAMIC "
+                    f"(int4 per_channel symmetric weights, int4 per_token activations) and W4A4_MXFP4 (mxfp4 "
+                    f"per_block weights and activations) behind it, from a linear_quant after flatquant; float "
+                    f"layers behind a transform are not implemented. Quantize the layer so, or exclude it from "
+                    f"flatquant")
+            in_features = model.get_submodule(name).in_features
+            try:
+                flat_dims(in_features, plan[name] == Scheme.W4A4_MXFP4.value,
+                          name.rsplit(".", 1)[-1] in row_parallel)
+            except ValueError as exc:
+                raise ConfigError(f"flatquant cannot transform layer {name} for {flat_tag(plan[name])}: {exc}; "
+                                  f"exclude the layer from flatquant") from None
             plan[name] = flat_tag(plan[name])
         for pattern in unused_patterns(names, step.include + step.exclude):
             log.warning("pattern %r of a flatquant step matches no linear layer", pattern)
 
 
 def plan_layers(config: PracticeConfig, processors: list[Processor], model: nn.Module,
-                blocks: list[str]) -> dict[str, str]:
+                blocks: list[str], structure: ModelStructure = ModelStructure()) -> dict[str, str]:
     """{linear name: scheme} for every linear, as it will be written (FLOAT when no rule matches, and for linears
     outside the decoder `blocks`, which the runner never visits: lm_head); rejects double matches, group sizes
     that do not divide a layer and static activations on routed experts, naming the layer."""
@@ -174,7 +180,7 @@ def plan_layers(config: PracticeConfig, processors: list[Processor], model: nn.M
     if len(group_sizes) > 1:
         raise ConfigError(f"ascendv1 stores one group_size per model, but the config uses {sorted(group_sizes)}")
     _mark_svd_splits(config.spec.process, plan, names, outside)
-    _mark_flat_transforms(config.spec.process, plan, names, outside, model, experts)
+    _mark_flat_transforms(config.spec.process, plan, names, outside, model, experts, structure.row_parallel)
     for rule in _sparse_rules(config.spec.process):  # its empty include means every decoder-layer linear
         include, exclude = rule.selection
         for name in select(names, include, exclude):

@@ -173,7 +173,7 @@ def _prepare(request: QuantizeRequest, in_rank: bool = False) -> _Job:
     ranks = f" x {data_parallel_world(request.device)} ranks" if runner == RunnerType.dp_layer_wise else ""
     # Planned on the empty (meta-device) model: a rule or scheme problem fails before any weight is read.
     skeleton = adapter.init_skeleton()
-    plan = plan_layers(config, processors, skeleton, adapter.block_names(skeleton))
+    plan = plan_layers(config, processors, skeleton, adapter.block_names(skeleton), adapter.structure)
     for stage in prior:
         for processor in stage.processors:
             processor.check_model(skeleton, adapter.block_names(skeleton))

@@ -20,8 +20,9 @@ computes Q_act(x)·deq(Q(R))ᵀ + b + (x l1ᵀ) l2ᵀ: the low-rank branch reads
 Behind QuaRot's online rotation (ir/online_rotation.py) a QuantLinear also holds `heads_rotation` or the pair
 `kronecker_rotation_m`/`kronecker_rotation_n` (float32), and everything above reads the rotated input T·x.
 
-Behind FlatQuant's transform (ir/flat_transform.py, W4A4_DYNAMIC only) it holds `left_trans`, `right_trans` and
-`clip_ratio` (float32): the input is transformed to Lᵀ·X·R, then quantized per token with the clipped range.
+Behind FlatQuant's transform (ir/flat_transform.py, W4A4_DYNAMIC and W4A4_MXFP4) it holds `left_trans`,
+`right_trans` and `clip_ratio` (float32): the input is transformed to Lᵀ·X·R, then clipped per token and quantized
+per token (int4) or per block of 32 (MXFP4).
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ import torch
 from torch import nn
 
 from msmodelslim.ir.flat_transform import (CLIP_RATIO, FLAT_TENSORS, LEFT_TRANS, RIGHT_TRANS, check_flat_transform,
-                                           clipped_per_token_int4, flat_transform, transform_input)
+                                           clipped_mxfp4, clipped_per_token_int4, flat_transform,
+                                           transform_input)
 from msmodelslim.ir.lowrank import LOWRANK_L1, LOWRANK_L2, check_lowrank_pair, lowrank_output
 from msmodelslim.ir.online_rotation import ROTATION_TENSORS, check_rotation, input_rotation, rotate_input
 from msmodelslim.quantizer.dualscale import dequantize_dualscale, fake_quantize_act_dualscale
@@ -60,6 +62,7 @@ NVFP4_SCHEMES = (Scheme.W4A16_NVFP4, Scheme.W4A4_NVFP4)
 INPUT_GLOBAL_SCALE = "input_global_scale"
 MX_ACT = {Scheme.W8A8_MXFP8: "fp8_e4m3", Scheme.W4A8_MXFP: "fp8_e4m3", Scheme.W4A4_MXFP4: "fp4_e2m1"}
 STATIC_ACT = (Scheme.W8A8, Scheme.W8A8_MIX, Scheme.W8A8S)  # schemes that carry a calibrated input range
+FLAT_SCHEMES = (Scheme.W4A4_DYNAMIC, Scheme.W4A4_MXFP4)  # behind FlatQuant's transform (formats.md A.4.8)
 
 
 def run_time_input_quantizer(scheme: Scheme, dual_block_size: Optional[int] = None
@@ -127,10 +130,10 @@ class QuantLinear(nn.Module):
         if rotation:
             check_rotation(rotation, qweight.shape[1])
         if flat:
-            if scheme != Scheme.W4A4_DYNAMIC or rotation or svd_lowrank_l1 is not None:
-                raise ValueError(f"a FlatQuant transform goes with W4A4_DYNAMIC alone (no online rotation, no "
-                                 f"low-rank branch), not {scheme.value}")
-            check_flat_transform(flat, qweight.shape[1])
+            if scheme not in FLAT_SCHEMES or rotation or svd_lowrank_l1 is not None:
+                raise ValueError(f"a FlatQuant transform goes with W4A4_DYNAMIC or W4A4_MXFP4 alone (no online "
+                                 f"rotation, no low-rank branch), not {scheme.value}")
+            check_flat_transform(flat, qweight.shape[1], mxfp4=scheme == Scheme.W4A4_MXFP4)
         self.scheme = scheme
         self.in_features, self.out_features = qweight.shape[1], qweight.shape[0]
         self.register_buffer("qweight", qweight)
@@ -212,8 +215,9 @@ class QuantLinear(nn.Module):
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         flat = flat_transform(self)
-        if flat:  # aclnnFlatQuant: per-token int4 on the transformed input, its range clipped
-            return clipped_per_token_int4(x, flat[CLIP_RATIO]).to(x.dtype)
+        if flat:  # aclnnFlatQuant: per-token int4 (or MXFP4) on the transformed input, its range clipped
+            clipped = clipped_mxfp4 if self.scheme == Scheme.W4A4_MXFP4 else clipped_per_token_int4
+            return clipped(x, flat[CLIP_RATIO]).to(x.dtype)
         if self.scheme in (Scheme.W8A8, Scheme.W8A8S) or (self.scheme == Scheme.W8A8_MIX and self.decode_path):
             return fake_quantize_input(x, self.input_scale, self.input_offset, 8)
         if self.scheme == Scheme.W8A8_MIX:

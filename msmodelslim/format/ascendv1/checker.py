@@ -20,11 +20,12 @@ from msmodelslim.format.ascendv1.reader import (GLOBAL_KEYS, attention_entry, qu
 from msmodelslim.format.ascendv1.fa3 import check_fa3
 from msmodelslim.format.ascendv1.kv_cache import check_kv_cache
 from msmodelslim.format.ascendv1.rotation_check import check_online_rotations, rotation_tensor_names
-from msmodelslim.format.ascendv1.tensors import (FLOAT, decode_deq_scale, split_flat_tag, split_svd_tag,
-                                                 unpack_int4_int32, unpack_int4_rows)
+from msmodelslim.format.ascendv1.tensors import (FLAT_INNER_TAGS, FLOAT, decode_deq_scale, split_flat_tag,
+                                                 split_svd_tag, unpack_int4_int32, unpack_int4_rows)
 from msmodelslim.format.findings import Finding
 from msmodelslim.format.integrity import read_checked_tensors
-from msmodelslim.ir.flat_transform import CLIP_RATIO, FLAT_TENSORS, LEFT_TRANS, RIGHT_TRANS, check_flat_transform
+from msmodelslim.ir.flat_transform import (CLIP_RATIO, FLAT_TENSORS, LEFT_TRANS, RIGHT_TRANS, allowed_pairs,
+                                           check_flat_transform, flat_dims, is_block_diagonal)
 from msmodelslim.ir.lowrank import LOWRANK_L1, LOWRANK_L2
 from msmodelslim.model.moe import expert_of
 from msmodelslim.quantizer.primitives import all_finite
@@ -97,13 +98,15 @@ def _check_lowrank(prefix: str, inner: str, t: dict[str, torch.Tensor]) -> list[
     return f
 
 
-def _check_flat_transform(prefix: str, t: dict[str, torch.Tensor], in_features: int | None) -> list[Finding]:
-    """FlatQuant's tensors (formats.md A.4.8): left_trans [a, a] and right_trans [b, b] float with (a, b) the factor
-    pair of K that vLLM-Ascend's loader derives (ir/flat_transform.decompose_dim), invertible; clip_ratio float32
-    [1] in (0, 1] (the kernel takes it as the ratio itself)."""
+def _check_flat_transform(prefix: str, tag: str, t: dict[str, torch.Tensor], in_features: int | None,
+                          mxfp4: bool) -> list[Finding]:
+    """FlatQuant's tensors (formats.md A.4.8): left_trans [a, a] and right_trans [b, b] float with (a, b) a factor
+    pair of K that vLLM-Ascend's loader derives (ir/flat_transform.flat_dims), invertible; clip_ratio float32
+    [1] in (0, 1] (the kernel takes it as the ratio itself). MXFP4 with the row-parallel pair: left_trans
+    block-diagonal over max_supported_tp ranks (each keeps its own block)."""
     missing = [s for s in FLAT_TENSORS if s not in t]
     if missing:
-        return [Finding("error", f"{prefix}: W4A4_FLATQUANT_DYNAMIC needs tensor(s) {', '.join(map(repr, missing))}")]
+        return [Finding("error", f"{prefix}: {tag} needs tensor(s) {', '.join(map(repr, missing))}")]
     f = [Finding("error", f"{prefix}: '{s}' must be a float tensor, got {t[s].dtype}")
          for s in (LEFT_TRANS, RIGHT_TRANS) if t[s].dtype not in FLOAT_WEIGHT_DTYPES]
     if t[CLIP_RATIO].dtype != torch.float32:
@@ -111,9 +114,19 @@ def _check_flat_transform(prefix: str, t: dict[str, torch.Tensor], in_features: 
     if f or in_features is None:
         return f
     try:
-        check_flat_transform({name: t[name].float() for name in FLAT_TENSORS}, in_features)
+        check_flat_transform({name: t[name].float() for name in FLAT_TENSORS}, in_features, mxfp4)
     except ValueError as exc:
         f.append(Finding("error", f"{prefix}: {exc}"))
+        return f
+    if mxfp4:
+        row = flat_dims(in_features, mxfp4=True, row_parallel=True) if len(allowed_pairs(in_features, True)) > 1 \
+            else None
+        shape = (t[LEFT_TRANS].shape[0], t[RIGHT_TRANS].shape[0])
+        if row is not None and shape == (row.left, row.right) and not is_block_diagonal(t[LEFT_TRANS],
+                                                                                        row.left_blocks):
+            f.append(Finding("error", f"{prefix}: '{LEFT_TRANS}' has the row-parallel shape but is not "
+                                      f"block-diagonal over {row.left_blocks} ranks (max_supported_tp); each rank "
+                                      f"keeps only its diagonal block"))
     return f
 
 
@@ -121,12 +134,14 @@ def _check_linear(prefix: str, tag: str, t: dict[str, torch.Tensor], model_dtype
                   is_expert: bool = False) -> list[Finding]:
     inner, flat = split_flat_tag(tag)
     if flat:  # the inner type's checks on its own tensors, then the transform's
-        if inner != "W4A4_DYNAMIC":
-            return [Finding("error", f"{prefix}: unknown type {tag!r} (FlatQuant is read for W4A4_DYNAMIC only)")]
+        if inner not in FLAT_INNER_TAGS:
+            return [Finding("error", f"{prefix}: unknown type {tag!r} (FlatQuant is read for "
+                                     f"{' and '.join(FLAT_INNER_TAGS)})")]
         own = {k: v for k, v in t.items() if k not in FLAT_TENSORS}
         shape = _layer_shape(inner, own)
         return (_check_linear(prefix, inner, own, model_dtype, is_expert)
-                + _check_flat_transform(prefix, t, None if shape is None else shape[1]))
+                + _check_flat_transform(prefix, tag, t, None if shape is None else shape[1],
+                                        mxfp4=inner == "W4A4_MXFP4"))
     inner, lowrank = split_svd_tag(tag)
     if lowrank:  # the inner type's checks, the pair's, and: no engine loads it (formats.md A.4.10)
         found = _check_linear(prefix, inner, t, model_dtype, is_expert) + _check_lowrank(prefix, inner, t)

@@ -15,8 +15,8 @@ from msmodelslim.core.logging import get_logger
 from msmodelslim.format.ascendv1.fa3 import (FA_QUANT, STATIC_TOKEN, dynamic_fa3_branches, fa3_by_attention,
                                              fa3_from_tensors, fa3_quant_types)
 from msmodelslim.format.ascendv1.kv_cache import C8, kv_cache_by_attention, kv_cache_from_tensors
-from msmodelslim.format.ascendv1.tensors import (FLOAT, REQUIRED_SUFFIXES, TAG_ALIASES, flat_tag, linear_from_tensors,
-                                                svd_tag)
+from msmodelslim.format.ascendv1.tensors import (FLAT_INNER_TAGS, FLOAT, REQUIRED_SUFFIXES, TAG_ALIASES, flat_tag,
+                                                linear_from_tensors, svd_tag)
 from msmodelslim.format.ascendv1.writer import DESCRIPTION
 from msmodelslim.format.read_back import empty_model, load_float_tensors, read_tensors, tensor_names
 from msmodelslim.format.staging import incomplete_reason
@@ -33,7 +33,7 @@ from msmodelslim.quantizer.scheme import Scheme
 log = get_logger("format.ascendv1.reader")
 
 GLOBAL_KEYS = {"version", "model_quant_type", "metadata", "group_size", "optional", "kv_cache_type",
-               "kv_quant_type", "fa_quant_type", "reduce_quant_type", "indexer_quant_type"}
+               "kv_quant_type", "fa_quant_type", "reduce_quant_type", "indexer_quant_type", "max_supported_tp"}
 
 
 def attention_entry(key: str) -> bool:
@@ -86,7 +86,7 @@ def other_layout_hint(path: Path) -> str:
 
 
 QUANTIZED_TAGS = (*(s.value for s in Scheme if s.value in REQUIRED_SUFFIXES), *TAG_ALIASES)  # not W4A16_NVFP4
-READABLE_TAGS = (FLOAT, *QUANTIZED_TAGS, *(svd_tag(t) for t in QUANTIZED_TAGS), flat_tag(Scheme.W4A4_DYNAMIC.value),
+READABLE_TAGS = (FLOAT, *QUANTIZED_TAGS, *(svd_tag(t) for t in QUANTIZED_TAGS), *map(flat_tag, FLAT_INNER_TAGS),
                  W16A16S, C8, FA_QUANT)
 
 

@@ -218,9 +218,9 @@ REQUIRED_SUFFIXES.update({alias: REQUIRED_SUFFIXES[tag] for alias, tag in TAG_AL
 # Every quantized type with the low-rank pair (W16A16S is a float layer: no SVD variant).
 REQUIRED_SUFFIXES.update({svd_tag(tag): needed | {LOWRANK_L1, LOWRANK_L2}
                           for tag, needed in list(REQUIRED_SUFFIXES.items()) if tag != W16A16S})
-# FlatQuant: the int4 dynamic type behind the transform (W4A4_MXFP4_FLATQUANT is not implemented).
-REQUIRED_SUFFIXES[flat_tag(Scheme.W4A4_DYNAMIC.value)] = (REQUIRED_SUFFIXES[Scheme.W4A4_DYNAMIC.value]
-                                                           | set(FLAT_TENSORS))
+# FlatQuant: the int4 dynamic and the MXFP4 types behind the transform.
+FLAT_INNER_TAGS = (Scheme.W4A4_DYNAMIC.value, Scheme.W4A4_MXFP4.value)
+REQUIRED_SUFFIXES.update({flat_tag(inner): REQUIRED_SUFFIXES[inner] | set(FLAT_TENSORS) for inner in FLAT_INNER_TAGS})
 
 
 def linear_from_tensors(tag: str, t: dict[str, torch.Tensor]) -> QuantLinear | SparseFloatLinear:
@@ -233,7 +233,7 @@ def linear_from_tensors(tag: str, t: dict[str, torch.Tensor]) -> QuantLinear | S
     if flat:  # the inner type's layer behind the transform
         ir = _linear_from_own_tensors(inner, t)
         transform = {name: t[name].float() for name in FLAT_TENSORS}
-        check_flat_transform(transform, ir.in_features)
+        check_flat_transform(transform, ir.in_features, mxfp4=inner == Scheme.W4A4_MXFP4.value)
         ir.left_trans, ir.right_trans = transform[LEFT_TRANS], transform[RIGHT_TRANS]
         ir.clip_ratio = transform[CLIP_RATIO].reshape(1)
         return ir

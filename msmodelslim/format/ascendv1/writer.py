@@ -16,16 +16,18 @@ from torch import nn
 
 from msmodelslim.format.ascendv1.kv_cache import C8, GLOBAL as C8_GLOBAL, kv_cache_tensors
 from msmodelslim.format.ascendv1.fa3 import FA_QUANT, GLOBAL as FA_GLOBAL, fa3_tensors
-from msmodelslim.format.ascendv1.tensors import FLOAT, linear_tensors, sparse_float_tensors
+from msmodelslim.format.ascendv1.tensors import FLOAT, flat_tag, linear_tensors, sparse_float_tensors
 from msmodelslim.format.edits import OutputEdits
 from msmodelslim.format.hf_files import copy_model_files, own_tensors, quantized_and_float_modules, write_extra_files
 from msmodelslim.format.shards import ShardStream
 from msmodelslim.ir.fa3 import FA3HeadQuant
+from msmodelslim.ir.flat_transform import MAX_SUPPORTED_TP
 from msmodelslim.ir.lowrank import LowRankResidualLinear
 from msmodelslim.ir.online_rotation import input_rotation, unrotated_weight
 from msmodelslim.ir.kv_cache import KVCacheQuant
 from msmodelslim.ir.quant_linear import QuantLinear
 from msmodelslim.ir.sparse_linear import SparseFloatLinear
+from msmodelslim.quantizer.scheme import Scheme
 
 DESCRIPTION = "quant_model_description.json"
 WEIGHTS = "quant_model_weights"
@@ -176,6 +178,8 @@ class AscendV1Writer(DescribedTensors):
             description.update(C8_GLOBAL)
         if FA_QUANT in present:  # what vLLM-Ascend reads to enable FA quant (formats.md A.2, A.6)
             description.update(FA_GLOBAL)
+        if flat_tag(Scheme.W4A4_MXFP4.value) in present:  # the row-parallel transforms' rank blocks (formats.md A.2)
+            description["max_supported_tp"] = MAX_SUPPORTED_TP
         description.update(edits.description)  # entries naming no tensor (formats.md A.2/A.6), e.g. the indexer's
         (self.out_dir / DESCRIPTION).write_text(json.dumps(description, indent=4), encoding="utf-8")
         write_extra_files(self.out_dir, edits)

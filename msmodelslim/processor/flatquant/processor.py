@@ -7,6 +7,7 @@
 - type: linear_quant         # W4A4_DYNAMIC: int4 per_channel symmetric weights, int4 per_token activations
   qconfig: {weight: {dtype: int4, scope: per_channel, symmetric: true, method: minmax},
             act: {dtype: int4, scope: per_token, symmetric: true, method: minmax}}
+                             # or W4A4_MXFP4: mxfp4 per_block weights and activations
 ```
 
 In the block's calibration forward it records the block's inputs and float outputs, and which selected linears read
@@ -16,7 +17,9 @@ the block's weights frozen, the groups' Kronecker transforms and activation clip
 samples in steps of `cali_bsz`, the loss (mean squared error) divided by its own value, the learning rate decaying
 along a cosine to flat_lr·1e-3. Finally each linear gets its group's transform as an online input transform
 (ir/flat_transform.py: the weight becomes W·P⁻ᵀ) with the weight clamped to its learned clip, so that the
-linear_quant after it rounds exactly what was trained (per-row min/max of the clamped weight).
+linear_quant after it rounds exactly what was trained (per-row min/max of the clamped weight). Each group is
+trained for the rounding its later rule gives it (int4 or MXFP4) and shaped as the engine's loader expects for it
+(ir/flat_transform.flat_dims: for MXFP4 row-parallel layers, L block-diagonal over the tensor-parallel ranks).
 
 What this version leaves out: FlatQuant's per-channel scaling (add_diag; "diag_init one_style" starts it at ones)
 stays at ones, since the ascendv1 kernel has no place for it (it would have to be folded into the preceding norm
@@ -33,13 +36,15 @@ from torch import nn
 
 from msmodelslim.core.errors import ConfigError, ProcessingError
 from msmodelslim.core.logging import get_logger
-from msmodelslim.ir.flat_transform import LEFT_TRANS, RIGHT_TRANS, attach_flat_transform, flat_transform
+from msmodelslim.ir.flat_transform import (LEFT_TRANS, RIGHT_TRANS, attach_flat_transform, flat_dims, flat_transform,
+                                           symmetric_clip)
 from msmodelslim.ir.online_rotation import input_rotation
 from msmodelslim.model.interface import block_hidden_state
 from msmodelslim.processor.base import Processor, ProcessorContext, register_processor
 from msmodelslim.processor.flatquant.config import FlatQuantConfig, FlatQuantSettings
 from msmodelslim.processor.flatquant.train import FlatTrainLinear, GroupTransform
 from msmodelslim.processor.matching import select
+from msmodelslim.quantizer.scheme import Scheme
 
 log = get_logger("flatquant")
 CACHE_KWARGS = ("past_key_values", "past_key_value")  # a replayed forward must not append to a cache
@@ -192,8 +197,7 @@ class FlatQuantProcessor(Processor):
         generator = torch.Generator().manual_seed(self.settings.seed + zlib.crc32(block_name.encode()))
         groups = _groups(targets, recording.first_input)
         recording.first_input.clear()
-        transforms = [GroupTransform(block.get_submodule(g[0]).in_features, generator, self.settings.clip_init)
-                      for g in groups]
+        transforms = [self._group_transform(block_name, block, g, generator) for g in groups]
         own = {p: p.requires_grad for p in block.parameters()}
         wrapped = {name: FlatTrainLinear(block.get_submodule(name), transform, self.settings.clip_init)
                    for group, transform in zip(groups, transforms) for name in group}
@@ -208,6 +212,24 @@ class FlatQuantProcessor(Processor):
                 p.requires_grad_(flag)
         log.debug("%s: block output MSE %.4e -> %.4e over %d groups", block_name, start, end, len(groups))
         self._apply(wrapped, self.context.model_dtype)
+
+    def _group_transform(self, block_name: str, block: nn.Module, group: list[str],
+                         generator: torch.Generator) -> GroupTransform:
+        """The group's transform, shaped as the engine's loader expects for the rounding behind it (the later
+        linear_quant's scheme: W4A4_DYNAMIC or W4A4_MXFP4, which the plan has checked) and the layers' kind
+        (row-parallel layers: L block-diagonal over the ranks)."""
+        kinds = set()
+        for name in group:
+            qconfig = self.context.scheme_of(f"{block_name}.{name}")
+            mxfp4 = qconfig is not None and qconfig.scheme == Scheme.W4A4_MXFP4
+            kinds.add((mxfp4, name.rsplit(".", 1)[-1] in self.context.structure.row_parallel))
+        if len(kinds) > 1:
+            raise ProcessingError(f"flatquant: {block_name}'s layers {group} read one input but are quantized or "
+                                  f"split differently ({sorted(kinds)}); one transform serves them all: give them "
+                                  f"one scheme")
+        mxfp4, row_parallel = kinds.pop()
+        dims = flat_dims(block.get_submodule(group[0]).in_features, mxfp4, row_parallel)
+        return GroupTransform(dims, generator, self.settings.clip_init, mxfp4)
 
     def _train(self, block: nn.Module, wrapped: dict[str, FlatTrainLinear], transforms: list[GroupTransform],
                samples: list[Sample]) -> tuple[float, float]:
@@ -261,7 +283,6 @@ class FlatQuantProcessor(Processor):
             learned = module.group.learned()
             for key in (LEFT_TRANS, RIGHT_TRANS):
                 learned[key] = learned[key].to(model_dtype).float()
-            attach_flat_transform(linear, learned)
+            attach_flat_transform(linear, learned, mxfp4=module.group.mxfp4)
             w = linear.weight
-            bound = w.abs().amax(dim=1, keepdim=True) * module.weight_clip().to(w.device).reshape(-1, 1)
-            w.copy_(torch.maximum(torch.minimum(w, bound), -bound))
+            w.copy_(symmetric_clip(w, module.weight_clip().to(w.device).reshape(-1, 1), 1))

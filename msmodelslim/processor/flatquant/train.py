@@ -10,7 +10,13 @@ weight W becomes W·P⁻ᵀ, and the layer computes Q_a(x')·Q_w(W·P⁻ᵀ)ᵀ,
     Q_w: per row,   s = max|w|·sigmoid(β_row)/7, codes clamp(round(w/s), −7, 7)  (what min/max rounding of the
          weight clamped to ±sigmoid(β_row)·max|w| gives, so linear_quant reproduces it).
 
-Rounding passes the gradient straight through (STE); the maxima and the clip logits get theirs as computed.
+For W4A4_MXFP4 behind the transform both are MXFP4 instead: the token clipped to ±sigmoid(α)·max|x'| and the row
+to ±sigmoid(β_row)·max|w|, then E2M1 elements under the OCP shared exponent of each block of 32 (what W4A4_MXFP4's
+run-time activations and its min/max weight rounding compute). A row-parallel layer's L is block-diagonal: one
+factor per tensor-parallel rank (ir/flat_transform.flat_dims).
+
+Rounding passes the gradient straight through (STE); the maxima and the clip logits get theirs as computed (the
+MX exponents are held fixed within a step).
 """
 from __future__ import annotations
 
@@ -18,7 +24,10 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 
-from msmodelslim.ir.flat_transform import CLIP_RATIO, LEFT_TRANS, RIGHT_TRANS, decompose_dim, transform_input
+from msmodelslim.ir.flat_transform import (CLIP_RATIO, LEFT_TRANS, RIGHT_TRANS, FlatDims, symmetric_clip,
+                                           transform_input)
+from msmodelslim.quantizer.float_formats import (FP4_E2M1_EMAX, FP4_E2M1_MAX, power_of_two, round_fp4_e2m1,
+                                                 shared_exponent, to_blocks)
 from msmodelslim.quantizer.primitives import round_ste
 
 TINY = torch.finfo(torch.float32).tiny
@@ -40,6 +49,26 @@ def fake_quant_rows(w: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
     """Q_w above: per-row symmetric int4, row r clipped to clip[r] of its max."""
     scale = (w.abs().amax(dim=1, keepdim=True) * clip.reshape(-1, 1) / 7).clamp(min=TINY)
     return torch.clamp(round_ste(w / scale), -7, 7) * scale
+
+
+def fake_mxfp4(x: torch.Tensor) -> torch.Tensor:
+    """MXFP4 along the last axis in blocks of 32, the exponent fixed from the block maxima, rounding passed
+    straight through (saturated values get no gradient)."""
+    blocks = to_blocks(x)
+    scale = power_of_two(shared_exponent(blocks.detach().abs().amax(dim=-1), FP4_E2M1_EMAX)).unsqueeze(-1)
+    y = (blocks / scale).clamp(-FP4_E2M1_MAX, FP4_E2M1_MAX)
+    elements = y + (round_fp4_e2m1(y.detach()) - y.detach())
+    return (elements * scale).reshape(x.shape)
+
+
+def fake_mxfp4_tokens(x: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
+    """Q_a for W4A4_MXFP4: each token clipped to `clip` of its max, then MXFP4."""
+    return fake_mxfp4(symmetric_clip(x, clip, -1))
+
+
+def fake_mxfp4_rows(w: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
+    """Q_w for W4A4_MXFP4: row r clipped to clip[r] of its max, then MXFP4 along the row."""
+    return fake_mxfp4(symmetric_clip(w, clip.reshape(-1, 1), 1))
 
 
 class KroneckerFactor(nn.Module):
@@ -65,14 +94,30 @@ class KroneckerFactor(nn.Module):
         return self.u.weight @ torch.diag(1 / self.sigma) @ self.v.weight.T
 
 
-class GroupTransform(nn.Module):
-    """The transform and the activation clip of one group of linears sharing an input of size a·b."""
+class BlockDiagonalFactor(nn.Module):
+    """A left factor that stays inside tensor-parallel ranks: one KroneckerFactor per diagonal block."""
 
-    def __init__(self, in_features: int, generator: torch.Generator, clip_init: float) -> None:
+    def __init__(self, size: int, blocks: int, generator: torch.Generator) -> None:
         super().__init__()
-        a, b = decompose_dim(in_features)
-        self.left = KroneckerFactor(a, generator)
-        self.right = KroneckerFactor(b, generator)
+        self.factors = nn.ModuleList(KroneckerFactor(size // blocks, generator) for _ in range(blocks))
+
+    def matrix(self) -> torch.Tensor:
+        return torch.block_diag(*(f.matrix() for f in self.factors))
+
+    def inverse_transpose(self) -> torch.Tensor:
+        return torch.block_diag(*(f.inverse_transpose() for f in self.factors))
+
+
+class GroupTransform(nn.Module):
+    """The transform and the activation clip of one group of linears sharing an input of size left·right, for
+    int4 (W4A4_DYNAMIC) or MXFP4 (W4A4_MXFP4) rounding behind it."""
+
+    def __init__(self, dims: FlatDims, generator: torch.Generator, clip_init: float, mxfp4: bool = False) -> None:
+        super().__init__()
+        self.mxfp4 = mxfp4
+        self.left = (KroneckerFactor(dims.left, generator) if dims.left_blocks == 1
+                     else BlockDiagonalFactor(dims.left, dims.left_blocks, generator))
+        self.right = KroneckerFactor(dims.right, generator)
         self.clip_logit = nn.Parameter(torch.tensor([clip_init]))
 
     def transform_parameters(self) -> list[nn.Parameter]:
@@ -101,8 +146,9 @@ class FlatTrainLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.group
         x_t = transform_input(x.float(), g.left.matrix(), g.right.matrix())
-        x_q = fake_quant_tokens(x_t, torch.sigmoid(g.clip_logit))
-        w_q = fake_quant_rows(self.transformed_weight(), torch.sigmoid(self.weight_clip_logit))
+        tokens, rows = (fake_mxfp4_tokens, fake_mxfp4_rows) if g.mxfp4 else (fake_quant_tokens, fake_quant_rows)
+        x_q = tokens(x_t, torch.sigmoid(g.clip_logit))
+        w_q = rows(self.transformed_weight(), torch.sigmoid(self.weight_clip_logit))
         bias = None if self.linear.bias is None else self.linear.bias.float()
         return nn.functional.linear(x_q, w_q, bias).to(x.dtype)
 
