@@ -98,6 +98,17 @@ def _check_lowrank(prefix: str, inner: str, t: dict[str, torch.Tensor]) -> list[
     return f
 
 
+def _row_parallel_shape(shape: tuple[int, int], in_features: int) -> bool:
+    """Whether an MXFP4 transform of this (left, right) shape can only be the row-parallel pair (where both pairs
+    coincide, the name decides, which the checker does not know)."""
+    pairs = allowed_pairs(in_features, mxfp4=True)
+    try:
+        column = flat_dims(in_features, mxfp4=True)
+    except ValueError:
+        column = None
+    return shape in pairs and (column is None or shape != (column.left, column.right))
+
+
 def _check_flat_transform(prefix: str, tag: str, t: dict[str, torch.Tensor], in_features: int | None,
                           mxfp4: bool) -> list[Finding]:
     """FlatQuant's tensors (formats.md A.4.8): left_trans [a, a] and right_trans [b, b] float with (a, b) a factor
@@ -118,12 +129,10 @@ def _check_flat_transform(prefix: str, tag: str, t: dict[str, torch.Tensor], in_
     except ValueError as exc:
         f.append(Finding("error", f"{prefix}: {exc}"))
         return f
-    if mxfp4:
-        row = flat_dims(in_features, mxfp4=True, row_parallel=True) if len(allowed_pairs(in_features, True)) > 1 \
-            else None
-        shape = (t[LEFT_TRANS].shape[0], t[RIGHT_TRANS].shape[0])
-        if row is not None and shape == (row.left, row.right) and not is_block_diagonal(t[LEFT_TRANS],
-                                                                                        row.left_blocks):
+    shape = (t[LEFT_TRANS].shape[0], t[RIGHT_TRANS].shape[0])
+    if mxfp4 and _row_parallel_shape(shape, in_features):
+        row = flat_dims(in_features, mxfp4=True, row_parallel=True)
+        if not is_block_diagonal(t[LEFT_TRANS], row.left_blocks):
             f.append(Finding("error", f"{prefix}: '{LEFT_TRANS}' has the row-parallel shape but is not "
                                       f"block-diagonal over {row.left_blocks} ranks (max_supported_tp); each rank "
                                       f"keeps only its diagonal block"))
