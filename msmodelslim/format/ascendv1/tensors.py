@@ -11,7 +11,7 @@ from msmodelslim.ir.flat_transform import (CLIP_RATIO, FLAT_TENSORS, LEFT_TRANS,
                                            flat_transform)
 from msmodelslim.ir.lowrank import LOWRANK_L1, LOWRANK_L2, check_lowrank_pair
 from msmodelslim.ir.online_rotation import ROTATION_TENSORS, check_rotation, input_rotation
-from msmodelslim.ir.quant_linear import CODE_DTYPE, DUAL_SCALE, MX_SCHEMES, QuantLinear
+from msmodelslim.ir.quant_linear import CODE_DTYPE, DUAL_SCALE, FLAT_SCHEMES, MX_SCHEMES, QuantLinear
 from msmodelslim.ir.sparse_linear import W16A16S, SparseFloatLinear
 from msmodelslim.quantizer.float_formats import e8m0_to_scale, pack_fp4_pairs, scale_to_e8m0, unpack_fp4_pairs
 from msmodelslim.quantizer.scheme import Scheme
@@ -219,7 +219,7 @@ REQUIRED_SUFFIXES.update({alias: REQUIRED_SUFFIXES[tag] for alias, tag in TAG_AL
 REQUIRED_SUFFIXES.update({svd_tag(tag): needed | {LOWRANK_L1, LOWRANK_L2}
                           for tag, needed in list(REQUIRED_SUFFIXES.items()) if tag != W16A16S})
 # FlatQuant: the int4 dynamic and the MXFP4 types behind the transform.
-FLAT_INNER_TAGS = (Scheme.W4A4_DYNAMIC.value, Scheme.W4A4_MXFP4.value)
+FLAT_INNER_TAGS = tuple(scheme.value for scheme in FLAT_SCHEMES)
 REQUIRED_SUFFIXES.update({flat_tag(inner): REQUIRED_SUFFIXES[inner] | set(FLAT_TENSORS) for inner in FLAT_INNER_TAGS})
 
 
