@@ -490,10 +490,10 @@ def test_an_mxfp4_transform_the_loader_cannot_shape_is_refused_before_any_weight
 
 
 def test_the_checker_tells_the_row_parallel_mxfp4_shape_only_where_it_differs_from_the_column_one():
-    from msmodelslim.format.ascendv1.checker import _row_parallel_shape
+    from msmodelslim.format.ascendv1.checker import _row_parallel_dims
 
-    assert _row_parallel_shape((48, 12), 576) and not _row_parallel_shape((24, 24), 576)  # SmolLM2's o_proj / q_proj
-    assert _row_parallel_shape((64, 24), 1536) and not _row_parallel_shape((32, 48), 1536)  # its down_proj / up_proj
+    assert _row_parallel_dims((48, 12), 576) and not _row_parallel_dims((24, 24), 576)  # SmolLM2's o_proj / q_proj
+    assert _row_parallel_dims((64, 24), 1536) and not _row_parallel_dims((32, 48), 1536)  # its down_proj / up_proj
     # 524 = 4 * 131: the column pair (2, 262) has a side above 256, so only the row pair (4 x 131) exists
     assert flat_dims(524, mxfp4=True, row_parallel=True) == type(flat_dims(524))(4, 131, 4)
-    assert _row_parallel_shape((4, 131), 524)
+    assert _row_parallel_dims((4, 131), 524)

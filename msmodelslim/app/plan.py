@@ -84,11 +84,11 @@ def _mark_svd_splits(configs, plan: dict[str, str], names: list[str], outside: s
 
 
 def _mark_flat_transforms(configs, plan: dict[str, str], names: list[str], outside: set[str], model: nn.Module,
-                          experts: dict[str, tuple[str, int]], row_parallel: tuple[str, ...]) -> None:
+                          experts: dict[str, tuple[str, int]], structure: ModelStructure) -> None:
     """A linear that a flatquant step selects is written with the _FLATQUANT variant of its type (formats.md
     A.4.8): W4A4_DYNAMIC or W4A4_MXFP4 behind it, as the training assumes. Anything else, a float layer included,
     and an input size for which the engine's loader has no transform shape (ir/flat_transform.flat_dims; for a
-    row-parallel layer, a name ending in one of `row_parallel`) are refused here, before any weight is read."""
+    row-parallel layer, as `structure` names them) are refused here, before any weight is read."""
     steps = _leaf_steps(configs)
     for i, step in enumerate(steps):
         if step.type != "flatquant":
@@ -112,7 +112,7 @@ def _mark_flat_transforms(configs, plan: dict[str, str], names: list[str], outsi
             in_features = model.get_submodule(name).in_features
             try:
                 flat_dims(in_features, plan[name] == Scheme.W4A4_MXFP4.value,
-                          name.rsplit(".", 1)[-1] in row_parallel)
+                          structure.is_row_parallel(name))
             except ValueError as exc:
                 raise ConfigError(f"flatquant cannot transform layer {name} for {flat_tag(plan[name])}: {exc}; "
                                   f"exclude the layer from flatquant") from None
@@ -180,7 +180,7 @@ def plan_layers(config: PracticeConfig, processors: list[Processor], model: nn.M
     if len(group_sizes) > 1:
         raise ConfigError(f"ascendv1 stores one group_size per model, but the config uses {sorted(group_sizes)}")
     _mark_svd_splits(config.spec.process, plan, names, outside)
-    _mark_flat_transforms(config.spec.process, plan, names, outside, model, experts, structure.row_parallel)
+    _mark_flat_transforms(config.spec.process, plan, names, outside, model, experts, structure)
     for rule in _sparse_rules(config.spec.process):  # its empty include means every decoder-layer linear
         include, exclude = rule.selection
         for name in select(names, include, exclude):

@@ -51,7 +51,7 @@ def make_writer(job: _Job, save, directory: Path):
         directory,
         save.part_file_size,
         adapter.global_dtype(),
-        is_row_parallel=lambda name: name.rsplit(".", 1)[-1] in adapter.structure.row_parallel,
+        is_row_parallel=adapter.structure.is_row_parallel,
         dtype_for=adapter.original_dtype,
     )
 

@@ -167,6 +167,10 @@ class ModelStructure:
         vision-language model's vision tower, processed first) has none of them, only linears to quantize."""
         return block_name.startswith(self.decoder_layers + ".")
 
+    def is_row_parallel(self, linear_name: str) -> bool:
+        """Whether the engine splits this linear's input over tensor-parallel ranks (its last name part)."""
+        return linear_name.rsplit(".", 1)[-1] in self.row_parallel
+
 
 class ModelSlimPipelineInterfaceV1(ABC):
     @abstractmethod

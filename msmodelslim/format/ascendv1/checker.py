@@ -24,7 +24,7 @@ from msmodelslim.format.ascendv1.tensors import (FLAT_INNER_TAGS, FLOAT, decode_
                                                  split_svd_tag, unpack_int4_int32, unpack_int4_rows)
 from msmodelslim.format.findings import Finding
 from msmodelslim.format.integrity import read_checked_tensors
-from msmodelslim.ir.flat_transform import (CLIP_RATIO, FLAT_TENSORS, LEFT_TRANS, RIGHT_TRANS, allowed_pairs,
+from msmodelslim.ir.flat_transform import (CLIP_RATIO, FLAT_TENSORS, LEFT_TRANS, RIGHT_TRANS, FlatDims,
                                            check_flat_transform, flat_dims, is_block_diagonal)
 from msmodelslim.ir.lowrank import LOWRANK_L1, LOWRANK_L2
 from msmodelslim.model.moe import expert_of
@@ -98,15 +98,17 @@ def _check_lowrank(prefix: str, inner: str, t: dict[str, torch.Tensor]) -> list[
     return f
 
 
-def _row_parallel_shape(shape: tuple[int, int], in_features: int) -> bool:
-    """Whether an MXFP4 transform of this (left, right) shape can only be the row-parallel pair (where both pairs
-    coincide, the name decides, which the checker does not know)."""
-    pairs = allowed_pairs(in_features, mxfp4=True)
-    try:
-        column = flat_dims(in_features, mxfp4=True)
-    except ValueError:
-        column = None
-    return shape in pairs and (column is None or shape != (column.left, column.right))
+def _row_parallel_dims(shape: tuple[int, int], in_features: int) -> FlatDims | None:
+    """The row-parallel MXFP4 transform shape when (left, right) `shape` can only be it; None otherwise (where the
+    column and row pairs coincide, the layer's name decides, which the checker does not know)."""
+    dims = {}
+    for row_parallel in (False, True):
+        try:
+            dims[row_parallel] = flat_dims(in_features, mxfp4=True, row_parallel=row_parallel)
+        except ValueError:
+            pass
+    pairs = {kind: (d.left, d.right) for kind, d in dims.items()}
+    return dims[True] if pairs.get(True) == shape and pairs.get(False) != shape else None
 
 
 def _check_flat_transform(prefix: str, tag: str, t: dict[str, torch.Tensor], in_features: int | None,
@@ -130,12 +132,11 @@ def _check_flat_transform(prefix: str, tag: str, t: dict[str, torch.Tensor], in_
         f.append(Finding("error", f"{prefix}: {exc}"))
         return f
     shape = (t[LEFT_TRANS].shape[0], t[RIGHT_TRANS].shape[0])
-    if mxfp4 and _row_parallel_shape(shape, in_features):
-        row = flat_dims(in_features, mxfp4=True, row_parallel=True)
-        if not is_block_diagonal(t[LEFT_TRANS], row.left_blocks):
-            f.append(Finding("error", f"{prefix}: '{LEFT_TRANS}' has the row-parallel shape but is not "
-                                      f"block-diagonal over {row.left_blocks} ranks (max_supported_tp); each rank "
-                                      f"keeps only its diagonal block"))
+    row = _row_parallel_dims(shape, in_features) if mxfp4 else None
+    if row is not None and not is_block_diagonal(t[LEFT_TRANS], row.left_blocks):
+        f.append(Finding("error", f"{prefix}: '{LEFT_TRANS}' has the row-parallel shape but is not block-diagonal "
+                                  f"over {row.left_blocks} ranks (max_supported_tp); each rank keeps only its "
+                                  f"diagonal block"))
     return f
 
 

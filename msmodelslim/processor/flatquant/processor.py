@@ -222,7 +222,7 @@ class FlatQuantProcessor(Processor):
         for name in group:
             qconfig = self.context.scheme_of(f"{block_name}.{name}")
             mxfp4 = qconfig is not None and qconfig.scheme == Scheme.W4A4_MXFP4
-            kinds.add((mxfp4, name.rsplit(".", 1)[-1] in self.context.structure.row_parallel))
+            kinds.add((mxfp4, self.context.structure.is_row_parallel(name)))
         if len(kinds) > 1:
             raise ProcessingError(f"flatquant: {block_name}'s layers {group} read one input but are quantized or "
                                   f"split differently ({sorted(kinds)}); one transform serves them all: give them "
