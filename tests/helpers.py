@@ -93,13 +93,17 @@ STATIC_W8A8_STEP = {"type": "linear_quant", "qconfig": SCHEMES["w8a8_static"], "
 
 
 def quantize_variants(source: Path, tmp_path: Path, process: list[dict], model_type: str,
-                      variants: dict[str, tuple[str, DeviceSpec]], dataset: str | None = None) -> dict[str, Path]:
-    """Quantize the same pipeline once per variant (name -> runner, device); each variant's output directory."""
+                      variants: dict[str, tuple[str, DeviceSpec]], dataset: str | None = None,
+                      calibration: dict | None = None) -> dict[str, Path]:
+    """Quantize the same pipeline once per variant (name -> runner, device); each variant's output directory.
+    `calibration`: the spec.calibration section, when the test needs one."""
     dataset = dataset or small_calib(tmp_path)
     outputs = {}
     for name, (runner, device) in variants.items():
         config = tmp_path / f"{name}.yaml"
         spec = {"runner": runner, "process": process, "dataset": dataset}
+        if calibration is not None:
+            spec["calibration"] = calibration
         config.write_text(yaml.safe_dump({"apiversion": "modelslim_v1", "spec": spec}))
         outputs[name] = tmp_path / name
         quantize(QuantizeRequest(model_path=source, save_path=outputs[name], model_type=model_type, device=device,

@@ -490,7 +490,7 @@ def test_an_mxfp4_transform_the_loader_cannot_shape_is_refused_before_any_weight
 
 
 def test_the_checker_tells_the_row_parallel_mxfp4_shape_only_where_it_differs_from_the_column_one():
-    from msmodelslim.format.ascendv1.checker import _row_parallel_dims
+    from msmodelslim.format.ascendv1.flat_check import _row_parallel_dims
 
     assert _row_parallel_dims((48, 12), 576) and not _row_parallel_dims((24, 24), 576)  # SmolLM2's o_proj / q_proj
     assert _row_parallel_dims((64, 24), 1536) and not _row_parallel_dims((32, 48), 1536)  # its down_proj / up_proj

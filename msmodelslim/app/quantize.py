@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
+import torch
 from torch import nn
 
 from msmodelslim.app.estimate import estimate_run
@@ -33,7 +34,7 @@ from msmodelslim.app.quantize_prior import PriorRun, prior_runs, run_prior
 from msmodelslim.app.quantize_request import (QuantizeReport, QuantizeRequest, load_practice, peak_rss_mib,
                                             require_model_dir, with_model_type)
 from msmodelslim.core.activations import ActivationSpill
-from msmodelslim.core.config import PracticeConfig, RunnerType
+from msmodelslim.core.config import CalibrationConfig, PracticeConfig, RunnerType
 from msmodelslim.core.dataset import load_texts
 from msmodelslim.core.device import DeviceSpec
 from msmodelslim.core.distributed import LOCAL, Collective, contiguous_share, spawn_ranks, torchrun_group, torchrun_world
@@ -164,6 +165,7 @@ def _prepare(request: QuantizeRequest, in_rank: bool = False) -> _Job:
     context = ProcessorContext(type(adapter).__name__, adapter.structure, adapter.attention_shape(),
                                mla=adapter.mla_shape(), prior=prior_results, model_dtype=adapter.global_dtype())
     processors = build_pipeline(config.spec.process, context)
+    config.spec.calibration = _settled_precision(config.spec.calibration, processors, request.device.primary, in_rank)
     if runner == RunnerType.dp_layer_wise:
         refuse_undistributable(config.spec.process, processors)
     needs_data = any(p.needs_calibration for p in processors)
@@ -206,6 +208,18 @@ def _prepare(request: QuantizeRequest, in_rank: bool = False) -> _Job:
                      ", ".join(type(p).__name__ for p in stage.processors), len(stage.calibration))
     return _Job(config, runner, adapter, processors, calibration, model, plan, spill, required, unread,
                 adapter.checkpoint.names(), fingerprint, resume_from, prior, prior_results)
+
+
+def _settled_precision(calibration: CalibrationConfig, processors: list, device: torch.device,
+                       quiet: bool) -> CalibrationConfig:
+    """`spec.calibration.precision: auto` settled for the run's device (before the fingerprint and the saved
+    practice, which record the choice)."""
+    settled = calibration.resolved(device, any(p.range_statistics for p in processors if p.needs_calibration))
+    if calibration.precision == "auto" and settled.precision == "bfloat16" and not quiet:
+        log.info("calibration: the forwards that collect only ranges (smoothing's max |x|, static min/max) run in "
+                 "bfloat16, since this %s multiplies bfloat16 in hardware; spec.calibration.precision: float32 keeps "
+                 "them in float32", device.type.upper() if device.type != "cpu" else "CPU")
+    return settled
 
 
 def _resume_point(request: QuantizeRequest, config: PracticeConfig, runner: RunnerType, calibration: CalibrationData,

@@ -247,6 +247,7 @@ class ReducedPrecision:
 
     dtype: torch.dtype = torch.bfloat16
     declined: set[tuple[int, str]] = field(default_factory=set)  # (spec.process index, why): already logged
+    chosen: bool = False  # picked by `precision: auto`, not asked for: where it does not apply is not news
 
     @property
     def name(self) -> str:

@@ -26,6 +26,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, SerializerFunct
                       field_validator, model_serializer, model_validator)
 
 from msmodelslim.core.calibration import EarlyStop, ReducedPrecision
+from msmodelslim.core.device import has_native_bfloat16
 from msmodelslim.core.errors import ConfigError, MsModelSlimError
 from msmodelslim.core.logging import get_logger
 from msmodelslim.core.prior import PriorStage, check_stages
@@ -112,7 +113,9 @@ class CalibrationConfig(BaseModel):
     forwarded (core/calibration.py). `early_stop: false` uses every batch.
 
     `precision: bfloat16` runs those same range-only forwards under bfloat16 autocast (faster matmuls, extremes of
-    bfloat16-rounded activations); every other calibration forward stays float32 (core/calibration.py).
+    bfloat16-rounded activations); every other calibration forward stays float32 (core/calibration.py). `auto`
+    (the default) is bfloat16 where the device multiplies bfloat16 in hardware and a step collects only ranges,
+    float32 elsewhere; the run resolves it before any weight is read (`resolved`) and records what it chose.
 
     `next_block_inputs: quantized` feeds each block the previous block's outputs after it was quantized (GPTQ's
     original sequential order, and llm-compressor's): the later blocks then calibrate on the inputs they will
@@ -125,29 +128,47 @@ class CalibrationConfig(BaseModel):
     rtol: float = Field(0.05, gt=0, le=2, description="largest relative move of a channel's range still 'converged'")
     window_tokens: int = Field(8192, ge=1, le=10**9, description="tokens over which the ranges must stay within rtol")
     min_tokens: int = Field(16384, ge=1, le=10**12, description="never stop before this many tokens")
-    precision: Literal["float32", "bfloat16"] = Field(
-        "float32", description="dtype of the matmuls of range-only calibration forwards (core/calibration.py)")
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="dtype of the matmuls of range-only calibration forwards; auto: bfloat16 where the "
+                            "device has bfloat16 matmul units, else float32 (core/calibration.py)")
     next_block_inputs: Literal["float", "quantized"] = Field(
         "float", description="what the next block calibrates on: this block's float outputs, or its outputs once "
                              "quantized (one more forward per block; core/runner.py)")
+    _precision_chosen: bool = PrivateAttr(default=False)  # resolved from auto: its declines are not news to the user
 
     def early_stop_rule(self) -> Optional[EarlyStop]:
         return EarlyStop(self.rtol, self.window_tokens, self.min_tokens) if self.early_stop else None
 
     @model_serializer(mode="wrap")
     def _omit_new_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        # The saved practice (`*_best_practice.yaml`, the resume fingerprint) of a run with the defaults stays
-        # byte-identical to one written before these fields existed; a run that sets them records them.
+        # A practice with the defaults stays byte-identical to one written before these fields existed. A run
+        # records the precision it resolved `auto` to (`*_best_practice.yaml`, the resume fingerprint): the same
+        # practice computes in another dtype on another machine.
         data = handler(self)
-        if self.precision == "float32":
+        if self.precision == "auto":
             data.pop("precision", None)
         if self.next_block_inputs == "float":
             data.pop("next_block_inputs", None)
         return data
 
+    def resolved(self, device: torch.device, ranges_only_step: bool) -> "CalibrationConfig":
+        """This config with `auto` settled for `device`: bfloat16 where it multiplies bfloat16 in hardware and
+        some step's forward collects only ranges (`ranges_only_step`; no other forward would use it), else
+        float32. An explicit precision is kept as written."""
+        if self.precision != "auto":
+            return self
+        fast = ranges_only_step and has_native_bfloat16(device)
+        settled = self.model_copy(update={"precision": "bfloat16" if fast else "float32"})
+        settled._precision_chosen = True
+        return settled
+
     def reduced_precision(self) -> Optional[ReducedPrecision]:
-        """None for float32 (the default: calibration forwards as before); a fresh one per run otherwise."""
-        return None if self.precision == "float32" else ReducedPrecision(CALIBRATION_DTYPES[self.precision])
+        """None for float32 (calibration forwards as the model computes); a fresh one per run otherwise."""
+        if self.precision == "auto":
+            raise ValueError("spec.calibration.precision auto must be resolved for the run's device first")
+        if self.precision == "float32":
+            return None
+        return ReducedPrecision(CALIBRATION_DTYPES[self.precision], chosen=self._precision_chosen)
 
 
 def _default_save() -> list[AscendV1SaverConfig]:

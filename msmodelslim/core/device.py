@@ -88,3 +88,13 @@ def cpu_has_native_bfloat16() -> bool:
                        for line in cpuinfo)
     except OSError:
         return False
+
+
+def has_native_bfloat16(device: torch.device) -> bool:
+    """Whether `device` multiplies bfloat16 in hardware: a CPU with AVX512-BF16, AMX or Arm BF16, a CUDA GPU that
+    torch says supports it. Other devices answer False (calibration then stays float32 unless asked)."""
+    if device.type == "cpu":
+        return cpu_has_native_bfloat16()
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return False

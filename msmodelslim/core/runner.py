@@ -33,6 +33,7 @@ states that run saved.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -126,8 +127,9 @@ def _autocast(block: nn.Module, block_dtype: Optional[torch.dtype], requests: li
         precision.declined.add((index, reason))
         kind = getattr(getattr(processor, "config", None), "type", type(processor).__name__)
         dtype = str(block_dtype or torch.float32).removeprefix("torch.")
-        log.info("spec.calibration.precision %s does not apply to spec.process[%d] (%s): %s; its calibration "
-                 "forwards run in %s", precision.name, index, kind, reason, dtype)
+        log.log(logging.DEBUG if precision.chosen else logging.INFO,
+                "spec.calibration.precision %s does not apply to spec.process[%d] (%s): %s; its calibration "
+                "forwards run in %s", precision.name, index, kind, reason, dtype)
     return nullcontext(), None
 
 

@@ -18,14 +18,14 @@ import torch
 from msmodelslim.format.ascendv1.reader import (GLOBAL_KEYS, attention_entry, quantized_layers, read_description,
                                                 tensors_by_layer)
 from msmodelslim.format.ascendv1.fa3 import check_fa3
+from msmodelslim.format.ascendv1.flat_check import check_flat_transform_tensors, check_fused_flat_transforms
 from msmodelslim.format.ascendv1.kv_cache import check_kv_cache
 from msmodelslim.format.ascendv1.rotation_check import check_online_rotations, rotation_tensor_names
-from msmodelslim.format.ascendv1.tensors import (FLAT_INNER_TAGS, FLOAT, decode_deq_scale, split_flat_tag,
-                                                 split_svd_tag, unpack_int4_int32, unpack_int4_rows)
+from msmodelslim.format.ascendv1.tensors import (FLAT_INNER_TAGS, FLOAT, FLOAT_WEIGHT_DTYPES, decode_deq_scale,
+                                                 split_flat_tag, split_svd_tag, unpack_int4_int32, unpack_int4_rows)
 from msmodelslim.format.findings import Finding
 from msmodelslim.format.integrity import read_checked_tensors
-from msmodelslim.ir.flat_transform import (CLIP_RATIO, FLAT_TENSORS, LEFT_TRANS, RIGHT_TRANS, FlatDims,
-                                           check_flat_transform, flat_dims, is_block_diagonal)
+from msmodelslim.ir.flat_transform import FLAT_TENSORS
 from msmodelslim.ir.lowrank import LOWRANK_L1, LOWRANK_L2
 from msmodelslim.model.moe import expert_of
 from msmodelslim.quantizer.primitives import all_finite
@@ -49,7 +49,6 @@ NOT_LOADED = {
 }
 SVD_NOT_LOADED = (f"{ENGINE} has no scheme for _SVD types (SVDQuant's low-rank branch, svd_lowrank_l1/l2): it does "
                   f"not load this layer (formats.md A.4.10)")
-FLOAT_WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MX_ELEMENT_BITS = {"W8A8_MXFP8": 8, "W4A8_MXFP": 4, "W4A4_MXFP4": 4, "W4A16_MXFP4": 4, "W4A4_MXFP4_DUALSCALE": 4}
 
 
@@ -98,48 +97,6 @@ def _check_lowrank(prefix: str, inner: str, t: dict[str, torch.Tensor]) -> list[
     return f
 
 
-def _row_parallel_dims(shape: tuple[int, int], in_features: int) -> FlatDims | None:
-    """The row-parallel MXFP4 transform shape when (left, right) `shape` can only be it; None otherwise (where the
-    column and row pairs coincide, the layer's name decides, which the checker does not know)."""
-    dims = {}
-    for row_parallel in (False, True):
-        try:
-            dims[row_parallel] = flat_dims(in_features, mxfp4=True, row_parallel=row_parallel)
-        except ValueError:
-            pass
-    pairs = {kind: (d.left, d.right) for kind, d in dims.items()}
-    return dims[True] if pairs.get(True) == shape and pairs.get(False) != shape else None
-
-
-def _check_flat_transform(prefix: str, tag: str, t: dict[str, torch.Tensor], in_features: int | None,
-                          mxfp4: bool) -> list[Finding]:
-    """FlatQuant's tensors (formats.md A.4.8): left_trans [a, a] and right_trans [b, b] float with (a, b) a factor
-    pair of K that vLLM-Ascend's loader derives (ir/flat_transform.flat_dims), invertible; clip_ratio float32
-    [1] in (0, 1] (the kernel takes it as the ratio itself). MXFP4 with the row-parallel pair: left_trans
-    block-diagonal over max_supported_tp ranks (each keeps its own block)."""
-    missing = [s for s in FLAT_TENSORS if s not in t]
-    if missing:
-        return [Finding("error", f"{prefix}: {tag} needs tensor(s) {', '.join(map(repr, missing))}")]
-    f = [Finding("error", f"{prefix}: '{s}' must be a float tensor, got {t[s].dtype}")
-         for s in (LEFT_TRANS, RIGHT_TRANS) if t[s].dtype not in FLOAT_WEIGHT_DTYPES]
-    if t[CLIP_RATIO].dtype != torch.float32:
-        f.append(Finding("error", f"{prefix}: '{CLIP_RATIO}' is {t[CLIP_RATIO].dtype}, expected torch.float32"))
-    if f or in_features is None:
-        return f
-    try:
-        check_flat_transform({name: t[name].float() for name in FLAT_TENSORS}, in_features, mxfp4)
-    except ValueError as exc:
-        f.append(Finding("error", f"{prefix}: {exc}"))
-        return f
-    shape = (t[LEFT_TRANS].shape[0], t[RIGHT_TRANS].shape[0])
-    row = _row_parallel_dims(shape, in_features) if mxfp4 else None
-    if row is not None and not is_block_diagonal(t[LEFT_TRANS], row.left_blocks):
-        f.append(Finding("error", f"{prefix}: '{LEFT_TRANS}' has the row-parallel shape but is not block-diagonal "
-                                  f"over {row.left_blocks} ranks (max_supported_tp); each rank keeps only its "
-                                  f"diagonal block"))
-    return f
-
-
 def _check_linear(prefix: str, tag: str, t: dict[str, torch.Tensor], model_dtype: str | None,
                   is_expert: bool = False) -> list[Finding]:
     inner, flat = split_flat_tag(tag)
@@ -150,7 +107,7 @@ def _check_linear(prefix: str, tag: str, t: dict[str, torch.Tensor], model_dtype
         own = {k: v for k, v in t.items() if k not in FLAT_TENSORS}
         shape = _layer_shape(inner, own)
         return (_check_linear(prefix, inner, own, model_dtype, is_expert)
-                + _check_flat_transform(prefix, tag, t, None if shape is None else shape[1],
+                + check_flat_transform_tensors(prefix, tag, t, None if shape is None else shape[1],
                                         mxfp4=inner == "W4A4_MXFP4"))
     inner, lowrank = split_svd_tag(tag)
     if lowrank:  # the inner type's checks, the pair's, and: no engine loads it (formats.md A.4.10)
@@ -434,8 +391,5 @@ def check_described_tensors(path: Path, description: dict, model_dtype: str | No
             scales = [tensors.get(f"{m}.input_scale") for m in members]
             if all(s is not None for s in scales) and not all(torch.equal(scales[0], s) for s in scales[1:]):
                 err(f"fused layers {members} have different input_scale; the engine keeps only the last")
-            for name in FLAT_TENSORS:  # one transform per fused layer in the engine (FlatQuant, formats.md A.4.8)
-                shared = [tensors.get(f"{m}.{name}") for m in members]
-                if all(s is not None for s in shared) and not all(torch.equal(shared[0], s) for s in shared[1:]):
-                    err(f"fused layers {members} have different {name}; the engine keeps one for all of them")
+            findings.extend(check_fused_flat_transforms(members, tensors))
     return findings

@@ -17,6 +17,7 @@ from msmodelslim.quantizer.float_formats import e8m0_to_scale, pack_fp4_pairs, s
 from msmodelslim.quantizer.scheme import Scheme
 
 FLOAT = "FLOAT"
+FLOAT_WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 # ---- Derived tags: the established writer renames the type of a layer that carries extra tensors, `X_DYNAMIC` ->
