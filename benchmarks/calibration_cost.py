@@ -30,8 +30,9 @@ VARIANTS = {
     "before": None,
     "before_bf16": {"precision": "bfloat16"},  # the code under --before, range-only forwards in bfloat16
     "after_no_early_stop": {"early_stop": False},
-    "after_default": {},  # precision auto: bfloat16 where the CPU has bfloat16 units, else float32
-    "after_float32": {"precision": "float32"},
+    "after_default": {},
+    # bfloat16 range-only forwards where the CPU has bfloat16 units, else float32 (spec.calibration.precision auto)
+    "after_auto": {"precision": "auto"},
     # range-only calibration forwards (smoothing, static min/max) under bfloat16 autocast (spec.calibration.precision)
     "after_bf16": {"precision": "bfloat16"},
     # forced, not converged: every block stops after its first 3 batches whatever the ranges do (rtol 2 always

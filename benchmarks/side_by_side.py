@@ -4,7 +4,7 @@ windows, measured in one run (run by hand, not in CI).
 llm-compressor lives in its own environment, never in the project's dependencies:
     python3 -m venv /tmp/lcvenv && /tmp/lcvenv/bin/pip install torch==2.13.0 llmcompressor
     python benchmarks/side_by_side.py --peer_python /tmp/lcvenv/bin/python [--pairs rtn_dynamic,dynamic,static,static_split]
-        [--calibration_precision auto|float32|bfloat16]
+        [--calibration_precision float32|bfloat16|auto]
 
 Both tools quantize SmolLM2-135M-Instruct (float32) with 128 windows of 512 tokens from the calibration half;
 perplexity is taken on 40 x 512 tokens of the evaluation half. The quantize wall time counts model loading
@@ -78,9 +78,9 @@ def main() -> None:
     parser.add_argument("--work_dir", type=Path, default=Path.home() / ".cache" / "msmodelslim" / "side_by_side")
     parser.add_argument("--windows", type=int, default=40)
     parser.add_argument("--pairs", default="rtn_dynamic,dynamic", help=f"comma-separated, from: {', '.join(PAIRS)}")
-    parser.add_argument("--calibration_precision", choices=("auto", "float32", "bfloat16"), default="auto",
-                        help="our spec.calibration.precision (auto, the default: bfloat16 range-only forwards where "
-                             "the CPU has bfloat16 units; llm-compressor runs float32 either way)")
+    parser.add_argument("--calibration_precision", choices=("float32", "bfloat16", "auto"), default="float32",
+                        help="our spec.calibration.precision (bfloat16: range-only forwards under autocast; auto: "
+                             "bfloat16 where the CPU has bfloat16 units; llm-compressor runs float32 either way)")
     args = parser.parse_args()
     args.work_dir.mkdir(parents=True, exist_ok=True)
 
@@ -89,9 +89,9 @@ def main() -> None:
     rows = []
     for pair in args.pairs.split(","):
         ours, peer = PAIRS[pair]
-        tag = ours if args.calibration_precision == "auto" else f"{ours}.{args.calibration_precision}"
+        tag = ours if args.calibration_precision == "float32" else f"{ours}.{args.calibration_precision}"
         config = args.work_dir / f"{tag}.yaml"
-        calibration = None if args.calibration_precision == "auto" else {"precision": args.calibration_precision}
+        calibration = None if args.calibration_precision == "float32" else {"precision": args.calibration_precision}
         write_config(config, SCHEMES[ours], str(calib), "layer_wise", calibration=calibration)
         out = args.work_dir / f"smollm2-{tag}"
         seconds, rss = quantize_in_child(model_dir, config, out)

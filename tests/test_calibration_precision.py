@@ -1,7 +1,8 @@
 """`spec.calibration.precision` (issue #26 item 5): with bfloat16, range-only calibration forwards (smoothing's max
 |x|, static min/max ranges) run under bfloat16 autocast; every other forward stays float32 and the run says so; the
-hidden states handed to the next block stay float32. The default, auto, is bfloat16 where the CPU has bfloat16
-units and a step collects only ranges, float32 elsewhere, and the saved practice records the choice."""
+hidden states handed to the next block stay float32. `auto` is bfloat16 where the CPU has bfloat16 units and a
+step collects only ranges, float32 elsewhere, and the saved practice records the choice; the default, float32,
+changes nothing."""
 import json
 import logging
 from types import SimpleNamespace
@@ -91,18 +92,20 @@ def bfloat16_units(monkeypatch):
     return set_units
 
 
-def test_auto_is_the_default_and_settles_by_the_hardware_and_the_steps(bfloat16_units):
+def test_default_is_float32_and_auto_settles_by_the_hardware_and_the_steps(bfloat16_units):
     cpu = torch.device("cpu")
-    assert CalibrationConfig().precision == "auto"
-    with pytest.raises(ValueError, match="resolved"):
-        CalibrationConfig().reduced_precision()
     bfloat16_units(True)
-    chosen = CalibrationConfig().resolved(cpu, ranges_only_step=True)
+    assert CalibrationConfig().precision == "float32"
+    assert CalibrationConfig().resolved(cpu, ranges_only_step=True).reduced_precision() is None
+    auto = CalibrationConfig(precision="auto")
+    with pytest.raises(ValueError, match="resolved"):
+        auto.reduced_precision()
+    chosen = auto.resolved(cpu, ranges_only_step=True)
     assert chosen.precision == "bfloat16" and chosen.reduced_precision().chosen
     # no step collects only ranges (GPTQ alone): no forward could use it, so the run records float32
-    assert CalibrationConfig().resolved(cpu, ranges_only_step=False).precision == "float32"
+    assert auto.resolved(cpu, ranges_only_step=False).precision == "float32"
     bfloat16_units(False)  # emulated bfloat16 is slower than float32: auto never picks it
-    assert CalibrationConfig().resolved(cpu, ranges_only_step=True).reduced_precision() is None
+    assert auto.resolved(cpu, ranges_only_step=True).reduced_precision() is None
     # an explicit setting is kept as written, on any hardware
     asked = CalibrationConfig(precision="bfloat16").resolved(cpu, ranges_only_step=False).reduced_precision()
     assert asked.dtype == torch.bfloat16 and not asked.chosen
@@ -122,28 +125,40 @@ def test_a_bad_precision_is_refused_before_any_weight_is_read(source, calib, tmp
     assert not (tmp_path / "bad").exists()
 
 
+def test_float32_written_out_is_byte_identical_to_the_default(source, calib, tmp_path, forwards_seen):
+    default = quantize(source, tmp_path, "default", [SMOOTH, STATIC], calib)
+    explicit = quantize(source, tmp_path, "float32", [SMOOTH, STATIC], calib, precision="float32")
+    assert output_file_bytes(default) == output_file_bytes(explicit)
+    # the saved practice (and the resume fingerprint hashing it) of a float32 run is the one written before the
+    # field existed
+    practice = yaml.safe_load((explicit / "Llama-2-7B_best_practice.yaml").read_text())
+    assert "precision" not in practice["spec"]["calibration"]
+    assert forwards_seen and not any(autocast for _, autocast, _, _ in forwards_seen)
+
+
 @pytest.mark.parametrize("units", [False, True])
 def test_auto_writes_what_the_precision_it_chose_writes_and_records_it(source, calib, tmp_path, forwards_seen,
                                                                        bfloat16_units, caplog, units):
     bfloat16_units(units)
     chosen = "bfloat16" if units else "float32"
     with caplog.at_level(logging.INFO, logger="msmodelslim"):
-        default = quantize(source, tmp_path, "default", [SMOOTH, STATIC], calib)
-    assert ("run in bfloat16, since this CPU multiplies bfloat16 in hardware" in caplog.text) == units
+        auto = quantize(source, tmp_path, "auto", [SMOOTH, STATIC], calib, precision="auto")
+    said = "this CPU multiplies bfloat16 in hardware" if units else "no bfloat16 matmul units on this CPU"
+    assert f"spec.calibration.precision auto: {chosen} ({said})" in caplog.text
     assert forwards_seen and all(autocast == units for _, autocast, _, _ in forwards_seen)
     explicit = quantize(source, tmp_path, chosen, [SMOOTH, STATIC], calib, precision=chosen)
-    assert output_file_bytes(default) == output_file_bytes(explicit)
-    # the saved practice (and the resume fingerprint hashing it) says what the run computed in, so that it
-    # reproduces the output on a machine that would settle auto otherwise
-    practice = yaml.safe_load((default / "Llama-2-7B_best_practice.yaml").read_text())
-    assert practice["spec"]["calibration"]["precision"] == chosen
+    assert output_file_bytes(auto) == output_file_bytes(explicit)
+    # the saved practice (and the resume fingerprint hashing it) says what the run computed in (float32: the
+    # default, left out), so that it reproduces the output on a machine that would settle auto otherwise
+    practice = yaml.safe_load((auto / "Llama-2-7B_best_practice.yaml").read_text())
+    assert practice["spec"]["calibration"].get("precision", "float32") == chosen
 
 
 def test_auto_with_bfloat16_units_says_nothing_about_steps_it_does_not_apply_to(source, calib, tmp_path,
                                                                                 bfloat16_units, caplog):
     bfloat16_units(True)
     with caplog.at_level(logging.INFO, logger="msmodelslim"):
-        quantize(source, tmp_path, "auto", [SMOOTH, GPTQ], calib)
+        quantize(source, tmp_path, "auto", [SMOOTH, GPTQ], calib, precision="auto")
     assert DECLINED not in caplog.text  # the user did not ask for bfloat16: GPTQ staying float32 is not news
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="msmodelslim"):
@@ -314,7 +329,7 @@ def test_a_cpu_without_bfloat16_units_is_warned_once_and_the_setting_still_appli
     assert forwards_seen and all(autocast for _, autocast, _, _ in forwards_seen)
 
 
-@pytest.mark.parametrize("precision", ["float32", None])
+@pytest.mark.parametrize("precision", [None, "float32", "auto"])
 def test_float32_and_auto_runs_are_never_warned_about_bfloat16_units(source, calib, tmp_path, monkeypatch, caplog,
                                                                      bfloat16_units, forwards_seen, precision):
     monkeypatch.setattr(runner, "cpu_has_native_bfloat16", lambda: False)

@@ -212,13 +212,16 @@ def _prepare(request: QuantizeRequest, in_rank: bool = False) -> _Job:
 
 def _settled_precision(calibration: CalibrationConfig, processors: list, device: torch.device,
                        quiet: bool) -> CalibrationConfig:
-    """`spec.calibration.precision: auto` settled for the run's device (before the fingerprint and the saved
-    practice, which record the choice)."""
-    settled = calibration.resolved(device, any(p.range_statistics for p in processors if p.needs_calibration))
-    if calibration.precision == "auto" and settled.precision == "bfloat16" and not quiet:
-        log.info("calibration: the forwards that collect only ranges (smoothing's max |x|, static min/max) run in "
-                 "bfloat16, since this %s multiplies bfloat16 in hardware; spec.calibration.precision: float32 keeps "
-                 "them in float32", device.type.upper() if device.type != "cpu" else "CPU")
+    """`spec.calibration.precision: auto` settled for the run's device, before the fingerprint and the saved
+    practice, which record the choice."""
+    ranges_only = any(p.range_statistics for p in processors if p.needs_calibration)
+    settled = calibration.resolved(device, ranges_only)
+    if calibration.precision == "auto" and not quiet:
+        kind = "CPU" if device.type == "cpu" else device.type.upper()
+        why = (f"this {kind} multiplies bfloat16 in hardware" if settled.precision == "bfloat16" else
+               "no step collects only ranges" if not ranges_only else f"no bfloat16 matmul units on this {kind}")
+        log.info("spec.calibration.precision auto: %s (%s); the forwards that collect only ranges (smoothing's "
+                 "max |x|, static min/max) run in it", settled.precision, why)
     return settled
 
 
