@@ -108,7 +108,7 @@ def _check_linear(prefix: str, tag: str, t: dict[str, torch.Tensor], model_dtype
         shape = _layer_shape(inner, own)
         return (_check_linear(prefix, inner, own, model_dtype, is_expert)
                 + check_flat_transform_tensors(prefix, tag, t, None if shape is None else shape[1],
-                                        mxfp4=inner == "W4A4_MXFP4"))
+                                               mxfp4=inner == "W4A4_MXFP4"))
     inner, lowrank = split_svd_tag(tag)
     if lowrank:  # the inner type's checks, the pair's, and: no engine loads it (formats.md A.4.10)
         found = _check_linear(prefix, inner, t, model_dtype, is_expert) + _check_lowrank(prefix, inner, t)
