@@ -572,7 +572,8 @@ def dynamic_experts_forward(module, quantize=_per_token_int8, integer=None):
     reader compute them: one fused product rounds differently (1 ulp), and on a tiny random MoE such a difference
     flips an activation code in a later layer and moves the logits by 0.4 % (test_vlm_qwen3_5, qwen3_5_moe)."""
     routed, inter = module.down_proj.shape[0], module.down_proj.shape[-1]
-    limit = getattr(module, "limit", float("inf"))  # Step-3.5's clamped SwiGLU; inf elsewhere
+    limit = getattr(module, "limit", None)  # Step-3.5's clamped SwiGLU (transformers 5.25: None when off)
+    limit = float("inf") if limit is None else limit
     # LongCat's zero-computation experts (indices from `routed` on) return their input, in float
     identities = range(routed, module.gate_up_proj.shape[0]) if hasattr(module, "identity_expert") else ()
 

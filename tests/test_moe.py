@@ -17,7 +17,7 @@ from msmodelslim.cli.__main__ import main
 from msmodelslim.core.errors import ConfigError, InvalidModelError
 from msmodelslim.format.ascendv1.checker import check_moe_experts
 from msmodelslim.format.ascendv1.reader import load_ascendv1
-from msmodelslim.model.moe import UnfusedExperts, unfuse_experts
+from msmodelslim.model.moe import UnfusedExperts, UnfusedExpertsSkippingZeroWeights, unfuse_experts
 from msmodelslim.model.registry import create_adapter
 from msmodelslim.quantizer.primitives import quantize_weight_minmax
 from reference_reader import load_reference_model
@@ -133,6 +133,30 @@ def test_unfused_experts_skip_the_padding_index():
     with torch.no_grad():
         got, expected = UnfusedExperts.from_fused(fused)(hidden, index, weights), fused(hidden, index, weights)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_zero_weight_picks_are_not_forwarded_and_change_nothing():
+    """LongCat-Flash under transformers >= 5.25 hands its zero-computation experts' picks to routed experts with
+    weight 0: the output is the plain unfused experts' (those picks add nothing), and the picked experts never
+    see those tokens (calibration statistics of real routing only)."""
+    fused_model = AutoModelForCausalLM.from_config(tiny_config("qwen3_moe", 320), experts_implementation="eager")
+    fused = fused_model.model.layers[0].mlp.experts
+    with torch.no_grad():
+        fused.gate_up_proj.normal_(0, 0.1)
+        fused.down_proj.normal_(0, 0.1)
+    hidden = torch.randn(4, 64)
+    index = torch.tensor([[0, 1], [1, 2], [3, 0], [2, 3]])
+    weights = torch.tensor([[0.6, 0.4], [0.0, 0.7], [0.5, 0.0], [0.3, 0.2]])  # two dummy picks: token 1, token 2
+    skipping = UnfusedExpertsSkippingZeroWeights.from_fused(fused)
+    seen = {e: [] for e in range(len(skipping))}
+    for e, expert in enumerate(skipping):
+        expert.projection("gate").register_forward_pre_hook(lambda _m, args, e=e: seen[e].append(args[0].shape[0]))
+    with torch.no_grad():
+        got, plain = skipping(hidden, index, weights), UnfusedExperts.from_fused(fused)(hidden, index, weights)
+    torch.testing.assert_close(got, plain, atol=1e-6, rtol=1e-6)
+    real = {e: int(((index == e) & (weights > 0)).any(dim=1).sum()) for e in range(len(skipping))}
+    assert {e: sum(n) for e, n in seen.items()} == real  # expert 1 sees token 0 only, expert 0 token 0 only
+    assert real[1] == 1 and real[0] == 1
 
 
 def test_unfuse_experts_renames_to_the_checkpoint_names():

@@ -27,7 +27,8 @@ from msmodelslim.core.errors import UnsupportedError
 from msmodelslim.core.logging import get_logger
 from msmodelslim.model.interface import (AttentionShape, ModelStructure, SmoothSubgraph, dense_mlp_subgraphs,
                                          mla_attention_subgraphs, moe_mlp_subgraphs)
-from msmodelslim.model.moe import UnfusedExperts, UnfusedExpertsWithIdentity, is_fused_experts
+from msmodelslim.model.moe import (UnfusedExperts, UnfusedExpertsSkippingZeroWeights, UnfusedExpertsWithIdentity,
+                                   is_fused_experts)
 from msmodelslim.model.skeleton_edits import keep_float
 from msmodelslim.model.transformers_model import TransformersModel
 
@@ -55,19 +56,27 @@ def longcat_smoothing(identity_experts: bool) -> tuple[SmoothSubgraph, ...]:
 
 
 def unfuse_longcat_experts(model: nn.Module) -> int:
-    """Replace every LongCat experts module (fused routed experts plus zero-computation experts) by per-expert
-    linears; returns how many. The fused module keeps gate_up_proj rows for the zero-computation experts too
-    (never used): only the routed experts (down_proj's first dimension) become modules."""
+    """Replace every LongCat experts module by per-expert linears; returns how many. Two layouts:
+    - transformers < 5.25: the experts module holds the zero-computation experts too (`identity_expert`, and
+      gate_up_proj rows for them that are never used): only the routed experts (down_proj's first dimension)
+      become modules, and the identity picks are computed beside them;
+    - transformers >= 5.25: the MoE adds the zero-computation experts' output itself and passes their picks to
+      the routed experts with weight 0, which are then not forwarded (UnfusedExpertsSkippingZeroWeights)."""
     fused = [(n, m) for n, m in model.named_modules() if is_fused_experts(m)]
     for name, module in fused:
-        if getattr(module, "has_bias", False) or not hasattr(module, "identity_expert"):
+        moves_identity_outside = module.gate_up_proj.shape[0] == module.down_proj.shape[0]
+        if getattr(module, "has_bias", False) or not (hasattr(module, "identity_expert") or moves_identity_outside):
             raise UnsupportedError(f"{name} ({type(module).__name__}) is not LongCat's experts layout (routed "
                                    f"gate/up/down experts without biases plus identity experts)")
         parent, _, child = name.rpartition(".")
         identity = int(getattr(module, "zero_expert_num", 0) or 0)
-        cls = UnfusedExpertsWithIdentity if identity else UnfusedExperts
-        kwargs = {"num_identity": identity} if identity else {}
-        setattr(model.get_submodule(parent), child, cls.from_fused(module, **kwargs))
+        if not hasattr(module, "identity_expert"):
+            unfused = UnfusedExpertsSkippingZeroWeights.from_fused(module)
+        elif identity:
+            unfused = UnfusedExpertsWithIdentity.from_fused(module, num_identity=identity)
+        else:
+            unfused = UnfusedExperts.from_fused(module)
+        setattr(model.get_submodule(parent), child, unfused)
     return len(fused)
 
 

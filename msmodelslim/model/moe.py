@@ -147,6 +147,17 @@ class UnfusedExpertsWithIdentity(UnfusedExperts):
         return routed + hidden_states * identity_weight.to(hidden_states.dtype)
 
 
+class UnfusedExpertsSkippingZeroWeights(UnfusedExperts):
+    """Routed experts whose caller sends some tokens with router weight 0 that are not routed to them: LongCat-
+    Flash in transformers >= 5.25, whose MoE adds its zero-computation experts' output itself and hands their
+    picks to the routed experts as dummy indices with weight 0. Those picks contribute nothing to the output;
+    here they are not forwarded at all, so that calibration statistics see only the tokens really routed."""
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        return super().forward(hidden_states, torch.where(top_k_weights == 0, len(self), top_k_index), top_k_weights)
+
+
 def _fused_layout_problem(module: nn.Module) -> Optional[str]:
     """Why a module with 3-D `gate_up_proj`/`down_proj` cannot be unfused exactly; None when it can."""
     flags = {"has_bias": False, "is_transposed": False, "is_concatenated": True, "has_gate": True,
