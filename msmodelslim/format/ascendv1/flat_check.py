@@ -25,7 +25,7 @@ def _row_parallel_dims(shape: tuple[int, int], in_features: int) -> FlatDims | N
 
 
 def check_flat_transform_tensors(prefix: str, tag: str, t: dict[str, torch.Tensor], in_features: int | None,
-                          mxfp4: bool) -> list[Finding]:
+                                 mxfp4: bool) -> list[Finding]:
     """FlatQuant's tensors (formats.md A.4.8): left_trans [a, a] and right_trans [b, b] float with (a, b) a factor
     pair of K that vLLM-Ascend's loader derives (ir/flat_transform.flat_dims), invertible; clip_ratio float32
     [1] in (0, 1] (the kernel takes it as the ratio itself). MXFP4 with the row-parallel pair: left_trans
