@@ -7,6 +7,7 @@ names, the tensors the engine runs in float, the DeepSeek-V3.2 / GLM-5 indexer e
 experts, Kimi-K2's config.json read as data, DeepSeek-V4's native names."""
 import json
 import shutil
+import statistics
 
 import pytest
 import torch
@@ -198,17 +199,23 @@ def test_w8a8_dynamic_end_to_end(checkpoints, tmp_path, capsys, family):
     stacked = {where.tensor for n in output if (where := adapter.stacked_source(n)) is not None}  # Step-3.5's
     assert tensor_names(source) <= output | unused | stacked
 
-    ids = random_ids(seed=1)
     float_model, ours = float_reference(source, family), load_ascendv1(out)
     if family in DSA:
         # The tiny indexer keeps 8 of 24 keys: a 0.4% weight perturbation already moves the float logits by ~20%
         # through changed selections. Both models select every key here, so the drift measures quantization.
         for model in (float_model, ours):
             all_keys(model)
-    float_logits = logits(float_model, ids)
-    drift = ((logits(ours, ids) - float_logits).norm() / float_logits.norm()).item()
-    # as for the other MoE families: a perturbed hidden state can flip a token's top-k experts
-    assert drift < 0.15, f"quantized {family} drifted {drift:.3f} from float"
+    # The median over five inputs: in a tiny random MoE a perturbed hidden state can flip a token's top-k experts,
+    # which moves one input's drift by up to 5x (LongCat-Flash as transformers 5.25 builds it: 0.024-0.151 over
+    # six inputs); a wrong scale or a misplaced tensor moves every input's.
+    drifts = []
+    for seed in range(1, 6):
+        ids = random_ids(seed=seed)
+        float_logits = logits(float_model, ids)
+        drifts.append(((logits(ours, ids) - float_logits).norm() / float_logits.norm()).item())
+    drift = statistics.median(drifts)
+    print(f"{family}: W8A8 dynamic drift from float over five inputs {[round(d, 3) for d in drifts]}")
+    assert drift < 0.15, f"quantized {family} drifted {drift:.3f} from float (median of {drifts})"
 
 
 @pytest.mark.parametrize("family", [*FAMILIES, "deepseek_v4"])
