@@ -266,3 +266,21 @@ def test_keyword_calls_are_captured_as_positional_arguments_in_parameter_order()
     assert positional_arguments(Block(), (h, c, t), {}) == (h, c, t)
     with pytest.raises(InvalidDatasetError, match="keyword-only arguments \\['scale'\\]"):
         positional_arguments(KeywordOnly(), (h,), {"scale": 2.0})
+
+
+def test_row_parallel_linears_are_matched_by_whole_name_parts():
+    """One rule for the text families (ModelStructure.is_row_parallel) and the DiT families: a suffix matches
+    whole dotted name parts, so that FLUX's `ff.net.2` is not taken for a module whose name only ends in it."""
+    from msmodelslim.model.diffusion.dit import is_row_parallel
+    from msmodelslim.model.diffusion.flux import FLUX1
+    from msmodelslim.model.interface import ModelStructure
+
+    assert is_row_parallel(FLUX1, "transformer_blocks.0.ff.net.2")
+    assert is_row_parallel(FLUX1, "single_transformer_blocks.3.proj_out")
+    assert not is_row_parallel(FLUX1, "transformer_blocks.0.ff_context.net.0.proj")
+    assert not is_row_parallel(FLUX1, "transformer_blocks.0.xff.net.2")
+    assert not is_row_parallel(FLUX1, "single_transformer_blocks.3.norm.proj_out_gate")
+    structure = ModelStructure()
+    assert structure.is_row_parallel("model.layers.0.self_attn.o_proj")
+    assert not structure.is_row_parallel("model.layers.0.self_attn.q_proj")
+    assert not structure.is_row_parallel("model.layers.0.self_attn.xo_proj")

@@ -120,3 +120,33 @@ def test_writing_goes_at_the_disks_speed_past_the_dirty_budget_or_when_checkpoin
     assert estimate_output.writing_seconds(10.0, 40.0, gb8, synced=False) == pytest.approx(30.0)
     assert estimate_output.writing_seconds(10.0, 40.0, gb8, synced=True) == pytest.approx(40.0)
     assert estimate_output.writing_seconds(10.0, 40.0, 1 << 30, synced=False) == pytest.approx(10.0)
+
+
+def test_the_heap_allowance_counts_the_unmeasured_batches_below_the_reuse_cap(monkeypatch):
+    """A 48 MiB temporary (SmolLM2's gate/up output over 16 x 512 tokens) and 4 batches, 1 measured: 3 x 48 MiB; 20
+    batches count as FRAGMENTING_BATCHES; all measured: nothing; above MSMODELSLIM_HEAP_REUSE_MIB (its own
+    mapping, no hole left in the heap): nothing."""
+    from msmodelslim.app import estimate
+
+    mib = 1 << 20
+    monkeypatch.delenv("MSMODELSLIM_HEAP_REUSE_MIB", raising=False)
+    assert estimate._fragmentation_bytes(48 * mib, batches=4, timed=1) == 3 * 48 * mib
+    assert estimate._fragmentation_bytes(48 * mib, batches=20, timed=1) == estimate.FRAGMENTING_BATCHES * 48 * mib
+    assert estimate._fragmentation_bytes(48 * mib, batches=4, timed=4) == 0
+    monkeypatch.setenv("MSMODELSLIM_HEAP_REUSE_MIB", "32")
+    assert estimate._fragmentation_bytes(48 * mib, batches=4, timed=1) == 0
+    assert estimate._fragmentation_bytes(16 * mib, batches=4, timed=1) == 3 * 16 * mib
+
+
+def test_the_dry_run_measures_the_largest_temporary_of_a_calibrated_block(tiny_llama, tmp_path):
+    """The heap allowance rests on the block's largest temporary, measured in its calibration forwards; a
+    data-free scheme has no forward and no allowance."""
+    import re
+
+    config = write_config(tmp_path / "c.yaml", SCHEMES["w8a8_static"], dataset=small_calib(tmp_path))
+    estimate = run_quant(tiny_llama, tmp_path / "dry", config, dry_run=True, estimate=True).estimate
+    (line,) = [a for a in estimate.assumptions if a.startswith("the C heap")]
+    assert float(re.search(r"temporaries \(([\d.]+) MiB\)", line).group(1)) > 0
+    config = write_config(tmp_path / "d.yaml", SCHEMES["w8a8_dynamic"])
+    estimate = run_quant(tiny_llama, tmp_path / "dry2", config, dry_run=True, estimate=True).estimate
+    assert not [a for a in estimate.assumptions if a.startswith("the C heap")]

@@ -349,7 +349,7 @@ def write_ascendv1(adapter, process: list[dict], data, out: Path, layer_wise: bo
                                          config_name=adapter.loader_module_name)
     else:
         writer = AscendV1Writer(out, 4, adapter.global_dtype(),
-                                is_row_parallel=lambda n: n.rsplit(".", 1)[-1] in adapter.structure.row_parallel,
+                                is_row_parallel=adapter.structure.is_row_parallel,
                                 dtype_for=adapter.original_dtype)
     run_blocks(adapter, model, processors, writer, adapter.handle_dataset(data, CPU), CPU, layer_wise,
                unread=adapter.unread_tensors(skeleton))

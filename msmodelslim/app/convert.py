@@ -14,7 +14,7 @@ from pathlib import Path
 
 from torch import nn
 
-from msmodelslim.core.config import MAX_PART_FILE_SIZE_GB
+from msmodelslim.core.saver_config import MAX_PART_FILE_SIZE_GB
 from msmodelslim.core.errors import ConfigError, FormatCheckError, InvalidModelError, UnsupportedError
 from msmodelslim.core.logging import get_logger
 from msmodelslim.format.ascendv1.reader import (

@@ -37,7 +37,7 @@ from msmodelslim.app.estimate_sample import tensor_bytes, through_leading_blocks
 from msmodelslim.core.config import RunnerType
 from msmodelslim.core.logging import get_logger
 from msmodelslim.core.memory import (bound_heap_growth, current_rss, peak_rss_since_reset, release_free_heap,
-                                     reset_peak_rss)
+                                     reset_peak_rss, reuse_threshold_bytes)
 from msmodelslim.core.resume import CheckpointSchedule
 from msmodelslim.core.reference import ReferenceStream
 from msmodelslim.core.runner import blocks_as_stored, process_block
@@ -80,6 +80,40 @@ class _ForwardClock:
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
+
+
+class _LargestOutput:
+    """The largest tensor a leaf module of a block returns during its forwards (an MLP's gate/up output, usually):
+    the size of the temporaries that glibc's heap keeps between batches (`_fragmentation_bytes`)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.bytes = 0
+        self._handles = [m.register_forward_hook(self._seen) for m in module.modules() if not list(m.children())]
+
+    def _seen(self, module, args, output) -> None:
+        if isinstance(output, torch.Tensor):
+            self.bytes = max(self.bytes, output.numel() * output.element_size())
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+# The heap's growth beyond the measured batches is counted for at most this many: in the probes of
+# docs/benchmarks.md ("Heap reuse inside a block"), a SmolLM2 layer's heap grew over its first four batches of
+# 16 x 512 tokens, then stayed the same size over further passes.
+FRAGMENTING_BATCHES = 4
+
+
+def _fragmentation_bytes(largest_temporary: int, batches: int, timed: int) -> int:
+    """What a block's peak gains over the dry run's measurement, which runs its first batches on a clean heap:
+    inside a block glibc keeps freed temporaries up to the reuse cap (core/memory.py heap_reused), and the
+    allocations that outlive a batch (its output) land in the holes the large temporaries leave, so each later
+    batch can add about one of the largest temporaries to the heap (measured: 18-114 MiB per batch against 48 MiB
+    gate/up outputs on SmolLM2). Temporaries above the cap get mappings of their own and leave no holes."""
+    if largest_temporary > reuse_threshold_bytes():
+        return 0
+    return largest_temporary * min(max(batches - timed, 0), FRAGMENTING_BATCHES)
 
 
 def _run_processors(name: str, block: nn.Module, processors: list, requests: list, calibration) -> list:
@@ -132,8 +166,8 @@ def _checkpoint_seconds_per_byte(outputs: list, directory: Path) -> float:
     return seconds / max(size, 1)
 
 
-def _assumptions(job, decoder: list[str], leading: list[str], checkpoints: int, schedule: CheckpointSchedule
-                 ) -> list[str]:
+def _assumptions(job, decoder: list[str], leading: list[str], checkpoints: int, schedule: CheckpointSchedule,
+                 largest_temporary: int) -> list[str]:
     """What the extrapolation takes for granted, printed with the estimate."""
     assumptions = ["every calibration batch is forwarded in every block (early stopping, spec.calibration, can "
                    "only make the run shorter)",
@@ -164,9 +198,11 @@ def _assumptions(job, decoder: list[str], leading: list[str], checkpoints: int, 
                            "timed on the last decoder block, and the learning measured on one chunk of rows; the "
                            "main stage timed with QuaRot's starting rotation in place of the learned one")
     if any(p.needs_calibration for p in job.processors):
-        assumptions.append("the C heap as the first block leaves it: where the blocks' temporaries fragment it, "
-                           "later blocks peak higher (27 % on SmolLM2 with GPTQ W4A4, docs/benchmarks.md; "
-                           "MSMODELSLIM_HEAP_REUSE_MIB trades time for a steadier peak)")
+        assumptions.append("the C heap: each batch after the measured ones leaves about one of the block's largest "
+                           f"temporaries ({largest_temporary / 2**20:.1f} MiB) in it, for up to {FRAGMENTING_BATCHES} "
+                           "batches, where it is below MSMODELSLIM_HEAP_REUSE_MIB; later blocks can peak higher "
+                           "still (27 % on SmolLM2 with GPTQ W4A4, docs/benchmarks.md; MSMODELSLIM_HEAP_REUSE_MIB "
+                           "trades time for a steadier peak)")
     if os.environ.get("MSMODELSLIM_ACTIVATION_MEMORY_MIB"):
         assumptions.append("the activations stay in memory (MSMODELSLIM_ACTIVATION_MEMORY_MIB spilling is not "
                            "modelled)")
@@ -256,11 +292,12 @@ def estimate_run(job, request, startup_s: float, writer_factories: dict[str, Cal
     adapter.load_block(model, name, device, as_stored=as_stored)
     load_block_s = time.perf_counter() - clock
     block = model.get_submodule(name)
-    forward_clock = _ForwardClock(block)
+    forward_clock, largest = _ForwardClock(block), _LargestOutput(block)
     clock = time.perf_counter()
     outputs = _run_processors(name, block, processors, requests[:timed], calibration)
     process_s = time.perf_counter() - clock
     forward_clock.remove()
+    largest.remove()
     peak = peak_rss_since_reset() if peak_known else None
     block_extra = max((peak if peak is not None else current_rss()) - before, 0)
     timed_output_bytes = sum(tensor_bytes(block_hidden_state(o), set()) for o in outputs)
@@ -340,12 +377,14 @@ def estimate_run(job, request, startup_s: float, writer_factories: dict[str, Cal
     checkpoints = schedule.count(blocks, block_s, stall_s) if checkpointing else 0
     # the blocks' shards reach the disk once, counted in "writing"
     phases["writing"] += stall_s * checkpoints
-    assumptions = _assumptions(job, decoder, leading, checkpoints, schedule)
+    assumptions = _assumptions(job, decoder, leading, checkpoints, schedule, largest.bytes)
     resident = rss_blocks
     if not layer_wise:  # model_wise: every block resident, widened to float32 as loaded
         resident += 4 * sum(t.numel() for b in block_names[1:] for t in meta.get_submodule(b).state_dict().values())
-    # in a block: every batch's input and output activations, the block, its processors' temporaries
-    in_block = resident + hidden_bytes + max(block_extra - timed_output_bytes, 0)
+    # in a block: every batch's input and output activations, the block, its processors' temporaries, and the holes
+    # the later batches leave in the heap
+    in_block = (resident + hidden_bytes + max(block_extra - timed_output_bytes, 0)
+                + _fragmentation_bytes(largest.bytes, len(batches), timed))
     # saving: the activations are gone; the non-block tables are written one at a time in the checkpoint's dtype
     # (read back as stored when released, converted from float32 otherwise), one of them possibly still queued for
     # the shard writer while the next is read; then the checklist maps the output

@@ -29,30 +29,28 @@ from msmodelslim.app.quantize_checks import (refuse_duplicate_savers, refuse_mis
                                              refuse_smoothing_after_online_rotation, refuse_steps_around_flatquant,
                                              refuse_steps_the_format_lacks, refuse_undistributable,
                                              writer_class_of)
-from msmodelslim.app.quantize_output import finish_outputs, make_writer, make_writers, saved_practice, subfolders
+from msmodelslim.app.quantize_output import finish_outputs, make_writer, make_writers, subfolders
 from msmodelslim.app.quantize_prior import PriorRun, prior_runs, run_prior
 from msmodelslim.app.quantize_request import (QuantizeReport, QuantizeRequest, load_practice, peak_rss_mib,
                                             require_model_dir, with_model_type)
+from msmodelslim.app.quantize_resume import resume_point
 from msmodelslim.core.activations import ActivationSpill
 from msmodelslim.core.config import CalibrationConfig, PracticeConfig, RunnerType
 from msmodelslim.core.dataset import load_texts
 from msmodelslim.core.device import DeviceSpec
 from msmodelslim.core.distributed import LOCAL, Collective, contiguous_share, spawn_ranks, torchrun_group, torchrun_world
-from msmodelslim.core.errors import UnsupportedError
 from msmodelslim.core.faults import fault_point
 from msmodelslim.core.logging import get_logger, level_from_env, setup_logging
 from msmodelslim.core.memory import bound_heap_growth, reuse_threshold_bytes
 from msmodelslim.core.passthrough import log_unread, refuse_inconsistent_passthrough
-from msmodelslim.core.resume import (BlockCheckpoints, CheckpointSchedule, Fingerprint, ResumePoint, describe,
-                                     read_checkpoint)
+from msmodelslim.core.resume import BlockCheckpoints, Fingerprint, ResumePoint
 from msmodelslim.core.runner import RunStats, run_blocks
 from msmodelslim.core.vlm_dataset import MEDIA, CalibrationData, load_vlm_samples
 from msmodelslim.format.ascendv1.tensors import split_flat_tag
 from msmodelslim.format.disk_space import check_free_space, estimate_output_bytes, receiving_directory
 from msmodelslim.format.integrity import required_tensors
 from msmodelslim.format.fan_out import SUBFOLDERS, FanOutWriter
-from msmodelslim.format.staging import (RESUME_STATE, check_save_path, discard_resumable, resumable,
-                                        staged_directory)
+from msmodelslim.format.staging import RESUME_STATE, check_save_path, discard_resumable, staged_directory
 from msmodelslim.model.passthrough import UnreadTensors
 from msmodelslim.model.registry import create_adapter, resolve
 from msmodelslim.processor.base import PriorResults, Processor, ProcessorContext, build_pipeline
@@ -182,7 +180,7 @@ def _prepare(request: QuantizeRequest, in_rank: bool = False) -> _Job:
     unread = adapter.unread_tensors(skeleton)  # names and headers only
     # the prior stages' data shape the main stage too (a learned rotation): a change of it refuses --resume
     fingerprinted = calibration + [sample for stage in prior for sample in stage.calibration] if prior else calibration
-    fingerprint, resume_from = _resume_point(request, config, runner, fingerprinted, adapter.block_names(skeleton))
+    fingerprint, resume_from = resume_point(request, config, runner, fingerprinted, adapter.block_names(skeleton))
     refuse_inconsistent_passthrough(processors, unread, request.model_path)
     if not in_rank:  # never silently: the user sees what the output holds beyond the model, and what it omits
         log_unread(unread)
@@ -223,32 +221,6 @@ def _settled_precision(calibration: CalibrationConfig, processors: list, device:
         log.info("spec.calibration.precision auto: %s (%s); the forwards that collect only ranges (smoothing's "
                  "max |x|, static min/max) run in it", settled.precision, why)
     return settled
-
-
-def _resume_point(request: QuantizeRequest, config: PracticeConfig, runner: RunnerType, calibration: CalibrationData,
-                  block_names: list[str]) -> tuple[Optional[Fingerprint], Optional[ResumePoint]]:
-    """The fingerprint block checkpoints carry and, with --resume, the checked checkpoint to continue from. Before
-    any weight is read: a checkpoint of another config, model, data set or code version is refused here."""
-    if runner == RunnerType.dp_layer_wise:
-        if request.resume:
-            raise UnsupportedError("--resume works with spec.runner layer_wise and model_wise; a dp_layer_wise run "
-                                   "keeps no block checkpoints (its ranks hold their own shares of the calibration "
-                                   "activations). Run without --resume, or with spec.runner layer_wise")
-        return None, None
-    CheckpointSchedule.from_env()  # a typo in MSMODELSLIM_CHECKPOINT_SECONDS fails here, before any weight is read
-    fingerprint = Fingerprint.of_run(saved_practice(config), request.model_type, request.model_path, calibration,
-                                     runner.value, str(request.device.primary))
-    if not request.resume:
-        return fingerprint, None
-    candidates = resumable(request.save_path)
-    if not candidates:
-        log.info("--resume: no interrupted run of %s left a checkpoint; starting from the first block",
-                 request.save_path)
-        return fingerprint, None
-    point = read_checkpoint(candidates[0], fingerprint, block_names)
-    log.info("--resume: continuing the interrupted run in %s (%s)%s", point.staging,
-             describe(point, len(block_names)), "; dry run: nothing is changed" if request.dry_run else "")
-    return fingerprint, point
 
 
 def _execute(job: _Job, request: QuantizeRequest, collective: Collective, staging_note: Optional[Path] = None) -> _Written:

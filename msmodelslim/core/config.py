@@ -17,23 +17,24 @@ Every error names the offending field by its path, e.g.
 from __future__ import annotations
 
 import enum
-import math
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Any, Literal, Optional
 
 import torch
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, SerializerFunctionWrapHandler, ValidationError,
                       field_validator, model_serializer, model_validator)
 
 from msmodelslim.core.calibration import EarlyStop, ReducedPrecision
+from msmodelslim.core.config_errors import format_validation_error, refuse_bad_numbers
 from msmodelslim.core.device import has_native_bfloat16
 from msmodelslim.core.errors import ConfigError, MsModelSlimError
 from msmodelslim.core.logging import get_logger
 from msmodelslim.core.prior import PriorStage, check_stages
 from msmodelslim.core.roadmap import not_yet
+from msmodelslim.core.saver_config import AscendV1SaverConfig, SaverConfig
 from msmodelslim.core.v0 import Translation, translate_document
 from msmodelslim.core.yaml_reader import read_yaml_file
-from msmodelslim.processor.registry import PROCESSORS, ProcessorConfig
+from msmodelslim.processor.registry import ProcessorConfig
 
 VLM_APIVERSION = "multimodal_vlm_modelslim_v1"
 SUPPORTED_APIVERSIONS = ("modelslim_v1", "modelslim_v0", VLM_APIVERSION)  # v0 files are translated (core/v0.py)
@@ -45,51 +46,12 @@ DEFAULT_VLM_DATASET = "calibImages"
 
 log = get_logger("config")
 
-MAX_EXACT_INT = 2**53  # beyond this a number is not exact as a float (YAML/JSON readers differ)
-MAX_PART_FILE_SIZE_GB = 1_000_000  # a petabyte per shard: larger is a typo, and 1e308 would overflow byte counts
-
 
 class RunnerType(str, enum.Enum):
     auto = "auto"
     model_wise = "model_wise"
     layer_wise = "layer_wise"
     dp_layer_wise = "dp_layer_wise"
-
-
-class AscendV1SaverConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    type: Literal["ascendv1_saver"]
-    part_file_size: float = Field(4, ge=0, le=MAX_PART_FILE_SIZE_GB,
-                                  description="shard size in GB; 0 writes a single file")
-    ext: dict[str, Any] = Field(default_factory=dict)
-
-
-class CompressedTensorsSaverConfig(BaseModel):
-    """`type: compressed_tensors`: Hugging Face shards + quantization_config (vLLM on GPUs, transformers)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    type: Literal["compressed_tensors"]
-    part_file_size: float = Field(4, ge=0, le=MAX_PART_FILE_SIZE_GB,
-                                  description="shard size in GB; 0 writes a single file")
-
-
-class MindIESaverConfig(BaseModel):
-    """`type: mindie_format_saver`: the MindIE(-SD) layout (format/mindie.py): quant_model_description_<type>.json
-    and quant_model_weight_<type>.safetensors, for the schemes that layout holds."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    type: Literal["mindie_format_saver"]
-    part_file_size: float = Field(4, ge=0, le=MAX_PART_FILE_SIZE_GB,
-                                  description="shard size in GB; 0 writes a single file")
-    ext: dict[str, Any] = Field(default_factory=dict)
-
-
-SaverConfig = Annotated[Union[AscendV1SaverConfig, CompressedTensorsSaverConfig, MindIESaverConfig],
-                        Field(discriminator="type")]
-SAVER_TYPES = ("ascendv1_saver", "compressed_tensors", "mindie_format_saver")
 
 
 # Processors that rewrite float weights (exactly, in float) and so must see them before quantization.
@@ -291,75 +253,11 @@ class VlmPracticeConfig(PracticeConfig):
     spec: VlmSpec
 
 
-def _format_loc(loc: tuple) -> str:
-    parts: list[str] = []
-    for i, item in enumerate(loc):
-        if isinstance(item, int):
-            parts.append(f"[{item}]")
-        elif item in (*PROCESSORS, *SAVER_TYPES) and i > 0 and isinstance(loc[i - 1], int):
-            continue  # the discriminator tag pydantic inserts after a list index
-        else:
-            parts.append(("." if parts else "") + str(item))
-    return "".join(parts)
-
-
 def _format_error(err: dict) -> str:
-    where = _format_loc(err["loc"]) or "<top level>"
-    kind, value = err["type"], err.get("input")
-    if kind == "enum":
-        allowed = err["ctx"]["expected"].replace("'", "").replace(" or ", ", ")
-        field = str(err["loc"][-1])
-        if field == "scope" and value == "per_head":  # a scope of attention activations, not of a linear's
-            return (f"{where}: scope 'per_head' (one scale per attention head) is fa3_quant's (its qconfig or "
-                    f"details); here use one of {allowed}")
-        planned = not_yet(field, value)
-        return f"{where}: {planned}; available: {allowed}" if planned else f"{where}: {value!r} is not one of {allowed}"
-    if kind == "literal_error":
-        return f"{where}: {value!r} is not allowed; expected {err['ctx']['expected']}"
-    if kind == "extra_forbidden":
-        planned = not_yet("spec field", err["loc"][-1]) if len(err["loc"]) == 2 else None
-        if planned:
-            return f"{where}: {planned}"
-        if tuple(err["loc"]) == ("spec", "default_text"):
-            return (f"{where}: a field of apiversion {VLM_APIVERSION} (vision-language models, image calibration); "
-                    f"this config is modelslim_v1")
-        return f"{where}: unknown key (check the spelling; see docs for the allowed fields)"
-    if kind == "missing":
-        return f"{where}: required field is missing"
-    if kind == "union_tag_invalid":
-        tag = err["ctx"]["tag"]
-        kind, names = ("saver", SAVER_TYPES) if "save" in err["loc"] else ("processor", tuple(PROCESSORS))
-        planned = not_yet(kind, tag)
-        if planned:
-            return f"{where}.type: {planned}; available: {', '.join(names)}"
-        return f"{where}.type: unknown {kind} type {tag!r}; available: {', '.join(names)}"
-    if kind == "union_tag_not_found":
-        return f"{where}: missing 'type' (one of {', '.join(PROCESSORS)})"
-    message = err["msg"].removeprefix("Value error, ")
-    return f"{where}: {message}"
-
-
-def _bad_numbers(data: Any) -> list[str]:
-    """`path: problem` for every non-finite float and every int beyond ±2**53, anywhere in `data` (iterative: the
-    nesting depth of data handed to parse_config directly is not bounded)."""
-    found: list[str] = []
-    seen: set[int] = set()  # containers shared through YAML aliases are walked once
-    stack: list[tuple[str, Any]] = [("", data)]
-    while stack:
-        where, value = stack.pop()
-        if isinstance(value, bool):
-            continue
-        if isinstance(value, float) and not math.isfinite(value):
-            found.append(f"{where or '<top level>'}: {value} is not a finite number")
-        elif isinstance(value, int) and abs(value) > MAX_EXACT_INT:
-            found.append(f"{where or '<top level>'}: {value} is beyond ±2**53; use a smaller number")
-        elif isinstance(value, (dict, list, tuple)) and id(value) not in seen:
-            seen.add(id(value))
-            items = value.items() if isinstance(value, dict) else enumerate(value)
-            children = [(f"{where}[{k}]" if isinstance(value, (list, tuple)) else
-                         f"{where}.{k}" if where else str(k), v) for k, v in items]
-            stack.extend(reversed(children))
-    return found
+    if err["type"] == "extra_forbidden" and tuple(err["loc"]) == ("spec", "default_text"):
+        return (f"spec.default_text: a field of apiversion {VLM_APIVERSION} (vision-language models, image "
+                f"calibration); this config is modelslim_v1")
+    return format_validation_error(err)
 
 
 def parse_config(data: Any, source: str = "<config>") -> PracticeConfig:
@@ -377,7 +275,7 @@ def parse_config(data: Any, source: str = "<config>") -> PracticeConfig:
         if planned:
             raise ConfigError(f"{source}: {planned}; supported: {', '.join(SUPPORTED_APIVERSIONS)}")
         raise ConfigError(f"{source}: apiversion {api!r} is unknown; supported: {', '.join(SUPPORTED_APIVERSIONS)}")
-    _refuse_bad_numbers(data, source)
+    refuse_bad_numbers(data, source)
     translation = None
     if api == "modelslim_v0":
         try:
@@ -393,15 +291,8 @@ def parse_config(data: Any, source: str = "<config>") -> PracticeConfig:
         raise ConfigError(f"{source}: invalid configuration{what}:\n  {lines}") from None
     config._translation = translation
     # Quoted numbers ("inf", "nan") pass the walk above as strings and become floats only in pydantic.
-    _refuse_bad_numbers(config.model_dump(exclude={"source_dir"}), source)
+    refuse_bad_numbers(config.model_dump(exclude={"source_dir"}), source)
     return config
-
-
-def _refuse_bad_numbers(data: Any, source: str) -> None:
-    bad = _bad_numbers(data)
-    if bad:
-        lines = "\n  ".join(bad[:20])
-        raise ConfigError(f"{source}: invalid configuration:\n  {lines}")
 
 
 def load_config(path: str | Path) -> PracticeConfig:

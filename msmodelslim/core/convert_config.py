@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from msmodelslim.core.config_errors import format_validation_error, refuse_bad_numbers
 from msmodelslim.core.errors import ConfigError
 
 CONVERT_APIVERSION = "modelslim_convert"
@@ -210,15 +211,13 @@ class ConvertConfig(BaseModel):
 
 def parse_convert_config(data: Any, source: str = "<config>") -> ConvertConfig:
     """A modelslim_convert document, validated; ConfigError naming every bad field."""
-    from msmodelslim.core.config import _format_error, _refuse_bad_numbers  # one error vocabulary for all protocols
-
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping with 'apiversion' and 'spec'")
-    _refuse_bad_numbers(data, source)
+    refuse_bad_numbers(data, source)
     try:
         return ConvertConfig.model_validate(data)
     except ValidationError as exc:
-        lines = "\n  ".join(_format_error(e) for e in exc.errors())
+        lines = "\n  ".join(format_validation_error(e) for e in exc.errors())
         raise ConfigError(f"{source}: invalid configuration:\n  {lines}") from None
 
 

@@ -29,9 +29,10 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from msmodelslim.core.config import MindIESaverConfig
+from msmodelslim.core.config_errors import format_validation_error, refuse_bad_numbers
 from msmodelslim.core.errors import ConfigError, UnsupportedError
 from msmodelslim.core.roadmap import not_yet
+from msmodelslim.core.saver_config import MindIESaverConfig
 from msmodelslim.processor.registry import PROCESSORS
 from msmodelslim.processor.fa3_quant.config import FA3QuantConfig
 from msmodelslim.processor.iter_smooth.config import IterSmoothConfig
@@ -172,14 +173,12 @@ def _refuse_unsupported(spec: Any, source: str) -> None:
 
 def parse_sd_config(data: dict, source: str = "<config>") -> SdPracticeConfig:
     """Called by core/config.parse_config for `apiversion: multimodal_sd_modelslim_v1`."""
-    from msmodelslim.core.config import _format_error, _refuse_bad_numbers  # one error vocabulary for all protocols
-
-    _refuse_bad_numbers(data, source)
+    refuse_bad_numbers(data, source)
     _refuse_unsupported(data.get("spec"), source)
     try:
         config = SdPracticeConfig.model_validate(data)
     except ValidationError as exc:
-        lines = "\n  ".join(_format_error(e) for e in exc.errors())
+        lines = "\n  ".join(format_validation_error(e) for e in exc.errors())
         raise ConfigError(f"{source}: invalid configuration:\n  {lines}") from None
     runner = config.spec.runner
     if runner != "layer_wise":

@@ -16,6 +16,12 @@ from msmodelslim.model.rotation import LLAMA_ROTATION, RotationStructure  # noqa
 from msmodelslim.model.kv_cache import KvCacheStructure
 
 
+def ends_with_parts(name: str, suffixes: tuple[str, ...]) -> bool:
+    """Whether a module name ends with one of the dotted suffixes, whole name parts only ("o_proj" matches
+    "layers.0.self_attn.o_proj", "to_out.0" matches "blocks.3.attn1.to_out.0", "proj" matches neither)."""
+    return any(name == suffix or name.endswith("." + suffix) for suffix in suffixes)
+
+
 @dataclass
 class ProcessRequest:
     """One block to process: its full module name, the module, and (for a forward) its inputs."""
@@ -168,8 +174,8 @@ class ModelStructure:
         return block_name.startswith(self.decoder_layers + ".")
 
     def is_row_parallel(self, linear_name: str) -> bool:
-        """Whether the engine splits this linear's input over tensor-parallel ranks (its last name part)."""
-        return linear_name.rsplit(".", 1)[-1] in self.row_parallel
+        """Whether the engine splits this linear's input over tensor-parallel ranks (a row_parallel suffix)."""
+        return ends_with_parts(linear_name, self.row_parallel)
 
 
 class ModelSlimPipelineInterfaceV1(ABC):

@@ -27,7 +27,7 @@ from torch import nn
 
 from msmodelslim.core.errors import ConfigError, InvalidModelError
 from msmodelslim.model.diffusion.wan import DiffusionFamily, _read_json, dtype_kwargs, stored_dtype
-from msmodelslim.model.interface import block_hidden_state
+from msmodelslim.model.interface import block_hidden_state, ends_with_parts
 
 TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast", "T5Tokenizer", "T5TokenizerFast", "LlamaTokenizer",
               "LlamaTokenizerFast", "Qwen2Tokenizer", "Qwen2TokenizerFast", "AutoTokenizer",
@@ -171,7 +171,7 @@ def next_block_inputs(family: DiffusionFamily, args: tuple, output: Any) -> tupl
 
 def is_row_parallel(family: DiffusionFamily, name: str) -> bool:
     suffixes = family.row_parallel if isinstance(family, DiTFamily) else ("to_out.0", "ffn.net.2")
-    return name.endswith(suffixes)
+    return ends_with_parts(name, suffixes)
 
 
 def prebuilt_components(family: DiffusionFamily, model_path: Path) -> dict[str, Any]:
