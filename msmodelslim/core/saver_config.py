@@ -6,14 +6,15 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 MAX_PART_FILE_SIZE_GB = 1_000_000  # a petabyte per shard: larger is a typo, and 1e308 would overflow byte counts
+PartFileSizeGB = Annotated[float, Field(ge=0, le=MAX_PART_FILE_SIZE_GB,
+                                        description="shard size in GB; 0 writes a single file")]
 
 
 class AscendV1SaverConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["ascendv1_saver"]
-    part_file_size: float = Field(4, ge=0, le=MAX_PART_FILE_SIZE_GB,
-                                  description="shard size in GB; 0 writes a single file")
+    part_file_size: PartFileSizeGB = 4
     ext: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -23,8 +24,7 @@ class CompressedTensorsSaverConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["compressed_tensors"]
-    part_file_size: float = Field(4, ge=0, le=MAX_PART_FILE_SIZE_GB,
-                                  description="shard size in GB; 0 writes a single file")
+    part_file_size: PartFileSizeGB = 4
 
 
 class MindIESaverConfig(BaseModel):
@@ -34,8 +34,7 @@ class MindIESaverConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["mindie_format_saver"]
-    part_file_size: float = Field(4, ge=0, le=MAX_PART_FILE_SIZE_GB,
-                                  description="shard size in GB; 0 writes a single file")
+    part_file_size: PartFileSizeGB = 4
     ext: dict[str, Any] = Field(default_factory=dict)
 
 

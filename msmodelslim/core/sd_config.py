@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from msmodelslim.core.config_errors import format_validation_error, refuse_bad_numbers
 from msmodelslim.core.errors import ConfigError, UnsupportedError
 from msmodelslim.core.roadmap import not_yet
-from msmodelslim.core.saver_config import MindIESaverConfig
+from msmodelslim.core.saver_config import AscendV1SaverConfig, MindIESaverConfig
 from msmodelslim.processor.registry import PROCESSORS
 from msmodelslim.processor.fa3_quant.config import FA3QuantConfig
 from msmodelslim.processor.iter_smooth.config import IterSmoothConfig
@@ -82,19 +82,11 @@ class MultimodalSdConfig(BaseModel):
         return dict(self.inference_config or self.legacy_model_config or {})
 
 
-class AscendV1SdSaverConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    type: Literal["ascendv1_saver"]
-    part_file_size: float = Field(4, ge=0, le=1_000_000, description="shard size in GB; 0 writes a single file")
-    ext: dict[str, Any] = Field(default_factory=dict)
+SdSaverConfig = Annotated[Union[AscendV1SaverConfig, MindIESaverConfig], Field(discriminator="type")]
 
 
-SdSaverConfig = Annotated[Union[AscendV1SdSaverConfig, MindIESaverConfig], Field(discriminator="type")]
-
-
-def _default_save() -> list[AscendV1SdSaverConfig]:
-    return [AscendV1SdSaverConfig(type="ascendv1_saver")]
+def _default_save() -> list[AscendV1SaverConfig]:
+    return [AscendV1SaverConfig(type="ascendv1_saver")]
 
 
 class SdSpec(BaseModel):
