@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import Any, Callable, Union
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from msmodelslim.core.errors import ConfigError, InvalidModelError
-from msmodelslim.model.diffusion.wan import DiffusionFamily, _read_json, dtype_kwargs, stored_dtype
+from msmodelslim.model.diffusion.wan import (DiffusionFamily, _read_json, dtype_kwargs, stored_dtype,
+                                            validated_inference_config)
 from msmodelslim.model.interface import block_hidden_state, ends_with_parts
 
 TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast", "T5Tokenizer", "T5TokenizerFast", "LlamaTokenizer",
@@ -95,16 +96,7 @@ class DiTFamily(DiffusionFamily):
     component_builders: dict[str, Callable[[Path], Any]] = field(default_factory=dict)
 
     def inference_config(self, raw: dict[str, Any], source: str) -> DiTInferenceConfig:
-        try:
-            return self.sampling_class.model_validate(raw)
-        except ValidationError as exc:
-            lines = []
-            for err in exc.errors():
-                where = ".".join(str(p) for p in err["loc"])
-                what = ("unknown key (accepted: " + ", ".join(self.sampling_class.model_fields) + ")"
-                        if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, "))
-                lines.append(f"spec.multimodal_sd_config.inference_config.{where}: {what}")
-            raise ConfigError(f"{source}: invalid configuration:\n  " + "\n  ".join(lines)) from None
+        return validated_inference_config(self.sampling_class, raw, source)
 
     def task_of(self, sampling: DiTInferenceConfig) -> str:
         """Names the per-expert dump files; a single DiT's dump is calib_data.pth whatever it is."""

@@ -95,6 +95,21 @@ class WanInferenceConfig(BaseModel):
                     output_type="latent")
 
 
+def validated_inference_config(model: type[BaseModel], raw: dict[str, Any], source: str) -> Any:
+    """`spec.multimodal_sd_config.inference_config` as the family's sampling model; each problem named by its
+    key, an unknown key with the accepted ones."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"])
+            what = ("unknown key (accepted: " + ", ".join(model.model_fields) + ")"
+                    if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, "))
+            lines.append(f"spec.multimodal_sd_config.inference_config.{where}: {what}")
+        raise ConfigError(f"{source}: invalid configuration:\n  " + "\n  ".join(lines)) from None
+
+
 @dataclass(frozen=True)
 class Expert:
     """One denoiser of a pipeline: the pipeline component holding it, and the name its output folder and its
@@ -138,16 +153,7 @@ class DiffusionFamily:
     sampling_class: type = WanInferenceConfig  # what its inference_config validates as
 
     def inference_config(self, raw: dict[str, Any], source: str) -> WanInferenceConfig:
-        try:
-            sampling = self.sampling_class.model_validate(raw)
-        except ValidationError as exc:
-            lines = []
-            for err in exc.errors():
-                where = ".".join(str(p) for p in err["loc"])
-                what = ("unknown key (accepted: " + ", ".join(self.sampling_class.model_fields) + ")"
-                        if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, "))
-                lines.append(f"spec.multimodal_sd_config.inference_config.{where}: {what}")
-            raise ConfigError(f"{source}: invalid configuration:\n  " + "\n  ".join(lines)) from None
+        sampling = validated_inference_config(self.sampling_class, raw, source)
         if sampling.task is not None and sampling.task not in self.tasks:
             raise ConfigError(f"{source}: invalid configuration:\n  spec.multimodal_sd_config.inference_config.task: "
                               f"task {sampling.task!r}: this adapter runs {self.description}, "
