@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any, Callable, Union
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field
 from torch import nn
 
 from msmodelslim.core.errors import ConfigError, InvalidModelError
-from msmodelslim.model.diffusion.wan import (DiffusionFamily, _read_json, dtype_kwargs, stored_dtype,
-                                            validated_inference_config)
+from msmodelslim.model.diffusion.wan import (DiffusionFamily, PromptedSampling, _read_json, dtype_kwargs,
+                                            stored_dtype, validated_inference_config)
 from msmodelslim.model.interface import block_hidden_state, ends_with_parts
 
 TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast", "T5Tokenizer", "T5TokenizerFast", "LlamaTokenizer",
@@ -36,27 +36,13 @@ TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast", "T5Tokenizer", "T5TokenizerF
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
 
 
-class DiTInferenceConfig(BaseModel):
+class DiTInferenceConfig(PromptedSampling):
     """What every family's inference_config has: the prompts (one sampling run each), the number of denoising
     steps and the seed of the first run (run i uses seed + i)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     prompt: Union[str, list[str]]
     num_inference_steps: int = Field(28, ge=1, le=1000)
     seed: int = Field(42, ge=0, le=2**31 - 1)
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompts_not_empty(cls, value):
-        prompts = [value] if isinstance(value, str) else value
-        if not prompts or any(not p.strip() for p in prompts):
-            raise ValueError("give at least one non-empty prompt")
-        return value
-
-    @property
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
     # the names app/diffusion.py and app/diffusion_eval.py read (WanInferenceConfig's)
     @property

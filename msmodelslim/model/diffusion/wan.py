@@ -34,11 +34,28 @@ DEFAULT_PROMPT = ("A cat and a dog baking a cake together in a kitchen. The cat 
                   "while the dog is stirring the batter with a wooden spoon.")
 
 
-class WanInferenceConfig(BaseModel):
-    """`multimodal_sd_config.inference_config` for Wan2.1: the sampling the calibration dump runs, under the
-    names of the Wan repository's generate.py (--prompt, --size, --frame_num, --sample_steps, ...)."""
+class PromptedSampling(BaseModel):
+    """An inference_config's prompt field (one sampling run per prompt; subclasses declare it with their default),
+    checked non-empty, and read as a list."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("prompt", check_fields=False)
+    @classmethod
+    def _prompts_not_empty(cls, value):
+        prompts = [value] if isinstance(value, str) else value
+        if not prompts or any(not p.strip() for p in prompts):
+            raise ValueError("give at least one non-empty prompt")
+        return value
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+
+class WanInferenceConfig(PromptedSampling):
+    """`multimodal_sd_config.inference_config` for Wan2.1: the sampling the calibration dump runs, under the
+    names of the Wan repository's generate.py (--prompt, --size, --frame_num, --sample_steps, ...)."""
 
     prompt: Union[str, list[str]] = DEFAULT_PROMPT  # one sampling run per prompt
     negative_prompt: str = ""
@@ -52,14 +69,6 @@ class WanInferenceConfig(BaseModel):
     # names the per-expert calibration dumps, while the checkpoint decides what runs
     task: Optional[str] = None
     offload_model: bool = False
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompts_not_empty(cls, value):
-        prompts = [value] if isinstance(value, str) else value
-        if not prompts or any(not p.strip() for p in prompts):
-            raise ValueError("give at least one non-empty prompt")
-        return value
 
     @field_validator("size")
     @classmethod
@@ -76,10 +85,6 @@ class WanInferenceConfig(BaseModel):
         if (value - 1) % 4:
             raise ValueError(f"frame_num {value} must be 4k+1 (1, 5, 9, ..., 81) for the Wan VAE")
         return value
-
-    @property
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
     @property
     def width_height(self) -> tuple[int, int]:
