@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
-from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, SerializerFunctionWrapHandler, ValidationError,
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, SerializerFunctionWrapHandler,
                       field_validator, model_serializer, model_validator)
 
 from msmodelslim.core.calibration import EarlyStop, ReducedPrecision
-from msmodelslim.core.config_errors import format_validation_error, refuse_bad_numbers
+from msmodelslim.core.config_errors import format_validation_error, refuse_bad_numbers, validated
 from msmodelslim.core.device import has_native_bfloat16
 from msmodelslim.core.errors import ConfigError, MsModelSlimError
 from msmodelslim.core.logging import get_logger
@@ -283,12 +283,8 @@ def parse_config(data: Any, source: str = "<config>") -> PracticeConfig:
         except MsModelSlimError as exc:
             raise type(exc)(f"{source}: {exc}") from None
         data = translation.document
-    try:
-        config = (VlmPracticeConfig if api == VLM_APIVERSION else PracticeConfig).model_validate(data)
-    except ValidationError as exc:
-        lines = "\n  ".join(_format_error(e) for e in exc.errors())
-        what = " (in its modelslim_v1 translation)" if translation else ""
-        raise ConfigError(f"{source}: invalid configuration{what}:\n  {lines}") from None
+    config = validated(VlmPracticeConfig if api == VLM_APIVERSION else PracticeConfig, data, source, _format_error,
+                       " (in its modelslim_v1 translation)" if translation else "")
     config._translation = translation
     # Quoted numbers ("inf", "nan") pass the walk above as strings and become floats only in pydantic.
     refuse_bad_numbers(config.model_dump(exclude={"source_dir"}), source)

@@ -4,13 +4,16 @@ per_tensor, per_token, per_channel, per_group`."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable, TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from msmodelslim.core.errors import ConfigError
 from msmodelslim.core.roadmap import not_yet
 from msmodelslim.core.saver_config import SAVER_TYPES
 from msmodelslim.processor.registry import PROCESSORS
 
+Model = TypeVar("Model", bound=BaseModel)
 MAX_EXACT_INT = 2**53  # beyond this a number is not exact as a float (YAML/JSON readers differ)
 
 
@@ -58,6 +61,17 @@ def format_validation_error(err: dict) -> str:
         return f"{where}: missing 'type' (one of {', '.join(PROCESSORS)})"
     message = err["msg"].removeprefix("Value error, ")
     return f"{where}: {message}"
+
+
+def validated(model: type[Model], data: Any, source: str,
+              describe: Callable[[dict], str] = format_validation_error, note: str = "") -> Model:
+    """`data` as `model`, or a ConfigError listing every problem, one `path: what is wrong` line each (`describe`);
+    `note` follows "invalid configuration" in the message."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        lines = "\n  ".join(describe(e) for e in exc.errors())
+        raise ConfigError(f"{source}: invalid configuration{note}:\n  {lines}") from None
 
 
 def bad_numbers(data: Any) -> list[str]:

@@ -21,9 +21,9 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from msmodelslim.core.config_errors import format_validation_error, refuse_bad_numbers
+from msmodelslim.core.config_errors import refuse_bad_numbers, validated
 from msmodelslim.core.errors import ConfigError
 
 CONVERT_APIVERSION = "modelslim_convert"
@@ -214,11 +214,7 @@ def parse_convert_config(data: Any, source: str = "<config>") -> ConvertConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping with 'apiversion' and 'spec'")
     refuse_bad_numbers(data, source)
-    try:
-        return ConvertConfig.model_validate(data)
-    except ValidationError as exc:
-        lines = "\n  ".join(format_validation_error(e) for e in exc.errors())
-        raise ConfigError(f"{source}: invalid configuration:\n  {lines}") from None
+    return validated(ConvertConfig, data, source)
 
 
 def read_convert_config(path: Path) -> Optional[ConvertConfig]:

@@ -27,9 +27,9 @@ import logging
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from msmodelslim.core.config_errors import format_validation_error, refuse_bad_numbers
+from msmodelslim.core.config_errors import refuse_bad_numbers, validated
 from msmodelslim.core.errors import ConfigError, UnsupportedError
 from msmodelslim.core.roadmap import not_yet
 from msmodelslim.core.saver_config import AscendV1SaverConfig, MindIESaverConfig
@@ -167,11 +167,7 @@ def parse_sd_config(data: dict, source: str = "<config>") -> SdPracticeConfig:
     """Called by core/config.parse_config for `apiversion: multimodal_sd_modelslim_v1`."""
     refuse_bad_numbers(data, source)
     _refuse_unsupported(data.get("spec"), source)
-    try:
-        config = SdPracticeConfig.model_validate(data)
-    except ValidationError as exc:
-        lines = "\n  ".join(format_validation_error(e) for e in exc.errors())
-        raise ConfigError(f"{source}: invalid configuration:\n  {lines}") from None
+    config = validated(SdPracticeConfig, data, source)
     runner = config.spec.runner
     if runner != "layer_wise":
         log.warning("%s: spec.runner %r is not available for diffusion transformers; using layer_wise (one DiT "

@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
+from msmodelslim.core.config_errors import validated
 from msmodelslim.core.errors import ConfigError, InvalidModelError, UnsupportedError
 from msmodelslim.model.diffusion.attention import DitAttentionLayout
 from msmodelslim.model.diffusion.smoothing import WAN_SMOOTHING, DitSmoothing
@@ -103,16 +104,13 @@ class WanInferenceConfig(PromptedSampling):
 def validated_inference_config(model: type[BaseModel], raw: dict[str, Any], source: str) -> Any:
     """`spec.multimodal_sd_config.inference_config` as the family's sampling model; each problem named by its
     key, an unknown key with the accepted ones."""
-    try:
-        return model.model_validate(raw)
-    except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"])
-            what = ("unknown key (accepted: " + ", ".join(model.model_fields) + ")"
-                    if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, "))
-            lines.append(f"spec.multimodal_sd_config.inference_config.{where}: {what}")
-        raise ConfigError(f"{source}: invalid configuration:\n  " + "\n  ".join(lines)) from None
+    def describe(err: dict) -> str:
+        where = ".".join(str(p) for p in err["loc"])
+        what = ("unknown key (accepted: " + ", ".join(model.model_fields) + ")"
+                if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, "))
+        return f"spec.multimodal_sd_config.inference_config.{where}: {what}"
+
+    return validated(model, raw, source, describe)
 
 
 @dataclass(frozen=True)
