@@ -60,7 +60,7 @@ def scheme_steps(name: str) -> list[dict]:
     `awq+<scheme>` AWQ scored with the scheme's weight format (round to nearest) before a weight-only scheme,
     `sq<alpha>+<scheme>` SmoothQuant with that alpha before any scheme, `flex+<scheme>` flex_smooth_quant (alpha and
     beta searched per subgraph on the calibration data, scored with the scheme's own quantizers) before any scheme,
-    `flatquant+<scheme>` FlatQuant's learned transforms (every decoder linear) before a W4A4 int scheme."""
+    `flatquant+<scheme>` FlatQuant's learned transforms (every decoder linear) before a W4A4 int or MXFP4 scheme."""
     head_seed, _, rest_seed = name.partition("@")  # quarot_online@1+...: that seed of the rotation (and stage 1)
     if rest_seed:
         seed_text, _, tail = rest_seed.partition("+")
@@ -94,7 +94,7 @@ def scheme_steps(name: str) -> list[dict]:
         steps = copy.deepcopy([smooth(float(alpha)), *SCHEMES[rest]])
     elif base not in SCHEMES and base.startswith("flex+"):  # e.g. flex+w8a8_mxfp8_gptq
         steps = copy.deepcopy([{"type": "flex_smooth_quant"}, *SCHEMES[base.removeprefix("flex+")]])
-    elif base not in SCHEMES and base.startswith("flatquant+"):  # e.g. flatquant+w4a4_int
+    elif base not in SCHEMES and base.startswith("flatquant+"):  # e.g. flatquant+w4a4_int, flatquant+w4a4_mxfp4_gptq
         flat = {"type": "flatquant", "exclude": ["lm_head"]}
         steps = copy.deepcopy([flat, *SCHEMES[base.removeprefix("flatquant+")]])
     elif base not in SCHEMES and base.startswith("awq+"):  # AWQ scored with the scheme's own weight format

@@ -11,8 +11,8 @@ from helpers import SCHEMES, run_quant, saved_tensors, small_calib, write_pipeli
 from msmodelslim.format.ascendv1.checker import check_ascendv1
 from msmodelslim.format.ascendv1.reader import load_ascendv1
 from msmodelslim.ir.flat_transform import (CLIP_RATIO, LEFT_TRANS, RIGHT_TRANS, attach_flat_transform,
-                                           clipped_per_token_int4, decompose_dim, flat_dims, transform_input,
-                                           transform_weight)
+                                           clipped_mxfp4, clipped_per_token_int4, decompose_dim, flat_dims,
+                                           transform_input, transform_weight)
 from msmodelslim.processor.flatquant.train import FlatTrainLinear, GroupTransform, fake_quant_rows
 from reference_reader import load_reference_model
 
@@ -497,3 +497,39 @@ def test_the_checker_tells_the_row_parallel_mxfp4_shape_only_where_it_differs_fr
     # 524 = 4 * 131: the column pair (2, 262) has a side above 256, so only the row pair (4 x 131) exists
     assert flat_dims(524, mxfp4=True, row_parallel=True) == type(flat_dims(524))(4, 131, 4)
     assert _row_parallel_dims((4, 131), 524)
+
+
+@pytest.mark.parametrize("act, clipped", [(SCHEMES["w4a4_dynamic"]["act"], clipped_per_token_int4),
+                                          (MXFP4_W4A4["act"], clipped_mxfp4)])
+def test_gptaq_sees_the_transformed_input_quantized_as_the_flatquant_kernel_will(act, clipped):
+    """GPTAQ's X̃ for a FlatQuant layer is the transformed input, clipped by the learned ratio and quantized (int4
+    per token or MXFP4), as aclnnFlatQuant computes it: H̃ is taken on exactly that, not on the unclipped input."""
+    from msmodelslim.ir.quant_linear import run_time_input_quantizer
+    from msmodelslim.processor.linear_quant.config import LinearQuantConfig
+    from msmodelslim.processor.linear_quant.processor import LinearQuantProcessor
+    from msmodelslim.quantizer.gptq import accumulate_hessian
+
+    weight = {**MXFP4_W4A4["weight"], "method": "gptq", "ext": {"gptaq_alpha": 0.25}}
+    if act["dtype"] == "int4":
+        weight = {**SCHEMES["w4a4_dynamic"]["weight"], "method": "gptq", "ext": {"gptaq_alpha": 0.25}}
+    processor = LinearQuantProcessor(LinearQuantConfig.model_validate(
+        {"type": "linear_quant", "qconfig": {"act": act, "weight": weight}}))
+    torch.manual_seed(3)
+    linear = torch.nn.Linear(64, 8)
+    transform = {LEFT_TRANS: torch.randn(8, 8) + 3 * torch.eye(8), RIGHT_TRANS: torch.randn(8, 8) + 3 * torch.eye(8),
+                 CLIP_RATIO: torch.tensor([0.6])}
+    attach_flat_transform(linear, transform, mxfp4=act["dtype"] == "mxfp4")
+    block = torch.nn.Sequential(linear)
+    processor.before_forward("block", block)
+    record = processor._records["block.0"]
+    x = torch.randn(5, 64)
+    x_transformed = transform_input(x, transform[LEFT_TRANS], transform[RIGHT_TRANS])
+    expected = clipped(x_transformed, transform[CLIP_RATIO])
+    unclipped = run_time_input_quantizer(processor.config.qconfig.scheme)(x_transformed)
+    assert not torch.allclose(expected, unclipped, atol=1e-3)  # the clip matters at 0.6
+    assert torch.equal(record.input_quantizer(x_transformed), expected)
+    with torch.no_grad():
+        linear(x)
+    assert torch.allclose(record.hessian, accumulate_hessian(None, 0, expected)[0], rtol=1e-4, atol=1e-6)
+    for hook in processor._hooks:
+        hook.remove()

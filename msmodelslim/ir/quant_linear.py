@@ -83,6 +83,14 @@ def run_time_input_quantizer(scheme: Scheme, dual_block_size: Optional[int] = No
     return None
 
 
+def flat_input_quantizer(scheme: Scheme, flat: Mapping[str, torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What aclnnFlatQuant does to a FlatQuant layer's transformed input (`flat`: its transform tensors): each
+    token's range clipped by the learned ratio, then int4 per token, or MXFP4 per block of 32 for W4A4_MXFP4."""
+    clipped = clipped_mxfp4 if scheme == Scheme.W4A4_MXFP4 else clipped_per_token_int4
+    clip_ratio = flat[CLIP_RATIO]
+    return lambda x: clipped(x, clip_ratio).to(x.dtype)
+
+
 class QuantLinear(nn.Module):
     def __init__(
         self,
@@ -215,9 +223,8 @@ class QuantLinear(nn.Module):
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         flat = flat_transform(self)
-        if flat:  # aclnnFlatQuant: per-token int4 (or MXFP4) on the transformed input, its range clipped
-            clipped = clipped_mxfp4 if self.scheme == Scheme.W4A4_MXFP4 else clipped_per_token_int4
-            return clipped(x, flat[CLIP_RATIO]).to(x.dtype)
+        if flat:
+            return flat_input_quantizer(self.scheme, flat)(x)
         if self.scheme in (Scheme.W8A8, Scheme.W8A8S) or (self.scheme == Scheme.W8A8_MIX and self.decode_path):
             return fake_quantize_input(x, self.input_scale, self.input_offset, 8)
         if self.scheme == Scheme.W8A8_MIX:
