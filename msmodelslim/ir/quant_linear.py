@@ -65,11 +65,18 @@ STATIC_ACT = (Scheme.W8A8, Scheme.W8A8_MIX, Scheme.W8A8S)  # schemes that carry 
 FLAT_SCHEMES = (Scheme.W4A4_DYNAMIC, Scheme.W4A4_MXFP4)  # behind FlatQuant's transform (formats.md A.4.8)
 
 
-def run_time_input_quantizer(scheme: Scheme, dual_block_size: Optional[int] = None
+def run_time_input_quantizer(scheme: Scheme, dual_block_size: Optional[int] = None,
+                             flat: Optional[Mapping[str, torch.Tensor]] = None
                              ) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
     """What the kernel does to the input of `scheme` at run time from the input alone (per token or per block,
     nothing calibrated): a fake-quantizing function, or None when the input stays float or needs a calibrated
-    range (static int8, W8A8_MIX's decode path, NVFP4's global scale)."""
+    range (static int8, W8A8_MIX's decode path, NVFP4's global scale). `flat`: a FlatQuant layer's transform
+    tensors (ir/flat_transform.py); aclnnFlatQuant clips each transformed token by the learned ratio, then
+    quantizes it to int4 per token, or MXFP4 per block of 32 for W4A4_MXFP4."""
+    if flat:
+        clipped = clipped_mxfp4 if scheme == Scheme.W4A4_MXFP4 else clipped_per_token_int4
+        clip_ratio = flat[CLIP_RATIO]
+        return lambda x: clipped(x, clip_ratio).to(x.dtype)
     if scheme in (Scheme.W8A8_DYNAMIC, Scheme.W4A8_DYNAMIC):
         return partial(quantize_per_token_dynamic, bits=8)
     if scheme == Scheme.W4A4_DYNAMIC:  # s_t = max|x_t| / 7, codes clamped to -8..7
@@ -81,14 +88,6 @@ def run_time_input_quantizer(scheme: Scheme, dual_block_size: Optional[int] = No
     if scheme in MX_ACT:
         return partial(mx_fake_quantize, element=MX_ACT[scheme])
     return None
-
-
-def flat_input_quantizer(scheme: Scheme, flat: Mapping[str, torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """What aclnnFlatQuant does to a FlatQuant layer's transformed input (`flat`: its transform tensors): each
-    token's range clipped by the learned ratio, then int4 per token, or MXFP4 per block of 32 for W4A4_MXFP4."""
-    clipped = clipped_mxfp4 if scheme == Scheme.W4A4_MXFP4 else clipped_per_token_int4
-    clip_ratio = flat[CLIP_RATIO]
-    return lambda x: clipped(x, clip_ratio).to(x.dtype)
 
 
 class QuantLinear(nn.Module):
@@ -222,16 +221,13 @@ class QuantLinear(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        flat = flat_transform(self)
-        if flat:
-            return flat_input_quantizer(self.scheme, flat)(x)
         if self.scheme in (Scheme.W8A8, Scheme.W8A8S) or (self.scheme == Scheme.W8A8_MIX and self.decode_path):
             return fake_quantize_input(x, self.input_scale, self.input_offset, 8)
         if self.scheme == Scheme.W8A8_MIX:
             return quantize_per_token_dynamic(x, 8)
         if self.scheme == Scheme.W4A4_NVFP4:
             return fake_quantize_act_nvfp4(x, self.input_global_scale)
-        quantizer = run_time_input_quantizer(self.scheme, self.dual_block_size)
+        quantizer = run_time_input_quantizer(self.scheme, self.dual_block_size, flat_transform(self))
         return x if quantizer is None else quantizer(x)
 
     def integer_kernel_applies(self, x: torch.Tensor) -> bool:

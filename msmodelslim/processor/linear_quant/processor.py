@@ -26,7 +26,7 @@ from msmodelslim.ir.lowrank import LowRankResidualLinear
 from msmodelslim.ir.flat_transform import flat_transform
 from msmodelslim.ir.online_rotation import input_rotation
 from msmodelslim.ir.non_fusion_smooth import pattern_name
-from msmodelslim.ir.quant_linear import QuantLinear, flat_input_quantizer, run_time_input_quantizer
+from msmodelslim.ir.quant_linear import QuantLinear, run_time_input_quantizer
 from msmodelslim.model.moe import routed_expert_linears
 from msmodelslim.processor.base import Processor, ProcessorContext, register_processor
 from msmodelslim.processor.linear_quant.config import LinearQuantConfig
@@ -249,11 +249,9 @@ class LinearQuantProcessor(Processor):
         needs a calibrated range). Behind FlatQuant (its transform is applied before this step's hooks) that is
         the clipped quantization of the transformed input."""
         q = self.config.qconfig
-        flat = flat_transform(linear)
-        if flat:
-            return flat_input_quantizer(q.scheme, flat)
         dual = q.act.ext.get("dual_block_size") if q.act.method == "dualscale" else None
-        return run_time_input_quantizer(q.scheme, None if dual is None else effective_dual_block(linear.in_features, dual))
+        dual_block = None if dual is None else effective_dual_block(linear.in_features, dual)
+        return run_time_input_quantizer(q.scheme, dual_block, flat_transform(linear))
 
     def needs_reference(self, block_name: str, block: nn.Module) -> bool:
         return bool(self._paired_targets(block_name, block))
