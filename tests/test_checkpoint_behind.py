@@ -125,3 +125,24 @@ def test_a_run_does_not_free_the_hidden_states_a_checkpoint_is_still_writing(tin
     for index, position in recorded.items():
         if index + 1 < len(advances):
             assert position < advances[index + 1], events
+
+
+def test_removing_the_checkpoint_drops_its_state_before_the_rename_journal(tmp_path, monkeypatch):
+    """After a finished run has renamed its shards, a kill inside the checkpoint's removal must not leave a state
+    whose rename journal is gone (a resume would find the shards missing): the state goes first."""
+    from msmodelslim.core import resume as resume_module
+    from msmodelslim.format.shards import RENAMES
+    from msmodelslim.format.staging import RESUME_STATE
+
+    checkpoints = BlockCheckpoints(tmp_path, FINGERPRINT, BLOCKS)
+    checkpoints.directory.mkdir(parents=True, exist_ok=True)
+    (tmp_path / RESUME_STATE).write_text("{}")
+    (tmp_path / RENAMES).write_text("[]")
+    seen = []
+
+    def killed_inside_rmtree(path, ignore_errors=False):  # the kill lands before rmtree removes anything
+        seen.append(((tmp_path / RESUME_STATE).exists(), (tmp_path / RENAMES).exists()))
+
+    monkeypatch.setattr(resume_module.shutil, "rmtree", killed_inside_rmtree)
+    checkpoints.remove()
+    assert seen == [(False, True)]

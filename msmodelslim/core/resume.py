@@ -361,6 +361,9 @@ class BlockCheckpoints:
         self._error = None
 
     def remove(self) -> None:
-        """The output is complete: the checkpoint is not part of it."""
+        """The output is complete: the checkpoint is not part of it. The state goes first: the shards are already
+        renamed, so a kill inside the removal must not leave a state whose rename journal is already gone (a
+        resume would then find its shards missing); without the state the directory is no checkpoint."""
         self.settle()
+        (self.directory / RESUME_STATE.name).unlink(missing_ok=True)
         shutil.rmtree(self.directory, ignore_errors=True)
